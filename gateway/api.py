@@ -1,0 +1,78 @@
+"""The JSON API, /api/v1: what the m2d client and scripts use."""
+from flask import Blueprint, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from . import intake
+from .auth import token_required
+from .extensions import csrf
+from .models import Submission
+from .validation import Refusal
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+csrf.exempt(bp)
+
+REFUSAL_STATUS = {"too_large": 413}
+
+
+@bp.post("/submissions")
+@token_required
+def create_submission():
+    try:
+        submission = intake.accept(g.user, request.files.get("file"))
+    except Refusal as refusal:
+        return error(REFUSAL_STATUS.get(refusal.code, 400), refusal.code, refusal.message)
+    response = jsonify(submission.to_dict())
+    response.status_code = 201
+    response.headers["Location"] = f"/api/v1/submissions/{submission.id}"
+    return response
+
+
+@bp.get("/submissions")
+@token_required
+def list_submissions():
+    rows = g.user.submissions.order_by(Submission.id.desc()).limit(100)
+    return jsonify(submissions=[s.to_dict() for s in rows])
+
+
+@bp.get("/submissions/<int:submission_id>")
+@token_required
+def get_submission(submission_id):
+    submission = Submission.query.filter_by(id=submission_id, user_id=g.user.id).first()
+    if submission is None:  # another user's submission looks exactly like a missing one
+        return error(404, "not_found", f"You have no submission {submission_id}.")
+    return jsonify(submission.to_dict())
+
+
+@bp.get("/me")
+@token_required
+def me():
+    user = g.user
+    return jsonify(
+        email=user.email,
+        name=user.name,
+        mlflow=mlflow_settings(user),
+    )
+
+
+def mlflow_settings(user):
+    return {
+        "username": user.mlflow_username,
+        "password": user.mlflow_password,
+        "tracking_uri": current_app.config["MLFLOW_URL"],
+        "experiment_name": user.mlflow_username,
+    }
+
+
+def error(status, code, message):
+    response = jsonify(error=code, message=message)
+    response.status_code = status
+    return response
+
+
+@bp.errorhandler(HTTPException)
+def http_error(exc):
+    if isinstance(exc, RequestEntityTooLarge):
+        limit = current_app.config["MAX_ZIP_BYTES"] // 1024**2
+        return error(413, "too_large", f"The upload is larger than {limit} MB. Leave data and "
+                     "model weights out of the zip: the dataset is at /mnt/dataset in the job.")
+    return error(exc.code, exc.name.lower().replace(" ", "_"), exc.description)

@@ -1,0 +1,67 @@
+"""The application factory."""
+import logging
+import tempfile
+from pathlib import Path
+
+from flask import Flask, Request, render_template
+
+from . import config as configuration
+from .extensions import csrf, db, login_manager, migrate
+
+
+class DiskRequest(Request):
+    """Uploads always go to a temporary file on disk, never into memory
+    (Werkzeug keeps bodies under 500 KB in memory by default)."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        from .storage import incoming_dir
+        return tempfile.TemporaryFile(dir=incoming_dir())
+
+
+def create_app(config=None):
+    app = Flask(__name__, instance_relative_config=True)
+    app.request_class = DiskRequest
+    cfg = configuration.load(app, config)
+    Path(cfg["DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(Path(__file__).parent / "migrations"))
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    csrf.init_app(app)
+
+    if cfg["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        with app.app_context():
+            _tune_sqlite(db.engine)
+
+    from . import api, auth, cli, submissions
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(submissions.bp)
+    app.register_blueprint(api.bp)
+    cli.init_app(app)
+
+    @app.errorhandler(413)
+    def too_large(exc):
+        limit = app.config["MAX_ZIP_BYTES"] // 1024**2
+        return render_template("error.html", message=f"The upload is larger than {limit} MB."), 413
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    return app
+
+
+def _tune_sqlite(engine):
+    """Workers, pollers and the web app write at once: WAL lets readers go on
+    while one writes, and the busy timeout makes writers wait, not fail."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()

@@ -1,0 +1,66 @@
+"""Admin commands: ``flask --app gateway users ...`` and ``... tokens ...``."""
+import click
+from flask.cli import AppGroup
+
+from . import accounts
+from .extensions import db
+from .models import ApiToken, User
+
+users = AppGroup("users", help="Manage researcher and admin accounts.")
+tokens = AppGroup("tokens", help="Manage API tokens.")
+
+
+@users.command("create")
+@click.argument("email")
+@click.option("--name", required=True, help="Full name.")
+@click.option("--password", help="Web login password (12+ characters); omit for API-only users.")
+@click.option("--admin", is_flag=True, help="Make the user an admin.")
+@click.option("--approve", is_flag=True, help="Approve at once (provisions MLflow).")
+def create_user(email, name, password, admin, approve):
+    """Create a user."""
+    try:
+        user = accounts.create_user(email, name, password, is_admin=admin)
+    except accounts.AccountError as e:
+        raise click.ClickException(str(e))
+    if approve:
+        accounts.approve(user)
+    click.echo(f"created {user.email} (id {user.id}){' approved' if user.approved else ''}")
+
+
+@users.command("approve")
+@click.argument("email")
+def approve_user(email):
+    """Approve a user and provision their MLflow account."""
+    try:
+        user = accounts.approve(accounts.find(email))
+    except accounts.AccountError as e:
+        raise click.ClickException(str(e))
+    click.echo(f"approved {user.email}; MLflow user and experiment: {user.mlflow_username}")
+
+
+@users.command("list")
+def list_users():
+    """List users."""
+    for user in User.query.order_by(User.id):
+        state = "approved" if user.approved else "waiting"
+        click.echo(f"{user.id}\t{user.email}\t{user.name}\t{state}\t"
+                   f"{'admin' if user.is_admin else ''}\t{user.mlflow_username or ''}")
+
+
+@tokens.command("create")
+@click.argument("email")
+def create_token(email):
+    """Create an API token for EMAIL; the token is the last line printed."""
+    try:
+        user = accounts.find(email)
+    except accounts.AccountError as e:
+        raise click.ClickException(str(e))
+    token = ApiToken.issue(user)
+    db.session.commit()
+    click.echo(f"API token for {user.email} (shown once, keep it secret):")
+    click.echo(token)
+
+
+def init_app(app):
+    app.cli.add_command(users)
+    app.cli.add_command(tokens)

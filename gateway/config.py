@@ -1,0 +1,75 @@
+"""Configuration defaults, in one place.
+
+Every key can be overridden from the environment with an ``M2D_`` prefix
+(``M2D_SLURM_GPUS=2``), which is how the testbed's ``gateway.env``, the workers
+and the test suite configure the app; ``create_app(config)`` overrides both.
+"""
+import os
+
+DEFAULTS = {
+    "SECRET_KEY": None,  # required outside tests; make run generates one
+    # Storage. The database is the only truth; DATA_DIR holds uploads, code,
+    # exports and logs per submission and must be on the filesystem the
+    # compute nodes share.
+    "DATA_DIR": None,  # default: the app's instance folder
+    "SQLALCHEMY_DATABASE_URI": None,  # default: sqlite in DATA_DIR
+    # Queues (Redis carries ids only). The namespace keeps two deployments,
+    # or a test run beside `make run`, from eating each other's work.
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "QUEUE_NAMESPACE": "m2d",
+    "POLL_INTERVAL": 10,  # seconds between sacct polls
+    # Upload limits (see gateway.validation.Limits for the meaning).
+    "MAX_ZIP_BYTES": 200 * 1024**2,
+    "MAX_FILES": 2000,
+    "MAX_UNCOMPRESSED_BYTES": 2 * 1024**3,
+    "MAX_COMPRESSION_RATIO": 100.0,
+    # Images
+    "APPTAINER": "apptainer",
+    "BASE_IMAGE": "/opt/testbed/images/base.sif",
+    "IMAGE_DIR": "/opt/testbed/images",
+    "BUILD_BIND_CA": "/etc/ssl/certs/ca-certificates.crt",  # "" to not bind
+    "BUILD_TIMEOUT": 1800,
+    # Slurm
+    "SLURM_ADAPTER": "cli",  # or "pyslurm"
+    "SLURM_PARTITION": None,
+    "SLURM_GPUS": 1,
+    "SLURM_CPUS": 1,
+    "SLURM_MEM": "2G",
+    "SLURM_TIME": "01:00:00",
+    "APPTAINER_NV": False,  # --nv; off on the fake-GPU testbed
+    "DATASET_DIR": "/opt/testbed/clam",
+    "STDERR_TAIL_LINES": 20,
+    "STDERR_TAIL_BYTES": 4000,
+    # MLflow (server with basic-auth; the gateway provisions accounts)
+    "MLFLOW_URL": "http://127.0.0.1:5001",
+    "MLFLOW_JOB_URL": None,  # the URL jobs use; default MLFLOW_URL
+    "MLFLOW_ADMIN_USERNAME": "admin",
+    "MLFLOW_ADMIN_PASSWORD": None,
+    # Mail
+    "SMTP_HOST": "127.0.0.1",
+    "SMTP_PORT": 25,
+    "MAIL_FROM": "Model-to-Data Gateway <noreply@localhost>",
+    "PUBLIC_URL": "http://127.0.0.1:5000",
+    "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"timeout": 30}},
+}
+
+
+def load(app, overrides=None):
+    app.config.update(DEFAULTS)
+    app.config.from_prefixed_env("M2D")
+    if overrides:
+        app.config.update(overrides)
+    cfg = app.config
+    cfg["DATA_DIR"] = os.path.abspath(cfg["DATA_DIR"] or app.instance_path)
+    if not cfg["SQLALCHEMY_DATABASE_URI"]:
+        cfg["SQLALCHEMY_DATABASE_URI"] = "sqlite:///" + os.path.join(cfg["DATA_DIR"], "gateway.db")
+    if not cfg["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        cfg["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True}
+    cfg["MLFLOW_JOB_URL"] = cfg["MLFLOW_JOB_URL"] or cfg["MLFLOW_URL"]
+    # Werkzeug refuses bigger bodies with 413 before we read them.
+    cfg["MAX_CONTENT_LENGTH"] = int(cfg["MAX_ZIP_BYTES"]) + 1024 * 1024
+    if not cfg["SECRET_KEY"]:
+        if not cfg.get("TESTING"):
+            raise RuntimeError("Set M2D_SECRET_KEY (make run generates one in the testbed's gateway.env)")
+        cfg["SECRET_KEY"] = "test"
+    return cfg

@@ -1,0 +1,68 @@
+"""Accepting an upload: stream to disk, check, unpack, record, hand to workers."""
+import hashlib
+import os
+import uuid
+
+from flask import current_app
+
+from . import lifecycle
+from .extensions import db
+from .storage import SubmissionFiles, incoming_dir
+from .validation import Limits, Refusal, check_upload_size, check_zip, unpack
+
+CHUNK = 1024 * 1024
+
+
+def limits():
+    cfg = current_app.config
+    return Limits(
+        max_zip_bytes=int(cfg["MAX_ZIP_BYTES"]),
+        max_files=int(cfg["MAX_FILES"]),
+        max_uncompressed_bytes=int(cfg["MAX_UNCOMPRESSED_BYTES"]),
+        max_ratio=float(cfg["MAX_COMPRESSION_RATIO"]),
+    )
+
+
+def accept(user, upload):
+    """Turn an uploaded file (werkzeug FileStorage) into a received submission.
+
+    Raises validation.Refusal with a message for the user when the zip is not
+    acceptable; nothing is recorded then.
+    """
+    if upload is None or not upload.filename:
+        raise Refusal("no_file", "No file was uploaded. Send your zip in the form field 'file'.")
+    rules = limits()
+    tmp = incoming_dir() / f"{uuid.uuid4().hex}.zip"
+    try:
+        size, sha256 = _save(upload.stream, tmp, rules)
+        check_zip(tmp, rules)
+        submission = lifecycle.create(user, filename=os.path.basename(upload.filename))
+        submission.zip_sha256 = sha256
+        files = SubmissionFiles(submission.id)
+        try:
+            files.create()
+            os.replace(tmp, files.upload)
+            unpack(files.upload, files.code)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            files.remove()
+            raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    from jobs import queue  # the web app only needs Redis when it has work to hand on
+    queue.enqueue_prepare(submission.id)
+    queue.enqueue_mail(submission.id)
+    return submission
+
+
+def _save(stream, dest, rules):
+    """Copy the upload to ``dest`` in chunks, hashing as we go."""
+    digest, size = hashlib.sha256(), 0
+    with open(dest, "wb") as out:
+        while chunk := stream.read(CHUNK):
+            size += len(chunk)
+            check_upload_size(size, rules)
+            digest.update(chunk)
+            out.write(chunk)
+    return size, digest.hexdigest()

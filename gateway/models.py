@@ -1,0 +1,155 @@
+"""Database models: the only truth about users, submissions and their emails."""
+import hashlib
+import secrets
+from datetime import datetime, timezone
+
+from flask_login import UserMixin
+from sqlalchemy import UniqueConstraint
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from .extensions import db
+from .states import Status
+
+
+def utcnow():
+    return datetime.now(timezone.utc).replace(tzinfo=None)  # stored as naive UTC
+
+
+class User(UserMixin, db.Model):
+    id = db.Column(db.Integer, primary_key=True)
+    email = db.Column(db.String(255), unique=True, nullable=False)
+    name = db.Column(db.String(255), nullable=False)
+    password_hash = db.Column(db.String(255))
+    is_admin = db.Column(db.Boolean, nullable=False, default=False)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    approved_at = db.Column(db.DateTime)
+    # Shown to the user on their account page and given to their jobs, so it
+    # is kept (never logged); MLflow has no way to read a password back.
+    mlflow_username = db.Column(db.String(255), unique=True)
+    mlflow_password = db.Column(db.String(255))
+    mlflow_experiment_id = db.Column(db.String(64))
+
+    submissions = db.relationship("Submission", back_populates="user", lazy="dynamic")
+
+    @property
+    def approved(self):
+        return self.approved_at is not None
+
+    @property
+    def is_active(self):  # flask-login: unapproved users cannot log in
+        return self.approved
+
+    def set_password(self, password):
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password):
+        return bool(self.password_hash) and check_password_hash(self.password_hash, password)
+
+
+class ApiToken(db.Model):
+    id = db.Column(db.Integer, primary_key=True)
+    user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
+    # only the hash is kept: a leaked database does not leak tokens
+    token_hash = db.Column(db.String(64), unique=True, nullable=False)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    last_used_at = db.Column(db.DateTime)
+
+    user = db.relationship("User")
+
+    @staticmethod
+    def hash(token):
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, user):
+        token = "m2d_" + secrets.token_urlsafe(32)
+        db.session.add(cls(user=user, token_hash=cls.hash(token)))
+        return token
+
+
+class Submission(db.Model):
+    id = db.Column(db.Integer, primary_key=True)
+    user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
+    status = db.Column(db.String(20), nullable=False, default=Status.RECEIVED.value, index=True)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    updated_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    filename = db.Column(db.String(255))
+    zip_sha256 = db.Column(db.String(64))
+    env_key = db.Column(db.String(64))
+    image_digest = db.Column(db.String(80))
+    slurm_job_id = db.Column(db.String(32), index=True)
+    exit_code = db.Column(db.Integer)
+    reason = db.Column(db.String(255))  # why it failed: "exit code 1", "TIMEOUT", ...
+    error = db.Column(db.Text)  # pip's error or the tail of stderr
+
+    user = db.relationship("User", back_populates="submissions")
+    events = db.relationship("Event", order_by="Event.id", lazy="selectin")
+
+    @property
+    def state(self):
+        return Status(self.status)
+
+    def to_dict(self):
+        return {
+            "id": self.id,
+            "status": self.status,
+            "filename": self.filename,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "zip_sha256": self.zip_sha256,
+            "image_digest": self.image_digest,
+            "slurm_job_id": self.slurm_job_id,
+            "exit_code": self.exit_code,
+            "reason": self.reason,
+            "error": self.error,
+            "events": [e.to_dict() for e in self.events],
+        }
+
+
+class Event(db.Model):
+    """One row per status change: the submission's history."""
+    id = db.Column(db.Integer, primary_key=True)
+    submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), nullable=False, index=True)
+    status = db.Column(db.String(20), nullable=False)
+    # when it happened (Slurm's own start/end time where known) and when we saw it
+    at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    recorded_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    detail = db.Column(db.Text)
+
+    def to_dict(self):
+        return {"status": self.status, "at": _iso(self.at), "recorded_at": _iso(self.recorded_at),
+                "detail": self.detail}
+
+
+class Email(db.Model):
+    """An email owed to the user; written in the same transaction as the
+    status change, sent (once) by a worker."""
+    __table_args__ = (UniqueConstraint("submission_id", "kind"),)
+    id = db.Column(db.Integer, primary_key=True)
+    submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), nullable=False, index=True)
+    event_id = db.Column(db.Integer, db.ForeignKey("event.id"), nullable=False)
+    kind = db.Column(db.String(20), nullable=False)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    claimed_at = db.Column(db.DateTime)
+    sent_at = db.Column(db.DateTime)
+    attempts = db.Column(db.Integer, nullable=False, default=0)
+    last_error = db.Column(db.Text)
+
+    submission = db.relationship("Submission")
+    event = db.relationship("Event")
+
+
+class Build(db.Model):
+    """One row per environment image actually built (reuse writes none)."""
+    id = db.Column(db.Integer, primary_key=True)
+    env_key = db.Column(db.String(64), nullable=False, index=True)
+    submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"))
+    succeeded = db.Column(db.Boolean, nullable=False)
+    image_digest = db.Column(db.String(80))
+    seconds = db.Column(db.Float)
+    log = db.Column(db.Text)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+
+
+def _iso(dt):
+    return dt.replace(tzinfo=timezone.utc).isoformat() if dt else None

@@ -1,0 +1,1 @@
+"""Background work: rq tasks, the Slurm adapter, the image builder, the poller, mail."""
