@@ -54,9 +54,29 @@ DEFAULTS = {
 }
 
 
+def from_environment(environ=os.environ):
+    """M2D_<KEY> values, converted to the type of the key's default.
+
+    (Flask's from_prefixed_env would json-parse them, turning a generated
+    password such as "12e45..." into a number.)
+    """
+    values = {}
+    for key, default in DEFAULTS.items():
+        raw = environ.get(f"M2D_{key}")
+        if raw is None or isinstance(default, dict):
+            continue
+        if isinstance(default, bool):
+            values[key] = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)):
+            values[key] = type(default)(raw)
+        else:
+            values[key] = raw
+    return values
+
+
 def load(app, overrides=None):
     app.config.update(DEFAULTS)
-    app.config.from_prefixed_env("M2D")
+    app.config.update(from_environment())
     if overrides:
         app.config.update(overrides)
     cfg = app.config

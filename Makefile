@@ -1,0 +1,30 @@
+# The two commands of README.md: `make run` and `make test`. Each installs
+# what is missing (Debian packages, the venv, the testbed) and is safe to repeat.
+TESTBED_DIR ?= /opt/testbed
+VENV := .venv
+PY := $(VENV)/bin/python
+ENV := $(TESTBED_DIR)/gateway.env
+export M2D_TESTBED_DIR := $(TESTBED_DIR)
+export M2D_PYTHON := $(CURDIR)/$(PY)
+
+.PHONY: run stop test testbed venv clean-testbed
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	deploy/bootstrap.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+testbed: venv
+	deploy/testbed/up.sh $(TESTBED_DIR)
+
+run: testbed
+	deploy/gateway.sh start $(TESTBED_DIR)
+
+stop:
+	deploy/gateway.sh stop $(TESTBED_DIR)
+	deploy/testbed/down.sh $(TESTBED_DIR)
+
+test: testbed
+	set -a && . $(ENV) && set +a && $(PY) -m pytest -q tests $(PYTEST_ARGS)

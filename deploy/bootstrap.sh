@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# bootstrap.sh -- the Debian packages the gateway itself needs on a bare
+# Debian 12 (the testbed scripts install their own).
+source "$(dirname "${BASH_SOURCE[0]}")/testbed/lib.sh"
+require_root
+apt_install python3 python3-venv python3-pip python3-dev gcc make curl ca-certificates git

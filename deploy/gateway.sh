@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# gateway.sh start|stop [DIR] -- run the gateway on the testbed: database
+# migrations, an admin account, gunicorn on 127.0.0.1:5000, the rq workers and
+# the poller. Needs the testbed up (deploy/testbed/up.sh writes DIR/gateway.env).
+# State: DIR/gateway/{data,logs,pids}; secrets in DIR/secrets.
+source "$(dirname "${BASH_SOURCE[0]}")/testbed/lib.sh"
+cmd=${1:-start}; shift || true
+set_testbed_dir "${1:-}"
+REPO=$(cd "$M2D_TESTBED_SRC/../.." && pwd)
+PY=${M2D_PYTHON:-$REPO/.venv/bin/python}
+RUN=$TESTBED_DIR/gateway
+PORT=${M2D_PORT:-5000}
+ADMIN_EMAIL=${M2D_ADMIN_EMAIL:-admin@localhost.localdomain}
+
+# name:command -- each a separate process, each with its own PID file
+SERVICES=(
+  "web:$REPO/.venv/bin/gunicorn --workers 2 --bind 127.0.0.1:$PORT --timeout 300 gateway:create_app()"
+  "worker-build:$PY -m jobs.worker build"
+  "worker-mail:$PY -m jobs.worker mail poll"
+  "poller:$PY -m jobs.poller"
+)
+
+start() {
+  [ -s "$TESTBED_DIR/gateway.env" ] || die "no $TESTBED_DIR/gateway.env: run deploy/testbed/up.sh first"
+  set -a; source "$TESTBED_DIR/gateway.env"; set +a
+  mkdir -p "$RUN"/{data,logs,pids}
+  export M2D_DATA_DIR=$RUN/data
+  export M2D_SECRET_KEY; M2D_SECRET_KEY=$(secret_file "$TESTBED_DIR/secrets/gateway-secret-key")
+  export M2D_PUBLIC_URL=http://127.0.0.1:$PORT
+  cd "$REPO"
+  "$PY" -m flask --app gateway db upgrade >>"$RUN/logs/migrate.log" 2>&1 \
+    || { tail -n 20 "$RUN/logs/migrate.log" >&2; die "database migration failed"; }
+
+  local password; password=$(secret_file "$TESTBED_DIR/secrets/gateway-admin-password")
+  if ! "$PY" -m flask --app gateway users list 2>/dev/null | cut -f2 | grep -qx "$ADMIN_EMAIL"; then
+    "$PY" -m flask --app gateway users create "$ADMIN_EMAIL" --name Admin --password "$password" \
+      --admin --approve >/dev/null
+  fi
+
+  local entry name command
+  for entry in "${SERVICES[@]}"; do
+    name=${entry%%:*}; command=${entry#*:}
+    if pid_alive "$RUN/pids/$name.pid" 'python*' >/dev/null; then
+      log "$name already running"; continue
+    fi
+    # shellcheck disable=SC2086
+    start_bg "$RUN/pids/$name.pid" "$RUN/logs/$name.log" $command
+    log "$name started (pid $(cat "$RUN/pids/$name.pid"))"
+  done
+  WAIT_PID=$(cat "$RUN/pids/web.pid") WAIT_LOG=$RUN/logs/web.log \
+    wait_until 60 "the gateway on port $PORT" curl -fsS "http://127.0.0.1:$PORT/healthz"
+
+  cat <<EOM
+
+  Model-to-Data Gateway is running: http://127.0.0.1:$PORT
+    admin login:   $ADMIN_EMAIL / $password
+    mail folder:   $M2D_MAIL_DIR   (every email the gateway sends, as .eml)
+    MLflow:        $M2D_MLFLOW_URL  (admin / see $TESTBED_DIR/secrets/mlflow-admin-password)
+    logs:          $RUN/logs
+  Add a researcher:  set -a; . $TESTBED_DIR/gateway.env; set +a
+                     .venv/bin/flask --app gateway users create you@example.org --name You --password '...' --approve
+  Stop it all:       make stop
+EOM
+}
+
+stop() {
+  local i name
+  for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
+    name=${SERVICES[$i]%%:*}
+    stop_pid "$name" "$RUN/pids/$name.pid" 'python*' '*' 30 group
+  done
+}
+
+case "$cmd" in
+  start) start ;;
+  stop) stop ;;
+  *) die "usage: $0 start|stop [DIR]" ;;
+esac

@@ -1,0 +1,194 @@
+"""The gateway's whole stack for tests: real processes against the testbed.
+
+The testbed (Slurm, Apptainer, Redis, MLflow, the SMTP sink) is started by
+`make test` through deploy/testbed/up.sh; this module starts the gateway's own
+processes (gunicorn, rq workers, poller) with a private database, data folder
+and queue namespace, and stops them by process group when the session ends.
+"""
+import email
+import email.policy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = Path(__file__).resolve().parent / "samples"
+TESTBED_KEYS = ("M2D_TESTBED_DIR", "SLURM_CONF", "M2D_APPTAINER", "M2D_BASE_IMAGE", "M2D_IMAGE_DIR",
+                "M2D_DATASET_DIR", "M2D_REDIS_URL", "M2D_MLFLOW_URL", "M2D_MLFLOW_ADMIN_PASSWORD",
+                "M2D_SMTP_PORT", "M2D_MAIL_DIR")
+
+
+def require_testbed():
+    missing = [k for k in TESTBED_KEYS if not os.environ.get(k)]
+    if missing:
+        raise RuntimeError(
+            f"the testbed's settings are missing ({', '.join(missing)}). Run the suite with "
+            "`make test`, which starts the testbed and sources its gateway.env.")
+
+
+def wait_for(predicate, timeout, what, interval=0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def zip_folder(folder, dest, extra=None):
+    """Zip a sample folder (files at the root), optionally replacing files."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(Path(folder).iterdir()):
+            if extra and path.name in extra:
+                continue
+            zf.write(path, path.name)
+        for name, text in (extra or {}).items():
+            zf.writestr(name, text)
+    return dest
+
+
+class Stack:
+    def __init__(self):
+        require_testbed()
+        # under /tmp: the Apptainer wrapper shares /tmp with containers
+        self.root = Path(tempfile.mkdtemp(prefix="m2d-test-", dir="/tmp"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ,
+                        M2D_DATA_DIR=str(self.root / "data"),
+                        M2D_SECRET_KEY=uuid.uuid4().hex,
+                        M2D_QUEUE_NAMESPACE=f"m2d-test-{uuid.uuid4().hex[:8]}",
+                        M2D_POLL_INTERVAL="1",
+                        M2D_PUBLIC_URL=self.url,
+                        M2D_SLURM_MEM="1G",
+                        M2D_MAX_ZIP_BYTES=str(8 * 1024**2),  # small, so the 413 test is quick
+                        M2D_SLURM_TIME="00:10:00",
+                        PYTHONUNBUFFERED="1")
+        self.logs = self.root / "logs"
+        self.logs.mkdir()
+        self.procs = {}
+
+    def start(self):
+        self.flask("db", "upgrade")
+        py = sys.executable
+        self._spawn("web", [str(Path(py).parent / "gunicorn"), "--workers", "2", "--bind",
+                            f"127.0.0.1:{self.port}", "--timeout", "300", "gateway:create_app()"])
+        # two build workers, so simultaneous submissions really build at once
+        self._spawn("worker-build-1", [py, "-m", "jobs.worker", "build"])
+        self._spawn("worker-build-2", [py, "-m", "jobs.worker", "build"])
+        self._spawn("worker-mail", [py, "-m", "jobs.worker", "mail", "poll"])
+        self._spawn("poller", [py, "-m", "jobs.poller"])
+        wait_for(self._healthy, 60, "the gateway to answer /healthz")
+        return self
+
+    def stop(self):
+        for name, proc in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        if os.environ.get("M2D_KEEP_TEST_DATA") != "1":
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _spawn(self, name, argv):
+        log = open(self.logs / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _healthy(self):
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: {(self.logs / f'{name}.log').read_text()[-3000:]}")
+        try:
+            return requests.get(f"{self.url}/healthz", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    # ----------------------------------------------------------------- admin
+    def flask(self, *args):
+        """Run an admin command exactly as an admin would."""
+        result = subprocess.run([sys.executable, "-m", "flask", "--app", "gateway", *args],
+                                cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise AssertionError(f"flask {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def researcher(self, name="researcher", approve=True):
+        """A new user (unique email) with an API token."""
+        address = f"{name}-{uuid.uuid4().hex[:8]}@example.org"
+        self.flask("users", "create", address, "--name", name.title(),
+                   *(["--approve"] if approve else []))
+        token = self.flask("tokens", "create", address).strip().splitlines()[-1]
+        return Researcher(self, address, token)
+
+    # ------------------------------------------------------------------ mail
+    def mails_to(self, address):
+        """Messages the SMTP sink received for ``address``, in arrival order."""
+        found = []
+        for path in sorted(Path(os.environ["M2D_MAIL_DIR"]).glob("*.eml")):
+            message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            if message["To"] == address:
+                found.append(message)
+        return found
+
+
+class Researcher:
+    def __init__(self, stack, address, token):
+        self.stack, self.address, self.token = stack, address, token
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def api(self, method, path, **kwargs):
+        return self.session.request(method, f"{self.stack.url}/api/v1{path}", timeout=60, **kwargs)
+
+    def upload(self, zip_path):
+        with open(zip_path, "rb") as f:
+            return self.api("POST", "/submissions", files={"file": (Path(zip_path).name, f)})
+
+    def submit(self, zip_path):
+        response = self.upload(zip_path)
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def submission(self, submission_id):
+        response = self.api("GET", f"/submissions/{submission_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_until(self, submission_id, statuses, timeout=900):
+        statuses = {statuses} if isinstance(statuses, str) else set(statuses)
+        return wait_for(lambda: (s := self.submission(submission_id))["status"] in statuses and s,
+                        timeout, f"submission {submission_id} to reach {statuses}", interval=1)
+
+    def mails(self, submission_id=None):
+        found = self.stack.mails_to(self.address)
+        if submission_id is not None:
+            found = [m for m in found if f"Submission {submission_id}:" in m["Subject"]]
+        return found
+
+    def wait_for_mails(self, submission_id, count, timeout=60):
+        return wait_for(lambda: len(m := self.mails(submission_id)) >= count and m, timeout,
+                        f"{count} emails for submission {submission_id}")
+
+    def me(self):
+        return self.api("GET", "/me").json()

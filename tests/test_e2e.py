@@ -1,0 +1,134 @@
+"""A researcher's zip, uploaded over HTTP, through the real stack: Apptainer
+build, Slurm GPU job, MLflow with the researcher's own account, four emails."""
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from gateway.extensions import db
+from gateway.models import Build, Submission
+
+from .stack import SAMPLES, zip_folder
+
+STATUS_MAILS = ["code received", "queued for execution", "execution started", "execution finished"]
+
+
+def mlflow_get(account, path, **params):
+    return requests.get(f"{os.environ['M2D_MLFLOW_URL']}{path}", params=params, timeout=30,
+                        auth=(account["username"], account["password"]))
+
+
+def runs_of(account):
+    """The runs in the experiment named like the account, read as that account."""
+    experiment = mlflow_get(account, "/api/2.0/mlflow/experiments/get-by-name",
+                            experiment_name=account["experiment_name"])
+    experiment.raise_for_status()
+    response = requests.post(f"{os.environ['M2D_MLFLOW_URL']}/api/2.0/mlflow/runs/search",
+                             json={"experiment_ids": [experiment.json()["experiment"]["experiment_id"]]},
+                             auth=(account["username"], account["password"]), timeout=30)
+    response.raise_for_status()
+    return response.json().get("runs", [])
+
+
+@pytest.fixture(scope="module")
+def researcher(stack):
+    return stack.researcher("iris")
+
+
+@pytest.fixture(scope="module")
+def iris(stack, researcher, tmp_path_factory):
+    """The toy sample, submitted once and followed to the end."""
+    zip_path = zip_folder(SAMPLES / "iris", tmp_path_factory.mktemp("iris") / "submission.zip")
+    submission_id = researcher.submit(zip_path)
+    return researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
+
+
+def test_iris_sample_completes_with_four_emails_in_order(researcher, iris):
+    assert iris["status"] == "completed", iris
+    assert iris["slurm_job_id"] and iris["image_digest"].startswith("sha256:")
+    assert [e["status"] for e in iris["events"]] == ["received", "building", "queued", "running", "completed"]
+    mails = researcher.wait_for_mails(iris["id"], 4)
+    assert [m["Subject"].split(": ", 1)[1] for m in mails] == STATUS_MAILS
+    assert all(f"Submission {iris['id']}" in m["Subject"] for m in mails)
+
+
+def test_iris_metrics_are_in_the_researchers_own_experiment(stack, researcher, iris):
+    account = researcher.me()["mlflow"]
+    assert account["experiment_name"] == account["username"]
+    runs = runs_of(account)
+    assert len(runs) == 1
+    metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+    assert metrics == {"accuracy": 1.0, "dataset-exists": 1.0}
+    # another researcher cannot read it
+    other = stack.researcher("other").me()["mlflow"]
+    peek = mlflow_get(other, "/api/2.0/mlflow/experiments/get-by-name",
+                      experiment_name=account["experiment_name"])
+    assert peek.status_code == 403
+
+
+def test_export_lands_in_that_submissions_folder_only(stack, iris):
+    submissions = stack.root / "data" / "submissions"
+    exported = sorted(p.relative_to(submissions) for p in submissions.glob("*/export/*"))
+    assert f"{iris['id']}/export/result.txt" in [str(p) for p in exported]
+    assert (submissions / str(iris["id"]) / "export" / "result.txt").read_text() == "accuracy=1.0\n"
+    assert not [p for p in exported if p.name == "result.txt" and p.parts[0] != str(iris["id"])]
+
+
+def test_failing_main_reports_the_traceback_in_the_email(researcher, iris, tmp_path):
+    # iris fixture first: both use the same (already built) environment
+    submission_id = researcher.submit(zip_folder(SAMPLES / "fails", tmp_path / "fails.zip"))
+    result = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
+    assert result["status"] == "failed" and result["exit_code"] == 1
+    assert "RuntimeError: m2d sample: this training script fails on purpose" in result["error"]
+    mails = researcher.wait_for_mails(submission_id, 4)
+    assert mails[-1]["Subject"].endswith("execution failed")
+    body = mails[-1].get_content()
+    assert "RuntimeError: m2d sample: this training script fails on purpose" in body
+    assert "exit code 1" in body
+
+
+def test_writing_to_the_dataset_fails_read_only(stack, researcher, iris, tmp_path):
+    submission_id = researcher.submit(zip_folder(SAMPLES / "writes-dataset", tmp_path / "w.zip"))
+    result = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
+    assert result["status"] == "failed"
+    assert "Read-only file system" in result["error"]
+    assert not (stack.root / "data" / "tampered.txt").exists()
+    assert not (Path(os.environ["M2D_DATASET_DIR"]) / "tampered.txt").exists()
+
+
+def test_missing_package_is_build_failed_with_pips_message(researcher, tmp_path):
+    zip_path = zip_folder(SAMPLES / "iris", tmp_path / "bad.zip",
+                          extra={"requirements.txt": "nosuchpackage-m2d-test==1.0\n"})
+    submission_id = researcher.submit(zip_path)
+    result = researcher.wait_until(submission_id, {"queued", "build_failed"})
+    assert result["status"] == "build_failed"
+    assert "nosuchpackage-m2d-test" in result["error"]
+    mails = researcher.wait_for_mails(submission_id, 2)
+    assert [m["Subject"].split(": ", 1)[1] for m in mails] == ["code received", "execution failed"]
+    assert "No matching distribution found for nosuchpackage-m2d-test" in mails[-1].get_content()
+
+
+def test_simultaneous_and_repeated_submissions_with_same_requirements_build_once(
+        app, researcher, tmp_path):
+    # A marker that pip accepts and ignores makes these requirements new to
+    # the image cache on every run, so the first build really happens here.
+    requirements = f'six==1.16.0 ; os_name != "m2d-{uuid.uuid4().hex}"\n'
+    zip_path = zip_folder(SAMPLES / "iris", tmp_path / "six.zip", extra={"requirements.txt": requirements})
+    first, second = researcher.submit(zip_path), researcher.submit(zip_path)
+    for submission_id in (first, second):
+        assert researcher.wait_until(submission_id, {"queued", "running", "completed", "failed",
+                                                     "build_failed"})["status"] != "build_failed"
+    third = researcher.submit(zip_path)
+    researcher.wait_until(third, {"queued", "running", "completed", "failed"})
+
+    db.session.rollback()  # read what the workers wrote, not an old snapshot
+    rows = {s.id: s for s in Submission.query.filter(Submission.id.in_([first, second, third]))}
+    keys = {s.env_key for s in rows.values()}
+    assert len(keys) == 1 and None not in keys
+    assert len({s.image_digest for s in rows.values()}) == 1
+    builds = Build.query.filter_by(env_key=keys.pop()).all()
+    assert len(builds) == 1 and builds[0].succeeded
+    assert builds[0].submission_id in (first, second)
+    assert Build.query.filter_by(submission_id=third).count() == 0
