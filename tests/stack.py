@@ -133,11 +133,12 @@ class Stack:
             raise AssertionError(f"flask {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout
 
-    def researcher(self, name="researcher", approve=True):
+    def researcher(self, name="researcher", approve=True, password=None):
         """A new user (unique email) with an API token."""
         address = f"{name}-{uuid.uuid4().hex[:8]}@example.org"
         self.flask("users", "create", address, "--name", name.title(),
-                   *(["--approve"] if approve else []))
+                   *(["--approve"] if approve else []),
+                   *(["--password", password] if password else []))
         token = self.flask("tokens", "create", address).strip().splitlines()[-1]
         return Researcher(self, address, token)
 
