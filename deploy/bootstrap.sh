@@ -4,3 +4,5 @@
 source "$(dirname "${BASH_SOURCE[0]}")/testbed/lib.sh"
 require_root
 apt_install python3 python3-venv python3-pip python3-dev gcc make curl ca-certificates git
+# the page tests drive Debian's chromium through chromedriver
+apt_install chromium chromium-driver
