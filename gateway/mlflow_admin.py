@@ -1,0 +1,128 @@
+"""The MLflow adapter: the only code that talks to the MLflow server's admin API.
+
+Each researcher gets an MLflow user of the same name, an experiment of the same name
+created by the admin, and MANAGE on that experiment; with the server's default
+permission at NO_PERMISSIONS they see nothing else. Endpoints as served by MLflow 3.17
+with `--app-name basic-auth` (per-user grants moved to /api/3.0 in 3.13).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+import requests
+
+log = logging.getLogger(__name__)
+
+CREATE_USER = "/api/2.0/mlflow/users/create"
+GET_USER = "/api/2.0/mlflow/users/get"
+UPDATE_PASSWORD = "/api/2.0/mlflow/users/update-password"
+CREATE_EXPERIMENT = "/api/2.0/mlflow/experiments/create"
+GET_EXPERIMENT_BY_NAME = "/api/2.0/mlflow/experiments/get-by-name"
+RESTORE_EXPERIMENT = "/api/2.0/mlflow/experiments/restore"
+GRANT_PERMISSION = "/api/3.0/mlflow/users/permissions/grant"
+REVOKE_PERMISSION = "/api/3.0/mlflow/users/permissions/revoke"
+GET_PERMISSION = "/api/3.0/mlflow/users/permissions/get"
+
+ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
+
+
+class MlflowError(Exception):
+    """MLflow refused, or could not be reached. `status` is the HTTP status of the call
+    that failed (None when there was no answer, or the refusal is ours); `message` is
+    the server's, without any password we sent."""
+
+    def __init__(self, status: int | None, message: str, error_code: str = ""):
+        super().__init__(": ".join(str(part) for part in ("MLflow", status, error_code, message) if part))
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class MlflowAccount:
+    username: str
+    password: str = field(repr=False)  # so that logging an account never logs it
+    experiment_name: str
+    experiment_id: str
+
+
+class MlflowAdmin:
+    def __init__(self, url: str, admin_username: str, admin_password: str, timeout: float = 10):
+        self.url = url.rstrip("/")
+        self.admin_username = admin_username
+        self.timeout = timeout
+        self._session = requests.Session()
+        self._session.auth = (admin_username, admin_password)
+
+    def provision(self, username: str) -> MlflowAccount:
+        """Make `username` an MLflow user who can manage the experiment of the same
+        name, completing whatever an earlier attempt left undone. The password is new
+        on every call, so the caller always holds the current one."""
+        if username == self.admin_username:
+            raise ValueError("the MLflow admin account is not a researcher account")
+        password = secrets.token_urlsafe(24)
+        self._create_or_reset_user(username, password)
+        experiment_id = self._experiment(username)
+        self._grant_manage(username, experiment_id)
+        log.info("MLflow account %s manages experiment %s", username, experiment_id)
+        return MlflowAccount(username, password, experiment_name=username, experiment_id=experiment_id)
+
+    def _create_or_reset_user(self, username: str, password: str) -> None:
+        try:
+            self._call("POST", CREATE_USER, json={"username": username, "password": password}, secret=password)
+            return
+        except MlflowError as e:
+            if e.error_code != ALREADY_EXISTS:
+                raise
+        # Handing out an admin's password would make a researcher an MLflow admin.
+        user = self._call("GET", GET_USER, params={"username": username})["user"]
+        if user.get("is_admin"):
+            raise MlflowError(None, f"{username!r} is an MLflow admin; refusing to reset its password")
+        self._call("PATCH", UPDATE_PASSWORD, json={"username": username, "password": password}, secret=password)
+
+    def _experiment(self, name: str) -> str:
+        try:
+            return self._call("POST", CREATE_EXPERIMENT, json={"name": name})["experiment_id"]
+        except MlflowError as e:
+            if e.error_code != ALREADY_EXISTS:
+                raise
+        experiment = self._call("GET", GET_EXPERIMENT_BY_NAME, params={"experiment_name": name})["experiment"]
+        # A deleted experiment keeps its name, so it cannot be created again; bring it back.
+        if experiment.get("lifecycle_stage") == "deleted":
+            self._call("POST", RESTORE_EXPERIMENT, json={"experiment_id": experiment["experiment_id"]})
+        return experiment["experiment_id"]
+
+    def _grant_manage(self, username: str, experiment_id: str) -> None:
+        grant = {"username": username, "resource_type": "experiment", "resource_id": experiment_id}
+        try:
+            self._call("POST", GRANT_PERMISSION, json=grant | {"permission": "MANAGE"})
+            return
+        except MlflowError as e:
+            if e.error_code != ALREADY_EXISTS:
+                raise
+        # A grant exists; the server will not overwrite it, so replace it if it is less.
+        if self._call("GET", GET_PERMISSION, params=grant).get("permission") != "MANAGE":
+            self._call("POST", REVOKE_PERMISSION, json=grant)
+            self._call("POST", GRANT_PERMISSION, json=grant | {"permission": "MANAGE"})
+
+    def _call(self, method: str, path: str, *, json=None, params=None, secret: str | None = None) -> dict:
+        try:
+            response = self._session.request(method, self.url + path, json=json, params=params, timeout=self.timeout)
+        except requests.RequestException as e:
+            raise MlflowError(None, f"cannot reach {self.url}: {type(e).__name__}") from e
+        if response.ok:
+            return response.json() if response.content else {}
+        try:
+            body = response.json()
+            error_code, message = body.get("error_code", ""), body.get("message", "")
+        except ValueError:
+            error_code, message = "", response.text
+        # Only the first line: database errors append the SQL and its parameters, which
+        # for user rows include the password hash. And never echo what we sent.
+        message = (message.strip().splitlines() or [response.reason or ""])[0][:500]
+        if secret:
+            message = message.replace(secret, "[password]")
+        raise MlflowError(response.status_code, message, error_code)
