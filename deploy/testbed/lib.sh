@@ -1,0 +1,180 @@
+# lib.sh -- helpers shared by the testbed scripts (sourced, never run).
+#
+# Every script keeps its state under one folder, TESTBED_DIR: the first
+# argument after the command, else $M2D_TESTBED_DIR, else /opt/testbed.
+# /opt (not /var/lib) because the Apptainer wrapper shares top-level folders
+# like /opt, /srv and /tmp with containers, but never system folders.
+#
+# Processes are tracked by our own PID files.  Before signalling one we check
+# /proc/PID/exe or /proc/PID/cmdline, so a recycled PID never gets a signal,
+# and nothing is ever killed by name.
+set -euo pipefail
+shopt -s extglob
+
+M2D_TESTBED_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+_T0=$EPOCHREALTIME
+_NAME="$(basename "$0" .sh)"
+
+log() {
+  printf '[%s %6ss] %s\n' "$_NAME" \
+    "$(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME - $_T0}")" "$*" >&2
+}
+die() { log "ERROR: $*"; exit 1; }
+require_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
+
+# set_testbed_dir [DIR]: resolve and export TESTBED_DIR
+set_testbed_dir() {
+  TESTBED_DIR="$(realpath -m "${1:-${M2D_TESTBED_DIR:-/opt/testbed}}")"
+  export TESTBED_DIR
+}
+
+# apt_install PKG...: install whichever of the packages are missing.
+# A policy-rc.d that answers 101 keeps the packages' maintainer scripts from
+# starting their system daemons (default configs, standard ports): we run our
+# own private instances, or reuse what the machine already runs.
+apt_install() {
+  local p missing=()
+  for p in "$@"; do
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] \
+      || missing+=("$p")
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  log "apt-get install: ${missing[*]}"
+  (
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+      chmod 755 /usr/sbin/policy-rc.d
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    # another apt run's lock is waited for, but not forever
+    timeout 600 apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
+    timeout 900 apt-get -o DPkg::Lock::Timeout=300 install -y -q \
+      --no-install-recommends "${missing[@]}" >/dev/null
+  ) || die "apt-get install ${missing[*]} failed"
+}
+
+# pid_alive PIDFILE EXE_GLOB [CMD_GLOB]: print the recorded pid if that
+# process is alive and is what we started: the basename of /proc/PID/exe
+# must match EXE_GLOB and its command line (NULs as spaces) CMD_GLOB.
+# Globs may use extglob alternatives, e.g. '@(slurmd|slurmd-wlm)' (Debian's
+# Slurm binaries are *-wlm; redis-server's exe is redis-check-rdb).
+pid_alive() {
+  local f=$1 exe_glob=$2 cmd_glob=${3:-*} pid exe cmd
+  [ -s "$f" ] || return 1
+  pid=$(cat "$f")
+  case "$pid" in ''|*[!0-9]*) return 1 ;; esac
+  kill -0 "$pid" 2>/dev/null || return 1
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || return 1
+  # shellcheck disable=SC2053
+  [[ ${exe##*/} == $exe_glob && $cmd == $cmd_glob ]] || return 1
+  echo "$pid"
+}
+
+# start_bg PIDFILE LOGFILE CMD...: run CMD detached in its own session
+# (setsid: it is then also the leader of its own process group, which
+# stop_pid can signal as a whole) and record its pid.
+start_bg() {
+  local pidf=$1 logf=$2; shift 2
+  setsid "$@" </dev/null >>"$logf" 2>&1 &
+  echo $! > "$pidf"
+}
+
+# alive PID: the process exists and is not a zombie.  Our daemons are
+# setsid'ed orphans whose reaper is PID 1, and PID 1 on these VMs reaps only
+# every couple of seconds: kill -0 alone would count the zombie as alive.
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]
+}
+
+# pgid_of PID: process group id, from /proc (fields after the ")" of comm)
+pgid_of() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $3}'; }
+
+# stop_pid NAME PIDFILE EXE_GLOB CMD_GLOB GRACE [group]: SIGTERM the process
+# recorded in PIDFILE if it still is ours (see pid_alive), SIGKILL after
+# GRACE seconds.
+# With "group", the whole process group it leads gets the signals (servers
+# that fork workers, e.g. gunicorn under mlflow).
+stop_pid() {
+  local name=$1 f=$2 exe_glob=$3 cmd_glob=$4 grace=$5 group=${6:-} pid target i
+  if ! pid=$(pid_alive "$f" "$exe_glob" "$cmd_glob"); then
+    log "$name not running (no live pid in $f)"; rm -f "$f"; return 0
+  fi
+  target=$pid
+  if [ "$group" = group ] && [ "$(pgid_of "$pid")" = "$pid" ]; then
+    target=-$pid
+  fi
+  kill -TERM -- "$target" 2>/dev/null || true
+  for ((i = 0; i < grace * 10; i++)); do
+    alive "$pid" || break
+    sleep 0.1
+  done
+  if alive "$pid"; then
+    log "$name (pid $pid) ignored SIGTERM for ${grace}s, sending SIGKILL"
+    kill -KILL -- "$target" 2>/dev/null || true
+    sleep 0.2
+  elif [ "$target" != "$pid" ]; then
+    # leader gone; give its workers the rest of a moment, then make sure
+    for ((i = 0; i < 20; i++)); do kill -0 -- "$target" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "$target" 2>/dev/null || true
+  fi
+  rm -f "$f"
+  log "$name (pid $pid) stopped"
+}
+
+# wait_until SECONDS WHAT CMD...: retry CMD until it succeeds; die after
+# SECONDS.  A command is bounded to 10 s a try by timeout(1); a shell
+# function (which timeout cannot run) must bound itself.  Set WAIT_PID (a pid
+# we just started) and WAIT_LOG to die early, with the end of the log, when
+# that process exits.
+wait_until() {
+  local secs=$1 what=$2 end=$((SECONDS + $1)) bound=(timeout 10); shift 2
+  declare -F "$1" >/dev/null && bound=()
+  while ((SECONDS < end)); do
+    "${bound[@]}" "$@" >/dev/null 2>&1 && return 0
+    if [ -n "${WAIT_PID:-}" ] && ! alive "$WAIT_PID"; then
+      [ -n "${WAIT_LOG:-}" ] && tail -n 20 "$WAIT_LOG" >&2
+      die "$what exited during startup${WAIT_LOG:+; see $WAIT_LOG}"
+    fi
+    sleep 0.2
+  done
+  [ -n "${WAIT_LOG:-}" ] && tail -n 20 "$WAIT_LOG" >&2
+  die "timed out after $secs s waiting for $what"
+}
+
+# port_busy PORT: is something listening on 127.0.0.1:PORT?
+# (bash's /dev/tcp, so no iproute2 or netcat needed)
+port_busy() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+# secret_file PATH: print a secret, generating it (mode 600) the first time
+secret_file() {
+  local f=$1
+  if [ ! -s "$f" ]; then
+    mkdir -p "$(dirname "$f")"; chmod 700 "$(dirname "$f")"
+    # 32 hex digits (128 bits); od reads exactly 16 bytes, so no pipe closes early
+    (umask 077; od -An -tx1 -N16 /dev/urandom | tr -d ' \n' > "$f.tmp")
+    mv -f "$f.tmp" "$f"
+  fi
+  chmod 600 "$f"
+  cat "$f"
+}
+
+# put_file DEST [MODE]: write stdin (text) to DEST, but only when the
+# content differs (then via a temp file + rename), so that a re-run changes
+# nothing, not even the folder's mtime.  Sets FILE_CHANGED=1 when it wrote;
+# callers reset it to 0 before a group of files.
+FILE_CHANGED=0
+put_file() {
+  local dest=$1 mode=${2:-} content
+  content=$(cat; echo .)   # the dot keeps trailing newlines
+  content=${content%.}
+  if ! printf '%s' "$content" | cmp -s - "$dest"; then
+    printf '%s' "$content" > "$dest.tmp.$$"
+    [ -z "$mode" ] || chmod "$mode" "$dest.tmp.$$"
+    mv -f "$dest.tmp.$$" "$dest"
+    FILE_CHANGED=1
+  fi
+  [ -z "$mode" ] || chmod "$mode" "$dest"
+}
