@@ -55,6 +55,13 @@ class BuildError(Exception):
         super().__init__(message)
         self.log = log
 
+    @property
+    def for_user(self) -> str:
+        """What the researcher needs: pip's own ERROR lines, else the log tail
+        (Apptainer's INFO lines and the %post trace are noise to them)."""
+        errors = [line for line in self.log.splitlines() if line.startswith("ERROR:")]
+        return "\n".join(errors) or self.log or str(self)
+
 
 @dataclass(frozen=True)
 class Environment:

@@ -60,7 +60,7 @@ def prepare(submission_id):
             environment = _build(submission_id, files)
         except BuildError as e:
             advance(submission_id, Status.BUILDING, Status.BUILD_FAILED,
-                    reason="environment build failed", error=e.log or str(e))
+                    reason="environment build failed", error=e.for_user)
             queue.enqueue_mail(submission_id)
             return
         job_id = _submit(submission_id, files, environment)
@@ -88,10 +88,11 @@ def builder():
 
 def _build(submission_id, files):
     requirements = (files.code / "requirements.txt").read_text()
+    images = builder()
     try:
-        environment = builder().ensure(requirements)
+        environment = images.ensure(requirements)
     except BuildError as e:
-        _record_build(submission_id, builder().key_for(requirements), succeeded=False, log=e.log)
+        _record_build(submission_id, images.key_for(requirements), succeeded=False, log=e.log)
         raise
     if environment.built:
         _record_build(submission_id, environment.key, succeeded=True, log=environment.log,
