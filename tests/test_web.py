@@ -2,7 +2,9 @@
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from . import zips
 from .stack import SAMPLES, zip_folder
@@ -31,8 +33,19 @@ def logged_in(stack, browser):
     browser.find_element(By.NAME, "email").send_keys(researcher.address)
     browser.find_element(By.NAME, "password").send_keys(PASSWORD)
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    assert browser.find_element(By.TAG_NAME, "h1").text == "Submit code"
+    heading(browser, lambda text: text == "Submit code")
     return researcher
+
+
+def heading(browser, expected):
+    """The page's h1 once it satisfies ``expected`` (clicks load pages asynchronously)."""
+    def ready(driver):
+        try:
+            text = driver.find_element(By.TAG_NAME, "h1").text
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return text if expected(text) else False
+    return WebDriverWait(browser, 15, ignored_exceptions=(StaleElementReferenceException,)).until(ready)
 
 
 def _upload(browser, stack, path):
@@ -51,9 +64,8 @@ def test_wrong_password_is_refused_on_the_page(stack, browser):
 
 def test_upload_through_the_form_creates_a_submission(stack, browser, logged_in, tmp_path):
     _upload(browser, stack, zip_folder(SAMPLES / "fails", tmp_path / "form.zip"))
-    heading = browser.find_element(By.TAG_NAME, "h1").text
-    assert heading.startswith("Submission ")
-    submission_id = int(heading.split()[-1])
+    title = heading(browser, lambda text: text.startswith("Submission "))
+    submission_id = int(title.split()[-1])
     assert logged_in.submission(submission_id)["filename"] == "form.zip"
     assert "received" in browser.find_element(By.CSS_SELECTOR, ".flash").text
 
