@@ -27,6 +27,9 @@ start() {
   export M2D_DATA_DIR=$RUN/data
   export M2D_SECRET_KEY; M2D_SECRET_KEY=$(secret_file "$TESTBED_DIR/secrets/gateway-secret-key")
   export M2D_PUBLIC_URL=http://127.0.0.1:$PORT
+  # what admin commands need besides gateway.env to act on this database
+  printf 'export M2D_DATA_DIR=%q\nexport M2D_SECRET_KEY=%q\nexport M2D_PUBLIC_URL=%q\n' \
+    "$M2D_DATA_DIR" "$M2D_SECRET_KEY" "$M2D_PUBLIC_URL" | put_file "$RUN/admin.env" 600
   cd "$REPO"
   "$PY" -m flask --app gateway db upgrade >>"$RUN/logs/migrate.log" 2>&1 \
     || { tail -n 20 "$RUN/logs/migrate.log" >&2; die "database migration failed"; }
@@ -57,8 +60,9 @@ start() {
     mail folder:   $M2D_MAIL_DIR   (every email the gateway sends, as .eml)
     MLflow:        $M2D_MLFLOW_URL  (admin / see $TESTBED_DIR/secrets/mlflow-admin-password)
     logs:          $RUN/logs
-  Add a researcher:  set -a; . $TESTBED_DIR/gateway.env; set +a
+  Add a researcher:  set -a; . $TESTBED_DIR/gateway.env; . $RUN/admin.env; set +a
                      .venv/bin/flask --app gateway users create you@example.org --name You --password '...' --approve
+                     .venv/bin/flask --app gateway tokens create you@example.org
   Stop it all:       make stop
 EOM
 }
