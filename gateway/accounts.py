@@ -4,6 +4,7 @@ import re
 from flask import current_app
 
 from .extensions import db
+from .mlflow_admin import MlflowAdmin
 from .models import User, utcnow
 
 
@@ -31,8 +32,6 @@ def approve(user):
     Safe to repeat: provisioning completes whatever is missing and returns
     the current password.
     """
-    from .mlflow_admin import MlflowAdmin
-
     if not user.mlflow_username:
         user.mlflow_username = mlflow_username_for(user)
         db.session.commit()

@@ -4,6 +4,7 @@ from flask.cli import AppGroup
 
 from . import accounts
 from .extensions import db
+from .mlflow_admin import MlflowError
 from .models import ApiToken, User
 
 users = AppGroup("users", help="Manage researcher and admin accounts.")
@@ -23,7 +24,11 @@ def create_user(email, name, password, admin, approve):
     except accounts.AccountError as e:
         raise click.ClickException(str(e))
     if approve:
-        accounts.approve(user)
+        try:
+            accounts.approve(user)
+        except MlflowError as e:
+            raise click.ClickException(f"created {user.email}, but approval failed: {e}. "
+                                       f"Run 'users approve {user.email}' once MLflow answers.")
     click.echo(f"created {user.email} (id {user.id}){' approved' if user.approved else ''}")
 
 
@@ -33,7 +38,7 @@ def approve_user(email):
     """Approve a user and provision their MLflow account."""
     try:
         user = accounts.approve(accounts.find(email))
-    except accounts.AccountError as e:
+    except (accounts.AccountError, MlflowError) as e:
         raise click.ClickException(str(e))
     click.echo(f"approved {user.email}; MLflow user and experiment: {user.mlflow_username}")
 

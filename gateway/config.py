@@ -32,6 +32,7 @@ DEFAULTS = {
     # Slurm
     "SLURM_ADAPTER": "cli",  # or "pyslurm"
     "SLURM_PARTITION": None,
+    "SLURM_JOB_PREFIX": "m2d",  # jobs are named <prefix>-<submission id>
     "SLURM_GPUS": 1,
     "SLURM_CPUS": 1,
     "SLURM_MEM": "2G",

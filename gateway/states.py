@@ -34,7 +34,8 @@ TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.BUILD_FAILED, Stat
 
 TRANSITIONS = {
     Status.RECEIVED: {Status.BUILDING, Status.CANCELLED},
-    Status.BUILDING: {Status.QUEUED, Status.BUILD_FAILED, Status.CANCELLED},
+    # failed: Slurm refused the job (bad partition, limits), so it never queued
+    Status.BUILDING: {Status.QUEUED, Status.BUILD_FAILED, Status.FAILED, Status.CANCELLED},
     # a job can fail or be cancelled before it ever ran (NODE_FAIL, scancel)
     Status.QUEUED: {Status.RUNNING, Status.FAILED, Status.CANCELLED},
     Status.RUNNING: {Status.COMPLETED, Status.FAILED, Status.CANCELLED},

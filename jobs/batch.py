@@ -53,10 +53,13 @@ class BatchSpec:
     time: str = "01:00:00"
     nv: bool = False         # apptainer --nv (real NVIDIA GPUs on the node)
     extra_apptainer_args: tuple[str, ...] = ()
+    # Two gateways on one cluster (staging and production, or a test run)
+    # need different prefixes: a retried submit looks its job up by name.
+    job_prefix: str = "m2d"
 
     @property
     def job_name(self) -> str:
-        return f"m2d-{self.submission_id}"
+        return f"{self.job_prefix}-{self.submission_id}"
 
     def __post_init__(self) -> None:
         for name in ("image", "code_dir", "dataset_dir", "export_dir",
@@ -81,6 +84,8 @@ class BatchSpec:
             raise ValueError(f"time {self.time!r}: use [D-]HH:MM:SS or minutes")
         if not _MEM.fullmatch(self.mem):
             raise ValueError(f"mem {self.mem!r}: use e.g. 4G or 4096M")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.job_prefix):
+            raise ValueError(f"job_prefix {self.job_prefix!r}: use letters, digits and _ . + -")
         if self.partition is not None and not _WORD.fullmatch(self.partition):
             raise ValueError(f"partition {self.partition!r} is not a name")
         if self.gpus < 0 or self.cpus < 1:

@@ -90,8 +90,11 @@ def stderr_tail(submission):
 def _sweep():
     """Hand on again what was recorded but whose queue message got lost."""
     cutoff = utcnow() - SWEEP_AFTER
+    # a prepare that died with its worker is started again; one still running
+    # holds the submission's lock, so a second one returns at once
     for (submission_id,) in db.session.query(Submission.id).filter(
-            Submission.status == Status.RECEIVED.value, Submission.updated_at < cutoff):
+            Submission.status.in_((Status.RECEIVED.value, Status.BUILDING.value)),
+            Submission.updated_at < cutoff):
         queue.enqueue_prepare(submission_id)
     for (submission_id,) in db.session.query(Email.submission_id).filter(
             Email.sent_at.is_(None), Email.created_at < cutoff).distinct():

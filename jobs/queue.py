@@ -8,6 +8,8 @@ import logging
 from flask import current_app
 from redis import Redis
 from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +25,21 @@ def queue(name, redis=None):
     return Queue(f"{namespace}-{name}", connection=redis or connection())
 
 
+# A message already waiting (or, for prepare, running) makes another one
+# pointless: the sweep and duplicate requests then add nothing to the queue.
+PENDING = ("queued", "scheduled", "deferred")
+
+
 def enqueue_prepare(submission_id):
     _enqueue("build", "jobs.tasks.prepare", submission_id,
-             timeout=int(current_app.config["BUILD_TIMEOUT"]) + 600)
+             timeout=int(current_app.config["BUILD_TIMEOUT"]) + 600,
+             retry=Retry(max=3, interval=[30, 120, 600]), skip_if=PENDING + ("started",))
 
 
 def enqueue_mail(submission_id):
+    # a running sender may have listed the owed emails before this one: queue anyway
     _enqueue("mail", "jobs.tasks.send_mail", submission_id,
-             retry=Retry(max=5, interval=[5, 15, 60, 300, 900]))
+             retry=Retry(max=5, interval=[5, 15, 60, 300, 900]), skip_if=PENDING)
 
 
 def enqueue_poll():
@@ -39,8 +48,15 @@ def enqueue_poll():
         q.enqueue("jobs.tasks.poll", job_timeout=300)
 
 
-def _enqueue(name, func, submission_id, timeout=300, retry=None):
+def _enqueue(name, func, submission_id, *, skip_if, timeout=300, retry=None):
     try:
-        queue(name).enqueue(func, submission_id, job_timeout=timeout, retry=retry)
+        q = queue(name)
+        job_id = f"{q.name}-{func.rsplit('.', 1)[-1]}-{submission_id}"
+        try:
+            if Job.fetch(job_id, connection=q.connection).get_status() in skip_if:
+                return
+        except NoSuchJobError:
+            pass
+        q.enqueue(func, submission_id, job_id=job_id, job_timeout=timeout, retry=retry)
     except Exception:  # noqa: BLE001 - the sweep recovers; the request must not fail
         log.exception("could not enqueue %s(%s); the poller's sweep will retry", func, submission_id)

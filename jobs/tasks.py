@@ -7,6 +7,8 @@ from datetime import timezone
 from functools import wraps
 from pathlib import Path
 
+from rq import get_current_job
+
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import Build, Submission
@@ -16,7 +18,7 @@ from gateway.storage import SubmissionFiles
 from . import mail, poller, queue
 from .batch import BatchSpec, write_batch_script, write_env_file
 from .builder import BuildError, ImageBuilder
-from .slurm import make_scheduler
+from .slurm import SlurmError, make_scheduler
 
 log = logging.getLogger(__name__)
 _app = None
@@ -63,7 +65,16 @@ def prepare(submission_id):
                     reason="environment build failed", error=e.for_user)
             queue.enqueue_mail(submission_id)
             return
-        job_id = _submit(submission_id, files, environment)
+        try:
+            job_id = _submit(submission_id, files, environment)
+        except SlurmError as e:
+            job = get_current_job()
+            if job is not None and job.retries_left:
+                raise  # perhaps slurmctld is restarting: rq tries again later
+            advance(submission_id, Status.BUILDING, Status.FAILED,
+                    reason="the job could not be submitted to Slurm", error=e.stderr or str(e))
+            queue.enqueue_mail(submission_id)
+            return
         advance(submission_id, Status.BUILDING, Status.QUEUED, slurm_job_id=job_id,
                 detail=f"Slurm job {job_id}")
         queue.enqueue_mail(submission_id)
@@ -124,6 +135,7 @@ def _submit(submission_id, files, environment):
         apptainer=cfg["APPTAINER"], partition=cfg["SLURM_PARTITION"] or None,
         gpus=int(cfg["SLURM_GPUS"]), cpus=int(cfg["SLURM_CPUS"]), mem=str(cfg["SLURM_MEM"]),
         time=str(cfg["SLURM_TIME"]), nv=bool(cfg["APPTAINER_NV"]),
+        job_prefix=cfg["SLURM_JOB_PREFIX"],
     )
     scheduler = make_scheduler(cfg["SLURM_ADAPTER"])
     existing = scheduler.find(spec.job_name, since=submission.created_at.replace(tzinfo=timezone.utc))

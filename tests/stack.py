@@ -75,6 +75,7 @@ class Stack:
                         M2D_DATA_DIR=str(self.root / "data"),
                         M2D_SECRET_KEY=uuid.uuid4().hex,
                         M2D_QUEUE_NAMESPACE=f"m2d-test-{uuid.uuid4().hex[:8]}",
+                        M2D_SLURM_JOB_PREFIX=f"m2dtest{uuid.uuid4().hex[:6]}",
                         M2D_POLL_INTERVAL="1",
                         M2D_PUBLIC_URL=self.url,
                         M2D_SLURM_MEM="1G",

@@ -1,0 +1,78 @@
+"""The prepare task run directly (no workers listening), against the real
+builder and Slurm: retries never make a second job, and a job Slurm refuses
+ends as failed with Slurm's own words."""
+import tempfile
+import uuid
+from datetime import timezone
+
+import flask_migrate
+import pytest
+from werkzeug.datastructures import FileStorage
+
+from gateway import accounts, create_app, intake
+from gateway.config import from_environment
+from gateway.extensions import db
+from gateway.models import Email, Submission
+from gateway.storage import SubmissionFiles
+from jobs import mail, tasks
+from jobs.slurm import CliScheduler
+
+from .stack import SAMPLES, require_testbed, zip_folder
+
+
+@pytest.fixture
+def isolated_app():
+    require_testbed()
+    root = tempfile.mkdtemp(prefix="m2d-tasks-", dir="/tmp")  # shared with containers
+    config = from_environment() | {
+        "TESTING": True, "DATA_DIR": root,
+        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{root}/gateway.db",
+        "QUEUE_NAMESPACE": f"m2d-nobody-{uuid.uuid4().hex[:8]}",  # no worker listens here
+        "SLURM_JOB_PREFIX": f"m2dtasks{uuid.uuid4().hex[:6]}",
+        "SLURM_MEM": "1G",
+    }
+    app = create_app(config)
+    with app.app_context():
+        flask_migrate.upgrade()
+        yield app
+        db.session.remove()
+
+
+def _received(tmp_path):
+    user = accounts.create_user(f"tasks-{uuid.uuid4().hex[:6]}@example.org", "Tasks")
+    zip_path = zip_folder(SAMPLES / "fails", tmp_path / "s.zip")
+    with open(zip_path, "rb") as f:
+        return intake.accept(user, FileStorage(stream=f, filename="s.zip")).id
+
+
+def test_retried_prepare_after_a_crash_finds_its_job_instead_of_submitting_again(isolated_app, tmp_path):
+    sid = _received(tmp_path)
+    # the crash: sbatch ran, but the worker died before recording the job id
+    submission = db.session.get(Submission, sid)
+    submission.status = "building"
+    db.session.commit()
+    environment = tasks.builder().ensure((SubmissionFiles(sid).code / "requirements.txt").read_text())
+    first = tasks._submit(sid, SubmissionFiles(sid), environment)
+
+    tasks.prepare(sid)  # the retry
+    db.session.expire_all()
+    assert db.session.get(Submission, sid).slurm_job_id == first
+    name = f"{isolated_app.config['SLURM_JOB_PREFIX']}-{sid}"
+    assert CliScheduler().find(name, since=submission.created_at.replace(tzinfo=timezone.utc)) == first
+
+    tasks.prepare(sid)  # and once more, now that it is queued: nothing happens
+    assert [e.status for e in db.session.get(Submission, sid).events].count("queued") == 1
+
+
+def test_job_that_slurm_refuses_fails_with_slurms_message(isolated_app, tmp_path):
+    isolated_app.config["SLURM_PARTITION"] = "nosuchpartition"
+    sid = _received(tmp_path)
+    tasks.prepare(sid)  # outside rq: no retries left, so it fails at once
+    db.session.expire_all()
+    submission = db.session.get(Submission, sid)
+    assert submission.status == "failed" and submission.slurm_job_id is None
+    assert submission.reason == "the job could not be submitted to Slurm"
+    assert "invalid partition" in submission.error.lower()
+    assert [e.kind for e in Email.query.filter_by(submission_id=sid)] == ["received", "failed"]
+    _, body = mail.render(Email.query.filter_by(submission_id=sid, kind="failed").one())
+    assert "could not be started" in body and "not a problem with your code" in body
