@@ -4,6 +4,7 @@ TESTBED_DIR ?= /opt/testbed
 VENV := .venv
 PY := $(VENV)/bin/python
 ENV := $(TESTBED_DIR)/gateway.env
+TESTS ?= tests  # e.g. make test TESTS=tests/test_e2e.py
 export M2D_TESTBED_DIR := $(TESTBED_DIR)
 export M2D_PYTHON := $(CURDIR)/$(PY)
 
@@ -27,4 +28,4 @@ stop:
 	deploy/testbed/down.sh $(TESTBED_DIR)
 
 test: testbed
-	set -a && . $(ENV) && set +a && $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	set -a && . $(ENV) && set +a && $(PY) -m pytest -q $(TESTS)
