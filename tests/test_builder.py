@@ -188,8 +188,7 @@ def test_second_ensure_reuses_image_without_pip(builder):
     assert first.built and not again.built
     assert (again.key, again.path, again.digest) == (first.key, first.path, first.digest)
     assert again.path.stat().st_mtime_ns == mtime
-    assert again.log == ""
-    assert again.seconds < 2
+    assert again.log == ""  # no build ran: no apptainer, no pip
 
 
 def test_concurrent_ensure_builds_once(builder):

@@ -162,7 +162,7 @@ def test_command_timeout_is_a_slurm_error(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(SlurmError, match="timed out"):
         CliScheduler(bin_dir=tmp_path, timeout=0.5).statuses(["1"])
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 9.5  # killed, not waited for (the fake sleeps 10 s)
 
 
 def test_commands_get_utc_and_not_the_gateway_secrets(tmp_path, monkeypatch):
