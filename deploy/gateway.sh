@@ -12,9 +12,10 @@ RUN=$TESTBED_DIR/gateway
 PORT=${M2D_PORT:-5000}
 ADMIN_EMAIL=${M2D_ADMIN_EMAIL:-admin@localhost.localdomain}
 
-# name:command -- each a separate process, each with its own PID file
+# name:command -- each a separate process, each with its own PID file.
+# gunicorn uses threads: a browser's idle preconnections would block sync workers.
 SERVICES=(
-  "web:$REPO/.venv/bin/gunicorn --workers 2 --bind 127.0.0.1:$PORT --timeout 300 gateway:create_app()"
+  "web:$REPO/.venv/bin/gunicorn --workers 2 --threads 8 --bind 127.0.0.1:$PORT --timeout 300 gateway:create_app()"
   "worker-build:$PY -m jobs.worker build"
   "worker-mail:$PY -m jobs.worker mail poll"
   "poller:$PY -m jobs.poller"

@@ -2,10 +2,11 @@
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import intake
+from . import intake, lifecycle
 from .auth import token_required
-from .extensions import csrf
+from .extensions import csrf, db
 from .models import Submission
+from .states import IllegalTransition
 from .validation import Refusal
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -41,6 +42,22 @@ def get_submission(submission_id):
     if submission is None:  # another user's submission looks exactly like a missing one
         return error(404, "not_found", f"You have no submission {submission_id}.")
     return jsonify(submission.to_dict())
+
+
+@bp.post("/submissions/<int:submission_id>/cancel")
+@token_required
+def cancel_submission(submission_id):
+    submission = Submission.query.filter_by(id=submission_id, user_id=g.user.id).first()
+    if submission is None:
+        return error(404, "not_found", f"You have no submission {submission_id}.")
+    try:
+        lifecycle.cancel(submission)
+    except IllegalTransition as e:
+        return error(409, "already_ended", f"{e}; there is nothing to cancel.")
+    db.session.refresh(submission)
+    response = jsonify(submission.to_dict())
+    response.status_code = 202
+    return response
 
 
 @bp.get("/me")

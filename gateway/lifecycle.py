@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from .extensions import db
 from .models import Email, Event, Submission, utcnow
-from .states import EMAIL_FOR, Status, check
+from .states import EMAIL_FOR, IllegalTransition, Status, check
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,23 @@ def advance(submission_id, old, new, *, at=None, detail=None, **fields):
     db.session.commit()
     log.info("submission %s: %s -> %s", submission_id, old, new)
     return True
+
+
+def cancel(submission):
+    """The researcher's cancel: at once before Slurm has the job, else through
+    scancel (the poller records the outcome). Returns the status it leaves."""
+    status = submission.state
+    if status.terminal:
+        raise IllegalTransition(f"submission {submission.id} has already ended: {status}")
+    from jobs import queue
+    if status in (Status.RECEIVED, Status.BUILDING):
+        if advance(submission.id, status, Status.CANCELLED, detail="cancelled by the researcher"):
+            queue.enqueue_mail(submission.id)
+            return Status.CANCELLED
+        db.session.refresh(submission)  # it moved on meanwhile: cancel from there
+        return cancel(submission)
+    queue.enqueue_cancel(submission.id)
+    return status
 
 
 def create(user, filename):

@@ -2,9 +2,10 @@
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
-from . import intake
+from . import intake, lifecycle
 from .api import mlflow_settings
 from .models import Submission
+from .states import IllegalTransition
 from .validation import Refusal
 
 bp = Blueprint("submissions", __name__)
@@ -31,6 +32,21 @@ def detail(submission_id):
     if submission is None:
         abort(404)
     return render_template("detail.html", submission=submission)
+
+
+@bp.post("/submissions/<int:submission_id>/cancel")
+@login_required
+def cancel(submission_id):
+    submission = Submission.query.filter_by(id=submission_id, user_id=current_user.id).first()
+    if submission is None:
+        abort(404)
+    try:
+        lifecycle.cancel(submission)
+    except IllegalTransition as e:
+        flash(f"{e}; there is nothing to cancel.", "error")
+    else:
+        flash(f"Submission {submission_id} is being cancelled.")
+    return redirect(url_for("submissions.detail", submission_id=submission_id))
 
 
 @bp.get("/account")

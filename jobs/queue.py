@@ -42,6 +42,11 @@ def enqueue_mail(submission_id):
              retry=Retry(max=5, interval=[5, 15, 60, 300, 900]), skip_if=PENDING)
 
 
+def enqueue_cancel(submission_id):
+    _enqueue("mail", "jobs.tasks.cancel", submission_id, skip_if=PENDING,
+             retry=Retry(max=3, interval=[5, 30, 120]))
+
+
 def enqueue_poll():
     q = queue("poll")
     if q.count == 0:  # one poll waiting is enough

@@ -8,6 +8,7 @@ from functools import wraps
 from pathlib import Path
 
 from rq import get_current_job
+from sqlalchemy import select
 
 from gateway.extensions import db
 from gateway.lifecycle import advance
@@ -55,29 +56,42 @@ def prepare(submission_id):
         if submission is None:
             return
         if submission.state == Status.RECEIVED:
-            advance(submission_id, Status.RECEIVED, Status.BUILDING)
+            if not advance(submission_id, Status.RECEIVED, Status.BUILDING):
+                return  # cancelled meanwhile
         elif submission.state != Status.BUILDING:
             return  # done already: a retry or a duplicate message
         try:
             environment = _build(submission_id, files)
         except BuildError as e:
-            advance(submission_id, Status.BUILDING, Status.BUILD_FAILED,
-                    reason="environment build failed", error=e.for_user)
-            queue.enqueue_mail(submission_id)
+            if advance(submission_id, Status.BUILDING, Status.BUILD_FAILED,
+                       reason="environment build failed", error=e.for_user):
+                queue.enqueue_mail(submission_id)
             return
+        if _status(submission_id) != Status.BUILDING:
+            return  # cancelled while it built
         try:
             job_id = _submit(submission_id, files, environment)
         except SlurmError as e:
             job = get_current_job()
             if job is not None and job.retries_left:
                 raise  # perhaps slurmctld is restarting: rq tries again later
-            advance(submission_id, Status.BUILDING, Status.FAILED,
-                    reason="the job could not be submitted to Slurm", error=e.stderr or str(e))
-            queue.enqueue_mail(submission_id)
+            if advance(submission_id, Status.BUILDING, Status.FAILED,
+                       reason="the job could not be submitted to Slurm", error=e.stderr or str(e)):
+                queue.enqueue_mail(submission_id)
             return
-        advance(submission_id, Status.BUILDING, Status.QUEUED, slurm_job_id=job_id,
-                detail=f"Slurm job {job_id}")
-        queue.enqueue_mail(submission_id)
+        if advance(submission_id, Status.BUILDING, Status.QUEUED, slurm_job_id=job_id,
+                   detail=f"Slurm job {job_id}"):
+            queue.enqueue_mail(submission_id)
+        else:  # cancelled between the build and sbatch: the job must not run
+            scheduler().cancel(job_id)
+
+
+@in_app
+def cancel(submission_id):
+    """Ask Slurm to cancel the submission's job; the poller records the outcome."""
+    job_id = db.session.scalar(select(Submission.slurm_job_id).where(Submission.id == submission_id))
+    if job_id:
+        scheduler().cancel(job_id)
 
 
 @in_app
@@ -88,6 +102,11 @@ def send_mail(submission_id):
 @in_app
 def poll():
     return poller.poll_once()
+
+
+def scheduler():
+    from flask import current_app
+    return make_scheduler(current_app.config["SLURM_ADAPTER"])
 
 
 def builder():
@@ -114,6 +133,10 @@ def _build(submission_id, files):
     return environment
 
 
+def _status(submission_id):
+    return Status(db.session.scalar(select(Submission.status).where(Submission.id == submission_id)))
+
+
 def _record_build(submission_id, key, *, succeeded, log, digest=None, seconds=None):
     db.session.add(Build(env_key=key, submission_id=submission_id, succeeded=succeeded,
                          image_digest=digest, seconds=seconds, log=log))
@@ -137,8 +160,8 @@ def _submit(submission_id, files, environment):
         time=str(cfg["SLURM_TIME"]), nv=bool(cfg["APPTAINER_NV"]),
         job_prefix=cfg["SLURM_JOB_PREFIX"],
     )
-    scheduler = make_scheduler(cfg["SLURM_ADAPTER"])
-    existing = scheduler.find(spec.job_name, since=submission.created_at.replace(tzinfo=timezone.utc))
+    slurm = scheduler()
+    existing = slurm.find(spec.job_name, since=submission.created_at.replace(tzinfo=timezone.utc))
     if existing:
         log.info("submission %s already has Slurm job %s", submission_id, existing)
         return existing
@@ -149,7 +172,7 @@ def _submit(submission_id, files, environment):
         "MLFLOW_EXPERIMENT_NAME": user.mlflow_username or "",
     })
     script = write_batch_script(spec, files.job / "job.sbatch")
-    return scheduler.submit(script, spec.job_name)
+    return slurm.submit(script, spec.job_name)
 
 
 @contextmanager

@@ -89,7 +89,8 @@ class Stack:
     def start(self):
         self.flask("db", "upgrade")
         py = sys.executable
-        self._spawn("web", [str(Path(py).parent / "gunicorn"), "--workers", "2", "--bind",
+        # threads: a browser's idle preconnections would hold sync workers hostage
+        self._spawn("web", [str(Path(py).parent / "gunicorn"), "--workers", "2", "--threads", "8", "--bind",
                             f"127.0.0.1:{self.port}", "--timeout", "300", "gateway:create_app()"])
         # two build workers, so simultaneous submissions really build at once
         self._spawn("worker-build-1", [py, "-m", "jobs.worker", "build"])

@@ -132,3 +132,17 @@ def test_simultaneous_and_repeated_submissions_with_same_requirements_build_once
     assert len(builds) == 1 and builds[0].succeeded
     assert builds[0].submission_id in (first, second)
     assert Build.query.filter_by(submission_id=third).count() == 0
+
+
+def test_cancelling_a_running_job_stops_it_and_says_so(researcher, iris, tmp_path):
+    submission_id = researcher.submit(zip_folder(SAMPLES / "sleeps", tmp_path / "sleeps.zip"))
+    researcher.wait_until(submission_id, "running", timeout=300)
+    response = researcher.api("POST", f"/submissions/{submission_id}/cancel")
+    assert response.status_code == 202, response.text
+    result = researcher.wait_until(submission_id, {"cancelled", "completed", "failed"}, timeout=120)
+    assert result["status"] == "cancelled"
+    mails = researcher.wait_for_mails(submission_id, 4)
+    assert [m["Subject"].split(": ", 1)[1] for m in mails] == [
+        "code received", "queued for execution", "execution started", "cancelled"]
+    again = researcher.api("POST", f"/submissions/{submission_id}/cancel")
+    assert again.status_code == 409 and "already ended" in again.json()["message"]

@@ -9,10 +9,11 @@ import flask_migrate
 import pytest
 from werkzeug.datastructures import FileStorage
 
-from gateway import accounts, create_app, intake
+from gateway import accounts, create_app, intake, lifecycle
 from gateway.config import from_environment
 from gateway.extensions import db
 from gateway.models import Email, Submission
+from gateway.states import Status
 from gateway.storage import SubmissionFiles
 from jobs import mail, tasks
 from jobs.slurm import CliScheduler
@@ -76,3 +77,22 @@ def test_job_that_slurm_refuses_fails_with_slurms_message(isolated_app, tmp_path
     assert [e.kind for e in Email.query.filter_by(submission_id=sid)] == ["received", "failed"]
     _, body = mail.render(Email.query.filter_by(submission_id=sid, kind="failed").one())
     assert "could not be started" in body and "not a problem with your code" in body
+
+
+def test_cancel_before_the_build_means_no_build_and_no_job(isolated_app, tmp_path):
+    sid = _received(tmp_path)
+    assert lifecycle.cancel(db.session.get(Submission, sid)) == Status.CANCELLED
+    tasks.prepare(sid)  # the message that was already queued
+    db.session.expire_all()
+    submission = db.session.get(Submission, sid)
+    assert submission.status == "cancelled" and submission.slurm_job_id is None
+    assert submission.env_key is None  # nothing was built
+    name = f"{isolated_app.config['SLURM_JOB_PREFIX']}-{sid}"
+    assert CliScheduler().find(name, since=submission.created_at.replace(tzinfo=timezone.utc)) is None
+
+
+def test_upload_is_kept_when_redis_is_down(isolated_app, tmp_path):
+    isolated_app.config["REDIS_URL"] = "redis://127.0.0.1:1/0"
+    sid = _received(tmp_path)  # no exception: the poller's sweep hands it on later
+    assert db.session.get(Submission, sid).status == "received"
+    assert SubmissionFiles(sid).upload.exists()

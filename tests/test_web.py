@@ -81,3 +81,12 @@ def test_account_page_shows_mlflow_credentials(stack, browser, logged_in):
     mlflow = logged_in.me()["mlflow"]
     page = browser.find_element(By.TAG_NAME, "body").text
     assert mlflow["username"] in page and mlflow["password"] in page
+
+
+def test_cancel_button_cancels_the_submission(stack, browser, logged_in, tmp_path):
+    _upload(browser, stack, zip_folder(SAMPLES / "sleeps", tmp_path / "sleeps.zip"))
+    submission_id = int(heading(browser, lambda text: text.startswith("Submission ")).split()[-1])
+    browser.find_element(By.XPATH, "//button[text()='Cancel this submission']").click()
+    WebDriverWait(browser, 15).until(lambda d: "being cancelled" in d.find_element(By.TAG_NAME, "body").text)
+    assert logged_in.wait_until(submission_id, {"cancelled", "completed", "failed"}, timeout=120)[
+        "status"] == "cancelled"
