@@ -38,8 +38,8 @@ def list_submissions():
 @bp.get("/submissions/<int:submission_id>")
 @token_required
 def get_submission(submission_id):
-    submission = Submission.query.filter_by(id=submission_id, user_id=g.user.id).first()
-    if submission is None:  # another user's submission looks exactly like a missing one
+    submission = Submission.of(g.user, submission_id)
+    if submission is None:
         return error(404, "not_found", f"You have no submission {submission_id}.")
     return jsonify(submission.to_dict())
 
@@ -47,7 +47,7 @@ def get_submission(submission_id):
 @bp.post("/submissions/<int:submission_id>/cancel")
 @token_required
 def cancel_submission(submission_id):
-    submission = Submission.query.filter_by(id=submission_id, user_id=g.user.id).first()
+    submission = Submission.of(g.user, submission_id)
     if submission is None:
         return error(404, "not_found", f"You have no submission {submission_id}.")
     try:

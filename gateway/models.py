@@ -89,6 +89,11 @@ class Submission(db.Model):
     def state(self):
         return Status(self.status)
 
+    @classmethod
+    def of(cls, user, submission_id):
+        """``user``'s submission, or None: another's looks exactly like a missing one."""
+        return cls.query.filter_by(id=submission_id, user_id=user.id).first()
+
     def to_dict(self):
         return {
             "id": self.id,

@@ -28,18 +28,14 @@ def index():
 @bp.get("/submissions/<int:submission_id>")
 @login_required
 def detail(submission_id):
-    submission = Submission.query.filter_by(id=submission_id, user_id=current_user.id).first()
-    if submission is None:
-        abort(404)
+    submission = Submission.of(current_user, submission_id) or abort(404)
     return render_template("detail.html", submission=submission)
 
 
 @bp.post("/submissions/<int:submission_id>/cancel")
 @login_required
 def cancel(submission_id):
-    submission = Submission.query.filter_by(id=submission_id, user_id=current_user.id).first()
-    if submission is None:
-        abort(404)
+    submission = Submission.of(current_user, submission_id) or abort(404)
     try:
         lifecycle.cancel(submission)
     except IllegalTransition as e:
