@@ -1,5 +1,5 @@
 """The JSON API, /api/v1: what the m2d client and scripts use."""
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, abort, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import intake, lifecycle
@@ -38,18 +38,13 @@ def list_submissions():
 @bp.get("/submissions/<int:submission_id>")
 @token_required
 def get_submission(submission_id):
-    submission = Submission.of(g.user, submission_id)
-    if submission is None:
-        return error(404, "not_found", f"You have no submission {submission_id}.")
-    return jsonify(submission.to_dict())
+    return jsonify(_own(submission_id).to_dict())
 
 
 @bp.post("/submissions/<int:submission_id>/cancel")
 @token_required
 def cancel_submission(submission_id):
-    submission = Submission.of(g.user, submission_id)
-    if submission is None:
-        return error(404, "not_found", f"You have no submission {submission_id}.")
+    submission = _own(submission_id)
     try:
         lifecycle.cancel(submission)
     except IllegalTransition as e:
@@ -69,6 +64,10 @@ def me():
         name=user.name,
         mlflow=mlflow_settings(user),
     )
+
+
+def _own(submission_id):
+    return Submission.of(g.user, submission_id) or abort(404, f"You have no submission {submission_id}.")
 
 
 def mlflow_settings(user):

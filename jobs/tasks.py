@@ -7,6 +7,7 @@ from datetime import timezone
 from functools import wraps
 from pathlib import Path
 
+from flask import current_app, has_app_context
 from rq import get_current_job
 from sqlalchemy import select
 
@@ -30,7 +31,6 @@ def in_app(task):
     @wraps(task)
     def wrapped(*args, **kwargs):
         global _app
-        from flask import has_app_context
         if has_app_context():
             return task(*args, **kwargs)
         if _app is None:
@@ -105,12 +105,10 @@ def poll():
 
 
 def scheduler():
-    from flask import current_app
     return make_scheduler(current_app.config["SLURM_ADAPTER"])
 
 
 def builder():
-    from flask import current_app
     cfg = current_app.config
     return ImageBuilder(cfg["IMAGE_DIR"], cfg["BASE_IMAGE"], apptainer=cfg["APPTAINER"],
                         bind_ca=cfg["BUILD_BIND_CA"] or None, timeout=int(cfg["BUILD_TIMEOUT"]))
@@ -145,7 +143,6 @@ def _record_build(submission_id, key, *, succeeded, log, digest=None, seconds=No
 
 def _submit(submission_id, files, environment):
     """sbatch once: a retry after a crash finds the job it already made."""
-    from flask import current_app
     cfg = current_app.config
     submission = db.session.get(Submission, submission_id)
     user = submission.user
