@@ -8,7 +8,7 @@ TESTS ?= tests  # e.g. make test TESTS=tests/test_e2e.py
 export M2D_TESTBED_DIR := $(TESTBED_DIR)
 export M2D_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: run stop test testbed venv clean-testbed
+.PHONY: run stop test bench testbed venv
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -29,3 +29,6 @@ stop:
 
 test: testbed
 	set -a && . $(ENV) && set +a && $(PY) -m pytest -q $(TESTS)
+
+bench: testbed
+	set -a && . $(ENV) && set +a && $(PY) -m bench.pipeline
