@@ -1,6 +1,7 @@
 """The prepare task run directly (no workers listening), against the real
 builder and Slurm: retries never make a second job, and a job Slurm refuses
 ends as failed with Slurm's own words."""
+import shutil
 import tempfile
 import uuid
 from datetime import timezone
@@ -37,6 +38,7 @@ def isolated_app():
         flask_migrate.upgrade()
         yield app
         db.session.remove()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _received(tmp_path):
