@@ -65,6 +65,7 @@ def test_retried_prepare_after_a_crash_finds_its_job_instead_of_submitting_again
 
     tasks.prepare(sid)  # and once more, now that it is queued: nothing happens
     assert [e.status for e in db.session.get(Submission, sid).events].count("queued") == 1
+    CliScheduler().cancel(first)  # its folders go with the test
 
 
 def test_job_that_slurm_refuses_fails_with_slurms_message(isolated_app, tmp_path):
