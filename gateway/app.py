@@ -7,6 +7,7 @@ from flask import Flask, Request, render_template
 
 from . import config as configuration
 from .extensions import csrf, db, login_manager, migrate
+from .storage import incoming_dir
 
 
 class DiskRequest(Request):
@@ -14,7 +15,6 @@ class DiskRequest(Request):
     (Werkzeug keeps bodies under 500 KB in memory by default)."""
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        from .storage import incoming_dir
         return tempfile.TemporaryFile(dir=incoming_dir())
 
 

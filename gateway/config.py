@@ -51,7 +51,6 @@ DEFAULTS = {
     "SMTP_PORT": 25,
     "MAIL_FROM": "Model-to-Data Gateway <noreply@localhost>",
     "PUBLIC_URL": "http://127.0.0.1:5000",
-    "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"timeout": 30}},
 }
 
 
@@ -64,7 +63,7 @@ def from_environment(environ=os.environ):
     values = {}
     for key, default in DEFAULTS.items():
         raw = environ.get(f"M2D_{key}")
-        if raw is None or isinstance(default, dict):
+        if raw is None:
             continue
         if isinstance(default, bool):
             values[key] = raw.strip().lower() in ("1", "true", "yes", "on")
