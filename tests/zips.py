@@ -113,15 +113,7 @@ def make_truncated_zip(path) -> Path:
 
 def make_padded_zip(path, size: int) -> Path:
     """A valid zip of about `size` bytes (stored, so it does not shrink)."""
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, content in VALID_FILES.items():
-            archive.writestr(name, content)
-        with archive.open("weights.bin", "w", force_zip64=True) as out:
-            chunk = bytes(1024**2)
-            for _ in range(size // len(chunk)):
-                out.write(chunk)
-            out.write(bytes(size % len(chunk)))
-    return Path(path)
+    return _zip_with_zeros(path, "weights.bin", size, zipfile.ZIP_STORED)
 
 
 def make_many_files_zip(path, count: int = 2001) -> Path:
@@ -177,13 +169,19 @@ def make_duplicate_zip(path, name: str = "main.py") -> Path:
 
 def make_zip_bomb(path, size: int = 16 * 1024**2) -> Path:
     """A valid submission plus `size` bytes of zeros that deflate about 1000:1."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        for name, content in VALID_FILES.items():
-            archive.writestr(name, content)
-        with archive.open("bomb.bin", "w", force_zip64=True) as out:
+    return _zip_with_zeros(path, "bomb.bin", size, zipfile.ZIP_DEFLATED)
+
+
+def _zip_with_zeros(path, name: str, size: int, compression: int) -> Path:
+    """A valid submission plus a file `name` of `size` zero bytes, written in chunks."""
+    with zipfile.ZipFile(path, "w", compression, compresslevel=9) as archive:
+        for file_name, content in VALID_FILES.items():
+            archive.writestr(file_name, content)
+        with archive.open(name, "w", force_zip64=True) as out:
             chunk = bytes(1024**2)
             for _ in range(size // len(chunk)):
                 out.write(chunk)
+            out.write(bytes(size % len(chunk)))
     return Path(path)
 
 
