@@ -1,0 +1,800 @@
+#!/usr/bin/env python3
+"""The MLflow relay: the only way a job's code reaches MLflow.
+
+Two modes, one file, standard library only (the shim half runs inside the job's
+container with whatever python3 the image has, 3.9 or later):
+
+    relay.py serve --socket /run/m2d/<job>/mlflow.sock --upstream http://127.0.0.1:5001
+                   --password-file F --experiment-id ID --experiment-name NAME
+                   [--ready-file F] [caps...]
+    relay.py shim  --listen 127.0.0.1:PORT --socket /run/m2d/mlflow.sock [--ready-file F]
+
+`serve` runs on the host, as the job account, before `apptainer exec`. It listens on
+a Unix socket in a 0700 per-job folder that is bound read-only into the container,
+and forwards a training run's REST calls to MLflow with the submission owner's basic
+auth (read from a 0600 file, never from argv or the environment). Everything else is
+refused with 403: a job's only way out is the reviewed export folder, so MLflow must
+not become a second one (no artifacts, datasets, models, traces, searches or users).
+
+`shim` runs inside the container (network namespace with only a loopback): it listens
+on the port of the platform's public MLflow URL and pumps bytes to the relay's socket,
+so an unmodified `mlflow` client with MLFLOW_TRACKING_URI=http://127.0.0.1:PORT works.
+
+Two traps of the mlflow client (3.17) shape the answers:
+- It retries 408, 429, 500, 502, 503 and 504 with exponential backoff for minutes, so
+  every refusal here is a 400, 403, 411 or 413, and "MLflow is unreachable" is a 400
+  too: a training script should fail fast with our message, not hang in retries.
+- It does not read an error body it did not expect the server to accept; a refused
+  request's body is still read to the end before answering, else it sees a reset.
+
+MLflow's basic-auth server hashes the password on every request (about 300 ms on the
+testbed), so a per-step `log_metric` would cost a training loop that much each time.
+Log calls (metrics, params, tags, batches) are therefore validated here, answered at
+once and buffered per run; a background thread sends them as `runs/log-batch` every
+--flush-interval seconds, and a run's buffer is also sent before any other call on
+that run (get, update, delete-tag) and at SIGTERM/SIGINT. Since every run this relay
+may touch was created through it, it knows every param of that run and can give the
+"param already has another value" refusal that MLflow would have given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import math
+import os
+import posixpath
+import re
+import signal
+import socket
+import socketserver
+import stat
+import sys
+import threading
+import time
+import urllib.parse
+from collections import deque
+from http.server import BaseHTTPRequestHandler
+
+API = "/api/2.0/mlflow"
+
+# MLflow's own per-request limits for runs/log-batch (mlflow/utils/validation.py).
+BATCH_MAX_METRICS = 1000
+BATCH_MAX_PARAMS = 100
+BATCH_MAX_TAGS = 100
+BATCH_MAX_ITEMS = 1000
+BATCH_MAX_BYTES = 900_000  # MLflow refuses log-batch bodies over 1 MB; keep a margin
+KEY_MAX_LENGTH = 250  # MLflow's limit on metric, param and tag keys
+# MLflow's rule for metric, param and tag names (same on the server, POSIX flavour).
+KEY_CHARACTERS = re.compile(r"^[/\w.\- :]*$")
+
+ALLOWED_CALLS = (
+    "GET experiments/get and experiments/get-by-name (your own experiment), POST runs/create "
+    "(in your own experiment), and, on runs this job created, GET runs/get and POST "
+    "runs/update, runs/log-metric, runs/log-parameter, runs/log-batch, runs/set-tag, "
+    "runs/delete-tag. Artifacts, datasets, models, traces, searches and user APIs are "
+    "closed: results leave a job only through the reviewed export folder (/mnt/export)."
+)
+
+
+def log(message: str) -> None:
+    print(f"relay[{os.getpid()}] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+class Refused(Exception):
+    """A request the relay answers itself, with MLflow's error shape."""
+
+    def __init__(self, status: int, error_code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+
+def denied(why: str) -> Refused:
+    return Refused(403, "PERMISSION_DENIED", f"{why}. The MLflow relay allows only: {ALLOWED_CALLS}")
+
+
+def invalid(message: str) -> Refused:
+    return Refused(400, "INVALID_PARAMETER_VALUE", message)
+
+
+def over_limit(message: str) -> Refused:
+    return Refused(400, "RESOURCE_LIMIT_EXCEEDED", message)
+
+
+class UpstreamDown(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- the MLflow side
+
+
+class Upstream:
+    """Calls to the real MLflow server, always with the owner's credentials and never
+    with any header of the client's. Keeps a few idle connections for reuse."""
+
+    def __init__(self, url: str, username: str, password: str, timeout: float):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SystemExit(f"--upstream must be an http(s) URL, not {url!r}")
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.base_path = parts.path.rstrip("/")
+        self.timeout = timeout
+        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        self._authorization = "Basic " + token
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def call(self, method: str, path: str, query: str = "", body: bytes | None = None):
+        """(status, content type, body bytes) of MLflow's answer; UpstreamDown when
+        there was none."""
+        url = self.base_path + path + (f"?{query}" if query else "")
+        headers = {"Authorization": self._authorization, "Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        with self._lock:
+            connection = self._idle.pop() if self._idle else None
+        # A pooled connection the server has since closed fails before any answer; that
+        # (and only that) is worth one more try on a fresh connection.
+        for fresh in ((False, True) if connection else (True,)):
+            if fresh:
+                connection = self._connect()
+            try:
+                connection.request(method, url, body=body, headers=headers)
+                response = connection.getresponse()
+                content = response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                connection.close()
+                if fresh:
+                    raise UpstreamDown(f"{type(e).__name__}") from e
+                continue
+            except (OSError, http.client.HTTPException) as e:
+                connection.close()
+                raise UpstreamDown(f"{type(e).__name__}: {e}") from e
+            if response.will_close:
+                connection.close()
+            else:
+                with self._lock:
+                    if len(self._idle) < 8:
+                        self._idle.append(connection)
+                        connection = None
+                if connection is not None:
+                    connection.close()
+            return response.status, response.getheader("Content-Type") or "application/json", content
+        raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- the policy
+
+
+class Limits:
+    def __init__(self, args):
+        self.param_value = args.max_param_value
+        self.tag_value = args.max_tag_value
+        self.body = args.max_body
+        self.batch_items = args.max_batch_items
+        self.params_per_run = args.max_params_per_run
+        self.tags_per_run = args.max_tags_per_run
+        self.pending = args.max_pending
+
+
+class TokenBucket:
+    """`rate` requests a second on average, up to `burst` at once."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.updated = burst, time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            return True
+
+
+class Run:
+    """What the relay knows of a run it created: every param (so it can refuse a
+    changed value as MLflow would), the tag keys (for the cap), and the log items not
+    yet sent. `sending` is held while this run's items go upstream, so that a call on
+    the run waits until everything logged before it has arrived."""
+
+    def __init__(self, run_id: str, tag_keys):
+        self.run_id = run_id
+        self.params: dict[str, str] = {}
+        self.tag_keys = set(tag_keys)
+        self.pending: deque = deque()  # (kind, item, size in bytes), kind in metrics/params/tags
+        self.sending = threading.Lock()
+
+
+def check_key(kind: str, key) -> str:
+    if not isinstance(key, str) or not key:
+        raise invalid(f"a {kind} needs a non-empty string key")
+    if len(key) > KEY_MAX_LENGTH:
+        raise invalid(f"{kind} key {key[:40]!r}... is longer than {KEY_MAX_LENGTH} characters")
+    if not KEY_CHARACTERS.match(key):
+        raise invalid(f"{kind} key {key!r}: names may only contain alphanumerics, underscores, "
+                      "dashes, periods, spaces, colons and slashes")
+    normal = posixpath.normpath(key)
+    if normal != key or normal.startswith("..") or normal.startswith("/"):
+        raise invalid(f"{kind} key {key!r} would resolve to {normal!r} as a path")
+    return key
+
+
+def check_number(what: str, value, integer: bool):
+    """MLflow's JSON carries numbers as numbers, 64-bit integers and NaN/Infinity also
+    as strings; anything else is refused here, not discovered at flush time."""
+    if isinstance(value, bool):
+        raise invalid(f"{what} must be a number, not {value!r}")
+    if isinstance(value, str) and len(value) <= 40:
+        try:
+            parsed = int(value) if integer else float(value)
+        except ValueError:
+            raise invalid(f"{what} must be a number, not {value[:40]!r}") from None
+        if not integer and math.isnan(parsed) and value != "NaN":
+            raise invalid(f"{what}: write NaN as 'NaN'")
+        return value
+    if integer and isinstance(value, int) and abs(value) < 2**63:
+        return value
+    if not integer and isinstance(value, (int, float)):
+        return value
+    raise invalid(f"{what} must be {'an integer' if integer else 'a number'}, not {str(value)[:40]!r}")
+
+
+def single(params: dict, name: str):
+    """A GET parameter's one value (repeats could make MLflow read another one)."""
+    values = params.get(name, [])
+    if len(values) != 1:
+        raise denied(f"give exactly one {name}")
+    return values[0]
+
+
+class Relay:
+    """The allow-list, the caps and the buffers: what `serve` does with one request,
+    apart from HTTP itself."""
+
+    def __init__(self, upstream: Upstream, experiment_id: str, experiment_name: str, limits: Limits,
+                 rate: TokenBucket):
+        self.upstream = upstream
+        self.experiment_id = experiment_id
+        self.experiment_name = experiment_name
+        self.limits = limits
+        self.rate = rate
+        self.runs: dict[str, Run] = {}
+        self.pending_count = 0
+        self._lock = threading.Lock()  # runs, and each run's params, tag keys and pending
+        self.routes = {
+            ("GET", f"{API}/experiments/get"): self.get_experiment,
+            ("GET", f"{API}/experiments/get-by-name"): self.get_experiment_by_name,
+            ("POST", f"{API}/runs/create"): self.create_run,
+            ("GET", f"{API}/runs/get"): self.call_on_run,
+            ("POST", f"{API}/runs/update"): self.call_on_run,
+            ("POST", f"{API}/runs/delete-tag"): self.delete_tag,
+            ("POST", f"{API}/runs/log-metric"): self.log_metric,
+            ("POST", f"{API}/runs/log-parameter"): self.log_param,
+            ("POST", f"{API}/runs/set-tag"): self.set_tag,
+            ("POST", f"{API}/runs/log-batch"): self.log_batch,
+        }
+
+    # -- one request
+
+    def handle(self, method: str, target: str, body: bytes):
+        """(status, content type, body) for one request whose body was read in full."""
+        path, _, query = target.partition("?")
+        route = self.routes.get((method, path))
+        if route is None:
+            raise denied(f"{method} {path[:200]} is not allowed")
+        if not self.rate.take():
+            raise over_limit(f"more than {self.rate.rate:g} MLflow calls a second "
+                             f"(bursts up to {self.rate.burst:g}); log less often or use log_batch")
+        if method == "GET":
+            # Parsed and encoded again, so MLflow reads exactly what was checked.
+            params = urllib.parse.parse_qs(query, keep_blank_values=True)
+        else:
+            try:
+                params = json.loads(body or b"{}")
+            except ValueError:
+                raise invalid("the request body is not JSON") from None
+            if not isinstance(params, dict):
+                raise invalid("the request body must be a JSON object")
+        return route(method, path, params)
+
+    def forward(self, method: str, path: str, params: dict):
+        try:
+            if method == "GET":
+                answer = self.upstream.call(method, path, query=urllib.parse.urlencode(params, doseq=True))
+            else:
+                answer = self.upstream.call(method, path, body=json.dumps(params).encode())
+        except UpstreamDown as e:
+            log(f"MLflow unreachable on {path}: {e}")
+            raise unreachable() from e
+        status, content_type, content = answer
+        if status in (408, 429) or status >= 500:
+            # The client would retry these for minutes; MLflow's own words instead.
+            raise Refused(400, "TEMPORARILY_UNAVAILABLE",
+                          f"MLflow answered {status} to the relay: {content[:300].decode('utf-8', 'replace')}")
+        return status, content_type, content
+
+    # -- experiments
+
+    def get_experiment(self, method, path, params):
+        if single(params, "experiment_id") != self.experiment_id:
+            raise denied(f"only your own experiment ({self.experiment_id}) can be read")
+        return self.forward(method, path, params)
+
+    def get_experiment_by_name(self, method, path, params):
+        if single(params, "experiment_name") != self.experiment_name:
+            raise denied(f"only your own experiment ({self.experiment_name!r}) can be read")
+        return self.forward(method, path, params)
+
+    # -- runs
+
+    def create_run(self, method, path, params):
+        if str(params.get("experiment_id", "")) != self.experiment_id:
+            raise denied(f"runs can only be created in your own experiment ({self.experiment_name!r}, "
+                         f"id {self.experiment_id}); set MLFLOW_EXPERIMENT_NAME or use mlflow.set_experiment")
+        tags = params.get("tags") or []
+        if not isinstance(tags, list) or len(tags) > self.limits.tags_per_run:
+            raise over_limit(f"a run may have at most {self.limits.tags_per_run} tags")
+        for tag in tags:
+            self.check_tag(tag)
+        status, content_type, content = self.forward(method, path, params)
+        if status == 200:
+            run = json.loads(content)["run"]
+            run_id = run["info"]["run_id"]
+            tag_keys = [tag["key"] for tag in run.get("data", {}).get("tags", [])]
+            with self._lock:
+                self.runs[run_id] = Run(run_id, tag_keys)
+            log(f"created run {run_id}")
+        return status, content_type, content
+
+    def own_run(self, params: dict) -> Run:
+        """The run the request is about; every run id in it must be one this relay
+        created (MLflow accepts both `run_id` and the older `run_uuid`)."""
+        ids = []
+        for name in ("run_id", "run_uuid"):
+            value = params.get(name)
+            ids.extend(value if isinstance(value, list) else [] if value is None else [value])
+        if not ids:
+            raise invalid("the request names no run_id")
+        with self._lock:
+            runs = {self.runs.get(run_id) if isinstance(run_id, str) else None for run_id in ids}
+        if None in runs or len(runs) != 1:
+            raise denied("only runs this job created can be read or written")
+        return runs.pop()
+
+    def call_on_run(self, method, path, params):
+        run = self.own_run(params)
+        with run.sending:
+            self.send_pending(run)
+            return self.forward(method, path, params)
+
+    def delete_tag(self, method, path, params):
+        run = self.own_run(params)
+        with run.sending:
+            self.send_pending(run)
+            answer = self.forward(method, path, params)
+        if answer[0] == 200:
+            with self._lock:
+                run.tag_keys.discard(params.get("key"))
+        return answer
+
+    # -- log calls: validated, answered at once, sent in batches
+
+    def check_metric(self, metric) -> dict:
+        if not isinstance(metric, dict):
+            raise invalid("a metric must be a JSON object")
+        key = check_key("metric", metric.get("key"))
+        # Only what a metric is; links to models or datasets are dropped, as those APIs are closed.
+        return {"key": key,
+                "value": check_number(f"metric {key!r} value", metric.get("value"), integer=False),
+                "timestamp": check_number(f"metric {key!r} timestamp", metric.get("timestamp"), integer=True),
+                "step": check_number(f"metric {key!r} step", metric.get("step", 0), integer=True)}
+
+    def check_param(self, param) -> dict:
+        if not isinstance(param, dict):
+            raise invalid("a param must be a JSON object")
+        key, value = check_key("param", param.get("key")), param.get("value")
+        if not isinstance(value, str):
+            raise invalid(f"param {key!r} needs a string value")
+        if len(value) > self.limits.param_value:
+            raise invalid(f"param {key!r} is {len(value)} characters long; the limit is {self.limits.param_value}")
+        return {"key": key, "value": value}
+
+    def check_tag(self, tag) -> dict:
+        if not isinstance(tag, dict):
+            raise invalid("a tag must be a JSON object")
+        key, value = check_key("tag", tag.get("key")), tag.get("value")
+        if not isinstance(value, str):
+            raise invalid(f"tag {key!r} needs a string value")
+        if len(value) > self.limits.tag_value:
+            raise invalid(f"tag {key!r} is {len(value)} characters long; the limit is {self.limits.tag_value}")
+        return {"key": key, "value": value}
+
+    def log_metric(self, method, path, params):
+        return self.buffer(self.own_run(params), metrics=[params])
+
+    def log_param(self, method, path, params):
+        return self.buffer(self.own_run(params), params=[params])
+
+    def set_tag(self, method, path, params):
+        return self.buffer(self.own_run(params), tags=[params])
+
+    def log_batch(self, method, path, params):
+        run = self.own_run(params)
+        parts = [params.get(name) or [] for name in ("metrics", "params", "tags")]
+        if not all(isinstance(part, list) for part in parts):
+            raise invalid("metrics, params and tags must be lists")
+        if sum(map(len, parts)) > self.limits.batch_items:
+            raise over_limit(f"a log_batch may hold at most {self.limits.batch_items} items")
+        return self.buffer(run, *parts)
+
+    def buffer(self, run: Run, metrics=(), params=(), tags=()):
+        """Check every item, then take all of them or none."""
+        items = [("metrics", self.check_metric(m)) for m in metrics]
+        items += [("params", self.check_param(p)) for p in params]
+        items += [("tags", self.check_tag(t)) for t in tags]
+        with self._lock:
+            new_params, new_tag_keys, fresh = {}, set(), []
+            for kind, item in items:
+                if kind == "params":
+                    known = run.params.get(item["key"], new_params.get(item["key"]))
+                    if known is not None and known != item["value"]:
+                        raise invalid(f"param {item['key']!r} already has the value {known[:100]!r} in this "
+                                      f"run; a param cannot be changed (log a metric or a tag instead)")
+                    if known is not None:
+                        continue  # MLflow takes the same value again as a no-op
+                    new_params[item["key"]] = item["value"]
+                elif kind == "tags" and item["key"] not in run.tag_keys:
+                    new_tag_keys.add(item["key"])
+                fresh.append((kind, item, len(json.dumps(item))))
+            if len(run.params) + len(new_params) > self.limits.params_per_run:
+                raise over_limit(f"a run may have at most {self.limits.params_per_run} params")
+            if len(run.tag_keys) + len(new_tag_keys) > self.limits.tags_per_run:
+                raise over_limit(f"a run may have at most {self.limits.tags_per_run} tags")
+            if self.pending_count + len(fresh) > self.limits.pending:
+                raise Refused(400, "TEMPORARILY_UNAVAILABLE",
+                              f"{self.pending_count} logged values are still waiting for MLflow to take "
+                              "them (is it reachable?); the relay holds no more")
+            run.params.update(new_params)
+            run.tag_keys |= new_tag_keys
+            run.pending.extend(fresh)
+            self.pending_count += len(fresh)
+        return 200, "application/json", b"{}"
+
+    # -- sending what was buffered
+
+    def take_batch(self, run: Run) -> list:
+        """The next items of `run` that fit in one runs/log-batch."""
+        counts = {"metrics": 0, "params": 0, "tags": 0}
+        caps = {"metrics": BATCH_MAX_METRICS, "params": BATCH_MAX_PARAMS, "tags": BATCH_MAX_TAGS}
+        batch, size = [], 0
+        with self._lock:
+            while run.pending and len(batch) < BATCH_MAX_ITEMS:
+                kind, _, item_size = run.pending[0]
+                if counts[kind] == caps[kind] or (batch and size + item_size > BATCH_MAX_BYTES):
+                    break
+                batch.append(run.pending.popleft())
+                counts[kind] += 1
+                size += item_size
+            self.pending_count -= len(batch)
+        return batch
+
+    def put_back(self, run: Run, batch: list) -> None:
+        with self._lock:
+            run.pending.extendleft(reversed(batch))
+            self.pending_count += len(batch)
+
+    def send_pending(self, run: Run) -> bool:
+        """Send all of `run`'s buffer (caller holds run.sending). False when MLflow
+        could not be reached: the rest stays buffered for the next try."""
+        while True:
+            batch = self.take_batch(run)
+            if not batch:
+                return True
+            try:
+                self.send_batch(run, batch)
+            except UpstreamDown as e:
+                self.put_back(run, batch)
+                log(f"MLflow unreachable, {len(batch)}+ values of run {run.run_id} kept for later: {e}")
+                return False
+
+    def send_batch(self, run: Run, batch: list) -> None:
+        body = {"run_id": run.run_id, "metrics": [], "params": [], "tags": []}
+        for kind, item, _ in batch:
+            body[kind].append(item)
+        status, _, content = self.upstream.call("POST", f"{API}/runs/log-batch", body=json.dumps(body).encode())
+        if status == 200:
+            return
+        if status in (408, 429) or status >= 500:
+            raise UpstreamDown(f"MLflow answered {status}")
+        reason = content[:300].decode("utf-8", "replace")
+        if status != 400 or len(batch) == 1:
+            # Refused for a reason that splitting cannot change (or down to one item).
+            log(f"MLflow refused {len(batch)} values of run {run.run_id} ({status}), dropped: {reason}")
+            return
+        # One bad value must not lose the others: halve until the culprit is alone.
+        middle = len(batch) // 2
+        self.send_batch(run, batch[:middle])
+        self.send_batch(run, batch[middle:])
+
+    def send_all(self) -> bool:
+        with self._lock:
+            runs = [run for run in self.runs.values() if run.pending]
+        all_sent = True
+        for run in runs:
+            with run.sending:
+                all_sent = self.send_pending(run) and all_sent
+        return all_sent
+
+
+def unreachable() -> Refused:
+    # 400, not 503: the client would retry a 503 with backoff for minutes while the
+    # job's clock runs; failing at once with the reason lets the script decide.
+    return Refused(400, "TEMPORARILY_UNAVAILABLE", "MLflow is not reachable from the relay; try again later "
+                   "(metrics logged meanwhile are kept and sent when it is back)")
+
+
+# ---------------------------------------------------------------- HTTP over the Unix socket
+
+
+class RelayHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the mlflow client reuses its connection
+    timeout = 600  # an idle connection is closed after this long
+    server_version = "m2d-mlflow-relay"
+    sys_version = ""
+    discard_limit = 64 * 1024 * 1024  # past this, an oversized body closes the connection
+
+    def relay_request(self):
+        relay: Relay = self.server.relay
+        if "Transfer-Encoding" in self.headers:
+            # The mlflow client always sends a Content-Length; a chunked body could not
+            # be measured before reading it.
+            self.close_connection = True
+            return self.answer_refusal(Refused(411, "BAD_REQUEST", "send a Content-Length, not a chunked body"))
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            return self.answer_refusal(invalid("bad Content-Length"))
+        if length > relay.limits.body:
+            self.discard(length)
+            return self.answer_refusal(Refused(413, "RESOURCE_LIMIT_EXCEEDED",
+                                               f"request body of {length} bytes; the relay takes at most "
+                                               f"{relay.limits.body}"))
+        body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            self.close_connection = True
+            return
+        try:
+            status, content_type, content = relay.handle(self.command, self.path, body)
+        except Refused as refusal:
+            return self.answer_refusal(refusal)
+        except Exception as e:  # a bug here must still not be a 500 that the client retries
+            log(f"error on {self.command} {self.path[:200]}: {type(e).__name__}: {e}")
+            return self.answer_refusal(Refused(400, "BAD_REQUEST", f"the relay failed: {type(e).__name__}"))
+        self.answer(status, content_type, content)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = relay_request
+
+    def discard(self, length: int) -> None:
+        if length > self.discard_limit:
+            self.close_connection = True
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                self.close_connection = True
+                return
+            length -= len(chunk)
+
+    def answer_refusal(self, refusal: Refused) -> None:
+        log(f"refused {self.command} {self.path.partition('?')[0][:200]}: {refusal.status} "
+            f"{refusal.error_code}: {refusal.message[:300]}")
+        body = json.dumps({"error_code": refusal.error_code, "message": refusal.message}).encode()
+        self.answer(refusal.status, "application/json", body)
+
+    def answer(self, status: int, content_type: str, content: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(content)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(content)
+
+    def log_message(self, format, *args):  # refusals and errors are logged, not every request
+        pass
+
+
+class UnixRelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    max_connections = 64  # one thread each; a job must not exhaust the host's threads
+
+    def __init__(self, socket_path: str, relay: Relay):
+        self.relay = relay
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        if os.path.exists(socket_path) and stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+            os.unlink(socket_path)  # left by an earlier relay of this job
+        old_umask = os.umask(0o177)  # the socket is the owner's alone, like its folder
+        try:
+            super().__init__(socket_path, RelayHandler)
+        finally:
+            os.umask(old_umask)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            log(f"more than {self.max_connections} connections; closing a new one")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def read_credentials(path: str):
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise SystemExit(f"{path} is readable by others (mode {stat.S_IMODE(mode):o}); it must be 0600")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if len(lines) < 2 or not lines[0] or not lines[1]:
+        raise SystemExit(f"{path} must hold the MLflow username on line 1 and the password on line 2")
+    return lines[0], lines[1]
+
+
+def touch(path: str | None) -> None:
+    if path:
+        with open(path, "w"):
+            pass
+
+
+def serve(args) -> int:
+    username, password = read_credentials(args.password_file)
+    upstream = Upstream(args.upstream, username, password, args.upstream_timeout)
+    relay = Relay(upstream, args.experiment_id, args.experiment_name, Limits(args),
+                  TokenBucket(args.rate, args.burst))
+    server = UnixRelayServer(args.socket, relay)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
+
+    def send_periodically():
+        while not stop.wait(args.flush_interval):
+            relay.send_all()
+
+    sender = threading.Thread(target=send_periodically, name="sender", daemon=True)
+    sender.start()
+    touch(args.ready_file)
+    log(f"serving {args.socket} for {username}, experiment {args.experiment_id} ({args.experiment_name!r})")
+    while not stop.wait(3600):  # a bare wait() would not let the signal handler run
+        pass
+    server.shutdown()
+    sender.join()
+    # The job is ending: what it logged must arrive, but Slurm kills us after KillWait.
+    deadline = time.monotonic() + args.shutdown_timeout
+    while not relay.send_all() and time.monotonic() < deadline:
+        time.sleep(1)
+    if relay.pending_count:
+        log(f"stopping with {relay.pending_count} values MLflow did not take")
+    server.server_close()
+    try:
+        os.unlink(args.socket)
+    except OSError:
+        pass
+    log("stopped")
+    return 0
+
+
+# ---------------------------------------------------------------- the shim in the container
+
+
+def pump(source: socket.socket, target: socket.socket) -> None:
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                target.shutdown(socket.SHUT_WR)  # pass the end of the request or answer on
+                return
+            target.sendall(data)
+    except OSError:
+        # One side broke: stop the other direction too, instead of leaving it blocked.
+        for side in (source, target):
+            try:
+                side.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def connect_pair(client: socket.socket, socket_path: str) -> None:
+    relay = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        relay.connect(socket_path)
+    except OSError as e:
+        log(f"cannot reach the relay at {socket_path}: {e}")
+        relay.close()
+        client.close()
+        return
+    back = threading.Thread(target=pump, args=(relay, client), daemon=True)
+    back.start()
+    pump(client, relay)
+    back.join()
+    relay.close()
+    client.close()
+
+
+def shim(args) -> int:
+    host, _, port = args.listen.rpartition(":")
+    listener = socket.create_server((host, int(port)))
+    touch(args.ready_file)
+    log(f"shim on {args.listen} -> {args.socket}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        client, _ = listener.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests, answered at once
+        threading.Thread(target=connect_pair, args=(client, args.socket), daemon=True).start()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="MLflow relay for a sealed job (see the module docstring)")
+    modes = parser.add_subparsers(dest="mode", required=True)
+
+    s = modes.add_parser("serve", help="host side: Unix socket -> MLflow, with the owner's credentials")
+    s.add_argument("--socket", required=True, help="Unix socket to listen on (in a 0700 per-job folder)")
+    s.add_argument("--upstream", required=True, help="MLflow server URL, e.g. http://127.0.0.1:5001")
+    s.add_argument("--password-file", required=True, help="0600 file: username on line 1, password on line 2")
+    s.add_argument("--experiment-id", required=True, help="the owner's experiment, the only one it may touch")
+    s.add_argument("--experiment-name", required=True)
+    s.add_argument("--ready-file", help="created once the socket listens")
+    s.add_argument("--max-param-value", type=int, default=6000, help="characters (default 6000)")
+    s.add_argument("--max-tag-value", type=int, default=8000, help="characters (default 8000)")
+    s.add_argument("--max-body", type=int, default=1_000_000, help="bytes per request (default 1 MB)")
+    s.add_argument("--max-batch-items", type=int, default=1000, help="items per log_batch (default 1000)")
+    s.add_argument("--max-params-per-run", type=int, default=500)
+    s.add_argument("--max-tags-per-run", type=int, default=100)
+    s.add_argument("--max-pending", type=int, default=100_000,
+                   help="logged values held while MLflow is unreachable (default 100000)")
+    s.add_argument("--rate", type=float, default=200, help="requests a second on average (default 200)")
+    s.add_argument("--burst", type=float, default=2000, help="requests at once (default 2000)")
+    s.add_argument("--flush-interval", type=float, default=1.0, help="seconds between batches (default 1)")
+    s.add_argument("--upstream-timeout", type=float, default=30, help="seconds per MLflow call (default 30)")
+    s.add_argument("--shutdown-timeout", type=float, default=20,
+                   help="seconds to keep trying to send the buffer at SIGTERM (default 20)")
+
+    c = modes.add_parser("shim", help="container side: TCP on the loopback -> the relay's socket")
+    c.add_argument("--listen", required=True, help="HOST:PORT of the MLflow URL the job uses")
+    c.add_argument("--socket", required=True, help="the relay's Unix socket")
+    c.add_argument("--ready-file", help="created once listening")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return serve(args) if args.mode == "serve" else shim(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
