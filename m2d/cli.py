@@ -1,0 +1,291 @@
+"""The `m2d` command line: a thin layer over the package's functions.
+
+    python -m m2d COMMAND --help
+
+Exit status: 0 when the command did what it says; 1 when the platform refuses
+the zip, the gateway answers with an error, a submission did not complete, or
+main.py failed (`run` exits with main.py's own code); 2 for a wrong command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__, archive, config
+
+RUN_HELP = """\
+Run a submission on this machine the way the platform runs it, in virtualenv
+mode: the folder is zipped and the zip checked and unpacked as the gateway does;
+requirements.txt is installed into a virtualenv cached by its hash under
+~/.cache/m2d/venvs (M2D_CACHE_DIR overrides); main.py runs from the unpacked
+code with DATASET at /mnt/dataset (read-only) and EXPORT at /mnt/export, in a
+private mount namespace (as root, or through a user namespace where the kernel
+allows one; otherwise main.py is told the folders through M2D_DATASET_DIR and
+M2D_EXPORT_DIR, and m2d says so). main.py gets a clean environment as on the
+platform, plus --env values; MLflow logs to the local file store in --mlruns
+unless MLFLOW_TRACKING_URI is set. Exits with main.py's exit code.
+
+Apptainer mode (the platform's own container image) is not available yet.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.command(args)
+    except archive.Refusal as refusal:
+        return _fail(args, refusal.code, refusal.message,
+                     prefix=f"m2d: the platform would refuse {getattr(args, 'source', 'this zip')}:\n")
+    except (config.NotLoggedIn, FileExistsError, NotADirectoryError, ValueError) as e:
+        return _fail(args, type(e).__name__, str(e))
+    except Exception as e:
+        # The client's and the local runner's errors carry a code and a message that
+        # says what to do; anything else is a bug and keeps its traceback.
+        from .client import ApiError
+        from .local import LocalRunError
+        if isinstance(e, ApiError):
+            return _fail(args, e.code, e.message)
+        if isinstance(e, LocalRunError):
+            return _fail(args, "local_run", str(e))
+        raise
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- the commands ----------------------------------------------------------------
+
+
+def sample_data(args) -> int:
+    from . import sample_data as generator  # numpy and Pillow: only this command needs them
+
+    size = generator.parse_size(args.size)
+    written = generator.generate(args.out, cases=args.cases, size=size, seed=args.seed)
+    if written:
+        text = f"wrote a synthetic CLaM sample to {args.out}: {args.cases} cases, {args.size} images, seed {args.seed}"
+    else:
+        text = f"{args.out} already holds a complete dataset; left as it is (remove it to make another)"
+    return _done(args, {"out": str(args.out), "written": written}, text)
+
+
+def check(args) -> int:
+    checked = archive.check(args.source)
+    return _done(args, _checked_dict(args.source, checked), _checked_text(args.source, checked))
+
+
+def zip_folder(args) -> int:
+    out = Path(args.output or f"{Path(args.source).resolve().name}.zip")
+    zipped = archive.make_zip(args.source, out)
+    checked = archive.check(zipped.path)
+    lines = [f"wrote {out} ({len(zipped.files)} files)"]
+    lines += [f"  left out: {item}" for item in zipped.skipped]
+    lines.append(_checked_text(out, checked))
+    return _done(args, _checked_dict(out, checked) | {"skipped": zipped.skipped}, "\n".join(lines))
+
+
+def login(args) -> int:
+    from .client import Client
+
+    settings = config.Settings(url=args.url.rstrip("/"), token=args.token)
+    me = Client(settings).me()  # only a working URL and token are worth keeping
+    path = config.save(settings.url, settings.token)
+    mlflow = me.get("mlflow") or {}
+    text = (f"logged in to {settings.url} as {me['email']}; settings saved in {path}\n"
+            f"MLflow user {mlflow.get('username')} at {mlflow.get('tracking_uri')}, "
+            f"experiment {mlflow.get('experiment_name')}")
+    return _done(args, {"url": settings.url, "config": str(path), "me": me}, text)
+
+
+def submit(args) -> int:
+    client = _client()
+    with tempfile.TemporaryDirectory(prefix="m2d-submit-") as work:
+        source = Path(args.source)
+        zip_path = source
+        if source.is_dir():
+            zip_path = archive.make_zip(source, Path(work) / f"{source.resolve().name}.zip").path
+        archive.check(zip_path)  # a refusal here costs no upload
+        submission = client.submit(zip_path)
+    text = (f"submitted {args.source} as submission {submission['id']} ({submission['status']}).\n"
+            f"Follow it: m2d wait {submission['id']}")
+    return _done(args, submission, text)
+
+
+def status(args) -> int:
+    client = _client()
+    if args.id is None:
+        submissions = client.submissions()
+        if not submissions:
+            return _done(args, {"submissions": []}, "no submissions yet")
+        return _done(args, {"submissions": submissions}, "\n".join(_summary(s) for s in submissions))
+    submission = client.submission(args.id)
+    return _done(args, submission, _details(submission))
+
+
+def wait(args) -> int:
+    from .client import is_completed
+
+    client = _client()
+
+    def show(submission):
+        if not args.json:
+            print(_summary(submission), flush=True)
+
+    try:
+        submission = client.wait(args.id, timeout_s=args.timeout, on_change=show)
+    except TimeoutError as e:
+        return _fail(args, "timeout", str(e))
+    if args.json:
+        print(json.dumps(submission, indent=2))
+    elif not is_completed(submission):
+        print(_details(submission))
+    return 0 if is_completed(submission) else 1
+
+
+def cancel(args) -> int:
+    submission = _client().cancel(args.id)
+    return _done(args, submission, f"submission {submission['id']}: {submission['status']}")
+
+
+def run(args) -> int:
+    from . import local
+
+    extra_env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--env {item!r} is not NAME=VALUE")
+        extra_env[name] = value
+    say = (lambda text: print(text, file=sys.stderr)) if args.json else (lambda text: print(text, flush=True))
+    result = local.run(args.source, args.dataset, args.export, extra_env, mlruns=args.mlruns, say=say)
+    for note in result.notes:
+        print(f"m2d: note: {note}", file=sys.stderr)
+    text = f"m2d: main.py exited with {result.exit_code}; outputs in {Path(args.export).resolve()}"
+    summary = {"exit_code": result.exit_code, "export": str(Path(args.export).resolve()),
+               "mounts": result.mounts, "tracking_uri": result.tracking_uri, "python": str(result.python)}
+    _done(args, summary, text)
+    return result.exit_code
+
+
+# --- output ----------------------------------------------------------------------
+
+
+def _done(args, data: dict, text: str) -> int:
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+def _fail(args, code: str, message: str, prefix: str = "m2d: ") -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": code, "message": message}, indent=2))
+    else:
+        print(f"{prefix}{message}", file=sys.stderr)
+    return 1
+
+
+def _checked_dict(path, checked: archive.Checked) -> dict:
+    return {"zip": str(path), "ok": True, "files": checked.files,
+            "uncompressed_bytes": checked.uncompressed_bytes,
+            "requirements": archive.requirement_lines(checked)}
+
+
+def _checked_text(path, checked: archive.Checked) -> str:
+    requirements = ", ".join(archive.requirement_lines(checked)) or "(none)"
+    return (f"OK: the platform would accept {path}: {checked.files} files, "
+            f"{checked.uncompressed_bytes} bytes unpacked; requirements: {requirements}")
+
+
+def _summary(submission: dict) -> str:
+    line = f"#{submission['id']:<5} {submission['status']:<12} {submission['filename']}  {submission['updated_at']}"
+    if submission.get("exit_code") is not None:
+        line += f"  exit code {submission['exit_code']}"
+    if submission.get("reason"):
+        line += f"  {submission['reason']}"
+    return line
+
+
+def _details(submission: dict) -> str:
+    lines = [f"submission {submission['id']}: {submission['status']}",
+             f"  file: {submission['filename']} (sha256 {submission['zip_sha256']})"]
+    for key, label in (("slurm_job_id", "Slurm job"), ("exit_code", "exit code"), ("reason", "reason")):
+        if submission.get(key) is not None:
+            lines.append(f"  {label}: {submission[key]}")
+    if submission.get("error"):
+        lines.append("  error:\n" + "\n".join(f"    {line}" for line in submission["error"].splitlines()))
+    lines.append("  history:")
+    for event in submission.get("events", []):
+        detail = f"  {event['detail']}" if event.get("detail") else ""
+        lines.append(f"    {event['at']}  {event['status']}{detail}")
+    return "\n".join(lines)
+
+
+def _client():
+    from .client import Client
+
+    return Client(config.load())
+
+
+# --- the command line --------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m2d", description="The researcher's toolkit for the Model-to-Data Gateway.",
+        epilog="Settings: m2d login stores the gateway URL and token in ~/.config/m2d/config.json; "
+               "M2D_URL and M2D_TOKEN override it.")
+    parser.add_argument("--version", action="version", version=f"m2d {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
+
+    def command(name, function, help, **kwargs):
+        sub = commands.add_parser(name, help=help, description=kwargs.pop("description", help),
+                                  parents=[output], **kwargs)
+        sub.set_defaults(command=function)
+        return sub
+
+    sub = command("sample-data", sample_data, "write a synthetic CLaM sample (numpy and Pillow needed)")
+    sub.add_argument("--out", required=True, type=Path, help="folder to create (must be absent or empty)")
+    sub.add_argument("--cases", type=int, default=10, help="number of cases (default 10, as the real sample)")
+    sub.add_argument("--size", default="128x160", help="image WIDTHxHEIGHT in pixels (default 128x160)")
+    sub.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+
+    sub = command("check", check, "check a zip with the platform's own rules")
+    sub.add_argument("source", metavar="ZIP")
+
+    sub = command("zip", zip_folder, "zip a project folder for submission, then check it",
+                  description="Zip FOLDER's files so they sit at the zip's root, leaving out caches, "
+                              "hidden files, .git and virtual environments; then check the zip.")
+    sub.add_argument("source", metavar="FOLDER")
+    sub.add_argument("-o", "--output", metavar="ZIP", help="where to write it (default ./FOLDERNAME.zip)")
+
+    sub = command("login", login, "check and store the gateway URL and your API token")
+    sub.add_argument("--url", required=True, help="the gateway, e.g. https://gateway.example.org")
+    sub.add_argument("--token", required=True, help="your API token")
+
+    sub = command("submit", submit, "upload a project folder or zip")
+    sub.add_argument("source", metavar="FOLDER|ZIP")
+
+    sub = command("status", status, "list your submissions, or show one")
+    sub.add_argument("id", type=int, nargs="?", metavar="ID")
+
+    sub = command("wait", wait, "wait until a submission ends; exit 0 only if it completed")
+    sub.add_argument("id", type=int, metavar="ID")
+    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up (exit 1) after this long")
+
+    sub = command("cancel", cancel, "cancel a submission")
+    sub.add_argument("id", type=int, metavar="ID")
+
+    sub = command("run", run, "run a submission locally, as the platform would (virtualenv mode)",
+                  description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument("source", metavar="FOLDER|ZIP")
+    sub.add_argument("--dataset", required=True, type=Path, help="the dataset folder (e.g. from m2d sample-data)")
+    sub.add_argument("--export", type=Path, default=Path("export"), help="the export folder (default ./export)")
+    sub.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                     help="set a variable for main.py (repeatable), e.g. --env EPOCHS=1")
+    sub.add_argument("--mlruns", type=Path, default=Path("mlruns"),
+                     help="local MLflow file store, used when MLFLOW_TRACKING_URI is unset (default ./mlruns)")
+    return parser

@@ -1,0 +1,116 @@
+"""The gateway's JSON API (/api/v1), as the researcher's client sees it.
+
+The only code in m2d that talks to the gateway. Every failure becomes an ApiError
+whose message says what to do: no connection, a bad token, a refused zip (the
+gateway's own code and message), an unknown submission.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import requests
+
+from gateway.states import TERMINAL, Status
+
+from .config import Settings
+
+TIMEOUT_S = 30
+UPLOAD_TIMEOUT_S = 600  # a zip may be up to 200 MB on a slow line
+
+
+class ApiError(Exception):
+    """`code` is the gateway's error slug (or one of ours: no_connection, timeout,
+    bad_response); `status` the HTTP status, None when there was no answer."""
+
+    def __init__(self, code: str, message: str, status: int | None = None):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+class Client:
+    def __init__(self, settings: Settings):
+        self.url = settings.url
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {settings.token}"
+
+    def me(self) -> dict:
+        return self._call("GET", "/me")
+
+    def submit(self, zip_path: str | os.PathLike) -> dict:
+        zip_path = Path(zip_path)
+        with open(zip_path, "rb") as f:
+            return self._call("POST", "/submissions", timeout=UPLOAD_TIMEOUT_S,
+                              files={"file": (zip_path.name, f, "application/zip")})
+
+    def submissions(self) -> list[dict]:
+        return self._call("GET", "/submissions")["submissions"]
+
+    def submission(self, submission_id: int) -> dict:
+        return self._call("GET", f"/submissions/{submission_id}")
+
+    def cancel(self, submission_id: int) -> dict:
+        return self._call("POST", f"/submissions/{submission_id}/cancel")
+
+    def wait(self, submission_id: int, timeout_s: float | None = None, poll_s: float = 2.0,
+             on_change=None) -> dict:
+        """Poll until the submission reaches a terminal state; return it. Calls
+        on_change(submission) each time the status changes. TimeoutError when
+        timeout_s passes first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last = None
+        while True:
+            submission = self.submission(submission_id)
+            if submission["status"] != last and on_change:
+                on_change(submission)
+            last = submission["status"]
+            if is_finished(submission):
+                return submission
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"submission {submission_id} is still {last} after {timeout_s:g} s")
+            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+
+    def _call(self, method: str, path: str, timeout: float = TIMEOUT_S, **kwargs) -> dict:
+        url = f"{self.url}/api/v1{path}"
+        try:
+            response = self.session.request(method, url, timeout=timeout, **kwargs)
+        except requests.Timeout:
+            raise ApiError("timeout", f"The gateway at {self.url} did not answer within {timeout} s. "
+                           "Try again later.") from None
+        except requests.RequestException as e:
+            raise ApiError("no_connection", f"Cannot reach the gateway at {self.url} ({_reason(e)}). "
+                           "Check the URL (m2d login --url ...) and your network.") from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ApiError("bad_response", f"{method} {url} answered HTTP {response.status_code} "
+                           "without the API's JSON: is this the gateway's URL?", response.status_code)
+        if response.status_code == 401:
+            raise ApiError(body.get("error", "unauthorized"),
+                           f"{body.get('message', 'The gateway refused your token.')} "
+                           "Then run: m2d login --url URL --token TOKEN", 401)
+        if response.status_code >= 400:
+            raise ApiError(body.get("error", "http_error"),
+                           body.get("message", f"HTTP {response.status_code}"), response.status_code)
+        return body
+
+
+def is_finished(submission: dict) -> bool:
+    return Status(submission["status"]) in TERMINAL
+
+
+def is_completed(submission: dict) -> bool:
+    return submission["status"] == Status.COMPLETED
+
+
+def _reason(error: requests.RequestException) -> str:
+    # requests wraps urllib3's errors several deep; the innermost one says it plainly
+    # ("Connection refused", "Name or service not known").
+    while error.__context__ is not None and error.__context__ is not error:
+        error = error.__context__
+    text = str(error)
+    return text.rsplit(": ", 1)[-1].strip("')\"") or type(error).__name__

@@ -1,0 +1,208 @@
+"""Running a submission on this machine the way the platform runs it (virtualenv mode).
+
+What the platform does, and what this does instead of it:
+
+  platform (Apptainer job)                     here
+  the zip, checked and unpacked, at /code (ro)  the same zip, checked and unpacked
+                                                into a temporary folder (ro when
+                                                mounts are possible), the working dir
+  an image built from requirements.txt          a virtualenv built from it, cached in
+                                                ~/.cache/m2d/venvs by its hash
+  CLaM at /mnt/dataset (ro)                     --dataset bound at /mnt/dataset (ro)
+  the submission's /mnt/export                  --export bound at /mnt/export
+  a clean environment: MLflow settings,         the same, plus what --env adds; MLflow
+  CUDA_VISIBLE_DEVICES                          logs to a local file store unless
+                                                MLFLOW_TRACKING_URI is set
+
+Making /mnt/dataset and /mnt/export appear needs a private mount namespace
+(`unshare`): as root directly, otherwise through a user namespace where the
+kernel allows one. Where neither works the code runs without them, and learns
+the two folders from M2D_DATASET_DIR and M2D_EXPORT_DIR instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import archive
+
+DATASET_MOUNT = "/mnt/dataset"
+EXPORT_MOUNT = "/mnt/export"
+DEFAULT_EXPERIMENT = "m2d-local"
+# What main.py sees of the caller's environment, like the platform's --cleanenv
+# (which keeps only the MLflow settings and the job's GPUs).
+PASSED_THROUGH = ("HOME", "LANG", "LC_ALL", "TERM", "TZ", "CUDA_VISIBLE_DEVICES", "TORCH_HOME",
+                  "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                  "MLFLOW_EXPERIMENT_NAME")
+READY_MARKER = ".m2d-ready"
+
+# Run inside a private mount namespace; $1 dataset, $2 export, $3 code, $4 staging
+# folder, then the command. The sources are bound to the staging folder first, in
+# case they live under /mnt, which the tmpfs then covers (in this namespace only:
+# the host's /mnt is untouched).
+_MOUNT_AND_RUN = r"""
+set -e
+dataset=$1 export=$2 code=$3 stage=$4
+shift 4
+mkdir -p "$stage/dataset" "$stage/export"
+mount --bind "$dataset" "$stage/dataset"
+mount --bind "$export" "$stage/export"
+mount -t tmpfs -o mode=0755,size=1m m2d-mnt /mnt
+mkdir /mnt/dataset /mnt/export
+mount --bind -o ro "$stage/dataset" /mnt/dataset
+mount --bind "$stage/export" /mnt/export
+mount --bind -o ro "$code" "$code"
+cd "$code"
+exec "$@"
+"""
+
+
+class LocalRunError(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    """What `run` did, for the caller to report."""
+    exit_code: int
+    python: Path
+    mounts: str  # "namespace" or "environment"
+    tracking_uri: str
+    notes: list[str] = field(default_factory=list)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("M2D_CACHE_DIR"):
+        return Path(os.environ["M2D_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "m2d"
+
+
+def run(source: str | os.PathLike, dataset: str | os.PathLike, export: str | os.PathLike,
+        extra_env: dict[str, str] | None = None, mlruns: str | os.PathLike = "mlruns",
+        say=print) -> Run:
+    """Check `source` (a project folder or a zip) as the platform would, install its
+    requirements, and run its main.py; return main.py's exit code and how it ran.
+    Raises archive.Refusal for a zip the platform would refuse."""
+    dataset, export = Path(dataset).resolve(), Path(export).resolve()
+    if not dataset.is_dir():
+        raise LocalRunError(f"The dataset folder {dataset} does not exist. Make a synthetic one: "
+                            f"m2d sample-data --out {dataset}")
+    export.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="m2d-run-") as work:
+        work = Path(work)
+        code = _unpacked(Path(source), work)
+        requirements = (code / "requirements.txt").read_text()
+        python = environment(requirements, say=say)
+        env, tracking_uri = _job_environment(python, mlruns, extra_env or {})
+        command = [str(python), "main.py"]
+        mounts = mount_method()
+        notes = []
+        if mounts == "namespace":
+            command = _unshare_command() + ["sh", "-c", _MOUNT_AND_RUN, "m2d-run",
+                                            str(dataset), str(export), str(code), str(work / "stage"), *command]
+        else:
+            env.update(M2D_DATASET_DIR=str(dataset), M2D_EXPORT_DIR=str(export))
+            notes.append(f"{DATASET_MOUNT} and {EXPORT_MOUNT} could not be made here (no mount "
+                         "namespace: run as root, or allow user namespaces); main.py got "
+                         f"M2D_DATASET_DIR={dataset} and M2D_EXPORT_DIR={export} instead, so code that "
+                         "uses the fixed paths will not find them.")
+        say(f"m2d: running main.py ({DATASET_MOUNT} <- {dataset} read-only, {EXPORT_MOUNT} <- {export}; "
+            f"MLflow: {tracking_uri})")
+        completed = subprocess.run(command, cwd=code, env=env)
+    exit_code = completed.returncode if completed.returncode >= 0 else 128 - completed.returncode
+    return Run(exit_code=exit_code, python=python, mounts=mounts, tracking_uri=tracking_uri, notes=notes)
+
+
+def environment(requirements: str, say=print) -> Path:
+    """The python of a virtualenv with `requirements` installed, made once per
+    (requirements as pip reads them, Python version, machine) and then reused.
+    A half-made one (a crash, ^C) is made again; a lock keeps two runs from making
+    the same one at once."""
+    key_source = (f"{platform.python_version()} {platform.machine()}\n"
+                  + archive.normalise_requirements(requirements))
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+    venvs = cache_dir() / "venvs"
+    venvs.mkdir(parents=True, exist_ok=True)
+    venv = venvs / key
+    python = venv / "bin" / "python"
+    with open(venvs / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (venv / READY_MARKER).exists():
+            return python
+        shutil.rmtree(venv, ignore_errors=True)
+        say(f"m2d: installing requirements.txt into {venv} (once per set of requirements; "
+            "large packages such as torch take minutes)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        (venv / "requirements.txt").write_text(requirements)
+        log = venv / "install.log"
+        with open(log, "w") as out:
+            installed = subprocess.run(
+                [str(python), "-m", "pip", "install", "--no-input", "-r", str(venv / "requirements.txt")],
+                stdout=out, stderr=subprocess.STDOUT)
+        if installed.returncode != 0:
+            errors = [line for line in log.read_text().splitlines() if line.startswith("ERROR")]
+            raise LocalRunError("pip could not install requirements.txt (the platform's build would "
+                                "fail the same way):\n" + "\n".join(errors[-10:]) + f"\nWhole log: {log}")
+        (venv / READY_MARKER).write_text("")
+    return python
+
+
+def mount_method() -> str:
+    """"namespace" when this process can make /mnt/dataset appear in a private
+    mount namespace, else "environment"."""
+    if shutil.which("unshare") is None or not os.path.isdir("/mnt"):
+        return "environment"
+    probe = subprocess.run(_unshare_command() + ["mount", "-t", "tmpfs", "m2d-probe", "/mnt"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return "namespace" if probe.returncode == 0 else "environment"
+
+
+def _unshare_command() -> list[str]:
+    command = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        # root in a user namespace of one's own may mount there (where the kernel allows it)
+        command[1:1] = ["--user", "--map-root-user"]
+    return command
+
+
+def _unpacked(source: Path, work: Path) -> Path:
+    """The code as the platform would see it: a folder is zipped the way `m2d zip`
+    does, and the zip is checked and unpacked with the platform's own rules."""
+    if source.is_dir():
+        zip_path = archive.make_zip(source, work / "submission.zip").path
+    elif source.is_file():
+        zip_path = source
+    else:
+        raise LocalRunError(f"{source} is neither a folder nor a zip")
+    archive.check(zip_path)
+    code = work / "code"
+    archive.unpack(zip_path, code)
+    return code
+
+
+def _job_environment(python: Path, mlruns: str | os.PathLike, extra: dict[str, str]) -> tuple[dict, str]:
+    env = {name: os.environ[name] for name in PASSED_THROUGH if name in os.environ}
+    env.setdefault("LANG", "C.UTF-8")
+    env["PATH"] = f"{python.parent}:/usr/local/bin:/usr/bin:/bin"
+    env["VIRTUAL_ENV"] = str(python.parent.parent)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # as on the platform, where /code is read-only
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    if "MLFLOW_TRACKING_URI" not in env:
+        env["MLFLOW_TRACKING_URI"] = Path(mlruns).resolve().as_uri()
+        # MLflow 3 refuses a file store unless told that it is wanted; the local file
+        # store needs nothing but the filesystem (a sqlite store needs SQLAlchemy,
+        # which mlflow-skinny leaves out).
+        env["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    env.update(extra)
+    return env, env["MLFLOW_TRACKING_URI"]
