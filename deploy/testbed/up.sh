@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# up.sh [TESTBED_DIR] -- bring the whole testbed up on this machine: Slurm,
+# up.sh [TESTBED_DIR] -- bring the whole testbed up on this machine: the
+# gateway and job accounts with their sudo rules, Slurm (cgroups),
 # Apptainer, the base image, Redis, MLflow, the SMTP sink and the synthetic
 # dataset, then write TESTBED_DIR/gateway.env for the gateway, workers and
 # tests (`source` it).  Idempotent: a second run only checks, and is fast.
@@ -27,6 +28,7 @@ step() {
 }
 
 here=$M2D_TESTBED_SRC
+step accounts   "$here/accounts.sh" "$TESTBED_DIR"
 step slurm      "$here/slurm.sh" start "$TESTBED_DIR"
 step apptainer  "$here/apptainer.sh" "$TESTBED_DIR"
 step base-image "$here/base-image.sh" "$TESTBED_DIR"
