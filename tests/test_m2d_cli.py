@@ -1,0 +1,190 @@
+"""The researcher's `m2d` command, run as a researcher runs it (python -m m2d):
+checking and zipping with the platform's own rules, and running the samples
+locally on a synthetic CLaM sample in virtualenv mode."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from gateway.validation import Refusal, check_zip
+from m2d import sample_data
+
+from . import zips
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "m2d" / "samples"
+
+
+def m2d(*args, cwd, env=None, timeout=120):
+    """Run `python -m m2d ARGS` in `cwd` with the repository importable, as from a clone."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "m2d", *map(str, args)], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def venv_cache(tmp_path_factory):
+    """One virtualenv cache for the session: each set of requirements is installed
+    once, by the first test that needs it."""
+    return {"M2D_CACHE_DIR": str(tmp_path_factory.mktemp("m2d-cache"))}
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("dataset") / "clam"
+    sample_data.generate(dest)  # the default: the real sample's 10 cases and 46 images
+    return dest
+
+
+BAD_ZIPS = {
+    "not_a_zip": zips.make_text_file,
+    "empty_file": zips.make_empty_file,
+    "tar": zips.make_tar_renamed_zip,
+    "truncated": zips.make_truncated_zip,
+    "too_large": lambda p: zips.make_padded_zip(p, 200 * 1024**2 + 1),
+    "no_main": lambda p: zips.make_zip_without(p, "main.py"),
+    "no_requirements": lambda p: zips.make_zip_without(p, "requirements.txt"),
+    "empty_zip": zips.make_empty_zip,
+    "nested": zips.make_nested_zip,
+    "many_files": zips.make_many_files_zip,
+    "absolute_path": zips.make_absolute_path_zip,
+    "parent_path": zips.make_parent_path_zip,
+    "symlink": zips.make_symlink_zip,
+    "encrypted": zips.make_encrypted_zip,
+    "unsupported_compression": zips.make_unsupported_compression_zip,
+    "duplicate": zips.make_duplicate_zip,
+    "huge_declared": zips.make_huge_declared_zip,
+    "bomb": zips.make_zip_bomb,
+    "index_url": lambda p: zips.make_requirements_zip(p, "--index-url https://evil.example/simple\n"),
+    "editable": lambda p: zips.make_requirements_zip(p, "-e ./mylib\n"),
+}
+
+
+@pytest.mark.parametrize("make", BAD_ZIPS.values(), ids=BAD_ZIPS.keys())
+def test_check_refuses_a_bad_zip_with_the_gateways_own_code_and_message(make, tmp_zip, tmp_path):
+    make(tmp_zip)
+    with pytest.raises(Refusal) as gateway:
+        check_zip(tmp_zip)
+
+    as_json = m2d("check", tmp_zip, "--json", cwd=tmp_path)
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout) == {"error": gateway.value.code, "message": gateway.value.message}
+
+    as_text = m2d("check", tmp_zip, cwd=tmp_path)
+    assert as_text.returncode == 1
+    assert gateway.value.message in as_text.stderr
+
+
+def test_check_accepts_a_good_zip_and_lists_its_requirements(tmp_zip, tmp_path):
+    zips.make_zip_with_folders(tmp_zip)
+    done = m2d("check", tmp_zip, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("OK") and "numpy==2.3.4, mlflow-skinny" in done.stdout
+    summary = json.loads(m2d("check", tmp_zip, "--json", cwd=tmp_path).stdout)
+    assert summary["ok"] and summary["files"] == 7 and summary["requirements"] == ["numpy==2.3.4", "mlflow-skinny"]
+
+
+def test_zip_puts_the_files_at_the_root_leaves_out_junk_and_passes_the_check(tmp_path):
+    project = tmp_path / "my-model"
+    files = {
+        "main.py": "print('hi')\n", "requirements.txt": "numpy\n", "src/model.py": "", "config/a.json": "{}",
+        # never part of a submission:
+        "__pycache__/main.cpython-311.pyc": "", "src/model.pyc": "", ".git/config": "", ".env": "TOKEN=x",
+        ".venv/pyvenv.cfg": "", "env/pyvenv.cfg": "", "env/lib/site.py": "", ".DS_Store": "",
+    }
+    for name, content in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(content)
+
+    done = m2d("zip", project, "-o", tmp_path / "out.zip", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "OK" in done.stdout and "left out: .git/" in done.stdout
+    with zipfile.ZipFile(tmp_path / "out.zip") as archive:
+        assert sorted(archive.namelist()) == ["config/a.json", "main.py", "requirements.txt", "src/model.py"]
+    check_zip(tmp_path / "out.zip")
+
+    # the default name comes from the folder
+    assert m2d("zip", project, cwd=tmp_path).returncode == 0
+    assert (tmp_path / "my-model.zip").is_file()
+
+
+def test_zip_of_a_folder_without_main_py_says_what_the_gateway_would_say(tmp_path):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "requirements.txt").write_text("")
+    done = m2d("zip", tmp_path / "project", "-o", tmp_path / "out.zip", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "no main.py at its root" in done.stderr
+
+
+def test_run_exits_with_main_pys_code_and_binds_the_dataset_read_only(tmp_path, dataset, venv_cache):
+    project = tmp_path / "probe"
+    project.mkdir()
+    (project / "requirements.txt").write_text("")
+    (project / "main.py").write_text(
+        "import os, sys\n"
+        "try:\n"
+        "    open('/mnt/dataset/tampered.txt', 'w')\n"
+        "    verdict = 'writable'\n"
+        "except OSError as e:\n"
+        "    verdict = os.strerror(e.errno)\n"
+        "listing = sorted(os.listdir('/mnt/dataset'))\n"
+        "open('/mnt/export/probe.txt', 'w').write(f'{verdict}\\n{listing}\\n{os.getcwd()}\\n')\n"
+        "sys.exit(3)\n")
+    done = m2d("run", project, "--dataset", dataset, "--export", tmp_path / "export", cwd=tmp_path, env=venv_cache)
+    assert done.returncode == 3, done.stderr
+    verdict, listing, cwd = (tmp_path / "export" / "probe.txt").read_text().splitlines()
+    assert verdict == "Read-only file system"
+    assert "clam-details-image.csv" in listing
+    assert not (dataset / "tampered.txt").exists()
+    assert cwd != str(project)  # it ran from the unpacked zip, as on the platform
+
+
+def test_run_of_the_iris_sample_logs_its_metrics_and_writes_the_export_file(tmp_path, dataset, venv_cache):
+    done = m2d("run", SAMPLES / "iris", "--dataset", dataset, "--export", tmp_path / "export",
+               "--mlruns", tmp_path / "mlruns", cwd=tmp_path, env=venv_cache, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "export" / "result.txt").read_text() == "accuracy=1.0\n"
+    assert logged_metrics(tmp_path / "mlruns") == {"accuracy": 1.0, "dataset-exists": 1.0}
+
+
+def test_the_iris_sample_is_the_one_the_platform_tests_run(tmp_path):
+    for name in ("main.py", "requirements.txt"):
+        assert (SAMPLES / "iris" / name).read_bytes() == (REPO / "tests" / "samples" / "iris" / name).read_bytes()
+
+
+def test_run_of_the_clam_sample_trains_an_epoch_and_saves_the_model(tmp_path, dataset, venv_cache):
+    done = m2d("run", SAMPLES / "clam", "--dataset", dataset, "--export", tmp_path / "export",
+               "--mlruns", tmp_path / "mlruns", "--env", "EPOCHS=1", cwd=tmp_path, env=venv_cache, timeout=1500)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "export" / "model.tar").stat().st_size > 10_000_000  # 11M parameters
+    metrics = logged_metrics(tmp_path / "mlruns")
+    assert {"train_loss", "train_accuracy", "test_auc", "test_f1", "test_accuracy", "test_kappa"} <= set(metrics)
+    assert 0 <= metrics["test_auc"] <= 1
+    assert json.loads((tmp_path / "export" / "metrics.json").read_text())["test_auc"] == metrics["test_auc"]
+
+
+def test_login_to_an_unreachable_gateway_says_so_and_stores_nothing(tmp_path):
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    done = m2d("login", "--url", "http://127.0.0.1:9", "--token", "secret", cwd=tmp_path, env=env)
+    assert done.returncode == 1
+    assert "Cannot reach the gateway at http://127.0.0.1:9" in done.stderr
+    assert not (tmp_path / "config").exists()
+
+
+def test_status_without_login_says_how_to_log_in(tmp_path):
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "M2D_URL": "", "M2D_TOKEN": ""}
+    done = m2d("status", cwd=tmp_path, env=env)
+    assert done.returncode == 1
+    assert "m2d login --url URL --token TOKEN" in done.stderr
+
+
+def logged_metrics(mlruns: Path) -> dict[str, float]:
+    """The last value of each metric of the one run in a local MLflow file store
+    (one file per metric: 'timestamp value step' lines)."""
+    runs = [p for p in mlruns.glob("*/*/metrics")]
+    assert len(runs) == 1, runs
+    return {p.name: float(p.read_text().splitlines()[-1].split()[1]) for p in runs[0].iterdir()}
