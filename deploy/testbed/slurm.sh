@@ -106,7 +106,11 @@ SwitchType=switch/none
 ReturnToService=2
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+# memory is a consumable resource, or --mem would be a no-op: with CR_Core the
+# job's memory cgroup gets the whole node (task/cgroup: "alloc=0MB").  A job
+# without --mem gets DefMemPerCPU per CPU (the node's memory / its CPUs).
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$((mem / cpus))
 # sacct needs slurmdbd (accounting_storage/filetxt is gone since 20.11)
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
