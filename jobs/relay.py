@@ -105,6 +105,12 @@ def over_limit(message: str) -> Refused:
     return Refused(400, "RESOURCE_LIMIT_EXCEEDED", message)
 
 
+class RateLimited(Refused):
+    def __init__(self, message: str):
+        # 400, not 429: the client would retry a 429 for minutes.
+        super().__init__(400, "REQUEST_LIMIT_EXCEEDED", message)
+
+
 class UpstreamDown(Exception):
     pass
 
@@ -293,12 +299,13 @@ class Relay:
     def handle(self, method: str, target: str, body: bytes):
         """(status, content type, body) for one request whose body was read in full."""
         path, _, query = target.partition("?")
+        # Refusals count too: each one is also a log line in the job's stderr.
+        if not self.rate.take():
+            raise RateLimited(f"more than {self.rate.rate:g} MLflow calls a second (bursts up to "
+                              f"{self.rate.burst:g}); log less often or use log_batch")
         route = self.routes.get((method, path))
         if route is None:
             raise denied(f"{method} {path[:200]} is not allowed")
-        if not self.rate.take():
-            raise over_limit(f"more than {self.rate.rate:g} MLflow calls a second "
-                             f"(bursts up to {self.rate.burst:g}); log less often or use log_batch")
         if method == "GET":
             # Parsed and encoded again, so MLflow reads exactly what was checked.
             params = urllib.parse.parse_qs(query, keep_blank_values=True)
@@ -582,6 +589,11 @@ class RelayHandler(BaseHTTPRequestHandler):
             return
         try:
             status, content_type, content = relay.handle(self.command, self.path, body)
+        except RateLimited as refusal:
+            # One line per burst, not one per refused call.
+            if self.server.rate_refusals.take():
+                log(f"refusing calls over the rate limit: {refusal.message}")
+            return self.answer_refusal(refusal, quiet=True)
         except Refused as refusal:
             return self.answer_refusal(refusal)
         except Exception as e:  # a bug here must still not be a 500 that the client retries
@@ -602,9 +614,10 @@ class RelayHandler(BaseHTTPRequestHandler):
                 return
             length -= len(chunk)
 
-    def answer_refusal(self, refusal: Refused) -> None:
-        log(f"refused {self.command} {self.path.partition('?')[0][:200]}: {refusal.status} "
-            f"{refusal.error_code}: {refusal.message[:300]}")
+    def answer_refusal(self, refusal: Refused, quiet: bool = False) -> None:
+        if not quiet:
+            log(f"refused {self.command} {self.path.partition('?')[0][:200]}: {refusal.status} "
+                f"{refusal.error_code}: {refusal.message[:300]}")
         body = json.dumps({"error_code": refusal.error_code, "message": refusal.message}).encode()
         self.answer(refusal.status, "application/json", body)
 
@@ -628,6 +641,7 @@ class UnixRelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 
     def __init__(self, socket_path: str, relay: Relay):
         self.relay = relay
+        self.rate_refusals = TokenBucket(0.1, 1)  # log lines about the rate limit
         self._slots = threading.BoundedSemaphore(self.max_connections)
         if os.path.exists(socket_path) and stat.S_ISSOCK(os.lstat(socket_path).st_mode):
             os.unlink(socket_path)  # left by an earlier relay of this job
