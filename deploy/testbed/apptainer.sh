@@ -180,7 +180,7 @@ sed -e "s|@ROOT@|$ROOT|" -e "s|@TOP@|$TOP|" -e "s|@SELF@|$PREFIX/apptainer-wrapp
 #       --bind /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt
 #       so %post (pip, curl) trusts the host's CAs, e.g. a TLS-intercepting
 #       proxy.  The image must already contain that file (ca-certificates).
-set -eu
+set -euf   # -f: no pathname expansion of the caller's arguments
 SELF=@SELF@
 PROG=$(basename "$0"); case "$PROG" in singularity) ;; *) PROG=apptainer ;; esac
 
