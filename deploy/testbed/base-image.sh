@@ -35,3 +35,16 @@ else
 fi
 # relative link, so the folder can be bound elsewhere or moved as a whole
 [ "$(readlink "$IMAGES/base.sif")" = "$name" ] || ln -sfn "$name" "$IMAGES/base.sif"
+
+# Smoke test of a sealed container, the way jobs run it: as the job account
+# (accounts.sh), through the wrapper's sudo rule, in user-namespace mode.
+job_user=${M2D_JOB_USER:-m2d-job}
+if id "$job_user" >/dev/null 2>&1 && [ -e /etc/sudoers.d/m2d ]; then
+  out=$(cd / && setpriv --reuid="$job_user" --regid="$job_user" --init-groups --reset-env \
+          "$APPTAINER" exec --containall --cleanenv --no-privs --net --network none \
+          "$IMAGES/base.sif" sh -c 'id -u; grep ^CapEff /proc/self/status' 2>&1) \
+    || die "apptainer as $job_user failed: $out"
+  case "$out" in "$(id -u "$job_user")"*"CapEff:"*0000000000000000) ;;
+    *) die "apptainer as $job_user did not run unprivileged: $out" ;; esac
+  log "base image runs sealed as $job_user"
+fi
