@@ -201,7 +201,11 @@ fi
 
 if [ $inner = 0 ]; then
   # ---- outer half, in the host's namespace: who to become, what to share
-  if [ -n "${SUDO_UID:-}" ] && [ "$SUDO_UID" != 0 ]; then
+  # SUDO_UID counts only when sudo ran this very file (SUDO_COMMAND), not in
+  # a root shell someone opened with `sudo -s`.
+  via_sudo=0
+  case "${SUDO_COMMAND:-}" in "$SELF"|"$SELF "*) [ "${SUDO_UID:-0}" != 0 ] && via_sudo=1 ;; esac
+  if [ $via_sudo = 1 ]; then
     uid=$SUDO_UID; gid=${SUDO_GID:?}
     unset APPTAINER_CHROOT APPTAINER_WRAPPER_BINDS APPTAINER_WRAPPER_USER
   elif [ -n "${APPTAINER_WRAPPER_USER:-}" ]; then
