@@ -52,7 +52,7 @@ def main(count):
     account = MlflowAdmin(url, *admin).provision(f"m2d-relay-bench-{uuid.uuid4().hex[:8]}")
     os.environ["MLFLOW_EXPERIMENT_NAME"] = account.experiment_name
     with tempfile.TemporaryDirectory() as folder:
-        relay = RelayProcesses(Path(folder), account, url)
+        relay = RelayProcesses(Path(folder) / "job", account, url)
         try:
             # Straight to MLflow, with the owner's credentials, as jobs did before the relay.
             os.environ.update(MLFLOW_TRACKING_USERNAME=account.username, MLFLOW_TRACKING_PASSWORD=account.password)

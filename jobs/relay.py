@@ -190,6 +190,7 @@ class Limits:
         self.params_per_run = args.max_params_per_run
         self.tags_per_run = args.max_tags_per_run
         self.pending = args.max_pending
+        self.runs = args.max_runs
 
 
 class TokenBucket:
@@ -357,6 +358,9 @@ class Relay:
             raise over_limit(f"a run may have at most {self.limits.tags_per_run} tags")
         for tag in tags:
             self.check_tag(tag)
+        with self._lock:
+            if len(self.runs) >= self.limits.runs:
+                raise over_limit(f"a job may create at most {self.limits.runs} runs")
         status, content_type, content = self.forward(method, path, params)
         if status == 200:
             run = json.loads(content)["run"]
@@ -528,8 +532,13 @@ class Relay:
         if status in (408, 429) or status >= 500:
             raise UpstreamDown(f"MLflow answered {status}")
         reason = content[:300].decode("utf-8", "replace")
-        if status != 400 or len(batch) == 1:
-            # Refused for a reason that splitting cannot change (or down to one item).
+        try:
+            error_code = json.loads(content).get("error_code")
+        except (ValueError, AttributeError):
+            error_code = None
+        if error_code != "INVALID_PARAMETER_VALUE" or len(batch) == 1:
+            # Refused for a reason that splitting cannot change (a deleted run, lost
+            # permission), or down to the one bad value.
             log(f"MLflow refused {len(batch)} values of run {run.run_id} ({status}), dropped: {reason}")
             return
         # One bad value must not lose the others: halve until the culprit is alone.
@@ -559,6 +568,7 @@ def unreachable() -> Refused:
 
 class RelayHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the mlflow client reuses its connection
+    wbufsize = 65536  # status, headers and body leave in one write (flushed after each request)
     timeout = 600  # an idle connection is closed after this long
     server_version = "m2d-mlflow-relay"
     sys_version = ""
@@ -789,6 +799,7 @@ def parse_args(argv=None):
     s.add_argument("--max-batch-items", type=int, default=1000, help="items per log_batch (default 1000)")
     s.add_argument("--max-params-per-run", type=int, default=500)
     s.add_argument("--max-tags-per-run", type=int, default=100)
+    s.add_argument("--max-runs", type=int, default=1000, help="runs a job may create (default 1000)")
     s.add_argument("--max-pending", type=int, default=100_000,
                    help="logged values held while MLflow is unreachable (default 100000)")
     s.add_argument("--rate", type=float, default=200, help="requests a second on average (default 200)")

@@ -29,6 +29,8 @@ except ImportError:  # before the adapters moved
     from gateway.mlflow_admin import MlflowAdmin
 
 RELAY = Path(__file__).resolve().parent.parent / "jobs" / "relay.py"
+# The shim runs on the container's python3 and the relay on the host's: any 3.9 or later.
+RELAY_PYTHON = os.environ.get("M2D_RELAY_PYTHON", sys.executable)
 API = "/api/2.0/mlflow"
 
 
@@ -121,7 +123,7 @@ class RelayProcesses:
         env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"}
         self.relay_log, self.shim_log = folder / "relay.log", folder / "shim.log"
         self.relay = subprocess.Popen(
-            [sys.executable, str(RELAY), "serve", "--socket", str(self.socket), "--upstream", upstream,
+            [RELAY_PYTHON, str(RELAY), "serve", "--socket", str(self.socket), "--upstream", upstream,
              "--password-file", str(password_file), "--experiment-id", account.experiment_id,
              "--experiment-name", account.experiment_name, "--ready-file", str(folder / "relay.ready"),
              *extra_args],
@@ -129,7 +131,7 @@ class RelayProcesses:
         wait_for_file(folder / "relay.ready", self.relay, "relay", self.relay_log)
         self.port = free_port()
         self.shim = subprocess.Popen(
-            [sys.executable, str(RELAY), "shim", "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.socket),
+            [RELAY_PYTHON, str(RELAY), "shim", "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.socket),
              "--ready-file", str(folder / "shim.ready")],
             env=env, stderr=self.shim_log.open("w"))
         wait_for_file(folder / "shim.ready", self.shim, "shim", self.shim_log)
@@ -382,10 +384,11 @@ def test_changing_a_param_is_refused_as_mlflow_would(job_env, mlflow_url, admin_
     assert upstream_run(mlflow_url, admin_auth, run.info.run_id)["params"] == {"lr": "0.1"}
 
 
-def test_caps_on_params_and_tags_per_run(start_relay, owner, monkeypatch, mlflow_url, admin_auth):
-    relay = start_relay(owner, "--max-params-per-run", "3", "--max-tags-per-run", "12")
+def test_caps_on_runs_and_on_params_and_tags_per_run(start_relay, owner, mlflow_url, admin_auth):
+    relay = start_relay(owner, "--max-params-per-run", "3", "--max-tags-per-run", "12", "--max-runs", "1")
     client = MlflowClient(relay.url)
     run_id = client.create_run(owner.experiment_id).info.run_id
+    assert raises_within(20, client.create_run, owner.experiment_id).error_code == "RESOURCE_LIMIT_EXCEEDED"
     client.log_batch(run_id, params=[Param(f"p{i}", "v") for i in range(3)])
     error = raises_within(20, client.log_param, run_id, "p3", "v")
     assert error.error_code == "RESOURCE_LIMIT_EXCEEDED"
