@@ -3,8 +3,8 @@ import re
 
 from flask import current_app
 
+from .adapters.mlflow import MlflowAdmin
 from .extensions import db
-from .mlflow_admin import MlflowAdmin
 from .models import User, utcnow
 
 
@@ -35,9 +35,7 @@ def approve(user):
     if not user.mlflow_username:
         user.mlflow_username = mlflow_username_for(user)
         db.session.commit()
-    cfg = current_app.config
-    admin = MlflowAdmin(cfg["MLFLOW_URL"], cfg["MLFLOW_ADMIN_USERNAME"], cfg["MLFLOW_ADMIN_PASSWORD"])
-    account = admin.provision(user.mlflow_username)
+    account = MlflowAdmin.from_config(current_app.config).provision(user.mlflow_username)
     user.mlflow_password = account.password
     user.mlflow_experiment_id = account.experiment_id
     user.approved_at = user.approved_at or utcnow()

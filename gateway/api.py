@@ -1,9 +1,9 @@
 """The JSON API, /api/v1: what the m2d client and scripts use."""
 from flask import Blueprint, abort, current_app, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import intake, lifecycle
 from .auth import token_required
+from .errors import json_error as error
 from .extensions import csrf, db
 from .models import Submission
 from .states import IllegalTransition
@@ -78,17 +78,3 @@ def mlflow_settings(user):
         "experiment_name": user.mlflow_username,
     }
 
-
-def error(status, code, message):
-    response = jsonify(error=code, message=message)
-    response.status_code = status
-    return response
-
-
-@bp.errorhandler(HTTPException)
-def http_error(exc):
-    if isinstance(exc, RequestEntityTooLarge):
-        limit = current_app.config["MAX_ZIP_BYTES"] // 1024**2
-        return error(413, "too_large", f"The upload is larger than {limit} MB. Leave data and "
-                     "model weights out of the zip: the dataset is at /mnt/dataset in the job.")
-    return error(exc.code, exc.name.lower().replace(" ", "_"), exc.description)

@@ -3,9 +3,10 @@ import logging
 import tempfile
 from pathlib import Path
 
-from flask import Flask, Request, render_template
+from flask import Flask, Request
 
 from . import config as configuration
+from . import errors
 from .extensions import csrf, db, login_manager, migrate
 from .storage import incoming_dir
 
@@ -40,11 +41,7 @@ def create_app(config=None):
     app.register_blueprint(submissions.bp)
     app.register_blueprint(api.bp)
     cli.init_app(app)
-
-    @app.errorhandler(413)
-    def too_large(exc):
-        limit = app.config["MAX_ZIP_BYTES"] // 1024**2
-        return render_template("error.html", message=f"The upload is larger than {limit} MB."), 413
+    errors.init_app(app)
 
     @app.get("/healthz")
     def healthz():

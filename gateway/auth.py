@@ -1,10 +1,11 @@
 """Sign-up, login and logout pages, and API token authentication."""
 from functools import wraps
 
-from flask import Blueprint, flash, g, jsonify, redirect, render_template, request, url_for
-from flask_login import current_user, login_required, login_user, logout_user
+from flask import Blueprint, flash, g, redirect, render_template, request, url_for
+from flask_login import login_required, login_user, logout_user
 
 from . import accounts
+from .errors import json_error
 from .extensions import db, login_manager
 from .models import ApiToken, User, utcnow
 
@@ -76,13 +77,7 @@ def token_required(view):
 
 
 def _unauthorized(message, status=401):
-    response = jsonify(error="unauthorized", message=message)
-    response.status_code = status
+    response = json_error(status, "unauthorized", message)
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response
-
-
-def current():
-    """The user of this request, whether by session or by token."""
-    return g.get("user") or (current_user if current_user.is_authenticated else None)

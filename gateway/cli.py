@@ -3,8 +3,8 @@ import click
 from flask.cli import AppGroup
 
 from . import accounts
+from .adapters.mlflow import MlflowError
 from .extensions import db
-from .mlflow_admin import MlflowError
 from .models import ApiToken, User
 
 users = AppGroup("users", help="Manage researcher and admin accounts.")

@@ -4,7 +4,13 @@ Every key can be overridden from the environment with an ``M2D_`` prefix
 (``M2D_SLURM_GPUS=2``), which is how the testbed's ``gateway.env``, the workers
 and the test suite configure the app; ``create_app(config)`` overrides both.
 """
+from __future__ import annotations
+
 import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Config, Flask
 
 DEFAULTS = {
     "SECRET_KEY": None,  # required outside tests; make run generates one
@@ -23,10 +29,10 @@ DEFAULTS = {
     "MAX_FILES": 2000,
     "MAX_UNCOMPRESSED_BYTES": 2 * 1024**3,
     "MAX_COMPRESSION_RATIO": 100.0,
-    # Images
+    # Images (the site's paths; deploy/testbed/up.sh sets the testbed's)
     "APPTAINER": "apptainer",
-    "BASE_IMAGE": "/opt/testbed/images/base.sif",
-    "IMAGE_DIR": "/opt/testbed/images",
+    "BASE_IMAGE": None,  # required by the build workers
+    "IMAGE_DIR": None,  # required by the build workers; on the shared filesystem
     "BUILD_BIND_CA": "/etc/ssl/certs/ca-certificates.crt",  # "" to not bind
     "BUILD_TIMEOUT": 1800,
     # Slurm
@@ -38,7 +44,7 @@ DEFAULTS = {
     "SLURM_MEM": "2G",
     "SLURM_TIME": "01:00:00",
     "APPTAINER_NV": False,  # --nv; off on the fake-GPU testbed
-    "DATASET_DIR": "/opt/testbed/clam",
+    "DATASET_DIR": None,  # required by the build workers (they write the job script)
     "STDERR_TAIL_LINES": 20,
     "STDERR_TAIL_BYTES": 4000,
     # MLflow (server with basic-auth; the gateway provisions accounts)
@@ -54,31 +60,31 @@ DEFAULTS = {
 }
 
 
-def from_environment(environ=os.environ):
+def convert(key: str, raw: Any) -> Any:
+    """``raw`` as the type of ``key``'s default (text from the environment
+    becomes an int, a float or a bool), so no caller casts again."""
+    default = DEFAULTS.get(key)
+    if not isinstance(raw, str) or default is None or isinstance(default, str):
+        return raw
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return type(default)(raw)
+
+
+def from_environment(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """M2D_<KEY> values, converted to the type of the key's default.
 
     (Flask's from_prefixed_env would json-parse them, turning a generated
     password such as "12e45..." into a number.)
     """
-    values = {}
-    for key, default in DEFAULTS.items():
-        raw = environ.get(f"M2D_{key}")
-        if raw is None:
-            continue
-        if isinstance(default, bool):
-            values[key] = raw.strip().lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, (int, float)):
-            values[key] = type(default)(raw)
-        else:
-            values[key] = raw
-    return values
+    return {key: convert(key, environ[f"M2D_{key}"]) for key in DEFAULTS if f"M2D_{key}" in environ}
 
 
-def load(app, overrides=None):
+def load(app: Flask, overrides: Mapping[str, Any] | None = None) -> Config:
     app.config.update(DEFAULTS)
     app.config.update(from_environment())
     if overrides:
-        app.config.update(overrides)
+        app.config.update({key: convert(key, value) for key, value in overrides.items()})
     cfg = app.config
     cfg["DATA_DIR"] = os.path.abspath(cfg["DATA_DIR"] or app.instance_path)
     if not cfg["SQLALCHEMY_DATABASE_URI"]:
@@ -87,9 +93,16 @@ def load(app, overrides=None):
         cfg["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True}
     cfg["MLFLOW_JOB_URL"] = cfg["MLFLOW_JOB_URL"] or cfg["MLFLOW_URL"]
     # Werkzeug refuses bigger bodies with 413 before we read them.
-    cfg["MAX_CONTENT_LENGTH"] = int(cfg["MAX_ZIP_BYTES"]) + 1024 * 1024
+    cfg["MAX_CONTENT_LENGTH"] = cfg["MAX_ZIP_BYTES"] + 1024 * 1024
     if not cfg["SECRET_KEY"]:
         if not cfg.get("TESTING"):
             raise RuntimeError("Set M2D_SECRET_KEY (make run generates one in the testbed's gateway.env)")
         cfg["SECRET_KEY"] = "test"
     return cfg
+
+
+def required(cfg: Mapping[str, Any], key: str) -> Any:
+    """A setting the caller cannot work without, or an error that names it."""
+    if not cfg.get(key):
+        raise RuntimeError(f"Set M2D_{key}: {key} has no default (see gateway/config.py)")
+    return cfg[key]

@@ -1,29 +1,33 @@
 """Accepting an upload: stream to disk, check, unpack, record, hand to workers."""
+from __future__ import annotations
+
 import hashlib
 import os
 import uuid
 
 from flask import current_app
+from werkzeug.datastructures import FileStorage
 
 from . import lifecycle
 from .extensions import db
+from .models import Submission, User
 from .storage import SubmissionFiles, incoming_dir
 from .validation import Limits, Refusal, check_upload_size, check_zip, unpack
 
 CHUNK = 1024 * 1024
 
 
-def limits():
+def limits() -> Limits:
     cfg = current_app.config
     return Limits(
-        max_zip_bytes=int(cfg["MAX_ZIP_BYTES"]),
-        max_files=int(cfg["MAX_FILES"]),
-        max_uncompressed_bytes=int(cfg["MAX_UNCOMPRESSED_BYTES"]),
-        max_ratio=float(cfg["MAX_COMPRESSION_RATIO"]),
+        max_zip_bytes=cfg["MAX_ZIP_BYTES"],
+        max_files=cfg["MAX_FILES"],
+        max_uncompressed_bytes=cfg["MAX_UNCOMPRESSED_BYTES"],
+        max_ratio=cfg["MAX_COMPRESSION_RATIO"],
     )
 
 
-def accept(user, upload):
+def accept(user: User, upload: FileStorage | None) -> Submission:
     """Turn an uploaded file (werkzeug FileStorage) into a received submission.
 
     Raises validation.Refusal with a message for the user when the zip is not
@@ -50,9 +54,7 @@ def accept(user, upload):
             raise
     finally:
         tmp.unlink(missing_ok=True)
-    from jobs import queue  # the web app only needs Redis when it has work to hand on
-    queue.enqueue_prepare(submission.id)
-    queue.enqueue_mail(submission.id)
+    lifecycle.hand_on(submission)
     return submission
 
 

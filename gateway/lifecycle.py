@@ -1,26 +1,32 @@
 """Moving a submission through its states.
 
 Each move is one transaction: a conditional UPDATE that only succeeds from the
-expected old status, the event, and the email owed for it. Two workers or two
-pollers racing on the same submission therefore cannot both move it, and an
-email is owed at most once per kind (unique constraint as a second guard).
+expected old status, the event, and the email owed for it; after the commit
+the move hands the email to the mail queue itself. Two workers or two pollers
+racing on the same submission therefore cannot both move it, and an email is
+owed at most once per kind (unique constraint as a second guard).
 """
+from __future__ import annotations
+
 import logging
+from datetime import datetime
 
 from sqlalchemy import update
 
+from . import queue
 from .extensions import db
-from .models import Email, Event, Submission, utcnow
+from .models import Email, Event, Submission, User, utcnow
 from .states import EMAIL_FOR, IllegalTransition, Status, check
 
 log = logging.getLogger(__name__)
 
 
-def advance(submission_id, old, new, *, at=None, detail=None, **fields):
+def advance(submission_id: int, old: Status | str, new: Status | str, *,
+            at: datetime | None = None, detail: str | None = None, **fields: object) -> bool:
     """Move ``submission_id`` from ``old`` to ``new``; False if it was not in ``old``.
 
     ``fields`` are other Submission columns written in the same update.
-    Commits. The caller enqueues the email task after (see jobs.queue).
+    Commits, then queues the email the move owes.
     """
     new = check(old, new)
     now = utcnow()
@@ -36,19 +42,19 @@ def advance(submission_id, old, new, *, at=None, detail=None, **fields):
     _record(submission_id, new, at=at or now, detail=detail)
     db.session.commit()
     log.info("submission %s: %s -> %s", submission_id, old, new)
+    if new in EMAIL_FOR:
+        queue.enqueue_mail(submission_id)
     return True
 
 
-def cancel(submission):
+def cancel(submission: Submission) -> Status:
     """The researcher's cancel: at once before Slurm has the job, else through
     scancel (the poller records the outcome). Returns the status it leaves."""
     status = submission.state
     if status.terminal:
         raise IllegalTransition(f"submission {submission.id} has already ended: {status}")
-    from jobs import queue
     if status in (Status.RECEIVED, Status.BUILDING):
         if advance(submission.id, status, Status.CANCELLED, detail="cancelled by the researcher"):
-            queue.enqueue_mail(submission.id)
             return Status.CANCELLED
         db.session.refresh(submission)  # it moved on meanwhile: cancel from there
         return cancel(submission)
@@ -56,8 +62,11 @@ def cancel(submission):
     return status
 
 
-def create(user, filename):
-    """A new submission in ``received``, with its event and email owed."""
+def create(user: User, filename: str) -> Submission:
+    """A new submission in ``received``, with its event and email owed.
+
+    Not committed: the caller commits once the files are in place, then calls
+    :func:`hand_on`."""
     submission = Submission(user=user, filename=filename, status=Status.RECEIVED.value)
     db.session.add(submission)
     db.session.flush()
@@ -65,7 +74,13 @@ def create(user, filename):
     return submission
 
 
-def _record(submission_id, status, *, at, detail=None):
+def hand_on(submission: Submission) -> None:
+    """After a new submission's commit: queue its build and its first email."""
+    queue.enqueue_prepare(submission.id)
+    queue.enqueue_mail(submission.id)
+
+
+def _record(submission_id: int, status: Status, *, at: datetime, detail: str | None = None) -> None:
     event = Event(submission_id=submission_id, status=status.value, at=at, detail=detail)
     db.session.add(event)
     db.session.flush()

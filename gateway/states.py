@@ -20,16 +20,10 @@ class Status(str, Enum):
         return self.value
 
     @property
-    def terminal(self):
+    def terminal(self) -> bool:
         return self in TERMINAL
 
-    @property
-    def rank(self):
-        """Position along the happy path, so "is this later" is a comparison."""
-        return ORDER.index(self)
 
-
-ORDER = list(Status)
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.BUILD_FAILED, Status.CANCELLED})
 
 TRANSITIONS = {
@@ -58,7 +52,7 @@ class IllegalTransition(ValueError):
     pass
 
 
-def check(old, new):
+def check(old: Status | str, new: Status | str) -> Status:
     old, new = Status(old), Status(new)
     if new not in TRANSITIONS.get(old, ()):
         raise IllegalTransition(f"a submission cannot go from {old} to {new}")

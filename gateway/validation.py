@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 REQUIRED_FILES = ("main.py", "requirements.txt")
 
-# Finder's "Compress" adds AppleDouble metadata under __MACOSX/. It is never code, so it does not count as a second top folder when we look for
-# main.py, and unpack() leaves it out; every safety rule still applies to it, because
-# a hostile zip can put anything under that name.
+# Finder's "Compress" adds AppleDouble metadata under __MACOSX/. It is never code, so
+# it does not count as a second top folder when we look for main.py, and unpack()
+# leaves it out; every safety rule still applies to it, because a hostile zip can
+# put anything under that name.
 MAC_JUNK_FOLDER = "__MACOSX"
 
 # Compression methods zipfile can read; anything else (Deflate64 from Windows

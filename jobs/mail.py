@@ -1,4 +1,4 @@
-"""Status emails: rendering, the SMTP adapter, and sending what is owed, once.
+"""Status emails: rendering, and sending what is owed, once (through the SMTP adapter).
 
 An email is owed when its row exists (written with the status change). A
 sender claims the row before sending and marks it sent after, so retries and
@@ -6,71 +6,44 @@ racing workers never send it twice. Emails of one submission go out in the
 order they were owed: a sender stops at a row someone else holds.
 """
 import logging
-import smtplib
 import socket
 from datetime import timedelta, timezone
-from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
-from pathlib import Path
+from email.utils import format_datetime
 
 from flask import current_app
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from sqlalchemy import or_, update
 
+from gateway.adapters.smtp import Mailer
 from gateway.extensions import db
 from gateway.models import Email, utcnow
+from gateway.templating import render as render_template
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = Environment(
-    loader=FileSystemLoader(Path(__file__).parent / "templates" / "mail"),
-    undefined=StrictUndefined, keep_trailing_newline=True,
-)
 # a claim older than this belongs to a sender that died mid-way
 STALE_CLAIM = timedelta(minutes=10)
 
 
-class MailError(Exception):
+class TemplateError(Exception):
     pass
 
 
-def render(email):
+def render(email: Email) -> tuple[str, str]:
     """Subject and body for an owed email (template's first line is the subject)."""
     submission = email.submission
-    text = TEMPLATES.get_template(f"{email.kind}.txt").render(
+    text = render_template(
+        f"mail/{email.kind}.txt",
         submission=submission, user=submission.user, event=email.event,
         url=f"{current_app.config['PUBLIC_URL'].rstrip('/')}/submissions/{submission.id}",
         at=format_datetime(email.event.at.replace(tzinfo=timezone.utc)),
     )
     first, _, body = text.partition("\n")
     if not first.startswith("Subject: "):
-        raise MailError(f"template {email.kind}.txt must start with 'Subject: '")
+        raise TemplateError(f"template {email.kind}.txt must start with 'Subject: '")
     return first.removeprefix("Subject: ").strip(), body.lstrip("\n")
 
 
-class Mailer:
-    """The SMTP adapter: the only code that talks to the mail server."""
-
-    def __init__(self, host, port, sender, timeout=30):
-        self.host, self.port, self.sender, self.timeout = host, int(port), sender, timeout
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(cfg["SMTP_HOST"], cfg["SMTP_PORT"], cfg["MAIL_FROM"])
-
-    def send(self, to, subject, body, message_id=None):
-        message = EmailMessage()
-        message["From"], message["To"], message["Subject"] = self.sender, to, subject
-        message["Message-ID"] = message_id or make_msgid(domain="m2d.local")
-        message.set_content(body)
-        try:
-            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
-                smtp.send_message(message)
-        except (OSError, smtplib.SMTPException) as e:
-            raise MailError(f"could not send to {to} via {self.host}:{self.port}: {e}") from e
-
-
-def send_owed(submission_id, mailer=None):
+def send_owed(submission_id: int, mailer: Mailer | None = None) -> int:
     """Send this submission's owed emails in order; returns how many were sent."""
     mailer = mailer or Mailer.from_config(current_app.config)
     sent = 0

@@ -11,14 +11,14 @@ from datetime import timedelta, timezone
 
 from flask import current_app
 
+from gateway import queue
+from gateway.adapters import slurm
+from gateway.adapters.slurm import JobInfo, Scheduler
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import Email, Submission, utcnow
 from gateway.states import Status
 from gateway.storage import SubmissionFiles
-
-from . import queue
-from .slurm import make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +27,23 @@ ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 SWEEP_AFTER = timedelta(seconds=60)
 
 
-def poll_once(scheduler=None):
+def poll_once(scheduler: Scheduler | None = None) -> int:
     """Move every active submission to what Slurm says; returns how many moved."""
     active = Submission.query.filter(Submission.status.in_(ACTIVE),
                                      Submission.slurm_job_id.isnot(None)).all()
     moved = 0
     if active:
-        scheduler = scheduler or make_scheduler(current_app.config["SLURM_ADAPTER"])
+        scheduler = scheduler or slurm.from_config(current_app.config)
         infos = scheduler.statuses([s.slurm_job_id for s in active])
         for submission in active:
             info = infos.get(submission.slurm_job_id)
             if info is not None and _apply(submission, info):
                 moved += 1
-                queue.enqueue_mail(submission.id)
     _sweep()
     return moved
 
 
-def _apply(submission, info):
+def _apply(submission: Submission, info: JobInfo) -> bool:
     """Follow Slurm's view of one job; True if the submission moved."""
     moved = False
     status = submission.state
@@ -72,18 +71,18 @@ def _outcome(submission, info):
                            "error": stderr_tail(submission)}
 
 
-def stderr_tail(submission):
+def stderr_tail(submission: Submission) -> str:
     """The last lines the job wrote to stderr, capped for an email."""
     cfg = current_app.config
     path = SubmissionFiles(submission.id).logs / f"slurm-{submission.slurm_job_id}.err"
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
-            f.seek(max(0, f.tell() - int(cfg["STDERR_TAIL_BYTES"])))
+            f.seek(max(0, f.tell() - cfg["STDERR_TAIL_BYTES"]))
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return "(no stderr was written)"
-    lines = text.splitlines()[-int(cfg["STDERR_TAIL_LINES"]):]
+    lines = text.splitlines()[-cfg["STDERR_TAIL_LINES"]:]
     return "\n".join(lines)
 
 
@@ -109,7 +108,7 @@ def main():
     from gateway import create_app
     app = create_app()
     with app.app_context():
-        interval = float(app.config["POLL_INTERVAL"])
+        interval = app.config["POLL_INTERVAL"]
         log.info("enqueueing a poll every %s s", interval)
         while True:
             try:

@@ -1,14 +1,37 @@
+"""Two tiers. Tests that use the ``testbed`` fixture (directly or through
+another fixture: ``stack``, ``app``...) are marked ``testbed`` and need the
+real services that `make test` starts; the rest is `make unit`: no root, no
+services, seconds."""
+from pathlib import Path
+
 import pytest
 
 from gateway import create_app
 from gateway.config import from_environment
 from gateway.extensions import db
 
-from .stack import Stack
+from .stack import Stack, require_testbed
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "testbed" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.testbed)
 
 
 @pytest.fixture(scope="session")
-def stack():
+def testbed():
+    """The real services (Slurm, Apptainer, Redis, MLflow, SMTP); fails, never
+    skips, when `make test` did not start them."""
+    env = require_testbed()
+    base = Path(env["M2D_BASE_IMAGE"])
+    if not base.is_file():
+        pytest.fail(f"M2D_BASE_IMAGE={base} does not exist: is the testbed up?")
+    return {"apptainer": env["M2D_APPTAINER"], "base": base, "slurm_conf": env["SLURM_CONF"], "env": env}
+
+
+@pytest.fixture(scope="session")
+def stack(testbed):
     """The gateway's processes on the real testbed, for the whole session."""
     running = Stack().start()
     yield running
@@ -32,7 +55,7 @@ def tmp_zip(tmp_path):
 @pytest.fixture
 def local_app(tmp_path):
     """An app on its own fresh database (migrated), for tests of the
-    database logic that need no other service."""
+    database logic and the pages that need no other service."""
     import flask_migrate
 
     application = create_app({"TESTING": True, "DATA_DIR": str(tmp_path / "data"),
@@ -42,3 +65,9 @@ def local_app(tmp_path):
         flask_migrate.upgrade()
         yield application
         db.session.remove()
+
+
+@pytest.fixture
+def client(local_app):
+    """A Flask test client on the local app (no Slurm, no Redis)."""
+    return local_app.test_client()

@@ -29,11 +29,13 @@ TESTBED_KEYS = ("M2D_TESTBED_DIR", "SLURM_CONF", "M2D_APPTAINER", "M2D_BASE_IMAG
 
 
 def require_testbed():
+    """The testbed's settings, or an error that says how to get them."""
     missing = [k for k in TESTBED_KEYS if not os.environ.get(k)]
     if missing:
         raise RuntimeError(
             f"the testbed's settings are missing ({', '.join(missing)}). Run the suite with "
             "`make test`, which starts the testbed and sources its gateway.env.")
+    return {k: os.environ[k] for k in TESTBED_KEYS}
 
 
 def wait_for(predicate, timeout, what, interval=0.5):
@@ -101,7 +103,7 @@ class Stack:
         return self
 
     def stop(self):
-        for name, proc in reversed(list(self.procs.items())):
+        for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs.values():
@@ -123,7 +125,7 @@ class Stack:
                 raise RuntimeError(f"{name} exited: {(self.logs / f'{name}.log').read_text()[-3000:]}")
         try:
             return requests.get(f"{self.url}/healthz", timeout=2).ok
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # a loaded machine: still booting
             return False
 
     # ----------------------------------------------------------------- admin

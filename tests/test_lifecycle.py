@@ -5,11 +5,11 @@ from datetime import datetime, timezone
 import pytest
 
 from gateway import accounts, lifecycle
+from gateway.adapters.slurm import JobInfo
 from gateway.extensions import db
 from gateway.models import Email, Event, Submission
 from gateway.states import Status
 from jobs import poller
-from jobs.slurm import JobInfo
 
 
 def _submission():

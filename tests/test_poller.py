@@ -5,11 +5,11 @@ import subprocess
 import threading
 
 from gateway import lifecycle
+from gateway.adapters.slurm.cli import CliScheduler
 from gateway.extensions import db
 from gateway.models import Event, User
 from gateway.states import Status
 from jobs import mail, poller
-from jobs.slurm import CliScheduler
 
 from .stack import wait_for
 

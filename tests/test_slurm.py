@@ -20,15 +20,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobs.slurm import (
-    Batch,
-    CliScheduler,
-    JobInfo,
-    PyslurmScheduler,
-    SlurmError,
-    make_scheduler,
-    parse_sacct,
-)
+from gateway.adapters.slurm import JobInfo, SlurmError, from_config, parse_sacct
+from gateway.adapters.slurm.cli import Batch, CliScheduler
+from gateway.adapters.slurm.library import PyslurmScheduler
 
 UTC = timezone.utc
 REPO = Path(__file__).resolve().parent.parent
@@ -225,15 +219,15 @@ def test_scancel_errors_are_read_from_stderr_because_it_exits_zero(tmp_path):
 
 def test_unknown_adapter_names_the_choices():
     with pytest.raises(ValueError, match="cli, pyslurm"):
-        make_scheduler("slurmrestd")
-    assert isinstance(make_scheduler("cli", timeout=5), CliScheduler)
+        from_config({"SLURM_ADAPTER": "slurmrestd"})
+    assert isinstance(from_config({"SLURM_ADAPTER": "cli"}), CliScheduler)
 
 
 # ================================================================ pyslurm
 
 def test_importing_the_adapter_does_not_import_pyslurm():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, jobs.slurm; print('pyslurm' in sys.modules)"],
+        [sys.executable, "-c", "import sys, gateway.adapters.slurm.cli; print('pyslurm' in sys.modules)"],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
 
@@ -241,7 +235,7 @@ def test_importing_the_adapter_does_not_import_pyslurm():
 def test_pyslurm_missing_says_how_to_fix_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyslurm", None)   # import raises ImportError
     with pytest.raises(SlurmError) as err:
-        make_scheduler("pyslurm")
+        from_config({"SLURM_ADAPTER": "pyslurm"})
     msg = str(err.value)
     assert "pyslurm is not installed" in msg
     assert "pip install pyslurm==" in msg and "M2D_SLURM_ADAPTER=cli" in msg
@@ -335,7 +329,7 @@ def test_pyslurm_database_jobs_map_to_job_info(monkeypatch):
         _db_job(14, "RUNNING", 0, 0, t0, None),
         _db_job(99, "COMPLETED"),          # not asked for: dropped
     ], calls))
-    sched = make_scheduler("pyslurm")
+    sched = from_config({"SLURM_ADAPTER": "pyslurm"})
     got = sched.statuses(["10", "11", "12", "14"])
     assert calls == [("db.Jobs.load", {"ids": [10, 11, 12, 14]})]
     assert got["10"] == JobInfo("10", "COMPLETED", 0, 0,
@@ -357,7 +351,7 @@ def test_pyslurm_submit_find_and_cancel(monkeypatch, tmp_path):
         _db_job(22, "RUNNING", name="m2d-77", submit=t0 + 300),
         _db_job(23, "PENDING", name="allocation", submit=t0 + 400),
     ], calls, live_jobs=[_db_job(23, "PENDING", name="m2d-7", submit=t0 + 400)]))
-    sched = make_scheduler("pyslurm")
+    sched = from_config({"SLURM_ADAPTER": "pyslurm"})
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/bash\n")
     assert sched.submit(script, "m2d-7") == "4242"
@@ -398,7 +392,7 @@ class CountingBatch(Batch):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(testbed):
     env = _slurm_env()
     batch = CountingBatch(env=env, timeout=30)
     try:

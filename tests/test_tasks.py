@@ -11,20 +11,20 @@ import pytest
 from werkzeug.datastructures import FileStorage
 
 from gateway import accounts, create_app, intake, lifecycle
+from gateway.adapters.apptainer import ImageBuilder
+from gateway.adapters.slurm.cli import CliScheduler
 from gateway.config import from_environment
 from gateway.extensions import db
 from gateway.models import Email, Submission
 from gateway.states import Status
 from gateway.storage import SubmissionFiles
 from jobs import mail, tasks
-from jobs.slurm import CliScheduler
 
-from .stack import SAMPLES, require_testbed, zip_folder
+from .stack import SAMPLES, zip_folder
 
 
 @pytest.fixture
-def isolated_app():
-    require_testbed()
+def isolated_app(testbed):
     root = tempfile.mkdtemp(prefix="m2d-tasks-", dir="/tmp")  # shared with containers
     config = from_environment() | {
         "TESTING": True, "DATA_DIR": root,
@@ -54,8 +54,8 @@ def test_retried_prepare_after_a_crash_finds_its_job_instead_of_submitting_again
     submission = db.session.get(Submission, sid)
     submission.status = "building"
     db.session.commit()
-    environment = tasks.builder().ensure((SubmissionFiles(sid).code / "requirements.txt").read_text())
-    first = tasks._submit(sid, SubmissionFiles(sid), environment)
+    image = ImageBuilder.from_config(isolated_app.config).ensure((SubmissionFiles(sid).code / "requirements.txt").read_text())
+    first = tasks._submit(sid, SubmissionFiles(sid), image)
 
     tasks.prepare(sid)  # the retry
     db.session.expire_all()

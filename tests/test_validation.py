@@ -1,4 +1,5 @@
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -264,9 +265,12 @@ def test_every_refusal_says_how_to_fix_it(tmp_path):
     makers = [zips.make_text_file, zips.make_many_files_zip, zips.make_absolute_path_zip, zips.make_parent_path_zip,
               zips.make_symlink_zip, zips.make_encrypted_zip, zips.make_unsupported_compression_zip,
               zips.make_duplicate_zip, zips.make_huge_declared_zip, zips.make_zip_bomb, zips.make_nested_zip]
+    fixes = ("Make", "Leave", "Zip", "zip", "Re-create", "put", "cd ")
     for make in makers:
         message = refusal(make(tmp_path / f"{make.__name__}.zip")).message
-        assert any(word in message for word in ("zip ", "Zip ", "Re-create", "Leave", "put", "Make")), message
+        # after the clause that says what is wrong, one that starts with what to do
+        what_is_wrong, *rest = re.split(r"[.;:]\s+", message)
+        assert rest and any(clause.startswith(fixes) for clause in rest), message
 
 
 # --- normalise_requirements ------------------------------------------------------

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 
@@ -50,12 +52,16 @@ class MlflowAccount:
 
 
 class MlflowAdmin:
-    def __init__(self, url: str, admin_username: str, admin_password: str, timeout: float = 10):
+    def __init__(self, url: str, admin_username: str, admin_password: str, timeout: float = 10) -> None:
         self.url = url.rstrip("/")
         self.admin_username = admin_username
         self.timeout = timeout
         self._session = requests.Session()
         self._session.auth = (admin_username, admin_password)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> MlflowAdmin:
+        return cls(cfg["MLFLOW_URL"], cfg["MLFLOW_ADMIN_USERNAME"], cfg["MLFLOW_ADMIN_PASSWORD"])
 
     def provision(self, username: str) -> MlflowAccount:
         """Make `username` an MLflow user who can manage the experiment of the same

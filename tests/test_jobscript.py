@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from jobs.batch import BatchSpec, render_batch_script, write_batch_script, write_env_file
-from jobs.slurm import CliScheduler
+from gateway.adapters.slurm.cli import CliScheduler
+from jobs.jobscript import JobSpec, render_job_script, write_env_file, write_job_script
 
 TESTBED = Path(os.environ.get("M2D_TESTBED_DIR", "/opt/testbed"))
 APPTAINER = TESTBED / "apptainer" / "bin" / "apptainer"
 BASE_IMAGE = TESTBED / "images" / "base.sif"
 
 
-def _spec(root: Path, **kw) -> BatchSpec:
+def _spec(root: Path, **kw) -> JobSpec:
     values = dict(
         submission_id=42,
         image=root / "images" / "env-0123abcd.sif",
@@ -36,7 +36,7 @@ def _spec(root: Path, **kw) -> BatchSpec:
         env_file=root / "submissions" / "42" / "job.env",
     )
     values.update(kw)
-    return BatchSpec(**values)
+    return JobSpec(**values)
 
 
 def _directives(script: str) -> list[str]:
@@ -53,7 +53,7 @@ def _apptainer_argv(script: str) -> list[str]:
 # ================================================================ rendering
 
 def test_directives_name_the_job_and_its_resources():
-    script = render_batch_script(_spec(Path("/srv/m2d"), partition="gpu", gpus=2,
+    script = render_job_script(_spec(Path("/srv/m2d"), partition="gpu", gpus=2,
                                        cpus=4, mem="16G", time="2-00:00:00"))
     assert script.startswith("#!/bin/bash\n")
     assert _directives(script) == [
@@ -72,12 +72,12 @@ def test_directives_name_the_job_and_its_resources():
 
 
 def test_no_gpus_no_gres_and_no_partition_by_default():
-    directives = _directives(render_batch_script(_spec(Path("/srv/m2d"), gpus=0)))
+    directives = _directives(render_job_script(_spec(Path("/srv/m2d"), gpus=0)))
     assert not [d for d in directives if d.startswith(("--gres", "--partition"))]
 
 
 def test_container_gets_read_only_dataset_and_code_and_a_writable_export():
-    argv = _apptainer_argv(render_batch_script(_spec(Path("/srv/m2d"))))
+    argv = _apptainer_argv(render_job_script(_spec(Path("/srv/m2d"))))
     assert argv[:3] == ["apptainer", "exec", "--containall"]
     assert "--cleanenv" in argv
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
@@ -94,7 +94,7 @@ def test_container_gets_read_only_dataset_and_code_and_a_writable_export():
 def test_nv_and_extra_arguments_come_before_the_image():
     spec = _spec(Path("/srv/m2d"), nv=True, apptainer="/opt/apptainer/bin/apptainer",
                  extra_apptainer_args=("--net", "--network", "none"))
-    argv = _apptainer_argv(render_batch_script(spec))
+    argv = _apptainer_argv(render_job_script(spec))
     assert argv[0] == "/opt/apptainer/bin/apptainer"
     image = argv.index("/srv/m2d/images/env-0123abcd.sif")
     assert argv.index("--nv") < image
@@ -105,7 +105,7 @@ def test_odd_paths_are_quoted_for_the_shell():
     spec = _spec(Path("/srv/m2d"), image=Path("/srv/images/it's a $(test).sif"),
                  code_dir=Path("/srv/sub 42/code"),
                  extra_apptainer_args=("--env", "X=a b;rm -rf /"))
-    argv = _apptainer_argv(render_batch_script(spec))
+    argv = _apptainer_argv(render_job_script(spec))
     assert "/srv/images/it's a $(test).sif" in argv
     assert "/srv/sub 42/code:/code:ro" in argv
     assert "X=a b;rm -rf /" in argv
@@ -129,8 +129,8 @@ def test_values_that_could_break_the_script_are_refused(change):
 def test_written_script_is_valid_bash(tmp_path):
     spec = _spec(tmp_path, partition="debug", nv=True,
                  extra_apptainer_args=("--env", "A=$(b) `c`"))
-    path = write_batch_script(spec, tmp_path / "job.sbatch")
-    assert path.read_text() == render_batch_script(spec)
+    path = write_job_script(spec, tmp_path / "job.sbatch")
+    assert path.read_text() == render_job_script(spec)
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
 
 
@@ -183,7 +183,7 @@ def _need_testbed():
 
 
 @pytest.fixture
-def job_root():
+def job_root(testbed):
     base = TESTBED / "tmp-tests" if TESTBED.is_dir() else Path("/tmp")
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="batch-", dir=base))
@@ -200,7 +200,7 @@ def _run_job(root: Path, main_py: str, env: dict[str, str], **kw):
         d.mkdir(parents=True, exist_ok=True)
     (spec.code_dir / "main.py").write_text(main_py)
     write_env_file(spec.env_file, env)
-    script = write_batch_script(spec, spec.log_dir.parent / "job.sbatch")
+    script = write_job_script(spec, spec.log_dir.parent / "job.sbatch")
     sched = CliScheduler(env={"SLURM_CONF": conf})
     job = sched.submit(script, spec.job_name)
     deadline = time.monotonic() + 120

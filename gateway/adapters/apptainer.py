@@ -1,18 +1,18 @@
-"""The image builder: one Apptainer image per (base image, requirements).
+"""The Apptainer adapter: the only code that runs ``apptainer build``.
 
-This is the only code that runs ``apptainer build``. An image is named by its
-environment key, so a resubmission with the same requirements reuses the image
-and never runs pip again. Builds for one key are serialised with a file lock,
-and a finished image appears at its final path in one atomic rename, so a
-reader sees either no image or a whole one.
+One image per (base image, requirements): an image is named by its environment
+key, so a resubmission with the same requirements reuses the image and never
+runs pip again. Builds for one key are serialised with a file lock, and a
+finished image appears at its final path in one atomic rename, so a reader
+sees either no image or a whole one.
 
-spython 0.3.14 drives the build, with workarounds for three of its limits:
-it only runs a command named ``singularity`` found on PATH, and with
-``stream=True`` it streams stdout only, reading stderr just to print it after a
-failure -- so we put our own ``singularity`` on PATH that runs the configured
-apptainer with stderr merged into stdout (pip's errors and apptainer's FATAL
-lines then reach BuildError.log); and it gives no handle on the process, so the
-time limit is enforced around pip, inside %post (singularity/env.def.j2).
+spython 0.3.14 drives the build, with workarounds for its limits: it runs a
+command named ``singularity``, and with ``stream=True`` it streams stdout only,
+reading stderr just to print it after a failure -- so our spython client runs,
+by absolute path, a small script that runs the configured apptainer with stderr
+merged into stdout (pip's errors and apptainer's FATAL lines then reach
+BuildError.log); and it gives no handle on the process, so the time limit is
+enforced around pip, inside %post (singularity/env.def.j2).
 """
 
 from __future__ import annotations
@@ -28,19 +28,22 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import jinja2
-from spython.main import Client
+from spython.main import get_client
+from spython.main.base.command import init_command
 
-from gateway.validation import normalise_requirements
+from ..config import required
+from ..templating import render
+from ..validation import normalise_requirements
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "singularity"
-DEFINITION_TEMPLATE = "env.def.j2"
+DEFINITION_TEMPLATE = "singularity/env.def.j2"
 CA_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
 
 LOG_TAIL_LINES = 60
@@ -64,7 +67,9 @@ class BuildError(Exception):
 
 
 @dataclass(frozen=True)
-class Environment:
+class Image:
+    """A researcher environment image: the base plus one set of requirements."""
+
     key: str
     path: Path
     digest: str
@@ -103,52 +108,47 @@ def _cached_digest(path: Path) -> str:
     return digest
 
 
-_jinja = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(TEMPLATES),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    autoescape=False,
-)
-
-
 def render_definition(*, base_image: Path, base_digest: str, key: str,
                       requirements: Path, timeout: int) -> str:
-    return _jinja.get_template(DEFINITION_TEMPLATE).render(
-        base_image=base_image, base_digest=base_digest, key=key,
-        requirements=requirements, ca_bundle=CA_IN_IMAGE, timeout=int(timeout),
-    )
+    return render(DEFINITION_TEMPLATE, base_image=base_image, base_digest=base_digest, key=key,
+                  requirements=requirements, ca_bundle=CA_IN_IMAGE, timeout=timeout)
 
-
-_path_lock = threading.Lock()
 
 _SHIM = """#!/bin/sh
-# Written by jobs/builder.py for spython, which runs "singularity" from PATH and
-# streams only its stdout: stderr carries pip's errors and apptainer's FATAL lines.
+# Written by gateway/adapters/apptainer.py for spython, which streams only its
+# command's stdout: stderr carries pip's errors and apptainer's FATAL lines.
 exec {apptainer} "$@" 2>&1
 """
+_shim_lock = threading.Lock()
 
 
-def _singularity_command(apptainer: str, shim_dir: Path) -> None:
-    """Make ``singularity`` on PATH run ``apptainer``, stderr merged into stdout.
-
-    spython has no way to pass a binary or an environment, so PATH is the
-    only lever, and it is process-wide: one process drives one apptainer.
-    """
+def _merged_output_command(apptainer: str, shim_dir: Path) -> Path:
+    """A script that runs ``apptainer`` with stderr merged into stdout."""
     target = shutil.which(apptainer)
     if target is None:
         raise BuildError(f"apptainer not found: {apptainer!r}")
-    shim = shim_dir / "singularity"
+    shim = shim_dir / "apptainer-merged"
     script = _SHIM.format(apptainer=shlex.quote(os.path.abspath(target)))
-    with _path_lock:
+    with _shim_lock:
         if not shim.is_file() or shim.read_text() != script:
             shim_dir.mkdir(parents=True, exist_ok=True)
-            tmp = shim_dir / f".singularity.{os.getpid()}.{threading.get_ident()}"
+            tmp = shim_dir / f".apptainer-merged.{os.getpid()}.{threading.get_ident()}"
             tmp.write_text(script)
             tmp.chmod(0o755)
             os.replace(tmp, shim)
-        if shutil.which("singularity") != str(shim):
-            rest = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d != str(shim_dir)]
-            os.environ["PATH"] = os.pathsep.join([str(shim_dir), *rest])
+    return shim
+
+
+def _spython_client(command: Path):
+    """A spython client of our own that runs ``command`` where it would run
+    ``singularity`` from PATH: the process's PATH stays as it is."""
+    client = get_client(quiet=True)
+
+    def _init_command(action, flags=None):
+        return [str(command), *init_command(client, action, flags)[1:]]
+
+    client._init_command = _init_command
+    return client
 
 
 def _tail(lines) -> str:
@@ -169,7 +169,7 @@ def _failure_summary(lines) -> str:
 class ImageBuilder:
     def __init__(self, image_dir: Path, base_image: Path, apptainer: str = "apptainer",
                  bind_ca: str | None = "/etc/ssl/certs/ca-certificates.crt",
-                 timeout: int = 1800):
+                 timeout: int = 1800) -> None:
         self.image_dir = Path(image_dir).resolve()
         # Not resolved here: the base may be a symlink that a redeploy moves
         # to a new image, and then new keys (and builds) must follow it.
@@ -177,6 +177,11 @@ class ImageBuilder:
         self.apptainer = apptainer
         self.bind_ca = bind_ca
         self.timeout = timeout
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> ImageBuilder:
+        return cls(required(cfg, "IMAGE_DIR"), required(cfg, "BASE_IMAGE"), apptainer=cfg["APPTAINER"],
+                   bind_ca=cfg["BUILD_BIND_CA"] or None, timeout=cfg["BUILD_TIMEOUT"])
 
     def _base(self) -> tuple[Path, str]:
         # Resolved once per call, so the digest in the key and the From: line
@@ -187,10 +192,10 @@ class ImageBuilder:
     def key_for(self, requirements: str) -> str:
         return environment_key(self._base()[1], requirements)
 
-    def path_for(self, key) -> Path:
+    def path_for(self, key: str) -> Path:
         return self.image_dir / f"env-{key}.sif"
 
-    def ensure(self, requirements: str) -> Environment:
+    def ensure(self, requirements: str) -> Image:
         started = time.monotonic()
         base, base_digest = self._base()
         key = environment_key(base_digest, requirements)
@@ -200,11 +205,11 @@ class ImageBuilder:
                 # Whoever held the lock before us may have built it.
                 if not path.exists():
                     return self._build(key, requirements, path, base, base_digest, started)
-        return Environment(key=key, path=path, digest=_cached_digest(path), built=False,
+        return Image(key=key, path=path, digest=_cached_digest(path), built=False,
                            seconds=time.monotonic() - started, log="")
 
     @contextmanager
-    def _lock(self, key: str):
+    def _lock(self, key: str) -> Iterator[None]:
         # flock, not lockf: flock locks belong to the open file, so two threads
         # of one worker exclude each other as well as two processes do.
         # Lock files stay behind: unlinking one races with a waiter holding it open.
@@ -218,10 +223,10 @@ class ImageBuilder:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _build(self, key: str, requirements: str, path: Path, base: Path, base_digest: str,
-               started: float) -> Environment:
+               started: float) -> Image:
         if self.bind_ca is not None and not os.path.isfile(self.bind_ca):
             raise BuildError(f"CA bundle to bind into the build does not exist: {self.bind_ca}")
-        _singularity_command(self.apptainer, self.image_dir / ".bin")
+        command = _merged_output_command(self.apptainer, self.image_dir / ".bin")
 
         scratch = self.image_dir / ".build"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -240,7 +245,7 @@ class ImageBuilder:
                 requirements=reqs, timeout=self.timeout))
             # apptainer build asks before overwriting, so the target must not exist yet.
             partial = workdir / "image.sif"
-            lines = self._run_build(definition, partial)
+            lines = self._run_build(command, definition, partial)
             if not partial.is_file():
                 raise BuildError("apptainer build reported success but wrote no image",
                                  log=_tail(lines))
@@ -249,10 +254,10 @@ class ImageBuilder:
             shutil.rmtree(workdir, ignore_errors=True)
         seconds = time.monotonic() - started
         log.info("built %s in %.1f s", path.name, seconds)
-        return Environment(key=key, path=path, digest=_cached_digest(path), built=True,
+        return Image(key=key, path=path, digest=_cached_digest(path), built=True,
                            seconds=seconds, log=_tail(lines))
 
-    def _run_build(self, definition: Path, image: Path) -> list[str]:
+    def _run_build(self, command: Path, definition: Path, image: Path) -> list[str]:
         options = ["--bind", f"{self.bind_ca}:{CA_IN_IMAGE}"] if self.bind_ca else []
         lines: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         log.info("building %s from %s", image, definition)
@@ -261,7 +266,7 @@ class ImageBuilder:
             # output; the stream raises CalledProcessError once it is drained.
             # sudo defaults to True for build; workers already run as the user
             # that builds.
-            _, stream = Client.build(recipe=str(definition), image=str(image), sudo=False,
+            _, stream = _spython_client(command).build(recipe=str(definition), image=str(image), sudo=False,
                                      stream=True, options=options, quiet=True)
             for line in stream:
                 line = line.rstrip("\n")

@@ -12,7 +12,7 @@ import pytest
 import requests
 from requests.auth import HTTPBasicAuth
 
-from gateway.mlflow_admin import MlflowAccount, MlflowAdmin, MlflowError
+from gateway.adapters.mlflow import MlflowAccount, MlflowAdmin, MlflowError
 
 API = "/api/2.0/mlflow"
 
@@ -27,12 +27,12 @@ def setting(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def url():
+def url(testbed):
     return setting("M2D_MLFLOW_URL").rstrip("/")
 
 
 @pytest.fixture(scope="module")
-def admin_auth():
+def admin_auth(testbed):
     # HTTPBasicAuth rather than a tuple: pytest prints fixture values in failure
     # reports, and this keeps the admin password out of them.
     return HTTPBasicAuth(setting("M2D_MLFLOW_ADMIN_USERNAME"), setting("M2D_MLFLOW_ADMIN_PASSWORD"))

@@ -1,8 +1,14 @@
-"""The rq queues. Messages carry submission ids only; the database holds the state.
+"""The gateway's outbound port: work handed to the rq workers.
+
+Messages carry submission ids only and name their tasks as dotted strings
+("jobs.tasks.prepare"), so the gateway never imports the workers' code: the
+dependency runs one way, jobs -> gateway. The database holds the state.
 
 Enqueueing never fails a request: if Redis is down the submission is still
 recorded, and the poller's sweep hands it on later.
 """
+from __future__ import annotations
+
 import logging
 
 from flask import current_app
@@ -16,11 +22,11 @@ log = logging.getLogger(__name__)
 NAMES = ("build", "mail", "poll")
 
 
-def connection():
+def connection() -> Redis:
     return Redis.from_url(current_app.config["REDIS_URL"])
 
 
-def queue(name, redis=None):
+def queue(name: str, redis: Redis | None = None) -> Queue:
     namespace = current_app.config["QUEUE_NAMESPACE"]
     return Queue(f"{namespace}-{name}", connection=redis or connection())
 
@@ -30,24 +36,24 @@ def queue(name, redis=None):
 PENDING = ("queued", "scheduled", "deferred")
 
 
-def enqueue_prepare(submission_id):
+def enqueue_prepare(submission_id: int) -> None:
     _enqueue("build", "jobs.tasks.prepare", submission_id,
-             timeout=int(current_app.config["BUILD_TIMEOUT"]) + 600,
+             timeout=current_app.config["BUILD_TIMEOUT"] + 600,
              retry=Retry(max=3, interval=[30, 120, 600]), skip_if=PENDING + ("started",))
 
 
-def enqueue_mail(submission_id):
+def enqueue_mail(submission_id: int) -> None:
     # a running sender may have listed the owed emails before this one: queue anyway
     _enqueue("mail", "jobs.tasks.send_mail", submission_id,
              retry=Retry(max=5, interval=[5, 15, 60, 300, 900]), skip_if=PENDING)
 
 
-def enqueue_cancel(submission_id):
+def enqueue_cancel(submission_id: int) -> None:
     _enqueue("mail", "jobs.tasks.cancel", submission_id, skip_if=PENDING,
              retry=Retry(max=3, interval=[5, 30, 120]))
 
 
-def enqueue_poll():
+def enqueue_poll() -> None:
     q = queue("poll")
     if q.count == 0:  # one poll waiting is enough
         q.enqueue("jobs.tasks.poll", job_timeout=300)

@@ -1,6 +1,6 @@
-"""The batch script that runs one submission: ``singularity/job.sbatch.j2``.
+"""The Slurm batch script that runs one submission: ``singularity/job.sbatch.j2``.
 
-:class:`BatchSpec` holds the values; the template holds the script.  The
+:class:`JobSpec` holds the values; the template holds the script.  The
 script runs the researcher's ``main.py`` with ``apptainer exec --containall
 --cleanenv`` in the submission's image, with CLaM bound read-only at
 ``/mnt/dataset``, the export folder at ``/mnt/export`` and the code
@@ -11,20 +11,18 @@ read-only at ``/code`` (also the working directory: results belong in
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import jinja2
+from gateway.storage import write_private
+from gateway.templating import render
 
-__all__ = ["BatchSpec", "render_batch_script", "write_batch_script",
-           "write_env_file", "TEMPLATE_DIR", "TEMPLATE_NAME"]
+__all__ = ["JobSpec", "render_job_script", "write_job_script", "write_env_file"]
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "singularity"
-TEMPLATE_NAME = "job.sbatch.j2"
+TEMPLATE = "singularity/job.sbatch.j2"
 
 DATASET_MOUNT = "/mnt/dataset"
 EXPORT_MOUNT = "/mnt/export"
@@ -37,7 +35,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
-class BatchSpec:
+class JobSpec:
     submission_id: int
     image: Path              # env-<hash>.sif
     code_dir: Path           # -> /code, read-only, working directory
@@ -94,28 +92,7 @@ class BatchSpec:
             raise ValueError("extra_apptainer_args is a tuple of arguments")
 
 
-def _directive(value) -> str:
-    text = str(value)
-    if not text or re.search(r"\s|['\"\\#]", text):
-        raise ValueError(f"unsafe value for an #SBATCH line: {text!r}")
-    return text
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["q"] = lambda value: shlex.quote(str(value))
-    env.filters["directive"] = _directive
-    return env
-
-
-def render_batch_script(spec: BatchSpec) -> str:
+def render_job_script(spec: JobSpec) -> str:
     values = asdict(spec)
     values.update(
         job_name=spec.job_name,
@@ -123,13 +100,13 @@ def render_batch_script(spec: BatchSpec) -> str:
         export_bind=f"{spec.export_dir}:{EXPORT_MOUNT}",
         code_bind=f"{spec.code_dir}:{CODE_MOUNT}:ro",
     )
-    return _environment().get_template(TEMPLATE_NAME).render(**values)
+    return render(TEMPLATE, **values)
 
 
-def write_batch_script(spec: BatchSpec, path: Path) -> Path:
+def write_job_script(spec: JobSpec, path: Path) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_batch_script(spec))
+    tmp.write_text(render_job_script(spec))
     tmp.chmod(0o750)
     tmp.replace(path)
     return path
@@ -157,9 +134,4 @@ def write_env_file(path: Path, values: Mapping[str, str]) -> Path:
         if "\n" in str(value) or "\0" in str(value):
             raise ValueError(f"{name}: value contains a newline or NUL")
         lines.append(f"{name}={_env_quote(str(value))}\n")
-    path = Path(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.writelines(lines)
-    return path
+    return write_private(Path(path), "".join(lines))

@@ -5,7 +5,6 @@ Integration tests need the testbed: run them with
 They fail (never skip) when it is missing, so a green run means images were built.
 """
 
-import os
 import shutil
 import subprocess
 import threading
@@ -15,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.builder import (BuildError, ImageBuilder, environment_key, file_digest,
-                          render_definition)
+from gateway.adapters.apptainer import BuildError, ImageBuilder, environment_key, file_digest, render_definition
 
 TEST_ROOT = Path("/opt/testbed/tmp-tests")
 BASE_DIGEST = "sha256:" + "ab" * 32
@@ -123,20 +121,8 @@ def test_missing_base_image_raises_file_not_found(tmp_path):
 
 # -- against the testbed's Apptainer -------------------------------------------
 
-@pytest.fixture(scope="session")
-def testbed():
-    missing = [n for n in ("M2D_APPTAINER", "M2D_BASE_IMAGE") if not os.environ.get(n)]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not set: the builder's integration tests need the "
-                    "testbed; run `set -a; . /opt/testbed/gateway.env; set +a` first")
-    base = Path(os.environ["M2D_BASE_IMAGE"])
-    if not base.is_file():
-        pytest.fail(f"M2D_BASE_IMAGE={base} does not exist: is the testbed up?")
-    return {"apptainer": os.environ["M2D_APPTAINER"], "base": base}
-
-
 @pytest.fixture
-def image_dir():
+def image_dir(testbed):
     # Under /opt, not pytest's /tmp: the testbed's apptainer wrapper shares a
     # host folder only if it is /tmp-like or named in the command line, and the
     # base image is named only inside the definition file.

@@ -1,0 +1,190 @@
+"""Slurm through its command-line tools: ``sbatch``, ``sacct``, ``squeue``, ``scancel``.
+
+Every invocation lives in :class:`Batch` (one command in, the finished process
+out, :class:`SlurmError` carrying stderr on failure), as in ood_core's Slurm
+adapter; :class:`CliScheduler` turns the outputs into values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import (
+    JOB_ID,
+    SACCT_FIELDS,
+    SACCT_TIME_FORMAT,
+    JobInfo,
+    Scheduler,
+    SlurmError,
+    check_ids,
+    check_name,
+    parse_sacct,
+    parse_time,
+    utc,
+)
+
+_SCANCEL_GONE = re.compile(r"Invalid job id specified|already completing or completed",
+                           re.IGNORECASE)
+
+
+def _parse_sbatch(stdout: str) -> str:
+    # --parsable prints "id" or "id;cluster"; warnings go to stderr
+    lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]
+    job_id = lines[-1].split(";", 1)[0] if lines else ""
+    if not JOB_ID.fullmatch(job_id):
+        raise ValueError(f"unexpected sbatch --parsable output {stdout!r}")
+    return job_id
+
+
+
+
+# The environment the Slurm commands get.  Everything else in the gateway's
+# environment (secret keys, database URLs, MLflow admin password) stays out:
+# sbatch copies its own environment into the job (--export=ALL), and SBATCH_*
+# or SACCT_* variables would silently change what the commands do.
+PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL",
+               "SLURM_CONF")
+
+
+class Batch:
+    """Runs one Slurm command; a non-zero exit, a timeout or a missing
+    binary is a SlurmError carrying the command and its stderr."""
+
+    def __init__(self, bin_dir: str | os.PathLike | None = None,
+                 env: Mapping[str, str] | None = None,
+                 timeout: float = 30.0) -> None:
+        self.bin_dir = Path(bin_dir) if bin_dir else None
+        self.timeout = timeout
+        base = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        base.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        base.update(env or {})
+        base.update(TZ="UTC", SLURM_TIME_FORMAT="standard")
+        self.env = base
+
+    def command(self, name: str) -> str:
+        return str(self.bin_dir / name) if self.bin_dir else name
+
+    def run(self, name: str, args: Sequence[str]) -> subprocess.CompletedProcess:
+        cmd = [self.command(name), *args]
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=self.env,
+                timeout=self.timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            raise SlurmError(f"{name} timed out after {self.timeout:g} s",
+                             cmd=cmd, stderr=stderr) from None
+        except OSError as e:
+            raise SlurmError(f"cannot run {name}: {e}", cmd=cmd,
+                             stderr=str(e)) from None
+        if proc.returncode != 0:
+            detail = proc.stderr.strip() or proc.stdout.strip()
+            raise SlurmError(f"{name} failed (exit {proc.returncode}): {detail}",
+                             cmd=cmd, returncode=proc.returncode,
+                             stderr=proc.stderr)
+        return proc
+
+
+class CliScheduler(Scheduler):
+    """The default scheduler: Slurm's own command-line tools.
+
+    ``bin_dir``: folder holding sbatch/sacct/scancel (default: PATH).
+    ``env``: extra environment for the commands, e.g. ``{"SLURM_CONF": ...}``.
+    ``timeout``: seconds each command may take.  A timed-out sbatch may still
+    have queued the job; :meth:`find` is how to tell.
+    """
+
+    def __init__(self, bin_dir: str | os.PathLike | None = None,
+                 env: Mapping[str, str] | None = None, timeout: float = 30.0,
+                 batch: Batch | None = None) -> None:
+        self.batch = batch or Batch(bin_dir=bin_dir, env=env, timeout=timeout)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> CliScheduler:
+        return cls()
+
+    def submit(self, script: Path, job_name: str) -> str:
+        check_name(job_name)
+        script = Path(script).resolve()
+        # The job starts in the script's folder (shared storage), not in
+        # whatever folder the worker process happens to run in.
+        out = self.batch.run("sbatch", [
+            "--parsable", f"--job-name={job_name}", f"--chdir={script.parent}",
+            str(script)]).stdout
+        try:
+            return _parse_sbatch(out)
+        except ValueError as e:
+            raise SlurmError(str(e), cmd=["sbatch"], stderr=out) from None
+
+    def statuses(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
+        """One sacct call for all ids.
+
+        The accounting database trails slurmctld: for a second or two after
+        sbatch a job is absent here, and a running job may still read
+        PENDING.  Absent means "not known yet", never "lost".
+        """
+        ids = check_ids(job_ids)
+        if not ids:
+            return {}
+        out = self.batch.run("sacct", [
+            "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS), "-j", ",".join(ids)]).stdout
+        try:
+            found = parse_sacct(out, tz=timezone.utc)
+        except ValueError as e:
+            raise SlurmError(str(e), cmd=["sacct"], stderr=out) from None
+        wanted = set(ids)
+        return {k: v for k, v in found.items() if k in wanted}
+
+    def find(self, job_name: str, since: datetime) -> str | None:
+        check_name(job_name)
+        # Two sources, because neither is enough alone: for the first few
+        # seconds after sbatch the accounting record is named "allocation"
+        # (or is missing), so sacct --name misses the job; slurmctld has the
+        # name at once but forgets the job MinJobAge (300 s) after it ends.
+        since = utc(since).replace(microsecond=0)
+        live = self.batch.run("squeue", [
+            "-h", "-t", "all", f"--name={job_name}", "-o", "%i|%j|%V"]).stdout
+        recorded = self.batch.run("sacct", [
+            "-X", "-n", "-P", "-o", "JobIDRaw,JobName,Submit",
+            # sacct refuses a window that starts after "now"
+            f"--name={job_name}", "-S", min(since, datetime.now(timezone.utc))
+            .strftime(SACCT_TIME_FORMAT), "-E", "now"]).stdout
+        newest: tuple[datetime, int] | None = None
+        for line in (live + "\n" + recorded).splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) != 3 or not JOB_ID.fullmatch(fields[0]):
+                continue
+            job_id, name, raw_submit = fields
+            try:
+                submitted = parse_time(raw_submit, timezone.utc)
+            except ValueError as e:
+                raise SlurmError(str(e), cmd=["squeue/sacct"],
+                                 stderr=live + recorded) from None
+            # sacct's window also holds older jobs still running at `since`;
+            # --name is exact already, the name check guards other versions
+            if name != job_name or submitted is None or submitted < since:
+                continue
+            key = (submitted, int(job_id))
+            if newest is None or key > newest:
+                newest = key
+        return str(newest[1]) if newest else None
+
+    def cancel(self, job_id: str) -> None:
+        (job_id,) = check_ids([job_id])
+        proc = self.batch.run("scancel", [job_id])
+        # scancel (22.05) exits 0 even when it could not cancel the job: read
+        # stderr.  A job that is over, or so long over that slurmctld has
+        # forgotten it ("Invalid job id"), is not running: that is success.
+        for line in proc.stderr.splitlines():
+            if "error" in line.lower() and not _SCANCEL_GONE.search(line):
+                raise SlurmError(f"scancel {job_id}: {line.strip()}",
+                                 cmd=proc.args, returncode=proc.returncode,
+                                 stderr=proc.stderr)
+
+

@@ -1,0 +1,136 @@
+"""Slurm through pyslurm's library API (pyslurm >= 23.2), behind the same interface.
+
+Optional: selected with ``M2D_SLURM_ADAPTER=pyslurm``, and pyslurm is imported
+only here, only after checking that slurm.conf is readable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import TERMINAL_STATES, JobInfo, Scheduler, SlurmError, base_state, check_ids, check_name, utc
+from .cli import PASSED_ENV
+
+PYSLURM_MISSING = ("pyslurm is not installed: pip install pyslurm==<version "
+                   "matching your Slurm, e.g. 22.5.x for Slurm 22.05>, or set "
+                   "M2D_SLURM_ADAPTER=cli")
+
+
+def _import_pyslurm(slurm_conf: str | os.PathLike | None):
+    mod = sys.modules.get("pyslurm")
+    if mod is not None:
+        return mod
+    if "pyslurm" in sys.modules or importlib.util.find_spec("pyslurm") is None:
+        raise SlurmError(PYSLURM_MISSING)
+    # `import pyslurm` runs slurm_init(): without a readable slurm.conf the
+    # whole process exits after about a minute, with no exception to catch.
+    conf = Path(slurm_conf or os.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
+    if not os.access(conf, os.R_OK):
+        raise SlurmError(f"not importing pyslurm: slurm.conf {conf} is not "
+                         "readable (set SLURM_CONF); pyslurm would kill the "
+                         "process instead of raising")
+    if slurm_conf:
+        os.environ["SLURM_CONF"] = str(conf)
+    try:
+        import pyslurm
+    except ImportError as e:
+        raise SlurmError(f"{PYSLURM_MISSING} ({e})") from None
+    return pyslurm
+
+
+def _from_epoch(value) -> datetime | None:
+    if value is None or value in (0, "0"):
+        return None
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return datetime.fromtimestamp(int(value), tz=timezone.utc)
+
+
+def job_info_from_pyslurm(job) -> JobInfo:
+    """Map a ``pyslurm.db.Job`` to a JobInfo (its times are epoch seconds)."""
+    state = base_state(str(job.state or ""))
+    finished = state in TERMINAL_STATES
+    return JobInfo(
+        job_id=str(job.id), state=state,
+        exit_code=job.exit_code if finished else None,
+        signal=(job.exit_code_signal or 0) if finished else None,
+        start=_from_epoch(job.start_time), end=_from_epoch(job.end_time))
+
+
+class PyslurmScheduler(Scheduler):
+    """The same interface through pyslurm's library API (pyslurm >= 23.2).
+
+    Constructing it imports pyslurm, so a worker that is configured for it
+    but cannot use it fails at start, not at its first job.
+    """
+
+    def __init__(self, slurm_conf: str | os.PathLike | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.pyslurm = _import_pyslurm(slurm_conf)
+        job_env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        job_env.update(env or {})
+        self.job_env = job_env
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> PyslurmScheduler:
+        return cls()
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except self.pyslurm.RPCError as e:
+            raise SlurmError(f"pyslurm {what} failed: {e}", cmd=[what],
+                             stderr=str(e)) from None
+
+    def submit(self, script: Path, job_name: str) -> str:
+        check_name(job_name)
+        script = Path(script).resolve()
+        desc = self.pyslurm.JobSubmitDescription(
+            name=job_name, script=str(script),
+            working_directory=str(script.parent),
+            environment=dict(self.job_env))
+        # the #SBATCH lines; values given above win
+        desc.load_sbatch_options()
+        return str(self._call("submit", desc.submit))
+
+    def statuses(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
+        ids = check_ids(job_ids)
+        if not ids:
+            return {}
+        db = self.pyslurm.db
+        jobs = self._call("db.Jobs.load", db.Jobs.load,
+                          db.JobFilter(ids=[int(i) for i in ids]))
+        wanted = set(ids)
+        out = {}
+        for job in jobs:
+            info = job_info_from_pyslurm(job)
+            if info.job_id in wanted:
+                out[info.job_id] = info
+        return out
+
+    def find(self, job_name: str, since: datetime) -> str | None:
+        check_name(job_name)
+        # slurmctld and the database, for the reason given in CliScheduler.find
+        since = utc(since).replace(microsecond=0)
+        db = self.pyslurm.db
+        live = self._call("Jobs.load", self.pyslurm.Jobs.load).values()
+        recorded = self._call("db.Jobs.load", db.Jobs.load,
+                              db.JobFilter(names=[job_name], start_time=since))
+        matches = [j for j in [*live, *recorded] if j.name == job_name
+                   and (j.submit_time or 0) >= since.timestamp()]
+        if not matches:
+            return None
+        newest = max(matches, key=lambda j: (j.submit_time, int(j.id)))
+        return str(newest.id)
+
+    def cancel(self, job_id: str) -> None:
+        (job_id,) = check_ids([job_id])
+        self._call("cancel", self.pyslurm.Job(int(job_id)).cancel)
+
+
