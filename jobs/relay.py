@@ -397,9 +397,9 @@ class Relay:
         with run.sending:
             self.send_pending(run)
             answer = self.forward(method, path, params)
-        if answer[0] == 200:
+        if answer[0] == 200 and isinstance(params.get("key"), str):
             with self._lock:
-                run.tag_keys.discard(params.get("key"))
+                run.tag_keys.discard(params["key"])
         return answer
 
     # -- log calls: validated, answered at once, sent in batches
@@ -457,9 +457,10 @@ class Relay:
         items = [("metrics", self.check_metric(m)) for m in metrics]
         items += [("params", self.check_param(p)) for p in params]
         items += [("tags", self.check_tag(t)) for t in tags]
+        sizes = [len(json.dumps(item)) for _, item in items]
         with self._lock:
             new_params, new_tag_keys, fresh = {}, set(), []
-            for kind, item in items:
+            for (kind, item), size in zip(items, sizes):
                 if kind == "params":
                     known = run.params.get(item["key"], new_params.get(item["key"]))
                     if known is not None and known != item["value"]:
@@ -470,7 +471,7 @@ class Relay:
                     new_params[item["key"]] = item["value"]
                 elif kind == "tags" and item["key"] not in run.tag_keys:
                     new_tag_keys.add(item["key"])
-                fresh.append((kind, item, len(json.dumps(item))))
+                fresh.append((kind, item, size))
             if len(run.params) + len(new_params) > self.limits.params_per_run:
                 raise over_limit(f"a run may have at most {self.limits.params_per_run} params")
             if len(run.tag_keys) + len(new_tag_keys) > self.limits.tags_per_run:
