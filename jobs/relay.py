@@ -79,8 +79,11 @@ ALLOWED_CALLS = (
 )
 
 
+LOG_NAME = "relay"  # "shim" in the container
+
+
 def log(message: str) -> None:
-    print(f"relay[{os.getpid()}] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+    print(f"{LOG_NAME}[{os.getpid()}] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
 class Refused(Exception):
@@ -677,9 +680,11 @@ class UnixRelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 
 
 def read_credentials(path: str):
+    # The gateway writes it for the job account: owner and group may read it
+    # (0640, group = the job account's), anyone else not.
     mode = os.stat(path).st_mode
-    if mode & 0o077:
-        raise SystemExit(f"{path} is readable by others (mode {stat.S_IMODE(mode):o}); it must be 0600")
+    if mode & 0o007:
+        raise SystemExit(f"{path} is readable by others (mode {stat.S_IMODE(mode):o}); it must be 0600 or 0640")
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     if len(lines) < 2 or not lines[0] or not lines[1]:
@@ -758,7 +763,7 @@ def connect_pair(client: socket.socket, socket_path: str) -> None:
     except OSError as e:
         log(f"cannot reach the relay at {socket_path}: {e}")
         relay.close()
-        client.close()
+        answer_relay_gone(client)
         return
     back = threading.Thread(target=pump, args=(relay, client), daemon=True)
     back.start()
@@ -768,7 +773,28 @@ def connect_pair(client: socket.socket, socket_path: str) -> None:
     client.close()
 
 
+def answer_relay_gone(client: socket.socket) -> None:
+    """A clear 400 instead of a dropped connection, which the client would retry for
+    minutes. The request is drained after the answer: closing with unread bytes would
+    reset the connection before the client reads it."""
+    body = json.dumps({"error_code": "TEMPORARILY_UNAVAILABLE",
+                       "message": "this job's MLflow relay is not running; nothing can be logged"}).encode()
+    head = ("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    try:
+        client.sendall(head + body)
+        client.shutdown(socket.SHUT_WR)
+        client.settimeout(2)
+        while client.recv(65536):
+            pass
+    except OSError:
+        pass
+    client.close()
+
+
 def shim(args) -> int:
+    global LOG_NAME
+    LOG_NAME = "shim"
     host, _, port = args.listen.rpartition(":")
     listener = socket.create_server((host, int(port)))
     touch(args.ready_file)

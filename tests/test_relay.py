@@ -445,3 +445,11 @@ def test_buffered_metrics_are_all_in_mlflow_after_the_relay_gets_sigterm(start_r
     assert metric_history(mlflow_url, admin_auth, run_id, "loss") == [(s, s / 1000) for s in range(1500)]
     assert upstream_run(mlflow_url, admin_auth, run_id)["params"] == {"optimizer": "adam"}
     assert not (relay.job_dir / "mlflow.sock").exists()
+
+
+def test_a_job_whose_relay_stopped_gets_a_clear_400_from_the_shim(start_relay, owner):
+    relay = start_relay(owner)
+    relay.relay.send_signal(signal.SIGTERM)
+    assert relay.relay.wait(timeout=30) == 0
+    error = raises_within(20, MlflowClient(relay.url).get_experiment_by_name, owner.experiment_name)
+    assert "MLflow relay is not running" in error.message
