@@ -153,7 +153,7 @@ def connect(host, port, family=socket.AF_INET):
         s.close()
 
 
-for host, port, what in (("127.0.0.1", 6379, "host Redis"), ("127.0.0.1", 5001, "host MLflow"),
+for host, port, what in (("127.0.0.1", 6379, "host Redis"), ("127.0.0.1", 6380, "testbed Redis"), ("127.0.0.1", 5001, "host MLflow"),
                          ("127.0.0.1", 8025, "host SMTP"), ("127.0.0.1", 3307, "host MariaDB"),
                          ("127.0.0.1", 6817, "slurmctld"), ("1.1.1.1", 53, "internet"),
                          ("10.0.2.2", 80, "gateway address"), ("169.254.169.254", 80, "metadata")):
