@@ -120,6 +120,8 @@ def sealing(stack, tmp_path_factory):
         "secret_sha256": [sha256(v) for v in secret_values],
         "host_addresses": host_addresses(),
         "host_root_device": [os.major(device), os.minor(device)],
+        "host_file_sha256": {path: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                             for path in ("/etc/shadow", "/etc/sudoers", "/etc/munge/munge.key") if Path(path).is_file()},
         "host_secret_paths": [str(canary), str(data / "gateway.db"), str(data / "secrets"),
                               str(data / "submissions"), str(stack.root / "logs")],
         "gateway_port": stack.port,
@@ -162,6 +164,8 @@ def probe(stack, sealing):
     assert submission["status"] == "completed", (submission, job_output(stack, submission, "err")[-3000:]
                                                  if submission.get("slurm_job_id") else "")
     stdout = job_output(stack, submission)
+    not_ready = [line for line in stdout.splitlines() if line.startswith("NOT-READY")]
+    assert not not_ready and "READY dataset-is-mounted" in stdout, not_ready or stdout[-3000:]
     verdicts = {}
     for line in stdout.splitlines():
         verdict, _, rest = line.partition(" ")

@@ -33,6 +33,11 @@ SECRET_HASHES = set(CONFIG["secret_sha256"])
 libc = ctypes.CDLL(None, use_errno=True)
 
 
+def ready(name, ok, detail=""):
+    """A precondition of the attempts that follow, so that they are not blocked by accident."""
+    print(f"{'READY' if ok else 'NOT-READY'} {name} {detail}".rstrip(), flush=True)
+
+
 def report(name, blocked, detail=""):
     detail = " ".join(str(detail).split())[:300]
     print(f"{'BLOCKED' if blocked else 'OPEN'} {name} {detail}".rstrip(), flush=True)
@@ -77,7 +82,7 @@ report("not-root", os.getuid() != 0 and os.geteuid() != 0, f"uid={os.getuid()} e
 MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
 DATASET = "/mnt/dataset"
 dataset_entries = sorted(os.listdir(DATASET))
-report("dataset-is-mounted", bool(dataset_entries), f"{len(dataset_entries)} entries")  # else nothing was tried
+ready("dataset-is-mounted", bool(dataset_entries), f"{len(dataset_entries)} entries")
 err = libc_errno(libc.mount(b"none", DATASET.encode(), None, MS_REMOUNT | MS_BIND, None))
 report("dataset-remount-bind-rw", err is not None, f"mount(MS_REMOUNT|MS_BIND) -> {err or 'succeeded'}")
 err = libc_errno(libc.mount(b"none", DATASET.encode(), None, MS_REMOUNT, None))
@@ -174,20 +179,28 @@ paths = ["/opt/testbed/secrets", "/opt/testbed/gateway.env", "/opt/testbed/mlflo
          "/etc/sudoers", *CONFIG["host_secret_paths"]]
 paths += glob.glob("/tmp/m2d-test-*/data/gateway.db") + glob.glob("/tmp/m2d-test-*/data/**/mlflow.credentials",
                                                                   recursive=True)
+HOST_FILES = CONFIG["host_file_sha256"]  # the host's own copies of files an image has too (/etc/shadow)
+
+
+def read_all(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 for path in paths:
+    files = [os.path.join(r, f) for r, _d, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
     got = []
-    if os.path.isdir(path):
-        for root, _dirs, files in os.walk(path):
-            for f in files:
-                try:
-                    got.append((os.path.join(root, f), len(open(os.path.join(root, f), "rb").read(64))))
-                except OSError:
-                    pass
-    elif os.path.lexists(path):
-        try:
-            got.append((path, len(open(path, "rb").read(64))))
-        except OSError:
-            pass
+    for file in files:
+        if os.path.lexists(file):
+            try:
+                digest = hashlib.sha256(read_all(file)).hexdigest()
+            except OSError:
+                continue
+            # a file the image has too (/etc/shadow) counts only when it is the host's
+            if file not in HOST_FILES or HOST_FILES[file] == digest:
+                got.append(file)
+            else:
+                print(f"INFO {file} is readable: the image's own, not the host's", flush=True)
     report(f"read-host-secret:{path}", not got, f"exists={os.path.lexists(path)} read={got[:3]}")
 try:
     root_entries = os.listdir("/root")
@@ -203,8 +216,8 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
             procs[pid] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         pass
-host_procs = [c[:60] for c in procs.values()
-              if any(w in c for w in ("slurm", "redis", "mlflow", "gunicorn", "mariadb", "rq", "jobs.", "relay.py serve"))]
+HOST_WORDS = ("slurm", "redis", "mlflow", "gunicorn", "mariadb", "rq ", "jobs.", "relay.py serve", "sshd")
+host_procs = [c[:60] for c in procs.values() if "relay.py shim" not in c and any(w in c for w in HOST_WORDS)]
 report("host-processes-invisible", not host_procs, f"{len(procs)} processes; host ones: {host_procs}")
 
 # ------------------------------------------------------------- the network
@@ -366,7 +379,7 @@ def refused(name, method, path, body=None, raw=None):
 API = "/api/2.0/mlflow"
 status, content, _ = call("GET", f"{API}/experiments/get-by-name?experiment_name={urllib.parse.quote(own_experiment_name)}")
 own_experiment = json.loads(content)["experiment"]["experiment_id"] if status == 200 else None
-report("relay-serves-own-experiment", own_experiment is not None, f"get-by-name -> {status}")  # else the rest is moot
+ready("relay-serves-own-experiment", own_experiment is not None, f"get-by-name -> {status}")
 status, content, _ = call("POST", f"{API}/runs/create", {"experiment_id": own_experiment, "start_time": int(time.time() * 1000)})
 own_run = json.loads(content)["run"]["info"]["run_id"] if status == 200 else "none"
 print(f"INFO own experiment {own_experiment}, run {own_run}", flush=True)
@@ -427,8 +440,9 @@ os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "20"  # the client's retries stay on
 CLIENT_LIMIT = 60
 
 
-def with_client(name, fn):
-    """BLOCKED when the mlflow client raises within CLIENT_LIMIT seconds."""
+def with_client(name, fn, empty_is_refusal=False):
+    """BLOCKED when the mlflow client raises within CLIENT_LIMIT seconds (or, with
+    empty_is_refusal, answers nothing)."""
     outcome = {}
 
     def run():
@@ -446,6 +460,8 @@ def with_client(name, fn):
         report(name, False, f"still waiting after {seconds:.0f} s (the client retries a refusal)")
     elif "error" in outcome:
         report(name, seconds < 30, f"refused in {seconds:.2f} s: {outcome['error'][:200]}")
+    elif empty_is_refusal and not outcome.get("value"):
+        report(name, seconds < 30, f"answered nothing in {seconds:.2f} s: {outcome.get('value')!r}")
     else:
         report(name, False, f"succeeded in {seconds:.2f} s: {str(outcome.get('value'))[:120]}")
 
@@ -462,7 +478,8 @@ with mlflow.start_run() as active:
         Dataset(name="clam", digest="d", source_type="local", source="{}", profile="x" * 100_000))]))
     with_client("client:registered-model-create", lambda: client.create_registered_model(CONFIG["registered_model_name"]))
     with_client("client:artifact-upload", lambda: mlflow.log_text("stolen data", f"{TAG}.txt"))
-    with_client("client:artifact-list", lambda: client.list_artifacts(run_id))
+    # the testbed's artifact root is a host path: the client lists it locally (and finds nothing)
+    with_client("client:artifact-list", lambda: client.list_artifacts(run_id), empty_is_refusal=True)
     with_client("client:oversized-param", lambda: mlflow.log_param("big-client", "x" * 7000))
     with_client("client:oversized-param-in-batch",
                 lambda: client.log_batch(run_id, params=[Param("big-client-batch", "x" * 7000)]))
