@@ -14,9 +14,15 @@ export M2D_PYTHON := $(CURDIR)/$(PY)
 packages:
 	deploy/bootstrap.sh
 
-venv: $(VENV)/.installed
+# Debian's python3, not one under /root (pyenv): the gateway's processes run as
+# its service account, which must be able to run the venv's interpreter.
+SYSTEM_PYTHON := /usr/bin/python3
+
+venv:
+	@grep -qx "home = $(patsubst %/,%,$(dir $(SYSTEM_PYTHON)))" $(VENV)/pyvenv.cfg 2>/dev/null || rm -rf $(VENV)
+	@$(MAKE) --no-print-directory $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
@@ -34,7 +40,7 @@ test: testbed
 	set -a && . $(ENV) && set +a && $(PY) -m pytest -q $(TESTS)
 
 unit: venv
-	$(PY) -m pytest -q -m "not testbed" $(TESTS)
+	$(PY) -m pytest -q -m "not integration" $(TESTS)
 
 lint: venv
 	$(PY) -m ruff check .

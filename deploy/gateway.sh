@@ -2,7 +2,9 @@
 # gateway.sh start|stop [DIR] -- run the gateway on the testbed: database
 # migrations, an admin account, gunicorn on 127.0.0.1:5000, the rq workers and
 # the poller. Needs the testbed up (deploy/testbed/up.sh writes DIR/gateway.env).
-# State: DIR/gateway/{data,logs,pids}; secrets in DIR/secrets.
+# State: DIR/gateway/{data,secrets,logs,pids}; the testbed's secrets in DIR/secrets.
+# The gateway's processes and admin commands run as its service account
+# (M2D_USER, default m2d, made by testbed/accounts.sh), never as root.
 source "$(dirname "${BASH_SOURCE[0]}")/testbed/lib.sh"
 cmd=${1:-start}; shift || true
 set_testbed_dir "${1:-}"
@@ -11,6 +13,8 @@ PY=${M2D_PYTHON:-$REPO/.venv/bin/python}
 RUN=$TESTBED_DIR/gateway
 PORT=${M2D_PORT:-5000}
 ADMIN_EMAIL=${M2D_ADMIN_EMAIL:-admin@localhost.localdomain}
+GW_USER=${M2D_USER:-m2d}
+AS_GATEWAY=(setpriv "--reuid=$GW_USER" "--regid=$GW_USER" --init-groups --)
 
 # name:command -- each a separate process, each with its own PID file.
 # gunicorn uses threads: a browser's idle preconnections would block sync workers.
@@ -24,20 +28,27 @@ SERVICES=(
 start() {
   [ -s "$TESTBED_DIR/gateway.env" ] || die "no $TESTBED_DIR/gateway.env: run deploy/testbed/up.sh first"
   set -a; source "$TESTBED_DIR/gateway.env"; set +a
-  mkdir -p "$RUN"/{data,logs,pids}
+  mkdir -p "$RUN"/{data,secrets,logs,pids}
+  chmod 711 "$RUN"
+  # the service account's own: the database, uploads, exports, the key to MLflow passwords
+  chown -R "$GW_USER:$GW_USER" "$RUN/data" "$RUN/secrets"
+  chmod 700 "$RUN/secrets"
+  export HOME; HOME=$(getent passwd "$GW_USER" | cut -d: -f6)   # apptainer's cache and config
   export M2D_DATA_DIR=$RUN/data
   export M2D_SECRET_KEY; M2D_SECRET_KEY=$(secret_file "$TESTBED_DIR/secrets/gateway-secret-key")
   export M2D_PUBLIC_URL=http://127.0.0.1:$PORT
+  # mlflow-key (made there on first use) opens the MLflow passwords in the database
+  export M2D_SECRETS_DIR=$RUN/secrets
   # what admin commands need besides gateway.env to act on this database
-  printf 'export M2D_DATA_DIR=%q\nexport M2D_SECRET_KEY=%q\nexport M2D_PUBLIC_URL=%q\n' \
-    "$M2D_DATA_DIR" "$M2D_SECRET_KEY" "$M2D_PUBLIC_URL" | put_file "$RUN/admin.env" 600
+  printf 'export M2D_DATA_DIR=%q\nexport M2D_SECRET_KEY=%q\nexport M2D_PUBLIC_URL=%q\nexport M2D_SECRETS_DIR=%q\n' \
+    "$M2D_DATA_DIR" "$M2D_SECRET_KEY" "$M2D_PUBLIC_URL" "$M2D_SECRETS_DIR" | put_file "$RUN/admin.env" 600
   cd "$REPO"
-  "$PY" -m flask --app gateway db upgrade >>"$RUN/logs/migrate.log" 2>&1 \
+  "${AS_GATEWAY[@]}" "$PY" -m flask --app gateway db upgrade >>"$RUN/logs/migrate.log" 2>&1 \
     || { tail -n 20 "$RUN/logs/migrate.log" >&2; die "database migration failed"; }
 
   local password; password=$(secret_file "$TESTBED_DIR/secrets/gateway-admin-password")
-  if ! "$PY" -m flask --app gateway users list 2>/dev/null | cut -f2 | grep -qx "$ADMIN_EMAIL"; then
-    "$PY" -m flask --app gateway users create "$ADMIN_EMAIL" --name Admin --password "$password" \
+  if ! "${AS_GATEWAY[@]}" "$PY" -m flask --app gateway users list 2>/dev/null | cut -f2 | grep -qx "$ADMIN_EMAIL"; then
+    "${AS_GATEWAY[@]}" "$PY" -m flask --app gateway users create "$ADMIN_EMAIL" --name Admin --password "$password" \
       --admin --approve >/dev/null
   fi
 
@@ -48,7 +59,7 @@ start() {
       log "$name already running"; continue
     fi
     # shellcheck disable=SC2086
-    start_bg "$RUN/pids/$name.pid" "$RUN/logs/$name.log" $command
+    start_bg "$RUN/pids/$name.pid" "$RUN/logs/$name.log" "${AS_GATEWAY[@]}" $command
     log "$name started (pid $(cat "$RUN/pids/$name.pid"))"
   done
   WAIT_PID=$(cat "$RUN/pids/web.pid") WAIT_LOG=$RUN/logs/web.log \
@@ -62,8 +73,8 @@ start() {
     MLflow:        $M2D_MLFLOW_URL  (admin / see $TESTBED_DIR/secrets/mlflow-admin-password)
     logs:          $RUN/logs
   Add a researcher:  set -a; . $TESTBED_DIR/gateway.env; . $RUN/admin.env; set +a
-                     .venv/bin/flask --app gateway users create you@example.org --name You --password '...' --approve
-                     .venv/bin/flask --app gateway tokens create you@example.org
+                     ${AS_GATEWAY[*]} .venv/bin/flask --app gateway users create you@example.org --name You --password '...' --approve
+                     ${AS_GATEWAY[*]} .venv/bin/flask --app gateway tokens create you@example.org
   Stop it all:       make stop
 EOM
 }

@@ -12,7 +12,7 @@ from .validation import Refusal
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 csrf.exempt(bp)
 
-REFUSAL_STATUS = {"too_large": 413}
+REFUSAL_STATUS = {"too_large": 413, "quota_exceeded": 429}
 
 
 @bp.post("/submissions")
@@ -74,7 +74,7 @@ def mlflow_settings(user):
     return {
         "username": user.mlflow_username,
         "password": user.mlflow_password,
-        "tracking_uri": current_app.config["MLFLOW_URL"],
+        "tracking_uri": current_app.config["MLFLOW_PUBLIC_URL"],
         "experiment_name": user.mlflow_username,
     }
 

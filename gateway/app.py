@@ -1,5 +1,6 @@
 """The application factory."""
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from flask import Flask, Request
 from . import config as configuration
 from . import errors
 from .extensions import csrf, db, login_manager, migrate
-from .storage import incoming_dir
+from .storage import incoming_dir, secure_data_dir
 
 
 class DiskRequest(Request):
@@ -23,7 +24,7 @@ def create_app(config=None):
     app = Flask(__name__, instance_relative_config=True)
     app.request_class = DiskRequest
     cfg = configuration.load(app, config)
-    Path(cfg["DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+    secure_data_dir(Path(cfg["DATA_DIR"]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     db.init_app(app)
@@ -35,6 +36,9 @@ def create_app(config=None):
     if cfg["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         with app.app_context():
             _tune_sqlite(db.engine)
+            db.engine.connect().close()  # create the file now, to close it to everyone else
+            if db.engine.url.database:
+                os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
     from . import api, auth, cli, submissions
     app.register_blueprint(auth.bp)

@@ -1,14 +1,18 @@
-"""Admin commands: ``flask --app gateway users ...`` and ``... tokens ...``."""
+"""Admin commands: ``flask --app gateway users|tokens|weights ...``."""
+from pathlib import Path
+
 import click
+from flask import current_app
 from flask.cli import AppGroup
 
-from . import accounts
+from . import accounts, weights
 from .adapters.mlflow import MlflowError
 from .extensions import db
 from .models import ApiToken, User
 
 users = AppGroup("users", help="Manage researcher and admin accounts.")
 tokens = AppGroup("tokens", help="Manage API tokens.")
+weights_group = AppGroup("weights", help="Manage the model cache jobs read pretrained weights from.")
 
 
 @users.command("create")
@@ -66,6 +70,27 @@ def create_token(email):
     click.echo(token)
 
 
+@weights_group.command("add")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--as", "name", required=True,
+              help="Path in the cache, e.g. torch/hub/checkpoints/resnet18-f37072fd.pth")
+def add_weights(source, name):
+    """Copy SOURCE into the model cache (jobs see it read-only)."""
+    try:
+        target = weights.add(current_app.config, source, name)
+    except weights.WeightsError as e:
+        raise click.ClickException(str(e))
+    click.echo(f"added {target} (jobs: /opt/m2d/models/{name})")
+
+
+@weights_group.command("list")
+def list_weights():
+    """List the files in the model cache."""
+    for name, size in weights.listing(current_app.config):
+        click.echo(f"{size:>12}  {name}")
+
+
 def init_app(app):
     app.cli.add_command(users)
     app.cli.add_command(tokens)
+    app.cli.add_command(weights_group)

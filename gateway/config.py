@@ -21,6 +21,8 @@ DEFAULTS = {
     "SQLALCHEMY_DATABASE_URI": None,  # default: sqlite in DATA_DIR
     # Queues (Redis carries ids only). The namespace keeps two deployments,
     # or a test run beside `make run`, from eating each other's work.
+    # Redis must ask for a password (redis://:PASSWORD@host:port/0): whoever
+    # can write to it hands work to the workers. The testbed runs its own.
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "QUEUE_NAMESPACE": "m2d",
     "POLL_INTERVAL": 10,  # seconds between sacct polls
@@ -35,6 +37,15 @@ DEFAULTS = {
     "IMAGE_DIR": None,  # required by the build workers; on the shared filesystem
     "BUILD_BIND_CA": "/etc/ssl/certs/ca-certificates.crt",  # "" to not bind
     "BUILD_TIMEOUT": 1800,
+    # Sealed jobs. Jobs run as JOB_USER, an account that can read nothing of
+    # the gateway's: sbatch and scancel run through `sudo -u JOB_USER` (a
+    # narrow sudo rule, see deploy/testbed/accounts.sh). A submission's
+    # folders belong to JOB_GROUP, so the job reads its code and writes its
+    # export and logs; the gateway's account is a member of that group.
+    "JOB_USER": "m2d-job",  # "" to submit as the gateway's own account
+    "JOB_GROUP": "m2d-job",
+    "RELAY_PYTHON": "python3",  # on the compute node; runs jobs/relay.py
+    "MODELS_DIR": None,  # admins' model cache, bound read-only at /opt/m2d/models
     # Slurm
     "SLURM_ADAPTER": "cli",  # or "pyslurm"
     "SLURM_PARTITION": None,
@@ -45,11 +56,15 @@ DEFAULTS = {
     "SLURM_TIME": "01:00:00",
     "APPTAINER_NV": False,  # --nv; off on the fake-GPU testbed
     "DATASET_DIR": None,  # required by the build workers (they write the job script)
+    # What a failed job's stderr may show in the API and the failure email:
+    # user code chooses what it prints, so this bounds what one run can carry
+    # out of the dataset through that channel.
     "STDERR_TAIL_LINES": 20,
-    "STDERR_TAIL_BYTES": 4000,
+    "STDERR_TAIL_BYTES": 2000,
     # MLflow (server with basic-auth; the gateway provisions accounts)
-    "MLFLOW_URL": "http://127.0.0.1:5001",
-    "MLFLOW_JOB_URL": None,  # the URL jobs use; default MLFLOW_URL
+    "MLFLOW_URL": "http://127.0.0.1:5001",  # as the gateway reaches it (admin API)
+    "MLFLOW_JOB_URL": None,  # as the relay on a compute node reaches it; default MLFLOW_URL
+    "MLFLOW_PUBLIC_URL": None,  # what researchers and their code use; default MLFLOW_URL
     "MLFLOW_ADMIN_USERNAME": "admin",
     "MLFLOW_ADMIN_PASSWORD": None,
     # Mail
@@ -57,6 +72,15 @@ DEFAULTS = {
     "SMTP_PORT": 25,
     "MAIL_FROM": "Model-to-Data Gateway <noreply@localhost>",
     "PUBLIC_URL": "http://127.0.0.1:5000",
+    # Leaks bounded per researcher, and secrets kept apart from the database.
+    # Uploads per user in any 24 hours: each run can carry something out
+    # (metrics, stderr, emails), so repeated runs are capped too.
+    "DAILY_SUBMISSIONS": 20,
+    # Holds mlflow-key, the key that encrypts MLflow passwords in the
+    # database (made 0600 on first use). Keep it outside DATA_DIR in
+    # production, so a copy of the data folder or of the database alone opens
+    # nothing; default DATA_DIR/secrets.
+    "SECRETS_DIR": None,
 }
 
 
@@ -87,11 +111,13 @@ def load(app: Flask, overrides: Mapping[str, Any] | None = None) -> Config:
         app.config.update({key: convert(key, value) for key, value in overrides.items()})
     cfg = app.config
     cfg["DATA_DIR"] = os.path.abspath(cfg["DATA_DIR"] or app.instance_path)
+    cfg["SECRETS_DIR"] = os.path.abspath(cfg["SECRETS_DIR"] or os.path.join(cfg["DATA_DIR"], "secrets"))
     if not cfg["SQLALCHEMY_DATABASE_URI"]:
         cfg["SQLALCHEMY_DATABASE_URI"] = "sqlite:///" + os.path.join(cfg["DATA_DIR"], "gateway.db")
     if not cfg["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         cfg["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True}
     cfg["MLFLOW_JOB_URL"] = cfg["MLFLOW_JOB_URL"] or cfg["MLFLOW_URL"]
+    cfg["MLFLOW_PUBLIC_URL"] = cfg["MLFLOW_PUBLIC_URL"] or cfg["MLFLOW_URL"]
     # Werkzeug refuses bigger bodies with 413 before we read them.
     cfg["MAX_CONTENT_LENGTH"] = cfg["MAX_ZIP_BYTES"] + 1024 * 1024
     if not cfg["SECRET_KEY"]:

@@ -4,17 +4,19 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from datetime import timedelta
 
 from flask import current_app
 from werkzeug.datastructures import FileStorage
 
 from . import lifecycle
 from .extensions import db
-from .models import Submission, User
+from .models import Submission, User, utcnow
 from .storage import SubmissionFiles, incoming_dir
 from .validation import Limits, Refusal, check_upload_size, check_zip, unpack
 
 CHUNK = 1024 * 1024
+QUOTA_WINDOW = timedelta(hours=24)
 
 
 def limits() -> Limits:
@@ -35,6 +37,7 @@ def accept(user: User, upload: FileStorage | None) -> Submission:
     """
     if upload is None or not upload.filename:
         raise Refusal("no_file", "No file was uploaded. Send your zip in the form field 'file'.")
+    check_quota(user)
     rules = limits()
     tmp = incoming_dir() / f"{uuid.uuid4().hex}.zip"
     try:
@@ -46,6 +49,7 @@ def accept(user: User, upload: FileStorage | None) -> Submission:
         try:
             files.create()
             os.replace(tmp, files.upload)
+            os.chmod(files.upload, 0o600)
             unpack(files.upload, files.code)
             db.session.commit()
         except BaseException:
@@ -56,6 +60,29 @@ def accept(user: User, upload: FileStorage | None) -> Submission:
         tmp.unlink(missing_ok=True)
     lifecycle.hand_on(submission)
     return submission
+
+
+def check_quota(user: User) -> None:
+    """Refuse an upload past DAILY_SUBMISSIONS in any 24 hours (rolling), before
+    a byte of it is read. Two uploads racing for the last slot may both pass:
+    the quota bounds a leak, it is not an exact count."""
+    allowed = current_app.config["DAILY_SUBMISSIONS"]
+    recent = [created for (created,) in db.session.query(Submission.created_at)
+              .filter(Submission.user_id == user.id, Submission.created_at > utcnow() - QUOTA_WINDOW)
+              .order_by(Submission.created_at.desc()).limit(allowed)]
+    if len(recent) < allowed:
+        return
+    if recent:
+        # the next slot frees when the oldest of those leaves the window;
+        # shown to the minute, rounded up so the time given is never too early
+        frees = recent[-1] + QUOTA_WINDOW + timedelta(seconds=59)
+        when = f"The next upload is possible from {frees:%Y-%m-%d %H:%M} UTC. "
+    else:
+        when = "Uploads are switched off on this platform. "
+    raise Refusal(
+        "quota_exceeded",
+        f"You have uploaded {len(recent)} submissions in the last 24 hours; the limit is {allowed} a day. "
+        f"{when}If your work needs more, ask the platform's admins: they can raise the limit.")
 
 
 def _save(stream, dest, rules):

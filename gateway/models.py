@@ -4,9 +4,10 @@ import secrets
 from datetime import datetime, timezone
 
 from flask_login import UserMixin
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import Index, UniqueConstraint
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from . import secrets as sealed
 from .extensions import db
 from .states import Status
 
@@ -23,10 +24,11 @@ class User(UserMixin, db.Model):
     is_admin = db.Column(db.Boolean, nullable=False, default=False)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
     approved_at = db.Column(db.DateTime)
-    # Shown to the user on their account page and given to their jobs, so it
-    # is kept (never logged); MLflow has no way to read a password back.
+    # The MLflow password is shown to the user on their account page and given
+    # to their jobs, so it is kept (never logged): MLflow has no way to read a
+    # password back. Only its ciphertext is stored; see mlflow_password.
     mlflow_username = db.Column(db.String(255), unique=True)
-    mlflow_password = db.Column(db.String(255))
+    mlflow_password_encrypted = db.Column(db.String(255))
     mlflow_experiment_id = db.Column(db.String(64))
 
     submissions = db.relationship("Submission", back_populates="user", lazy="dynamic")
@@ -38,6 +40,14 @@ class User(UserMixin, db.Model):
     @property
     def is_active(self):  # flask-login: unapproved users cannot log in
         return self.approved
+
+    @property
+    def mlflow_password(self):
+        return sealed.decrypt(self.mlflow_password_encrypted)
+
+    @mlflow_password.setter
+    def mlflow_password(self, plain):
+        self.mlflow_password_encrypted = sealed.encrypt(plain)
 
     def set_password(self, password):
         self.password_hash = generate_password_hash(password)
@@ -68,6 +78,8 @@ class ApiToken(db.Model):
 
 
 class Submission(db.Model):
+    # the daily quota counts a user's recent uploads
+    __table_args__ = (Index("ix_submission_user_id_created_at", "user_id", "created_at"),)
     id = db.Column(db.Integer, primary_key=True)
     user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
     status = db.Column(db.String(20), nullable=False, default=Status.RECEIVED.value, index=True)

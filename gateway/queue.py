@@ -4,6 +4,11 @@ Messages carry submission ids only and name their tasks as dotted strings
 ("jobs.tasks.prepare"), so the gateway never imports the workers' code: the
 dependency runs one way, jobs -> gateway. The database holds the state.
 
+Everything in Redis is JSON (rq's JSONSerializer), never pickle: rq would
+unpickle job data in the workers, so anyone able to write to Redis would run
+code as the gateway. Whoever opens these queues (the worker too) passes
+SERIALIZER.
+
 Enqueueing never fails a request: if Redis is down the submission is still
 recorded, and the poller's sweep hands it on later.
 """
@@ -16,10 +21,12 @@ from redis import Redis
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
+from rq.serializers import JSONSerializer
 
 log = logging.getLogger(__name__)
 
 NAMES = ("build", "mail", "poll")
+SERIALIZER = JSONSerializer
 
 
 def connection() -> Redis:
@@ -28,7 +35,7 @@ def connection() -> Redis:
 
 def queue(name: str, redis: Redis | None = None) -> Queue:
     namespace = current_app.config["QUEUE_NAMESPACE"]
-    return Queue(f"{namespace}-{name}", connection=redis or connection())
+    return Queue(f"{namespace}-{name}", connection=redis or connection(), serializer=SERIALIZER)
 
 
 # A message already waiting (or, for prepare, running) makes another one
@@ -64,7 +71,7 @@ def _enqueue(name, func, submission_id, *, skip_if, timeout=300, retry=None):
         q = queue(name)
         job_id = f"{q.name}-{func.rsplit('.', 1)[-1]}-{submission_id}"
         try:
-            if Job.fetch(job_id, connection=q.connection).get_status() in skip_if:
+            if Job.fetch(job_id, connection=q.connection, serializer=SERIALIZER).get_status() in skip_if:
                 return
         except NoSuchJobError:
             pass

@@ -1,37 +1,41 @@
-"""The Slurm batch script that runs one submission: ``singularity/job.sbatch.j2``.
+"""The Slurm batch script that runs one submission, sealed: ``singularity/job.sbatch.j2``.
 
 :class:`JobSpec` holds the values; the template holds the script.  The
-script runs the researcher's ``main.py`` with ``apptainer exec --containall
---cleanenv`` in the submission's image, with CLaM bound read-only at
-``/mnt/dataset``, the export folder at ``/mnt/export`` and the code
-read-only at ``/code`` (also the working directory: results belong in
-``/mnt/export``).  Slurm writes the job's stdout and stderr to
-``<log_dir>/slurm-<jobid>.out`` and ``.err``.
+script starts the MLflow relay (jobs/relay.py) on the host side of the job,
+then runs the researcher's ``main.py`` with ``apptainer exec --containall
+--cleanenv --no-privs --net --network none`` in the submission's image: no
+network but a loopback, where a shim forwards the MLflow URL to the relay's
+socket; CLaM read-only at ``/mnt/dataset``, the export folder at
+``/mnt/export``, the code read-only at ``/code`` (also the working
+directory), the model cache read-only at ``/opt/m2d/models``.  No credential
+enters the container: the relay adds the owner's.  Slurm writes the job's
+stdout and stderr to ``<log_dir>/slurm-<jobid>.out`` and ``.err``.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from gateway.storage import write_private
 from gateway.templating import render
 
-__all__ = ["JobSpec", "render_job_script", "write_job_script", "write_env_file"]
+__all__ = ["JobSpec", "render_job_script", "write_job_script", "RELAY_SOURCE"]
 
 TEMPLATE = "singularity/job.sbatch.j2"
+RELAY_SOURCE = Path(__file__).resolve().parent / "relay.py"
 
 DATASET_MOUNT = "/mnt/dataset"
 EXPORT_MOUNT = "/mnt/export"
 CODE_MOUNT = "/code"
+RUN_MOUNT = "/run/m2d"  # the relay's socket folder, read-only
+MODELS_MOUNT = "/opt/m2d/models"
 
 _TIME = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")
 _MEM = re.compile(r"\d+[KMGT]?")
 _WORD = re.compile(r"[A-Za-z0-9_.,-]+")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HOST = re.compile(r"[A-Za-z0-9.-]+")
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,15 @@ class JobSpec:
     dataset_dir: Path        # -> /mnt/dataset, read-only
     export_dir: Path         # -> /mnt/export, writable
     log_dir: Path            # slurm-<jobid>.out / .err, gateway-owned
-    env_file: Path           # MLFLOW_* for the job, mode 0600 (write_env_file)
+    relay: Path              # a copy of jobs/relay.py the job account can read
+    credentials: Path        # the owner's MLflow login for the relay, group-readable only
+    mlflow_upstream: str     # the MLflow server as the node reaches it
+    mlflow_url: str          # the URL the job's code uses (the shim listens at its host:port)
+    experiment_id: str
+    experiment_name: str
+    models_dir: Path | None = None  # admins' read-only model cache, or None
     apptainer: str = "apptainer"
+    python: str = "python3"  # runs the relay on the node
     partition: str | None = None
     gpus: int = 1            # --gres=gpu:N; 0 leaves the line out
     cpus: int = 2
@@ -61,15 +72,17 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         for name in ("image", "code_dir", "dataset_dir", "export_dir",
-                     "log_dir", "env_file"):
+                     "log_dir", "relay", "credentials", "models_dir"):
             path = getattr(self, name)
+            if path is None:
+                continue
             if not Path(path).is_absolute():
                 raise ValueError(f"{name} must be an absolute path, not {path!r}")
             if "\n" in str(path) or "\0" in str(path):
                 raise ValueError(f"{name} contains a newline or NUL")
-        for name in ("code_dir", "dataset_dir", "export_dir"):
+        for name in ("code_dir", "dataset_dir", "export_dir", "relay", "models_dir"):
             # apptainer's --bind splits on ":" and ","
-            if re.search(r"[:,]", str(getattr(self, name))):
+            if re.search(r"[:,]", str(getattr(self, name) or "")):
                 raise ValueError(f"{name} may not contain ':' or ','")
         # Slurm reads #SBATCH lines itself: no shell quoting there, and "%"
         # would be taken as a filename pattern.
@@ -90,6 +103,20 @@ class JobSpec:
             raise ValueError("gpus must be >= 0 and cpus >= 1")
         if isinstance(self.extra_apptainer_args, str):
             raise ValueError("extra_apptainer_args is a tuple of arguments")
+        url = urlsplit(self.mlflow_url)
+        if url.scheme != "http" or not url.hostname or not _HOST.fullmatch(url.hostname):
+            raise ValueError(f"mlflow_url {self.mlflow_url!r}: the job's MLflow URL must be http://HOST[:PORT] "
+                             "(the shim inside the container speaks plain HTTP to the relay)")
+        if not re.fullmatch(r"[0-9]+", self.experiment_id):
+            raise ValueError(f"experiment_id {self.experiment_id!r} is not an MLflow experiment id")
+
+    @property
+    def mlflow_host(self) -> str:
+        return urlsplit(self.mlflow_url).hostname
+
+    @property
+    def mlflow_port(self) -> int:
+        return urlsplit(self.mlflow_url).port or 80
 
 
 def render_job_script(spec: JobSpec) -> str:
@@ -99,6 +126,12 @@ def render_job_script(spec: JobSpec) -> str:
         dataset_bind=f"{spec.dataset_dir}:{DATASET_MOUNT}:ro",
         export_bind=f"{spec.export_dir}:{EXPORT_MOUNT}",
         code_bind=f"{spec.code_dir}:{CODE_MOUNT}:ro",
+        relay_in_container=f"{RUN_MOUNT}/relay.py",
+        run_mount=RUN_MOUNT,
+        models_bind=f"{spec.models_dir}:{MODELS_MOUNT}:ro" if spec.models_dir else None,
+        models_mount=MODELS_MOUNT,
+        mlflow_host=spec.mlflow_host,
+        mlflow_port=spec.mlflow_port,
     )
     return render(TEMPLATE, **values)
 
@@ -107,31 +140,6 @@ def write_job_script(spec: JobSpec, path: Path) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(render_job_script(spec))
-    tmp.chmod(0o750)
+    tmp.chmod(0o750)  # sbatch reads it as the job account (group)
     tmp.replace(path)
     return path
-
-
-def _env_quote(value: str) -> str:
-    for special in ("\\", "$", "`"):
-        value = value.replace(special, "\\" + special)
-    return shlex.quote(value)
-
-
-def write_env_file(path: Path, values: Mapping[str, str]) -> Path:
-    """Write an apptainer ``--env-file``: ``NAME=value`` lines, mode 0600.
-
-    Apptainer (1.4) evaluates each value twice: once reading the file as
-    shell, then again inside the container, where ``$x``, ``$$`` and
-    backticks expand (even within single quotes) and command substitution
-    runs.  So ``\\``, ``$`` and backticks get a backslash first and the
-    result is shell-quoted: any password arrives in the job unchanged.
-    """
-    lines = []
-    for name, value in values.items():
-        if not _ENV_NAME.fullmatch(name):
-            raise ValueError(f"not an environment variable name: {name!r}")
-        if "\n" in str(value) or "\0" in str(value):
-            raise ValueError(f"{name}: value contains a newline or NUL")
-        lines.append(f"{name}={_env_quote(str(value))}\n")
-    return write_private(Path(path), "".join(lines))

@@ -59,12 +59,23 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
     return moved
 
 
-def _outcome(submission, info):
+# Slurm's words, then ours: what a researcher can do about it.
+EXPLAINED = {
+    "OUT_OF_MEMORY": "OUT_OF_MEMORY: the job ran out of memory; its limit is {SLURM_MEM}. "
+                     "Use smaller batches or images, or ask the admins for more",
+    "TIMEOUT": "TIMEOUT: the job ran past its time limit of {SLURM_TIME}",
+}
+
+
+def _outcome(submission: Submission, info: JobInfo) -> tuple[Status, dict]:
     if info.state == "COMPLETED" and info.exit_code == 0:
         return Status.COMPLETED, {"exit_code": 0, "reason": "COMPLETED"}
     if info.state == "CANCELLED":
         return Status.CANCELLED, {"exit_code": info.exit_code, "reason": "CANCELLED"}
-    reason = f"FAILED with exit code {info.exit_code}" if info.state == "FAILED" else info.state
+    if info.state == "FAILED":
+        reason = f"FAILED with exit code {info.exit_code}"
+    else:
+        reason = EXPLAINED.get(info.state, info.state).format_map(current_app.config)
     if info.signal:
         reason += f" (signal {info.signal})"
     return Status.FAILED, {"exit_code": info.exit_code, "reason": reason,

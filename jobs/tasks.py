@@ -26,10 +26,10 @@ from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import Build, Submission
 from gateway.states import Status
-from gateway.storage import SubmissionFiles
+from gateway.storage import SubmissionFiles, job_gid, write_private
 
 from . import mail, poller
-from .jobscript import JobSpec, write_env_file, write_job_script
+from .jobscript import RELAY_SOURCE, JobSpec, write_job_script
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,8 +151,11 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image) -> str:
         image=image.path,
         code_dir=files.code, dataset_dir=Path(required(cfg, "DATASET_DIR")),
         export_dir=files.export, log_dir=files.logs,
-        env_file=files.job / "mlflow.env",
-        apptainer=cfg["APPTAINER"], partition=cfg["SLURM_PARTITION"] or None,
+        relay=files.job / "relay.py", credentials=files.job / "mlflow.credentials",
+        mlflow_upstream=cfg["MLFLOW_JOB_URL"], mlflow_url=cfg["MLFLOW_PUBLIC_URL"],
+        experiment_id=user.mlflow_experiment_id, experiment_name=user.mlflow_username,
+        models_dir=Path(cfg["MODELS_DIR"]) if cfg["MODELS_DIR"] else None,
+        apptainer=cfg["APPTAINER"], python=cfg["RELAY_PYTHON"], partition=cfg["SLURM_PARTITION"] or None,
         gpus=cfg["SLURM_GPUS"], cpus=cfg["SLURM_CPUS"], mem=cfg["SLURM_MEM"],
         time=cfg["SLURM_TIME"], nv=cfg["APPTAINER_NV"],
         job_prefix=cfg["SLURM_JOB_PREFIX"],
@@ -162,12 +165,11 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image) -> str:
     if existing:
         log.info("submission %s already has Slurm job %s", submission_id, existing)
         return existing
-    write_env_file(spec.env_file, {
-        "MLFLOW_TRACKING_URI": cfg["MLFLOW_JOB_URL"],
-        "MLFLOW_TRACKING_USERNAME": user.mlflow_username or "",
-        "MLFLOW_TRACKING_PASSWORD": user.mlflow_password or "",
-        "MLFLOW_EXPERIMENT_NAME": user.mlflow_username or "",
-    })
+    # What the job account reads (group): the relay, and the owner's MLflow
+    # login for it; neither is bound into the container.
+    gid = job_gid()
+    write_private(spec.relay, RELAY_SOURCE.read_text(), gid=gid)
+    write_private(spec.credentials, f"{user.mlflow_username}\n{user.mlflow_password}\n", gid=gid)
     script = write_job_script(spec, files.job / "job.sbatch")
     return batch_system.submit(script, spec.job_name)
 

@@ -25,7 +25,7 @@ def main(names: list[str]) -> None:
     with app.app_context():
         redis = queue.connection()
         queues = [queue.queue(name, redis) for name in names or queue.NAMES]
-        GatewayWorker(queues, connection=redis).work(with_scheduler=True)
+        GatewayWorker(queues, connection=redis, serializer=queue.SERIALIZER).work(with_scheduler=True)
 
 
 if __name__ == "__main__":

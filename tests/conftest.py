@@ -1,7 +1,8 @@
 """Two tiers. Tests that use the ``testbed`` fixture (directly or through
-another fixture: ``stack``, ``app``...) are marked ``testbed`` and need the
-real services that `make test` starts; the rest is `make unit`: no root, no
-services, seconds."""
+another fixture: ``stack``, ``app``...) need the real services that `make test`
+starts, and tests that use ``venv_cache`` install packages from the index: both
+are marked ``integration``. The rest is `make unit`: no root, no services,
+seconds."""
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ from gateway.extensions import db
 
 from .stack import Stack, require_testbed
 
+INTEGRATION_FIXTURES = {"testbed", "venv_cache"}
+
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "testbed" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.testbed)
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

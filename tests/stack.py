@@ -8,6 +8,7 @@ and queue namespace, and stops them by process group when the session ends.
 import email
 import email.policy
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -66,11 +67,20 @@ def zip_folder(folder, dest, extra=None):
     return dest
 
 
+# The gateway's processes run as its service account, as in production
+# (deploy/testbed/accounts.sh makes it); the tests themselves run as root.
+GATEWAY_USER = os.environ.get("M2D_USER", "m2d")
+AS_GATEWAY = ["setpriv", f"--reuid={GATEWAY_USER}", f"--regid={GATEWAY_USER}", "--init-groups", "--"]
+
+
 class Stack:
     def __init__(self):
         require_testbed()
         # under /tmp: the Apptainer wrapper shares /tmp with containers
         self.root = Path(tempfile.mkdtemp(prefix="m2d-test-", dir="/tmp"))
+        # the gateway's account owns it; the job account may only pass through
+        shutil.chown(self.root, GATEWAY_USER, GATEWAY_USER)
+        self.root.chmod(0o711)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ,
@@ -83,6 +93,7 @@ class Stack:
                         M2D_SLURM_MEM="1G",
                         M2D_MAX_ZIP_BYTES=str(8 * 1024**2),  # small, so the 413 test is quick
                         M2D_SLURM_TIME="00:10:00",
+                        HOME=pwd.getpwnam(GATEWAY_USER).pw_dir,  # apptainer's cache and config
                         PYTHONUNBUFFERED="1")
         self.logs = self.root / "logs"
         self.logs.mkdir()
@@ -116,7 +127,7 @@ class Stack:
 
     def _spawn(self, name, argv):
         log = open(self.logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log,
+        self.procs[name] = subprocess.Popen([*AS_GATEWAY, *argv], cwd=REPO, env=self.env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def _healthy(self):
@@ -131,7 +142,7 @@ class Stack:
     # ----------------------------------------------------------------- admin
     def flask(self, *args):
         """Run an admin command exactly as an admin would."""
-        result = subprocess.run([sys.executable, "-m", "flask", "--app", "gateway", *args],
+        result = subprocess.run([*AS_GATEWAY, sys.executable, "-m", "flask", "--app", "gateway", *args],
                                 cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise AssertionError(f"flask {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

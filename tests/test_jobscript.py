@@ -8,6 +8,7 @@ are missing.
 from __future__ import annotations
 
 import os
+import pwd
 import shlex
 import shutil
 import subprocess
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway import weights
 from gateway.adapters.slurm.cli import CliScheduler
-from jobs.jobscript import JobSpec, render_job_script, write_env_file, write_job_script
+from jobs.jobscript import RELAY_SOURCE, JobSpec, render_job_script, write_job_script
 
 TESTBED = Path(os.environ.get("M2D_TESTBED_DIR", "/opt/testbed"))
 APPTAINER = TESTBED / "apptainer" / "bin" / "apptainer"
@@ -33,7 +35,11 @@ def _spec(root: Path, **kw) -> JobSpec:
         dataset_dir=root / "clam",
         export_dir=root / "submissions" / "42" / "export",
         log_dir=root / "submissions" / "42" / "logs",
-        env_file=root / "submissions" / "42" / "job.env",
+        relay=root / "submissions" / "42" / "job" / "relay.py",
+        credentials=root / "submissions" / "42" / "job" / "mlflow.credentials",
+        mlflow_upstream="http://10.0.0.5:5001",
+        mlflow_url="http://mlflow.hospital.example:5000",
+        experiment_id="7", experiment_name="alice-3",
     )
     values.update(kw)
     return JobSpec(**values)
@@ -45,9 +51,13 @@ def _directives(script: str) -> list[str]:
 
 
 def _apptainer_argv(script: str) -> list[str]:
-    exec_line = script[script.index("exec "):].replace("\\\n", " ")
-    # expand only what the job's shell would: the GPU list Slurm hands over
-    return shlex.split(exec_line.replace("${CUDA_VISIBLE_DEVICES:-}", "0"))[1:]
+    """The container's command line, from the apptainer binary to main.py."""
+    start = script.index(" exec \\\n  --containall")
+    start = script.rindex("\n", 0, start) + 1
+    line = script[start:script.index("|| status=$?", start)].replace("\\\n", " ")
+    # expand only what the job's shell would: the GPU list Slurm hands over, the run folder
+    line = line.replace("${CUDA_VISIBLE_DEVICES:-}", "0").replace("$run_dir", "/tmp/m2d-job-1.x")
+    return shlex.split(line)
 
 
 # ================================================================ rendering
@@ -76,19 +86,52 @@ def test_no_gpus_no_gres_and_no_partition_by_default():
     assert not [d for d in directives if d.startswith(("--gres", "--partition"))]
 
 
-def test_container_gets_read_only_dataset_and_code_and_a_writable_export():
+def test_container_is_sealed_with_read_only_dataset_and_code_and_a_writable_export():
     argv = _apptainer_argv(render_job_script(_spec(Path("/srv/m2d"))))
-    assert argv[:3] == ["apptainer", "exec", "--containall"]
-    assert "--cleanenv" in argv
+    assert argv[:2] == ["apptainer", "exec"]
+    sealing = ["--containall", "--cleanenv", "--no-privs", "--net", "--network", "none"]
+    assert argv[2:2 + len(sealing)] == sealing
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
     assert binds == ["/srv/m2d/clam:/mnt/dataset:ro",
                      "/srv/m2d/submissions/42/export:/mnt/export",
-                     "/srv/m2d/submissions/42/code:/code:ro"]
-    assert argv[argv.index("--env-file") + 1] == "/srv/m2d/submissions/42/job.env"
-    assert "CUDA_VISIBLE_DEVICES=0" in argv
+                     "/srv/m2d/submissions/42/code:/code:ro",
+                     "/tmp/m2d-job-1.x:/run/m2d:ro",
+                     "/tmp/m2d-job-1.x/hosts:/etc/hosts:ro"]
+    envs = [argv[i + 1] for i, a in enumerate(argv) if a == "--env"]
+    assert "CUDA_VISIBLE_DEVICES=0" in envs
+    assert "MLFLOW_TRACKING_URI=http://mlflow.hospital.example:5000" in envs
+    assert "MLFLOW_EXPERIMENT_NAME=alice-3" in envs
     assert argv[argv.index("--pwd") + 1] == "/code"
-    assert argv[-3:] == ["/srv/m2d/images/env-0123abcd.sif", "python", "/code/main.py"]
-    assert "--nv" not in argv
+    image = argv.index("/srv/m2d/images/env-0123abcd.sif")
+    assert argv[image + 1:image + 3] == ["/bin/sh", "-c"]
+    inside = argv[image + 3]
+    assert "relay.py shim --listen 127.0.0.1:5000 --socket /run/m2d/mlflow.sock" in inside
+    assert inside.endswith("exec python /code/main.py")
+    assert "--nv" not in argv and "--env-file" not in argv
+
+
+def test_no_credential_reaches_the_container_or_the_script():
+    script = render_job_script(_spec(Path("/srv/m2d")))
+    assert "MLFLOW_TRACKING_PASSWORD" not in script and "MLFLOW_TRACKING_USERNAME" not in script
+    # the relay, on the host side, reads the login from a file the container never sees
+    assert "--password-file /srv/m2d/submissions/42/job/mlflow.credentials" in script
+    assert "--upstream http://10.0.0.5:5001" in script
+    assert "--experiment-id 7 --experiment-name alice-3" in script
+    assert "/srv/m2d/submissions/42/job" not in " ".join(_apptainer_argv(script))
+
+
+def test_the_model_cache_is_bound_read_only_with_offline_settings():
+    argv = _apptainer_argv(render_job_script(_spec(Path("/srv/m2d"), models_dir=Path("/srv/models"))))
+    assert "/srv/models:/opt/m2d/models:ro" in argv
+    envs = [argv[i + 1] for i, a in enumerate(argv) if a == "--env"]
+    assert {"TORCH_HOME=/opt/m2d/models/torch", "HF_HOME=/opt/m2d/models/huggingface",
+            "HF_HUB_OFFLINE=1"} <= set(envs)
+    assert "/opt/m2d/models" not in render_job_script(_spec(Path("/srv/m2d")))
+
+
+def test_the_mlflow_host_name_resolves_to_the_containers_loopback():
+    script = render_job_script(_spec(Path("/srv/m2d")))
+    assert "printf '127.0.0.1\\tlocalhost %s\\n' mlflow.hospital.example > \"$run_dir/hosts\"" in script
 
 
 def test_nv_and_extra_arguments_come_before_the_image():
@@ -120,6 +163,9 @@ def test_odd_paths_are_quoted_for_the_shell():
     {"image": Path("relative.sif")},
     {"dataset_dir": Path("/srv/a:b")},
     {"gpus": -1},
+    {"mlflow_url": "https://mlflow.example"},
+    {"mlflow_url": "http://evil$(id)"},
+    {"experiment_id": "7; rm -rf /"},
 ])
 def test_values_that_could_break_the_script_are_refused(change):
     with pytest.raises(ValueError):
@@ -134,34 +180,22 @@ def test_written_script_is_valid_bash(tmp_path):
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
 
 
-def test_env_file_is_private_and_survives_apptainer_quoting(tmp_path):
-    path = write_env_file(tmp_path / "job.env", {
-        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
-        "MLFLOW_TRACKING_PASSWORD": "p$$w`id`'\"\\x",
-    })
-    assert path.stat().st_mode & 0o777 == 0o600
-    assert path.read_text().splitlines()[0] == "MLFLOW_TRACKING_URI=http://127.0.0.1:5000"
-    with pytest.raises(ValueError):
-        write_env_file(tmp_path / "bad.env", {"A-B": "x"})
-    with pytest.raises(ValueError):
-        write_env_file(tmp_path / "bad.env", {"A": "x\nB=y"})
-
-
 # ================================================================ a real run
 
 MAIN_PY = r'''
 import os, sys
 print("hello from main.py", flush=True)
 print("cwd", os.getcwd())
+print("uid", os.getuid())
 print("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI"))
-print("PASSWORD_OK", os.environ.get("MLFLOW_TRACKING_PASSWORD", "").encode().hex()
-      == open("/code/expected.hex").read().strip())
 print("CUDA_VISIBLE_DEVICES", repr(os.environ.get("CUDA_VISIBLE_DEVICES")))
-print("LEAKED", sorted(k for k in os.environ if k.startswith("M2D_TEST_")))
+print("LEAKED", sorted(k for k in os.environ if k.startswith("M2D_TEST_") or "PASSWORD" in k))
 print("dataset", sorted(os.listdir("/mnt/dataset")))
+weights = os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints", "resnet18-f37072fd.pth")
+print("weights", open(weights, "rb").read(), os.environ["HF_HUB_OFFLINE"])
 with open("/mnt/export/x", "w") as f:
     f.write("written in the job\n")
-for target in ("/mnt/dataset/evil", "relative.txt"):
+for target in ("/mnt/dataset/evil", "relative.txt", weights):
     try:
         open(target, "w").write("no")
         print("WROTE", target)
@@ -169,39 +203,45 @@ for target in ("/mnt/dataset/evil", "relative.txt"):
         print("refused", target, e.strerror, file=sys.stderr)
 sys.exit(0)
 '''
-
-
-def _need_testbed():
-    missing = [p for p in (APPTAINER, BASE_IMAGE) if not p.exists()]
-    conf = os.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
-    if not os.path.exists(conf):
-        missing.append(Path(conf))
-    if missing:
-        pytest.fail("the testbed is not there: missing " + ", ".join(map(str, missing))
-                    + ". Run deploy/testbed/ and `set -a; . /opt/testbed/gateway.env; set +a`.")
-    return conf
+JOB_USER = "m2d-job"  # made by deploy/testbed/accounts.sh
+MODELS_IN_JOB = "/opt/m2d/models/torch/hub/checkpoints/resnet18-f37072fd.pth"
 
 
 @pytest.fixture
 def job_root(testbed):
-    base = TESTBED / "tmp-tests" if TESTBED.is_dir() else Path("/tmp")
+    base = TESTBED / "tmp-tests"
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="batch-", dir=base))
+    root.chmod(0o711)  # the job account passes through, as through DATA_DIR
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _run_job(root: Path, main_py: str, env: dict[str, str], **kw):
-    """Render, submit and wait for one job; return (JobInfo, stdout, stderr, spec)."""
-    conf = _need_testbed()
+def _for_the_job(path: Path, mode: int) -> None:
+    """As gateway.storage gives a submission's folders: group of the job account."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.chown(path, group=JOB_USER)
+    path.chmod(mode)
+
+
+def _run_job(root: Path, main_py: str, **kw):
+    """Render, submit as the job account and wait for one job; return (JobInfo, stdout, stderr, spec)."""
     spec = _spec(root, image=BASE_IMAGE, apptainer=str(APPTAINER), cpus=1,
-                 mem="512M", time="00:05:00", **kw)
-    for d in (spec.code_dir, spec.dataset_dir, spec.export_dir, spec.log_dir):
-        d.mkdir(parents=True, exist_ok=True)
+                 mem="512M", time="00:05:00", mlflow_url="http://127.0.0.1:5999",
+                 mlflow_upstream="http://127.0.0.1:5999", **kw)
+    for path in (root / "submissions", root / "submissions" / "42"):
+        path.mkdir(exist_ok=True)
+        path.chmod(0o711)
+    for path, mode in ((spec.code_dir, 0o2750), (spec.relay.parent, 0o2750),
+                       (spec.export_dir, 0o2770), (spec.log_dir, 0o2770)):
+        _for_the_job(path, mode)
+    spec.dataset_dir.mkdir(exist_ok=True)
     (spec.code_dir / "main.py").write_text(main_py)
-    write_env_file(spec.env_file, env)
-    script = write_job_script(spec, spec.log_dir.parent / "job.sbatch")
-    sched = CliScheduler(env={"SLURM_CONF": conf})
+    shutil.copy(RELAY_SOURCE, spec.relay)
+    spec.credentials.write_text("nobody\nnot-a-password\n")
+    spec.credentials.chmod(0o640)
+    script = write_job_script(spec, spec.relay.parent / "job.sbatch")
+    sched = CliScheduler(env={"SLURM_CONF": os.environ["SLURM_CONF"]}, job_user=JOB_USER)
     job = sched.submit(script, spec.job_name)
     deadline = time.monotonic() + 120
     while True:
@@ -215,31 +255,32 @@ def _run_job(root: Path, main_py: str, env: dict[str, str], **kw):
     return info, out, err, spec
 
 
-def test_rendered_script_runs_main_py_under_slurm_in_the_container(job_root, monkeypatch):
-    password = "s3cret $$ `id` 'q' \"dq\" \\"
+def test_rendered_script_runs_main_py_as_the_job_account_in_the_sealed_container(job_root, monkeypatch):
     dataset = job_root / "clam"
     dataset.mkdir()
     (dataset / "case-001.png").write_bytes(b"\x89PNG")
-    (job_root / "submissions" / "42" / "code").mkdir(parents=True)
-    (job_root / "submissions" / "42" / "code" / "expected.hex").write_text(password.encode().hex())
     monkeypatch.setenv("M2D_TEST_GATEWAY_SECRET", "must not reach the job")
 
-    info, out, err, spec = _run_job(job_root, MAIN_PY, {
-        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5999",
-        "MLFLOW_TRACKING_PASSWORD": password,
-        "MLFLOW_EXPERIMENT_NAME": "m2d-test"}, gpus=1)
+    source = job_root / "resnet18.pth"
+    source.write_bytes(b"weights")
+    models = weights.add({"MODELS_DIR": str(job_root / "models")}, source, "torch/hub/checkpoints/resnet18-f37072fd.pth")
+
+    info, out, err, spec = _run_job(job_root, MAIN_PY, gpus=1, models_dir=job_root / "models")
 
     assert (info.state, info.exit_code) == ("COMPLETED", 0), out + err
     assert "hello from main.py" in out
     assert "cwd /code" in out
+    assert f"uid {pwd.getpwnam(JOB_USER).pw_uid}" in out
     assert "MLFLOW_TRACKING_URI http://127.0.0.1:5999" in out
-    assert "PASSWORD_OK True" in out
     assert "CUDA_VISIBLE_DEVICES '0'" in out          # the fake GPU Slurm gave
     assert "LEAKED []" in out                          # --cleanenv, minimal sbatch env
     assert "dataset ['case-001.png']" in out
     assert "WROTE" not in out
     assert "refused /mnt/dataset/evil Read-only file system" in err
     assert "refused relative.txt Read-only file system" in err
+    assert "weights b'weights' 1" in out                  # the model cache, offline
+    assert f"refused {MODELS_IN_JOB} Read-only file system" in err
+    assert models.read_bytes() == b"weights"
     assert f"m2d: submission 42, job {info.job_id}" in err
     assert (spec.export_dir / "x").read_text() == "written in the job\n"
     assert sorted(p.name for p in dataset.iterdir()) == ["case-001.png"]
@@ -249,7 +290,6 @@ def test_exit_code_of_main_py_is_the_job_exit_code(job_root):
     main_py = ("import os, sys\n"
                "print('gpus', repr(os.environ.get('CUDA_VISIBLE_DEVICES')))\n"
                "sys.exit(3)\n")
-    info, out, err, _ = _run_job(job_root, main_py, {"MLFLOW_TRACKING_URI": "http://x"},
-                                 gpus=0)
+    info, out, err, _ = _run_job(job_root, main_py, gpus=0)
     assert (info.state, info.exit_code) == ("FAILED", 3), out + err
     assert "gpus ''" in out    # no GPU asked for, none given

@@ -87,7 +87,15 @@ def test_timeout_and_out_of_memory_are_failures_with_their_reason(local_app, sta
     submission = _queued_submission()
     poller._apply(submission, _info(state, exit_code=0))
     db.session.expire_all()
-    assert submission.status == "failed" and submission.reason == state
+    assert submission.status == "failed" and submission.reason.startswith(state)
+
+
+def test_out_of_memory_says_so_and_names_the_limit(local_app):
+    local_app.config["SLURM_MEM"] = "3G"
+    submission = _queued_submission()
+    poller._apply(submission, _info("OUT_OF_MEMORY", exit_code=0))
+    db.session.expire_all()
+    assert "ran out of memory" in submission.reason and "its limit is 3G" in submission.reason
 
 
 def test_nonzero_exit_is_failed_with_exit_code(local_app):

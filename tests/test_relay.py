@@ -23,10 +23,7 @@ from mlflow.entities import Dataset, DatasetInput, Metric, Param
 from mlflow.exceptions import MlflowException
 from requests.auth import HTTPBasicAuth
 
-try:
-    from gateway.adapters.mlflow import MlflowAdmin
-except ImportError:  # before the adapters moved
-    from gateway.mlflow_admin import MlflowAdmin
+from gateway.adapters.mlflow import MlflowAdmin
 
 RELAY = Path(__file__).resolve().parent.parent / "jobs" / "relay.py"
 # The shim runs on the container's python3 and the relay on the host's: any 3.9 or later.
@@ -44,12 +41,12 @@ def setting(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def mlflow_url():
+def mlflow_url(testbed):
     return setting("M2D_MLFLOW_URL").rstrip("/")
 
 
 @pytest.fixture(scope="session")
-def admin_auth():
+def admin_auth(testbed):
     # HTTPBasicAuth, not a tuple: pytest prints fixture values, this keeps the password out.
     return HTTPBasicAuth(setting("M2D_MLFLOW_ADMIN_USERNAME"), setting("M2D_MLFLOW_ADMIN_PASSWORD"))
 

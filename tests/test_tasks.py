@@ -1,6 +1,7 @@
 """The prepare task run directly (no workers listening), against the real
 builder and Slurm: retries never make a second job, and a job Slurm refuses
 ends as failed with Slurm's own words."""
+import os
 import shutil
 import tempfile
 import uuid
@@ -26,6 +27,7 @@ from .stack import SAMPLES, zip_folder
 @pytest.fixture
 def isolated_app(testbed):
     root = tempfile.mkdtemp(prefix="m2d-tasks-", dir="/tmp")  # shared with containers
+    os.chmod(root, 0o711)  # the job account passes through, as through DATA_DIR
     config = from_environment() | {
         "TESTING": True, "DATA_DIR": root,
         "SQLALCHEMY_DATABASE_URI": f"sqlite:///{root}/gateway.db",

@@ -63,6 +63,7 @@ EOF
 
 start() {
   mkdir -p "$DIR/artifacts"
+  chmod 700 "$DIR"   # its databases hold every run and every password hash: root only
   ADMIN_PASSWORD=$(secret_file "$TESTBED_DIR/secrets/mlflow-admin-password")
   install_mlflow
   write_auth_ini

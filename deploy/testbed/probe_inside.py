@@ -84,7 +84,7 @@ check("dataset_chmod_refused", err is not None, f"chmod -> {err or 'succeeded'}"
 
 # ---- device nodes and mounts
 for path in ("/tmp/blk", "/mnt/export/blk"):
-    err = attempt(lambda: os.mknod(path, stat.S_IFBLK | 0o600, os.makedev(7, 0)))
+    err = attempt(lambda path=path: os.mknod(path, stat.S_IFBLK | 0o600, os.makedev(7, 0)))
     check(f"mknod_block_refused:{path}", err is not None, f"-> {err or 'succeeded'}")
     if err is None:
         os.unlink(path)

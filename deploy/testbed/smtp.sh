@@ -28,6 +28,7 @@ smtp_banner() {
 
 start() {
   mkdir -p "$DIR" "$MAIL_DIR"
+  chmod 700 "$MAIL_DIR"   # mail carries links and names: not for the job account
   if pid=$(pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB"); then
     log "smtp sink already running (pid $pid)"
     return 0

@@ -32,10 +32,15 @@ step accounts   "$here/accounts.sh" "$TESTBED_DIR"
 step slurm      "$here/slurm.sh" start "$TESTBED_DIR"
 step apptainer  "$here/apptainer.sh" "$TESTBED_DIR"
 step base-image "$here/base-image.sh" "$TESTBED_DIR"
+# the gateway's account builds environment images (unprivileged, --fakeroot)
+step images     chown -R "${M2D_USER:-m2d}:${M2D_USER:-m2d}" "$TESTBED_DIR/images"
 step redis      "$here/redis.sh" start "$TESTBED_DIR"
 step mlflow     "$here/mlflow.sh" start "$TESTBED_DIR"
 step smtp       "$here/smtp.sh" start "$TESTBED_DIR"
 step dataset    "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/clam"
+# the model cache admins fill (flask --app gateway weights add): the gateway
+# writes it, every job reads it
+step models     install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/models"
 
 # The gateway's view of the testbed.  Mode 600: it holds the MLflow admin
 # password.
@@ -47,6 +52,7 @@ export M2D_APPTAINER=$TESTBED_DIR/apptainer/bin/apptainer
 export M2D_BASE_IMAGE=$TESTBED_DIR/images/base.sif
 export M2D_IMAGE_DIR=$TESTBED_DIR/images
 export M2D_DATASET_DIR=$TESTBED_DIR/clam
+export M2D_MODELS_DIR=$TESTBED_DIR/models
 export M2D_REDIS_URL=redis://:$(cat "$TESTBED_DIR/secrets/redis-password")@127.0.0.1:6380/0
 export M2D_MLFLOW_URL=http://127.0.0.1:5001
 export M2D_MLFLOW_ADMIN_USERNAME=admin

@@ -259,6 +259,9 @@ class ImageBuilder:
 
     def _run_build(self, command: Path, definition: Path, image: Path) -> list[str]:
         options = ["--bind", f"{self.bind_ca}:{CA_IN_IMAGE}"] if self.bind_ca else []
+        if os.geteuid() != 0:
+            # pip in %post wants root inside: a user namespace maps us to it
+            options.append("--fakeroot")
         lines: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         log.info("building %s from %s", image, definition)
         try:

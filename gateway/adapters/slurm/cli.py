@@ -42,8 +42,6 @@ def _parse_sbatch(stdout: str) -> str:
     return job_id
 
 
-
-
 # The environment the Slurm commands get.  Everything else in the gateway's
 # environment (secret keys, database URLs, MLflow admin password) stays out:
 # sbatch copies its own environment into the job (--export=ALL), and SBATCH_*
@@ -52,15 +50,24 @@ PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL",
                "SLURM_CONF")
 
 
+# The commands that act on a job as its owner: with a job account, they run
+# as that account (sudo -n -u), so the job is its and never the gateway's.
+AS_JOB_OWNER = frozenset({"sbatch", "scancel"})
+
+
 class Batch:
     """Runs one Slurm command; a non-zero exit, a timeout or a missing
-    binary is a SlurmError carrying the command and its stderr."""
+    binary is a SlurmError carrying the command and its stderr.
+
+    ``job_user``: the account jobs run as; sbatch and scancel run as it
+    through ``sudo -n -u`` (a sudo rule allows exactly these two)."""
 
     def __init__(self, bin_dir: str | os.PathLike | None = None,
                  env: Mapping[str, str] | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, job_user: str | None = None) -> None:
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.timeout = timeout
+        self.job_user = job_user or None
         base = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         base.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         base.update(env or {})
@@ -72,6 +79,8 @@ class Batch:
 
     def run(self, name: str, args: Sequence[str]) -> subprocess.CompletedProcess:
         cmd = [self.command(name), *args]
+        if self.job_user and name in AS_JOB_OWNER:
+            cmd = ["sudo", "-n", "-u", self.job_user, "--", *cmd]
         try:
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, env=self.env,
@@ -102,12 +111,12 @@ class CliScheduler(Scheduler):
 
     def __init__(self, bin_dir: str | os.PathLike | None = None,
                  env: Mapping[str, str] | None = None, timeout: float = 30.0,
-                 batch: Batch | None = None) -> None:
-        self.batch = batch or Batch(bin_dir=bin_dir, env=env, timeout=timeout)
+                 batch: Batch | None = None, job_user: str | None = None) -> None:
+        self.batch = batch or Batch(bin_dir=bin_dir, env=env, timeout=timeout, job_user=job_user)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> CliScheduler:
-        return cls()
+        return cls(job_user=cfg.get("JOB_USER"))
 
     def submit(self, script: Path, job_name: str) -> str:
         check_name(job_name)

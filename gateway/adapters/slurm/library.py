@@ -71,15 +71,18 @@ class PyslurmScheduler(Scheduler):
     """
 
     def __init__(self, slurm_conf: str | os.PathLike | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, job_user: str | None = None) -> None:
         self.pyslurm = _import_pyslurm(slurm_conf)
         job_env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         job_env.update(env or {})
         self.job_env = job_env
+        # The library cannot sudo: submitting as the job account needs a
+        # gateway running as root (Slurm's --uid), or the CLI adapter.
+        self.job_user = job_user or None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> PyslurmScheduler:
-        return cls()
+        return cls(job_user=cfg.get("JOB_USER"))
 
     def _call(self, what: str, fn, *args):
         try:
@@ -95,6 +98,8 @@ class PyslurmScheduler(Scheduler):
             name=job_name, script=str(script),
             working_directory=str(script.parent),
             environment=dict(self.job_env))
+        if self.job_user:
+            desc.user_id = self.job_user
         # the #SBATCH lines; values given above win
         desc.load_sbatch_options()
         return str(self._call("submit", desc.submit))
