@@ -48,3 +48,4 @@ lint: venv
 bench: testbed
 	set -a && . $(ENV) && set +a && $(PY) -m bench.pipeline
 	$(PY) -m bench.scale
+	set -a && . $(ENV) && set +a && $(PY) -m bench.sealed && $(PY) -m bench.relay 200
