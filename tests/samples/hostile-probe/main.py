@@ -345,7 +345,15 @@ subprocess.Popen(["setsid", "sleep", sleeper], stdin=subprocess.DEVNULL, stdout=
 subprocess.Popen(["setsid", "sh", "-c", f"trap '' TERM HUP INT; exec sleep {sleeper}"],
                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                  start_new_session=True)
-print(f"INFO started two sleepers: sleep {sleeper} (one ignores SIGTERM/SIGHUP)", flush=True)
+time.sleep(0.5)
+running = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[:2] == [b"sleep", sleeper.encode()]:
+            running.append(pid)
+    except OSError:
+        pass
+ready("sleepers-running", len(running) == 2, f"sleep {sleeper} (one ignores SIGTERM/SIGHUP) as pids {running}")
 
 # ------------------------------------- MLflow: raw requests to the relay
 own_experiment_name = os.environ["MLFLOW_EXPERIMENT_NAME"]
