@@ -70,11 +70,32 @@ def _enqueue(name, func, submission_id, *, skip_if, timeout=300, retry=None):
     try:
         q = queue(name)
         job_id = f"{q.name}-{func.rsplit('.', 1)[-1]}-{submission_id}"
-        try:
-            if Job.fetch(job_id, connection=q.connection, serializer=SERIALIZER).get_status() in skip_if:
-                return
-        except NoSuchJobError:
-            pass
+        if _waiting(q, job_id, skip_if):
+            return
         q.enqueue(func, submission_id, job_id=job_id, job_timeout=timeout, retry=retry)
     except Exception:  # noqa: BLE001 - the sweep recovers; the request must not fail
         log.exception("could not enqueue %s(%s); the poller's sweep will retry", func, submission_id)
+
+
+def _waiting(q: Queue, job_id: str, statuses: tuple[str, ...]) -> bool:
+    """Whether a message for ``job_id`` really waits (or runs) in one of ``statuses``.
+
+    The job's hash alone is not proof: a worker killed with -9 while blocked
+    on the queue leaves a child holding its connection, Redis hands that dead
+    wait the next message, and the hash says "queued" for a message nobody
+    reads. So the message must also be where its status says, or the
+    database's word (this is owed) wins and it is queued again.
+    """
+    try:
+        status = Job.fetch(job_id, connection=q.connection, serializer=SERIALIZER).get_status()
+    except NoSuchJobError:
+        return False
+    if status not in statuses:
+        return False
+    where = {
+        "queued": lambda: q.connection.lpos(q.key, job_id) is not None,
+        "scheduled": lambda: job_id in q.scheduled_job_registry,
+        "deferred": lambda: job_id in q.deferred_job_registry,
+        "started": lambda: job_id in q.started_job_registry,
+    }
+    return where[status]() if status in where else True

@@ -73,3 +73,23 @@ def test_a_pickled_job_put_into_redis_is_not_unpickled_by_the_workers(stack, tmp
     assert status == "failed"
     assert not marker.exists()
     job.delete()
+
+
+def test_a_message_lost_to_a_dead_worker_is_queued_again_not_vetoed_by_its_hash(queues):
+    # kill -9 of a worker blocked on the queue: its orphaned child keeps the
+    # connection, Redis hands it the message, and nobody ever reads it. The
+    # job's hash still says "queued"; the list no longer holds it.
+    queue.enqueue_mail(7)
+    q = queue.queue("mail")
+    [job_id] = q.job_ids
+    q.connection.lrem(q.key, 0, job_id)  # what the dead BLPOP took
+    assert Job.fetch(job_id, connection=q.connection, serializer=queue.SERIALIZER).get_status() == "queued"
+
+    queue.enqueue_mail(7)  # the sweep: the database says an email is owed
+    assert q.job_ids == [job_id]
+
+
+def test_a_message_that_really_waits_is_not_queued_twice(queues):
+    queue.enqueue_mail(8)
+    queue.enqueue_mail(8)
+    assert len(queue.queue("mail").job_ids) == 1
