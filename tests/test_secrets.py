@@ -12,6 +12,8 @@ from gateway.extensions import db
 from gateway.models import ApiToken, User, utcnow
 
 PASSWORD = "plain-mlflow-password-0123456789"
+# the migration that encrypts, and the one before it (later ones may follow)
+BEFORE, ENCRYPTED = "7cd99977131a", "409ca9701daf"
 
 
 def raw_password_column(database, email):
@@ -81,25 +83,25 @@ def test_migration_encrypts_existing_passwords_and_downgrade_restores_them(tmp_p
     app = create_app({"TESTING": True, "DATA_DIR": str(tmp_path / "data"),
                       "SQLALCHEMY_DATABASE_URI": f"sqlite:///{database}", "REDIS_URL": "redis://127.0.0.1:1/0"})
     with app.app_context():
-        flask_migrate.upgrade(revision="7cd99977131a")  # the schema before encryption
+        flask_migrate.upgrade(revision=BEFORE)
         db.session.execute(text("INSERT INTO user (email, name, is_admin, created_at, mlflow_password) "
                                 "VALUES ('old@example.org', 'Old', 0, '2026-01-01', :p)"), {"p": PASSWORD})
         db.session.commit()
 
-        flask_migrate.upgrade()
+        flask_migrate.upgrade(revision=ENCRYPTED)
         raw = raw_password_column(database, "old@example.org")
         assert raw and PASSWORD not in raw
         assert stat.S_IMODE(secrets.key_path(app.config).stat().st_mode) == 0o600
-        assert User.query.filter_by(email="old@example.org").one().mlflow_password == PASSWORD
+        assert secrets.decrypt(raw) == PASSWORD
         indexes = {row[1] for row in db.session.execute(text("PRAGMA index_list('submission')"))}
         assert "ix_submission_user_id_created_at" in indexes
         db.session.remove()
 
-        flask_migrate.downgrade(revision="-1")
+        flask_migrate.downgrade(revision=BEFORE)  # one step
         with sqlite3.connect(database) as conn:
             assert conn.execute("SELECT mlflow_password FROM user").fetchone()[0] == PASSWORD
 
-        flask_migrate.upgrade()
+        flask_migrate.upgrade()  # and on to the head
         raw = raw_password_column(database, "old@example.org")
         assert raw and PASSWORD not in raw
         assert User.query.filter_by(email="old@example.org").one().mlflow_password == PASSWORD
