@@ -64,8 +64,8 @@ def accept(user: User, upload: FileStorage | None) -> Submission:
 
 def check_quota(user: User) -> None:
     """Refuse an upload past DAILY_SUBMISSIONS in any 24 hours (rolling), before
-    a byte of it is read. Two uploads racing for the last slot may both pass:
-    the quota bounds a leak, it is not an exact count."""
+    the zip is checked or kept. Two uploads racing for the last slot may both
+    pass: the quota bounds a leak, it is not an exact count."""
     allowed = current_app.config["DAILY_SUBMISSIONS"]
     recent = [created for (created,) in db.session.query(Submission.created_at)
               .filter(Submission.user_id == user.id, Submission.created_at > utcnow() - QUOTA_WINDOW)
