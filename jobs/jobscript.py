@@ -9,7 +9,9 @@ socket; CLaM read-only at ``/mnt/dataset``, the export folder at
 ``/mnt/export``, the code read-only at ``/code`` (also the working
 directory), the model cache read-only at ``/opt/m2d/models``.  No credential
 enters the container: the relay adds the owner's.  Slurm writes the job's
-stdout and stderr to ``<log_dir>/slurm-<jobid>.out`` and ``.err``.
+stdout and stderr to ``<log_dir>/slurm-<jobid>.out`` and ``.err``
+(``dryrun-<jobid>.*`` for a dry run, which differs only in its dataset,
+export folder, limits, experiment and ``M2D_DRY_RUN=1``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from urllib.parse import urlsplit
 
 from gateway.templating import render
 
-__all__ = ["JobSpec", "render_job_script", "write_job_script", "RELAY_SOURCE"]
+__all__ = ["JobSpec", "render_job_script", "write_job_script", "log_path", "RELAY_SOURCE"]
 
 TEMPLATE = "singularity/job.sbatch.j2"
 RELAY_SOURCE = Path(__file__).resolve().parent / "relay.py"
@@ -31,6 +33,15 @@ EXPORT_MOUNT = "/mnt/export"
 CODE_MOUNT = "/code"
 RUN_MOUNT = "/run/m2d"  # the relay's socket folder, read-only
 MODELS_MOUNT = "/opt/m2d/models"
+
+LOG_PREFIX = "slurm"  # <log_dir>/slurm-<jobid>.out / .err
+DRY_RUN_LOG_PREFIX = "dryrun"  # <log_dir>/dryrun-<jobid>.out / .err
+DRY_RUN_JOB_SUFFIX = "-dry"
+
+
+def log_path(log_dir: Path, job_id: str, stream: str, dry_run: bool = False) -> Path:
+    """Where Slurm writes a job's ``stream`` ("out" or "err")."""
+    return Path(log_dir) / f"{DRY_RUN_LOG_PREFIX if dry_run else LOG_PREFIX}-{job_id}.{stream}"
 
 _TIME = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")
 _MEM = re.compile(r"\d+[KMGT]?")
@@ -65,10 +76,21 @@ class JobSpec:
     # Two gateways on one cluster (staging and production, or a test run)
     # need different prefixes: a retried submit looks its job up by name.
     job_prefix: str = "m2d"
+    # The dry run: the same sealed job on the synthetic twin (dataset_dir),
+    # named <prefix>-<id>-dry, logging to dryrun-<jobid>.out/.err, with
+    # M2D_DRY_RUN=1 in the container (the one difference the code can see).
+    dry_run: bool = False
+    # a dry run: the owner's real experiment name, which the relay answers
+    # with the dry run's experiment (code that calls mlflow.set_experiment)
+    experiment_alias: str | None = None
 
     @property
     def job_name(self) -> str:
-        return f"{self.job_prefix}-{self.submission_id}"
+        return f"{self.job_prefix}-{self.submission_id}{DRY_RUN_JOB_SUFFIX if self.dry_run else ''}"
+
+    @property
+    def log_prefix(self) -> str:
+        return DRY_RUN_LOG_PREFIX if self.dry_run else LOG_PREFIX
 
     def __post_init__(self) -> None:
         for name in ("image", "code_dir", "dataset_dir", "export_dir",
@@ -123,6 +145,7 @@ def render_job_script(spec: JobSpec) -> str:
     values = asdict(spec)
     values.update(
         job_name=spec.job_name,
+        log_prefix=spec.log_prefix,
         dataset_bind=f"{spec.dataset_dir}:{DATASET_MOUNT}:ro",
         export_bind=f"{spec.export_dir}:{EXPORT_MOUNT}",
         code_bind=f"{spec.code_dir}:{CODE_MOUNT}:ro",

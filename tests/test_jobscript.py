@@ -20,7 +20,7 @@ import pytest
 
 from gateway import weights
 from gateway.adapters.slurm.cli import CliScheduler
-from jobs.jobscript import RELAY_SOURCE, JobSpec, render_job_script, write_job_script
+from jobs.jobscript import RELAY_SOURCE, JobSpec, log_path, render_job_script, write_job_script
 
 TESTBED = Path(os.environ.get("M2D_TESTBED_DIR", "/opt/testbed"))
 APPTAINER = TESTBED / "apptainer" / "bin" / "apptainer"
@@ -79,6 +79,31 @@ def test_directives_name_the_job_and_its_resources():
     # Slurm stops reading #SBATCH at the first command
     first_command = script.index("set -euo pipefail")
     assert all(script.index("#SBATCH " + d) < first_command for d in _directives(script))
+
+
+def test_a_dry_run_differs_only_in_its_name_logs_binds_and_m2d_dry_run():
+    root = Path("/srv/m2d")
+    real = render_job_script(_spec(root))
+    dry = render_job_script(_spec(root, dry_run=True, dataset_dir=root / "clam-twin",
+                                  export_dir=root / "submissions" / "42" / "export-dryrun",
+                                  experiment_id="8", experiment_name="alice-3-dryrun",
+                                  experiment_alias="alice-3"))
+    assert _directives(dry)[:3] == ["--job-name=m2d-42-dry",
+                                    "--output=/srv/m2d/submissions/42/logs/dryrun-%j.out",
+                                    "--error=/srv/m2d/submissions/42/logs/dryrun-%j.err"]
+    argv, real_argv = _apptainer_argv(dry), _apptainer_argv(real)
+    envs = [argv[i + 1] for i, a in enumerate(argv) if a == "--env"]
+    assert "M2D_DRY_RUN=1" in envs and "MLFLOW_EXPERIMENT_NAME=alice-3-dryrun" in envs
+    assert not [a for a in real_argv if "M2D_DRY_RUN" in a]
+    binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
+    assert binds[:2] == ["/srv/m2d/clam-twin:/mnt/dataset:ro", "/srv/m2d/submissions/42/export-dryrun:/mnt/export"]
+    # the same sealing, word for word
+    sealing = ["--containall", "--cleanenv", "--no-privs", "--net", "--network", "none"]
+    assert argv[2:2 + len(sealing)] == real_argv[2:2 + len(sealing)] == sealing
+    assert "--experiment-id 8 --experiment-name alice-3-dryrun \\\n  --experiment-alias alice-3" in dry
+    assert "--experiment-alias" not in real
+    assert log_path(root, "5", "err", dry_run=True) == root / "dryrun-5.err"
+    assert log_path(root, "5", "err") == root / "slurm-5.err"
 
 
 def test_no_gpus_no_gres_and_no_partition_by_default():
@@ -250,8 +275,8 @@ def _run_job(root: Path, main_py: str, **kw):
             break
         assert time.monotonic() < deadline, f"job {job} not finished: {info}"
         time.sleep(0.5)
-    out = (spec.log_dir / f"slurm-{job}.out").read_text()
-    err = (spec.log_dir / f"slurm-{job}.err").read_text()
+    out = log_path(spec.log_dir, job, "out", spec.dry_run).read_text()
+    err = log_path(spec.log_dir, job, "err", spec.dry_run).read_text()
     return info, out, err, spec
 
 
@@ -287,9 +312,13 @@ def test_rendered_script_runs_main_py_as_the_job_account_in_the_sealed_container
 
 
 def test_exit_code_of_main_py_is_the_job_exit_code(job_root):
+    # as a dry run: M2D_DRY_RUN=1 is the one difference the code sees
     main_py = ("import os, sys\n"
                "print('gpus', repr(os.environ.get('CUDA_VISIBLE_DEVICES')))\n"
+               "print('dry run', repr(os.environ.get('M2D_DRY_RUN')))\n"
                "sys.exit(3)\n")
-    info, out, err, _ = _run_job(job_root, main_py, gpus=0)
+    info, out, err, _ = _run_job(job_root, main_py, gpus=0, dry_run=True)
     assert (info.state, info.exit_code) == ("FAILED", 3), out + err
     assert "gpus ''" in out    # no GPU asked for, none given
+    assert "dry run '1'" in out
+    assert "(dry run on the synthetic twin)" in err
