@@ -72,6 +72,23 @@ DEFAULTS = {
     "SMTP_PORT": 25,
     "MAIL_FROM": "Model-to-Data Gateway <noreply@localhost>",
     "PUBLIC_URL": "http://127.0.0.1:5000",
+    # The web portal (gateway.auth, gateway.admin).
+    "PLATFORM_NAME": "Model-to-Data Gateway",
+    # Cookies are HttpOnly and SameSite=Lax always; Secure when the site is
+    # served over HTTPS (on behind nginx in production, off for plain http).
+    "SESSION_COOKIE_SECURE": False,
+    # Links in emails: how long they work (seconds); each works once.
+    "VERIFY_MAX_AGE": 2 * 24 * 3600,
+    "RESET_MAX_AGE": 3600,
+    # Rate limits (Flask-Limiter's notation). Wrong passwords count per
+    # account and per address; sign-up and reset requests per address and
+    # per email. Storage: the Redis rq uses (REDIS_URL) unless set, so every
+    # gunicorn worker counts together; "memory://" in the fast tests.
+    "RATELIMIT_STORAGE_URI": None,
+    "LOGIN_LIMIT_ACCOUNT": "5 per minute",
+    "LOGIN_LIMIT_ADDRESS": "20 per minute",
+    "SIGNUP_LIMIT": "10 per hour",
+    "RESET_LIMIT": "5 per hour",
     # Leaks bounded per researcher, and secrets kept apart from the database.
     # Uploads per user in any 24 hours: each run can carry something out
     # (metrics, stderr, emails), so repeated runs are capped too.
@@ -118,6 +135,15 @@ def load(app: Flask, overrides: Mapping[str, Any] | None = None) -> Config:
         cfg["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True}
     cfg["MLFLOW_JOB_URL"] = cfg["MLFLOW_JOB_URL"] or cfg["MLFLOW_URL"]
     cfg["MLFLOW_PUBLIC_URL"] = cfg["MLFLOW_PUBLIC_URL"] or cfg["MLFLOW_URL"]
+    # the fast tests' apps (TESTING) count in memory unless told otherwise
+    cfg["RATELIMIT_STORAGE_URI"] = (cfg["RATELIMIT_STORAGE_URI"]
+                                    or ("memory://" if cfg.get("TESTING") else cfg["REDIS_URL"]))
+    cfg["RATELIMIT_KEY_PREFIX"] = f"{cfg['QUEUE_NAMESPACE']}-limits"
+    cfg["SESSION_COOKIE_HTTPONLY"] = True
+    cfg["SESSION_COOKIE_SAMESITE"] = "Lax"
+    cfg["REMEMBER_COOKIE_HTTPONLY"] = True
+    cfg["REMEMBER_COOKIE_SAMESITE"] = "Lax"
+    cfg["REMEMBER_COOKIE_SECURE"] = cfg["SESSION_COOKIE_SECURE"]
     # Werkzeug refuses bigger bodies with 413 before we read them.
     cfg["MAX_CONTENT_LENGTH"] = cfg["MAX_ZIP_BYTES"] + 1024 * 1024
     if not cfg["SECRET_KEY"]:

@@ -1,4 +1,6 @@
 """Flask extensions, created once and bound to an app in create_app."""
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
@@ -16,3 +18,6 @@ db = SQLAlchemy(metadata=MetaData(naming_convention={
 migrate = Migrate()
 login_manager = LoginManager()
 csrf = CSRFProtect()
+# Limits are declared on the views (gateway.auth); storage from the app's
+# RATELIMIT_STORAGE_URI (gateway.config).
+limiter = Limiter(key_func=get_remote_address, default_limits=[])

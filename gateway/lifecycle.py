@@ -47,17 +47,18 @@ def advance(submission_id: int, old: Status | str, new: Status | str, *,
     return True
 
 
-def cancel(submission: Submission) -> Status:
-    """The researcher's cancel: at once before Slurm has the job, else through
-    scancel (the poller records the outcome). Returns the status it leaves."""
+def cancel(submission: Submission, by: str = "the researcher") -> Status:
+    """The researcher's (or an admin's) cancel: at once before Slurm has the
+    job, else through scancel (the poller records the outcome). Returns the
+    status it leaves."""
     status = submission.state
     if status.terminal:
         raise IllegalTransition(f"submission {submission.id} has already ended: {status}")
     if status in (Status.RECEIVED, Status.BUILDING):
-        if advance(submission.id, status, Status.CANCELLED, detail="cancelled by the researcher"):
+        if advance(submission.id, status, Status.CANCELLED, detail=f"cancelled by {by}"):
             return Status.CANCELLED
         db.session.refresh(submission)  # it moved on meanwhile: cancel from there
-        return cancel(submission)
+        return cancel(submission, by)
     queue.enqueue_cancel(submission.id)
     return status
 

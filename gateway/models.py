@@ -30,6 +30,13 @@ class User(UserMixin, db.Model):
     mlflow_username = db.Column(db.String(255), unique=True)
     mlflow_password_encrypted = db.Column(db.String(255))
     mlflow_experiment_id = db.Column(db.String(64))
+    # the web portal's sign-up, approval and admin actions (gateway.accounts)
+    affiliation = db.Column(db.String(200), nullable=False, default="", server_default="")
+    intended_use = db.Column(db.Text, nullable=False, default="", server_default="")
+    email_verified_at = db.Column(db.DateTime)
+    rejected_at = db.Column(db.DateTime)
+    rejection_reason = db.Column(db.Text)
+    disabled_at = db.Column(db.DateTime)
 
     submissions = db.relationship("Submission", back_populates="user", lazy="dynamic")
 
@@ -38,8 +45,32 @@ class User(UserMixin, db.Model):
         return self.approved_at is not None
 
     @property
-    def is_active(self):  # flask-login: unapproved users cannot log in
-        return self.approved
+    def disabled(self):
+        return self.disabled_at is not None
+
+    @property
+    def is_active(self):  # flask-login: only approved, enabled users log in or use tokens
+        return self.approved and not self.disabled
+
+    @property
+    def account_state(self):
+        """One word for the admin pages: where the account stands."""
+        if self.disabled:
+            return "disabled"
+        if self.approved:
+            return "approved"
+        if self.rejected_at:
+            return "rejected"
+        return "pending" if self.email_verified_at else "unverified"
+
+    def get_id(self):
+        # The session names the password too: changing it ends every other
+        # session and every "remember me" cookie (gateway.auth.load_user).
+        return f"{self.id}.{self.session_stamp}"
+
+    @property
+    def session_stamp(self):
+        return hashlib.sha256((self.password_hash or "").encode()).hexdigest()[:16]
 
     @property
     def mlflow_password(self):
@@ -63,6 +94,8 @@ class ApiToken(db.Model):
     token_hash = db.Column(db.String(64), unique=True, nullable=False)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
     last_used_at = db.Column(db.DateTime)
+    name = db.Column(db.String(100), nullable=False, default="", server_default="")
+    revoked_at = db.Column(db.DateTime)
 
     user = db.relationship("User")
 
@@ -71,9 +104,9 @@ class ApiToken(db.Model):
         return hashlib.sha256(token.encode()).hexdigest()
 
     @classmethod
-    def issue(cls, user):
+    def issue(cls, user, name=""):
         token = "m2d_" + secrets.token_urlsafe(32)
-        db.session.add(cls(user=user, token_hash=cls.hash(token)))
+        db.session.add(cls(user=user, token_hash=cls.hash(token), name=name))
         return token
 
 
@@ -154,6 +187,25 @@ class Email(db.Model):
 
     submission = db.relationship("Submission")
     event = db.relationship("Event")
+
+
+class AccountEmail(db.Model):
+    """An email about an account (verification, approval, rejection, password
+    reset), owed once its row exists and sent once by jobs.mail, like Email.
+
+    ``key`` names the one email ("approved-7", "reset-7-<nonce>"): writing the
+    same key twice is refused by the database, so no action owes it twice."""
+    id = db.Column(db.Integer, primary_key=True)
+    user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
+    kind = db.Column(db.String(20), nullable=False)  # verify | approved | rejected | reset
+    key = db.Column(db.String(100), nullable=False, unique=True)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    claimed_at = db.Column(db.DateTime)
+    sent_at = db.Column(db.DateTime)
+    attempts = db.Column(db.Integer, nullable=False, default=0)
+    last_error = db.Column(db.Text)
+
+    user = db.relationship("User")
 
 
 class Build(db.Model):

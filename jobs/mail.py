@@ -13,9 +13,10 @@ from email.utils import format_datetime
 from flask import current_app
 from sqlalchemy import or_, update
 
+from gateway import accounts
 from gateway.adapters.smtp import Mailer
 from gateway.extensions import db
-from gateway.models import Email, utcnow
+from gateway.models import AccountEmail, Email, utcnow
 from gateway.templating import render as render_template
 
 log = logging.getLogger(__name__)
@@ -64,29 +65,65 @@ def send_owed(submission_id: int, mailer: Mailer | None = None) -> int:
     return sent
 
 
-def _claim(email_id):
+def render_account(email: AccountEmail) -> tuple[str, str]:
+    """Subject and body of an email about an account. Its link (verification,
+    reset) is signed at sending time; it expires from then."""
+    base = current_app.config["PUBLIC_URL"].rstrip("/")
+    links = {"verify": lambda u: f"{base}/verify/{accounts.verification_token(u)}",
+             "reset": lambda u: f"{base}/reset/{accounts.reset_token(u)}"}
+    user = email.user
+    text = render_template(
+        f"mail/account_{email.kind}.txt", user=user, base=base,
+        platform=current_app.config["PLATFORM_NAME"],
+        link=links[email.kind](user) if email.kind in links else None,
+        hours=lambda seconds: max(1, round(seconds / 3600)), config=current_app.config)
+    first, _, body = text.partition("\n")
+    if not first.startswith("Subject: "):
+        raise TemplateError(f"template account_{email.kind}.txt must start with 'Subject: '")
+    return first.removeprefix("Subject: ").strip(), body.lstrip("\n")
+
+
+def send_account(email_id: int, mailer: Mailer | None = None) -> bool:
+    """Send one email about an account, once; False if it was sent or is
+    being sent already."""
+    email = db.session.get(AccountEmail, email_id)
+    if email is None or email.sent_at is not None or not _claim(email_id, AccountEmail):
+        return False
+    mailer = mailer or Mailer.from_config(current_app.config)
+    try:
+        subject, body = render_account(email)
+        mailer.send(email.user.email, subject, body,
+                    message_id=f"<m2d-account-{email.key}@{socket.getfqdn()}>")
+    except Exception as e:
+        _release(email_id, str(e), AccountEmail)
+        raise
+    _mark_sent(email_id, AccountEmail)
+    return True
+
+
+def _claim(email_id, model=Email):
     now = utcnow()
     result = db.session.execute(
-        update(Email)
-        .where(Email.id == email_id, Email.sent_at.is_(None),
-               or_(Email.claimed_at.is_(None), Email.claimed_at < now - STALE_CLAIM))
-        .values(claimed_at=now, attempts=Email.attempts + 1)
+        update(model)
+        .where(model.id == email_id, model.sent_at.is_(None),
+               or_(model.claimed_at.is_(None), model.claimed_at < now - STALE_CLAIM))
+        .values(claimed_at=now, attempts=model.attempts + 1)
         .execution_options(synchronize_session=False))
     db.session.commit()
     return result.rowcount == 1
 
 
-def _release(email_id, error):
+def _release(email_id, error, model=Email):
     db.session.rollback()
-    db.session.execute(update(Email).where(Email.id == email_id)
+    db.session.execute(update(model).where(model.id == email_id)
                        .values(claimed_at=None, last_error=error[:2000])
                        .execution_options(synchronize_session=False))
     db.session.commit()
     log.warning("email %s not sent: %s", email_id, error)
 
 
-def _mark_sent(email_id):
-    db.session.execute(update(Email).where(Email.id == email_id)
+def _mark_sent(email_id, model=Email):
+    db.session.execute(update(model).where(model.id == email_id)
                        .values(sent_at=utcnow(), last_error=None)
                        .execution_options(synchronize_session=False))
     db.session.commit()

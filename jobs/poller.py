@@ -11,12 +11,12 @@ from datetime import timedelta, timezone
 
 from flask import current_app
 
-from gateway import queue
+from gateway import accounts, queue
 from gateway.adapters import slurm
 from gateway.adapters.slurm import JobInfo, Scheduler
 from gateway.extensions import db
 from gateway.lifecycle import advance
-from gateway.models import Email, Submission, utcnow
+from gateway.models import AccountEmail, Email, Submission, utcnow
 from gateway.states import Status
 from gateway.storage import SubmissionFiles
 
@@ -109,6 +109,9 @@ def _sweep():
     for (submission_id,) in db.session.query(Email.submission_id).filter(
             Email.sent_at.is_(None), Email.created_at < cutoff).distinct():
         queue.enqueue_mail(submission_id)
+    for (email_id,) in db.session.query(AccountEmail.id).filter(
+            AccountEmail.sent_at.is_(None), AccountEmail.created_at < cutoff):
+        accounts.enqueue(email_id)
 
 
 def _naive(moment):

@@ -105,6 +105,11 @@ def send_mail(submission_id: int) -> int:
 
 
 @in_app
+def send_account_mail(email_id: int) -> bool:
+    return mail.send_account(email_id)
+
+
+@in_app
 def poll() -> int:
     return poller.poll_once()
 

@@ -33,7 +33,7 @@ def logged_in(stack, browser):
     browser.find_element(By.NAME, "email").send_keys(researcher.address)
     browser.find_element(By.NAME, "password").send_keys(PASSWORD)
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    heading(browser, lambda text: text == "Submit code")
+    heading(browser, lambda text: text == "My submissions")
     return researcher
 
 
@@ -49,7 +49,7 @@ def heading(browser, expected):
 
 
 def _upload(browser, stack, path):
-    browser.get(f"{stack.url}/")
+    browser.get(f"{stack.url}/upload")
     browser.find_element(By.NAME, "file").send_keys(str(path))
     browser.find_element(By.CSS_SELECTOR, "form[enctype] button[type=submit]").click()
 
@@ -72,12 +72,13 @@ def test_upload_through_the_form_creates_a_submission(stack, browser, logged_in,
 
 def test_a_bad_zip_shows_what_to_fix_on_the_page(stack, browser, logged_in, tmp_path):
     _upload(browser, stack, zips.make_nested_zip(tmp_path / "nested.zip", folder="my-project"))
-    message = browser.find_element(By.CSS_SELECTOR, ".flash.error").text
+    message = browser.find_element(By.CSS_SELECTOR, ".flash.error").text  # beside the form
     assert "my-project" in message
 
 
 def test_account_page_shows_mlflow_credentials(stack, browser, logged_in):
     browser.get(f"{stack.url}/account")
+    browser.find_element(By.CSS_SELECTOR, "[data-reveal]").click()  # hidden until revealed
     mlflow = logged_in.me()["mlflow"]
     page = browser.find_element(By.TAG_NAME, "body").text
     assert mlflow["username"] in page and mlflow["password"] in page

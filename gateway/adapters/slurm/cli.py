@@ -11,7 +11,8 @@ import os
 import re
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,78 @@ def _parse_sbatch(stdout: str) -> str:
     if not JOB_ID.fullmatch(job_id):
         raise ValueError(f"unexpected sbatch --parsable output {stdout!r}")
     return job_id
+
+
+# What the admins' cluster view shows, in Slurm's own words: squeue's
+# JobID, Name, State, Reason, Elapsed, NodeList (and the priority that orders
+# the pending ones), and sacct's records of recent jobs.
+SQUEUE_FORMAT = "%i|%j|%T|%r|%M|%N|%Q"
+RECENT_FIELDS = ("JobIDRaw", "JobName", "State", "ExitCode", "Elapsed", "Start", "End", "NodeList")
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    job_id: str
+    name: str
+    state: str
+    reason: str
+    elapsed: str
+    nodelist: str
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class AccountingRecord:
+    job_id: str
+    name: str
+    state: str
+    exit_code: str
+    elapsed: str
+    start: str
+    end: str
+    nodelist: str
+
+
+def parse_squeue(stdout: str) -> list[QueueEntry]:
+    """Rows of ``squeue -h -o SQUEUE_FORMAT``; a name may hold "|", so the
+    fields are taken from both ends."""
+    entries = []
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        head, _, rest = line.partition("|")
+        parts = rest.rsplit("|", 5)
+        if len(parts) != 6 or not JOB_ID.fullmatch(head.strip()):
+            raise ValueError(f"unexpected squeue line {line!r}")
+        name, state, reason, elapsed, nodelist, priority = (p.strip() for p in parts)
+        entries.append(QueueEntry(head.strip(), name, state, reason, elapsed, nodelist,
+                                  int(priority) if priority.isdigit() else 0))
+    return entries
+
+
+def parse_sacct_records(stdout: str) -> list[AccountingRecord]:
+    """Rows of ``sacct -X -n -P -o RECENT_FIELDS``, newest first."""
+    records = []
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        head, _, rest = line.partition("|")
+        parts = rest.rsplit("|", len(RECENT_FIELDS) - 2)
+        if len(parts) != len(RECENT_FIELDS) - 1 or not JOB_ID.fullmatch(head.strip()):
+            raise ValueError(f"unexpected sacct line {line!r}")
+        records.append(AccountingRecord(head.strip(), *(p.strip() for p in parts)))
+    return sorted(records, key=lambda r: int(r.job_id), reverse=True)
+
+
+def queue_position(entries: Sequence[QueueEntry], job_id: str) -> int | None:
+    """Where ``job_id`` stands among the pending jobs (1: next to start), in
+    the order Slurm starts them: highest priority first, then oldest."""
+    pending = sorted((e for e in entries if e.state == "PENDING"),
+                     key=lambda e: (-e.priority, int(e.job_id)))
+    for position, entry in enumerate(pending, start=1):
+        if entry.job_id == job_id:
+            return position
+    return None
 
 
 # The environment the Slurm commands get.  Everything else in the gateway's
@@ -183,6 +256,27 @@ class CliScheduler(Scheduler):
             if newest is None or key > newest:
                 newest = key
         return str(newest[1]) if newest else None
+
+    def queue(self, name_prefix: str | None = None) -> list[QueueEntry]:
+        """Every job slurmctld holds (pending, running, just ended), or those
+        whose name starts with ``name_prefix``."""
+        out = self.batch.run("squeue", ["-h", "-a", "-o", SQUEUE_FORMAT]).stdout
+        try:
+            entries = parse_squeue(out)
+        except ValueError as e:
+            raise SlurmError(str(e), cmd=["squeue"], stderr=out) from None
+        return [e for e in entries if not name_prefix or e.name.startswith(name_prefix)]
+
+    def recent(self, name_prefix: str | None = None, hours: int = 24) -> list[AccountingRecord]:
+        """sacct's records of the jobs of the last ``hours``, newest first."""
+        since = (datetime.now(timezone.utc) - timedelta(hours=hours)).strftime(SACCT_TIME_FORMAT)
+        out = self.batch.run("sacct", ["-X", "-n", "-P", "-a", "-o", ",".join(RECENT_FIELDS),
+                                       "-S", since, "-E", "now"]).stdout
+        try:
+            records = parse_sacct_records(out)
+        except ValueError as e:
+            raise SlurmError(str(e), cmd=["sacct"], stderr=out) from None
+        return [r for r in records if not name_prefix or r.name.startswith(name_prefix)]
 
     def cancel(self, job_id: str) -> None:
         (job_id,) = check_ids([job_id])
