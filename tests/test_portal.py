@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -76,7 +76,10 @@ def text(driver, css="main"):
 
 
 def until(driver, predicate, timeout=15):
-    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: predicate(d))
+    # the live region is replaced while we look: a vanished element means "look again"
+    return WebDriverWait(driver, timeout, poll_frequency=0.5,
+                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)
+                         ).until(lambda d: predicate(d))
 
 
 def sign_up(driver, stack, address, name):
