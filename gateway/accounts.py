@@ -54,9 +54,10 @@ def approve(user, notify=False):
     if not user.mlflow_username:
         user.mlflow_username = mlflow_username_for(user)
         db.session.commit()
-    account = MlflowAdmin.from_config(current_app.config).provision(user.mlflow_username)
+    account = MlflowAdmin.from_config(current_app.config).provision(user.mlflow_username, dry_run=True)
     user.mlflow_password = account.password
     user.mlflow_experiment_id = account.experiment_id
+    user.mlflow_dry_run_experiment_id = account.dry_run_experiment_id
     first = user.approved_at is None
     user.approved_at = user.approved_at or utcnow()
     user.email_verified_at = user.email_verified_at or user.approved_at

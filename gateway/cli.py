@@ -47,6 +47,24 @@ def approve_user(email):
     click.echo(f"approved {user.email}; MLflow user and experiment: {user.mlflow_username}")
 
 
+@users.command("dry-run")
+@click.argument("email")
+@click.option("--skip/--require", default=False,
+              help="--skip: EMAIL's submissions go to the real data without a dry run first; "
+                   "--require (the default): they run on the synthetic twin first.")
+def dry_run_user(email, skip):
+    """Whether EMAIL's submissions run a dry run on the synthetic twin first
+    (all do while M2D_DRY_RUN is on, unless skipped here)."""
+    try:
+        user = accounts.find(email)
+    except accounts.AccountError as e:
+        raise click.ClickException(str(e))
+    user.skip_dry_run = skip
+    db.session.commit()
+    click.echo(f"{user.email}: {'no dry run' if skip else 'dry run first'}"
+               f"{'' if current_app.config['DRY_RUN'] else ' (dry runs are off for everyone: M2D_DRY_RUN)'}")
+
+
 @users.command("list")
 def list_users():
     """List users."""

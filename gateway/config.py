@@ -56,6 +56,18 @@ DEFAULTS = {
     "SLURM_TIME": "01:00:00",
     "APPTAINER_NV": False,  # --nv; off on the fake-GPU testbed
     "DATASET_DIR": None,  # required by the build workers (they write the job script)
+    # Dry runs: every submission first runs as a short job on a synthetic twin
+    # of the dataset (same layout and CSV schema, made by m2d.sample_data),
+    # with M2D_DRY_RUN=1 in its environment; its whole log is the researcher's
+    # to see, and only one that exits 0 lets the real job go to Slurm.
+    # DRY_RUN off skips them for everyone; `flask users dry-run EMAIL --skip`
+    # for one researcher.
+    "DRY_RUN": True,
+    "DRY_RUN_DATASET_DIR": None,  # required while DRY_RUN is on; bound at /mnt/dataset
+    "DRY_RUN_PARTITION": None,  # default: SLURM_PARTITION
+    "DRY_RUN_TIME": "00:10:00",
+    "DRY_RUN_GPUS": 0,
+    "DRY_RUN_LOG_BYTES": 64 * 1024,  # of stdout and of stderr each, kept and shown
     # What a failed job's stderr may show in the API and the failure email:
     # user code chooses what it prints, so this bounds what one run can carry
     # out of the dataset through that channel.

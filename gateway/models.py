@@ -30,6 +30,12 @@ class User(UserMixin, db.Model):
     mlflow_username = db.Column(db.String(255), unique=True)
     mlflow_password_encrypted = db.Column(db.String(255))
     mlflow_experiment_id = db.Column(db.String(64))
+    # the dry run's experiment, "<experiment>-dryrun" (made at approval, or
+    # at the first dry run of a user approved before dry runs existed)
+    mlflow_dry_run_experiment_id = db.Column(db.String(64))
+    # an admin's exception: this researcher's submissions skip the dry run
+    # (flask --app gateway users dry-run EMAIL --skip)
+    skip_dry_run = db.Column(db.Boolean, nullable=False, default=False, server_default="0")
     # the web portal's sign-up, approval and admin actions (gateway.accounts)
     affiliation = db.Column(db.String(200), nullable=False, default="", server_default="")
     intended_use = db.Column(db.Text, nullable=False, default="", server_default="")
@@ -110,6 +116,10 @@ class ApiToken(db.Model):
         return token
 
 
+# the dry run's export folder, beside export/; bound at /mnt/export in the dry run
+DRY_RUN_EXPORT_FOLDER = "export-dryrun"
+
+
 class Submission(db.Model):
     # the daily quota counts a user's recent uploads
     __table_args__ = (Index("ix_submission_user_id_created_at", "user_id", "created_at"),)
@@ -126,6 +136,13 @@ class Submission(db.Model):
     exit_code = db.Column(db.Integer)
     reason = db.Column(db.String(255))  # why it failed: "exit code 1", "TIMEOUT", ...
     error = db.Column(db.Text)  # pip's error or the tail of stderr
+    # the dry run on the synthetic twin (jobs.poller): its job, its outcome
+    # and its whole log (no real data was involved, so nothing is hidden)
+    dry_run_job_id = db.Column(db.String(32), index=True)
+    dry_run_exit_code = db.Column(db.Integer)
+    dry_run_reason = db.Column(db.String(255))
+    dry_run_log = db.Column(db.Text)
+
 
     user = db.relationship("User", back_populates="submissions")
     events = db.relationship("Event", order_by="Event.id", lazy="selectin")
@@ -153,7 +170,38 @@ class Submission(db.Model):
             "reason": self.reason,
             "error": self.error,
             "events": [e.to_dict() for e in self.events],
+            "dry_run": self.dry_run_dict(),
         }
+
+    def dry_run_dict(self):
+        """The dry run as the researcher sees it: everything (fake data only)."""
+        if not (self.dry_run_job_id or self.status.startswith("dry_run")):
+            return None
+        return {"slurm_job_id": self.dry_run_job_id, "exit_code": self.dry_run_exit_code,
+                "reason": self.dry_run_reason, "log": self.dry_run_log,
+                "export": self.dry_run_export()}
+
+    def dry_run_export(self):
+        """The files the dry run left in export-dryrun/: path, size, and the
+        text of small text files (all of it the researcher's to see)."""
+        from .storage import SubmissionFiles
+        folder = SubmissionFiles(self.id).root / DRY_RUN_EXPORT_FOLDER
+        found = []
+        try:
+            paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        except OSError:
+            return found
+        for path in paths[:200]:
+            size = path.stat().st_size
+            text = None
+            if size <= 64 * 1024:
+                try:
+                    text = path.read_text()
+                except (OSError, UnicodeDecodeError):
+                    pass
+            found.append({"path": path.relative_to(folder).as_posix(), "size": size, "text": text})
+        return found
+
 
 
 class Event(db.Model):

@@ -10,6 +10,7 @@ import time
 from datetime import timedelta, timezone
 
 from flask import current_app
+from sqlalchemy import and_, or_
 
 from gateway import accounts, queue
 from gateway.adapters import slurm
@@ -20,31 +21,43 @@ from gateway.models import AccountEmail, Email, Submission, utcnow
 from gateway.states import Status
 from gateway.storage import SubmissionFiles
 
+from .jobscript import log_path
+
 log = logging.getLogger(__name__)
 
 ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
+DRY_RUN_ACTIVE = (Status.DRY_RUN_QUEUED.value, Status.DRY_RUN_RUNNING.value)
 # work that should have been handed on by now (Redis was down, a worker died)
 SWEEP_AFTER = timedelta(seconds=60)
 
 
 def poll_once(scheduler: Scheduler | None = None) -> int:
-    """Move every active submission to what Slurm says; returns how many moved."""
-    active = Submission.query.filter(Submission.status.in_(ACTIVE),
-                                     Submission.slurm_job_id.isnot(None)).all()
+    """Move every active submission (real job or dry run) to what Slurm says;
+    returns how many moved."""
+    active = Submission.query.filter(or_(
+        and_(Submission.status.in_(ACTIVE), Submission.slurm_job_id.isnot(None)),
+        and_(Submission.status.in_(DRY_RUN_ACTIVE), Submission.dry_run_job_id.isnot(None)))).all()
     moved = 0
     if active:
         scheduler = scheduler or slurm.from_config(current_app.config)
-        infos = scheduler.statuses([s.slurm_job_id for s in active])
+        infos = scheduler.statuses([_job_id(s) for s in active])
         for submission in active:
-            info = infos.get(submission.slurm_job_id)
+            info = infos.get(_job_id(submission))
             if info is not None and _apply(submission, info):
                 moved += 1
     _sweep()
     return moved
 
 
+def _job_id(submission: Submission) -> str:
+    """The job Slurm runs for it now: the dry run's, then the real one."""
+    return submission.dry_run_job_id if submission.status in DRY_RUN_ACTIVE else submission.slurm_job_id
+
+
 def _apply(submission: Submission, info: JobInfo) -> bool:
     """Follow Slurm's view of one job; True if the submission moved."""
+    if submission.status in DRY_RUN_ACTIVE:
+        return _apply_dry_run(submission, info)
     moved = False
     status = submission.state
     if status == Status.QUEUED and info.started:
@@ -56,6 +69,24 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
         new, fields = _outcome(submission, info)
         moved |= advance(submission.id, status, new, at=_naive(info.end), detail=fields["reason"],
                          **fields)
+    return moved
+
+
+def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
+    """The dry run's job: passed (exit 0) hands the real job to prepare."""
+    moved = False
+    status = submission.state
+    if status == Status.DRY_RUN_QUEUED and info.started:
+        moved |= advance(submission.id, Status.DRY_RUN_QUEUED, Status.DRY_RUN_RUNNING,
+                         at=_naive(info.start), detail=f"dry run: Slurm job {info.job_id} on the node")
+        status = Status.DRY_RUN_RUNNING
+    if info.finished:
+        new, fields = _dry_run_outcome(submission, info)
+        if advance(submission.id, status, new, at=_naive(info.end), detail=f"dry run: {fields['dry_run_reason']}",
+                   **fields):
+            moved = True
+            if new == Status.DRY_RUN_PASSED:
+                queue.enqueue_prepare(submission.id)  # the real job; the sweep if this is lost
     return moved
 
 
@@ -85,7 +116,7 @@ def _outcome(submission: Submission, info: JobInfo) -> tuple[Status, dict]:
 def stderr_tail(submission: Submission) -> str:
     """The last lines the job wrote to stderr, capped for an email."""
     cfg = current_app.config
-    path = SubmissionFiles(submission.id).logs / f"slurm-{submission.slurm_job_id}.err"
+    path = log_path(SubmissionFiles(submission.id).logs, submission.slurm_job_id, "err")
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -97,13 +128,63 @@ def stderr_tail(submission: Submission) -> str:
     return "\n".join(lines)
 
 
+# The dry run's words: its limits are its own.
+DRY_RUN_EXPLAINED = EXPLAINED | {
+    "TIMEOUT": "TIMEOUT: the dry run ran past its time limit of {DRY_RUN_TIME}; "
+               "shorten it where M2D_DRY_RUN=1 is set (fewer epochs or batches)",
+}
+
+
+def _dry_run_outcome(submission: Submission, info: JobInfo) -> tuple[Status, dict]:
+    log_text = dry_run_log(submission.id, info.job_id)
+    if info.state == "COMPLETED" and info.exit_code == 0:
+        return Status.DRY_RUN_PASSED, {"dry_run_exit_code": 0, "dry_run_reason": "COMPLETED",
+                                       "dry_run_log": log_text}
+    if info.state == "CANCELLED":
+        return Status.CANCELLED, {"dry_run_exit_code": info.exit_code, "dry_run_reason": "CANCELLED",
+                                  "dry_run_log": log_text, "reason": "CANCELLED during the dry run"}
+    if info.state == "FAILED":
+        reason = f"FAILED with exit code {info.exit_code}"
+    else:
+        reason = DRY_RUN_EXPLAINED.get(info.state, info.state).format_map(current_app.config)
+    if info.signal:
+        reason += f" (signal {info.signal})"
+    # No real data was involved: the whole log goes to the researcher.
+    return Status.DRY_RUN_FAILED, {"dry_run_exit_code": info.exit_code, "dry_run_reason": reason,
+                                   "dry_run_log": log_text, "exit_code": info.exit_code,
+                                   "reason": f"dry run {reason}"[:255], "error": log_text}
+
+
+def dry_run_log(submission_id: int, job_id: str) -> str:
+    """The dry run's stdout, then its stderr: all of each up to DRY_RUN_LOG_BYTES
+    (then its end). It ran on the synthetic twin, so nothing in it is hidden."""
+    cap = current_app.config["DRY_RUN_LOG_BYTES"]
+    logs = SubmissionFiles(submission_id).logs
+    parts = []
+    for stream, name in (("out", "stdout"), ("err", "stderr")):
+        path = log_path(logs, job_id, stream, dry_run=True)
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, 2)
+                f.seek(max(0, size - cap))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            size, text = 0, f"(no {name} was written)"
+        if size > cap:
+            text = f"[... the first {size - cap} bytes left out ...]\n" + text
+        parts.append(f"---- {name} ({path.name})\n{text.rstrip()}")
+    return "\n".join(parts) + "\n"
+
+
 def _sweep():
     """Hand on again what was recorded but whose queue message got lost."""
     cutoff = utcnow() - SWEEP_AFTER
-    # a prepare that died with its worker is started again; one still running
-    # holds the submission's lock, so a second one returns at once
+    # a prepare that died with its worker is started again (also the one that
+    # submits the real job after a passed dry run); one still running holds
+    # the submission's lock, so a second one returns at once
     for (submission_id,) in db.session.query(Submission.id).filter(
-            Submission.status.in_((Status.RECEIVED.value, Status.BUILDING.value)),
+            Submission.status.in_((Status.RECEIVED.value, Status.BUILDING.value,
+                                   Status.DRY_RUN_PASSED.value)),
             Submission.updated_at < cutoff):
         queue.enqueue_prepare(submission_id)
     for (submission_id,) in db.session.query(Email.submission_id).filter(

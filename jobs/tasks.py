@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timezone
@@ -20,12 +21,13 @@ from sqlalchemy import select
 from gateway import create_app
 from gateway.adapters import slurm
 from gateway.adapters.apptainer import BuildError, Image, ImageBuilder
+from gateway.adapters.mlflow import MlflowAdmin, MlflowError, dry_run_experiment_name
 from gateway.adapters.slurm import Scheduler, SlurmError
 from gateway.config import required
 from gateway.extensions import db
 from gateway.lifecycle import advance
-from gateway.models import Build, Submission
-from gateway.states import Status
+from gateway.models import DRY_RUN_EXPORT_FOLDER, Build, Submission, User
+from gateway.states import DRY_RUN_ACTIVE, Status
 from gateway.storage import SubmissionFiles, job_gid, write_private
 
 from . import mail, poller
@@ -55,7 +57,9 @@ def in_app(task: Callable[..., T]) -> Callable[..., T]:
 
 @in_app
 def prepare(submission_id: int) -> None:
-    """Build (or reuse) the submission's image and submit its Slurm job."""
+    """Build (or reuse) the submission's image and submit its dry run (or, with
+    dry runs off, its real job); once the dry run passed (the poller enqueues
+    this again), submit the real job."""
     files = SubmissionFiles(submission_id)
     with _exclusive(files) as mine:
         if not mine:
@@ -63,6 +67,9 @@ def prepare(submission_id: int) -> None:
             return
         submission = db.session.get(Submission, submission_id)
         if submission is None:
+            return
+        if submission.state == Status.DRY_RUN_PASSED:
+            _after_dry_run(submission_id, files)
             return
         if submission.state == Status.RECEIVED:
             if not advance(submission_id, Status.RECEIVED, Status.BUILDING):
@@ -77,26 +84,72 @@ def prepare(submission_id: int) -> None:
             return
         if _status(submission_id) != Status.BUILDING:
             return  # cancelled while it built
-        try:
-            job_id = _submit(submission_id, files, image)
-        except SlurmError as e:
-            rq_job = get_current_job()
-            if rq_job is not None and rq_job.retries_left:
-                raise  # perhaps slurmctld is restarting: rq tries again later
-            advance(submission_id, Status.BUILDING, Status.FAILED,
-                    reason="the job could not be submitted to Slurm", error=e.stderr or str(e))
-            return
-        if not advance(submission_id, Status.BUILDING, Status.QUEUED, slurm_job_id=job_id,
-                       detail=f"Slurm job {job_id}"):
-            scheduler().cancel(job_id)  # cancelled between the build and sbatch: it must not run
+        dry_run = dry_run_wanted(db.session.get(Submission, submission_id))
+        _hand_to_slurm(submission_id, files, image, Status.BUILDING, dry_run)
+
+
+def _after_dry_run(submission_id: int, files: SubmissionFiles) -> None:
+    """The dry run passed: the real job goes to Slurm, in the image it used."""
+    images = ImageBuilder.from_config(current_app.config)
+    try:  # the image of the dry run, cached (rebuilt only if an admin removed it)
+        image = images.ensure((files.code / "requirements.txt").read_text())
+    except BuildError as e:
+        advance(submission_id, Status.DRY_RUN_PASSED, Status.FAILED,
+                reason="environment build failed", error=e.for_user)
+        return
+    _hand_to_slurm(submission_id, files, image, Status.DRY_RUN_PASSED, dry_run=False)
+
+
+def dry_run_wanted(submission: Submission) -> bool:
+    """Dry runs are on (DRY_RUN) and the owner is not exempted."""
+    return bool(current_app.config["DRY_RUN"]) and not submission.user.skip_dry_run
+
+
+def _hand_to_slurm(submission_id: int, files: SubmissionFiles, image: Image, old: Status,
+                   dry_run: bool) -> None:
+    """sbatch the dry run or the real job, and record it (from ``old``)."""
+    try:
+        job_id = _submit(submission_id, files, image, dry_run=dry_run)
+    except (SlurmError, MlflowError) as e:
+        rq_job = get_current_job()
+        if rq_job is not None and rq_job.retries_left:
+            raise  # perhaps slurmctld or MLflow is restarting: rq tries again later
+        if isinstance(e, SlurmError):  # the dry run is a job too: the event says which
+            reason, error = "the job could not be submitted to Slurm", e.stderr or str(e)
+        else:
+            reason, error = "the dry run's MLflow experiment could not be made", str(e)
+        advance(submission_id, old, Status.FAILED, reason=reason, error=error)
+        return
+    if dry_run:
+        moved = advance(submission_id, old, Status.DRY_RUN_QUEUED, dry_run_job_id=job_id,
+                        detail=f"dry run: Slurm job {job_id}")
+    else:
+        moved = advance(submission_id, old, Status.QUEUED, slurm_job_id=job_id,
+                        detail=f"Slurm job {job_id}")
+    if not moved:
+        scheduler().cancel(job_id)  # cancelled between the build and sbatch: it must not run
 
 
 @in_app
 def cancel(submission_id: int) -> None:
-    """Ask Slurm to cancel the submission's job; the poller records the outcome."""
-    job_id = db.session.scalar(select(Submission.slurm_job_id).where(Submission.id == submission_id))
-    if job_id:
-        scheduler().cancel(job_id)
+    """Ask Slurm to cancel the submission's job (the dry run's while it is
+    Slurm's); the poller records the outcome. Between a passed dry run and
+    the real job's sbatch there is no job: the submission ends here."""
+    for _ in range(3):  # again if it moved on meanwhile (dry run -> real job)
+        db.session.expire_all()
+        submission = db.session.get(Submission, submission_id)
+        if submission is None or submission.state.terminal:
+            return
+        status = submission.state
+        if status in DRY_RUN_ACTIVE and submission.dry_run_job_id:
+            scheduler().cancel(submission.dry_run_job_id)
+        elif status == Status.DRY_RUN_PASSED:
+            if advance(submission_id, status, Status.CANCELLED, detail="cancelled by the researcher"):
+                return  # a prepare that submits meanwhile finds it cancelled and scancels
+        elif submission.slurm_job_id:
+            scheduler().cancel(submission.slurm_job_id)
+        if _status(submission_id) == status:
+            return
 
 
 @in_app
@@ -146,37 +199,68 @@ def _record_build(submission_id: int, key: str, *, succeeded: bool, log: str,
     db.session.commit()
 
 
-def _submit(submission_id: int, files: SubmissionFiles, image: Image) -> str:
-    """sbatch once: a retry after a crash finds the job it already made."""
+def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: bool = False) -> str:
+    """sbatch once: a retry after a crash finds the job it already made (the
+    dry run's name is <prefix>-<id>-dry, the real job's <prefix>-<id>)."""
     cfg = current_app.config
     submission = db.session.get(Submission, submission_id)
     user = submission.user
+    if dry_run:
+        dataset, export = Path(required(cfg, "DRY_RUN_DATASET_DIR")), _dry_run_export(files)
+        experiment_id = _dry_run_experiment(user)
+        experiment_name = dry_run_experiment_name(user.mlflow_username)
+        partition = cfg["DRY_RUN_PARTITION"] or cfg["SLURM_PARTITION"]
+        gpus, time = cfg["DRY_RUN_GPUS"], cfg["DRY_RUN_TIME"]
+    else:
+        dataset, export = Path(required(cfg, "DATASET_DIR")), files.export
+        experiment_id, experiment_name = user.mlflow_experiment_id, user.mlflow_username
+        partition, gpus, time = cfg["SLURM_PARTITION"], cfg["SLURM_GPUS"], cfg["SLURM_TIME"]
     spec = JobSpec(
         submission_id=submission_id,
         image=image.path,
-        code_dir=files.code, dataset_dir=Path(required(cfg, "DATASET_DIR")),
-        export_dir=files.export, log_dir=files.logs,
+        code_dir=files.code, dataset_dir=dataset,
+        export_dir=export, log_dir=files.logs,
         relay=files.job / "relay.py", credentials=files.job / "mlflow.credentials",
         mlflow_upstream=cfg["MLFLOW_JOB_URL"], mlflow_url=cfg["MLFLOW_PUBLIC_URL"],
-        experiment_id=user.mlflow_experiment_id, experiment_name=user.mlflow_username,
+        experiment_id=experiment_id, experiment_name=experiment_name,
         models_dir=Path(cfg["MODELS_DIR"]) if cfg["MODELS_DIR"] else None,
-        apptainer=cfg["APPTAINER"], python=cfg["RELAY_PYTHON"], partition=cfg["SLURM_PARTITION"] or None,
-        gpus=cfg["SLURM_GPUS"], cpus=cfg["SLURM_CPUS"], mem=cfg["SLURM_MEM"],
-        time=cfg["SLURM_TIME"], nv=cfg["APPTAINER_NV"],
-        job_prefix=cfg["SLURM_JOB_PREFIX"],
+        apptainer=cfg["APPTAINER"], python=cfg["RELAY_PYTHON"], partition=partition or None,
+        gpus=gpus, cpus=cfg["SLURM_CPUS"], mem=cfg["SLURM_MEM"],
+        time=time, nv=bool(cfg["APPTAINER_NV"] and gpus),
+        job_prefix=cfg["SLURM_JOB_PREFIX"], dry_run=dry_run,
+        experiment_alias=user.mlflow_username if dry_run else None,
     )
     batch_system = scheduler()
     existing = batch_system.find(spec.job_name, since=submission.created_at.replace(tzinfo=timezone.utc))
     if existing:
-        log.info("submission %s already has Slurm job %s", submission_id, existing)
+        log.info("submission %s already has Slurm job %s (%s)", submission_id, existing, spec.job_name)
         return existing
     # What the job account reads (group): the relay, and the owner's MLflow
     # login for it; neither is bound into the container.
     gid = job_gid()
     write_private(spec.relay, RELAY_SOURCE.read_text(), gid=gid)
     write_private(spec.credentials, f"{user.mlflow_username}\n{user.mlflow_password}\n", gid=gid)
-    script = write_job_script(spec, files.job / "job.sbatch")
+    script = write_job_script(spec, files.job / ("dryrun.sbatch" if dry_run else "job.sbatch"))
     return batch_system.submit(script, spec.job_name)
+
+
+def _dry_run_export(files: SubmissionFiles) -> Path:
+    """export-dryrun/, beside export/ and like it: the job writes it (group)."""
+    path = files.root / DRY_RUN_EXPORT_FOLDER
+    path.mkdir(exist_ok=True)
+    os.chown(path, -1, job_gid())
+    path.chmod(0o2770)
+    return path
+
+
+def _dry_run_experiment(user: User) -> str:
+    """The owner's "<experiment>-dryrun": made at approval, or here for a user
+    approved before dry runs existed."""
+    if not user.mlflow_dry_run_experiment_id:
+        admin = MlflowAdmin.from_config(current_app.config)
+        user.mlflow_dry_run_experiment_id = admin.provision_dry_run(user.mlflow_username)
+        db.session.commit()
+    return user.mlflow_dry_run_experiment_id
 
 
 @contextmanager

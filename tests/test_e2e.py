@@ -13,6 +13,9 @@ from gateway.models import Build, Submission
 from .stack import SAMPLES, zip_folder
 
 STATUS_MAILS = ["code received", "queued for execution", "execution started", "execution finished"]
+# built, and its dry run (or job) went to Slurm
+BUILT = {"dry_run_queued", "dry_run_running", "dry_run_passed", "dry_run_failed",
+         "queued", "running", "completed", "failed"}
 
 
 def mlflow_get(account, path, **params):
@@ -48,7 +51,8 @@ def iris(stack, researcher, tmp_path_factory):
 def test_iris_sample_completes_with_four_emails_in_order(researcher, iris):
     assert iris["status"] == "completed", iris
     assert iris["slurm_job_id"] and iris["image_digest"].startswith("sha256:")
-    assert [e["status"] for e in iris["events"]] == ["received", "building", "queued", "running", "completed"]
+    assert [e["status"] for e in iris["events"]] == ["received", "building", "dry_run_queued", "dry_run_running",
+                                                     "dry_run_passed", "queued", "running", "completed"]
     mails = researcher.wait_for_mails(iris["id"], 4)
     assert [m["Subject"].split(": ", 1)[1] for m in mails] == STATUS_MAILS
     assert all(f"Submission {iris['id']}" in m["Subject"] for m in mails)
@@ -68,22 +72,29 @@ def test_iris_metrics_are_in_the_researchers_own_experiment(stack, researcher, i
     assert peek.status_code == 403
 
 
-def test_export_lands_in_that_submissions_folder_only(stack, iris):
+def test_export_lands_in_that_submissions_folder_only(stack, researcher, iris):
     submissions = stack.root / "data" / "submissions"
-    exported = sorted(p.relative_to(submissions) for p in submissions.glob("*/export/*"))
+    # this researcher's submissions (other modules on the stack export iris too)
+    mine = {str(s["id"]) for s in researcher.api("GET", "/submissions").json()["submissions"]}
+    exported = sorted(p.relative_to(submissions) for p in submissions.glob("*/export/*")
+                      if p.parts[-3] in mine)
     assert f"{iris['id']}/export/result.txt" in [str(p) for p in exported]
     assert (submissions / str(iris["id"]) / "export" / "result.txt").read_text() == "accuracy=1.0\n"
     assert not [p for p in exported if p.name == "result.txt" and p.parts[0] != str(iris["id"])]
+    # the dry run's own copy went to its own folder
+    assert (submissions / str(iris["id"]) / "export-dryrun" / "result.txt").read_text() == "accuracy=1.0\n"
 
 
 def test_failing_main_reports_the_traceback_in_the_email(researcher, iris, tmp_path):
-    # iris fixture first: both use the same (already built) environment
+    # iris fixture first: both use the same (already built) environment.
+    # It fails on the synthetic twin already: the real job never starts.
     submission_id = researcher.submit(zip_folder(SAMPLES / "fails", tmp_path / "fails.zip"))
-    result = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
-    assert result["status"] == "failed" and result["exit_code"] == 1
+    result = researcher.wait_until(submission_id, {"completed", "failed", "build_failed", "dry_run_failed"})
+    assert result["status"] == "dry_run_failed" and result["exit_code"] == 1
+    assert result["slurm_job_id"] is None
     assert "RuntimeError: m2d sample: this training script fails on purpose" in result["error"]
-    mails = researcher.wait_for_mails(submission_id, 4)
-    assert mails[-1]["Subject"].endswith("execution failed")
+    mails = researcher.wait_for_mails(submission_id, 2)
+    assert [m["Subject"].split(": ", 1)[1] for m in mails] == ["code received", "dry run failed"]
     body = mails[-1].get_content()
     assert "RuntimeError: m2d sample: this training script fails on purpose" in body
     assert "exit code 1" in body
@@ -91,11 +102,12 @@ def test_failing_main_reports_the_traceback_in_the_email(researcher, iris, tmp_p
 
 def test_writing_to_the_dataset_fails_read_only(stack, researcher, iris, tmp_path):
     submission_id = researcher.submit(zip_folder(SAMPLES / "writes-dataset", tmp_path / "w.zip"))
-    result = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
-    assert result["status"] == "failed"
+    result = researcher.wait_until(submission_id, {"completed", "failed", "build_failed", "dry_run_failed"})
+    assert result["status"] == "dry_run_failed"  # the twin is read-only too
     assert "Read-only file system" in result["error"]
     assert not (stack.root / "data" / "tampered.txt").exists()
-    assert not (Path(os.environ["M2D_DATASET_DIR"]) / "tampered.txt").exists()
+    for dataset in ("M2D_DATASET_DIR", "M2D_DRY_RUN_DATASET_DIR"):
+        assert not (Path(os.environ[dataset]) / "tampered.txt").exists()
 
 
 def test_missing_package_is_build_failed_with_pips_message(researcher, tmp_path):
@@ -118,10 +130,11 @@ def test_simultaneous_and_repeated_submissions_with_same_requirements_build_once
     zip_path = zip_folder(SAMPLES / "iris", tmp_path / "six.zip", extra={"requirements.txt": requirements})
     first, second = researcher.submit(zip_path), researcher.submit(zip_path)
     for submission_id in (first, second):
-        assert researcher.wait_until(submission_id, {"queued", "running", "completed", "failed",
-                                                     "build_failed"})["status"] != "build_failed"
+        assert researcher.wait_until(submission_id, BUILT | {"build_failed"})["status"] != "build_failed"
     third = researcher.submit(zip_path)
-    researcher.wait_until(third, {"queued", "running", "completed", "failed"})
+    researcher.wait_until(third, BUILT)
+    for submission_id in (first, second, third):  # their jobs are not this test's: spare the machine
+        researcher.api("POST", f"/submissions/{submission_id}/cancel")
 
     db.session.rollback()  # read what the workers wrote, not an old snapshot
     rows = {s.id: s for s in Submission.query.filter(Submission.id.in_([first, second, third]))}
@@ -138,14 +151,15 @@ def test_simultaneous_and_repeated_submissions_with_same_requirements_build_once
 
 
 def test_cancelling_a_running_job_stops_it_and_says_so(researcher, iris, tmp_path):
+    # it sleeps in its dry run already: cancelled there, the real job never starts
     submission_id = researcher.submit(zip_folder(SAMPLES / "sleeps", tmp_path / "sleeps.zip"))
-    researcher.wait_until(submission_id, "running", timeout=300)
+    researcher.wait_until(submission_id, "dry_run_running", timeout=300)
     response = researcher.api("POST", f"/submissions/{submission_id}/cancel")
     assert response.status_code == 202, response.text
     result = researcher.wait_until(submission_id, {"cancelled", "completed", "failed"}, timeout=120)
     assert result["status"] == "cancelled"
-    mails = researcher.wait_for_mails(submission_id, 4)
-    assert [m["Subject"].split(": ", 1)[1] for m in mails] == [
-        "code received", "queued for execution", "execution started", "cancelled"]
+    assert result["slurm_job_id"] is None and result["dry_run"]["reason"] == "CANCELLED"
+    mails = researcher.wait_for_mails(submission_id, 2)
+    assert [m["Subject"].split(": ", 1)[1] for m in mails] == ["code received", "cancelled"]
     again = researcher.api("POST", f"/submissions/{submission_id}/cancel")
     assert again.status_code == 409 and "already ended" in again.json()["message"]

@@ -1,19 +1,22 @@
 """The state machine against a real (SQLite) database, and the poller's decisions."""
 import threading
+import uuid
 from datetime import datetime, timezone
 
 import pytest
+from flask import render_template_string
 
 from gateway import accounts, lifecycle
 from gateway.adapters.slurm import JobInfo
 from gateway.extensions import db
 from gateway.models import Email, Event, Submission
 from gateway.states import Status
-from jobs import poller
+from gateway.storage import SubmissionFiles
+from jobs import mail, poller, tasks
 
 
 def _submission():
-    user = accounts.create_user("lifecycle@example.org", "Life Cycle")
+    user = accounts.create_user(f"lifecycle-{uuid.uuid4().hex[:6]}@example.org", "Life Cycle")
     submission = lifecycle.create(user, "submission.zip")
     db.session.commit()
     return submission.id
@@ -121,3 +124,124 @@ def test_applying_the_same_view_twice_moves_once(local_app):
     db.session.expire_all()
     assert not poller._apply(submission, _info("RUNNING"))
     assert _kinds(submission.id).count("started") == 1
+
+
+# ================================================================ dry runs
+
+def _dry_run_queued_submission():
+    sid = _submission()
+    lifecycle.advance(sid, Status.RECEIVED, Status.BUILDING)
+    lifecycle.advance(sid, Status.BUILDING, Status.DRY_RUN_QUEUED, dry_run_job_id="7")
+    return db.session.get(Submission, sid)
+
+
+def _dry_run_logs(submission_id, out, err):
+    logs = SubmissionFiles(submission_id).logs
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / "dryrun-7.out").write_text(out)
+    (logs / "dryrun-7.err").write_text(err)
+
+
+def test_passed_dry_run_keeps_its_log_sends_nothing_and_hands_on_to_prepare(local_app, monkeypatch):
+    prepared = []
+    monkeypatch.setattr(poller.queue, "enqueue_prepare", prepared.append)
+    submission = _dry_run_queued_submission()
+    _dry_run_logs(submission.id, "epoch 1 loss 0.5\n", "")
+    assert poller._apply(submission, _info("COMPLETED"))
+    db.session.expire_all()
+    assert submission.status == "dry_run_passed" and submission.dry_run_exit_code == 0
+    assert submission.slurm_job_id is None and submission.exit_code is None  # the real job is next
+    assert "epoch 1 loss 0.5" in submission.dry_run_log
+    assert [e.status for e in submission.events] == ["received", "building", "dry_run_queued",
+                                                     "dry_run_running", "dry_run_passed"]
+    assert _kinds(submission.id) == ["received"]  # the dry run's steps are silent
+    assert prepared == [submission.id]
+    assert submission.to_dict()["dry_run"]["log"] == submission.dry_run_log
+
+
+def test_failed_dry_run_ends_the_submission_with_its_whole_log_in_the_email(local_app):
+    local_app.config["STDERR_TAIL_LINES"] = 20
+    submission = _dry_run_queued_submission()
+    traceback = "".join(f"  frame {i}\n" for i in range(60)) + "RuntimeError: first batch\n"
+    _dry_run_logs(submission.id, "loading\n", "Traceback (most recent call last):\n" + traceback)
+    poller._apply(submission, _info("FAILED", exit_code=1))
+    db.session.expire_all()
+    assert submission.status == "dry_run_failed" and submission.state.terminal
+    assert submission.exit_code == submission.dry_run_exit_code == 1
+    assert submission.reason == "dry run FAILED with exit code 1"
+    # all 60 frames, far past the real run's 20-line tail
+    assert "  frame 0\n" in submission.error and "RuntimeError: first batch" in submission.error
+    assert submission.error == submission.dry_run_log and "loading" in submission.error
+    assert _kinds(submission.id) == ["received", "dry_run_failed"]
+    _, body = mail.render(Email.query.filter_by(submission_id=submission.id, kind="dry_run_failed").one())
+    assert "  frame 0\n" in body and "RuntimeError: first batch" in body and "never submitted" in body
+
+
+def test_a_dry_run_log_is_capped_at_its_end(local_app):
+    local_app.config["DRY_RUN_LOG_BYTES"] = 100
+    submission = _dry_run_queued_submission()
+    _dry_run_logs(submission.id, "x" * 1000, "y" * 50 + "\nthe end\n")
+    poller._apply(submission, _info("FAILED", exit_code=1))
+    db.session.expire_all()
+    assert "[... the first 900 bytes left out ...]" in submission.dry_run_log
+    assert submission.dry_run_log.endswith("the end\n") and len(submission.dry_run_log) < 400
+
+
+def test_a_dry_run_timeout_names_the_dry_runs_limit(local_app):
+    local_app.config["DRY_RUN_TIME"] = "00:03:00"
+    submission = _dry_run_queued_submission()
+    poller._apply(submission, _info("TIMEOUT"))
+    db.session.expire_all()
+    assert submission.status == "dry_run_failed"
+    assert "time limit of 00:03:00" in submission.dry_run_reason and "M2D_DRY_RUN" in submission.dry_run_reason
+
+
+def test_a_dry_run_cancelled_while_pending_cancels_the_submission(local_app):
+    submission = _dry_run_queued_submission()
+    poller._apply(submission, _info("CANCELLED", started=False))
+    db.session.expire_all()
+    assert submission.status == "cancelled" and submission.slurm_job_id is None
+    assert _kinds(submission.id) == ["received", "cancelled"]
+
+
+def test_cancel_between_the_dry_run_and_the_real_job_ends_it_at_once(local_app):
+    submission = _dry_run_queued_submission()
+    lifecycle.advance(submission.id, Status.DRY_RUN_QUEUED, Status.DRY_RUN_RUNNING)
+    lifecycle.advance(submission.id, Status.DRY_RUN_RUNNING, Status.DRY_RUN_PASSED)
+    tasks.cancel(submission.id)  # no Slurm job to cancel: nothing asks Slurm
+    db.session.expire_all()
+    assert submission.status == "cancelled"
+    assert _kinds(submission.id) == ["received", "cancelled"]
+
+
+def test_the_poller_asks_slurm_about_the_dry_run_then_the_real_job(local_app):
+    dry = _dry_run_queued_submission()
+    real = _submission()
+    lifecycle.advance(real, Status.RECEIVED, Status.BUILDING)
+    lifecycle.advance(real, Status.BUILDING, Status.QUEUED, slurm_job_id="8")
+    real = db.session.get(Submission, real)
+
+    class Scheduler:
+        asked = []
+
+        def statuses(self, job_ids):
+            self.asked.append(sorted(job_ids))
+            return {}
+
+    poller.poll_once(Scheduler())
+    assert Scheduler.asked == [["7", "8"]]
+    assert poller._job_id(dry) == "7" and poller._job_id(real) == "8"
+
+
+def test_the_page_shows_the_dry_runs_log_and_its_export_files(local_app):
+    submission = _dry_run_queued_submission()
+    _dry_run_logs(submission.id, "epoch 1 loss 0.5\n", "")
+    export = SubmissionFiles(submission.id).root / "export-dryrun"
+    export.mkdir()
+    (export / "result.txt").write_text("accuracy=0.5\n")
+    poller._apply(submission, _info("COMPLETED"))
+    db.session.expire_all()
+    with local_app.test_request_context():
+        html = render_template_string('{% include "_dry_run.html" %}', submission=submission)
+    assert "Dry run" in html and "epoch 1 loss 0.5" in html
+    assert "result.txt" in html and "accuracy=0.5" in html

@@ -11,7 +11,7 @@ sys.exit(3)
 
 
 def test_a_job_writing_10000_lines_of_stderr_shows_at_most_20_lines_and_2000_chars(stack, tmp_path):
-    researcher = stack.researcher("loud")
+    researcher = stack.researcher("loud", dry_run=False)  # the real run's tail (a dry run shows it all)
     # the fails sample's requirements: its environment image is usually built already
     submission_id = researcher.submit(zip_folder(SAMPLES / "fails", tmp_path / "loud.zip", extra={"main.py": LOUD}))
     result = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})

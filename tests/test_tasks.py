@@ -45,6 +45,7 @@ def isolated_app(testbed):
 
 def _received(tmp_path):
     user = accounts.create_user(f"tasks-{uuid.uuid4().hex[:6]}@example.org", "Tasks")
+    accounts.approve(user)  # its MLflow experiments: the job script names them
     zip_path = zip_folder(SAMPLES / "fails", tmp_path / "s.zip")
     with open(zip_path, "rb") as f:
         return intake.accept(user, FileStorage(stream=f, filename="s.zip")).id
@@ -57,16 +58,16 @@ def test_retried_prepare_after_a_crash_finds_its_job_instead_of_submitting_again
     submission.status = "building"
     db.session.commit()
     image = ImageBuilder.from_config(isolated_app.config).ensure((SubmissionFiles(sid).code / "requirements.txt").read_text())
-    first = tasks._submit(sid, SubmissionFiles(sid), image)
+    first = tasks._submit(sid, SubmissionFiles(sid), image, dry_run=True)  # the dry run goes first
 
     tasks.prepare(sid)  # the retry
     db.session.expire_all()
-    assert db.session.get(Submission, sid).slurm_job_id == first
-    name = f"{isolated_app.config['SLURM_JOB_PREFIX']}-{sid}"
+    assert db.session.get(Submission, sid).dry_run_job_id == first
+    name = f"{isolated_app.config['SLURM_JOB_PREFIX']}-{sid}-dry"
     assert CliScheduler().find(name, since=submission.created_at.replace(tzinfo=timezone.utc)) == first
 
     tasks.prepare(sid)  # and once more, now that it is queued: nothing happens
-    assert [e.status for e in db.session.get(Submission, sid).events].count("queued") == 1
+    assert [e.status for e in db.session.get(Submission, sid).events].count("dry_run_queued") == 1
     CliScheduler().cancel(first)  # its folders go with the test
 
 

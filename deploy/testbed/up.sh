@@ -38,6 +38,9 @@ step redis      "$here/redis.sh" start "$TESTBED_DIR"
 step mlflow     "$here/mlflow.sh" start "$TESTBED_DIR"
 step smtp       "$here/smtp.sh" start "$TESTBED_DIR"
 step dataset    "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/clam"
+# the dry runs' synthetic twin: the same layout and CSV columns, a few cases
+# (a dry run is a quick check, not a training run)
+step twin       "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/clam-twin" --cases 4 --seed 1
 # the model cache admins fill (flask --app gateway weights add): the gateway
 # writes it, every job reads it
 step models     install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/models"
@@ -52,6 +55,7 @@ export M2D_APPTAINER=$TESTBED_DIR/apptainer/bin/apptainer
 export M2D_BASE_IMAGE=$TESTBED_DIR/images/base.sif
 export M2D_IMAGE_DIR=$TESTBED_DIR/images
 export M2D_DATASET_DIR=$TESTBED_DIR/clam
+export M2D_DRY_RUN_DATASET_DIR=$TESTBED_DIR/clam-twin
 export M2D_MODELS_DIR=$TESTBED_DIR/models
 export M2D_REDIS_URL=redis://:$(cat "$TESTBED_DIR/secrets/redis-password")@127.0.0.1:6380/0
 export M2D_MLFLOW_URL=http://127.0.0.1:5001

@@ -49,6 +49,20 @@ class MlflowAccount:
     password: str = field(repr=False)  # so that logging an account never logs it
     experiment_name: str
     experiment_id: str
+    # the dry run's "<experiment>-dryrun", when provisioned with dry_run=True
+    dry_run_experiment_id: str | None = None
+
+    @property
+    def dry_run_experiment_name(self) -> str:
+        return dry_run_experiment_name(self.experiment_name)
+
+
+DRY_RUN_SUFFIX = "-dryrun"
+
+
+def dry_run_experiment_name(experiment_name: str) -> str:
+    """The experiment a dry run logs to, beside the researcher's own."""
+    return experiment_name + DRY_RUN_SUFFIX
 
 
 class MlflowAdmin:
@@ -63,10 +77,11 @@ class MlflowAdmin:
     def from_config(cls, cfg: Mapping[str, Any]) -> MlflowAdmin:
         return cls(cfg["MLFLOW_URL"], cfg["MLFLOW_ADMIN_USERNAME"], cfg["MLFLOW_ADMIN_PASSWORD"])
 
-    def provision(self, username: str) -> MlflowAccount:
+    def provision(self, username: str, dry_run: bool = False) -> MlflowAccount:
         """Make `username` an MLflow user who can manage the experiment of the same
-        name, completing whatever an earlier attempt left undone. The password is new
-        on every call, so the caller always holds the current one."""
+        name (and, with `dry_run`, the dry runs' "<name>-dryrun" too), completing
+        whatever an earlier attempt left undone. The password is new on every call,
+        so the caller always holds the current one."""
         if username == self.admin_username:
             raise ValueError("the MLflow admin account is not a researcher account")
         password = secrets.token_urlsafe(24)
@@ -74,7 +89,19 @@ class MlflowAdmin:
         experiment_id = self._experiment(username)
         self._grant_manage(username, experiment_id)
         log.info("MLflow account %s manages experiment %s", username, experiment_id)
-        return MlflowAccount(username, password, experiment_name=username, experiment_id=experiment_id)
+        dry_run_id = self.provision_dry_run(username) if dry_run else None
+        return MlflowAccount(username, password, experiment_name=username, experiment_id=experiment_id,
+                             dry_run_experiment_id=dry_run_id)
+
+    def provision_dry_run(self, username: str) -> str:
+        """The dry runs' experiment of an existing user, with MANAGE; its id.
+        Safe to repeat; the user's password is left alone."""
+        if username == self.admin_username:
+            raise ValueError("the MLflow admin account is not a researcher account")
+        experiment_id = self._experiment(dry_run_experiment_name(username))
+        self._grant_manage(username, experiment_id)
+        log.info("MLflow account %s manages dry-run experiment %s", username, experiment_id)
+        return experiment_id
 
     def _create_or_reset_user(self, username: str, password: str) -> None:
         try:

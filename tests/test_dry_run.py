@@ -1,0 +1,159 @@
+"""Dry runs through the real stack: every submission runs first on the synthetic
+twin of CLaM (M2D_DRY_RUN_DATASET_DIR) with its whole log shown, and only a dry
+run that exits 0 lets the real job go to Slurm.
+
+Five Slurm jobs in all (the machine is small): a crash (dry run only), iris
+(dry run + real run), and code that fails only on the real data (both)."""
+import csv
+import os
+from datetime import datetime, timezone
+
+import pytest
+import requests
+
+from gateway.adapters.slurm.cli import CliScheduler
+
+from .stack import SAMPLES, zip_folder
+
+FINAL = {"completed", "failed", "build_failed", "dry_run_failed", "cancelled"}
+
+# Crashes on the first batch, 40 frames deep: far more than the real run's
+# 20-line stderr tail, all of which the researcher needs.
+CRASHES = '''import csv
+rows = list(csv.DictReader(open("/mnt/dataset/clam-details-image.csv")))
+print("m2d test: read", len(rows), "image rows; columns", ",".join(rows[0]))
+
+# 40 layers, each its own frame (Python folds a repeated one)
+source = "".join(f"def layer{i}(batch):\\n    return layer{i + 1}(batch)\\n" for i in range(40))
+source += "def layer40(batch):\\n    raise ValueError(f'm2d test: first batch of {len(batch)} has the wrong shape')\\n"
+exec(source)
+layer0(rows[:4])
+'''
+
+# Behaves differently on the real data: fine where M2D_DRY_RUN=1, 300 lines
+# of stderr and a failure where it is unset.
+REAL_ONLY_FAILS = '''import os, sys
+if os.environ.get("M2D_DRY_RUN") == "1":
+    print("m2d test: dry run, one short epoch")
+    sys.exit(0)
+for i in range(300):
+    print(f"m2d test: real line {i:03d}", file=sys.stderr)
+sys.exit(4)
+'''
+
+
+def _admin():
+    return os.environ.get("M2D_MLFLOW_ADMIN_USERNAME", "admin"), os.environ["M2D_MLFLOW_ADMIN_PASSWORD"]
+
+
+def metrics_in(experiment_name):
+    """The metrics of every run in ``experiment_name``, read with the admin's login."""
+    url = os.environ["M2D_MLFLOW_URL"]
+    found = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", auth=_admin(), timeout=30,
+                         params={"experiment_name": experiment_name})
+    found.raise_for_status()
+    runs = requests.post(f"{url}/api/2.0/mlflow/runs/search", auth=_admin(), timeout=30,
+                         json={"experiment_ids": [found.json()["experiment"]["experiment_id"]]})
+    runs.raise_for_status()
+    return [{m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+            for run in runs.json().get("runs", [])]
+
+
+def slurm_job_named(name, since):
+    """The job Slurm has (squeue) or had (sacct) under ``name``, or None."""
+    return CliScheduler().find(name, since=since)
+
+
+def _since(submission):
+    return datetime.fromisoformat(submission["created_at"]).astimezone(timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def researcher(stack):
+    return stack.researcher("dryrun")
+
+
+@pytest.fixture(scope="module")
+def submitted(stack, researcher, tmp_path_factory):
+    """All three submitted at once (their jobs overlap), followed to the end."""
+    folder = tmp_path_factory.mktemp("dryrun")
+    ids = {
+        "crashes": researcher.submit(zip_folder(SAMPLES / "iris", folder / "crashes.zip",
+                                                extra={"main.py": CRASHES})),
+        "iris": researcher.submit(zip_folder(SAMPLES / "iris", folder / "iris.zip")),
+        "real-only": researcher.submit(zip_folder(SAMPLES / "iris", folder / "real.zip",
+                                                  extra={"main.py": REAL_ONLY_FAILS})),
+    }
+    return {name: researcher.wait_until(sid, FINAL, timeout=900) for name, sid in ids.items()}
+
+
+def test_a_crash_on_the_first_batch_ends_as_dry_run_failed_with_the_whole_traceback(
+        stack, researcher, submitted):
+    result = submitted["crashes"]
+    assert result["status"] == "dry_run_failed", result
+    assert result["exit_code"] == 1 and result["reason"] == "dry run FAILED with exit code 1"
+    assert [e["status"] for e in result["events"]] == [
+        "received", "building", "dry_run_queued", "dry_run_running", "dry_run_failed"]
+    log = result["dry_run"]["log"]
+    assert result["error"] == log
+    # the whole traceback: its first line, all 40 frames, the error; the real
+    # run would show 20 lines
+    assert "Traceback (most recent call last):" in log
+    assert all(f"in layer{i}\n" in log for i in range(41))
+    assert "ValueError: m2d test: first batch of 4 has the wrong shape" in log
+    assert len(log.splitlines()) > 2 * stack_tail_lines()
+    # the twin has CLaM's layout and columns
+    with open(os.path.join(os.environ["M2D_DRY_RUN_DATASET_DIR"], "clam-details-image.csv")) as f:
+        columns = ",".join(next(csv.reader(f)))
+    assert f"columns {columns}" in log
+
+    mails = researcher.wait_for_mails(result["id"], 2)
+    assert [m["Subject"].split(": ", 1)[1] for m in mails] == ["code received", "dry run failed"]
+    body = mails[-1].get_content().replace("\r\n", "\n")
+    assert all(f"in layer{i}\n" in body for i in range(41))
+    assert "Traceback (most recent call last):" in body and "wrong shape" in body
+
+    # Slurm's own records: the dry run ran, the real job never existed
+    prefix = stack.env["M2D_SLURM_JOB_PREFIX"]
+    assert slurm_job_named(f"{prefix}-{result['id']}-dry", _since(result)) == result["dry_run"]["slurm_job_id"]
+    assert slurm_job_named(f"{prefix}-{result['id']}", _since(result)) is None
+    assert result["slurm_job_id"] is None
+
+
+def stack_tail_lines():
+    return 20  # STDERR_TAIL_LINES, the real run's cap (gateway/config.py)
+
+
+def test_iris_passes_its_dry_run_then_completes_with_metrics_in_both_experiments(
+        stack, researcher, submitted):
+    result = submitted["iris"]
+    assert result["status"] == "completed", result
+    assert [e["status"] for e in result["events"]] == [
+        "received", "building", "dry_run_queued", "dry_run_running", "dry_run_passed",
+        "queued", "running", "completed"]
+    dry = result["dry_run"]
+    assert dry["exit_code"] == 0 and dry["reason"] == "COMPLETED"
+    assert dry["slurm_job_id"] != result["slurm_job_id"]
+    assert "done: accuracy 1.0 dataset-exists 1" in dry["log"]
+    assert dry["export"] == [{"path": "result.txt", "size": 13, "text": "accuracy=1.0\n"}]
+    mails = researcher.wait_for_mails(result["id"], 4)
+    assert [m["Subject"].split(": ", 1)[1] for m in mails] == [
+        "code received", "queued for execution", "execution started", "execution finished"]
+
+    account = researcher.me()["mlflow"]
+    assert {"accuracy": 1.0, "dataset-exists": 1.0} in metrics_in(account["experiment_name"])
+    assert {"accuracy": 1.0, "dataset-exists": 1.0} in metrics_in(account["experiment_name"] + "-dryrun")
+
+
+def test_code_that_fails_only_on_the_real_data_shows_only_the_bounded_tail(stack, researcher, submitted):
+    result = submitted["real-only"]
+    assert result["status"] == "failed" and result["exit_code"] == 4, result
+    assert result["dry_run"]["exit_code"] == 0
+    assert "m2d test: dry run, one short epoch" in result["dry_run"]["log"]
+    tail = result["error"]
+    assert "m2d test: real line 299" in tail
+    assert "m2d test: real line 000" not in tail
+    assert len(tail.splitlines()) <= stack_tail_lines() and len(tail) <= 2000
+    mails = researcher.wait_for_mails(result["id"], 4)
+    assert mails[-1]["Subject"].endswith("execution failed")
+    assert "real line 000" not in mails[-1].get_content()
