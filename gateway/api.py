@@ -1,7 +1,7 @@
 """The JSON API, /api/v1: what the m2d client and scripts use."""
-from flask import Blueprint, abort, current_app, g, jsonify, request
+from flask import Blueprint, abort, current_app, g, jsonify, request, send_file
 
-from . import intake, lifecycle
+from . import airlock, intake, lifecycle, provenance
 from .auth import token_required
 from .errors import json_error as error
 from .extensions import csrf, db
@@ -53,6 +53,53 @@ def cancel_submission(submission_id):
     response = jsonify(submission.to_dict())
     response.status_code = 202
     return response
+
+
+@bp.get("/submissions/<int:submission_id>/export")
+@token_required
+def export(submission_id):
+    return jsonify(airlock.overview(_own(submission_id)))
+
+
+@bp.post("/submissions/<int:submission_id>/release-requests")
+@token_required
+def request_release(submission_id):
+    submission = _own(submission_id)
+    body = request.get_json(silent=True) or {}
+    try:
+        release = airlock.request_release(g.user, submission, body.get("paths"), body.get("justification", ""))
+    except airlock.AirlockError as e:
+        return error(e.status, e.code, e.message)
+    response = jsonify(release.to_dict())
+    response.status_code = 201
+    return response
+
+
+@bp.get("/submissions/<int:submission_id>/export/<path:path>")
+@token_required
+def download(submission_id, path):
+    return download_response(g.user, _own(submission_id), path, error)
+
+
+@bp.get("/submissions/<int:submission_id>/provenance")
+@token_required
+def get_provenance(submission_id):
+    submission = _own(submission_id)
+    broken = provenance.verify(submission.id)
+    return jsonify(submission_id=submission.id, verified=broken is None,
+                   broken=str(broken) if broken else None,
+                   records=[provenance.to_dict(r) for r in provenance.chain(submission.id)])
+
+
+def download_response(user, submission, path, on_error):
+    """A released file, streamed and resumable (ranges), as an attachment."""
+    try:
+        copy, _item = airlock.download(user, submission, path, request.remote_addr,
+                                       request.headers.get("Range"))
+    except airlock.AirlockError as e:
+        return on_error(e.status, e.code, e.message)
+    return send_file(copy, as_attachment=True, download_name=path.rsplit("/", 1)[-1],
+                     mimetype="application/octet-stream", conditional=True, max_age=0)
 
 
 @bp.get("/me")

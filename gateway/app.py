@@ -41,10 +41,11 @@ def create_app(config=None):
             if db.engine.url.database:
                 os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
-    from . import admin, api, auth, cli, submissions
+    from . import admin, api, auth, cli, review, submissions
     app.register_blueprint(auth.bp)
     app.register_blueprint(submissions.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(review.bp)
     app.register_blueprint(admin.bp)
     cli.init_app(app)
     errors.init_app(app)

@@ -1,14 +1,14 @@
-"""Admin commands: ``flask --app gateway users|tokens|weights ...``."""
+"""Admin commands: ``flask --app gateway users|tokens|weights|releases|provenance|airlock ...``."""
 from pathlib import Path
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import accounts, weights
+from . import accounts, airlock, provenance, weights
 from .adapters.mlflow import MlflowError
 from .extensions import db
-from .models import ApiToken, User
+from .models import ApiToken, ReleaseRequest, User
 
 users = AppGroup("users", help="Manage researcher and admin accounts.")
 tokens = AppGroup("tokens", help="Manage API tokens.")
@@ -21,12 +21,16 @@ weights_group = AppGroup("weights", help="Manage the model cache jobs read pretr
 @click.option("--password", help="Web login password (12+ characters); omit for API-only users.")
 @click.option("--admin", is_flag=True, help="Make the user an admin.")
 @click.option("--approve", is_flag=True, help="Approve at once (provisions MLflow).")
-def create_user(email, name, password, admin, approve):
+@click.option("--reviewer", is_flag=True, help="May approve or reject the release of exported files.")
+def create_user(email, name, password, admin, approve, reviewer):
     """Create a user."""
     try:
         user = accounts.create_user(email, name, password, is_admin=admin)
     except accounts.AccountError as e:
         raise click.ClickException(str(e))
+    if reviewer:
+        user.is_reviewer = True
+        db.session.commit()
     if approve:
         try:
             accounts.approve(user)
@@ -45,6 +49,20 @@ def approve_user(email):
     except (accounts.AccountError, MlflowError) as e:
         raise click.ClickException(str(e))
     click.echo(f"approved {user.email}; MLflow user and experiment: {user.mlflow_username}")
+
+
+@users.command("grant-reviewer")
+@click.argument("email")
+@click.option("--revoke", is_flag=True, help="Take the role away instead.")
+def grant_reviewer(email, revoke):
+    """Let EMAIL review release requests (or no longer, with --revoke)."""
+    try:
+        user = accounts.find(email)
+    except accounts.AccountError as e:
+        raise click.ClickException(str(e))
+    user.is_reviewer = not revoke
+    db.session.commit()
+    click.echo(f"{user.email} {'is no longer' if revoke else 'is'} a reviewer")
 
 
 @users.command("dry-run")
@@ -108,7 +126,83 @@ def list_weights():
         click.echo(f"{size:>12}  {name}")
 
 
+releases = AppGroup("releases", help="Review requests to release exported files (the airlock).")
+provenance_group = AppGroup("provenance", help="Submissions' hash-chained provenance records.")
+airlock_group = AppGroup("airlock", help="Export retention and released files' expiry.")
+
+
+def _request_line(request):
+    files = ", ".join(f"{i.file.path} ({i.status})" for i in request.items)
+    return (f"{request.id}\tsubmission {request.submission_id}\t{request.status}\t"
+            f"{request.requester.email}\t{request.created_at:%Y-%m-%d %H:%M}\t{files}")
+
+
+@releases.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Also the decided ones.")
+def list_releases(show_all):
+    """List pending release requests (id, submission, status, requester, files)."""
+    rows = (ReleaseRequest.query.order_by(ReleaseRequest.id).all() if show_all
+            else airlock.pending_requests())
+    for request in rows:
+        click.echo(_request_line(request))
+        click.echo(f"\tjustification: {request.justification}")
+    if not rows:
+        click.echo("no pending release requests")
+
+
+def _decide(request_id, reviewer, decision, comment, paths):
+    try:
+        request = airlock.decide(airlock.get_request(request_id), accounts.find(reviewer), decision,
+                                 comment or "", list(paths) or None)
+    except (airlock.AirlockError, accounts.AccountError) as e:
+        raise click.ClickException(str(e))
+    click.echo(_request_line(request))
+
+
+@releases.command("approve")
+@click.argument("request_id", type=int)
+@click.option("--reviewer", required=True, help="The reviewer's email (not the requester's).")
+@click.option("--comment", default="", help="What the researcher reads.")
+@click.option("--path", "paths", multiple=True, help="Only this file of the request (repeatable).")
+def approve_release(request_id, reviewer, comment, paths):
+    """Approve the files of release request ID (all pending ones, or --path)."""
+    _decide(request_id, reviewer, "approve", comment, paths)
+
+
+@releases.command("reject")
+@click.argument("request_id", type=int)
+@click.option("--reviewer", required=True, help="The reviewer's email.")
+@click.option("--comment", required=True, help="Why: the researcher reads it.")
+@click.option("--path", "paths", multiple=True, help="Only this file of the request (repeatable).")
+def reject_release(request_id, reviewer, comment, paths):
+    """Reject the files of release request ID (all pending ones, or --path)."""
+    _decide(request_id, reviewer, "reject", comment, paths)
+
+
+@provenance_group.command("verify")
+@click.argument("submission_id", type=int, required=False)
+def verify_provenance(submission_id):
+    """Check the hash chain of one submission (or all); exit 1 at the first broken link."""
+    ids = [submission_id] if submission_id else provenance.submissions_with_records()
+    for checked in ids:
+        broken = provenance.verify(checked)
+        if broken:
+            raise click.ClickException(f"broken: {broken}")
+    click.echo(f"ok: {len(ids)} chain(s) verified")
+
+
+@airlock_group.command("purge")
+@click.option("--now", "now", type=click.DateTime(), help="Pretend it is this UTC time (tests, drills).")
+def purge_exports(now):
+    """Warn about, then delete, exports past retention; delete expired released files."""
+    done = airlock.purge(now)
+    click.echo(" ".join(f"{key}={value}" for key, value in done.items()))
+
+
 def init_app(app):
+    app.cli.add_command(releases)
+    app.cli.add_command(provenance_group)
+    app.cli.add_command(airlock_group)
     app.cli.add_command(users)
     app.cli.add_command(tokens)
     app.cli.add_command(weights_group)

@@ -110,6 +110,17 @@ DEFAULTS = {
     # production, so a copy of the data folder or of the database alone opens
     # nothing; default DATA_DIR/secrets.
     "SECRETS_DIR": None,
+    # The export airlock (gateway/airlock.py): files leave only after
+    # RELEASE_APPROVALS distinct reviewers approve them (2: a two-person
+    # rule), are downloadable for RELEASE_DAYS, and an export nobody released
+    # is deleted EXPORT_RETENTION_DAYS after its job ended (warned 7 days
+    # before). EXPORT_MAX_BYTES is checked when the job ends: a job over it
+    # fails; a hard cap while it runs needs a filesystem quota on the
+    # export folders (the job account's group or project quota).
+    "RELEASE_APPROVALS": 1,
+    "RELEASE_DAYS": 30,
+    "EXPORT_RETENTION_DAYS": 90,
+    "EXPORT_MAX_BYTES": 1024**3,
 }
 
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 from flask import current_app
 from werkzeug.datastructures import FileStorage
 
-from . import lifecycle
+from . import lifecycle, provenance
 from .extensions import db
 from .models import Submission, User, utcnow
 from .storage import SubmissionFiles, incoming_dir
@@ -45,6 +45,7 @@ def accept(user: User, upload: FileStorage | None) -> Submission:
         check_zip(tmp, rules)
         submission = lifecycle.create(user, filename=os.path.basename(upload.filename))
         submission.zip_sha256 = sha256
+        provenance.record(submission.id, "upload", filename=submission.filename, zip_sha256=sha256, size=size)
         files = SubmissionFiles(submission.id)
         try:
             files.create()

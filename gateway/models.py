@@ -22,6 +22,8 @@ class User(UserMixin, db.Model):
     name = db.Column(db.String(255), nullable=False)
     password_hash = db.Column(db.String(255))
     is_admin = db.Column(db.Boolean, nullable=False, default=False)
+    # may approve or reject the release of exported files (gateway.airlock)
+    is_reviewer = db.Column(db.Boolean, nullable=False, default=False, server_default="0")
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
     approved_at = db.Column(db.DateTime)
     # The MLflow password is shown to the user on their account page and given
@@ -143,7 +145,6 @@ class Submission(db.Model):
     dry_run_reason = db.Column(db.String(255))
     dry_run_log = db.Column(db.Text)
 
-
     user = db.relationship("User", back_populates="submissions")
     events = db.relationship("Event", order_by="Event.id", lazy="selectin")
 
@@ -203,7 +204,6 @@ class Submission(db.Model):
         return found
 
 
-
 class Event(db.Model):
     """One row per status change: the submission's history."""
     id = db.Column(db.Integer, primary_key=True)
@@ -221,12 +221,21 @@ class Event(db.Model):
 
 class Email(db.Model):
     """An email owed to the user; written in the same transaction as the
-    status change, sent (once) by a worker."""
-    __table_args__ = (UniqueConstraint("submission_id", "kind"),)
+    status change, sent (once) by a worker.
+
+    Status emails go to the submission's owner, one per kind. Airlock emails
+    (gateway.airlock) name what they are about in ``ref`` ("request-3") and
+    may go to someone else (``recipient``, a reviewer); both are "" otherwise,
+    never NULL, so that the unique constraint guards every row."""
+    __table_args__ = (UniqueConstraint("submission_id", "kind", "ref", "recipient",
+                                       name="uq_email_submission_id_kind_ref_recipient"),)
     id = db.Column(db.Integer, primary_key=True)
     submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), nullable=False, index=True)
-    event_id = db.Column(db.Integer, db.ForeignKey("event.id"), nullable=False)
+    event_id = db.Column(db.Integer, db.ForeignKey("event.id"))  # status emails only
     kind = db.Column(db.String(20), nullable=False)
+    ref = db.Column(db.String(64), nullable=False, default="", server_default="")
+    recipient = db.Column(db.String(255), nullable=False, default="", server_default="")  # "": the owner
+    release_request_id = db.Column(db.Integer, db.ForeignKey("release_request.id"))
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
     claimed_at = db.Column(db.DateTime)
     sent_at = db.Column(db.DateTime)
@@ -235,6 +244,11 @@ class Email(db.Model):
 
     submission = db.relationship("Submission")
     event = db.relationship("Event")
+    release_request = db.relationship("ReleaseRequest")
+
+    @property
+    def to_address(self):
+        return self.recipient or self.submission.user.email
 
 
 class AccountEmail(db.Model):
@@ -266,6 +280,110 @@ class Build(db.Model):
     seconds = db.Column(db.Float)
     log = db.Column(db.Text)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+
+
+# ------------------------------------------------------------------ the airlock
+# (gateway.airlock has the rules; gateway.provenance the chain)
+
+class Export(db.Model):
+    """A submission's export folder once its job ended: when its manifest was
+    taken, its warning sent, its files deleted."""
+    submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), primary_key=True)
+    manifest_at = db.Column(db.DateTime)
+    total_bytes = db.Column(db.BigInteger)
+    warned_at = db.Column(db.DateTime)  # retention: "deleted in 7 days"
+    purged_at = db.Column(db.DateTime)
+
+    submission = db.relationship("Submission")
+    files = db.relationship("ExportFile", order_by="ExportFile.path", lazy="selectin")
+
+
+class ExportFile(db.Model):
+    """One file of the manifest: what the job left, hashed once it ended."""
+    __table_args__ = (UniqueConstraint("submission_id", "path"),)
+    id = db.Column(db.Integer, primary_key=True)
+    submission_id = db.Column(db.Integer, db.ForeignKey("export.submission_id"), nullable=False, index=True)
+    path = db.Column(db.String(1024), nullable=False)  # relative, "/"-separated
+    size = db.Column(db.BigInteger, nullable=False)
+    sha256 = db.Column(db.String(64))  # None: the gateway could not read it (never released)
+
+    def to_dict(self, released=False):
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, "released": released}
+
+
+class ReleaseRequest(db.Model):
+    """A researcher's request to release some export files, with a reason."""
+    id = db.Column(db.Integer, primary_key=True)
+    submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), nullable=False, index=True)
+    requester_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False)
+    justification = db.Column(db.Text, nullable=False)
+    # pending -> released | rejected | partly_released (once every file is decided)
+    status = db.Column(db.String(20), nullable=False, default="pending", index=True)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    decided_at = db.Column(db.DateTime)
+
+    submission = db.relationship("Submission")
+    requester = db.relationship("User")
+    items = db.relationship("ReleaseItem", order_by="ReleaseItem.id", lazy="selectin",
+                            back_populates="request")
+
+    def to_dict(self):
+        return {"id": self.id, "submission_id": self.submission_id, "status": self.status,
+                "justification": self.justification, "created_at": _iso(self.created_at),
+                "decided_at": _iso(self.decided_at), "files": [i.to_dict() for i in self.items]}
+
+
+class ReleaseItem(db.Model):
+    """One file of a request, and its fate."""
+    id = db.Column(db.Integer, primary_key=True)
+    request_id = db.Column(db.Integer, db.ForeignKey("release_request.id"), nullable=False, index=True)
+    file_id = db.Column(db.Integer, db.ForeignKey("export_file.id"), nullable=False, index=True)
+    # pending -> released | rejected; changed: its bytes no longer match the
+    # manifest; expired: deleted by retention before a decision
+    status = db.Column(db.String(20), nullable=False, default="pending")
+    released_at = db.Column(db.DateTime)
+    expires_at = db.Column(db.DateTime)  # released: downloadable until then
+    purged_at = db.Column(db.DateTime)
+
+    request = db.relationship("ReleaseRequest", back_populates="items")
+    file = db.relationship("ExportFile", lazy="joined")
+    reviews = db.relationship("Review", order_by="Review.id", lazy="selectin")
+
+    def to_dict(self):
+        return {"path": self.file.path, "size": self.file.size, "sha256": self.file.sha256,
+                "status": self.status, "released_at": _iso(self.released_at),
+                "expires_at": _iso(self.expires_at), "purged": self.purged_at is not None,
+                "reviews": [r.to_dict() for r in self.reviews]}
+
+
+class Review(db.Model):
+    """One reviewer's decision on one file; one per reviewer and file."""
+    __table_args__ = (UniqueConstraint("item_id", "reviewer_id"),)
+    id = db.Column(db.Integer, primary_key=True)
+    item_id = db.Column(db.Integer, db.ForeignKey("release_item.id"), nullable=False, index=True)
+    reviewer_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False)
+    decision = db.Column(db.String(10), nullable=False)  # approve | reject
+    comment = db.Column(db.Text, nullable=False, default="")
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+
+    reviewer = db.relationship("User")
+
+    def to_dict(self):
+        return {"reviewer": self.reviewer.name, "decision": self.decision, "comment": self.comment,
+                "at": _iso(self.created_at)}
+
+
+class ProvenanceRecord(db.Model):
+    """One link of a submission's hash chain (gateway.provenance): append-only."""
+    __table_args__ = (UniqueConstraint("submission_id", "seq"),)
+    id = db.Column(db.Integer, primary_key=True)
+    submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), nullable=False, index=True)
+    seq = db.Column(db.Integer, nullable=False)
+    kind = db.Column(db.String(40), nullable=False)
+    at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    payload = db.Column(db.Text, nullable=False)  # canonical JSON
+    prev_hash = db.Column(db.String(64), nullable=False)
+    hash = db.Column(db.String(64), nullable=False)
 
 
 def _iso(dt):

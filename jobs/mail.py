@@ -15,8 +15,9 @@ from sqlalchemy import or_, update
 
 from gateway import accounts
 from gateway.adapters.smtp import Mailer
+from gateway.airlock import deletion_due
 from gateway.extensions import db
-from gateway.models import AccountEmail, Email, utcnow
+from gateway.models import AccountEmail, Email, Export, utcnow
 from gateway.templating import render as render_template
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,27 @@ class TemplateError(Exception):
 def render(email: Email) -> tuple[str, str]:
     """Subject and body for an owed email (template's first line is the subject)."""
     submission = email.submission
+    public = current_app.config["PUBLIC_URL"].rstrip("/")
+    # airlock emails (gateway.airlock) have no event: their moment is their row's
+    when = email.event.at if email.event else email.created_at
     text = render_template(
         f"mail/{email.kind}.txt",
         submission=submission, user=submission.user, event=email.event,
-        url=f"{current_app.config['PUBLIC_URL'].rstrip('/')}/submissions/{submission.id}",
-        at=format_datetime(email.event.at.replace(tzinfo=timezone.utc)),
+        url=f"{public}/submissions/{submission.id}",
+        at=format_datetime(when.replace(tzinfo=timezone.utc)),
+        request=email.release_request, public_url=public, **_airlock_values(email),
     )
     first, _, body = text.partition("\n")
     if not first.startswith("Subject: "):
         raise TemplateError(f"template {email.kind}.txt must start with 'Subject: '")
     return first.removeprefix("Subject: ").strip(), body.lstrip("\n")
+
+
+def _airlock_values(email: Email) -> dict:
+    if email.kind != "export_expiring":
+        return {}
+    export = db.session.get(Export, email.submission_id)
+    return {"deletion": f"{deletion_due(export):%Y-%m-%d}", "export": export}
 
 
 def send_owed(submission_id: int, mailer: Mailer | None = None) -> int:
@@ -55,8 +67,10 @@ def send_owed(submission_id: int, mailer: Mailer | None = None) -> int:
             break  # another sender holds it; it will send the rest in order
         try:
             subject, body = render(email)
-            mailer.send(email.submission.user.email, subject, body,
-                        message_id=f"<m2d-{submission_id}-{email.kind}@{socket.getfqdn()}>")
+            # status emails keep their old ids; airlock ones are many per kind
+            unique = f"-{email.id}" if email.ref or email.recipient else ""
+            mailer.send(email.to_address, subject, body,
+                        message_id=f"<m2d-{submission_id}-{email.kind}{unique}@{socket.getfqdn()}>")
         except Exception as e:
             _release(email.id, str(e))
             raise

@@ -12,7 +12,7 @@ from datetime import timedelta, timezone
 from flask import current_app
 from sqlalchemy import and_, or_
 
-from gateway import accounts, queue
+from gateway import accounts, airlock, provenance, queue
 from gateway.adapters import slurm
 from gateway.adapters.slurm import JobInfo, Scheduler
 from gateway.extensions import db
@@ -29,6 +29,7 @@ ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 DRY_RUN_ACTIVE = (Status.DRY_RUN_QUEUED.value, Status.DRY_RUN_RUNNING.value)
 # work that should have been handed on by now (Redis was down, a worker died)
 SWEEP_AFTER = timedelta(seconds=60)
+PURGE_INTERVAL = 3600  # seconds between airlock retention runs (gateway.airlock.purge)
 
 
 def poll_once(scheduler: Scheduler | None = None) -> int:
@@ -67,8 +68,13 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
         status = Status.RUNNING
     if info.finished:
         new, fields = _outcome(submission, info)
-        moved |= advance(submission.id, status, new, at=_naive(info.end), detail=fields["reason"],
-                         **fields)
+        ended = advance(submission.id, status, new, at=_naive(info.end), detail=fields["reason"], **fields)
+        if ended:
+            provenance.record(submission.id, "job", slurm_job_id=info.job_id, state=info.state, start=info.start,
+                              end=info.end, exit_code=info.exit_code, signal=info.signal, outcome=new.value)
+            airlock.manifest(db.session.get(Submission, submission.id))
+            db.session.commit()
+        moved |= ended
     return moved
 
 
@@ -99,6 +105,8 @@ EXPLAINED = {
 
 
 def _outcome(submission: Submission, info: JobInfo) -> tuple[Status, dict]:
+    if info.state != "CANCELLED" and (over := airlock.over_cap(submission.id)):
+        return Status.FAILED, {"exit_code": info.exit_code, "reason": over, "error": stderr_tail(submission)}
     if info.state == "COMPLETED" and info.exit_code == 0:
         return Status.COMPLETED, {"exit_code": 0, "reason": "COMPLETED"}
     if info.state == "CANCELLED":
@@ -205,9 +213,13 @@ def main():
     with app.app_context():
         interval = app.config["POLL_INTERVAL"]
         log.info("enqueueing a poll every %s s", interval)
+        purged = 0.0
         while True:
             try:
                 queue.enqueue_poll()
+                if time.monotonic() - purged > PURGE_INTERVAL:  # the airlock's retention, hourly
+                    queue.queue("poll").enqueue("jobs.tasks.purge_exports", job_timeout=1800)
+                    purged = time.monotonic()
             except Exception:  # noqa: BLE001 - Redis may come back
                 log.exception("could not enqueue the poll")
             time.sleep(interval)

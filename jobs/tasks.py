@@ -18,7 +18,7 @@ from flask import current_app, has_app_context
 from rq import get_current_job
 from sqlalchemy import select
 
-from gateway import create_app
+from gateway import airlock, create_app, provenance
 from gateway.adapters import slurm
 from gateway.adapters.apptainer import BuildError, Image, ImageBuilder
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError, dry_run_experiment_name
@@ -167,6 +167,11 @@ def poll() -> int:
     return poller.poll_once()
 
 
+@in_app
+def purge_exports() -> dict:
+    return airlock.purge()
+
+
 def scheduler() -> Scheduler:
     return slurm.from_config(current_app.config)
 
@@ -184,6 +189,7 @@ def _build(submission_id: int, files: SubmissionFiles) -> Image:
                       digest=image.digest, seconds=image.seconds)
     submission = db.session.get(Submission, submission_id)
     submission.env_key, submission.image_digest = image.key, image.digest
+    provenance.record(submission_id, "environment", env_key=image.key, image_digest=image.digest, built=image.built)
     db.session.commit()
     return image
 

@@ -1,0 +1,366 @@
+"""The export airlock: request, review, release, download, provenance.
+
+The first part runs the rules on a local SQLite app (make unit); the second
+walks the issue's proof through the real stack (the iris sample writes
+/mnt/export/result.txt)."""
+import hashlib
+import json
+import sqlite3
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from gateway import airlock, lifecycle, provenance
+from gateway.extensions import db
+from gateway.models import Email, Submission
+from gateway.states import Status
+from gateway.storage import SubmissionFiles
+
+from .stack import SAMPLES, wait_for, zip_folder
+from .test_app import _log_in, _token, _user
+
+RESULT = b"accuracy=1.0\n"
+
+
+def _ended_with_export(user, files=None, status=Status.COMPLETED):
+    submission = lifecycle.create(user, "mine.zip")
+    submission.status = status.value
+    db.session.commit()
+    export = SubmissionFiles(submission.id).export
+    export.mkdir(parents=True)
+    for name, data in (files or {"result.txt": RESULT}).items():
+        (export / name).parent.mkdir(parents=True, exist_ok=True)
+        (export / name).write_bytes(data)
+    return submission
+
+
+@pytest.fixture
+def alice(local_app):
+    return _user("alice@example.org")
+
+
+@pytest.fixture
+def bob(local_app):
+    return _user("bob@example.org")
+
+
+@pytest.fixture
+def reviewers(local_app):
+    found = []
+    for name in ("rita", "rolf"):
+        user = _user(f"{name}@example.org")
+        user.is_reviewer = True
+        found.append(user)
+    db.session.commit()
+    return found
+
+
+def _request(client, user, submission_id, paths=None, justification="the trained model, for a paper"):
+    return client.post(f"/api/v1/submissions/{submission_id}/release-requests", headers=_token(user),
+                       json={"paths": paths, "justification": justification})
+
+
+def test_the_export_lists_each_file_with_its_size_and_sha256_once_the_job_ended(client, alice):
+    submission = _ended_with_export(alice, {"result.txt": RESULT, "sub/metrics.json": b"{}"})
+    answer = client.get(f"/api/v1/submissions/{submission.id}/export", headers=_token(alice)).json
+    assert answer["files"] == [
+        {"path": "result.txt", "size": len(RESULT), "sha256": hashlib.sha256(RESULT).hexdigest(),
+         "released": False},
+        {"path": "sub/metrics.json", "size": 2, "sha256": hashlib.sha256(b"{}").hexdigest(), "released": False}]
+    assert answer["requests"] == []
+
+
+def test_a_running_submission_has_no_manifest_and_cannot_request(client, alice):
+    submission = _ended_with_export(alice, status=Status.RUNNING)
+    assert client.get(f"/api/v1/submissions/{submission.id}/export", headers=_token(alice)).json["files"] == []
+    response = _request(client, alice, submission.id)
+    assert response.status_code == 409 and response.json["error"] == "not_ended"
+
+
+def test_a_request_is_pending_and_the_download_is_403_until_reviewed(client, alice, reviewers):
+    submission = _ended_with_export(alice)
+    response = _request(client, alice, submission.id)
+    assert response.status_code == 201 and response.json["status"] == "pending"
+    assert [f["path"] for f in response.json["files"]] == ["result.txt"]
+    download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
+    assert download.status_code == 403 and download.json["error"] == "not_released"
+    # every reviewer is owed the "request received" email
+    owed = Email.query.filter_by(submission_id=submission.id, kind="release_requested").all()
+    assert sorted(e.recipient for e in owed) == ["rita@example.org", "rolf@example.org"]
+
+
+def test_a_request_needs_a_justification_and_known_paths(client, alice):
+    submission = _ended_with_export(alice)
+    assert _request(client, alice, submission.id, justification=" ").json["error"] == "justification_required"
+    response = _request(client, alice, submission.id, paths=["../../etc/passwd"])
+    assert response.status_code == 400 and response.json["error"] == "unknown_path"
+
+
+def test_two_person_rule_one_approval_is_not_enough_and_own_approval_is_refused(
+        client, local_app, alice, reviewers):
+    local_app.config["RELEASE_APPROVALS"] = 2
+    alice.is_reviewer = True  # even a reviewer never approves her own request
+    db.session.commit()
+    submission = _ended_with_export(alice)
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    with pytest.raises(airlock.AirlockError) as refused:
+        airlock.decide(request, alice, "approve")
+    assert refused.value.code == "own_request"
+    airlock.decide(request, reviewers[0], "approve")
+    assert request.status == "pending" and request.items[0].status == "pending"
+    with pytest.raises(airlock.AirlockError) as twice:
+        airlock.decide(request, reviewers[0], "approve")
+    assert twice.value.code in ("already_reviewed", "already_decided")
+    airlock.decide(request, reviewers[1], "approve", "fine")
+    assert request.status == "released"
+    download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
+    assert download.status_code == 200 and download.data == RESULT
+    assert download.headers["Content-Disposition"] == "attachment; filename=result.txt"
+    kinds = {e.kind for e in Email.query.filter_by(submission_id=submission.id, recipient="")}
+    assert {"release_decided", "download_ready"} <= kinds
+
+
+def test_a_user_who_is_not_a_reviewer_cannot_decide(client, alice, bob):
+    submission = _ended_with_export(alice)
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    with pytest.raises(airlock.AirlockError) as refused:
+        airlock.decide(request, bob, "approve")
+    assert refused.value.code == "not_a_reviewer"
+
+
+def test_a_rejected_file_never_downloads_nor_can_be_requested_again(client, alice, reviewers):
+    submission = _ended_with_export(alice)
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    with pytest.raises(airlock.AirlockError):
+        airlock.decide(request, reviewers[0], "reject")  # a rejection says why
+    airlock.decide(request, reviewers[0], "reject", "row-level data")
+    assert request.status == "rejected"
+    download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
+    assert download.status_code == 403 and "rejected" in download.json["message"]
+    assert _request(client, alice, submission.id, paths=["result.txt"]).status_code == 409
+
+
+def test_a_file_changed_after_the_manifest_is_never_released(client, alice, reviewers):
+    submission = _ended_with_export(alice)
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    (SubmissionFiles(submission.id).export / "result.txt").write_bytes(b"something else\n")
+    airlock.decide(request, reviewers[0], "approve")
+    assert request.items[0].status == "changed" and request.status == "rejected"
+    download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
+    assert download.status_code == 403
+
+
+def test_another_users_id_is_404_on_every_airlock_url(client, alice, bob):
+    submission = _ended_with_export(alice)
+    base = f"/api/v1/submissions/{submission.id}"
+    for method, path in (("get", "/export"), ("get", "/export/result.txt"), ("get", "/provenance"),
+                         ("post", "/release-requests")):
+        response = getattr(client, method)(base + path, headers=_token(bob), json={"justification": "x"})
+        assert response.status_code == 404, path
+    _log_in(client, bob)
+    assert client.get(f"/submissions/{submission.id}/export/result.txt").status_code == 404
+
+
+def test_the_download_is_resumable_with_a_range(client, alice, reviewers):
+    submission = _ended_with_export(alice)
+    airlock.decide(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers[0], "approve")
+    response = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt",
+                          headers={**_token(alice), "Range": "bytes=9-"})
+    assert response.status_code == 206 and response.data == RESULT[9:]
+    downloads = [r for r in provenance.chain(submission.id) if r.kind == "download"]
+    assert json.loads(downloads[-1].payload)["range"] == "bytes=9-"
+
+
+def test_the_provenance_chain_verifies_and_a_changed_row_is_found(client, alice, reviewers):
+    submission = _ended_with_export(alice)
+    airlock.decide(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers[0], "approve")
+    answer = client.get(f"/api/v1/submissions/{submission.id}/provenance", headers=_token(alice)).json
+    assert answer["verified"] is True
+    assert [r["kind"] for r in answer["records"]] == ["manifest", "release_requested", "review", "released"]
+    assert answer["records"][1]["prev_hash"] == answer["records"][0]["hash"]
+    db.session.execute(text("UPDATE provenance_record SET payload = replace(payload, 'rita', 'mallory') "
+                            "WHERE kind = 'review'"))
+    db.session.commit()
+    broken = provenance.verify(submission.id)
+    assert broken is not None and broken.seq == 3 and "changed" in broken.why
+
+
+def test_retention_warns_seven_days_before_then_deletes(client, alice):
+    submission = _ended_with_export(alice)
+    client.get(f"/api/v1/submissions/{submission.id}/export", headers=_token(alice))  # manifest
+    ended = db.session.get(Submission, submission.id).updated_at
+    days = client.application.config["EXPORT_RETENTION_DAYS"]
+    assert airlock.purge(ended + timedelta(days=days - 8)) == {"released_purged": 0, "warned": 0,
+                                                               "exports_purged": 0}
+    assert airlock.purge(ended + timedelta(days=days - 6))["warned"] == 1
+    assert Email.query.filter_by(submission_id=submission.id, kind="export_expiring").count() == 1
+    assert airlock.purge(ended + timedelta(days=days - 1))["exports_purged"] == 0  # a week after the warning
+    assert airlock.purge(ended + timedelta(days=days + 2))["exports_purged"] == 1
+    assert not (SubmissionFiles(submission.id).export / "result.txt").exists()
+    assert _request(client, alice, submission.id).status_code == 410
+
+
+def test_an_export_over_the_cap_is_reported(local_app, alice):
+    submission = _ended_with_export(alice, {"big.bin": b"x" * 100})
+    local_app.config["EXPORT_MAX_BYTES"] = 50
+    assert "EXPORT_TOO_LARGE" in airlock.over_cap(submission.id)
+    local_app.config["EXPORT_MAX_BYTES"] = 100
+    assert airlock.over_cap(submission.id) is None
+
+
+def test_reviewer_pages_show_the_request_with_an_escaped_preview_and_the_code(client, alice, reviewers):
+    submission = _ended_with_export(alice, {"result.csv": b"a,b\n<script>x</script>,1\n"})
+    request_id = _request(client, alice, submission.id).json["id"]
+    _log_in(client, reviewers[0])
+    assert f"Request {request_id}" in client.get("/review/").get_data(as_text=True)
+    page = client.get(f"/review/requests/{request_id}").get_data(as_text=True)
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "<script>x" not in page
+    assert 'name="csrf_token"' in page and 'value="approve"' in page
+
+
+def test_the_review_pages_are_for_reviewers_only(client, alice, bob):
+    submission = _ended_with_export(alice)
+    request_id = _request(client, alice, submission.id).json["id"]
+    _log_in(client, bob)
+    assert client.get("/review/").status_code == 403
+    assert client.get(f"/review/requests/{request_id}").status_code == 403
+
+
+def test_the_submission_page_lists_the_export_with_a_request_form(client, alice):
+    submission = _ended_with_export(alice)
+    _log_in(client, alice)
+    page = client.get(f"/submissions/{submission.id}").get_data(as_text=True)
+    assert "result.txt" in page and hashlib.sha256(RESULT).hexdigest() in page
+    assert "Request release" in page and 'name="justification"' in page
+
+
+# ---------------------------------------------------------------- the real stack
+
+@pytest.fixture(scope="module")
+def iris_done(stack, tmp_path_factory):
+    researcher = stack.researcher("airlock")
+    zip_path = zip_folder(SAMPLES / "iris", tmp_path_factory.mktemp("airlock") / "iris.zip")
+    submission_id = researcher.submit(zip_path)
+    submission = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
+    assert submission["status"] == "completed", submission
+    return researcher, submission_id
+
+
+def _reviewer(stack, name):
+    person = stack.researcher(name)
+    stack.flask("users", "grant-reviewer", person.address)
+    return person
+
+
+def test_release_through_the_stack_with_two_reviewers(stack, iris_done):
+    researcher, submission_id = iris_done
+    first, second = _reviewer(stack, "rev-one"), _reviewer(stack, "rev-two")
+    export = researcher.api("GET", f"/submissions/{submission_id}/export").json()
+    result = next(f for f in export["files"] if f["path"] == "result.txt")
+    assert result["released"] is False and len(result["sha256"]) == 64
+
+    response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
+                              json={"paths": ["result.txt"], "justification": "the iris model's accuracy"})
+    assert response.status_code == 201 and response.json()["status"] == "pending", response.text
+    request_id = str(response.json()["id"])
+    download = researcher.api("GET", f"/submissions/{submission_id}/export/result.txt")
+    assert download.status_code == 403 and download.json()["error"] == "not_released"
+
+    # the two-person rule, set for this command as an admin would set it
+    stack.env["M2D_RELEASE_APPROVALS"] = "2"
+    try:
+        stack.flask("users", "grant-reviewer", researcher.address)  # reviewers never review their own
+        with pytest.raises(AssertionError, match="own"):
+            stack.flask("releases", "approve", request_id, "--reviewer", researcher.address)
+        stack.flask("releases", "approve", request_id, "--reviewer", first.address, "--comment", "ok")
+        assert researcher.api("GET", f"/submissions/{submission_id}/export/result.txt").status_code == 403
+        assert request_id in stack.flask("releases", "list")
+        stack.flask("releases", "approve", request_id, "--reviewer", second.address, "--comment", "ok too")
+    finally:
+        del stack.env["M2D_RELEASE_APPROVALS"]
+    download = researcher.api("GET", f"/submissions/{submission_id}/export/result.txt")
+    assert download.status_code == 200, download.text
+    assert hashlib.sha256(download.content).hexdigest() == result["sha256"]
+    assert "attachment" in download.headers["Content-Disposition"]
+
+    # emails: the request to each reviewer, the decision and the download to the researcher
+    for reviewer in (first, second):
+        subjects = [m["Subject"] for m in _wait_mails(stack, reviewer.address, 1)]
+        assert any("release requested" in s for s in subjects)
+    subjects = [m["Subject"] for m in _wait_mails(stack, researcher.address, 6)]
+    assert any(s.endswith(f"release request {request_id} released") for s in subjects)
+    assert any("download available" in s for s in subjects)
+
+    chain = researcher.api("GET", f"/submissions/{submission_id}/provenance").json()
+    kinds = [r["kind"] for r in chain["records"]]
+    assert chain["verified"] and kinds[:4] == ["upload", "environment", "job", "manifest"]
+    assert kinds.count("review") == 2 and "released" in kinds and kinds[-1] == "download"
+    assert chain["records"][-1]["payload"]["by"] == researcher.address
+
+
+def test_user_b_gets_404_on_every_airlock_url_of_user_a(stack, iris_done):
+    _researcher, submission_id = iris_done
+    other = stack.researcher("other")
+    for method, path in (("GET", "/export"), ("GET", "/export/result.txt"), ("GET", "/provenance"),
+                         ("POST", "/release-requests")):
+        response = other.api(method, f"/submissions/{submission_id}{path}", json={"justification": "x"})
+        assert response.status_code == 404, path
+
+
+def test_a_rejected_file_never_downloads_on_the_stack(stack, tmp_path):
+    researcher = stack.researcher("rejected")
+    reviewer = _reviewer(stack, "rev-three")
+    submission_id = researcher.submit(zip_folder(SAMPLES / "iris", tmp_path / "iris.zip"))
+    assert researcher.wait_until(submission_id, {"completed", "failed"})["status"] == "completed"
+    response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
+                              json={"paths": None, "justification": "all of it"})
+    assert response.status_code == 201, response.text
+    stack.flask("releases", "reject", str(response.json()["id"]), "--reviewer", reviewer.address,
+                "--comment", "no row-level data may leave")
+    download = researcher.api("GET", f"/submissions/{submission_id}/export/result.txt")
+    assert download.status_code == 403 and "rejected" in download.json()["message"]
+    body = _wait_mails(stack, researcher.address, 1, subject="rejected")[-1].get_content()
+    assert "no row-level data may leave" in body
+
+
+def test_retention_purges_an_expired_export_after_warning(stack, tmp_path):
+    researcher = stack.researcher("retention")
+    submission_id = researcher.submit(zip_folder(SAMPLES / "iris", tmp_path / "iris.zip"))
+    assert researcher.wait_until(submission_id, {"completed", "failed"})["status"] == "completed"
+    ended = researcher.submission(submission_id)["updated_at"][:19]
+    days = 90  # the default EXPORT_RETENTION_DAYS
+    moment = datetime.fromisoformat(ended)
+    warn_at = (moment + timedelta(days=days - 6)).isoformat(timespec="seconds")
+    purge_at = (moment + timedelta(days=days + 2)).isoformat(timespec="seconds")
+    export = SubmissionFiles(submission_id, stack.env["M2D_DATA_DIR"]).export
+    # the purge covers every submission of this session: look at this one's
+    assert "warned=0" not in stack.flask("airlock", "purge", "--now", warn_at)
+    assert _wait_mails(stack, researcher.address, 1, subject="export deleted on")
+    stack.flask("airlock", "purge", "--now", warn_at)
+    assert (export / "result.txt").exists()  # warned, not yet deleted
+    assert "exports_purged=0" not in stack.flask("airlock", "purge", "--now", purge_at)
+    assert not (export / "result.txt").exists()
+    answer = researcher.api("GET", f"/submissions/{submission_id}/export").json()
+    assert answer["purged"] is True
+    kinds = [r["kind"] for r in researcher.api("GET", f"/submissions/{submission_id}/provenance").json()["records"]]
+    assert kinds[-1] == "export_purged"
+
+
+def test_tampering_with_a_provenance_row_is_found_by_verify(stack, iris_done):
+    _researcher, submission_id = iris_done
+    assert "ok" in stack.flask("provenance", "verify", str(submission_id))
+    database = stack.env["M2D_DATA_DIR"] + "/gateway.db"
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE provenance_record SET payload = replace(payload, 'result.txt', 'other.txt') "
+                     "WHERE submission_id = ? AND kind = 'manifest'", (submission_id,))
+    with pytest.raises(AssertionError, match=r"broken: submission \d+: link 4"):
+        stack.flask("provenance", "verify", str(submission_id))
+    with pytest.raises(AssertionError, match="broken"):
+        stack.flask("provenance", "verify")
+
+
+def _wait_mails(stack, address, count, subject=""):
+    """At least ``count`` messages to ``address`` whose subject holds ``subject``."""
+    return wait_for(lambda: len(m := [x for x in stack.mails_to(address) if subject in x["Subject"]]) >= count
+                    and m, 60, f"{count} mails to {address} about {subject!r}")
