@@ -111,14 +111,17 @@ def _outcome(submission: Submission, info: JobInfo) -> tuple[Status, dict]:
         return Status.COMPLETED, {"exit_code": 0, "reason": "COMPLETED"}
     if info.state == "CANCELLED":
         return Status.CANCELLED, {"exit_code": info.exit_code, "reason": "CANCELLED"}
-    if info.state == "FAILED":
-        reason = f"FAILED with exit code {info.exit_code}"
-    else:
-        reason = EXPLAINED.get(info.state, info.state).format_map(current_app.config)
-    if info.signal:
-        reason += f" (signal {info.signal})"
-    return Status.FAILED, {"exit_code": info.exit_code, "reason": reason,
+    return Status.FAILED, {"exit_code": info.exit_code, "reason": _failure_reason(info, EXPLAINED),
                            "error": stderr_tail(submission)}
+
+
+def _failure_reason(info: JobInfo, explained: dict[str, str]) -> str:
+    """Slurm's state in words a researcher can act on."""
+    if info.state in explained:
+        # no signal: Slurm's 0:125 for OUT_OF_MEMORY is its marker, not a signal the code got
+        return explained[info.state].format_map(current_app.config)
+    reason = f"FAILED with exit code {info.exit_code}" if info.state == "FAILED" else info.state
+    return reason + (f" (signal {info.signal})" if info.signal else "")
 
 
 def stderr_tail(submission: Submission) -> str:
@@ -151,12 +154,7 @@ def _dry_run_outcome(submission: Submission, info: JobInfo) -> tuple[Status, dic
     if info.state == "CANCELLED":
         return Status.CANCELLED, {"dry_run_exit_code": info.exit_code, "dry_run_reason": "CANCELLED",
                                   "dry_run_log": log_text, "reason": "CANCELLED during the dry run"}
-    if info.state == "FAILED":
-        reason = f"FAILED with exit code {info.exit_code}"
-    else:
-        reason = DRY_RUN_EXPLAINED.get(info.state, info.state).format_map(current_app.config)
-    if info.signal:
-        reason += f" (signal {info.signal})"
+    reason = _failure_reason(info, DRY_RUN_EXPLAINED)
     # No real data was involved: the whole log goes to the researcher.
     return Status.DRY_RUN_FAILED, {"dry_run_exit_code": info.exit_code, "dry_run_reason": reason,
                                    "dry_run_log": log_text, "exit_code": info.exit_code,

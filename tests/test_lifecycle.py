@@ -96,9 +96,10 @@ def test_timeout_and_out_of_memory_are_failures_with_their_reason(local_app, sta
 def test_out_of_memory_says_so_and_names_the_limit(local_app):
     local_app.config["SLURM_MEM"] = "3G"
     submission = _queued_submission()
-    poller._apply(submission, _info("OUT_OF_MEMORY", exit_code=0))
+    poller._apply(submission, _info("OUT_OF_MEMORY", exit_code=0, signal=125))
     db.session.expire_all()
     assert "ran out of memory" in submission.reason and "its limit is 3G" in submission.reason
+    assert "signal" not in submission.reason  # Slurm's 0:125 marks OUT_OF_MEMORY, it is no signal
 
 
 def test_nonzero_exit_is_failed_with_exit_code(local_app):
