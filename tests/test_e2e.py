@@ -151,15 +151,15 @@ def test_simultaneous_and_repeated_submissions_with_same_requirements_build_once
 
 
 def test_cancelling_a_running_job_stops_it_and_says_so(researcher, iris, tmp_path):
-    # it sleeps in its dry run already: cancelled there, the real job never starts
+    # its dry run passes at once (M2D_DRY_RUN=1); the real job sleeps
     submission_id = researcher.submit(zip_folder(SAMPLES / "sleeps", tmp_path / "sleeps.zip"))
-    researcher.wait_until(submission_id, "dry_run_running", timeout=300)
+    researcher.wait_until(submission_id, "running", timeout=300)
     response = researcher.api("POST", f"/submissions/{submission_id}/cancel")
     assert response.status_code == 202, response.text
     result = researcher.wait_until(submission_id, {"cancelled", "completed", "failed"}, timeout=120)
-    assert result["status"] == "cancelled"
-    assert result["slurm_job_id"] is None and result["dry_run"]["reason"] == "CANCELLED"
-    mails = researcher.wait_for_mails(submission_id, 2)
-    assert [m["Subject"].split(": ", 1)[1] for m in mails] == ["code received", "cancelled"]
+    assert result["status"] == "cancelled" and result["slurm_job_id"]
+    mails = researcher.wait_for_mails(submission_id, 4)
+    assert [m["Subject"].split(": ", 1)[1] for m in mails] == [
+        "code received", "queued for execution", "execution started", "cancelled"]
     again = researcher.api("POST", f"/submissions/{submission_id}/cancel")
     assert again.status_code == 409 and "already ended" in again.json()["message"]

@@ -28,6 +28,7 @@ def test_a_name_outside_the_cache_is_refused(local_app, tmp_path, name):
 
 
 def test_without_a_cache_folder_the_command_names_the_setting(local_app, tmp_path):
+    local_app.config["MODELS_DIR"] = None  # the testbed's gateway.env sets one
     source = tmp_path / "w.pth"
     source.write_bytes(b"w")
     result = local_app.test_cli_runner().invoke(args=["weights", "add", str(source), "--as", "torch/w.pth"])
