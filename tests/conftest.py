@@ -3,9 +3,11 @@ another fixture: ``stack``, ``app``...) need the real services that `make test`
 starts, and tests that use ``venv_cache`` install packages from the index: both
 are marked ``integration``. The rest is `make unit`: no root, no services,
 seconds."""
+import os
 from pathlib import Path
 
 import pytest
+from requests.auth import HTTPBasicAuth
 
 from gateway import create_app
 from gateway.config import from_environment
@@ -31,6 +33,19 @@ def testbed():
     if not base.is_file():
         pytest.fail(f"M2D_BASE_IMAGE={base} does not exist: is the testbed up?")
     return {"apptainer": env["M2D_APPTAINER"], "base": base, "slurm_conf": env["SLURM_CONF"], "env": env}
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(testbed):
+    return testbed["env"]["M2D_MLFLOW_URL"].rstrip("/")
+
+
+@pytest.fixture(scope="session")
+def admin_auth(testbed):
+    """MLflow's admin login. HTTPBasicAuth, not a tuple: pytest prints fixture
+    values in failure reports, and this keeps the password out of them."""
+    return HTTPBasicAuth(os.environ.get("M2D_MLFLOW_ADMIN_USERNAME", "admin"),
+                         testbed["env"]["M2D_MLFLOW_ADMIN_PASSWORD"])
 
 
 @pytest.fixture(scope="session")

@@ -151,9 +151,10 @@ def test_run_of_the_iris_sample_logs_its_metrics_and_writes_the_export_file(tmp_
     assert logged_metrics(tmp_path / "mlruns") == {"accuracy": 1.0, "dataset-exists": 1.0}
 
 
-def test_the_iris_sample_is_the_one_the_platform_tests_run(tmp_path):
-    for name in ("main.py", "requirements.txt"):
-        assert (SAMPLES / "iris" / name).read_bytes() == (REPO / "tests" / "samples" / "iris" / name).read_bytes()
+def test_the_iris_sample_is_the_one_the_platform_tests_run():
+    # one copy: the platform's tests submit the researchers' sample itself
+    assert (REPO / "tests" / "samples" / "iris").resolve() == (SAMPLES / "iris").resolve()
+    assert (SAMPLES / "iris" / "main.py").is_file()
 
 
 def test_run_of_the_clam_sample_trains_an_epoch_and_saves_the_model(tmp_path, dataset, venv_cache):

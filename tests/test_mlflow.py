@@ -4,38 +4,20 @@ NO_PERMISSIONS). Run with the testbed's settings in the environment:
     set -a; . /opt/testbed/gateway.env; set +a; .venv/bin/python -m pytest tests/test_mlflow_admin.py
 """
 
-import os
 import time
 import uuid
 
 import pytest
 import requests
-from requests.auth import HTTPBasicAuth
 
 from gateway.adapters.mlflow import MlflowAccount, MlflowAdmin, MlflowError
 
 API = "/api/2.0/mlflow"
 
 
-def setting(name: str) -> str:
-    # Fail, not skip: a suite that skips when the server is missing proves nothing.
-    value = os.environ.get(name)
-    if not value:
-        pytest.fail(f"{name} is not set. Run with the testbed's MLflow settings: "
-                    "set -a; . /opt/testbed/gateway.env; set +a", pytrace=False)
-    return value
-
-
 @pytest.fixture(scope="module")
-def url(testbed):
-    return setting("M2D_MLFLOW_URL").rstrip("/")
-
-
-@pytest.fixture(scope="module")
-def admin_auth(testbed):
-    # HTTPBasicAuth rather than a tuple: pytest prints fixture values in failure
-    # reports, and this keeps the admin password out of them.
-    return HTTPBasicAuth(setting("M2D_MLFLOW_ADMIN_USERNAME"), setting("M2D_MLFLOW_ADMIN_PASSWORD"))
+def url(mlflow_url):
+    return mlflow_url
 
 
 @pytest.fixture(scope="module")

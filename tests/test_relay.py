@@ -21,7 +21,6 @@ import requests
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, Metric, Param
 from mlflow.exceptions import MlflowException
-from requests.auth import HTTPBasicAuth
 
 from gateway.adapters.mlflow import MlflowAdmin
 
@@ -29,26 +28,6 @@ RELAY = Path(__file__).resolve().parent.parent / "jobs" / "relay.py"
 # The shim runs on the container's python3 and the relay on the host's: any 3.9 or later.
 RELAY_PYTHON = os.environ.get("M2D_RELAY_PYTHON", sys.executable)
 API = "/api/2.0/mlflow"
-
-
-def setting(name: str) -> str:
-    # Fail, not skip: a suite that skips when the server is missing proves nothing.
-    value = os.environ.get(name)
-    if not value:
-        pytest.fail(f"{name} is not set. Run with the testbed's MLflow settings: "
-                    "set -a; . /opt/testbed/gateway.env; set +a", pytrace=False)
-    return value
-
-
-@pytest.fixture(scope="session")
-def mlflow_url(testbed):
-    return setting("M2D_MLFLOW_URL").rstrip("/")
-
-
-@pytest.fixture(scope="session")
-def admin_auth(testbed):
-    # HTTPBasicAuth, not a tuple: pytest prints fixture values, this keeps the password out.
-    return HTTPBasicAuth(setting("M2D_MLFLOW_ADMIN_USERNAME"), setting("M2D_MLFLOW_ADMIN_PASSWORD"))
 
 
 class Accounts:
