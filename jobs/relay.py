@@ -229,6 +229,18 @@ class Run:
         self.sending = threading.Lock()
 
 
+def check_text_item(kind: str, item, limit: int) -> dict:
+    """A param or a tag: a JSON object with a valid key and a string value of at most ``limit``."""
+    if not isinstance(item, dict):
+        raise invalid(f"a {kind} must be a JSON object")
+    key, value = check_key(kind, item.get("key")), item.get("value")
+    if not isinstance(value, str):
+        raise invalid(f"{kind} {key!r} needs a string value")
+    if len(value) > limit:
+        raise invalid(f"{kind} {key!r} is {len(value)} characters long; the limit is {limit}")
+    return {"key": key, "value": value}
+
+
 def check_key(kind: str, key) -> str:
     if not isinstance(key, str) or not key:
         raise invalid(f"a {kind} needs a non-empty string key")
@@ -423,24 +435,10 @@ class Relay:
                 "step": check_number(f"metric {key!r} step", metric.get("step", 0), integer=True)}
 
     def check_param(self, param) -> dict:
-        if not isinstance(param, dict):
-            raise invalid("a param must be a JSON object")
-        key, value = check_key("param", param.get("key")), param.get("value")
-        if not isinstance(value, str):
-            raise invalid(f"param {key!r} needs a string value")
-        if len(value) > self.limits.param_value:
-            raise invalid(f"param {key!r} is {len(value)} characters long; the limit is {self.limits.param_value}")
-        return {"key": key, "value": value}
+        return check_text_item("param", param, self.limits.param_value)
 
     def check_tag(self, tag) -> dict:
-        if not isinstance(tag, dict):
-            raise invalid("a tag must be a JSON object")
-        key, value = check_key("tag", tag.get("key")), tag.get("value")
-        if not isinstance(value, str):
-            raise invalid(f"tag {key!r} needs a string value")
-        if len(value) > self.limits.tag_value:
-            raise invalid(f"tag {key!r} is {len(value)} characters long; the limit is {self.limits.tag_value}")
-        return {"key": key, "value": value}
+        return check_text_item("tag", tag, self.limits.tag_value)
 
     def log_metric(self, method, path, params):
         return self.buffer(self.own_run(params), metrics=[params])
