@@ -219,7 +219,17 @@ class Event(db.Model):
                 "detail": self.detail}
 
 
-class Email(db.Model):
+class Delivery:
+    """What jobs.mail's claim/send protocol keeps on every email it owes:
+    claimed before sending, marked sent after, released with the error."""
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    claimed_at = db.Column(db.DateTime)
+    sent_at = db.Column(db.DateTime)
+    attempts = db.Column(db.Integer, nullable=False, default=0)
+    last_error = db.Column(db.Text)
+
+
+class Email(Delivery, db.Model):
     """An email owed to the user; written in the same transaction as the
     status change, sent (once) by a worker.
 
@@ -236,11 +246,6 @@ class Email(db.Model):
     ref = db.Column(db.String(64), nullable=False, default="", server_default="")
     recipient = db.Column(db.String(255), nullable=False, default="", server_default="")  # "": the owner
     release_request_id = db.Column(db.Integer, db.ForeignKey("release_request.id"))
-    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
-    claimed_at = db.Column(db.DateTime)
-    sent_at = db.Column(db.DateTime)
-    attempts = db.Column(db.Integer, nullable=False, default=0)
-    last_error = db.Column(db.Text)
 
     submission = db.relationship("Submission")
     event = db.relationship("Event")
@@ -251,7 +256,7 @@ class Email(db.Model):
         return self.recipient or self.submission.user.email
 
 
-class AccountEmail(db.Model):
+class AccountEmail(Delivery, db.Model):
     """An email about an account (verification, approval, rejection, password
     reset), owed once its row exists and sent once by jobs.mail, like Email.
 
@@ -261,11 +266,6 @@ class AccountEmail(db.Model):
     user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
     kind = db.Column(db.String(20), nullable=False)  # verify | approved | rejected | reset
     key = db.Column(db.String(100), nullable=False, unique=True)
-    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
-    claimed_at = db.Column(db.DateTime)
-    sent_at = db.Column(db.DateTime)
-    attempts = db.Column(db.Integer, nullable=False, default=0)
-    last_error = db.Column(db.Text)
 
     user = db.relationship("User")
 
