@@ -5,7 +5,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import accounts, airlock, provenance, weights
+from . import accounts, airlock, images, provenance, weights
 from .adapters.mlflow import MlflowError
 from .extensions import db
 from .models import ApiToken, ReleaseRequest, User
@@ -129,6 +129,7 @@ def list_weights():
 releases = AppGroup("releases", help="Review requests to release exported files (the airlock).")
 provenance_group = AppGroup("provenance", help="Submissions' hash-chained provenance records.")
 airlock_group = AppGroup("airlock", help="Export retention and released files' expiry.")
+images_group = AppGroup("images", help="Environment images built for submissions.")
 
 
 def _request_line(request):
@@ -199,10 +200,22 @@ def purge_exports(now):
     click.echo(" ".join(f"{key}={value}" for key, value in done.items()))
 
 
+@images_group.command("gc")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.option("--days", type=float, help="Unused for this many days (default: IMAGE_GC_DAYS).")
+def collect_images(dry_run, days):
+    """Delete environment images unused for IMAGE_GC_DAYS and not in use by an active submission."""
+    done = images.collect(dry_run=dry_run, days=days)
+    for name in done.pop("images"):
+        click.echo(name)
+    click.echo(" ".join(f"{key}={value}" for key, value in done.items()))
+
+
 def init_app(app):
     app.cli.add_command(releases)
     app.cli.add_command(provenance_group)
     app.cli.add_command(airlock_group)
+    app.cli.add_command(images_group)
     app.cli.add_command(users)
     app.cli.add_command(tokens)
     app.cli.add_command(weights_group)

@@ -7,6 +7,7 @@ and the test suite configure the app; ``create_app(config)`` overrides both.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,23 @@ DEFAULTS = {
     "IMAGE_DIR": None,  # required by the build workers; on the shared filesystem
     "BUILD_BIND_CA": "/etc/ssl/certs/ca-certificates.crt",  # "" to not bind
     "BUILD_TIMEOUT": 1800,
+    # Pythons: a zip's .python-version picks one; BASE_IMAGE is DEFAULT_PYTHON's
+    # base, BASE_IMAGES the others' ("3.9=/path/base-3.9.sif,3.13=...").
+    "PYTHONS": ("3.9", "3.11", "3.13"),
+    "DEFAULT_PYTHON": "3.11",
+    "BASE_IMAGES": {},
+    # Where builds' pip finds packages (empty: PyPI and the image's pip
+    # defaults). Local folders and file:// indexes are bound into the build.
+    "PIP_INDEX_URL": "",
+    "PIP_EXTRA_INDEX_URLS": (),
+    "PIP_FIND_LINKS": (),  # wheelhouses: folders or URLs
+    "PIP_CONSTRAINT": "",  # a constraints file on the build host
+    # pip's cache, shared by every build (pip's cache is safe for concurrent
+    # use); "" for none. Bound at /m2d/pip-cache in the build.
+    "PIP_CACHE_DIR": "",
+    # Environment images (env-*.sif) unused this long, and not the image of a
+    # submission still in flight, are deleted (flask images gc, and hourly).
+    "IMAGE_GC_DAYS": 30,
     # Sealed jobs. Jobs run as JOB_USER, an account that can read nothing of
     # the gateway's: sbatch and scancel run through `sudo -u JOB_USER` (a
     # narrow sudo rule, see deploy/testbed/accounts.sh). A submission's
@@ -132,6 +150,11 @@ def convert(key: str, raw: Any) -> Any:
         return raw
     if isinstance(default, bool):
         return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, tuple):  # "a,b" or "a b"
+        return tuple(item for item in re.split(r"[,\s]+", raw) if item)
+    if isinstance(default, dict):  # "k=v,k=v"
+        pairs = (item.split("=", 1) for item in re.split(r"[,\s]+", raw) if item)
+        return {key.strip(): value.strip() for key, value in pairs}
     return type(default)(raw)
 
 

@@ -26,6 +26,8 @@ def limits() -> Limits:
         max_files=cfg["MAX_FILES"],
         max_uncompressed_bytes=cfg["MAX_UNCOMPRESSED_BYTES"],
         max_ratio=cfg["MAX_COMPRESSION_RATIO"],
+        pythons=tuple(cfg["PYTHONS"]),
+        default_python=cfg["DEFAULT_PYTHON"],
     )
 
 

@@ -42,6 +42,10 @@ class Limits:
     # Below this many uncompressed bytes the ratio does not matter: a small file of
     # zeros is harmless, and text of a few KB can legitimately compress very well.
     ratio_applies_above_bytes: int = 1024**2
+    # The Pythons a .python-version may ask for (each has a base image), and the
+    # one a zip without that file gets.
+    pythons: tuple[str, ...] = ("3.9", "3.11", "3.13")
+    default_python: str = "3.11"
 
 
 class Refusal(Exception):
@@ -65,6 +69,7 @@ class Checked:
     files: int  # regular files in the archive
     uncompressed_bytes: int
     requirements: str  # requirements.txt as text
+    python: str = "3.11"  # major.minor, from .python-version or the default
 
 
 def check_upload_size(size: int, limits: Limits = Limits()) -> None:
@@ -98,8 +103,9 @@ def check_zip(path, limits: Limits = Limits()) -> Checked:
         uncompressed = _check_sizes(entries, limits)
         _check_layout(files)
         requirements = _read_requirements(archive, limits)
+        python = _read_python_version(archive, limits) if PYTHON_VERSION_FILE in files else limits.default_python
     _check_requirements(requirements)
-    return Checked(files=len(files), uncompressed_bytes=uncompressed, requirements=requirements)
+    return Checked(files=len(files), uncompressed_bytes=uncompressed, requirements=requirements, python=python)
 
 
 def normalise_requirements(text: str) -> str:
@@ -320,6 +326,50 @@ def _size(size: int) -> str:
     if size >= 1024**2:
         return f"{size / 1024**2:.1f} MiB"
     return f"{size / 1024:.1f} KiB" if size >= 1024 else f"{size} bytes"
+
+
+# --- .python-version ------------------------------------------------------------
+
+PYTHON_VERSION_FILE = ".python-version"
+# pyenv's and uv's spellings of a CPython: 3.9, 3.9.18, python3.9, cpython-3.9, cpython@3.9
+_PYTHON_VERSION = re.compile(r"(?:c?python[-@]?)?(3)\.(\d+)(?:\.\d+)?", re.IGNORECASE)
+
+
+def parse_python_version(text: str, limits: Limits = Limits()) -> str:
+    """The major.minor a .python-version asks for, if a base image has it.
+
+    Its first line that is not blank or a comment counts (pyenv may list more;
+    one image has one Python). A patch level is accepted and not honoured: the
+    base image has the patch release its Debian ships.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    supported = ", ".join(limits.pythons)
+    if not lines:
+        raise Refusal("bad_python_version", f"{PYTHON_VERSION_FILE} is empty. Write one Python version "
+                      f"in it, e.g. 3.11, or delete it to get the default ({limits.default_python}).")
+    match = _PYTHON_VERSION.fullmatch(lines[0])
+    if not match:
+        raise Refusal("bad_python_version", f"{PYTHON_VERSION_FILE} says {lines[0][:40]!r}, which is not a "
+                      f"CPython version. Write a version such as 3.11 (supported: {supported}).")
+    version = f"{match.group(1)}.{int(match.group(2))}"
+    if version not in limits.pythons:
+        raise Refusal("unsupported_python", f"{PYTHON_VERSION_FILE} asks for Python {version}, which this "
+                      f"gateway has no image for. Supported versions: {supported}. Write one of them in "
+                      f"{PYTHON_VERSION_FILE}, or delete it to get {limits.default_python}.")
+    return version
+
+
+def _read_python_version(archive: zipfile.ZipFile, limits: Limits) -> str:
+    entry = next(e for e in archive.infolist() if "/".join(_parts(e.filename)) == PYTHON_VERSION_FILE)
+    if entry.file_size > 1024:
+        raise Refusal("bad_python_version", f"{PYTHON_VERSION_FILE} is {entry.file_size} bytes; it should "
+                      "hold one version such as 3.11.")
+    try:
+        text = archive.read(entry).decode("utf-8", errors="replace")
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise Refusal("not_a_zip", f"Your zip is damaged: {PYTHON_VERSION_FILE} cannot be read from it. "
+                      "Zip your project again.") from e
+    return parse_python_version(text, limits)
 
 
 # --- requirements.txt ------------------------------------------------------------

@@ -29,7 +29,7 @@ ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 DRY_RUN_ACTIVE = (Status.DRY_RUN_QUEUED.value, Status.DRY_RUN_RUNNING.value)
 # work that should have been handed on by now (Redis was down, a worker died)
 SWEEP_AFTER = timedelta(seconds=60)
-PURGE_INTERVAL = 3600  # seconds between airlock retention runs (gateway.airlock.purge)
+PURGE_INTERVAL = 3600  # seconds between airlock retention and image gc runs (airlock.purge, images.collect)
 
 
 def poll_once(scheduler: Scheduler | None = None) -> int:
@@ -215,8 +215,9 @@ def main():
         while True:
             try:
                 queue.enqueue_poll()
-                if time.monotonic() - purged > PURGE_INTERVAL:  # the airlock's retention, hourly
+                if time.monotonic() - purged > PURGE_INTERVAL:  # the airlock's retention and image gc, hourly
                     queue.queue("poll").enqueue("jobs.tasks.purge_exports", job_timeout=1800)
+                    queue.queue("poll").enqueue("jobs.tasks.collect_images", job_timeout=1800)
                     purged = time.monotonic()
             except Exception:  # noqa: BLE001 - Redis may come back
                 log.exception("could not enqueue the poll")

@@ -18,7 +18,8 @@ from flask import current_app, has_app_context
 from rq import get_current_job
 from sqlalchemy import select
 
-from gateway import airlock, create_app, provenance
+from gateway import airlock, create_app, intake, provenance
+from gateway import images as image_store
 from gateway.adapters import slurm
 from gateway.adapters.apptainer import BuildError, Image, ImageBuilder
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError, dry_run_experiment_name
@@ -29,6 +30,7 @@ from gateway.lifecycle import advance
 from gateway.models import DRY_RUN_EXPORT_FOLDER, Build, Submission, User
 from gateway.states import DRY_RUN_ACTIVE, Status
 from gateway.storage import SubmissionFiles, job_gid, write_private
+from gateway.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
 
 from . import mail, poller
 from .jobscript import RELAY_SOURCE, JobSpec, write_job_script
@@ -92,7 +94,7 @@ def _after_dry_run(submission_id: int, files: SubmissionFiles) -> None:
     """The dry run passed: the real job goes to Slurm, in the image it used."""
     images = ImageBuilder.from_config(current_app.config)
     try:  # the image of the dry run, cached (rebuilt only if an admin removed it)
-        image = images.ensure((files.code / "requirements.txt").read_text())
+        image = images.ensure((files.code / "requirements.txt").read_text(), python_of(files))
     except BuildError as e:
         advance(submission_id, Status.DRY_RUN_PASSED, Status.FAILED,
                 reason="environment build failed", error=e.for_user)
@@ -172,17 +174,27 @@ def purge_exports() -> dict:
     return airlock.purge()
 
 
+@in_app
+def collect_images() -> dict:
+    return image_store.collect()
+
+
 def scheduler() -> Scheduler:
     return slurm.from_config(current_app.config)
 
 
 def _build(submission_id: int, files: SubmissionFiles) -> Image:
     requirements = (files.code / "requirements.txt").read_text()
+    python = python_of(files)
     images = ImageBuilder.from_config(current_app.config)
     try:
-        image = images.ensure(requirements)
+        image = images.ensure(requirements, python)
     except BuildError as e:
-        _record_build(submission_id, images.key_for(requirements), succeeded=False, log=e.log)
+        try:
+            key = images.key_for(requirements, python)
+        except BuildError:
+            raise e from None  # no base image for that Python: there is no key to record
+        _record_build(submission_id, key, succeeded=False, log=e.log)
         raise
     if image.built:
         _record_build(submission_id, image.key, succeeded=True, log=image.log,
@@ -192,6 +204,17 @@ def _build(submission_id: int, files: SubmissionFiles) -> Image:
     provenance.record(submission_id, "environment", env_key=image.key, image_digest=image.digest, built=image.built)
     db.session.commit()
     return image
+
+
+def python_of(files: SubmissionFiles) -> str:
+    """The Python the submission's .python-version asks for (checked at upload), else the default."""
+    version_file = files.code / PYTHON_VERSION_FILE
+    if not version_file.is_file():
+        return current_app.config["DEFAULT_PYTHON"]
+    try:
+        return parse_python_version(version_file.read_text(errors="replace"), intake.limits())
+    except Refusal as e:  # the supported set changed since the upload
+        raise BuildError(e.message) from e
 
 
 def _status(submission_id: int) -> Status:

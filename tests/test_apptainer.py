@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.adapters.apptainer import BuildError, ImageBuilder, environment_key, file_digest, render_definition
+from gateway.adapters.apptainer import BuildError, ImageBuilder, PipSources, environment_key, file_digest, render_definition
 
 TEST_ROOT = Path("/opt/testbed/tmp-tests")
 BASE_DIGEST = "sha256:" + "ab" * 32
@@ -83,7 +83,7 @@ def test_key_follows_a_base_symlink_that_moves(tmp_path):
 
 def test_definition_installs_requirements_on_the_base(tmp_path):
     text = render_definition(base_image=Path("/opt/images/base.sif"), base_digest=BASE_DIGEST,
-                             key="k" * 64, requirements=tmp_path / "requirements.txt",
+                             key="k" * 64, python="3.11", requirements=tmp_path / "requirements.txt",
                              timeout=1800)
     lines = [line.strip() for line in text.splitlines()]
     assert lines[0] == "Bootstrap: localimage"
@@ -113,10 +113,74 @@ def test_missing_ca_bundle_raises_build_error(tmp_path):
         builder.ensure("six==1.16.0")
 
 
-def test_missing_base_image_raises_file_not_found(tmp_path):
+def test_missing_base_image_raises_a_build_error_naming_it(tmp_path):
     builder = ImageBuilder(tmp_path, tmp_path / "no-base.sif")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(BuildError, match="base image for Python 3.11 is missing: .*no-base.sif"):
         builder.ensure("six==1.16.0")
+
+
+def test_a_python_without_a_base_image_is_refused_clearly(tmp_path):
+    base = tmp_path / "base.sif"
+    base.write_bytes(b"not really an image")
+    builder = ImageBuilder(tmp_path / "images", base, base_images={"3.9": tmp_path / "base-3.9.sif"})
+    with pytest.raises(BuildError, match=r"no base image for Python 3.13 \(it has 3.11, 3.9\)"):
+        builder.ensure("six", "3.13")
+    with pytest.raises(BuildError, match="Python 3.9 is missing"):
+        builder.ensure("six", "3.9")
+
+
+def test_the_python_version_is_part_of_the_key():
+    assert environment_key(BASE_DIGEST, "six", "3.9") != environment_key(BASE_DIGEST, "six", "3.11")
+
+
+def test_each_python_builds_on_its_own_base(tmp_path):
+    base, old = tmp_path / "base.sif", tmp_path / "base-3.9.sif"
+    base.write_bytes(b"bookworm")
+    old.write_bytes(b"bullseye")
+    builder = ImageBuilder(tmp_path / "images", base, base_images={"3.9": old})
+    assert builder.key_for("six", "3.9") == environment_key(file_digest(old), "six", "3.9")
+    assert builder.key_for("six") == environment_key(file_digest(base), "six", "3.11")
+
+
+def test_site_pip_sources_reach_pip_and_local_ones_are_bound(tmp_path):
+    pip = PipSources(index_url="https://mirror.example/simple", extra_index_urls=("file:///opt/pypi/simple",),
+                     find_links=("/opt/wheels", "https://example.org/wheels"),
+                     constraint="/etc/xdg/pip/constraints.txt", cache_dir=str(tmp_path / "cache"))
+    assert pip.binds() == ["/opt/pypi/simple", "/opt/wheels"]
+    text = render_definition(base_image=Path("/b.sif"), base_digest=BASE_DIGEST, key="k" * 64, python="3.9",
+                             requirements=tmp_path / "r.txt", timeout=60, pip=pip)
+    assert ("--cache-dir /m2d/pip-cache --progress-bar off --index-url https://mirror.example/simple "
+            "--extra-index-url file:///opt/pypi/simple --find-links /opt/wheels "
+            "--find-links https://example.org/wheels --constraint /m2d/constraints.txt -r /opt/requirements.txt") in text
+    assert "/etc/xdg/pip/constraints.txt /m2d/constraints.txt" in text
+    for target in ("/opt/wheels", "/opt/pypi/simple", "/m2d/pip-cache"):
+        assert f'mkdir -p "${{APPTAINER_ROOTFS}}"{target}' in text
+    assert "M2D_PYTHON 3.9" in text
+
+
+def test_settings_give_the_builder_its_sources():
+    from gateway.config import convert
+    assert convert("PIP_FIND_LINKS", "/opt/wheels, /srv/more") == ("/opt/wheels", "/srv/more")
+    assert convert("BASE_IMAGES", "3.9=/i/base-3.9.sif,3.13=/i/base-3.13.sif") == {
+        "3.9": "/i/base-3.9.sif", "3.13": "/i/base-3.13.sif"}
+
+
+def test_collect_deletes_only_unused_unkept_environment_images(tmp_path):
+    import os
+    base = tmp_path / "base.sif"
+    base.write_bytes(b"base")
+    builder = ImageBuilder(tmp_path / "images", base)
+    builder.image_dir.mkdir()
+    old, kept, fresh = (builder.path_for(k * 64) for k in "abc")
+    for path in (old, kept, fresh):
+        path.write_bytes(b"sif")
+    for path in (old, kept):
+        os.utime(path, (1000, 1000))
+    (builder.image_dir / "base-x.sif").write_bytes(b"a base")
+    os.utime(builder.image_dir / "base-x.sif", (1000, 1000))
+    assert builder.collect(cutoff=5000, keep={"b" * 64}, dry_run=True) == [old] and old.exists()
+    assert builder.collect(cutoff=5000, keep={"b" * 64}) == [old]
+    assert not old.exists() and kept.exists() and fresh.exists() and (builder.image_dir / "base-x.sif").exists()
 
 
 # -- against the testbed's Apptainer -------------------------------------------

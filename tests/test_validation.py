@@ -350,3 +350,33 @@ def test_validation_imports_with_the_standard_library_alone():
         "assert not third_party, third_party\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+# --- .python-version -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, python", [("3.9\n", "3.9"), ("3.9.18", "3.9"), ("# pinned\n\n3.13\n", "3.13"),
+                                          ("cpython-3.11.4", "3.11"), ("python3.9", "3.9"), ("3.9\n3.11\n", "3.9")])
+def test_python_version_file_picks_the_python(tmp_path, text, python):
+    path = zips.make_zip(tmp_path / "s.zip", {**zips.VALID_FILES, ".python-version": text})
+    assert check_zip(path).python == python
+
+
+def test_without_python_version_the_default_python(tmp_path):
+    assert check_zip(zips.make_valid_zip(tmp_path / "s.zip")).python == "3.11"
+    assert check_zip(zips.make_valid_zip(tmp_path / "s.zip"), Limits(default_python="3.13")).python == "3.13"
+
+
+def test_unsupported_python_is_refused_with_the_supported_list(tmp_path):
+    path = zips.make_zip(tmp_path / "s.zip", {**zips.VALID_FILES, ".python-version": "3.8.10\n"})
+    refused = refusal(path)
+    assert refused.code == "unsupported_python"
+    assert "Python 3.8" in refused.message and "Supported versions: 3.9, 3.11, 3.13" in refused.message
+    assert check_zip(path, Limits(pythons=("3.8", "3.11"))).python == "3.8"  # the supported set is a setting
+
+
+@pytest.mark.parametrize("text", ["", "# nothing\n", "pypy3.9", "system", "3"])
+def test_unreadable_python_version_is_refused(tmp_path, text):
+    path = zips.make_zip(tmp_path / "s.zip", {**zips.VALID_FILES, ".python-version": text})
+    refused = refusal(path)
+    assert refused.code == "bad_python_version" and "3.11" in refused.message

@@ -86,9 +86,46 @@ def file_digest(path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def environment_key(base_digest: str, requirements: str) -> str:
+def environment_key(base_digest: str, requirements: str, python: str = "3.11") -> str:
     normalised = normalise_requirements(requirements)
-    return hashlib.sha256(f"{base_digest}\n{normalised}".encode()).hexdigest()
+    return hashlib.sha256(f"{base_digest}\npython {python}\n{normalised}".encode()).hexdigest()
+
+
+PIP_CACHE_IN_BUILD = "/m2d/pip-cache"
+CONSTRAINT_IN_BUILD = "/m2d/constraints.txt"
+
+
+@dataclass(frozen=True)
+class PipSources:
+    """Where builds' pip looks for packages: the site's index, mirrors and
+    wheelhouses, and the cache every build shares."""
+
+    index_url: str = ""
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+    constraint: str = ""
+    cache_dir: str = ""
+
+    def options(self) -> list[str]:
+        """pip install's options, as seen inside the build."""
+        options = ["--index-url", self.index_url] if self.index_url else []
+        for url in self.extra_index_urls:
+            options += ["--extra-index-url", url]
+        for link in self.find_links:
+            options += ["--find-links", link]
+        if self.constraint:
+            options += ["--constraint", CONSTRAINT_IN_BUILD]
+        return options
+
+    def binds(self) -> list[str]:
+        """Host folders the build must see at the same path, read-only: local
+        wheelhouses and file:// indexes."""
+        folders = []
+        for location in (self.index_url, *self.extra_index_urls, *self.find_links):
+            path = location[len("file://"):] if location.startswith("file://") else location
+            if path.startswith("/"):
+                folders.append(path.rstrip("/") or "/")
+        return list(dict.fromkeys(folders))
 
 
 _digests: dict[tuple[str, int, int], str] = {}
@@ -108,10 +145,14 @@ def _cached_digest(path: Path) -> str:
     return digest
 
 
-def render_definition(*, base_image: Path, base_digest: str, key: str,
-                      requirements: Path, timeout: int) -> str:
+def render_definition(*, base_image: Path, base_digest: str, key: str, python: str,
+                      requirements: Path, timeout: int, pip: PipSources = PipSources()) -> str:
     return render(DEFINITION_TEMPLATE, base_image=base_image, base_digest=base_digest, key=key,
-                  requirements=requirements, ca_bundle=CA_IN_IMAGE, timeout=timeout)
+                  python=python, requirements=requirements, ca_bundle=CA_IN_IMAGE, timeout=timeout,
+                  pip_options=" ".join(shlex.quote(o) for o in pip.options()),
+                  constraint=pip.constraint, constraint_in_build=CONSTRAINT_IN_BUILD,
+                  cache=PIP_CACHE_IN_BUILD if pip.cache_dir else "",
+                  bind_targets=[*pip.binds(), *([PIP_CACHE_IN_BUILD] if pip.cache_dir else [])])
 
 
 _SHIM = """#!/bin/sh
@@ -166,63 +207,128 @@ def _failure_summary(lines) -> str:
     return lines[-1] if lines else ""
 
 
+def used_marker(image: Path) -> Path:
+    """A file beside the image whose mtime is when the image was last built
+    or reused (the image's own mtime is part of its digest cache's identity)."""
+    return image.with_name(image.name + ".used")
+
+
+def mark_used(image: Path) -> None:
+    used_marker(image).touch()
+
+
+def _last_used(image: Path) -> float:
+    try:
+        return max(image.stat().st_mtime, used_marker(image).stat().st_mtime)
+    except FileNotFoundError:  # built before markers existed
+        return image.stat().st_mtime
+
+
 class ImageBuilder:
     def __init__(self, image_dir: Path, base_image: Path, apptainer: str = "apptainer",
                  bind_ca: str | None = "/etc/ssl/certs/ca-certificates.crt",
-                 timeout: int = 1800) -> None:
+                 timeout: int = 1800, default_python: str = "3.11",
+                 base_images: Mapping[str, str | Path] | None = None,
+                 pip: PipSources = PipSources()) -> None:
         self.image_dir = Path(image_dir).resolve()
-        # Not resolved here: the base may be a symlink that a redeploy moves
+        # Not resolved here: a base may be a symlink that a redeploy moves
         # to a new image, and then new keys (and builds) must follow it.
-        self.base_image = Path(os.path.abspath(base_image))
+        self.default_python = default_python
+        self.base_images = {version: Path(os.path.abspath(p)) for version, p in (base_images or {}).items()}
+        self.base_images[default_python] = Path(os.path.abspath(base_image))
+        self.base_image = self.base_images[default_python]
         self.apptainer = apptainer
         self.bind_ca = bind_ca
         self.timeout = timeout
+        self.pip = pip
+        if pip.cache_dir:
+            Path(pip.cache_dir).mkdir(parents=True, exist_ok=True)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ImageBuilder:
+        pip = PipSources(index_url=cfg["PIP_INDEX_URL"], extra_index_urls=tuple(cfg["PIP_EXTRA_INDEX_URLS"]),
+                         find_links=tuple(cfg["PIP_FIND_LINKS"]), constraint=cfg["PIP_CONSTRAINT"],
+                         cache_dir=cfg["PIP_CACHE_DIR"])
         return cls(required(cfg, "IMAGE_DIR"), required(cfg, "BASE_IMAGE"), apptainer=cfg["APPTAINER"],
-                   bind_ca=cfg["BUILD_BIND_CA"] or None, timeout=cfg["BUILD_TIMEOUT"])
+                   bind_ca=cfg["BUILD_BIND_CA"] or None, timeout=cfg["BUILD_TIMEOUT"],
+                   default_python=cfg["DEFAULT_PYTHON"], base_images=cfg["BASE_IMAGES"], pip=pip)
 
-    def _base(self) -> tuple[Path, str]:
+    def _base(self, python: str) -> tuple[Path, str]:
+        configured = self.base_images.get(python)
+        if configured is None:
+            raise BuildError(f"this gateway has no base image for Python {python} (it has "
+                             f"{', '.join(sorted(self.base_images))}); an administrator adds it to BASE_IMAGES")
         # Resolved once per call, so the digest in the key and the From: line
         # name the same file even if the symlink moves meanwhile.
-        base = self.base_image.resolve(strict=True)
+        try:
+            base = configured.resolve(strict=True)
+        except OSError as e:
+            raise BuildError(f"the base image for Python {python} is missing: {configured}; an administrator "
+                             f"builds it (deploy/testbed/base-image.sh DIR {python} on the testbed)") from e
         return base, _cached_digest(base)
 
-    def key_for(self, requirements: str) -> str:
-        return environment_key(self._base()[1], requirements)
+    def key_for(self, requirements: str, python: str | None = None) -> str:
+        python = python or self.default_python
+        return environment_key(self._base(python)[1], requirements, python)
 
     def path_for(self, key: str) -> Path:
         return self.image_dir / f"env-{key}.sif"
 
-    def ensure(self, requirements: str) -> Image:
+    def ensure(self, requirements: str, python: str | None = None) -> Image:
         started = time.monotonic()
-        base, base_digest = self._base()
-        key = environment_key(base_digest, requirements)
+        python = python or self.default_python
+        base, base_digest = self._base(python)
+        key = environment_key(base_digest, requirements, python)
         path = self.path_for(key)
-        if not path.exists():
+        # Shared while reusing, exclusive to build or to delete (collect):
+        # an image found here is marked used before a collection can judge it.
+        with self._lock(key, shared=True):
+            found = path.exists()
+            if found:
+                mark_used(path)
+        if not found:
             with self._lock(key):
                 # Whoever held the lock before us may have built it.
                 if not path.exists():
-                    return self._build(key, requirements, path, base, base_digest, started)
+                    return self._build(key, requirements, python, path, base, base_digest, started)
+                mark_used(path)
         return Image(key=key, path=path, digest=_cached_digest(path), built=False,
                            seconds=time.monotonic() - started, log="")
 
+    def collect(self, cutoff: float, keep: set[str], dry_run: bool = False) -> list[Path]:
+        """Delete the environment images last built or used before ``cutoff``
+        (a time.time()) whose key is not in ``keep``; return them. Base
+        images are never touched."""
+        removed = []
+        for path in sorted(self.image_dir.glob("env-*.sif")):
+            key = path.name[len("env-"):-len(".sif")]
+            if key in keep:
+                continue
+            with self._lock(key):
+                if not path.exists() or _last_used(path) >= cutoff:
+                    continue
+                if not dry_run:
+                    path.unlink()
+                    used_marker(path).unlink(missing_ok=True)
+                    log.info("deleted unused image %s", path.name)
+                removed.append(path)
+        return removed
+
     @contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
+    def _lock(self, key: str, shared: bool = False) -> Iterator[None]:
         # flock, not lockf: flock locks belong to the open file, so two threads
         # of one worker exclude each other as well as two processes do.
         # Lock files stay behind: unlinking one races with a waiter holding it open.
         locks = self.image_dir / "locks"
         locks.mkdir(parents=True, exist_ok=True)
         with open(locks / f"{key}.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _build(self, key: str, requirements: str, path: Path, base: Path, base_digest: str,
+    def _build(self, key: str, requirements: str, python: str, path: Path, base: Path, base_digest: str,
                started: float) -> Image:
         if self.bind_ca is not None and not os.path.isfile(self.bind_ca):
             raise BuildError(f"CA bundle to bind into the build does not exist: {self.bind_ca}")
@@ -241,8 +347,8 @@ class ImageBuilder:
             reqs.write_text(requirements if requirements.endswith("\n") else requirements + "\n")
             definition = workdir / "env.def"
             definition.write_text(render_definition(
-                base_image=base, base_digest=base_digest, key=key,
-                requirements=reqs, timeout=self.timeout))
+                base_image=base, base_digest=base_digest, key=key, python=python,
+                requirements=reqs, timeout=self.timeout, pip=self.pip))
             # apptainer build asks before overwriting, so the target must not exist yet.
             partial = workdir / "image.sif"
             lines = self._run_build(command, definition, partial)
@@ -250,6 +356,7 @@ class ImageBuilder:
                 raise BuildError("apptainer build reported success but wrote no image",
                                  log=_tail(lines))
             os.replace(partial, path)
+            mark_used(path)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         seconds = time.monotonic() - started
@@ -259,6 +366,10 @@ class ImageBuilder:
 
     def _run_build(self, command: Path, definition: Path, image: Path) -> list[str]:
         options = ["--bind", f"{self.bind_ca}:{CA_IN_IMAGE}"] if self.bind_ca else []
+        for folder in self.pip.binds():
+            options += ["--bind", f"{folder}:{folder}:ro"]
+        if self.pip.cache_dir:
+            options += ["--bind", f"{os.path.abspath(self.pip.cache_dir)}:{PIP_CACHE_IN_BUILD}"]
         if os.geteuid() != 0:
             # pip in %post wants root inside: a user namespace maps us to it
             options.append("--fakeroot")
