@@ -32,6 +32,11 @@ step accounts   "$here/accounts.sh" "$TESTBED_DIR"
 step slurm      "$here/slurm.sh" start "$TESTBED_DIR"
 step apptainer  "$here/apptainer.sh" "$TESTBED_DIR"
 step base-image "$here/base-image.sh" "$TESTBED_DIR"
+# the other Pythons a .python-version may ask for (bullseye's, trixie's)
+step base-3.9   "$here/base-image.sh" "$TESTBED_DIR" 3.9
+step base-3.13  "$here/base-image.sh" "$TESTBED_DIR" 3.13
+# pip's cache, shared by every build of every test stack
+step pip-cache  install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/pip-cache"
 # the gateway's account builds environment images (unprivileged, --fakeroot)
 step images     chown -R "${M2D_USER:-m2d}:${M2D_USER:-m2d}" "$TESTBED_DIR/images"
 step redis      "$here/redis.sh" start "$TESTBED_DIR"
@@ -45,6 +50,16 @@ step twin       "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/clam-twin" --cas
 # writes it, every job reads it
 step models     install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/models"
 
+# This machine's pip sources (wheelhouse, local index, constraints), handed
+# to builds through the gateway's settings; local indexes that are missing
+# are left out (pip only warns about them, a build bind would fail).
+pip_config() { "$PYTHON" -m pip config list 2>/dev/null | sed -n "s/^global\.$1='\(.*\)'$/\1/p" | tail -n 1; }
+existing() { local item path out=(); for item in $1; do path=${item#file://}
+  [ "${path#/}" = "$path" ] || [ -e "$path" ] && out+=("$item"); done; echo "${out[*]}"; }
+PIP_EXTRA=$(existing "$(pip_config extra-index-url)")
+PIP_LINKS=$(existing "${PIP_FIND_LINKS:-$(pip_config find-links)}")
+PIP_CONSTRAINT_FILE=$(existing "$(pip_config constraint)")
+
 # The gateway's view of the testbed.  Mode 600: it holds the MLflow admin
 # password.
 put_file "$TESTBED_DIR/gateway.env" 600 <<EOF
@@ -54,6 +69,11 @@ export SLURM_CONF=$TESTBED_DIR/slurm/etc/slurm.conf
 export M2D_APPTAINER=$TESTBED_DIR/apptainer/bin/apptainer
 export M2D_BASE_IMAGE=$TESTBED_DIR/images/base.sif
 export M2D_IMAGE_DIR=$TESTBED_DIR/images
+export M2D_BASE_IMAGES=3.9=$TESTBED_DIR/images/base-3.9.sif,3.13=$TESTBED_DIR/images/base-3.13.sif
+export M2D_PIP_CACHE_DIR=$TESTBED_DIR/pip-cache
+export M2D_PIP_EXTRA_INDEX_URLS="$PIP_EXTRA"
+export M2D_PIP_FIND_LINKS="$PIP_LINKS"
+export M2D_PIP_CONSTRAINT="$PIP_CONSTRAINT_FILE"
 export M2D_DATASET_DIR=$TESTBED_DIR/clam
 export M2D_DRY_RUN_DATASET_DIR=$TESTBED_DIR/clam-twin
 export M2D_MODELS_DIR=$TESTBED_DIR/models

@@ -146,11 +146,15 @@ def _cached_digest(path: Path) -> str:
 
 
 def render_definition(*, base_image: Path, base_digest: str, key: str, python: str,
-                      requirements: Path, timeout: int, pip: PipSources = PipSources()) -> str:
+                      requirements: Path, timeout: int, pip: PipSources = PipSources(),
+                      constraint: Path | None = None) -> str:
+    """``constraint``: the copy of pip.constraint next to ``requirements``
+    (the build host's /etc is not the wrapper's to share)."""
     return render(DEFINITION_TEMPLATE, base_image=base_image, base_digest=base_digest, key=key,
                   python=python, requirements=requirements, ca_bundle=CA_IN_IMAGE, timeout=timeout,
                   pip_options=" ".join(shlex.quote(o) for o in pip.options()),
-                  constraint=pip.constraint, constraint_in_build=CONSTRAINT_IN_BUILD,
+                  constraint=(constraint or pip.constraint) if pip.constraint else "",
+                  constraint_in_build=CONSTRAINT_IN_BUILD,
                   cache=PIP_CACHE_IN_BUILD if pip.cache_dir else "",
                   bind_targets=[*pip.binds(), *([PIP_CACHE_IN_BUILD] if pip.cache_dir else [])])
 
@@ -345,10 +349,14 @@ class ImageBuilder:
         try:
             reqs = workdir / "requirements.txt"
             reqs.write_text(requirements if requirements.endswith("\n") else requirements + "\n")
+            constraint = None
+            if self.pip.constraint:
+                constraint = workdir / "constraints.txt"
+                shutil.copyfile(self.pip.constraint, constraint)
             definition = workdir / "env.def"
             definition.write_text(render_definition(
                 base_image=base, base_digest=base_digest, key=key, python=python,
-                requirements=reqs, timeout=self.timeout, pip=self.pip))
+                requirements=reqs, timeout=self.timeout, pip=self.pip, constraint=constraint))
             # apptainer build asks before overwriting, so the target must not exist yet.
             partial = workdir / "image.sif"
             lines = self._run_build(command, definition, partial)
