@@ -18,10 +18,45 @@ from .stack import Stack, require_testbed
 INTEGRATION_FIXTURES = {"testbed", "venv_cache"}
 
 
+def pytest_generate_tests(metafunc):
+    """``local_app`` runs on SQLite; a module with
+    ``pytestmark = pytest.mark.databases("sqlite", "postgresql")`` runs its
+    tests on both (PostgreSQL is the production database)."""
+    if "database_url" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("databases")
+        metafunc.parametrize("database_url", marker.args if marker else ("sqlite",), indirect=True)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("database_url") == "postgresql"
+        if on_postgres or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The testbed's PostgreSQL role (it may create databases); this session's
+    databases are dropped at its end."""
+    from .database import Postgres
+
+    server = Postgres.from_environment()
+    yield server
+    server.drop_all()
+
+
+@pytest.fixture
+def database_url(request, tmp_path):
+    """A fresh, empty database for one test: a SQLite file, or a PostgreSQL
+    database of its own (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    server = request.getfixturevalue("postgres")
+    name = server.create()
+    yield server.url(name)
+    server.drop(name)
 
 
 @pytest.fixture(scope="session")
@@ -71,18 +106,19 @@ def tmp_zip(tmp_path):
 
 
 @pytest.fixture
-def local_app(tmp_path):
+def local_app(tmp_path, database_url):
     """An app on its own fresh database (migrated), for tests of the
     database logic and the pages that need no other service."""
     import flask_migrate
 
     application = create_app({"TESTING": True, "DATA_DIR": str(tmp_path / "data"),
-                              "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'gateway.db'}",
+                              "SQLALCHEMY_DATABASE_URI": database_url,
                               "REDIS_URL": "redis://127.0.0.1:1/0"})  # no Redis: enqueueing must not matter
     with application.app_context():
         flask_migrate.upgrade()
         yield application
         db.session.remove()
+        db.engine.dispose()  # a PostgreSQL database cannot be dropped while connected
 
 
 @pytest.fixture

@@ -14,6 +14,9 @@ from gateway.states import Status
 from gateway.storage import SubmissionFiles
 from jobs import mail, poller, tasks
 
+# the production database too (PostgreSQL: the integration tier)
+pytestmark = pytest.mark.databases("sqlite", "postgresql")
+
 
 def _submission():
     user = accounts.create_user(f"lifecycle-{uuid.uuid4().hex[:6]}@example.org", "Life Cycle")

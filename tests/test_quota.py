@@ -12,6 +12,9 @@ from gateway.models import ApiToken, Submission, User, utcnow
 
 from .stack import SAMPLES, zip_folder
 
+# the production database too (PostgreSQL: the integration tier)
+pytestmark = pytest.mark.databases("sqlite", "postgresql")
+
 
 def earlier_uploads(user_id, *ages):
     """Submissions of ``user_id`` created ``ages`` ago, ended (cancelled), so

@@ -42,6 +42,7 @@ step images     chown -R "${M2D_USER:-m2d}:${M2D_USER:-m2d}" "$TESTBED_DIR/image
 step redis      "$here/redis.sh" start "$TESTBED_DIR"
 step mlflow     "$here/mlflow.sh" start "$TESTBED_DIR"
 step smtp       "$here/smtp.sh" start "$TESTBED_DIR"
+step postgres   "$here/postgres.sh" "$TESTBED_DIR"
 step dataset    "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/clam"
 # the dry runs' synthetic twin: the same layout and CSV columns, a few cases
 # (a dry run is a quick check, not a training run)
@@ -85,6 +86,8 @@ export M2D_SMTP_HOST=127.0.0.1
 export M2D_SMTP_PORT=8025
 export M2D_MAIL_DIR=$TESTBED_DIR/mail
 export M2D_SLURM_PARTITION=debug
+# tests make (and drop) their own databases with this role; SQLite stays the default
+export M2D_TEST_POSTGRES_URL=postgresql+psycopg://m2d_test:$(cat "$TESTBED_DIR/secrets/postgres-password")@127.0.0.1:5432/m2d_test
 export PATH="$TESTBED_DIR/apptainer/bin:\$PATH"
 EOF
 
