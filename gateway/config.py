@@ -38,6 +38,9 @@ DEFAULTS = {
     "IMAGE_DIR": None,  # required by the build workers; on the shared filesystem
     "BUILD_BIND_CA": "/etc/ssl/certs/ca-certificates.crt",  # "" to not bind
     "BUILD_TIMEOUT": 1800,
+    # passed to mksquashfs when the SIF is written ("-comp gzip -Xcompression-level 1"
+    # trades image size for build time)
+    "BUILD_MKSQUASHFS_ARGS": "",
     # Pythons: a zip's .python-version picks one; BASE_IMAGE is DEFAULT_PYTHON's
     # base, BASE_IMAGES the others' ("3.9=/path/base-3.9.sif,3.13=...").
     "PYTHONS": ("3.9", "3.11", "3.13"),

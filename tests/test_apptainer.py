@@ -146,14 +146,14 @@ def test_site_pip_sources_reach_pip_and_local_ones_are_bound(tmp_path):
     pip = PipSources(index_url="https://mirror.example/simple", extra_index_urls=("file:///opt/pypi/simple",),
                      find_links=("/opt/wheels", "https://example.org/wheels"),
                      constraint="/etc/xdg/pip/constraints.txt", cache_dir=str(tmp_path / "cache"))
-    assert pip.binds() == ["/opt/pypi/simple", "/opt/wheels"]
+    assert pip.binds() == ["/opt/pypi", "/opt/wheels"]
     text = render_definition(base_image=Path("/b.sif"), base_digest=BASE_DIGEST, key="k" * 64, python="3.9",
                              requirements=tmp_path / "r.txt", timeout=60, pip=pip)
     assert ("--cache-dir /m2d/pip-cache --progress-bar off --index-url https://mirror.example/simple "
             "--extra-index-url file:///opt/pypi/simple --find-links /opt/wheels "
             "--find-links https://example.org/wheels --constraint /m2d/constraints.txt -r /opt/requirements.txt") in text
     assert "/etc/xdg/pip/constraints.txt /m2d/constraints.txt" in text
-    for target in ("/opt/wheels", "/opt/pypi/simple", "/m2d/pip-cache"):
+    for target in ("/opt/wheels", "/opt/pypi", "/m2d/pip-cache"):
         assert f'mkdir -p "${{APPTAINER_ROOTFS}}"{target}' in text
     assert "M2D_PYTHON 3.9" in text
 

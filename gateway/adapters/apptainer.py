@@ -125,6 +125,10 @@ class PipSources:
             path = location[len("file://"):] if location.startswith("file://") else location
             if path.startswith("/"):
                 folders.append(path.rstrip("/") or "/")
+        # a local index's pages link to files beside its simple/ (ROOT/simple, ROOT/files)
+        indexes = {location for location in (self.index_url, *self.extra_index_urls)}
+        folders = [os.path.dirname(f) if f.endswith("/simple") and any(f in i for i in indexes) else f
+                   for f in folders]
         return list(dict.fromkeys(folders))
 
 
@@ -233,7 +237,7 @@ class ImageBuilder:
                  bind_ca: str | None = "/etc/ssl/certs/ca-certificates.crt",
                  timeout: int = 1800, default_python: str = "3.11",
                  base_images: Mapping[str, str | Path] | None = None,
-                 pip: PipSources = PipSources()) -> None:
+                 pip: PipSources = PipSources(), mksquashfs_args: str = "") -> None:
         self.image_dir = Path(image_dir).resolve()
         # Not resolved here: a base may be a symlink that a redeploy moves
         # to a new image, and then new keys (and builds) must follow it.
@@ -245,6 +249,7 @@ class ImageBuilder:
         self.bind_ca = bind_ca
         self.timeout = timeout
         self.pip = pip
+        self.mksquashfs_args = mksquashfs_args
         if pip.cache_dir:
             Path(pip.cache_dir).mkdir(parents=True, exist_ok=True)
 
@@ -255,7 +260,8 @@ class ImageBuilder:
                          cache_dir=cfg["PIP_CACHE_DIR"])
         return cls(required(cfg, "IMAGE_DIR"), required(cfg, "BASE_IMAGE"), apptainer=cfg["APPTAINER"],
                    bind_ca=cfg["BUILD_BIND_CA"] or None, timeout=cfg["BUILD_TIMEOUT"],
-                   default_python=cfg["DEFAULT_PYTHON"], base_images=cfg["BASE_IMAGES"], pip=pip)
+                   default_python=cfg["DEFAULT_PYTHON"], base_images=cfg["BASE_IMAGES"], pip=pip,
+                   mksquashfs_args=cfg["BUILD_MKSQUASHFS_ARGS"])
 
     def _base(self, python: str) -> tuple[Path, str]:
         configured = self.base_images.get(python)
@@ -378,6 +384,8 @@ class ImageBuilder:
             options += ["--bind", f"{folder}:{folder}:ro"]
         if self.pip.cache_dir:
             options += ["--bind", f"{os.path.abspath(self.pip.cache_dir)}:{PIP_CACHE_IN_BUILD}"]
+        if self.mksquashfs_args:
+            options += ["--mksquashfs-args", self.mksquashfs_args]
         if os.geteuid() != 0:
             # pip in %post wants root inside: a user namespace maps us to it
             options.append("--fakeroot")
