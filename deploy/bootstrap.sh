@@ -6,3 +6,5 @@ require_root
 apt_install python3 python3-venv python3-pip python3-dev gcc make curl ca-certificates git
 # the page tests drive Debian's chromium through chromedriver
 apt_install chromium chromium-driver
+# tests/test_systemd.py: systemd-analyze verify of deploy/systemd (no systemd as PID 1 needed)
+apt_install systemd
