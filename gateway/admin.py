@@ -5,8 +5,9 @@ from functools import wraps
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
+from sqlalchemy.orm import contains_eager
 
-from . import accounts, lifecycle
+from . import accounts, lifecycle, pagination
 from .adapters.mlflow import MlflowError
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler
@@ -128,7 +129,7 @@ def submissions():
         query = query.where(Submission.created_at >= since)
     if until:
         query = query.where(Submission.created_at < until + timedelta(days=1))
-    page = db.paginate(query.order_by(Submission.id.desc()), per_page=PER_PAGE, error_out=False)
+    page = pagination.page_from_request(query.options(contains_eager(Submission.user)), Submission.id, PER_PAGE)
     filters = {"user": who, "status": status, "from": request.args.get("from") or "",
                "to": request.args.get("to") or ""}
     return render_template("admin/submissions.html", page=page, filters=filters,

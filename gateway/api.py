@@ -1,7 +1,7 @@
 """The JSON API, /api/v1: what the m2d client and scripts use."""
-from flask import Blueprint, abort, current_app, g, jsonify, request, send_file
+from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
 
-from . import airlock, intake, lifecycle, provenance
+from . import airlock, intake, lifecycle, pagination, provenance
 from .auth import token_required
 from .errors import json_error as error
 from .extensions import csrf, db
@@ -13,6 +13,7 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 csrf.exempt(bp)
 
 REFUSAL_STATUS = {"too_large": 413, "quota_exceeded": 429}
+API_PAGE = 100  # submissions per page of the list, at most
 
 
 @bp.post("/submissions")
@@ -31,8 +32,14 @@ def create_submission():
 @bp.get("/submissions")
 @token_required
 def list_submissions():
-    rows = g.user.submissions.order_by(Submission.id.desc()).limit(100)
-    return jsonify(submissions=[s.to_dict() for s in rows])
+    """Newest first, ``limit`` (1-100, default 100) at a time; ``next`` is the
+    URL of the older page, null on the last one."""
+    raw = request.args.get("limit", str(API_PAGE))
+    if not raw.isdigit() or not 1 <= int(raw) <= API_PAGE:
+        abort(400, description=f"limit must be a whole number from 1 to {API_PAGE}, not {raw[:20]!r}.")
+    page = pagination.page_from_request(db.select(Submission).filter_by(user_id=g.user.id), Submission.id, int(raw))
+    older = url_for("api.list_submissions", before=page.older, limit=raw) if page.older else None
+    return jsonify(submissions=[s.to_dict() for s in page.items], next=older)
 
 
 @bp.get("/submissions/<int:submission_id>")

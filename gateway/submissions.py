@@ -4,7 +4,7 @@ from flask import Blueprint, abort, current_app, flash, jsonify, redirect, rende
 from flask_login import current_user, login_required
 from werkzeug.datastructures import FileStorage
 
-from . import intake, lifecycle
+from . import intake, lifecycle, pagination
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler, queue_position
 from .api import mlflow_settings
@@ -27,9 +27,8 @@ def index():
     upload, as before the upload form had a page of its own.)"""
     if request.method == "POST":
         return upload()
-    query = db.select(Submission).filter_by(user_id=current_user.id).order_by(Submission.id.desc())
-    page = db.paginate(query, per_page=PER_PAGE, error_out=False)
-    return render_template("index.html", page=page)
+    query = db.select(Submission).filter_by(user_id=current_user.id)
+    return render_template("index.html", page=pagination.page_from_request(query, Submission.id, PER_PAGE))
 
 
 @bp.route("/upload", methods=["GET", "POST"])

@@ -142,3 +142,19 @@ def test_the_api_lists_only_the_callers_submissions(client, alice, bob):
     ids = [s["id"] for s in client.get("/api/v1/submissions", headers=_token(alice)).json["submissions"]]
     assert mine in ids and theirs not in ids
     assert re.fullmatch(r"m2d_[\w-]+", _token(alice)["Authorization"].split()[1])
+
+
+def test_the_api_list_pages_by_cursor_and_shows_only_the_callers_own(client, alice, bob):
+    for _ in range(5):
+        _submission_of(alice)
+    _submission_of(bob)
+    headers = _token(alice)
+    seen, url = [], "/api/v1/submissions?limit=2"
+    while url:
+        body = client.get(url, headers=headers).json
+        seen += [s["id"] for s in body["submissions"]]
+        url = body["next"]
+    assert len(seen) == 5 and seen == sorted(seen, reverse=True)
+    refused = client.get("/api/v1/submissions?limit=1000", headers=headers)
+    assert refused.status_code == 400 and "1 to 100" in refused.json["message"]
+    assert client.get("/api/v1/submissions?before=x", headers=headers).status_code == 400

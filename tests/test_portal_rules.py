@@ -428,8 +428,14 @@ def test_an_empty_list_says_to_try_the_iris_sample_and_lists_paginate(client, lo
     for n in range(25):
         lifecycle.create(user, f"s{n}.zip")
     db.session.commit()
-    first, second = client.get("/").get_data(as_text=True), client.get("/?page=2").get_data(as_text=True)
-    assert "s24.zip" in first and "s0.zip" not in first and "s0.zip" in second and "Page 2 of 2" in second
+    first = client.get("/").get_data(as_text=True)
+    older = re.search(r'href="([^"]+)" rel="next"', first).group(1).replace("&amp;", "&")
+    second = client.get(older).get_data(as_text=True)
+    assert "s24.zip" in first and "s0.zip" not in first and "s0.zip" in second
+    assert 'rel="prev"' in second and 'rel="next"' not in second
+    newer = re.search(r'href="([^"]+)" rel="prev"', second).group(1).replace("&amp;", "&")
+    assert "s24.zip" in client.get(newer).get_data(as_text=True)
+    assert client.get("/?before=nope").status_code == 400
 
 
 def test_error_pages_are_in_the_site_layout_and_json_under_api(client, local_app):
