@@ -189,8 +189,10 @@ def _sweep():
     # submits the real job after a passed dry run); one still running holds
     # the submission's lock, so a second one returns at once
     for (submission_id,) in db.session.query(Submission.id).filter(
-            Submission.status.in_((Status.RECEIVED.value, Status.BUILDING.value,
-                                   Status.DRY_RUN_PASSED.value)),
+            or_(Submission.status.in_((Status.RECEIVED.value, Status.BUILDING.value,
+                                       Status.DRY_RUN_PASSED.value)),
+                and_(Submission.status == Status.QUEUED.value, Submission.slurm_job_id.is_(None),
+                     Submission.dry_run_job_id.isnot(None))),
             Submission.updated_at < cutoff):
         queue.enqueue_prepare(submission_id)
     for (submission_id,) in db.session.query(Email.submission_id).filter(

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from flask import current_app, has_app_context
 from rq import get_current_job
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from gateway import airlock, create_app, intake, provenance
 from gateway import images as image_store
@@ -27,7 +27,7 @@ from gateway.adapters.slurm import Scheduler, SlurmError
 from gateway.config import required
 from gateway.extensions import db
 from gateway.lifecycle import advance
-from gateway.models import DRY_RUN_EXPORT_FOLDER, Build, Submission, User
+from gateway.models import DRY_RUN_EXPORT_FOLDER, Build, Submission, User, utcnow
 from gateway.states import DRY_RUN_ACTIVE, Status
 from gateway.storage import SubmissionFiles, job_gid, write_private
 from gateway.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
@@ -70,7 +70,7 @@ def prepare(submission_id: int) -> None:
         submission = db.session.get(Submission, submission_id)
         if submission is None:
             return
-        if submission.state == Status.DRY_RUN_PASSED:
+        if submission.state == Status.DRY_RUN_PASSED or _real_job_claimed(submission):
             _after_dry_run(submission_id, files)
             return
         if submission.state == Status.RECEIVED:
@@ -91,15 +91,46 @@ def prepare(submission_id: int) -> None:
 
 
 def _after_dry_run(submission_id: int, files: SubmissionFiles) -> None:
-    """The dry run passed: the real job goes to Slurm, in the image it used."""
+    """The dry run passed: the real job goes to Slurm, in the image it used.
+
+    The move to queued is claimed *before* sbatch (conditional on
+    dry_run_passed), so a cancel either wins that move (no real job is ever
+    submitted) or finds the submission queued, and then the job id is recorded
+    only while it is still queued; a cancel that came between makes this
+    scancel the job it just made (``_record_real_job``)."""
+    if _status(submission_id) == Status.DRY_RUN_PASSED and not advance(
+            submission_id, Status.DRY_RUN_PASSED, Status.QUEUED,
+            detail="the dry run passed: the real job goes to Slurm"):
+        return  # cancelled meanwhile: no real job
     images = ImageBuilder.from_config(current_app.config)
     try:  # the image of the dry run, cached (rebuilt only if an admin removed it)
         image = images.ensure((files.code / "requirements.txt").read_text(), python_of(files))
     except BuildError as e:
-        advance(submission_id, Status.DRY_RUN_PASSED, Status.FAILED,
+        advance(submission_id, Status.QUEUED, Status.FAILED,
                 reason="environment build failed", error=e.for_user)
         return
-    _hand_to_slurm(submission_id, files, image, Status.DRY_RUN_PASSED, dry_run=False)
+    if _status(submission_id) != Status.QUEUED:
+        return  # cancelled while the image was checked
+    _hand_to_slurm(submission_id, files, image, Status.QUEUED, dry_run=False)
+
+
+def _real_job_claimed(submission: Submission) -> bool:
+    """Queued after its dry run, but its job id not recorded yet (a prepare
+    died around sbatch): the retry finds the job by name or submits it."""
+    return (submission.state == Status.QUEUED and submission.slurm_job_id is None
+            and submission.dry_run_job_id is not None)
+
+
+def _record_real_job(submission_id: int, job_id: str) -> bool:
+    """The real job's id, only while the submission is still queued without one."""
+    result = db.session.execute(
+        update(Submission)
+        .where(Submission.id == submission_id, Submission.status == Status.QUEUED.value,
+               Submission.slurm_job_id.is_(None))
+        .values(slurm_job_id=job_id, updated_at=utcnow())
+        .execution_options(synchronize_session=False))
+    db.session.commit()
+    return result.rowcount == 1
 
 
 def dry_run_wanted(submission: Submission) -> bool:
@@ -125,6 +156,8 @@ def _hand_to_slurm(submission_id: int, files: SubmissionFiles, image: Image, old
     if dry_run:
         moved = advance(submission_id, old, Status.DRY_RUN_QUEUED, dry_run_job_id=job_id,
                         detail=f"dry run: Slurm job {job_id}")
+    elif old == Status.QUEUED:  # after the dry run: queued was claimed before sbatch
+        moved = _record_real_job(submission_id, job_id)
     else:
         moved = advance(submission_id, old, Status.QUEUED, slurm_job_id=job_id,
                         detail=f"Slurm job {job_id}")
@@ -148,6 +181,10 @@ def cancel(submission_id: int) -> None:
         elif status == Status.DRY_RUN_PASSED:
             if advance(submission_id, status, Status.CANCELLED, detail="cancelled by the researcher"):
                 return  # a prepare that submits meanwhile finds it cancelled and scancels
+        elif _real_job_claimed(submission):
+            # its prepare is around sbatch: it scancels what it made (_record_real_job)
+            if advance(submission_id, status, Status.CANCELLED, detail="cancelled by the researcher"):
+                return
         elif submission.slurm_job_id:
             scheduler().cancel(submission.slurm_job_id)
         if _status(submission_id) == status:

@@ -249,3 +249,67 @@ def test_the_page_shows_the_dry_runs_log_and_its_export_files(local_app):
         html = render_template_string('{% include "_dry_run.html" %}', submission=submission)
     assert "Dry run" in html and "epoch 1 loss 0.5" in html
     assert "result.txt" in html and "accuracy=0.5" in html
+
+
+# ------------------------------------- a cancel against the passed dry run's real job
+
+def _passed_dry_run(monkeypatch):
+    """A submission whose dry run passed, the image cached, and a Slurm that
+    records what it is asked (the interleaving is forced, no timing)."""
+    submission = _dry_run_queued_submission()
+    lifecycle.advance(submission.id, Status.DRY_RUN_QUEUED, Status.DRY_RUN_RUNNING)
+    lifecycle.advance(submission.id, Status.DRY_RUN_RUNNING, Status.DRY_RUN_PASSED)
+    code = SubmissionFiles(submission.id).code
+    code.mkdir(parents=True, exist_ok=True)
+    (code / "requirements.txt").write_text("")
+
+    class Images:
+        def ensure(self, requirements):
+            return object()
+
+    class Slurm:
+        submitted, cancelled = [], []
+
+        def cancel(self, job_id):
+            self.cancelled.append(job_id)
+
+    slurm = Slurm()
+    monkeypatch.setattr(tasks.ImageBuilder, "from_config", lambda config: Images())
+    monkeypatch.setattr(tasks, "scheduler", lambda: slurm)
+    return submission.id, slurm
+
+
+def test_a_cancel_arriving_while_the_real_job_is_sbatched_scancels_it(local_app, monkeypatch):
+    sid, slurm = _passed_dry_run(monkeypatch)
+
+    def sbatch(submission_id, files, image, dry_run=False):
+        tasks.cancel(submission_id)  # the researcher's cancel lands inside sbatch
+        slurm.submitted.append("99")
+        return "99"
+
+    monkeypatch.setattr(tasks, "_submit", sbatch)
+    tasks.prepare(sid)
+    db.session.expire_all()
+    submission = db.session.get(Submission, sid)
+    assert submission.status == "cancelled" and submission.slurm_job_id is None
+    assert slurm.submitted == ["99"] and slurm.cancelled == ["99"]  # the job it made is gone
+    assert [e.status for e in submission.events][-2:] == ["queued", "cancelled"]
+
+
+def test_a_cancel_before_the_real_jobs_claim_means_no_real_job_at_all(local_app, monkeypatch):
+    sid, slurm = _passed_dry_run(monkeypatch)
+    monkeypatch.setattr(tasks, "_submit", lambda *a, **k: pytest.fail("sbatch for a cancelled submission"))
+    tasks.cancel(sid)
+    tasks.prepare(sid)  # the poller's hand-on, after the cancel won
+    db.session.expire_all()
+    assert db.session.get(Submission, sid).status == "cancelled" and slurm.cancelled == []
+
+
+def test_a_prepare_that_died_after_the_claim_resumes_and_records_the_job(local_app, monkeypatch):
+    sid, slurm = _passed_dry_run(monkeypatch)
+    lifecycle.advance(sid, Status.DRY_RUN_PASSED, Status.QUEUED)  # claimed, then the worker died
+    monkeypatch.setattr(tasks, "_submit", lambda *a, **k: "100")  # finds (or makes) the job by name
+    tasks.prepare(sid)
+    db.session.expire_all()
+    submission = db.session.get(Submission, sid)
+    assert submission.status == "queued" and submission.slurm_job_id == "100" and slurm.cancelled == []

@@ -16,11 +16,11 @@ from .stack import SAMPLES, zip_folder
 pytestmark = pytest.mark.databases("sqlite", "postgresql")
 
 
-def earlier_uploads(user_id, *ages):
-    """Submissions of ``user_id`` created ``ages`` ago, ended (cancelled), so
-    nothing tries to run them."""
+def earlier_uploads(user_id, *ages, status="cancelled"):
+    """Submissions of ``user_id`` created ``ages`` ago, ended (cancelled by
+    default), so nothing tries to run them."""
     for age in ages:
-        db.session.add(Submission(user_id=user_id, status="cancelled", filename="earlier.zip",
+        db.session.add(Submission(user_id=user_id, status=status, filename="earlier.zip",
                                   created_at=utcnow() - age, updated_at=utcnow() - age))
     db.session.commit()
 
@@ -73,6 +73,15 @@ def test_uploads_older_than_24_hours_do_not_count(client, dora, iris_zip):
     earlier_uploads(user_id, *[timedelta(hours=24, minutes=m) for m in range(1, 30)])
     earlier_uploads(user_id, *[timedelta(hours=h) for h in range(1, 20)])
     assert upload(client, headers, iris_zip).status_code == 201
+
+
+def test_submissions_whose_dry_run_failed_do_not_count(client, local_app, dora, iris_zip):
+    user_id, headers = dora
+    local_app.config["DAILY_SUBMISSIONS"] = 2
+    earlier_uploads(user_id, *[timedelta(hours=h) for h in range(1, 6)], status="dry_run_failed")
+    earlier_uploads(user_id, timedelta(hours=1))
+    assert upload(client, headers, iris_zip).status_code == 201  # 1 counted + this one
+    assert upload(client, headers, iris_zip).status_code == 429
 
 
 def test_the_quota_is_per_user_and_configurable(client, local_app, dora, iris_zip):
