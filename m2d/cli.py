@@ -150,6 +150,33 @@ def cancel(args) -> int:
     return _done(args, submission, f"submission {submission['id']}: {submission['status']}")
 
 
+def logs(args) -> int:
+    """The dry run's whole log (the twin: nothing hidden) and the real run's
+    bounded tail of stderr, as the gateway keeps them."""
+    submission = _client().submission(args.id)
+    dry_run = submission.get("dry_run") or {}
+    real_tail = submission.get("error") if submission.get("slurm_job_id") else None
+    data = {"id": submission["id"], "status": submission["status"],
+            "dry_run": {"slurm_job_id": dry_run.get("slurm_job_id"), "exit_code": dry_run.get("exit_code"),
+                        "reason": dry_run.get("reason"), "log": dry_run.get("log")},
+            "real_run": {"slurm_job_id": submission.get("slurm_job_id"), "exit_code": submission.get("exit_code"),
+                         "reason": submission.get("reason"), "stderr_tail": real_tail}}
+    lines = [f"submission {submission['id']}: {submission['status']}"]
+    if dry_run:
+        lines.append(f"==== dry run on the synthetic twin (Slurm job {dry_run.get('slurm_job_id')}, "
+                     f"exit code {dry_run.get('exit_code')}): its whole log")
+        lines.append((dry_run.get("log") or "(no log yet)").rstrip())
+    else:
+        lines.append("==== no dry run (dry runs are off for this submission)")
+    if submission.get("slurm_job_id"):
+        lines.append(f"==== real run (Slurm job {submission['slurm_job_id']}, exit code {submission.get('exit_code')}): "
+                     "the last lines of stderr only; the rest stays with the data")
+        lines.append((real_tail or "(nothing kept: the job has not failed)").rstrip())
+    else:
+        lines.append("==== no real run (yet)")
+    return _done(args, data, "\n".join(lines))
+
+
 def run(args) -> int:
     from . import local
 
@@ -277,6 +304,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up (exit 1) after this long")
 
     sub = command("cancel", cancel, "cancel a submission")
+    sub.add_argument("id", type=int, metavar="ID")
+
+    sub = command("logs", logs, "show a submission's logs: the dry run's whole log, the real run's tail")
     sub.add_argument("id", type=int, metavar="ID")
 
     sub = command("run", run, "run a submission locally, as the platform would (virtualenv mode)",

@@ -5,7 +5,10 @@ run that exits 0 lets the real job go to Slurm.
 Five Slurm jobs in all (the machine is small): a crash (dry run only), iris
 (dry run + real run), and code that fails only on the real data (both)."""
 import csv
+import json
 import os
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import pytest
@@ -13,7 +16,7 @@ import requests
 
 from gateway.adapters.slurm.cli import CliScheduler
 
-from .stack import SAMPLES, zip_folder
+from .stack import REPO, SAMPLES, zip_folder
 
 FINAL = {"completed", "failed", "build_failed", "dry_run_failed", "cancelled"}
 
@@ -157,3 +160,21 @@ def test_code_that_fails_only_on_the_real_data_shows_only_the_bounded_tail(stack
     mails = researcher.wait_for_mails(result["id"], 4)
     assert mails[-1]["Subject"].endswith("execution failed")
     assert "real line 000" not in mails[-1].get_content()
+
+
+def test_m2d_logs_shows_the_dry_runs_whole_log_and_the_real_runs_tail(stack, researcher, submitted, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "M2D_URL": stack.url, "M2D_TOKEN": researcher.token,
+           "XDG_CONFIG_HOME": str(tmp_path)}
+
+    def m2d_logs(submission, *extra):
+        done = subprocess.run([sys.executable, "-m", "m2d", "logs", str(submission["id"]), *extra],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    crashed = m2d_logs(submitted["crashes"])
+    assert all(f"in layer{i}\n" in crashed for i in range(41)) and "no real run" in crashed
+    shown = json.loads(m2d_logs(submitted["real-only"], "--json"))
+    assert "m2d test: dry run, one short epoch" in shown["dry_run"]["log"]
+    assert shown["real_run"]["exit_code"] == 4 and "m2d test: real line 299" in shown["real_run"]["stderr_tail"]
+    assert "real line 000" not in json.dumps(shown["real_run"])

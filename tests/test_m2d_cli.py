@@ -3,6 +3,7 @@ checking and zipping with the platform's own rules, and running the samples
 locally on a synthetic CLaM sample in virtualenv mode."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -189,3 +190,32 @@ def logged_metrics(mlruns: Path) -> dict[str, float]:
     runs = [p for p in mlruns.glob("*/*/metrics")]
     assert len(runs) == 1, runs
     return {p.name: float(p.read_text().splitlines()[-1].split()[1]) for p in runs[0].iterdir()}
+
+
+@pytest.mark.integration  # installs packages from the index (pip's local cache and wheels here)
+def test_m2d_installs_alone_into_a_fresh_venv_and_checks_with_the_gateways_rules(tmp_path, tmp_zip):
+    """`pip install .` gives a laptop m2d and the gateway's zip rules (shared,
+    not copied), without Flask, SQLAlchemy or rq; a copy of just those files
+    proves nothing else of the repository is needed."""
+    source = tmp_path / "src"
+    (source / "gateway").mkdir(parents=True)
+    for name in ("pyproject.toml", "gateway/__init__.py", "gateway/validation.py"):
+        (source / name).write_bytes((REPO / name).read_bytes())
+    shutil.copytree(REPO / "m2d", source / "m2d", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+    installed = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", str(source)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    packages = subprocess.run([venv / "bin" / "python", "-m", "pip", "list", "--format=json"],
+                              capture_output=True, text=True, check=True).stdout
+    assert {p["name"].lower() for p in json.loads(packages)} & {"flask", "sqlalchemy", "rq", "redis"} == set()
+
+    zips.make_zip_without(tmp_zip, "main.py")
+    with pytest.raises(Refusal) as gateway:
+        check_zip(tmp_zip)
+    checked = subprocess.run([venv / "bin" / "m2d", "check", tmp_zip, "--json"], cwd=tmp_path,
+                             env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 1, checked.stderr
+    assert json.loads(checked.stdout) == {"error": gateway.value.code, "message": gateway.value.message}
