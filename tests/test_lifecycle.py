@@ -264,7 +264,7 @@ def _passed_dry_run(monkeypatch):
     (code / "requirements.txt").write_text("")
 
     class Images:
-        def ensure(self, requirements):
+        def ensure(self, *requirements, **options):
             return object()
 
     class Slurm:
