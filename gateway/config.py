@@ -1,168 +1,198 @@
-"""Configuration defaults, in one place.
+"""Every ``M2D_*`` setting, in one table: its name, type, default and meaning.
 
-Every key can be overridden from the environment with an ``M2D_`` prefix
+Each key is read from the environment with an ``M2D_`` prefix
 (``M2D_SLURM_GPUS=2``), which is how the testbed's ``gateway.env``, the workers
 and the test suite configure the app; ``create_app(config)`` overrides both.
+A value that is not of the setting's type stops the process at start (web,
+workers, poller, flask CLI) with the setting, the value and what is expected.
+
+``python -m gateway.config`` writes docs/configuration.md from this table
+(a unit test fails when the two differ).
 """
 from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flask import Config, Flask
 
-DEFAULTS = {
-    "SECRET_KEY": None,  # required outside tests; make run generates one
-    # Storage. The database is the only truth; DATA_DIR holds uploads, code,
-    # exports and logs per submission and must be on the filesystem the
-    # compute nodes share.
-    "DATA_DIR": None,  # default: the app's instance folder
-    "SQLALCHEMY_DATABASE_URI": None,  # default: sqlite in DATA_DIR
-    # Queues (Redis carries ids only). The namespace keeps two deployments,
-    # or a test run beside `make run`, from eating each other's work.
-    # Redis must ask for a password (redis://:PASSWORD@host:port/0): whoever
-    # can write to it hands work to the workers. The testbed runs its own.
-    "REDIS_URL": "redis://127.0.0.1:6379/0",
-    "QUEUE_NAMESPACE": "m2d",
-    "POLL_INTERVAL": 10,  # seconds between sacct polls
-    # Upload limits (see gateway.validation.Limits for the meaning).
-    "MAX_ZIP_BYTES": 200 * 1024**2,
-    "MAX_FILES": 2000,
-    "MAX_UNCOMPRESSED_BYTES": 2 * 1024**3,
-    "MAX_COMPRESSION_RATIO": 100.0,
-    # Images (the site's paths; deploy/testbed/up.sh sets the testbed's)
-    "APPTAINER": "apptainer",
-    "BASE_IMAGE": None,  # required by the build workers
-    "IMAGE_DIR": None,  # required by the build workers; on the shared filesystem
-    "BUILD_BIND_CA": "/etc/ssl/certs/ca-certificates.crt",  # "" to not bind
-    "BUILD_TIMEOUT": 1800,
-    # passed to mksquashfs when the SIF is written ("-comp gzip -Xcompression-level 1"
-    # trades image size for build time)
-    "BUILD_MKSQUASHFS_ARGS": "",
-    # Pythons: a zip's .python-version picks one; BASE_IMAGE is DEFAULT_PYTHON's
-    # base, BASE_IMAGES the others' ("3.9=/path/base-3.9.sif,3.13=...").
-    "PYTHONS": ("3.9", "3.11", "3.13"),
-    "DEFAULT_PYTHON": "3.11",
-    "BASE_IMAGES": {},
-    # Where builds' pip finds packages (empty: PyPI and the image's pip
-    # defaults). Local folders and file:// indexes are bound into the build.
-    "PIP_INDEX_URL": "",
-    "PIP_EXTRA_INDEX_URLS": (),
-    "PIP_FIND_LINKS": (),  # wheelhouses: folders or URLs
-    "PIP_CONSTRAINT": "",  # a constraints file on the build host
-    # pip's cache, shared by every build (pip's cache is safe for concurrent
-    # use); "" for none. Bound at /m2d/pip-cache in the build.
-    "PIP_CACHE_DIR": "",
-    # Environment images (env-*.sif) unused this long, and not the image of a
-    # submission still in flight, are deleted (flask images gc, and hourly).
-    "IMAGE_GC_DAYS": 30,
-    # Sealed jobs. Jobs run as JOB_USER, an account that can read nothing of
-    # the gateway's: sbatch and scancel run through `sudo -u JOB_USER` (a
-    # narrow sudo rule, see deploy/testbed/accounts.sh). A submission's
-    # folders belong to JOB_GROUP, so the job reads its code and writes its
-    # export and logs; the gateway's account is a member of that group.
-    "JOB_USER": "m2d-job",  # "" to submit as the gateway's own account
-    "JOB_GROUP": "m2d-job",
-    "RELAY_PYTHON": "python3",  # on the compute node; runs jobs/relay.py
-    "MODELS_DIR": None,  # admins' model cache, bound read-only at /opt/m2d/models
+
+class ConfigError(RuntimeError):
+    """A setting the gateway cannot start with; the message names it and says what is expected."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # without the M2D_ prefix
+    type: type  # str, int, float, bool, tuple (a list) or dict (k=v pairs)
+    default: Any
+    meaning: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def expected(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        return {str: "text", int: "a whole number", float: "a number", bool: "1/0, true/false, yes/no or on/off",
+                tuple: "a list separated by commas or spaces", dict: "KEY=VALUE pairs separated by commas"}[self.type]
+
+    def parse(self, raw: Any) -> Any:
+        """``raw`` as this setting's type (text from the environment becomes an
+        int, a float, a bool, ...), so no caller casts again; ConfigError if it is not one."""
+        if not isinstance(raw, str):
+            return raw  # a value given by code (create_app's overrides) is already typed
+        if self.choices and raw not in self.choices:
+            raise self.refuse(raw)
+        if self.type is str:
+            return raw
+        if self.type is bool:
+            word = raw.strip().lower()
+            if word in ("1", "true", "yes", "on"):
+                return True
+            if word in ("0", "false", "no", "off", ""):
+                return False
+            raise self.refuse(raw)
+        if self.type is tuple:
+            return tuple(item for item in re.split(r"[,\s]+", raw) if item)
+        if self.type is dict:
+            pairs = [item.split("=", 1) for item in re.split(r"[,\s]+", raw) if item]
+            if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+                raise self.refuse(raw)
+            return {key.strip(): value.strip() for key, value in pairs}
+        try:
+            return self.type(raw)
+        except ValueError:
+            raise self.refuse(raw) from None
+
+    def refuse(self, raw: str) -> ConfigError:
+        return ConfigError(f"M2D_{self.name}={raw!r} is not valid: expected {self.expected} "
+                           f"(see docs/configuration.md)")
+
+
+S = Setting
+
+
+SETTINGS: tuple[Setting, ...] = (
+    S("SECRET_KEY", str, None, "Signs sessions and email links. Required outside tests; `make run` generates one."),
+    # Storage. The database is the only truth.
+    S("DATA_DIR", str, None, "Uploads, code, exports and logs per submission; on the filesystem the compute "
+      "nodes share. Default: the app's instance folder."),
+    S("SQLALCHEMY_DATABASE_URI", str, None, "The database (PostgreSQL in production). Default: SQLite in DATA_DIR."),
+    # Queues (Redis carries ids only).
+    S("REDIS_URL", str, "redis://127.0.0.1:6379/0", "rq's Redis, with a password (redis://:PASSWORD@host:port/0): "
+      "whoever can write to it hands work to the workers."),
+    S("QUEUE_NAMESPACE", str, "m2d", "Prefix of queue names, so two deployments (or a test run beside `make run`) "
+      "do not eat each other's work."),
+    S("POLL_INTERVAL", int, 10, "Seconds between the poller's sacct cycles."),
+    # Upload limits (gateway.validation.Limits)
+    S("MAX_ZIP_BYTES", int, 200 * 1024**2, "Largest upload (bytes)."),
+    S("MAX_FILES", int, 2000, "Most files in one zip."),
+    S("MAX_UNCOMPRESSED_BYTES", int, 2 * 1024**3, "Largest unpacked size of one zip (bytes)."),
+    S("MAX_COMPRESSION_RATIO", float, 100.0, "Largest unpacked/packed ratio of a zip member (zip bombs)."),
+    # Images
+    S("APPTAINER", str, "apptainer", "The apptainer command."),
+    S("BASE_IMAGE", str, None, "The base SIF of DEFAULT_PYTHON. Required by the build workers."),
+    S("IMAGE_DIR", str, None, "Where environment images are kept, on the shared filesystem. Required by the build "
+      "workers."),
+    S("BUILD_BIND_CA", str, "/etc/ssl/certs/ca-certificates.crt", "CA bundle bound into builds; empty to not bind."),
+    S("BUILD_TIMEOUT", int, 1800, "Seconds one image build may take."),
+    S("BUILD_MKSQUASHFS_ARGS", str, "", "Passed to mksquashfs when the SIF is written (`-comp gzip "
+      "-Xcompression-level 1` trades image size for build time)."),
+    S("PYTHONS", tuple, ("3.9", "3.11", "3.13"), "Pythons a zip's .python-version may pick."),
+    S("DEFAULT_PYTHON", str, "3.11", "The Python of a zip without .python-version (its base is BASE_IMAGE)."),
+    S("BASE_IMAGES", dict, {}, "The other Pythons' base SIFs (`3.9=/path/base-3.9.sif,3.13=...`)."),
+    S("PIP_INDEX_URL", str, "", "Builds' pip index; empty: PyPI and the image's pip defaults. Local folders and "
+      "file:// indexes are bound into the build."),
+    S("PIP_EXTRA_INDEX_URLS", tuple, (), "More pip indexes for builds."),
+    S("PIP_FIND_LINKS", tuple, (), "Wheelhouses for builds: folders or URLs."),
+    S("PIP_CONSTRAINT", str, "", "A pip constraints file on the build host."),
+    S("PIP_CACHE_DIR", str, "", "pip's cache shared by every build (safe for concurrent use), bound at "
+      "/m2d/pip-cache; empty for none."),
+    S("IMAGE_GC_DAYS", int, 30, "Environment images unused this long, and not the image of a submission in "
+      "flight, are deleted (`flask images gc`, and hourly)."),
+    # Sealed jobs: sbatch/scancel run through `sudo -u JOB_USER` (deploy/testbed/accounts.sh).
+    S("JOB_USER", str, "m2d-job", "The account jobs run as, which can read nothing of the gateway's; empty to "
+      "submit as the gateway's own account."),
+    S("JOB_GROUP", str, "m2d-job", "Group of a submission's folders (the job reads its code, writes its export "
+      "and logs); the gateway's account is a member."),
+    S("RELAY_PYTHON", str, "python3", "Python on the compute node that runs jobs/relay.py."),
+    S("MODELS_DIR", str, None, "The admins' model cache, bound read-only at /opt/m2d/models."),
     # Slurm
-    "SLURM_ADAPTER": "cli",  # or "pyslurm"
-    "SLURM_PARTITION": None,
-    "SLURM_JOB_PREFIX": "m2d",  # jobs are named <prefix>-<submission id>
-    "SLURM_GPUS": 1,
-    "SLURM_CPUS": 1,
-    "SLURM_MEM": "2G",
-    "SLURM_TIME": "01:00:00",
-    "APPTAINER_NV": False,  # --nv; off on the fake-GPU testbed
-    "DATASET_DIR": None,  # required by the build workers (they write the job script)
-    # Dry runs: every submission first runs as a short job on a synthetic twin
-    # of the dataset (same layout and CSV schema, made by m2d.sample_data),
-    # with M2D_DRY_RUN=1 in its environment; its whole log is the researcher's
-    # to see, and only one that exits 0 lets the real job go to Slurm.
-    # DRY_RUN off skips them for everyone; `flask users dry-run EMAIL --skip`
-    # for one researcher.
-    "DRY_RUN": True,
-    "DRY_RUN_DATASET_DIR": None,  # required while DRY_RUN is on; bound at /mnt/dataset
-    "DRY_RUN_PARTITION": None,  # default: SLURM_PARTITION
-    "DRY_RUN_TIME": "00:10:00",
-    "DRY_RUN_GPUS": 0,
-    "DRY_RUN_LOG_BYTES": 64 * 1024,  # of stdout and of stderr each, kept and shown
-    # What a failed job's stderr may show in the API and the failure email:
-    # user code chooses what it prints, so this bounds what one run can carry
-    # out of the dataset through that channel.
-    "STDERR_TAIL_LINES": 20,
-    "STDERR_TAIL_BYTES": 2000,
-    # MLflow (server with basic-auth; the gateway provisions accounts)
-    "MLFLOW_URL": "http://127.0.0.1:5001",  # as the gateway reaches it (admin API)
-    "MLFLOW_JOB_URL": None,  # as the relay on a compute node reaches it; default MLFLOW_URL
-    "MLFLOW_PUBLIC_URL": None,  # what researchers and their code use; default MLFLOW_URL
-    "MLFLOW_ADMIN_USERNAME": "admin",
-    "MLFLOW_ADMIN_PASSWORD": None,
+    S("SLURM_ADAPTER", str, "cli", "How the gateway talks to Slurm.", choices=("cli", "pyslurm")),
+    S("SLURM_PARTITION", str, None, "Partition of real jobs; default: Slurm's default partition."),
+    S("SLURM_JOB_PREFIX", str, "m2d", "Jobs are named <prefix>-<submission id>."),
+    S("SLURM_GPUS", int, 1, "GPUs per real job (--gres=gpu:N)."),
+    S("SLURM_CPUS", int, 1, "CPUs per job."),
+    S("SLURM_MEM", str, "2G", "Memory per job (Slurm's notation)."),
+    S("SLURM_TIME", str, "01:00:00", "Time limit of a real job."),
+    S("APPTAINER_NV", bool, False, "Pass --nv (real NVIDIA GPUs); off on the fake-GPU testbed."),
+    S("DATASET_DIR", str, None, "The dataset, bound read-only at /mnt/dataset. Required by the build workers."),
+    # Dry runs on the synthetic twin (M2D_DRY_RUN=1 inside the job)
+    S("DRY_RUN", bool, True, "Run every submission first on the synthetic twin; only one that exits 0 lets the "
+      "real job go (`flask users dry-run EMAIL --skip` for one researcher)."),
+    S("DRY_RUN_DATASET_DIR", str, None, "The synthetic twin (m2d.sample_data), bound at /mnt/dataset. Required "
+      "while DRY_RUN is on."),
+    S("DRY_RUN_PARTITION", str, None, "Partition of dry runs; default: SLURM_PARTITION."),
+    S("DRY_RUN_TIME", str, "00:10:00", "Time limit of a dry run."),
+    S("DRY_RUN_GPUS", int, 0, "GPUs per dry run."),
+    S("DRY_RUN_LOG_BYTES", int, 64 * 1024, "Bytes of a dry run's stdout and of its stderr kept and shown."),
+    # User code chooses what it prints: these bound what one run carries out through stderr.
+    S("STDERR_TAIL_LINES", int, 20, "Lines of a failed job's stderr shown in the API and the email."),
+    S("STDERR_TAIL_BYTES", int, 2000, "Bytes of a failed job's stderr shown in the API and the email."),
+    # MLflow (basic auth; the gateway provisions accounts)
+    S("MLFLOW_URL", str, "http://127.0.0.1:5001", "MLflow as the gateway reaches it (admin API)."),
+    S("MLFLOW_JOB_URL", str, None, "MLflow as the relay on a compute node reaches it; default MLFLOW_URL."),
+    S("MLFLOW_PUBLIC_URL", str, None, "MLflow as researchers and their code see it; default MLFLOW_URL."),
+    S("MLFLOW_ADMIN_USERNAME", str, "admin", "MLflow admin account the gateway provisions users with."),
+    S("MLFLOW_ADMIN_PASSWORD", str, None, "Its password."),
     # Mail
-    "SMTP_HOST": "127.0.0.1",
-    "SMTP_PORT": 25,
-    "MAIL_FROM": "Model-to-Data Gateway <noreply@localhost>",
-    "PUBLIC_URL": "http://127.0.0.1:5000",
-    # The web portal (gateway.auth, gateway.admin).
-    "PLATFORM_NAME": "Model-to-Data Gateway",
-    # Cookies are HttpOnly and SameSite=Lax always; Secure when the site is
-    # served over HTTPS (on behind nginx in production, off for plain http).
-    "SESSION_COOKIE_SECURE": False,
-    # Links in emails: how long they work (seconds); each works once.
-    "VERIFY_MAX_AGE": 2 * 24 * 3600,
-    "RESET_MAX_AGE": 3600,
-    # Rate limits (Flask-Limiter's notation). Wrong passwords count per
-    # account and per address; sign-up and reset requests per address and
-    # per email. Storage: the Redis rq uses (REDIS_URL) unless set, so every
-    # gunicorn worker counts together; "memory://" in the fast tests.
-    "RATELIMIT_STORAGE_URI": None,
-    "LOGIN_LIMIT_ACCOUNT": "5 per minute",
-    "LOGIN_LIMIT_ADDRESS": "20 per minute",
-    "SIGNUP_LIMIT": "10 per hour",
-    "RESET_LIMIT": "5 per hour",
-    # Leaks bounded per researcher, and secrets kept apart from the database.
-    # Uploads per user in any 24 hours: each run can carry something out
-    # (metrics, stderr, emails), so repeated runs are capped too.
-    "DAILY_SUBMISSIONS": 20,
-    # Holds mlflow-key, the key that encrypts MLflow passwords in the
-    # database (made 0600 on first use). Keep it outside DATA_DIR in
-    # production, so a copy of the data folder or of the database alone opens
-    # nothing; default DATA_DIR/secrets.
-    "SECRETS_DIR": None,
-    # The export airlock (gateway/airlock.py): files leave only after
-    # RELEASE_APPROVALS distinct reviewers approve them (2: a two-person
-    # rule), are downloadable for RELEASE_DAYS, and an export nobody released
-    # is deleted EXPORT_RETENTION_DAYS after its job ended (warned 7 days
-    # before). EXPORT_MAX_BYTES is checked when the job ends: a job over it
-    # fails; a hard cap while it runs needs a filesystem quota on the
-    # export folders (the job account's group or project quota).
-    "RELEASE_APPROVALS": 1,
-    "RELEASE_DAYS": 30,
-    "EXPORT_RETENTION_DAYS": 90,
-    "EXPORT_MAX_BYTES": 1024**3,
-}
+    S("SMTP_HOST", str, "127.0.0.1", "SMTP relay host."),
+    S("SMTP_PORT", int, 25, "SMTP relay port."),
+    S("MAIL_FROM", str, "Model-to-Data Gateway <noreply@localhost>", "From: of every email."),
+    S("PUBLIC_URL", str, "http://127.0.0.1:5000", "The portal's address, used in links in emails."),
+    # Web portal
+    S("PLATFORM_NAME", str, "Model-to-Data Gateway", "Name shown on pages and in emails."),
+    S("SESSION_COOKIE_SECURE", bool, False, "Secure cookies: on when served over HTTPS (behind nginx), off for "
+      "plain http. Cookies are always HttpOnly and SameSite=Lax."),
+    S("VERIFY_MAX_AGE", int, 2 * 24 * 3600, "Seconds an email-verification link works (once)."),
+    S("RESET_MAX_AGE", int, 3600, "Seconds a password-reset link works (once)."),
+    S("RATELIMIT_STORAGE_URI", str, None, "Flask-Limiter's storage; default REDIS_URL, so every gunicorn worker "
+      "counts together (memory:// in the fast tests)."),
+    S("LOGIN_LIMIT_ACCOUNT", str, "5 per minute", "Wrong passwords per account (Flask-Limiter's notation)."),
+    S("LOGIN_LIMIT_ADDRESS", str, "20 per minute", "Wrong passwords per client address."),
+    S("SIGNUP_LIMIT", str, "10 per hour", "Sign-ups per address and per email."),
+    S("RESET_LIMIT", str, "5 per hour", "Password-reset requests per address and per email."),
+    # Leaks bounded per researcher, secrets apart from the database
+    S("DAILY_SUBMISSIONS", int, 20, "Uploads per researcher in any 24 hours (each run can carry something out)."),
+    S("SECRETS_DIR", str, None, "Holds mlflow-key, which encrypts MLflow passwords in the database (0600). Keep "
+      "it outside DATA_DIR in production; default DATA_DIR/secrets."),
+    # The export airlock (gateway/airlock.py)
+    S("RELEASE_APPROVALS", int, 1, "Distinct reviewers who must approve an export before it leaves (2: a "
+      "two-person rule)."),
+    S("RELEASE_DAYS", int, 30, "Days a released export stays downloadable."),
+    S("EXPORT_RETENTION_DAYS", int, 90, "Days after its job ended that an unreleased export is deleted (warned "
+      "7 days before)."),
+    S("EXPORT_MAX_BYTES", int, 1024**3, "Largest export; checked when the job ends (a job over it fails). A hard "
+      "cap while it runs needs a filesystem quota on the export folders."),
+)
+
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
 
 def convert(key: str, raw: Any) -> Any:
-    """``raw`` as the type of ``key``'s default (text from the environment
-    becomes an int, a float or a bool), so no caller casts again."""
-    default = DEFAULTS.get(key)
-    if not isinstance(raw, str) or default is None or isinstance(default, str):
-        return raw
-    if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, tuple):  # "a,b" or "a b"
-        return tuple(item for item in re.split(r"[,\s]+", raw) if item)
-    if isinstance(default, dict):  # "k=v,k=v"
-        pairs = (item.split("=", 1) for item in re.split(r"[,\s]+", raw) if item)
-        return {key.strip(): value.strip() for key, value in pairs}
-    return type(default)(raw)
+    """``raw`` as ``key``'s type; a key outside the table (Flask's own, TESTING) passes as given."""
+    setting = BY_NAME.get(key)
+    return setting.parse(raw) if setting else raw
 
 
 def from_environment(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """M2D_<KEY> values, converted to the type of the key's default.
+    """M2D_<KEY> values, converted to the key's type; ConfigError for a bad one.
 
     (Flask's from_prefixed_env would json-parse them, turning a generated
     password such as "12e45..." into a number.)
@@ -197,7 +227,7 @@ def load(app: Flask, overrides: Mapping[str, Any] | None = None) -> Config:
     cfg["MAX_CONTENT_LENGTH"] = cfg["MAX_ZIP_BYTES"] + 1024 * 1024
     if not cfg["SECRET_KEY"]:
         if not cfg.get("TESTING"):
-            raise RuntimeError("Set M2D_SECRET_KEY (make run generates one in the testbed's gateway.env)")
+            raise ConfigError("Set M2D_SECRET_KEY (make run generates one in the testbed's gateway.env)")
         cfg["SECRET_KEY"] = "test"
     return cfg
 
@@ -205,5 +235,41 @@ def load(app: Flask, overrides: Mapping[str, Any] | None = None) -> Config:
 def required(cfg: Mapping[str, Any], key: str) -> Any:
     """A setting the caller cannot work without, or an error that names it."""
     if not cfg.get(key):
-        raise RuntimeError(f"Set M2D_{key}: {key} has no default (see gateway/config.py)")
+        raise ConfigError(f"Set M2D_{key}: {key} has no default (see docs/configuration.md)")
     return cfg[key]
+
+
+def reference() -> str:
+    """docs/configuration.md: the table above, as an admin reads it."""
+    def shown(value: Any) -> str:
+        if value is None or value == "" or value == () or value == {}:
+            return "(none)"
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        if isinstance(value, dict):
+            value = ",".join(f"{k}={v}" for k, v in value.items())
+        return f"`{value}`"
+
+    lines = ["# Configuration reference", "",
+             "Every setting the gateway reads, from the environment (`M2D_<NAME>`). A value that is not of its",
+             "type stops the web server, the workers, the poller and the `flask` commands at start, naming it.",
+             "Generated from `gateway/config.py` by `python -m gateway.config`; edit the table there, not this file.",
+             "", "| name | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        kind = ("one of " + ", ".join(s.choices)) if s.choices else {
+            str: "text", int: "integer", float: "number", bool: "bool", tuple: "list", dict: "map"}[s.type]
+        meaning = s.meaning.replace("|", r"\|")
+        lines.append(f"| `M2D_{s.name}` | {kind} | {shown(s.default)} | {meaning} |")
+    lines += ["", "Read elsewhere, not by the gateway's processes: `deploy/gateway.sh` takes `M2D_PORT`, `M2D_USER`,",
+              "`M2D_ADMIN_EMAIL` and `M2D_PYTHON`; the tests take `M2D_TESTBED_DIR`; the researchers' `m2d` client",
+              "takes `M2D_URL`, `M2D_TOKEN` and `M2D_CACHE_DIR`; a job sees `M2D_DRY_RUN=1` in a dry run."]
+    return "\n".join(lines) + "\n"
+
+
+REFERENCE_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+if __name__ == "__main__":
+    REFERENCE_PATH.write_text(reference())
+    print(f"wrote {REFERENCE_PATH}", file=sys.stderr)
