@@ -74,7 +74,8 @@ AS_GATEWAY = ["setpriv", f"--reuid={GATEWAY_USER}", f"--regid={GATEWAY_USER}", "
 
 
 class Stack:
-    def __init__(self):
+    def __init__(self, **settings):
+        """``settings``: extra M2D_* values (``M2D_SQLALCHEMY_DATABASE_URI``...)."""
         require_testbed()
         # under /tmp: the Apptainer wrapper shares /tmp with containers
         self.root = Path(tempfile.mkdtemp(prefix="m2d-test-", dir="/tmp"))
@@ -95,6 +96,7 @@ class Stack:
                         M2D_SLURM_TIME="00:10:00",
                         HOME=pwd.getpwnam(GATEWAY_USER).pw_dir,  # apptainer's cache and config
                         PYTHONUNBUFFERED="1")
+        self.env.update(settings)
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.procs = {}

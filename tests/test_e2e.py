@@ -58,6 +58,15 @@ def test_iris_sample_completes_with_four_emails_in_order(researcher, iris):
     assert all(f"Submission {iris['id']}" in m["Subject"] for m in mails)
 
 
+def test_iris_sample_completes_with_postgresql_as_the_database(postgres_stack, tmp_path):
+    researcher = postgres_stack.researcher("iris-postgres")
+    submission_id = researcher.submit(zip_folder(SAMPLES / "iris", tmp_path / "submission.zip"))
+    done = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
+    assert done["status"] == "completed", done
+    assert [m["Subject"].split(": ", 1)[1] for m in researcher.wait_for_mails(submission_id, 4)] == STATUS_MAILS
+    assert postgres_stack.env["M2D_SQLALCHEMY_DATABASE_URI"].startswith("postgresql")
+
+
 def test_iris_metrics_are_in_the_researchers_own_experiment(stack, researcher, iris):
     account = researcher.me()["mlflow"]
     assert account["experiment_name"] == account["username"]
