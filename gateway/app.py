@@ -27,6 +27,11 @@ def create_app(config=None):
     secure_data_dir(Path(cfg["DATA_DIR"]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    if cfg["PROXY_HOPS"]:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+        hops = cfg["PROXY_HOPS"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+
     db.init_app(app)
     migrate.init_app(app, db, directory=str(Path(__file__).parent / "migrations"))
     login_manager.init_app(app)

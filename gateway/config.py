@@ -159,6 +159,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("PLATFORM_NAME", str, "Model-to-Data Gateway", "Name shown on pages and in emails."),
     S("SESSION_COOKIE_SECURE", bool, False, "Secure cookies: on when served over HTTPS (behind nginx), off for "
       "plain http. Cookies are always HttpOnly and SameSite=Lax."),
+    S("PROXY_HOPS", int, 0, "Reverse proxies in front (nginx: 1): trust that many X-Forwarded-For/-Proto/-Host "
+      "hops (werkzeug's ProxyFix). 0 when the gateway is reached directly."),
     S("VERIFY_MAX_AGE", int, 2 * 24 * 3600, "Seconds an email-verification link works (once)."),
     S("RESET_MAX_AGE", int, 3600, "Seconds a password-reset link works (once)."),
     S("RATELIMIT_STORAGE_URI", str, None, "Flask-Limiter's storage; default REDIS_URL, so every gunicorn worker "
