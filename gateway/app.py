@@ -13,11 +13,17 @@ from .storage import incoming_dir, secure_data_dir
 
 
 class DiskRequest(Request):
-    """Uploads always go to a temporary file on disk, never into memory
-    (Werkzeug keeps bodies under 500 KB in memory by default)."""
+    """Uploads always go to a file on disk in incoming/, never into memory
+    (Werkzeug keeps bodies under 500 KB in memory by default): an anonymous
+    one (O_TMPFILE), so a worker killed mid-upload leaves nothing behind, and
+    one that can be linked into place (no O_EXCL, unlike tempfile's), so the
+    kept upload is the parser's own copy, written once (gateway.intake)."""
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        return tempfile.TemporaryFile(dir=incoming_dir())
+        try:
+            return open(os.open(incoming_dir(), os.O_RDWR | os.O_TMPFILE, 0o600), "w+b")
+        except OSError:  # a file system without O_TMPFILE (NFS): a named file, removed on close
+            return tempfile.NamedTemporaryFile(dir=incoming_dir(), suffix=".part")
 
 
 def create_app(config=None):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import uuid
 from datetime import timedelta
@@ -44,7 +45,7 @@ def accept(user: User, upload: FileStorage | None) -> Submission:
     rules = limits()
     tmp = incoming_dir() / f"{uuid.uuid4().hex}.zip"
     try:
-        size, sha256 = _save(upload.stream, tmp, rules)
+        size, sha256 = _keep(upload.stream, tmp, rules)
         check_zip(tmp, rules)
         submission = lifecycle.create(user, filename=os.path.basename(upload.filename))
         submission.zip_sha256 = sha256
@@ -91,13 +92,40 @@ def check_quota(user: User) -> None:
         f"{when}If your work needs more, ask the platform's admins: they can raise the limit.")
 
 
-def _save(stream, dest, rules):
-    """Copy the upload to ``dest`` in chunks, hashing as we go."""
+def _keep(stream, dest, rules):
+    """Give the upload the name ``dest``, checking its size and hashing it.
+    The request parser has already written it to a file in incoming/
+    (gateway.app.DiskRequest): that file is linked into place, so a 200 MB
+    upload is written to disk once. Any other stream is copied."""
+    size, sha256 = _read(stream, rules)
+    try:
+        # a dir_fd makes CPython call linkat(AT_SYMLINK_FOLLOW), which follows
+        # /proc's link to the open file; plain os.link() links /proc's entry
+        # itself and fails with EXDEV
+        folder = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.link(f"/proc/self/fd/{stream.fileno()}", dest.name, dst_dir_fd=folder, follow_symlinks=True)
+        finally:
+            os.close(folder)
+        return size, sha256
+    except (AttributeError, OSError, io.UnsupportedOperation):  # not a file, or another file system
+        stream.seek(0)
+        return _save(stream, dest, rules)
+
+
+def _read(stream, rules, out=None):
+    """Read the upload in chunks, checking its size and hashing as we go;
+    copy it to ``out`` if given."""
     digest, size = hashlib.sha256(), 0
-    with open(dest, "wb") as out:
-        while chunk := stream.read(CHUNK):
-            size += len(chunk)
-            check_upload_size(size, rules)
-            digest.update(chunk)
+    while chunk := stream.read(CHUNK):
+        size += len(chunk)
+        check_upload_size(size, rules)
+        digest.update(chunk)
+        if out is not None:
             out.write(chunk)
     return size, digest.hexdigest()
+
+
+def _save(stream, dest, rules):
+    with open(dest, "wb") as out:
+        return _read(stream, rules, out)

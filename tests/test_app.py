@@ -2,8 +2,11 @@
 ownership, refusals, limits and pages, without Slurm, Redis or a browser."""
 import io
 import re
+from pathlib import Path
 
 import pytest
+from werkzeug.datastructures import FileStorage
+from werkzeug.test import encode_multipart
 
 from gateway import accounts, lifecycle
 from gateway.extensions import db
@@ -158,3 +161,26 @@ def test_the_api_list_pages_by_cursor_and_shows_only_the_callers_own(client, ali
     refused = client.get("/api/v1/submissions?limit=1000", headers=headers)
     assert refused.status_code == 400 and "1 to 100" in refused.json["message"]
     assert client.get("/api/v1/submissions?before=x", headers=headers).status_code == 400
+
+
+def _bytes_written():
+    return int(next(line for line in open("/proc/self/io") if line.startswith("wchar:")).split()[1])
+
+
+def test_an_upload_is_written_to_disk_once_and_kept_as_the_parsers_own_file(client, alice, local_app, tmp_path):
+    path = zips.make_padded_zip(tmp_path / "big.zip", 6 * 1024**2)
+    size = path.stat().st_size
+    headers = _token(alice)
+    with path.open("rb") as upload:  # the body in memory: the test client's own spill file is not the server's
+        boundary, body = encode_multipart({"file": FileStorage(upload, "big.zip")})
+    before = _bytes_written()
+    response = client.post("/api/v1/submissions", headers=headers, data=body,
+                           content_type=f"multipart/form-data; boundary={boundary}")
+    written = _bytes_written() - before
+    assert response.status_code == 201
+    code = Path(local_app.config["DATA_DIR"]) / "submissions" / str(response.json["id"]) / "code"
+    unpacked = sum(f.stat().st_size for f in code.rglob("*") if f.is_file())
+    # the request parser's file (kept as upload.zip) plus the unpacked code;
+    # a second copy of the zip would add another `size`
+    assert written - unpacked < 1.3 * size, (written, unpacked, size)
+    assert not any((Path(local_app.config["DATA_DIR"]) / "incoming").iterdir())
