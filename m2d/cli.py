@@ -177,6 +177,49 @@ def logs(args) -> int:
     return _done(args, data, "\n".join(lines))
 
 
+# --- the export airlock ---------------------------------------------------------
+
+
+def export(args) -> int:
+    listing = _client().export(args.id)
+    if not listing["files"]:
+        state = "was purged" if listing.get("purged") else ("has no files" if listing["ended"] else "has not ended yet")
+        return _done(args, listing, f"submission {args.id}: the export {state}")
+    lines = [f"submission {args.id}: {len(listing['files'])} export file(s)"]
+    for f in listing["files"]:
+        lines.append(f"  {'released' if f['released'] else 'held    '}  {f['size']:>12}  {f['sha256']}  {f['path']}")
+    for r in listing["requests"]:
+        lines.append(f"  release request {r['id']}: {r['status']} ({r['created_at']})")
+    return _done(args, listing, "\n".join(lines))
+
+
+def release(args) -> int:
+    request = _client().release(args.id, args.paths, args.justification)
+    paths = ", ".join(item["path"] for item in request.get("files", [])) or "all files"
+    text = (f"release request {request['id']} for submission {args.id} ({paths}): {request['status']}.\n"
+            f"A reviewer decides; you get an email. Then: m2d download {args.id} PATH")
+    return _done(args, request, text)
+
+
+def download(args) -> int:
+    out = args.out or Path(args.path.rsplit("/", 1)[-1])
+    result = _client().download(args.id, args.path, out)
+    resumed = f", resumed at byte {result['resumed_from']}" if result["resumed_from"] else ""
+    return _done(args, result, f"{result['out']}: {result['size']} bytes, sha256 {result['sha256']} "
+                               f"matches the manifest{resumed}")
+
+
+def provenance(args) -> int:
+    chain = _client().provenance(args.id)
+    lines = [f"submission {args.id}: provenance chain "
+             + ("verified" if chain["verified"] else f"BROKEN at {chain['broken']}")]
+    for record in chain["records"]:
+        payload = ", ".join(f"{k}={v}" for k, v in record["payload"].items())
+        lines.append(f"  {record['seq']:>3}  {record['at']}  {record['kind']:<12} {payload}")
+    _done(args, chain, "\n".join(lines))
+    return 0 if chain["verified"] else 1
+
+
 def run(args) -> int:
     from . import local
 
@@ -307,6 +350,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("id", type=int, metavar="ID")
 
     sub = command("logs", logs, "show a submission's logs: the dry run's whole log, the real run's tail")
+    sub.add_argument("id", type=int, metavar="ID")
+
+    sub = command("export", export, "list a submission's export files: size, sha256, released or not")
+    sub.add_argument("id", type=int, metavar="ID")
+
+    sub = command("release", release, "ask reviewers to release export files (all when no PATH)")
+    sub.add_argument("id", type=int, metavar="ID")
+    sub.add_argument("paths", nargs="*", metavar="PATH", help="export files, as m2d export lists them")
+    sub.add_argument("--justification", required=True, help="what the files are and what you will do with them")
+
+    sub = command("download", download, "download a released file, resuming a partial one; checks its sha256")
+    sub.add_argument("id", type=int, metavar="ID")
+    sub.add_argument("path", metavar="PATH", help="the export file, as m2d export lists it")
+    sub.add_argument("--out", type=Path, metavar="FILE", help="where to write it (default ./BASENAME)")
+
+    sub = command("provenance", provenance, "show a submission's hash-chained provenance; exit 1 if broken")
     sub.add_argument("id", type=int, metavar="ID")
 
     sub = command("run", run, "run a submission locally, as the platform would (virtualenv mode)",

@@ -7,6 +7,7 @@ gateway's own code and message), an unknown submission.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -54,6 +55,55 @@ class Client:
     def cancel(self, submission_id: int) -> dict:
         return self._call("POST", f"/submissions/{submission_id}/cancel")
 
+    # --- the export airlock --------------------------------------------------
+
+    def export(self, submission_id: int) -> dict:
+        return self._call("GET", f"/submissions/{submission_id}/export")
+
+    def release(self, submission_id: int, paths: list[str] | None, justification: str) -> dict:
+        return self._call("POST", f"/submissions/{submission_id}/release-requests",
+                          json={"paths": paths or None, "justification": justification})
+
+    def provenance(self, submission_id: int) -> dict:
+        return self._call("GET", f"/submissions/{submission_id}/provenance")
+
+    def download(self, submission_id: int, path: str, out: str | os.PathLike) -> dict:
+        """Stream a released file to ``out``, resuming a partial one with a Range
+        request, then check its sha256 against the manifest. ApiError sha256_mismatch
+        (the bad file kept as out + ".bad") when the bytes differ."""
+        listed = {f["path"]: f for f in self.export(submission_id)["files"]}
+        if path not in listed:
+            raise ApiError("unknown_path", f"Submission {submission_id} has no export file {path!r}; "
+                           f"m2d export {submission_id} lists them.", 404)
+        expected = listed[path]
+        out = Path(out)
+        have = out.stat().st_size if out.is_file() else 0
+        if have > expected["size"]:
+            have = 0  # not a prefix of this file: start again
+        headers = {"Range": f"bytes={have}-"} if 0 < have < expected["size"] else {}
+        resumed = False
+        if have < expected["size"] or expected["size"] == 0:
+            response = self._request("GET", f"/submissions/{submission_id}/export/{path}",
+                                     headers=headers, stream=True)
+            with response:
+                if response.status_code >= 400:
+                    self._check(response)
+                resumed = response.status_code == 206
+                with open(out, "ab" if resumed else "wb") as f:
+                    for chunk in response.iter_content(1 << 16):
+                        f.write(chunk)
+        digest = hashlib.sha256()
+        with open(out, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != expected["sha256"]:
+            bad = out.with_name(out.name + ".bad")
+            out.replace(bad)
+            raise ApiError("sha256_mismatch", f"{path}: the downloaded bytes have sha256 {digest.hexdigest()}, "
+                           f"the manifest says {expected['sha256']}; kept as {bad}. Run the download again.")
+        return {"submission_id": submission_id, "path": path, "out": str(out), "size": out.stat().st_size,
+                "sha256": expected["sha256"], "verified": True, "resumed_from": have if resumed else 0}
+
     def wait(self, submission_id: int, timeout_s: float | None = None, poll_s: float = 2.0,
              on_change=None) -> dict:
         """Poll until the submission reaches a terminal state; return it. Calls
@@ -73,15 +123,21 @@ class Client:
             time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
 
     def _call(self, method: str, path: str, timeout: float = TIMEOUT_S, **kwargs) -> dict:
+        return self._check(self._request(method, path, timeout, **kwargs))
+
+    def _request(self, method: str, path: str, timeout: float = TIMEOUT_S, **kwargs) -> requests.Response:
         url = f"{self.url}/api/v1{path}"
         try:
-            response = self.session.request(method, url, timeout=timeout, **kwargs)
+            return self.session.request(method, url, timeout=timeout, **kwargs)
         except requests.Timeout:
             raise ApiError("timeout", f"The gateway at {self.url} did not answer within {timeout} s. "
                            "Try again later.") from None
         except requests.RequestException as e:
             raise ApiError("no_connection", f"Cannot reach the gateway at {self.url} ({_reason(e)}). "
                            "Check the URL (m2d login --url ...) and your network.") from None
+
+    def _check(self, response: requests.Response) -> dict:
+        method, url = response.request.method, response.url
         try:
             body = response.json()
         except ValueError:

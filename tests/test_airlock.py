@@ -364,3 +364,89 @@ def _wait_mails(stack, address, count, subject=""):
     """At least ``count`` messages to ``address`` whose subject holds ``subject``."""
     return wait_for(lambda: len(m := [x for x in stack.mails_to(address) if subject in x["Subject"]]) >= count
                     and m, 60, f"{count} mails to {address} about {subject!r}")
+
+
+# --- the m2d client's airlock commands, through the real gateway ------------------
+
+
+@pytest.fixture(scope="module")
+def m2d_iris(stack, tmp_path_factory):
+    """A researcher's own completed iris run (no dry run: the airlock is the point
+    here), with `m2d` set up for them through M2D_URL/M2D_TOKEN."""
+    researcher = stack.researcher("m2d-airlock", dry_run=False)
+    zip_path = zip_folder(SAMPLES / "iris", tmp_path_factory.mktemp("m2d-airlock") / "iris.zip")
+    submission_id = researcher.submit(zip_path)
+    submission = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
+    assert submission["status"] == "completed", submission
+    env = {"M2D_URL": stack.url, "M2D_TOKEN": researcher.token}
+    return researcher, submission_id, env
+
+
+def _m2d(env, cwd, *args):
+    from .test_m2d_submit import m2d
+
+    return m2d(*args, env=env, cwd=cwd)
+
+
+def test_m2d_export_release_download_and_provenance(stack, m2d_iris, tmp_path):
+    researcher, submission_id, env = m2d_iris
+    listing = json.loads(_m2d(env, tmp_path, "export", submission_id, "--json").stdout)
+    result = next(f for f in listing["files"] if f["path"] == "result.txt")
+    shown = _m2d(env, tmp_path, "export", submission_id)
+    assert shown.returncode == 0 and result["sha256"] in shown.stdout and "held" in shown.stdout
+
+    early = _m2d(env, tmp_path, "download", submission_id, "result.txt")
+    assert early.returncode == 1 and "is not released" in early.stderr, early.stderr
+    assert not (tmp_path / "result.txt").exists()
+
+    refused = _m2d(env, tmp_path, "release", submission_id, "--justification", " ")
+    assert refused.returncode == 1 and "why" in refused.stderr
+    done = _m2d(env, tmp_path, "release", submission_id, "--justification", "the accuracy, for a paper", "--json")
+    assert done.returncode == 0, done.stderr
+    request = json.loads(done.stdout)
+    assert request["status"] == "pending" and [f["path"] for f in request["files"]] == ["result.txt"]
+    reviewer = _reviewer(stack, "m2d-reviewer")
+    stack.flask("releases", "approve", str(request["id"]), "--reviewer", reviewer.address)
+    assert "released" in _m2d(env, tmp_path, "export", submission_id).stdout
+
+    # an interrupted download: the first bytes are there, m2d asks for the rest (Range)
+    out = tmp_path / "got" / "result.txt"
+    out.parent.mkdir()
+    out.write_bytes(RESULT[:5])
+    resumed = _m2d(env, tmp_path, "download", submission_id, "result.txt", "--out", out, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["resumed_from"] == 5 and summary["verified"] and summary["sha256"] == result["sha256"]
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == result["sha256"]
+    whole = _m2d(env, tmp_path, "download", submission_id, "result.txt")
+    assert whole.returncode == 0 and "matches the manifest" in whole.stdout, whole.stderr
+    assert (tmp_path / "result.txt").read_bytes() == out.read_bytes()
+
+    # a partial file that is not this file's start: resumed bytes fail the check
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_bytes(b"XXXXX")
+    mismatch = _m2d(env, tmp_path, "download", submission_id, "result.txt", "--out", wrong)
+    assert mismatch.returncode == 1 and "sha256" in mismatch.stderr, mismatch.stderr
+    assert (tmp_path / "wrong.txt.bad").exists() and not wrong.exists()
+
+    chain = _m2d(env, tmp_path, "provenance", submission_id, "--json")
+    assert chain.returncode == 0, chain.stderr
+    records = json.loads(chain.stdout)["records"]
+    assert [r["kind"] for r in records].count("download") == 2
+    text = _m2d(env, tmp_path, "provenance", submission_id).stdout
+    assert "verified" in text and "manifest" in text and researcher.address in text
+
+
+def test_m2d_airlock_errors_say_what_is_wrong(stack, m2d_iris, tmp_path):
+    _researcher, submission_id, env = m2d_iris
+    other = stack.researcher("m2d-other")
+    other_env = {"M2D_URL": stack.url, "M2D_TOKEN": other.token}
+    for args in (("export", submission_id), ("provenance", submission_id),
+                 ("download", submission_id, "result.txt"),
+                 ("release", submission_id, "--justification", "mine now")):
+        done = _m2d(other_env, tmp_path, *args)
+        assert done.returncode == 1 and f"no submission {submission_id}" in done.stderr, (args, done.stderr)
+    unknown_path = _m2d(env, tmp_path, "download", submission_id, "nope.bin")
+    assert unknown_path.returncode == 1 and "m2d export" in unknown_path.stderr
+    offline = _m2d({"M2D_URL": "http://127.0.0.1:9", "M2D_TOKEN": "x"}, tmp_path, "export", "1", "--json")
+    assert offline.returncode == 1 and json.loads(offline.stdout)["error"] == "no_connection"
