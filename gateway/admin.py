@@ -7,7 +7,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user
 from sqlalchemy.orm import contains_eager
 
-from . import accounts, lifecycle, pagination
+from . import accounts, alerts, lifecycle, pagination
 from .adapters.mlflow import MlflowError
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler
@@ -132,8 +132,10 @@ def submissions():
     page = pagination.page_from_request(query.options(contains_eager(Submission.user)), Submission.id, PER_PAGE)
     filters = {"user": who, "status": status, "from": request.args.get("from") or "",
                "to": request.args.get("to") or ""}
+    stuck = alerts.open_alerts()
     return render_template("admin/submissions.html", page=page, filters=filters,
-                           statuses=[s.value for s in Status])
+                           statuses=[s.value for s in Status], stuck=stuck,
+                           stuck_ids={a.submission_id for a in stuck})
 
 
 def _day(raw):

@@ -89,6 +89,18 @@ SETTINGS: tuple[Setting, ...] = (
     S("QUEUE_NAMESPACE", str, "m2d", "Prefix of queue names, so two deployments (or a test run beside `make run`) "
       "do not eat each other's work."),
     S("POLL_INTERVAL", int, 10, "Seconds between the poller's sacct cycles."),
+    # Recovery and alerts (jobs.poller's sweep, gateway.alerts)
+    S("SWEEP_AFTER", int, 60, "Seconds after which work the database owes but no queue holds (Redis lost it, a "
+      "worker died) is queued again by the poller's sweep."),
+    S("PREPARE_ATTEMPTS", int, 5, "Times a prepare (build, sbatch) that fails for a reason other than Slurm (an "
+      "unreadable file, a full disk) is tried before its submission fails."),
+    S("PREPARE_BACKOFF", int, 60, "Seconds before a failed prepare is tried again; doubled after each failure, at "
+      "most an hour."),
+    S("STUCK_AFTER", dict, {"received": "900", "building": "3600", "dry_run_queued": "86400",
+                            "dry_run_running": "3600", "dry_run_passed": "900", "queued": "172800",
+                            "running": "90000"},
+      "Seconds a submission may stay in a status (`status=seconds`, a status left out: never) before the admins "
+      "get one alert email and the admin pages flag it."),
     # Upload limits (gateway.validation.Limits)
     S("MAX_ZIP_BYTES", int, 200 * 1024**2, "Largest upload (bytes)."),
     S("MAX_FILES", int, 2000, "Most files in one zip."),
@@ -153,6 +165,9 @@ SETTINGS: tuple[Setting, ...] = (
     # Mail
     S("SMTP_HOST", str, "127.0.0.1", "SMTP relay host."),
     S("SMTP_PORT", int, 25, "SMTP relay port."),
+    S("SMTP_TIMEOUT", int, 30, "Seconds the SMTP relay may take to answer."),
+    S("MAIL_CLAIM_SECONDS", int, 600, "Seconds after which an email claimed by a sender that never marked it sent "
+      "(it died) may be claimed again; keep it well above SMTP_TIMEOUT, or a slow send is sent twice."),
     S("MAIL_FROM", str, "Model-to-Data Gateway <noreply@localhost>", "From: of every email."),
     S("PUBLIC_URL", str, "http://127.0.0.1:5000", "The portal's address, used in links in emails."),
     # Web portal

@@ -144,6 +144,11 @@ class Submission(db.Model):
     dry_run_exit_code = db.Column(db.Integer)
     dry_run_reason = db.Column(db.String(255))
     dry_run_log = db.Column(db.Text)
+    # prepares that failed for a reason other than Slurm (gateway.alerts):
+    # the sweep tries again after a growing pause, then the submission fails
+    prepare_failures = db.Column(db.Integer, nullable=False, default=0, server_default="0")
+    prepare_failed_at = db.Column(db.DateTime)
+    prepare_error = db.Column(db.Text)
 
     user = db.relationship("User", back_populates="submissions")
     events = db.relationship("Event", order_by="Event.id", lazy="selectin")
@@ -246,10 +251,12 @@ class Email(Delivery, db.Model):
     ref = db.Column(db.String(64), nullable=False, default="", server_default="")
     recipient = db.Column(db.String(255), nullable=False, default="", server_default="")  # "": the owner
     release_request_id = db.Column(db.Integer, db.ForeignKey("release_request.id"))
+    alert_id = db.Column(db.Integer, db.ForeignKey("alert.id"))  # the admins' alerts (gateway.alerts)
 
     submission = db.relationship("Submission")
     event = db.relationship("Event")
     release_request = db.relationship("ReleaseRequest")
+    alert = db.relationship("Alert")
 
     @property
     def to_address(self):
@@ -268,6 +275,29 @@ class AccountEmail(Delivery, db.Model):
     key = db.Column(db.String(100), nullable=False, unique=True)
 
     user = db.relationship("User")
+
+
+class Alert(db.Model):
+    """Something the admins must look at (gateway.alerts): a submission stuck
+    in one status (``stuck``), or one whose prepare kept failing
+    (``prepare_failed``). One per episode: the status and the moment the
+    submission entered it (``since``, its updated_at then), so a second poller
+    or a later cycle finds the row and raises nothing more."""
+    __table_args__ = (UniqueConstraint("submission_id", "kind", "since", name="uq_alert_submission_id_kind_since"),)
+    id = db.Column(db.Integer, primary_key=True)
+    submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), nullable=False, index=True)
+    kind = db.Column(db.String(20), nullable=False)  # stuck | prepare_failed
+    status = db.Column(db.String(20), nullable=False)
+    since = db.Column(db.DateTime, nullable=False)
+    raised_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    detail = db.Column(db.Text, nullable=False, default="")
+
+    submission = db.relationship("Submission")
+
+    @property
+    def open(self) -> bool:
+        """Still true: the submission has not moved since."""
+        return self.submission.status == self.status and self.submission.updated_at == self.since
 
 
 class Build(db.Model):

@@ -35,7 +35,8 @@ TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.BUILD_FAILED, Stat
 DRY_RUN_ACTIVE = frozenset({Status.DRY_RUN_QUEUED, Status.DRY_RUN_RUNNING})
 
 TRANSITIONS = {
-    Status.RECEIVED: {Status.BUILDING, Status.CANCELLED},
+    # failed: its prepare kept failing before the build began (gateway.alerts)
+    Status.RECEIVED: {Status.BUILDING, Status.FAILED, Status.CANCELLED},
     # failed: Slurm refused the job (bad partition, limits), so it never queued
     # queued: dry runs are off (globally or for this researcher); dry_run_queued:
     # the dry run went to Slurm first

@@ -22,9 +22,6 @@ from gateway.templating import render as render_template
 
 log = logging.getLogger(__name__)
 
-# a claim older than this belongs to a sender that died mid-way
-STALE_CLAIM = timedelta(minutes=10)
-
 
 class TemplateError(Exception):
     pass
@@ -41,7 +38,7 @@ def render(email: Email) -> tuple[str, str]:
         submission=submission, user=submission.user, event=email.event,
         url=f"{public}/submissions/{submission.id}",
         at=format_datetime(when.replace(tzinfo=timezone.utc)),
-        request=email.release_request, public_url=public, **_airlock_values(email),
+        request=email.release_request, alert=email.alert, public_url=public, **_airlock_values(email),
     )
     first, _, body = text.partition("\n")
     if not first.startswith("Subject: "):
@@ -117,10 +114,12 @@ def send_account(email_id: int, mailer: Mailer | None = None) -> bool:
 
 def _claim(email_id, model=Email):
     now = utcnow()
+    # a claim older than MAIL_CLAIM_SECONDS belongs to a sender that died mid-way
+    stale = now - timedelta(seconds=current_app.config["MAIL_CLAIM_SECONDS"])
     result = db.session.execute(
         update(model)
         .where(model.id == email_id, model.sent_at.is_(None),
-               or_(model.claimed_at.is_(None), model.claimed_at < now - STALE_CLAIM))
+               or_(model.claimed_at.is_(None), model.claimed_at < stale))
         .values(claimed_at=now, attempts=model.attempts + 1)
         .execution_options(synchronize_session=False))
     db.session.commit()

@@ -12,7 +12,7 @@ from datetime import timedelta, timezone
 from flask import current_app
 from sqlalchemy import and_, or_
 
-from gateway import accounts, airlock, provenance, queue
+from gateway import accounts, airlock, alerts, provenance, queue
 from gateway.adapters import slurm
 from gateway.adapters.slurm import JobInfo, Scheduler
 from gateway.extensions import db
@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 DRY_RUN_ACTIVE = (Status.DRY_RUN_QUEUED.value, Status.DRY_RUN_RUNNING.value)
-# work that should have been handed on by now (Redis was down, a worker died)
-SWEEP_AFTER = timedelta(seconds=60)
 PURGE_INTERVAL = 3600  # seconds between airlock retention and image gc runs (airlock.purge, images.collect)
 
 
@@ -183,24 +181,30 @@ def dry_run_log(submission_id: int, job_id: str) -> str:
 
 
 def _sweep():
-    """Hand on again what was recorded but whose queue message got lost."""
-    cutoff = utcnow() - SWEEP_AFTER
+    """Hand on again what the database owes but no queue message carries
+    (older than SWEEP_AFTER), then alert the admins about what is stuck."""
+    cfg = current_app.config
+    now = utcnow()
+    cutoff = now - timedelta(seconds=cfg["SWEEP_AFTER"])
     # a prepare that died with its worker is started again (also the one that
     # submits the real job after a passed dry run); one still running holds
-    # the submission's lock, so a second one returns at once
-    for (submission_id,) in db.session.query(Submission.id).filter(
+    # the submission's lock, so a second one returns at once; one that failed
+    # waits out its backoff (gateway.alerts)
+    for submission in Submission.query.filter(
             or_(Submission.status.in_((Status.RECEIVED.value, Status.BUILDING.value,
                                        Status.DRY_RUN_PASSED.value)),
                 and_(Submission.status == Status.QUEUED.value, Submission.slurm_job_id.is_(None),
                      Submission.dry_run_job_id.isnot(None))),
             Submission.updated_at < cutoff):
-        queue.enqueue_prepare(submission_id)
+        if alerts.prepare_due(submission, now, cfg["PREPARE_BACKOFF"]):
+            queue.enqueue_prepare(submission.id)
     for (submission_id,) in db.session.query(Email.submission_id).filter(
             Email.sent_at.is_(None), Email.created_at < cutoff).distinct():
         queue.enqueue_mail(submission_id)
     for (email_id,) in db.session.query(AccountEmail.id).filter(
             AccountEmail.sent_at.is_(None), AccountEmail.created_at < cutoff):
         accounts.enqueue(email_id)
+    alerts.raise_stuck(now)
 
 
 def _naive(moment):
@@ -211,6 +215,7 @@ def main():
     from gateway import create_app
     app = create_app()
     with app.app_context():
+        alerts.thresholds(app.config)  # a bad M2D_STUCK_AFTER stops the poller at start
         interval = app.config["POLL_INTERVAL"]
         log.info("enqueueing a poll every %s s", interval)
         purged = 0.0

@@ -18,7 +18,7 @@ from flask import current_app, has_app_context
 from rq import get_current_job
 from sqlalchemy import select, update
 
-from gateway import airlock, create_app, intake, provenance
+from gateway import airlock, alerts, create_app, intake, provenance
 from gateway import images as image_store
 from gateway.adapters import slurm
 from gateway.adapters.apptainer import BuildError, Image, ImageBuilder
@@ -61,7 +61,21 @@ def in_app(task: Callable[..., T]) -> Callable[..., T]:
 def prepare(submission_id: int) -> None:
     """Build (or reuse) the submission's image and submit its dry run (or, with
     dry runs off, its real job); once the dry run passed (the poller enqueues
-    this again), submit the real job."""
+    this again), submit the real job.
+
+    Slurm's and MLflow's errors are rq's to retry (``_hand_to_slurm``); any
+    other failure (an unreadable file, a full disk) is recorded, and the
+    sweep tries again with a growing pause, then fails it (gateway.alerts)."""
+    try:
+        _prepare(submission_id)
+    except (SlurmError, MlflowError):
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded, retried with backoff, then the submission fails
+        log.exception("prepare of submission %s failed", submission_id)
+        alerts.prepare_failed(submission_id, e)
+
+
+def _prepare(submission_id: int) -> None:
     files = SubmissionFiles(submission_id)
     with _exclusive(files) as mine:
         if not mine:

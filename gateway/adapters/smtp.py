@@ -18,7 +18,7 @@ class Mailer:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Mailer:
-        return cls(cfg["SMTP_HOST"], cfg["SMTP_PORT"], cfg["MAIL_FROM"])
+        return cls(cfg["SMTP_HOST"], cfg["SMTP_PORT"], cfg["MAIL_FROM"], timeout=cfg["SMTP_TIMEOUT"])
 
     def send(self, to: str, subject: str, body: str, message_id: str | None = None) -> None:
         message = EmailMessage()
