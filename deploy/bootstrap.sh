@@ -4,6 +4,8 @@
 source "$(dirname "${BASH_SOURCE[0]}")/testbed/lib.sh"
 require_root
 apt_install python3 python3-venv python3-pip python3-dev gcc make curl ca-certificates git
+# image builds write each environment layer with mksquashfs (gateway/adapters/apptainer.py)
+apt_install squashfs-tools
 # the page tests drive Debian's chromium through chromedriver
 apt_install chromium chromium-driver
 # tests/test_systemd.py: systemd-analyze verify of deploy/systemd (no systemd as PID 1 needed)

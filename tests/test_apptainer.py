@@ -5,8 +5,10 @@ Integration tests need the testbed: run them with
 They fail (never skip) when it is missing, so a green run means images were built.
 """
 
+import io
 import shutil
 import subprocess
+import tarfile
 import threading
 import time
 import uuid
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.adapters.apptainer import BuildError, ImageBuilder, PipSources, environment_key, file_digest, render_definition
+from gateway.adapters.apptainer import BuildError, ImageBuilder, PipSources, environment_key, file_digest, render_install_script
 
 TEST_ROOT = Path("/opt/testbed/tmp-tests")
 BASE_DIGEST = "sha256:" + "ab" * 32
@@ -81,17 +83,13 @@ def test_key_follows_a_base_symlink_that_moves(tmp_path):
         file_digest(tmp_path / "base-2.sif"), "six==1.16.0") != first
 
 
-def test_definition_installs_requirements_on_the_base(tmp_path):
-    text = render_definition(base_image=Path("/opt/images/base.sif"), base_digest=BASE_DIGEST,
-                             key="k" * 64, python="3.11", requirements=tmp_path / "requirements.txt",
-                             timeout=1800)
+def test_install_script_installs_requirements_into_the_base_venv():
+    text = render_install_script(base_digest=BASE_DIGEST, key="k" * 64, python="3.11", timeout=1800)
     lines = [line.strip() for line in text.splitlines()]
-    assert lines[0] == "Bootstrap: localimage"
-    assert "From: /opt/images/base.sif" in lines
-    assert f"{tmp_path / 'requirements.txt'} /opt/requirements.txt" in lines
-    assert "M2D_ENVIRONMENT_KEY " + "k" * 64 in lines
-    assert "pip install --no-cache-dir" in text and "-r /opt/requirements.txt" in text
+    assert lines[0] == "#!/bin/sh"
+    assert "pip install --no-cache-dir" in text and "-r /m2d/build/requirements.txt" in text
     assert "export PIP_CERT=/etc/ssl/certs/ca-certificates.crt" in lines
+    assert "k" * 64 in text and "> /opt/venv/m2d-environment" in text
 
 
 # -- failures before apptainer runs ----------------------------------------------
@@ -147,15 +145,12 @@ def test_site_pip_sources_reach_pip_and_local_ones_are_bound(tmp_path):
                      find_links=("/opt/wheels", "https://example.org/wheels"),
                      constraint="/etc/xdg/pip/constraints.txt", cache_dir=str(tmp_path / "cache"))
     assert pip.binds() == ["/opt/pypi", "/opt/wheels"]
-    text = render_definition(base_image=Path("/b.sif"), base_digest=BASE_DIGEST, key="k" * 64, python="3.9",
-                             requirements=tmp_path / "r.txt", timeout=60, pip=pip)
+    text = render_install_script(base_digest=BASE_DIGEST, key="k" * 64, python="3.9", timeout=60, pip=pip)
     assert ("--cache-dir /m2d/pip-cache --progress-bar off --index-url https://mirror.example/simple "
             "--extra-index-url file:///opt/pypi/simple --find-links /opt/wheels "
-            "--find-links https://example.org/wheels --constraint /m2d/constraints.txt -r /opt/requirements.txt") in text
-    assert "/etc/xdg/pip/constraints.txt /m2d/constraints.txt" in text
-    for target in ("/opt/wheels", "/opt/pypi", "/m2d/pip-cache"):
-        assert f'mkdir -p "${{APPTAINER_ROOTFS}}"{target}' in text
-    assert "M2D_PYTHON 3.9" in text
+            "--find-links https://example.org/wheels --constraint /m2d/build/constraints.txt "
+            "-r /m2d/build/requirements.txt") in text
+    assert "3.9" in text
 
 
 def test_settings_give_the_builder_its_sources():
@@ -228,6 +223,61 @@ def test_build_installs_requirements(builder, testbed):
     # Nothing but the image (and its lock) is left in the image folder.
     assert [p.name for p in builder.image_dir.glob("*.sif")] == [env.path.name]
     assert list((builder.image_dir / ".build").iterdir()) == []
+
+
+def run_sealed(testbed, image, code):
+    """As the job account, sealed as a job is: how the image will be used."""
+    done = subprocess.run(["sudo", "-u", "m2d-job", testbed["apptainer"], "exec", "--containall", "--cleanenv",
+                           "--no-privs", "--net", "--network", "none", str(image), "python", "-c", code],
+                          capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_image_is_the_base_plus_one_layer_of_what_pip_wrote(builder, testbed):
+    env = builder.ensure("six==1.16.0\n")
+    listing = subprocess.run([testbed["apptainer"], "sif", "list", str(env.path)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "Squashfs/*System" in listing and "Squashfs/Overlay" in listing
+    assert env.path.stat().st_mode & 0o777 == 0o644  # readable by the job account
+    record = run_sealed(testbed, env.path, "print(open('/opt/venv/m2d-environment').read())")
+    assert f"M2D_ENVIRONMENT_KEY={env.key}" in record and "M2D_PYTHON=3.11" in record
+    # the build's mount points (its own folder, wheelhouses, the pip cache) are not in the image
+    assert run_sealed(testbed, env.path, "import os; print(os.path.exists('/m2d'))") == "False"
+
+
+def test_a_package_the_base_has_is_replaced_whole(builder, testbed):
+    # The base venv has bookworm's pip 23.0.1, whose pip/_internal/utils/distutils_args.py
+    # pip 24.0 no longer ships: an upgrade must not leave the old file showing.
+    env = builder.ensure("pip==24.0\n")
+    code = ("import os, pip; here = os.path.dirname(pip.__file__); "
+            "print(pip.__version__, os.path.exists(os.path.join(here, '_internal/utils/distutils_args.py')), "
+            "sorted(n for n in os.listdir(os.path.dirname(here)) if n.startswith('pip-')))")
+    assert run_sealed(testbed, env.path, code) == "24.0 False ['pip-24.0.dist-info']"
+    assert run_in(testbed, env.path, code) == "24.0 False ['pip-24.0.dist-info']"
+
+
+def test_a_second_build_reuses_the_wheel_an_earlier_one_built(testbed, image_dir):
+    # pip's cache keeps the wheels it builds from sources, keyed by where the
+    # source came from. (Downloads are kept only when the index allows HTTP
+    # caching; this machine's TLS proxy drops those headers, so a built wheel
+    # is what this test can see being reused.)
+    sources = image_dir / "sources"
+    sources.mkdir()
+    with tarfile.open(sources / "m2d_cache_probe-1.0.tar.gz", "w:gz") as sdist:
+        setup = b"from setuptools import setup\nsetup(name='m2d-cache-probe', version='1.0', py_modules=['probe'])\n"
+        pyproject = b'[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        for name, data in (("setup.py", setup), ("pyproject.toml", pyproject), ("probe.py", b"VALUE = 42\n")):
+            info = tarfile.TarInfo(f"m2d_cache_probe-1.0/{name}")
+            info.size = len(data)
+            sdist.addfile(info, io.BytesIO(data))
+    pip = PipSources(find_links=(str(sources),), cache_dir=str(image_dir / "pip-cache"))
+    first, second = (ImageBuilder(image_dir / name, testbed["base"], apptainer=testbed["apptainer"], pip=pip)
+                     .ensure("m2d-cache-probe==1.0\n") for name in ("one", "two"))
+    assert first.built and second.built
+    assert "Building wheel for m2d-cache-probe" in first.log, first.log
+    assert "Building wheel for m2d-cache-probe" not in second.log, second.log
+    assert run_sealed(testbed, second.path, "import probe; print(probe.VALUE)") == "42"
 
 
 def test_second_ensure_reuses_image_without_pip(builder):

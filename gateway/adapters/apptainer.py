@@ -1,4 +1,4 @@
-"""The Apptainer adapter: the only code that runs ``apptainer build``.
+"""The Apptainer adapter: the only code that builds environment images.
 
 One image per (base image, requirements): an image is named by its environment
 key, so a resubmission with the same requirements reuses the image and never
@@ -6,13 +6,20 @@ runs pip again. Builds for one key are serialised with a file lock, and a
 finished image appears at its final path in one atomic rename, so a reader
 sees either no image or a whole one.
 
-spython 0.3.14 drives the build, with workarounds for its limits: it runs a
+An environment image is the base SIF plus one overlay partition holding what
+pip wrote (singularity/install.sh.j2, run in the base with a writable overlay
+folder). Nothing of the base is unpacked or compressed again, so a build costs
+pip's own time plus squashing the new packages. Directories pip replaced
+(an upgraded pip or setuptools) are made whole with whiteouts for the base's
+old entries, so every overlay driver shows the same tree.
+
+spython 0.3.14 runs the install, with workarounds for its limits: it runs a
 command named ``singularity``, and with ``stream=True`` it streams stdout only,
 reading stderr just to print it after a failure -- so our spython client runs,
 by absolute path, a small script that runs the configured apptainer with stderr
 merged into stdout (pip's errors and apptainer's FATAL lines then reach
 BuildError.log); and it gives no handle on the process, so the time limit is
-enforced around pip, inside %post (singularity/env.def.j2).
+enforced around pip, inside the install script.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from ..validation import normalise_requirements
 
 log = logging.getLogger(__name__)
 
-DEFINITION_TEMPLATE = "singularity/env.def.j2"
+INSTALL_TEMPLATE = "singularity/install.sh.j2"
 CA_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
 
 LOG_TAIL_LINES = 60
@@ -92,7 +99,9 @@ def environment_key(base_digest: str, requirements: str, python: str = "3.11") -
 
 
 PIP_CACHE_IN_BUILD = "/m2d/pip-cache"
-CONSTRAINT_IN_BUILD = "/m2d/constraints.txt"
+# the build's own folder (requirements, constraints, the script), read-only
+BUILD_IN_CONTAINER = "/m2d/build"
+CONSTRAINT_IN_BUILD = f"{BUILD_IN_CONTAINER}/constraints.txt"
 
 
 @dataclass(frozen=True)
@@ -149,18 +158,16 @@ def _cached_digest(path: Path) -> str:
     return digest
 
 
-def render_definition(*, base_image: Path, base_digest: str, key: str, python: str,
-                      requirements: Path, timeout: int, pip: PipSources = PipSources(),
-                      constraint: Path | None = None) -> str:
-    """``constraint``: the copy of pip.constraint next to ``requirements``
-    (the build host's /etc is not the wrapper's to share)."""
-    return render(DEFINITION_TEMPLATE, base_image=base_image, base_digest=base_digest, key=key,
-                  python=python, requirements=requirements, ca_bundle=CA_IN_IMAGE, timeout=timeout,
-                  pip_options=" ".join(shlex.quote(o) for o in pip.options()),
-                  constraint=(constraint or pip.constraint) if pip.constraint else "",
-                  constraint_in_build=CONSTRAINT_IN_BUILD,
+ENVIRONMENT_RECORD = "/opt/venv/m2d-environment"
+
+
+def render_install_script(*, base_digest: str, key: str, python: str, timeout: int,
+                          pip: PipSources = PipSources()) -> str:
+    """The script that installs the requirements (at BUILD_IN_CONTAINER/requirements.txt)."""
+    return render(INSTALL_TEMPLATE, base_digest=base_digest, key=key, python=python, ca_bundle=CA_IN_IMAGE,
+                  timeout=timeout, pip_options=" ".join(shlex.quote(o) for o in pip.options()),
                   cache=PIP_CACHE_IN_BUILD if pip.cache_dir else "",
-                  bind_targets=[*pip.binds(), *([PIP_CACHE_IN_BUILD] if pip.cache_dir else [])])
+                  requirements=f"{BUILD_IN_CONTAINER}/requirements.txt", record=ENVIRONMENT_RECORD)
 
 
 _SHIM = """#!/bin/sh
@@ -237,7 +244,8 @@ class ImageBuilder:
                  bind_ca: str | None = "/etc/ssl/certs/ca-certificates.crt",
                  timeout: int = 1800, default_python: str = "3.11",
                  base_images: Mapping[str, str | Path] | None = None,
-                 pip: PipSources = PipSources(), mksquashfs_args: str = "") -> None:
+                 pip: PipSources = PipSources(), mksquashfs: str = "mksquashfs",
+                 mksquashfs_args: str = "") -> None:
         self.image_dir = Path(image_dir).resolve()
         # Not resolved here: a base may be a symlink that a redeploy moves
         # to a new image, and then new keys (and builds) must follow it.
@@ -249,6 +257,7 @@ class ImageBuilder:
         self.bind_ca = bind_ca
         self.timeout = timeout
         self.pip = pip
+        self.mksquashfs = mksquashfs
         self.mksquashfs_args = mksquashfs_args
         if pip.cache_dir:
             Path(pip.cache_dir).mkdir(parents=True, exist_ok=True)
@@ -261,7 +270,7 @@ class ImageBuilder:
         return cls(required(cfg, "IMAGE_DIR"), required(cfg, "BASE_IMAGE"), apptainer=cfg["APPTAINER"],
                    bind_ca=cfg["BUILD_BIND_CA"] or None, timeout=cfg["BUILD_TIMEOUT"],
                    default_python=cfg["DEFAULT_PYTHON"], base_images=cfg["BASE_IMAGES"], pip=pip,
-                   mksquashfs_args=cfg["BUILD_MKSQUASHFS_ARGS"])
+                   mksquashfs=cfg["MKSQUASHFS"], mksquashfs_args=cfg["BUILD_MKSQUASHFS_ARGS"])
 
     def _base(self, python: str) -> tuple[Path, str]:
         configured = self.base_images.get(python)
@@ -349,64 +358,168 @@ class ImageBuilder:
         # We hold this key's lock, so a folder left for it can only be from a
         # build that was killed.
         for stale in scratch.glob(f"{key}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove_tree(stale)
         # Inside image_dir, so the final os.replace stays on one filesystem.
         workdir = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=scratch))
         try:
-            reqs = workdir / "requirements.txt"
-            reqs.write_text(requirements if requirements.endswith("\n") else requirements + "\n")
-            constraint = None
+            files = workdir / "files"
+            files.mkdir()
+            (files / "requirements.txt").write_text(requirements if requirements.endswith("\n")
+                                                    else requirements + "\n")
             if self.pip.constraint:
-                constraint = workdir / "constraints.txt"
-                shutil.copyfile(self.pip.constraint, constraint)
-            definition = workdir / "env.def"
-            definition.write_text(render_definition(
-                base_image=base, base_digest=base_digest, key=key, python=python,
-                requirements=reqs, timeout=self.timeout, pip=self.pip, constraint=constraint))
-            # apptainer build asks before overwriting, so the target must not exist yet.
+                # the build host's /etc is not the container's to share
+                shutil.copyfile(self.pip.constraint, files / "constraints.txt")
+            (files / "install.sh").write_text(render_install_script(
+                base_digest=base_digest, key=key, python=python, timeout=self.timeout, pip=self.pip))
+            overlay = workdir / "overlay"
+            overlay.mkdir()
+            lines = self._install(command, base, overlay, files)
+            installed = time.monotonic()
+            upper = overlay / "upper"
+            if not (upper / ENVIRONMENT_RECORD.lstrip("/")).is_file():
+                raise BuildError("the install step reported success but installed nothing", log=_tail(lines))
+            _prune_empty_folders(upper)
+            layer = workdir / "environment.sqfs"
+            self._squash(upper, layer, self._whiteouts(base, upper), lines)
+            squashed = time.monotonic()
             partial = workdir / "image.sif"
-            lines = self._run_build(command, definition, partial)
-            if not partial.is_file():
-                raise BuildError("apptainer build reported success but wrote no image",
-                                 log=_tail(lines))
+            shutil.copyfile(base, partial)
+            self._run(lines, [self.apptainer, "sif", "add", "--datatype", "4", "--partfs", "1", "--parttype", "4",
+                              "--partarch", _SIF_ARCH, "--groupid", "1", str(partial), str(layer)],
+                      "could not add the environment layer to the image")
+            partial.chmod(0o644)
             os.replace(partial, path)
             mark_used(path)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            _remove_tree(workdir)
         seconds = time.monotonic() - started
-        log.info("built %s in %.1f s", path.name, seconds)
+        log.info("built %s in %.1f s (install %.1f s, squash %.1f s, image %.1f s)", path.name, seconds,
+                 installed - started, squashed - installed, time.monotonic() - squashed)
         return Image(key=key, path=path, digest=_cached_digest(path), built=True,
-                           seconds=seconds, log=_tail(lines))
+                     seconds=seconds, log=_tail(lines))
 
-    def _run_build(self, command: Path, definition: Path, image: Path) -> list[str]:
-        options = ["--bind", f"{self.bind_ca}:{CA_IN_IMAGE}"] if self.bind_ca else []
+    def _install(self, command: Path, base: Path, overlay: Path, files: Path) -> list[str]:
+        """Run the install script in ``base`` with ``overlay`` as its writable layer."""
+        # --contain: a private /tmp and home, so pip's scratch stays out of the layer
+        options = ["--contain", "--cleanenv", "--overlay", str(overlay),
+                   "--bind", f"{files}:{BUILD_IN_CONTAINER}:ro"]
+        if self.bind_ca:
+            options += ["--bind", f"{self.bind_ca}:{CA_IN_IMAGE}:ro"]
         for folder in self.pip.binds():
             options += ["--bind", f"{folder}:{folder}:ro"]
         if self.pip.cache_dir:
-            options += ["--bind", f"{os.path.abspath(self.pip.cache_dir)}:{PIP_CACHE_IN_BUILD}"]
-        if self.mksquashfs_args:
-            options += ["--mksquashfs-args", self.mksquashfs_args]
+            options += ["--bind", f"{self._pip_cache()}:{PIP_CACHE_IN_BUILD}"]
+        for name in _PROXY_VARIABLES:
+            if os.environ.get(name):
+                options += ["--env", f"{name}={os.environ[name]}"]
         if os.geteuid() != 0:
-            # pip in %post wants root inside: a user namespace maps us to it
+            # pip wants root inside (the venv is root's): a user namespace maps us to it
             options.append("--fakeroot")
         lines: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-        log.info("building %s from %s", image, definition)
+        log.info("installing %s into %s", files / "requirements.txt", overlay)
         try:
-            # Non-stream Client.build returns None on failure and discards the
-            # output; the stream raises CalledProcessError once it is drained.
-            # sudo defaults to True for build; workers already run as the user
-            # that builds.
-            _, stream = _spython_client(command).build(recipe=str(definition), image=str(image), sudo=False,
-                                     stream=True, options=options, quiet=True)
+            stream = _spython_client(command).execute(
+                image=str(base), command=["/bin/sh", f"{BUILD_IN_CONTAINER}/install.sh"],
+                options=options, stream=True, quiet=True)
             for line in stream:
                 line = line.rstrip("\n")
                 log.debug("build: %s", line)
                 lines.append(line)
         except subprocess.CalledProcessError as e:
             tail = list(lines)
-            raise BuildError(
-                f"apptainer build failed (exit {e.returncode}): {_failure_summary(tail)}",
-                log=_tail(tail)) from e
+            raise BuildError(f"the install failed (exit {e.returncode}): {_failure_summary(tail)}",
+                             log=_tail(tail)) from e
         except (OSError, ValueError) as e:  # no such binary; undecodable output
-            raise BuildError(f"could not run apptainer build: {e}", log=_tail(lines)) from e
+            raise BuildError(f"could not run apptainer: {e}", log=_tail(lines)) from e
         return list(lines)
+
+    def _pip_cache(self) -> Path:
+        """The shared pip cache, one folder per builder uid: pip running as
+        root ignores a cache that root does not own, and a --fakeroot build
+        sees its own uid as root."""
+        folder = Path(self.pip.cache_dir).resolve() / f"uid-{os.geteuid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _whiteouts(self, base: Path, upper: Path) -> list[str]:
+        """mksquashfs pseudo-file lines that hide the base's entries under
+        folders pip replaced. The overlay marked such a folder opaque with an
+        xattr of its own driver (kernel or fuse-overlayfs), which another
+        driver ignores at run time; a whiteout (a 0:0 character device) means
+        the same to every driver."""
+        opaque = [folder for folder, _, _ in os.walk(upper)
+                  if any(name.endswith("overlay.opaque") for name in _xattrs(folder))]
+        if not opaque:
+            return []
+        inside = ["/" + os.path.relpath(folder, upper) for folder in opaque]
+        listing = subprocess.run([self.apptainer, "exec", str(base), "find", *inside, "-mindepth", "1"],
+                                 capture_output=True, text=True, timeout=300)
+        lines = []
+        for entry in listing.stdout.splitlines():
+            relative = entry.lstrip("/")
+            parent = os.path.dirname(relative)
+            # one whiteout at the topmost entry the layer lacks hides all below it
+            if os.path.isdir(upper / parent) and not os.path.lexists(upper / relative) \
+                    and not os.path.islink(upper / parent):
+                lines.append(f"{_pseudo_name(relative)} c 0 0 0 0 0")
+        return lines
+
+    def _squash(self, upper: Path, layer: Path, whiteouts: list[str], lines: list[str]) -> None:
+        pseudo = []
+        if whiteouts:
+            pseudo_file = layer.with_suffix(".pseudo")
+            pseudo_file.write_text("\n".join(whiteouts) + "\n")
+            pseudo = ["-pf", str(pseudo_file)]
+        self._run(lines, [self.mksquashfs, str(upper), str(layer), "-noappend", "-no-progress", "-quiet",
+                          "-all-root", *pseudo, *shlex.split(self.mksquashfs_args)],
+                  "could not write the environment layer (mksquashfs)")
+
+    def _run(self, lines: list[str], argv: list[str], failure: str) -> None:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise BuildError(f"{failure}: {e}", log=_tail(lines)) from e
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).strip()
+            raise BuildError(f"{failure}: {output.splitlines()[-1] if output else f'exit {done.returncode}'}",
+                             log=_tail([*lines, *output.splitlines()]))
+
+
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+# sif add's --partarch numbers
+_SIF_ARCH = {"x86_64": "2", "aarch64": "4", "ppc64le": "6", "s390x": "11", "riscv64": "12"}.get(os.uname().machine, "2")
+
+
+def _xattrs(path: str) -> list[str]:
+    try:
+        return os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+
+
+def _pseudo_name(relative: str) -> str:
+    # mksquashfs pseudo files: a name with spaces or quotes is quoted
+    if any(c in relative for c in " \t\"\\"):
+        return '"' + relative.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return relative
+
+
+def _prune_empty_folders(upper: Path) -> None:
+    """Remove the empty folders the overlay holds only as mount points for the
+    build's binds (wheelhouses, the pip cache, /m2d/build); wheels carry no
+    empty folders of their own."""
+    for folder, _, _ in os.walk(upper, topdown=False):
+        if folder != str(upper) and not os.listdir(folder) and not _xattrs(folder):
+            os.rmdir(folder)
+
+
+def _remove_tree(folder: Path) -> None:
+    """rmtree for a build folder: a --fakeroot overlay's work dir can be mode 000."""
+    def make_writable(function, path, _):
+        try:
+            os.chmod(os.path.dirname(path), 0o700)
+            os.chmod(path, 0o700)
+            function(path)
+        except OSError:
+            pass
+    shutil.rmtree(folder, onerror=make_writable)
