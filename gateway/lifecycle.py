@@ -56,6 +56,10 @@ def cancel(submission: Submission, by: str = "the researcher") -> Status:
         raise IllegalTransition(f"submission {submission.id} has already ended: {status}")
     if status in (Status.RECEIVED, Status.BUILDING):
         if advance(submission.id, status, Status.CANCELLED, detail=f"cancelled by {by}"):
+            if status == Status.BUILDING:
+                # a prepare that died between sbatch and recording the job
+                # left a job only its name leads to: the worker looks for it
+                queue.enqueue_cancel(submission.id)
             return Status.CANCELLED
         db.session.refresh(submission)  # it moved on meanwhile: cancel from there
         return cancel(submission, by)

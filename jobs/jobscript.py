@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from gateway.templating import render
 
-__all__ = ["JobSpec", "render_job_script", "write_job_script", "log_path", "RELAY_SOURCE"]
+__all__ = ["JobSpec", "render_job_script", "write_job_script", "job_name", "log_path", "RELAY_SOURCE"]
 
 TEMPLATE = "singularity/job.sbatch.j2"
 RELAY_SOURCE = Path(__file__).resolve().parent / "relay.py"
@@ -37,6 +37,12 @@ MODELS_MOUNT = "/opt/m2d/models"
 LOG_PREFIX = "slurm"  # <log_dir>/slurm-<jobid>.out / .err
 DRY_RUN_LOG_PREFIX = "dryrun"  # <log_dir>/dryrun-<jobid>.out / .err
 DRY_RUN_JOB_SUFFIX = "-dry"
+
+
+def job_name(prefix: str, submission_id: int, dry_run: bool = False) -> str:
+    """The Slurm job's name, <prefix>-<id> (a dry run's <prefix>-<id>-dry): what
+    finds a job whose id was never recorded."""
+    return f"{prefix}-{submission_id}{DRY_RUN_JOB_SUFFIX if dry_run else ''}"
 
 
 def log_path(log_dir: Path, job_id: str, stream: str, dry_run: bool = False) -> Path:
@@ -86,7 +92,7 @@ class JobSpec:
 
     @property
     def job_name(self) -> str:
-        return f"{self.job_prefix}-{self.submission_id}{DRY_RUN_JOB_SUFFIX if self.dry_run else ''}"
+        return job_name(self.job_prefix, self.submission_id, self.dry_run)
 
     @property
     def log_prefix(self) -> str:

@@ -33,7 +33,7 @@ from gateway.storage import SubmissionFiles, job_gid, write_private
 from gateway.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
 
 from . import mail, poller
-from .jobscript import RELAY_SOURCE, JobSpec, write_job_script
+from .jobscript import RELAY_SOURCE, JobSpec, job_name, write_job_script
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,34 +175,83 @@ def _hand_to_slurm(submission_id: int, files: SubmissionFiles, image: Image, old
     else:
         moved = advance(submission_id, old, Status.QUEUED, slurm_job_id=job_id,
                         detail=f"Slurm job {job_id}")
-    if not moved:
-        scheduler().cancel(job_id)  # cancelled between the build and sbatch: it must not run
+    if not moved:  # cancelled between the build and sbatch: it must not run
+        scheduler().cancel(job_id)
+        _record_cancelled_job(submission_id, "dry_run_job_id" if dry_run else "slurm_job_id", job_id)
+
+
+class SubmissionBusy(RuntimeError):
+    """A prepare holds the submission (building, or around sbatch): rq tries the task again later."""
 
 
 @in_app
 def cancel(submission_id: int) -> None:
     """Ask Slurm to cancel the submission's job (the dry run's while it is
     Slurm's); the poller records the outcome. Between a passed dry run and
-    the real job's sbatch there is no job: the submission ends here."""
+    the real job's sbatch there is no job: the submission ends here. Once it
+    has ended cancelled, a job whose id was never recorded (its prepare died
+    between sbatch and the record) is found by its name and scancelled."""
     for _ in range(3):  # again if it moved on meanwhile (dry run -> real job)
         db.session.expire_all()
         submission = db.session.get(Submission, submission_id)
-        if submission is None or submission.state.terminal:
+        if submission is None:
             return
         status = submission.state
+        if status == Status.CANCELLED:
+            _cancel_unrecorded_jobs(submission)
+            return
+        if status.terminal:
+            return
         if status in DRY_RUN_ACTIVE and submission.dry_run_job_id:
             scheduler().cancel(submission.dry_run_job_id)
-        elif status == Status.DRY_RUN_PASSED:
+        elif status == Status.DRY_RUN_PASSED or _real_job_claimed(submission):
+            # a prepare around the real job's sbatch finds it cancelled and
+            # scancels what it made (_record_real_job); one that died there
+            # left a job only its name leads to
             if advance(submission_id, status, Status.CANCELLED, detail="cancelled by the researcher"):
-                return  # a prepare that submits meanwhile finds it cancelled and scancels
-        elif _real_job_claimed(submission):
-            # its prepare is around sbatch: it scancels what it made (_record_real_job)
-            if advance(submission_id, status, Status.CANCELLED, detail="cancelled by the researcher"):
+                _cancel_unrecorded_jobs(db.session.get(Submission, submission_id))
                 return
         elif submission.slurm_job_id:
             scheduler().cancel(submission.slurm_job_id)
         if _status(submission_id) == status:
             return
+
+
+def _cancel_unrecorded_jobs(submission: Submission) -> None:
+    """scancel the jobs of a cancelled submission that Slurm has under its
+    names but the database has no id for, and record their ids.
+
+    Only while no prepare holds the submission: a live one scancels what it
+    makes itself once it sees the cancel (_hand_to_slurm), and after it let
+    go (or died) every job it made is in Slurm, so the lookup is conclusive.
+    """
+    prefix = current_app.config["SLURM_JOB_PREFIX"]
+    unrecorded = [(column, job_name(prefix, submission.id, dry_run=column == "dry_run_job_id"))
+                  for column in ("dry_run_job_id", "slurm_job_id") if getattr(submission, column) is None]
+    if not unrecorded:
+        return
+    with _exclusive(SubmissionFiles(submission.id)) as mine:
+        if not mine:
+            raise SubmissionBusy(f"submission {submission.id} is being prepared; its cancel is tried again later")
+        since = submission.created_at.replace(tzinfo=timezone.utc)
+        batch_system = scheduler()
+        for column, name in unrecorded:
+            job_id = batch_system.find(name, since=since)
+            if job_id is None:
+                continue
+            batch_system.cancel(job_id)
+            log.warning("submission %s: cancelled Slurm job %s (%s), whose id its prepare never recorded",
+                        submission.id, job_id, name)
+            _record_cancelled_job(submission.id, column, job_id)
+
+
+def _record_cancelled_job(submission_id: int, column: str, job_id: str) -> None:
+    """The id of a job scancelled because its submission was cancelled, for the record."""
+    db.session.execute(
+        update(Submission).where(Submission.id == submission_id, Submission.status == Status.CANCELLED.value,
+                                 getattr(Submission, column).is_(None))
+        .values({column: job_id}).execution_options(synchronize_session=False))
+    db.session.commit()
 
 
 @in_app

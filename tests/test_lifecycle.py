@@ -268,10 +268,14 @@ def _passed_dry_run(monkeypatch):
             return object()
 
     class Slurm:
-        submitted, cancelled = [], []
+        def __init__(self):
+            self.submitted, self.cancelled, self.named = [], [], {}
 
         def cancel(self, job_id):
             self.cancelled.append(job_id)
+
+        def find(self, name, since):
+            return self.named.get(name)
 
     slurm = Slurm()
     monkeypatch.setattr(tasks.ImageBuilder, "from_config", lambda config: Images())
@@ -283,17 +287,23 @@ def test_a_cancel_arriving_while_the_real_job_is_sbatched_scancels_it(local_app,
     sid, slurm = _passed_dry_run(monkeypatch)
 
     def sbatch(submission_id, files, image, dry_run=False):
-        tasks.cancel(submission_id)  # the researcher's cancel lands inside sbatch
+        # the researcher's cancel lands inside sbatch: it ends the submission,
+        # and leaves the job to the prepare that holds it (rq retries its lookup)
+        with pytest.raises(tasks.SubmissionBusy):
+            tasks.cancel(submission_id)
         slurm.submitted.append("99")
+        slurm.named[f"m2d-{submission_id}"] = "99"
         return "99"
 
     monkeypatch.setattr(tasks, "_submit", sbatch)
     tasks.prepare(sid)
     db.session.expire_all()
     submission = db.session.get(Submission, sid)
-    assert submission.status == "cancelled" and submission.slurm_job_id is None
+    assert submission.status == "cancelled" and submission.slurm_job_id == "99"  # recorded, for the record
     assert slurm.submitted == ["99"] and slurm.cancelled == ["99"]  # the job it made is gone
     assert [e.status for e in submission.events][-2:] == ["queued", "cancelled"]
+    tasks.cancel(sid)  # rq's retry: nothing left to look for
+    assert slurm.cancelled == ["99"]
 
 
 def test_a_cancel_before_the_real_jobs_claim_means_no_real_job_at_all(local_app, monkeypatch):
@@ -313,3 +323,24 @@ def test_a_prepare_that_died_after_the_claim_resumes_and_records_the_job(local_a
     db.session.expire_all()
     submission = db.session.get(Submission, sid)
     assert submission.status == "queued" and submission.slurm_job_id == "100" and slurm.cancelled == []
+
+
+def test_a_cancel_after_the_prepare_died_between_sbatch_and_the_record_scancels_the_job_by_name(
+        local_app, monkeypatch):
+    sid, slurm = _passed_dry_run(monkeypatch)
+    lifecycle.advance(sid, Status.DRY_RUN_PASSED, Status.QUEUED)  # claimed
+    slurm.named[f"m2d-{sid}"] = "101"  # sbatch ran, then the worker died: no id recorded
+    tasks.cancel(sid)
+    db.session.expire_all()
+    submission = db.session.get(Submission, sid)
+    assert submission.status == "cancelled" and slurm.cancelled == ["101"]
+    assert submission.slurm_job_id == "101"
+
+
+def test_a_cancel_during_the_build_has_the_worker_look_for_a_job_by_name(local_app, monkeypatch):
+    asked = []
+    monkeypatch.setattr(lifecycle.queue, "enqueue_cancel", asked.append)
+    sid = _submission()
+    lifecycle.advance(sid, Status.RECEIVED, Status.BUILDING)
+    assert lifecycle.cancel(db.session.get(Submission, sid)) == Status.CANCELLED
+    assert asked == [sid]  # a prepare that died after its sbatch left a job only the name finds
