@@ -21,6 +21,8 @@ from typing import Any
 
 from flask import Config, Flask
 
+from m2d import twin
+
 
 class ConfigError(RuntimeError):
     """A setting the gateway cannot start with; the message names it and says what is expected."""
@@ -145,11 +147,14 @@ SETTINGS: tuple[Setting, ...] = (
     S("SLURM_TIME", str, "01:00:00", "Time limit of a real job."),
     S("APPTAINER_NV", bool, False, "Pass --nv (real NVIDIA GPUs); off on the fake-GPU testbed."),
     S("DATASET_DIR", str, None, "The dataset, bound read-only at /mnt/dataset. Required by the build workers."),
+    S("DATASET_VERSION", str, twin.DEFAULT_VERSION, "Version of the dataset in DATASET_DIR: recorded on each "
+      "submission, and it picks the synthetic twin of the dry runs (change both together)."),
     # Dry runs on the synthetic twin (M2D_DRY_RUN=1 inside the job)
     S("DRY_RUN", bool, True, "Run every submission first on the synthetic twin; only one that exits 0 lets the "
       "real job go (`flask users dry-run EMAIL --skip` for one researcher)."),
-    S("DRY_RUN_DATASET_DIR", str, None, "The synthetic twin (m2d.sample_data), bound at /mnt/dataset. Required "
-      "while DRY_RUN is on."),
+    S("TWIN_DIR", str, None, "The synthetic twins, one folder per DATASET_VERSION (TWIN_DIR/<version>, bound at "
+      "/mnt/dataset in a dry run), made by m2d.sample_data on first use as `m2d run` makes its own. On the "
+      "filesystem the compute nodes share. Default: DATA_DIR/twins."),
     S("DRY_RUN_PARTITION", str, None, "Partition of dry runs; default: SLURM_PARTITION."),
     S("DRY_RUN_TIME", str, "00:10:00", "Time limit of a dry run."),
     S("DRY_RUN_GPUS", int, 0, "GPUs per dry run."),
@@ -226,6 +231,11 @@ def load(app: Flask, overrides: Mapping[str, Any] | None = None) -> Config:
     cfg = app.config
     cfg["DATA_DIR"] = os.path.abspath(cfg["DATA_DIR"] or app.instance_path)
     cfg["SECRETS_DIR"] = os.path.abspath(cfg["SECRETS_DIR"] or os.path.join(cfg["DATA_DIR"], "secrets"))
+    cfg["TWIN_DIR"] = os.path.abspath(cfg["TWIN_DIR"] or os.path.join(cfg["DATA_DIR"], "twins"))
+    try:
+        twin.check_version(cfg["DATASET_VERSION"])
+    except ValueError as e:
+        raise ConfigError(f"M2D_DATASET_VERSION: {e}") from None
     if not cfg["SQLALCHEMY_DATABASE_URI"]:
         cfg["SQLALCHEMY_DATABASE_URI"] = "sqlite:///" + os.path.join(cfg["DATA_DIR"], "gateway.db")
     if not cfg["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):

@@ -138,6 +138,9 @@ class Submission(db.Model):
     exit_code = db.Column(db.Integer)
     reason = db.Column(db.String(255))  # why it failed: "exit code 1", "TIMEOUT", ...
     error = db.Column(db.Text)  # pip's error or the tail of stderr
+    # the version of the dataset its jobs ran on (DATASET_VERSION when it first
+    # went to Slurm): the real data's, and its twin's in the dry run
+    dataset_version = db.Column(db.String(64))
     # the dry run on the synthetic twin (jobs.poller): its job, its outcome
     # and its whole log (no real data was involved, so nothing is hidden)
     dry_run_job_id = db.Column(db.String(32), index=True)
@@ -171,6 +174,7 @@ class Submission(db.Model):
             "updated_at": _iso(self.updated_at),
             "zip_sha256": self.zip_sha256,
             "image_digest": self.image_digest,
+            "dataset_version": self.dataset_version,
             "slurm_job_id": self.slurm_job_id,
             "exit_code": self.exit_code,
             "reason": self.reason,

@@ -69,7 +69,8 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
         ended = advance(submission.id, status, new, at=_naive(info.end), detail=fields["reason"], **fields)
         if ended:
             provenance.record(submission.id, "job", slurm_job_id=info.job_id, state=info.state, start=info.start,
-                              end=info.end, exit_code=info.exit_code, signal=info.signal, outcome=new.value)
+                              end=info.end, exit_code=info.exit_code, signal=info.signal, outcome=new.value,
+                              dataset_version=submission.dataset_version)
             airlock.manifest(db.session.get(Submission, submission.id))
             db.session.commit()
         moved |= ended

@@ -31,6 +31,7 @@ from gateway.models import DRY_RUN_EXPORT_FOLDER, Build, Submission, User, utcno
 from gateway.states import DRY_RUN_ACTIVE, Status
 from gateway.storage import SubmissionFiles, job_gid, write_private
 from gateway.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
+from m2d import twin
 
 from . import mail, poller
 from .jobscript import RELAY_SOURCE, JobSpec, job_name, write_job_script
@@ -334,8 +335,9 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: b
     cfg = current_app.config
     submission = db.session.get(Submission, submission_id)
     user = submission.user
+    version = _dataset_version(submission)
     if dry_run:
-        dataset, export = Path(required(cfg, "DRY_RUN_DATASET_DIR")), _dry_run_export(files)
+        dataset, export = _twin(version), _dry_run_export(files)
         experiment_id = _dry_run_experiment(user)
         experiment_name = dry_run_experiment_name(user.mlflow_username)
         partition = cfg["DRY_RUN_PARTITION"] or cfg["SLURM_PARTITION"]
@@ -371,6 +373,25 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: b
     write_private(spec.credentials, f"{user.mlflow_username}\n{user.mlflow_password}\n", gid=gid)
     script = write_job_script(spec, files.job / ("dryrun.sbatch" if dry_run else "job.sbatch"))
     return batch_system.submit(script, spec.job_name)
+
+
+def _dataset_version(submission: Submission) -> str:
+    """The dataset version its jobs run on: DATASET_VERSION when it first went
+    to Slurm, kept for its real job (the real data is the admins' to keep at
+    that version)."""
+    current = current_app.config["DATASET_VERSION"]
+    if submission.dataset_version is None:
+        submission.dataset_version = current
+        db.session.commit()
+    elif submission.dataset_version != current:
+        log.warning("submission %s: its dry run ran on the twin of dataset version %s, DATASET_VERSION is now %s",
+                    submission.id, submission.dataset_version, current)
+    return submission.dataset_version
+
+
+def _twin(version: str) -> Path:
+    """The synthetic twin of ``version``, made on first use (the same one `m2d run` makes)."""
+    return twin.ensure(current_app.config["TWIN_DIR"], version)
 
 
 def _dry_run_export(files: SubmissionFiles) -> Path:

@@ -25,9 +25,13 @@ requirements.txt is installed into a virtualenv cached by its hash under
 code with DATASET at /mnt/dataset (read-only) and EXPORT at /mnt/export, in a
 private mount namespace (as root, or through a user namespace where the kernel
 allows one; otherwise main.py is told the folders through M2D_DATASET_DIR and
-M2D_EXPORT_DIR, and m2d says so). main.py gets a clean environment as on the
-platform, plus --env values; MLflow logs to the local file store in --mlruns
-unless MLFLOW_TRACKING_URI is set. Exits with main.py's exit code.
+M2D_EXPORT_DIR, and m2d says so). Without --dataset, DATASET is the platform's
+dry-run twin of the dataset (the same generator and parameters, made once into
+~/.cache/m2d/twin/VERSION; VERSION from --dataset-version or M2D_DATASET_VERSION)
+and main.py sees M2D_DRY_RUN=1, as in the platform's dry run. main.py gets a
+clean environment as on the platform, plus --env values; MLflow logs to the
+local file store in --mlruns unless MLFLOW_TRACKING_URI is set. Exits with
+main.py's exit code.
 
 Apptainer mode (the platform's own container image) is not available yet.
 """
@@ -230,12 +234,14 @@ def run(args) -> int:
             raise ValueError(f"--env {item!r} is not NAME=VALUE")
         extra_env[name] = value
     say = (lambda text: print(text, file=sys.stderr)) if args.json else (lambda text: print(text, flush=True))
-    result = local.run(args.source, args.dataset, args.export, extra_env, mlruns=args.mlruns, say=say)
+    result = local.run(args.source, args.dataset, args.export, extra_env, mlruns=args.mlruns, say=say,
+                       version=args.dataset_version)
     for note in result.notes:
         print(f"m2d: note: {note}", file=sys.stderr)
     text = f"m2d: main.py exited with {result.exit_code}; outputs in {Path(args.export).resolve()}"
     summary = {"exit_code": result.exit_code, "export": str(Path(args.export).resolve()),
-               "mounts": result.mounts, "tracking_uri": result.tracking_uri, "python": str(result.python)}
+               "mounts": result.mounts, "tracking_uri": result.tracking_uri, "python": str(result.python),
+               "dataset": str(result.dataset), "dataset_version": result.dataset_version}
     _done(args, summary, text)
     return result.exit_code
 
@@ -371,7 +377,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("run", run, "run a submission locally, as the platform would (virtualenv mode)",
                   description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("source", metavar="FOLDER|ZIP")
-    sub.add_argument("--dataset", required=True, type=Path, help="the dataset folder (e.g. from m2d sample-data)")
+    sub.add_argument("--dataset", type=Path,
+                     help="the dataset folder (e.g. from m2d sample-data); default: the dry run's synthetic twin, "
+                          "with M2D_DRY_RUN=1")
+    sub.add_argument("--dataset-version", metavar="VERSION",
+                     help="whose twin to run on when --dataset is left out (default: $M2D_DATASET_VERSION, "
+                          "else the platform's default)")
     sub.add_argument("--export", type=Path, default=Path("export"), help="the export folder (default ./export)")
     sub.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                      help="set a variable for main.py (repeatable), e.g. --env EPOCHS=1")

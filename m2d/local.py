@@ -8,7 +8,11 @@ What the platform does, and what this does instead of it:
                                                 mounts are possible), the working dir
   an image built from requirements.txt          a virtualenv built from it, cached in
                                                 ~/.cache/m2d/venvs by its hash
-  CLaM at /mnt/dataset (ro)                     --dataset bound at /mnt/dataset (ro)
+  CLaM at /mnt/dataset (ro); in the dry run,    --dataset bound at /mnt/dataset (ro);
+  its synthetic twin, with M2D_DRY_RUN=1        without it, the dry run's own twin
+                                                (m2d/twin.py, cached in
+                                                ~/.cache/m2d/twin/<version>), with
+                                                M2D_DRY_RUN=1
   the submission's /mnt/export                  --export bound at /mnt/export
   a clean environment: MLflow settings,         the same, plus what --env adds; MLflow
   CUDA_VISIBLE_DEVICES                          logs to a local file store unless
@@ -33,7 +37,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import archive
+from . import archive, twin
 
 DATASET_MOUNT = "/mnt/dataset"
 EXPORT_MOUNT = "/mnt/export"
@@ -77,6 +81,8 @@ class Run:
     python: Path
     mounts: str  # "namespace" or "environment"
     tracking_uri: str
+    dataset: Path
+    dataset_version: str | None = None  # the twin's, when no --dataset was given
     notes: list[str] = field(default_factory=list)
 
 
@@ -87,23 +93,46 @@ def cache_dir() -> Path:
     return Path(base) / "m2d"
 
 
-def run(source: str | os.PathLike, dataset: str | os.PathLike, export: str | os.PathLike,
+def twin_dir() -> Path:
+    """Where `m2d run` keeps the dry run's twins, one folder per dataset version."""
+    return cache_dir() / "twin"
+
+
+def dataset_version() -> str:
+    """The dataset version whose twin `m2d run` uses: M2D_DATASET_VERSION, else the platform's default."""
+    return twin.check_version(os.environ.get("M2D_DATASET_VERSION") or twin.DEFAULT_VERSION)
+
+
+def run(source: str | os.PathLike, dataset: str | os.PathLike | None, export: str | os.PathLike,
         extra_env: dict[str, str] | None = None, mlruns: str | os.PathLike = "mlruns",
-        say=print) -> Run:
+        say=print, version: str | None = None) -> Run:
     """Check `source` (a project folder or a zip) as the platform would, install its
     requirements, and run its main.py; return main.py's exit code and how it ran.
+    Without `dataset` it runs as the platform's dry run does: on the synthetic
+    twin of dataset `version` (made once, by the platform's generator with the
+    platform's parameters), with M2D_DRY_RUN=1.
     Raises archive.Refusal for a zip the platform would refuse."""
+    extra_env = dict(extra_env or {})
+    if dataset is None:
+        version = twin.check_version(version or dataset_version())
+        if not twin.is_cached(twin_dir(), version):
+            say(f"m2d: making the synthetic twin of dataset version {version} in {twin.path(twin_dir(), version)} "
+                "(once; the platform's dry run uses the same)")
+        dataset = twin.ensure(twin_dir(), version)
+        extra_env = {"M2D_DRY_RUN": "1", **extra_env}
+    else:
+        version = None
     dataset, export = Path(dataset).resolve(), Path(export).resolve()
     if not dataset.is_dir():
-        raise LocalRunError(f"The dataset folder {dataset} does not exist. Make a synthetic one: "
-                            f"m2d sample-data --out {dataset}")
+        raise LocalRunError(f"The dataset folder {dataset} does not exist. Leave out --dataset to run on the "
+                            f"dry run's synthetic twin, or make a sample: m2d sample-data --out {dataset}")
     export.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="m2d-run-") as work:
         work = Path(work)
         code = _unpacked(Path(source), work)
         requirements = (code / "requirements.txt").read_text()
         python = environment(requirements, say=say)
-        env, tracking_uri = _job_environment(python, mlruns, extra_env or {})
+        env, tracking_uri = _job_environment(python, mlruns, extra_env)
         command = [str(python), "main.py"]
         mounts = mount_method()
         notes = []
@@ -116,11 +145,13 @@ def run(source: str | os.PathLike, dataset: str | os.PathLike, export: str | os.
                          "namespace: run as root, or allow user namespaces); main.py got "
                          f"M2D_DATASET_DIR={dataset} and M2D_EXPORT_DIR={export} instead, so code that "
                          "uses the fixed paths will not find them.")
-        say(f"m2d: running main.py ({DATASET_MOUNT} <- {dataset} read-only, {EXPORT_MOUNT} <- {export}; "
+        what = f"the twin of dataset version {version}, M2D_DRY_RUN=1" if version else "read-only"
+        say(f"m2d: running main.py ({DATASET_MOUNT} <- {dataset} ({what}), {EXPORT_MOUNT} <- {export}; "
             f"MLflow: {tracking_uri})")
         completed = subprocess.run(command, cwd=code, env=env)
     exit_code = completed.returncode if completed.returncode >= 0 else 128 - completed.returncode
-    return Run(exit_code=exit_code, python=python, mounts=mounts, tracking_uri=tracking_uri, notes=notes)
+    return Run(exit_code=exit_code, python=python, mounts=mounts, tracking_uri=tracking_uri, dataset=dataset,
+               dataset_version=version, notes=notes)
 
 
 def environment(requirements: str, say=print) -> Path:

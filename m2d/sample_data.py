@@ -88,7 +88,12 @@ def generate(dest: str | os.PathLike, cases: int = DEFAULT_CASES,
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         _write_sample(tmp, cases, (width, height), seed)
-        tmp.chmod(0o755)  # mkdtemp made it private; a dataset is for reading
+        # mkdtemp made it private, and the caller's umask may be tight: a
+        # dataset is for reading, by the account jobs run as too
+        for folder, _, names in os.walk(tmp):
+            os.chmod(folder, 0o755)
+            for name in names:
+                os.chmod(os.path.join(folder, name), 0o644)
         if dest.exists():
             dest.rmdir()
         tmp.rename(dest)

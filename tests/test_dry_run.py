@@ -1,6 +1,6 @@
 """Dry runs through the real stack: every submission runs first on the synthetic
-twin of CLaM (M2D_DRY_RUN_DATASET_DIR) with its whole log shown, and only a dry
-run that exits 0 lets the real job go to Slurm.
+twin of CLaM (of the dataset's version, M2D_TWIN_DIR/<version>) with its whole
+log shown, and only a dry run that exits 0 lets the real job go to Slurm.
 
 Five Slurm jobs in all (the machine is small): a crash (dry run only), iris
 (dry run + real run), and code that fails only on the real data (both)."""
@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from gateway.adapters.slurm.cli import CliScheduler
+from m2d import twin
 
 from .stack import REPO, SAMPLES, zip_folder
 
@@ -67,6 +68,12 @@ def slurm_job_named(name, since):
     return CliScheduler().find(name, since=since)
 
 
+def twin_of(stack, submission):
+    """The twin the submission's dry run was bound to (the gateway's TWIN_DIR/<version>)."""
+    root = stack.env.get("M2D_TWIN_DIR") or stack.root / "data" / "twins"
+    return twin.path(root, submission["dataset_version"])
+
+
 def _since(submission):
     return datetime.fromisoformat(submission["created_at"]).astimezone(timezone.utc)
 
@@ -105,8 +112,9 @@ def test_a_crash_on_the_first_batch_ends_as_dry_run_failed_with_the_whole_traceb
     assert all(f"in layer{i}\n" in log for i in range(41))
     assert "ValueError: m2d test: first batch of 4 has the wrong shape" in log
     assert len(log.splitlines()) > 2 * stack_tail_lines()
-    # the twin has CLaM's layout and columns
-    with open(os.path.join(os.environ["M2D_DRY_RUN_DATASET_DIR"], "clam-details-image.csv")) as f:
+    # the twin of the dataset's version, with CLaM's layout and columns
+    assert result["dataset_version"] == stack.env.get("M2D_DATASET_VERSION", twin.DEFAULT_VERSION)
+    with open(twin_of(stack, result) / "clam-details-image.csv") as f:
         columns = ",".join(next(csv.reader(f)))
     assert f"columns {columns}" in log
 

@@ -9,6 +9,7 @@ import requests
 
 from gateway.extensions import db
 from gateway.models import Build, Submission
+from m2d import twin
 
 from .stack import SAMPLES, zip_folder
 
@@ -115,8 +116,9 @@ def test_writing_to_the_dataset_fails_read_only(stack, researcher, iris, tmp_pat
     assert result["status"] == "dry_run_failed"  # the twin is read-only too
     assert "Read-only file system" in result["error"]
     assert not (stack.root / "data" / "tampered.txt").exists()
-    for dataset in ("M2D_DATASET_DIR", "M2D_DRY_RUN_DATASET_DIR"):
-        assert not (Path(os.environ[dataset]) / "tampered.txt").exists()
+    twin_dir = stack.env.get("M2D_TWIN_DIR") or stack.root / "data" / "twins"
+    for dataset in (Path(os.environ["M2D_DATASET_DIR"]), twin.path(twin_dir, result["dataset_version"])):
+        assert not (dataset / "tampered.txt").exists()
 
 
 def test_missing_package_is_build_failed_with_pips_message(researcher, tmp_path):

@@ -1,6 +1,7 @@
 """The researcher's `m2d` command, run as a researcher runs it (python -m m2d):
 checking and zipping with the platform's own rules, and running the samples
 locally on a synthetic CLaM sample in virtualenv mode."""
+import hashlib
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.validation import Refusal, check_zip
-from m2d import sample_data
+from m2d import sample_data, twin
 
 from . import zips
 
@@ -142,6 +143,35 @@ def test_run_exits_with_main_pys_code_and_binds_the_dataset_read_only(tmp_path, 
     assert "clam-details-image.csv" in listing
     assert not (dataset / "tampered.txt").exists()
     assert cwd != str(project)  # it ran from the unpacked zip, as on the platform
+
+
+def test_run_without_a_dataset_uses_the_dry_runs_twin_with_m2d_dry_run_set(tmp_path, venv_cache):
+    project = tmp_path / "probe"
+    project.mkdir()
+    (project / "requirements.txt").write_text("")
+    (project / "main.py").write_text(
+        "import hashlib, os\n"
+        "csv = open('/mnt/dataset/clam-details-image.csv', 'rb').read()\n"
+        "open('/mnt/export/probe.txt', 'w').write(f\"{os.environ.get('M2D_DRY_RUN')}\\n{hashlib.sha256(csv).hexdigest()}\\n\")\n")
+    done = m2d("run", project, "--export", tmp_path / "export", "--json", cwd=tmp_path, env=venv_cache)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    cached = Path(venv_cache["M2D_CACHE_DIR"]) / "twin" / twin.DEFAULT_VERSION
+    assert shown["dataset"] == str(cached) and shown["dataset_version"] == twin.DEFAULT_VERSION
+    dry_run, digest = (tmp_path / "export" / "probe.txt").read_text().splitlines()
+    assert dry_run == "1"
+    # the twin the gateway's dry run binds (jobs.tasks._twin: the same call, the same parameters)
+    gateways = twin.ensure(tmp_path / "gateway-twins", twin.DEFAULT_VERSION)
+    assert digest == hashlib.sha256((gateways / sample_data.IMAGE_CSV).read_bytes()).hexdigest()
+    assert sorted(p.relative_to(cached) for p in cached.rglob("*")) == sorted(
+        p.relative_to(gateways) for p in gateways.rglob("*"))
+
+    other = m2d("run", project, "--export", tmp_path / "export2", "--dataset-version", "2026-03",
+                cwd=tmp_path, env=venv_cache)
+    assert other.returncode == 0, other.stderr
+    assert (Path(venv_cache["M2D_CACHE_DIR"]) / "twin" / "2026-03").is_dir()
+    refused = m2d("run", project, "--dataset-version", "../x", cwd=tmp_path, env=venv_cache)
+    assert refused.returncode == 1 and "letters, digits and" in refused.stderr
 
 
 def test_run_of_the_iris_sample_logs_its_metrics_and_writes_the_export_file(tmp_path, dataset, venv_cache):

@@ -4,6 +4,7 @@ ends as failed with Slurm's own words."""
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from datetime import timezone
 
@@ -43,10 +44,10 @@ def isolated_app(testbed):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _received(tmp_path):
+def _received(tmp_path, sample="fails"):
     user = accounts.create_user(f"tasks-{uuid.uuid4().hex[:6]}@example.org", "Tasks")
     accounts.approve(user)  # its MLflow experiments: the job script names them
-    zip_path = zip_folder(SAMPLES / "fails", tmp_path / "s.zip")
+    zip_path = zip_folder(SAMPLES / sample, tmp_path / "s.zip")
     with open(zip_path, "rb") as f:
         return intake.accept(user, FileStorage(stream=f, filename="s.zip")).id
 
@@ -69,6 +70,56 @@ def test_retried_prepare_after_a_crash_finds_its_job_instead_of_submitting_again
     tasks.prepare(sid)  # and once more, now that it is queued: nothing happens
     assert [e.status for e in db.session.get(Submission, sid).events].count("dry_run_queued") == 1
     CliScheduler().cancel(first)  # its folders go with the test
+
+
+def _real_job_sbatched_then_the_worker_died(app, sid):
+    """Its dry run passed, its prepare claimed queued and sbatched the real
+    job, then died before recording the job id (the interleaving is forced)."""
+    submission = db.session.get(Submission, sid)
+    submission.status, submission.dry_run_job_id = "dry_run_passed", "1"
+    db.session.commit()
+    assert lifecycle.advance(sid, Status.DRY_RUN_PASSED, Status.QUEUED)  # the claim
+    files = SubmissionFiles(sid)
+    image = ImageBuilder.from_config(app.config).ensure((files.code / "requirements.txt").read_text())
+    return tasks._submit(sid, files, image)
+
+
+def _slurm_state(job_id):
+    """sacct's state of ``job_id`` once it has ended (the accounting trails slurmctld)."""
+    for _ in range(60):
+        info = CliScheduler().statuses([job_id]).get(job_id)
+        if info is not None and info.finished:
+            return info.state
+        time.sleep(1)
+    raise AssertionError(f"Slurm job {job_id} has not ended")
+
+
+def test_a_cancel_after_the_worker_died_between_the_real_sbatch_and_the_record_scancels_that_job(
+        isolated_app, tmp_path):
+    sid = _received(tmp_path, "sleeps")
+    orphan = _real_job_sbatched_then_the_worker_died(isolated_app, sid)
+    tasks.cancel(sid)  # the researcher's cancel; no prepare is left to scancel the job
+    db.session.expire_all()
+    submission = db.session.get(Submission, sid)
+    assert submission.status == "cancelled" and submission.slurm_job_id == orphan
+    assert _slurm_state(orphan) == "CANCELLED"
+    prefix = isolated_app.config["SLURM_JOB_PREFIX"]
+    since = submission.created_at.replace(tzinfo=timezone.utc)
+    assert CliScheduler().find(f"{prefix}-{sid}", since=since) == orphan  # and no other
+
+
+def test_a_retried_prepare_after_the_worker_died_between_the_real_sbatch_and_the_record_records_that_job(
+        isolated_app, tmp_path):
+    sid = _received(tmp_path, "sleeps")
+    first = _real_job_sbatched_then_the_worker_died(isolated_app, sid)
+    tasks.prepare(sid)  # the sweep's retry
+    db.session.expire_all()
+    submission = db.session.get(Submission, sid)
+    assert submission.status == "queued" and submission.slurm_job_id == first
+    prefix = isolated_app.config["SLURM_JOB_PREFIX"]
+    since = submission.created_at.replace(tzinfo=timezone.utc)
+    assert CliScheduler().find(f"{prefix}-{sid}", since=since) == first  # no second job
+    CliScheduler().cancel(first)
 
 
 def test_job_that_slurm_refuses_fails_with_slurms_message(isolated_app, tmp_path):

@@ -1,9 +1,13 @@
 """Write the testbed's synthetic CLaM sample (the generator is m2d/sample_data.py).
 
     python deploy/testbed/make_dataset.py [DEST] [--cases 10] [--seed 0]
+    python deploy/testbed/make_dataset.py TWIN_DIR --twin [VERSION]
 
 DEST defaults to $M2D_TESTBED_DIR/clam (else /opt/testbed/clam).  An existing,
-complete dataset at DEST is left as it is.  Needs numpy and Pillow (the
+complete dataset at DEST is left as it is.  With --twin, the dry runs' synthetic
+twin of that dataset version (default: the gateway's default) goes to
+TWIN_DIR/VERSION (m2d/twin.py: the
+parameters the gateway and `m2d run` use).  Needs numpy and Pillow (the
 project's .venv/bin/python, as up.sh runs it).
 """
 
@@ -18,7 +22,7 @@ from pathlib import Path
 # generator lives in the repository's m2d package, two folders up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from m2d import sample_data  # noqa: E402
+from m2d import sample_data, twin  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", nargs="?", type=Path, default=default_dest)
     parser.add_argument("--cases", type=int, default=sample_data.DEFAULT_CASES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--twin", metavar="VERSION", nargs="?", const=twin.DEFAULT_VERSION,
+                        help="make the twin of this dataset version in DEST/VERSION")
     args = parser.parse_args(argv)
+    if args.twin:
+        made = twin.ensure(args.dest, args.twin)
+        print(f"make_dataset: the twin of dataset version {args.twin} is in {made}")
+        return 0
     if sample_data.generate(args.dest, cases=args.cases, seed=args.seed):
         print(f"make_dataset: wrote {args.cases} cases (seed {args.seed}) to {args.dest}")
     else:

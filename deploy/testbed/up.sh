@@ -44,9 +44,11 @@ step mlflow     "$here/mlflow.sh" start "$TESTBED_DIR"
 step smtp       "$here/smtp.sh" start "$TESTBED_DIR"
 step postgres   "$here/postgres.sh" "$TESTBED_DIR"
 step dataset    "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/clam"
-# the dry runs' synthetic twin: the same layout and CSV columns, a few cases
-# (a dry run is a quick check, not a training run)
-step twin       "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/clam-twin" --cases 4 --seed 1
+# the dry runs' synthetic twins, one per dataset version (m2d/twin.py: the same
+# layout and CSV columns, a few cases): the default version's is made here, any
+# other by the gateway's account on first use
+step twins      install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/twins"
+step twin       "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/twins" --twin
 # the model cache admins fill (flask --app gateway weights add): the gateway
 # writes it, every job reads it
 step models     install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/models"
@@ -77,7 +79,7 @@ export M2D_PIP_FIND_LINKS="$PIP_LINKS"
 export M2D_PIP_CONSTRAINT="$PIP_CONSTRAINT_FILE"
 export M2D_BUILD_MKSQUASHFS_ARGS="-comp gzip -Xcompression-level 1"
 export M2D_DATASET_DIR=$TESTBED_DIR/clam
-export M2D_DRY_RUN_DATASET_DIR=$TESTBED_DIR/clam-twin
+export M2D_TWIN_DIR=$TESTBED_DIR/twins
 export M2D_MODELS_DIR=$TESTBED_DIR/models
 export M2D_REDIS_URL=redis://:$(cat "$TESTBED_DIR/secrets/redis-password")@127.0.0.1:6380/0
 export M2D_MLFLOW_URL=http://127.0.0.1:5001
