@@ -286,7 +286,8 @@ def _summary(submission: dict) -> str:
 def _details(submission: dict) -> str:
     lines = [f"submission {submission['id']}: {submission['status']}",
              f"  file: {submission['filename']} (sha256 {submission['zip_sha256']})"]
-    for key, label in (("slurm_job_id", "Slurm job"), ("exit_code", "exit code"), ("reason", "reason")):
+    for key, label in (("slurm_job_id", "Slurm job"), ("dataset_version", "dataset version"),
+                       ("exit_code", "exit code"), ("reason", "reason")):
         if submission.get(key) is not None:
             lines.append(f"  {label}: {submission[key]}")
     if submission.get("error"):
