@@ -1,7 +1,7 @@
 """The dataset version a submission's jobs ran on (its twin's in the dry run)
 
 Revision ID: e4b7c2d9f1a6
-Revises: d7e1a9c4b2f0
+Revises: e4a7c2d9f1b3
 Create Date: 2026-12-03 13:40:00.000000
 """
 from alembic import op
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = 'e4b7c2d9f1a6'
-down_revision = 'd7e1a9c4b2f0'
+down_revision = 'e4a7c2d9f1b3'
 branch_labels = None
 depends_on = None
 
