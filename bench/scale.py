@@ -21,7 +21,8 @@ def sacct_output(n: int) -> str:
     for i in range(n):
         state = STATES[i % len(STATES)]
         end = "Unknown" if state in ("PENDING", "RUNNING") else "2026-11-27T10:00:09"
-        lines.append(f"{100000 + i}|{state}|{i % 3}:0|2026-11-27T10:00:01|{end}")
+        node = "None assigned" if state == "PENDING" else "gpu01"
+        lines.append(f"{100000 + i}|{state}|{i % 3}:0|2026-11-27T10:00:01|{end}|{node}")
     return "\n".join(lines) + "\n"
 
 

@@ -303,8 +303,13 @@ def _release(item: ReleaseItem) -> None:
     now = utcnow()
     item.status, item.released_at = "released", now
     item.expires_at = now + timedelta(days=current_app.config["RELEASE_DAYS"])
+    # what made the file, on its own link too: a released file's record names its job and runs
+    job, runs = provenance.latest(submission_id, "job"), provenance.latest(submission_id, "mlflow")
     provenance.record(submission_id, "released", request_id=item.request_id, path=item.file.path,
-                      sha256=item.file.sha256, until=item.expires_at)
+                      sha256=item.file.sha256, until=item.expires_at,
+                      zip_sha256=provenance.latest(submission_id, "upload").get("zip_sha256"),
+                      slurm_job_id=job.get("slurm_job_id"), node=job.get("node"),
+                      mlflow_experiment_id=runs.get("experiment_id"), mlflow_run_ids=runs.get("run_ids"))
 
 
 def _settle(request: ReleaseRequest) -> None:

@@ -1,8 +1,10 @@
 """Each submission's provenance: one hash-chained, append-only record.
 
     upload (zip sha256) -> environment (requirements key, image digest)
-    -> job (Slurm job id, start, end, state, exit) -> manifest (path, size, sha256)
-    -> release requests, each review decision, each release, each download, purges
+    -> job (Slurm job id, node, start, end, state, exit; from sacct)
+    -> mlflow (the run ids the job created, tagged by its relay) -> manifest (path, size, sha256)
+    -> release requests, each review decision, each release (naming the job, node
+       and runs again), each download, purges
 
 A row's hash is sha256(prev_hash + canonical JSON of the row's content:
 submission, seq, kind, time, payload), so changing, removing or reordering a
@@ -61,6 +63,13 @@ def record(submission_id: int, kind: str, **payload: object) -> ProvenanceRecord
 def chain(submission_id: int) -> list[ProvenanceRecord]:
     return (ProvenanceRecord.query.filter_by(submission_id=submission_id)
             .order_by(ProvenanceRecord.seq).all())
+
+
+def latest(submission_id: int, kind: str) -> dict:
+    """The payload of the submission's last ``kind`` link; {} when it has none."""
+    row = (ProvenanceRecord.query.filter_by(submission_id=submission_id, kind=kind)
+           .order_by(ProvenanceRecord.seq.desc()).first())
+    return json.loads(row.payload) if row else {}
 
 
 def to_dict(row: ProvenanceRecord) -> dict:

@@ -14,6 +14,7 @@ from sqlalchemy import and_, or_
 
 from gateway import accounts, airlock, alerts, provenance, queue
 from gateway.adapters import slurm
+from gateway.adapters.mlflow import MlflowAdmin, MlflowError
 from gateway.adapters.slurm import JobInfo, Scheduler
 from gateway.extensions import db
 from gateway.lifecycle import advance
@@ -68,13 +69,31 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
         new, fields = _outcome(submission, info)
         ended = advance(submission.id, status, new, at=_naive(info.end), detail=fields["reason"], **fields)
         if ended:
-            provenance.record(submission.id, "job", slurm_job_id=info.job_id, state=info.state, start=info.start,
-                              end=info.end, exit_code=info.exit_code, signal=info.signal, outcome=new.value,
-                              dataset_version=submission.dataset_version)
+            _record_job(submission, info, new)
             airlock.manifest(db.session.get(Submission, submission.id))
             db.session.commit()
         moved |= ended
     return moved
+
+
+def _record_job(submission: Submission, info: JobInfo, outcome: Status) -> None:
+    """The job's links of the provenance chain: what sacct says of it (id, node,
+    times, exit), then the MLflow runs it created, found by the tag its relay put
+    on each. MLflow being down leaves the error in the record, not a gap."""
+    provenance.record(submission.id, "job", slurm_job_id=info.job_id, node=info.node, state=info.state,
+                      start=info.start, end=info.end, exit_code=info.exit_code, signal=info.signal,
+                      outcome=outcome.value, dataset_version=submission.dataset_version)
+    experiment_id = submission.user.mlflow_experiment_id
+    runs = {"experiment_id": experiment_id, "run_ids": []}
+    if info.started and experiment_id:  # else it made none: it never ran, or its owner has no MLflow account
+        try:
+            if not current_app.config["MLFLOW_ADMIN_PASSWORD"]:
+                raise MlflowError(None, "the gateway has no MLflow admin password (M2D_MLFLOW_ADMIN_PASSWORD)")
+            runs["run_ids"] = MlflowAdmin.from_config(current_app.config).runs_of_job(experiment_id, info.job_id)
+        except MlflowError as e:
+            log.warning("submission %s: its MLflow runs are unknown: %s", submission.id, e)
+            runs.update(run_ids=None, error=str(e))
+    provenance.record(submission.id, "mlflow", **runs)
 
 
 def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:

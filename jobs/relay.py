@@ -67,6 +67,9 @@ BATCH_MAX_TAGS = 100
 BATCH_MAX_ITEMS = 1000
 BATCH_MAX_BYTES = 900_000  # MLflow refuses log-batch bodies over 1 MB; keep a margin
 KEY_MAX_LENGTH = 250  # MLflow's limit on metric, param and tag keys
+# Tags the relay itself puts on every run (--run-tag): which submission and Slurm
+# job made it, for the submission's provenance. The job's code may not set them.
+PLATFORM_TAG_PREFIX = "m2d."
 # MLflow's rule for metric, param and tag names (same on the server, POSIX flavour).
 KEY_CHARACTERS = re.compile(r"^[/\w.\- :]*$")
 
@@ -288,13 +291,15 @@ class Relay:
     apart from HTTP itself."""
 
     def __init__(self, upstream: Upstream, experiment_id: str, experiment_name: str, limits: Limits,
-                 rate: TokenBucket, experiment_alias: str | None = None):
+                 rate: TokenBucket, experiment_alias: str | None = None,
+                 run_tags: dict[str, str] | None = None):
         self.upstream = upstream
         self.experiment_id = experiment_id
         self.experiment_name = experiment_name
         # a dry run: code that names the owner's real experiment itself
         # (mlflow.set_experiment) gets the dry run's instead
         self.experiment_alias = experiment_alias
+        self.run_tags = [{"key": k, "value": v} for k, v in (run_tags or {}).items()]
         self.limits = limits
         self.rate = rate
         self.runs: dict[str, Run] = {}
@@ -381,6 +386,7 @@ class Relay:
         with self._lock:
             if len(self.runs) >= self.limits.runs:
                 raise over_limit(f"a job may create at most {self.limits.runs} runs")
+        params = {**params, "tags": tags + self.run_tags}
         status, content_type, content = self.forward(method, path, params)
         if status == 200:
             run = json.loads(content)["run"]
@@ -414,6 +420,8 @@ class Relay:
 
     def delete_tag(self, method, path, params):
         run = self.own_run(params)
+        if str(params.get("key", "")).startswith(PLATFORM_TAG_PREFIX):
+            raise denied(f"tags named {PLATFORM_TAG_PREFIX}* are the platform's; they cannot be deleted")
         with run.sending:
             self.send_pending(run)
             answer = self.forward(method, path, params)
@@ -438,7 +446,11 @@ class Relay:
         return check_text_item("param", param, self.limits.param_value)
 
     def check_tag(self, tag) -> dict:
-        return check_text_item("tag", tag, self.limits.tag_value)
+        item = check_text_item("tag", tag, self.limits.tag_value)
+        if item["key"].startswith(PLATFORM_TAG_PREFIX):
+            raise denied(f"tags named {PLATFORM_TAG_PREFIX}* are the platform's (which submission and job "
+                         "made the run); choose another name")
+        return item
 
     def log_metric(self, method, path, params):
         return self.buffer(self.own_run(params), metrics=[params])
@@ -705,7 +717,8 @@ def serve(args) -> int:
     username, password = read_credentials(args.password_file)
     upstream = Upstream(args.upstream, username, password, args.upstream_timeout)
     relay = Relay(upstream, args.experiment_id, args.experiment_name, Limits(args),
-                  TokenBucket(args.rate, args.burst), experiment_alias=args.experiment_alias)
+                  TokenBucket(args.rate, args.burst), experiment_alias=args.experiment_alias,
+                  run_tags=dict(tag.split("=", 1) for tag in args.run_tag or ()))
     server = UnixRelayServer(args.socket, relay)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -825,6 +838,8 @@ def parse_args(argv=None):
     s.add_argument("--experiment-alias", help="a dry run: the owner's real experiment name, answered "
                    "with the experiment above (code that names it itself logs to the dry run's)")
     s.add_argument("--ready-file", help="created once the socket listens")
+    s.add_argument("--run-tag", action="append", metavar="KEY=VALUE",
+                   help=f"a tag put on every run created (repeatable; keys start with {PLATFORM_TAG_PREFIX})")
     s.add_argument("--max-param-value", type=int, default=6000, help="characters (default 6000)")
     s.add_argument("--max-tag-value", type=int, default=8000, help="characters (default 8000)")
     s.add_argument("--max-body", type=int, default=1_000_000, help="bytes per request (default 1 MB)")

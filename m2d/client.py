@@ -89,9 +89,18 @@ class Client:
                 if response.status_code >= 400:
                     self._check(response)
                 resumed = response.status_code == 206
+                if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                    raise ApiError("bad_response", f"asked for {path} from byte {have}, the gateway sent "
+                                   f"{response.headers.get('Content-Range')!r}; {out} is left as it was.")
                 with open(out, "ab" if resumed else "wb") as f:
-                    for chunk in response.iter_content(1 << 16):
-                        f.write(chunk)
+                    try:
+                        for chunk in response.iter_content(1 << 16):
+                            f.write(chunk)
+                    except requests.RequestException as e:
+                        # what arrived is a prefix of the file: keep it, the next run asks for the rest
+                        raise ApiError("interrupted", f"The transfer of {path} stopped after {f.tell()} of "
+                                       f"{expected['size']} bytes ({_reason(e)}). The bytes so far are in {out}: "
+                                       "run the same command again to resume from there.") from None
         digest = hashlib.sha256()
         with open(out, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -5,10 +5,14 @@ walks the issue's proof through the real stack (the iris sample writes
 /mnt/export/result.txt)."""
 import hashlib
 import json
+import socket
 import sqlite3
+import subprocess
+import threading
 from datetime import datetime, timedelta
 
 import pytest
+import requests
 from sqlalchemy import text
 
 from gateway import airlock, lifecycle, provenance
@@ -253,7 +257,7 @@ def _reviewer(stack, name):
     return person
 
 
-def test_release_through_the_stack_with_two_reviewers(stack, iris_done):
+def test_release_through_the_stack_with_two_reviewers(stack, iris_done, mlflow_url, admin_auth):
     researcher, submission_id = iris_done
     first, second = _reviewer(stack, "rev-one"), _reviewer(stack, "rev-two")
     export = researcher.api("GET", f"/submissions/{submission_id}/export").json()
@@ -294,9 +298,28 @@ def test_release_through_the_stack_with_two_reviewers(stack, iris_done):
 
     chain = researcher.api("GET", f"/submissions/{submission_id}/provenance").json()
     kinds = [r["kind"] for r in chain["records"]]
-    assert chain["verified"] and kinds[:4] == ["upload", "environment", "job", "manifest"]
+    assert chain["verified"] and kinds[:5] == ["upload", "environment", "job", "mlflow", "manifest"]
     assert kinds.count("review") == 2 and "released" in kinds and kinds[-1] == "download"
     assert chain["records"][-1]["payload"]["by"] == researcher.address
+
+    # the chain names the Slurm job and node as sacct has them, and the job's MLflow runs as MLflow has them
+    job_id = researcher.submission(submission_id)["slurm_job_id"]
+    link = {r["kind"]: r["payload"] for r in chain["records"]}
+    assert link["job"]["slurm_job_id"] == job_id and link["job"]["node"] == _sacct_node(job_id)
+    experiment_id, run_ids = link["mlflow"]["experiment_id"], link["mlflow"]["run_ids"]
+    assert run_ids == _mlflow_run_ids(mlflow_url, admin_auth, experiment_id) and len(run_ids) == 1
+    run = requests.get(f"{mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": run_ids[0]}, auth=admin_auth,
+                       timeout=30).json()["run"]
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["m2d.slurm_job_id"] == job_id and tags["m2d.submission_id"] == str(submission_id)
+    assert run["info"]["experiment_id"] == experiment_id
+    assert {m["key"] for m in run["data"]["metrics"]} >= {"accuracy"}
+    # and the released file's own record repeats them
+    released = link["released"]
+    assert (released["path"], released["sha256"]) == ("result.txt", result["sha256"])
+    assert (released["slurm_job_id"], released["node"], released["mlflow_run_ids"]) == (
+        job_id, link["job"]["node"], run_ids)
+    assert released["zip_sha256"] == link["upload"]["zip_sha256"]
 
 
 def test_user_b_gets_404_on_every_airlock_url_of_user_a(stack, iris_done):
@@ -336,11 +359,16 @@ def test_retention_purges_an_expired_export_after_warning(stack, tmp_path):
     export = SubmissionFiles(submission_id, stack.env["M2D_DATA_DIR"]).export
     # the purge covers every submission of this session: look at this one's
     assert "warned=0" not in stack.flask("airlock", "purge", "--now", warn_at)
-    assert _wait_mails(stack, researcher.address, 1, subject="export deleted on")
+    # the warning comes 7 days before the deletion it announces
+    deletion = (moment + timedelta(days=days - 6 + 7)).date().isoformat()
+    warning = _wait_mails(stack, researcher.address, 1, subject="export deleted on")
+    assert len(warning) == 1 and warning[0]["Subject"].endswith(f"export deleted on {deletion}")
+    assert "result.txt" not in warning[0]["Subject"] and "1 file(s)" in warning[0].get_content()
     stack.flask("airlock", "purge", "--now", warn_at)
     assert (export / "result.txt").exists()  # warned, not yet deleted
     assert "exports_purged=0" not in stack.flask("airlock", "purge", "--now", purge_at)
     assert not (export / "result.txt").exists()
+    assert len(_wait_mails(stack, researcher.address, 1, subject="export deleted on")) == 1  # warned once
     answer = researcher.api("GET", f"/submissions/{submission_id}/export").json()
     assert answer["purged"] is True
     kinds = [r["kind"] for r in researcher.api("GET", f"/submissions/{submission_id}/provenance").json()["records"]]
@@ -354,10 +382,25 @@ def test_tampering_with_a_provenance_row_is_found_by_verify(stack, iris_done):
     with sqlite3.connect(database) as conn:
         conn.execute("UPDATE provenance_record SET payload = replace(payload, 'result.txt', 'other.txt') "
                      "WHERE submission_id = ? AND kind = 'manifest'", (submission_id,))
-    with pytest.raises(AssertionError, match=r"broken: submission \d+: link 4"):
+    with pytest.raises(AssertionError, match=r"broken: submission \d+: link 5"):
         stack.flask("provenance", "verify", str(submission_id))
     with pytest.raises(AssertionError, match="broken"):
         stack.flask("provenance", "verify")
+
+
+def _sacct_node(job_id):
+    """The node the job ran on, asked of the real sacct."""
+    done = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "NodeList", "-j", job_id], capture_output=True,
+                          text=True, check=True, timeout=60)
+    return done.stdout.strip()
+
+
+def _mlflow_run_ids(mlflow_url, admin_auth, experiment_id):
+    """Every run of the experiment, oldest first, asked of MLflow's REST API."""
+    answer = requests.post(f"{mlflow_url}/api/2.0/mlflow/runs/search", auth=admin_auth, timeout=30, json={
+        "experiment_ids": [experiment_id], "order_by": ["attributes.start_time ASC"], "max_results": 1000})
+    assert answer.ok, answer.text
+    return [run["info"]["run_id"] for run in answer.json().get("runs", [])]
 
 
 def _wait_mails(stack, address, count, subject=""):
@@ -451,3 +494,128 @@ def test_m2d_airlock_errors_say_what_is_wrong(stack, m2d_iris, tmp_path):
     assert unknown_path.returncode == 1 and "m2d export" in unknown_path.stderr
     offline = _m2d({"M2D_URL": "http://127.0.0.1:9", "M2D_TOKEN": "x"}, tmp_path, "export", "1", "--json")
     assert offline.returncode == 1 and json.loads(offline.stdout)["error"] == "no_connection"
+
+
+# --- a transfer cut mid-stream, resumed with a Range ------------------------------------
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the gateway that closes a client's connection once
+    ``cut_after`` bytes of answers have passed on it, the first ``cuts`` times;
+    after that it passes everything. A real cut: the client sees its socket close."""
+
+    def __init__(self, port, cut_after, cuts=1):
+        self.port, self.cut_after, self.cuts_left = port, cut_after, cuts
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, cuts=1):
+        with self.lock:
+            self.cuts_left = cuts
+
+    def close(self):
+        self.listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        upstream = socket.create_connection(("127.0.0.1", self.port))
+        threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+        passed = 0
+        with client, upstream:
+            try:
+                while chunk := upstream.recv(1 << 16):
+                    with self.lock:
+                        cut = self.cuts_left > 0 and passed + len(chunk) > self.cut_after
+                        self.cuts_left -= cut
+                    if cut:
+                        client.sendall(chunk[:self.cut_after - passed])
+                        client.shutdown(socket.SHUT_RDWR)
+                        return
+                    client.sendall(chunk)
+                    passed += len(chunk)
+            except OSError:
+                return
+
+    @staticmethod
+    def _requests(client, upstream):
+        try:
+            while chunk := client.recv(1 << 16):
+                upstream.sendall(chunk)
+            upstream.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def exports_done(stack, tmp_path_factory):
+    """A completed run of the exports sample (a 3 MiB model.bin among others) whose
+    model.bin is released."""
+    researcher = stack.researcher("exports", dry_run=False)
+    submission_id = researcher.submit(zip_folder(SAMPLES / "exports", tmp_path_factory.mktemp("exports") / "e.zip"))
+    submission = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
+    assert submission["status"] == "completed", submission
+    response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
+                              json={"paths": ["model.bin"], "justification": "the trained model"})
+    assert response.status_code == 201, response.text
+    stack.flask("releases", "approve", str(response.json()["id"]), "--reviewer", _reviewer(stack, "rev-cut").address)
+    files = {f["path"]: f for f in researcher.api("GET", f"/submissions/{submission_id}/export").json()["files"]}
+    assert files["model.bin"]["released"] and files["model.bin"]["size"] == 3 * 1024 * 1024
+    return researcher, submission_id, files["model.bin"]
+
+
+@pytest.fixture
+def cutting_proxy(stack):
+    proxy = CuttingProxy(stack.port, cut_after=1024 * 1024 + 333)
+    yield proxy
+    proxy.close()
+
+
+def test_a_download_cut_mid_stream_resumes_with_a_range_to_the_same_bytes(exports_done, cutting_proxy):
+    researcher, submission_id, model = exports_done
+    url = f"{cutting_proxy.url}/api/v1/submissions/{submission_id}/export/model.bin"
+    auth = {"Authorization": f"Bearer {researcher.token}"}
+    got = bytearray()
+    with pytest.raises(requests.RequestException):
+        with requests.get(url, headers=auth, stream=True, timeout=60) as cut:
+            assert cut.status_code == 200 and int(cut.headers["Content-Length"]) == model["size"]
+            for chunk in cut.iter_content(1 << 16):
+                got += chunk
+    assert 0 < len(got) < model["size"]  # the socket closed mid-body, not before it nor after
+
+    rest = requests.get(url, headers={**auth, "Range": f"bytes={len(got)}-"}, timeout=60)
+    assert rest.status_code == 206, rest.text[:300]
+    assert rest.headers["Content-Range"] == f"bytes {len(got)}-{model['size'] - 1}/{model['size']}"
+    whole = bytes(got) + rest.content
+    assert len(whole) == model["size"] and hashlib.sha256(whole).hexdigest() == model["sha256"]
+    downloads = [r["payload"] for r in researcher.api("GET", f"/submissions/{submission_id}/provenance").json()[
+        "records"] if r["kind"] == "download"]
+    assert downloads[-2]["range"] is None and downloads[-1]["range"] == f"bytes={len(got)}-"
+
+
+def test_m2d_download_cut_mid_stream_resumes_on_the_next_run(exports_done, cutting_proxy, tmp_path):
+    researcher, submission_id, model = exports_done
+    env = {"M2D_URL": cutting_proxy.url, "M2D_TOKEN": researcher.token}
+    out = tmp_path / "model.bin"
+    cut = _m2d(env, tmp_path, "download", submission_id, "model.bin")
+    assert cut.returncode == 1 and "stopped after" in cut.stderr and "run the same command again" in cut.stderr, \
+        cut.stderr
+    kept = out.stat().st_size
+    assert 0 < kept < model["size"]
+    resumed = _m2d(env, tmp_path, "download", submission_id, "model.bin", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["resumed_from"] == kept and summary["verified"] and summary["size"] == model["size"]
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == model["sha256"]
+    direct = _m2d({**env, "M2D_URL": researcher.stack.url}, tmp_path, "download", submission_id, "model.bin",
+                  "--out", tmp_path / "direct.bin")
+    assert direct.returncode == 0, direct.stderr
+    assert (tmp_path / "direct.bin").read_bytes() == out.read_bytes()

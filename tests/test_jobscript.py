@@ -145,6 +145,11 @@ def test_no_credential_reaches_the_container_or_the_script():
     assert "/srv/m2d/submissions/42/job" not in " ".join(_apptainer_argv(script))
 
 
+def test_the_relay_tags_every_run_with_the_submission_and_the_slurm_job():
+    script = render_job_script(_spec(Path("/srv/m2d")))
+    assert '--run-tag m2d.submission_id=42 --run-tag "m2d.slurm_job_id=${SLURM_JOB_ID:-}"' in script
+
+
 def test_the_model_cache_is_bound_read_only_with_offline_settings():
     argv = _apptainer_argv(render_job_script(_spec(Path("/srv/m2d"), models_dir=Path("/srv/models"))))
     assert "/srv/models:/opt/m2d/models:ro" in argv

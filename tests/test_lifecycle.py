@@ -1,4 +1,5 @@
 """The state machine against a real (SQLite) database, and the poller's decisions."""
+import dataclasses
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -6,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 from flask import render_template_string
 
-from gateway import accounts, lifecycle
+from gateway import accounts, lifecycle, provenance
 from gateway.adapters.slurm import JobInfo
 from gateway.extensions import db
 from gateway.models import Email, Event, Submission
@@ -76,6 +77,19 @@ def _info(state, exit_code=0, started=True, signal=0):
     start = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc) if started else None
     end = datetime(2026, 1, 2, 3, 4, 9, tzinfo=timezone.utc) if state != "RUNNING" else None
     return JobInfo(job_id="7", state=state, exit_code=exit_code, signal=signal, start=start, end=end)
+
+
+def test_an_ended_jobs_provenance_names_its_node_then_its_mlflow_runs_or_why_they_are_unknown(local_app):
+    submission = _queued_submission()
+    submission.user.mlflow_experiment_id = "5"
+    db.session.commit()
+    assert poller._apply(submission, dataclasses.replace(_info("COMPLETED"), node="gpu01"))
+    chain = provenance.chain(submission.id)
+    assert [r.kind for r in chain] == ["job", "mlflow", "manifest"]
+    job, runs = (provenance.latest(submission.id, kind) for kind in ("job", "mlflow"))
+    assert (job["slurm_job_id"], job["node"], job["exit_code"]) == ("7", "gpu01", 0)
+    # no MLflow admin password here: the record says so instead of leaving a gap
+    assert runs["experiment_id"] == "5" and runs["run_ids"] is None and "MLFLOW_ADMIN_PASSWORD" in runs["error"]
 
 
 def test_job_that_ran_between_two_polls_gets_started_before_finished(local_app):

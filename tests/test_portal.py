@@ -1,6 +1,7 @@
 """The portal in Debian's chromium against the running stack: the
 researcher's and the admin's whole journey, and the security rules a browser
 meets. Screenshots of each main page land in M2D_SCREENS (/tmp/m2d-screens)."""
+import hashlib
 import os
 import re
 import time
@@ -18,7 +19,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from gateway.extensions import db
 from gateway.models import User
 
-from .stack import SAMPLES, wait_for, zip_folder
+from .stack import SAMPLES, Stack, wait_for, zip_folder
 
 PASSWORD = "correct horse battery staple"
 SCREENS = Path(os.environ.get("M2D_SCREENS", "/tmp/m2d-screens"))
@@ -277,3 +278,146 @@ def test_a_zip_named_like_html_shows_as_text(stack, browsers, tmp_path):
     shot(driver, "15-hostile-name-as-text")
     submission_id = int(driver.find_element(By.CSS_SELECTOR, "tbody a").text.lstrip("#"))
     owner.api("POST", f"/submissions/{submission_id}/cancel")
+
+
+# ---------------------------------------------------------------- the export airlock in the browser
+
+@pytest.fixture(scope="module")
+def two_person_stack(testbed):
+    """A stack of its own with the two-person rule (M2D_RELEASE_APPROVALS=2): the
+    web server reads the setting when it starts."""
+    running = Stack(M2D_RELEASE_APPROVALS="2").start()
+    yield running
+    running.stop()
+
+
+def downloads_into(driver, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+    return folder
+
+
+def release_item(driver, path):
+    return driver.find_element(By.XPATH, f"//article[contains(@class, 'release-item')][.//h3/code[text()='{path}']]")
+
+
+def decide_in_page(driver, path, decision, comment=""):
+    item = release_item(driver, path)
+    if comment:
+        item.find_element(By.NAME, "comment").send_keys(comment)
+    item.find_element(By.CSS_SELECTOR, f"button[value={decision}]").click()
+    until(driver, lambda d: "Recorded" in text(d, ".flashes"))
+
+
+def test_a_release_is_requested_reviewed_by_two_and_downloaded_in_the_browser(two_person_stack, browsers, tmp_path):
+    stack = two_person_stack
+    owner = stack.researcher("exporter", password=PASSWORD, dry_run=False)
+    first, second = (stack.researcher(name, password=PASSWORD) for name in ("rev-ann", "rev-ben"))
+    for person in (owner, first, second):  # the owner is a reviewer too: never of her own files
+        stack.flask("users", "grant-reviewer", person.address)
+    submission_id = owner.submit(zip_folder(SAMPLES / "exports", tmp_path / "exports.zip"))
+    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
+    manifest = {f["path"]: f for f in owner.api("GET", f"/submissions/{submission_id}/export").json()["files"]}
+    assert set(manifest) == {"metrics.json", "model.bin", "predictions.csv"}
+
+    # the researcher asks for two of the three files, with a justification
+    researcher = browsers()
+    log_in(researcher, stack, owner.address)
+    researcher.get(f"{stack.url}/submissions/{submission_id}")
+    export = text(researcher, "#export")
+    for path, listed in manifest.items():
+        assert path in export and listed["sha256"] in export
+    for path in ("model.bin", "predictions.csv"):
+        researcher.find_element(By.CSS_SELECTOR, f"#export input[name=path][value='{path}']").click()
+    researcher.find_element(By.ID, "justification").send_keys("The trained model and its predictions, for a paper.")
+    shot(researcher, "20-export-request")
+    researcher.find_element(By.XPATH, "//section[@id='export']//button[normalize-space()='Request release']").click()
+    until(researcher, lambda d: "sent to the reviewers" in text(d, ".flashes"))
+    request_id = re.search(r"Release request (\d+)", text(researcher, ".flashes")).group(1)
+    assert "pending" in text(researcher, ".release-requests")
+
+    # each other reviewer gets the "request received" email with the page to review it; the owner none
+    for person in (first, second):
+        body, link = mail_link(stack, person.address, f"release requested (request {request_id})",
+                               rf"http\S+/review/requests/{request_id}")
+        assert "model.bin" in body and "predictions.csv" in body and "for a paper" in body
+    assert not [m for m in stack.mails_to(owner.address) if "release requested" in m["Subject"]]
+
+    # the first reviewer: the request, its files with previews and hashes, the code that made them
+    ann = browsers()
+    log_in(ann, stack, first.address)
+    ann.get(f"{stack.url}/review/")
+    shot(ann, "21-review-pending")
+    ann.find_element(By.LINK_TEXT, f"Request {request_id}").click()
+    until(ann, lambda d: text(d, "h1") == f"Release request {request_id}")
+    assert "for a paper" in text(ann)
+    for path in ("model.bin", "predictions.csv"):
+        assert manifest[path]["sha256"] in release_item(ann, path).text
+    assert "P0003,1" in release_item(ann, "predictions.csv").find_element(By.CSS_SELECTOR, "pre.preview").text
+    assert "No preview" in release_item(ann, "model.bin").text
+    shot(ann, "22-review-request")
+    ann.find_element(By.PARTIAL_LINK_TEXT, "The code that produced these files").click()
+    ann.find_element(By.LINK_TEXT, "main.py").click()
+    until(ann, lambda d: "def model_bytes" in text(d, "pre.code"))
+    shot(ann, "23-review-code")
+
+    # two-person rule: one approval leaves the model pending; a rejection rejects at once
+    ann.get(f"{stack.url}/review/requests/{request_id}")
+    decide_in_page(ann, "model.bin", "approve", "A model's weights, no row-level data.")
+    assert release_item(ann, "model.bin").find_element(By.CSS_SELECTOR, ".item-status").text == "pending"
+    decide_in_page(ann, "predictions.csv", "reject", "Row-level predictions per patient may not leave.")
+    assert release_item(ann, "predictions.csv").find_element(By.CSS_SELECTOR, ".item-status").text == "rejected"
+    assert owner.api("GET", f"/submissions/{submission_id}/export/model.bin").status_code == 403
+
+    # the owner, a reviewer herself, cannot approve her own files: no buttons, and a forged form is refused
+    own = browsers()
+    log_in(own, stack, owner.address)
+    own.get(f"{stack.url}/review/requests/{request_id}")
+    assert "This is your own submission" in text(own)
+    assert not own.find_elements(By.CSS_SELECTOR, "button[value=approve]")
+    session = requests.Session()
+    for cookie in own.get_cookies():
+        session.cookies.set(cookie["name"], cookie["value"])
+    token = re.search(r'name="csrf_token" value="([^"]+)"', session.get(f"{stack.url}/account").text).group(1)
+    forged = session.post(f"{stack.url}/review/requests/{request_id}/decide",
+                          data={"csrf_token": token, "path": "model.bin", "decision": "approve"})
+    assert "Nobody reviews the release of their own files" in forged.text
+    own.get(f"{stack.url}/review/requests/{request_id}")
+    assert release_item(own, "model.bin").find_element(By.CSS_SELECTOR, ".item-status").text == "pending"
+    shot(own, "24-review-own-request")
+
+    # the second reviewer's approval releases it
+    ben = browsers()
+    log_in(ben, stack, second.address)
+    ben.get(f"{stack.url}/review/requests/{request_id}")
+    decide_in_page(ben, "model.bin", "approve", "Agreed.")
+    assert release_item(ben, "model.bin").find_element(By.CSS_SELECTOR, ".item-status").text == "released"
+    assert text(ben, ".release-status") == "partly_released"
+    shot(ben, "25-review-decided")
+
+    # the researcher's emails: the decision with every comment, then the download
+    body, _ = mail_link(stack, owner.address, f"release request {request_id} partly released", None)
+    for said in ("model.bin: released", "A model's weights, no row-level data.", "Agreed.",
+                 "predictions.csv: rejected", "Row-level predictions per patient may not leave."):
+        assert said in body, said
+    body, link = mail_link(stack, owner.address, f"download available (request {request_id})",
+                           rf"http\S+/submissions/{submission_id}/export/model\.bin")
+    assert "predictions.csv" not in body and manifest["model.bin"]["sha256"] in body
+
+    # the released file downloads in the browser, byte for byte; the rejected one does not
+    folder = downloads_into(researcher, tmp_path / "downloads")
+    researcher.get(f"{stack.url}/submissions/{submission_id}")
+    row = researcher.find_element(By.XPATH, "//section[@id='export']//tr[.//code[text()='predictions.csv']]")
+    assert not row.find_elements(By.CSS_SELECTOR, "a.download")
+    shot(researcher, "26-export-released")
+    researcher.find_element(By.XPATH, "//tr[.//code[text()='model.bin']]//a[contains(@class, 'download')]").click()
+    got = wait_for(lambda: (f := folder / "model.bin").is_file() and not list(folder.glob("*.crdownload")) and f,
+                   120, "chromium to save model.bin")
+    data = got.read_bytes()
+    assert len(data) == manifest["model.bin"]["size"]
+    assert hashlib.sha256(data).hexdigest() == manifest["model.bin"]["sha256"]
+    assert data == b"".join(hashlib.sha256(b"block %d" % i).digest() for i in range(3 * 1024 * 1024 // 32))
+    researcher.get(link.replace("model.bin", "predictions.csv"))
+    assert "its release was rejected" in text(researcher, "body")
+    assert not (folder / "predictions.csv").exists()
+    shot(researcher, "27-rejected-not-downloadable")

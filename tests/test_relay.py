@@ -19,7 +19,7 @@ import mlflow
 import pytest
 import requests
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, Metric, Param
+from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from gateway.adapters.mlflow import MlflowAdmin
@@ -429,3 +429,25 @@ def test_a_job_whose_relay_stopped_gets_a_clear_400_from_the_shim(start_relay, o
     assert relay.relay.wait(timeout=30) == 0
     error = raises_within(20, MlflowClient(relay.url).get_experiment_by_name, owner.experiment_name)
     assert "MLflow relay is not running" in error.message
+
+
+def test_runs_carry_the_platform_tags_which_the_job_cannot_set_or_delete(start_relay, owner, mlflow_url, admin_auth,
+                                                                         monkeypatch):
+    relay = start_relay(owner, "--run-tag", "m2d.submission_id=42", "--run-tag", "m2d.slurm_job_id=4242")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", owner.experiment_name)
+    mlflow.set_tracking_uri(relay.url)
+    try:
+        refused = raises_within(10, mlflow.start_run, tags={"m2d.slurm_job_id": "1"})
+        assert "m2d.* are the platform's" in str(refused)
+        with mlflow.start_run() as run:
+            for forge in (lambda: mlflow.set_tag("m2d.slurm_job_id", "1"),
+                          lambda: MlflowClient().delete_tag(run.info.run_id, "m2d.slurm_job_id"),
+                          lambda: MlflowClient().log_batch(run.info.run_id, tags=[RunTag("m2d.submission_id", "7")])):
+                assert "m2d.* are the platform's" in str(raises_within(10, forge))
+            mlflow.set_tag("m2d-like", "mine")  # only the "m2d." prefix is the platform's
+        tags = upstream_run(mlflow_url, admin_auth, run.info.run_id)["tags"]
+        assert tags["m2d.submission_id"] == "42" and tags["m2d.slurm_job_id"] == "4242" and tags["m2d-like"] == "mine"
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)

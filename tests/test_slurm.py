@@ -31,78 +31,78 @@ REPO = Path(__file__).resolve().parent.parent
 # ================================================================ parse_sacct
 
 def test_completed_job_has_exit_code_zero_and_utc_times():
-    jobs = parse_sacct("17|COMPLETED|0:0|2026-11-27T03:10:01|2026-11-27T03:10:04\n",
+    jobs = parse_sacct("17|COMPLETED|0:0|2026-11-27T03:10:01|2026-11-27T03:10:04|gpu01\n",
                        tz=UTC)
     assert jobs == {"17": JobInfo("17", "COMPLETED", 0, 0,
                                   datetime(2026, 11, 27, 3, 10, 1, tzinfo=UTC),
-                                  datetime(2026, 11, 27, 3, 10, 4, tzinfo=UTC))}
+                                  datetime(2026, 11, 27, 3, 10, 4, tzinfo=UTC), node="gpu01")}
     assert jobs["17"].started and jobs["17"].finished
 
 
 def test_failed_job_keeps_its_exit_code():
-    info = parse_sacct("18|FAILED|1:0|2026-11-27T03:10:01|2026-11-27T03:10:02", tz=UTC)["18"]
+    info = parse_sacct("18|FAILED|1:0|2026-11-27T03:10:01|2026-11-27T03:10:02|gpu01", tz=UTC)["18"]
     assert (info.state, info.exit_code, info.signal) == ("FAILED", 1, 0)
     assert info.finished
 
 
 def test_cancelled_by_uid_is_cancelled():
-    info = parse_sacct("19|CANCELLED by 0|0:15|2026-11-27T03:10:01|2026-11-27T03:10:09", tz=UTC)["19"]
+    info = parse_sacct("19|CANCELLED by 0|0:15|2026-11-27T03:10:01|2026-11-27T03:10:09|gpu01", tz=UTC)["19"]
     assert info.state == "CANCELLED"
     assert (info.exit_code, info.signal) == (0, 15)
     assert info.finished
 
 
 def test_cancelled_while_pending_never_started():
-    info = parse_sacct("20|CANCELLED by 1000|0:0|None|2026-11-27T03:10:09", tz=UTC)["20"]
-    assert info.state == "CANCELLED" and info.start is None and not info.started
+    info = parse_sacct("20|CANCELLED by 1000|0:0|None|2026-11-27T03:10:09|None assigned", tz=UTC)["20"]
+    assert info.state == "CANCELLED" and info.start is None and not info.started and info.node is None
     assert info.end == datetime(2026, 11, 27, 3, 10, 9, tzinfo=UTC)
 
 
 def test_timeout_and_out_of_memory_are_terminal_with_their_codes():
     jobs = parse_sacct(
-        "21|TIMEOUT|0:15|2026-11-27T03:00:00|2026-11-27T03:01:30\n"
-        "22|OUT_OF_MEMORY|0:125|2026-11-27T03:00:00|2026-11-27T03:00:05\n", tz=UTC)
+        "21|TIMEOUT|0:15|2026-11-27T03:00:00|2026-11-27T03:01:30|gpu01\n"
+        "22|OUT_OF_MEMORY|0:125|2026-11-27T03:00:00|2026-11-27T03:00:05|gpu[01-02]\n", tz=UTC)
     assert (jobs["21"].state, jobs["21"].exit_code, jobs["21"].signal) == ("TIMEOUT", 0, 15)
     assert (jobs["22"].state, jobs["22"].exit_code, jobs["22"].signal) == ("OUT_OF_MEMORY", 0, 125)
     assert jobs["21"].finished and jobs["22"].finished
 
 
 def test_running_job_has_no_end_and_no_exit_code_yet():
-    info = parse_sacct("23|RUNNING|0:0|2026-11-27T03:10:01|Unknown", tz=UTC)["23"]
+    info = parse_sacct("23|RUNNING|0:0|2026-11-27T03:10:01|Unknown|gpu01", tz=UTC)["23"]
     assert info.state == "RUNNING" and info.started and not info.finished
-    assert info.end is None
+    assert info.end is None and info.node == "gpu01"
     # sacct says 0:0 for a running job; that is not a success
     assert info.exit_code is None and info.signal is None
 
 
 def test_pending_job_has_no_start():
-    info = parse_sacct("24|PENDING|0:0|Unknown|Unknown", tz=UTC)["24"]
+    info = parse_sacct("24|PENDING|0:0|Unknown|Unknown|None assigned", tz=UTC)["24"]
     assert info == JobInfo("24", "PENDING", None, None, None, None)
     assert not info.started and not info.finished
 
 
 def test_other_terminal_states():
-    text = "\n".join(f"{i}|{s}|0:0|None|None" for i, s in enumerate(
+    text = "\n".join(f"{i}|{s}|0:0|None|None|gpu01" for i, s in enumerate(
         ["NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"], start=30))
     assert all(j.finished for j in parse_sacct(text, tz=UTC).values())
     for state in ["REQUEUED", "SUSPENDED", "RESIZING"]:
-        assert not parse_sacct(f"40|{state}|0:0|None|None", tz=UTC)["40"].finished
+        assert not parse_sacct(f"40|{state}|0:0|None|None|gpu01", tz=UTC)["40"].finished
 
 
 def test_blank_lines_whitespace_and_job_steps_are_tolerated():
     text = ("\n   \n"
-            "  25 | COMPLETED | 0:0 | 2026-11-27T03:10:01 | 2026-11-27T03:10:04  \n"
-            "25.batch|COMPLETED|0:0|2026-11-27T03:10:01|2026-11-27T03:10:04\n"
-            "25.extern|COMPLETED|0:0|2026-11-27T03:10:01|2026-11-27T03:10:04\n"
-            "25.0|FAILED|2:0|2026-11-27T03:10:02|2026-11-27T03:10:03\n\n")
+            "  25 | COMPLETED | 0:0 | 2026-11-27T03:10:01 | 2026-11-27T03:10:04 | gpu01  \n"
+            "25.batch|COMPLETED|0:0|2026-11-27T03:10:01|2026-11-27T03:10:04|gpu01\n"
+            "25.extern|COMPLETED|0:0|2026-11-27T03:10:01|2026-11-27T03:10:04|gpu01\n"
+            "25.0|FAILED|2:0|2026-11-27T03:10:02|2026-11-27T03:10:03|gpu01\n\n")
     jobs = parse_sacct(text, tz=UTC)
     assert list(jobs) == ["25"]
-    assert jobs["25"].state == "COMPLETED" and jobs["25"].exit_code == 0
+    assert jobs["25"].state == "COMPLETED" and jobs["25"].exit_code == 0 and jobs["25"].node == "gpu01"
 
 
 def test_times_are_converted_from_sacct_zone_to_utc():
     amsterdam = ZoneInfo("Europe/Amsterdam")
-    info = parse_sacct("26|COMPLETED|0:0|2026-07-01T12:00:00|2026-12-01T12:00:00",
+    info = parse_sacct("26|COMPLETED|0:0|2026-07-01T12:00:00|2026-12-01T12:00:00|gpu01",
                        tz=amsterdam)["26"]
     assert info.start == datetime(2026, 7, 1, 10, 0, tzinfo=UTC)   # CEST, +2
     assert info.end == datetime(2026, 12, 1, 11, 0, tzinfo=UTC)    # CET, +1
@@ -111,7 +111,7 @@ def test_times_are_converted_from_sacct_zone_to_utc():
 
 def test_default_zone_is_the_local_one():
     # sacct prints local time; without a tz the parser assumes ours
-    info = parse_sacct("27|COMPLETED|0:0|2026-07-01T12:00:00|None")["27"]
+    info = parse_sacct("27|COMPLETED|0:0|2026-07-01T12:00:00|None|gpu01")["27"]
     expected = datetime(2026, 7, 1, 12, 0).astimezone().astimezone(UTC)
     assert info.start == expected
 
@@ -120,7 +120,7 @@ def test_malformed_line_is_an_error_not_a_silent_drop():
     with pytest.raises(ValueError, match="unexpected sacct line"):
         parse_sacct("28|COMPLETED|0:0", tz=UTC)
     with pytest.raises(ValueError, match="SLURM_TIME_FORMAT"):
-        parse_sacct("29|COMPLETED|0:0|Nov 27 03:10|None", tz=UTC)
+        parse_sacct("29|COMPLETED|0:0|Nov 27 03:10|None|gpu01", tz=UTC)
 
 
 def test_empty_output_is_no_jobs():
@@ -313,17 +313,17 @@ def _fake_pyslurm(db_jobs, calls, live_jobs=()):
     return mod
 
 
-def _db_job(id, state, exit_code=0, sig=0, start=None, end=None, name="m2d-1", submit=None):
+def _db_job(id, state, exit_code=0, sig=0, start=None, end=None, name="m2d-1", submit=None, nodelist=None):
     return types.SimpleNamespace(id=id, state=state, exit_code=exit_code,
                                  exit_code_signal=sig, start_time=start,
-                                 end_time=end, name=name, submit_time=submit)
+                                 end_time=end, name=name, submit_time=submit, nodelist=nodelist)
 
 
 def test_pyslurm_database_jobs_map_to_job_info(monkeypatch):
     t0 = int(datetime(2026, 11, 27, 3, 0, tzinfo=UTC).timestamp())
     calls = []
     monkeypatch.setitem(sys.modules, "pyslurm", _fake_pyslurm([
-        _db_job(10, "COMPLETED", 0, 0, t0, t0 + 3),
+        _db_job(10, "COMPLETED", 0, 0, t0, t0 + 3, nodelist="gpu01"),
         _db_job(11, "FAILED", 3, 0, t0, t0 + 2),
         _db_job(12, "CANCELLED", 0, 9, None, t0 + 1),
         _db_job(14, "RUNNING", 0, 0, t0, None),
@@ -334,7 +334,7 @@ def test_pyslurm_database_jobs_map_to_job_info(monkeypatch):
     assert calls == [("db.Jobs.load", {"ids": [10, 11, 12, 14]})]
     assert got["10"] == JobInfo("10", "COMPLETED", 0, 0,
                                 datetime(2026, 11, 27, 3, 0, tzinfo=UTC),
-                                datetime(2026, 11, 27, 3, 0, 3, tzinfo=UTC))
+                                datetime(2026, 11, 27, 3, 0, 3, tzinfo=UTC), node="gpu01")
     assert (got["11"].state, got["11"].exit_code) == ("FAILED", 3)
     assert (got["12"].state, got["12"].signal, got["12"].start) == ("CANCELLED", 9, None)
     assert got["14"].exit_code is None and got["14"].end is None and got["14"].started

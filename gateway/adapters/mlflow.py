@@ -27,6 +27,9 @@ RESTORE_EXPERIMENT = "/api/2.0/mlflow/experiments/restore"
 GRANT_PERMISSION = "/api/3.0/mlflow/users/permissions/grant"
 REVOKE_PERMISSION = "/api/3.0/mlflow/users/permissions/revoke"
 GET_PERMISSION = "/api/3.0/mlflow/users/permissions/get"
+SEARCH_RUNS = "/api/2.0/mlflow/runs/search"
+# the tag the job's MLflow relay (jobs/relay.py --run-tag) puts on every run it creates
+SLURM_JOB_TAG = "m2d.slurm_job_id"
 
 ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
 
@@ -102,6 +105,21 @@ class MlflowAdmin:
         self._grant_manage(username, experiment_id)
         log.info("MLflow account %s manages dry-run experiment %s", username, experiment_id)
         return experiment_id
+
+    def runs_of_job(self, experiment_id: str, slurm_job_id: str) -> list[str]:
+        """Ids of the runs Slurm job ``slurm_job_id`` created in the experiment, oldest
+        first: the relay tagged each with the job's id, and the job cannot change that tag."""
+        if not slurm_job_id.isdigit():
+            raise ValueError(f"not a Slurm job id: {slurm_job_id!r}")
+        query = {"experiment_ids": [experiment_id], "filter": f"tags.`{SLURM_JOB_TAG}` = '{slurm_job_id}'",
+                 "run_view_type": "ALL", "max_results": 1000, "order_by": ["attributes.start_time ASC"]}
+        found: list[str] = []
+        while True:
+            page = self._call("POST", SEARCH_RUNS, json=query)
+            found += [run["info"]["run_id"] for run in page.get("runs", [])]
+            if not page.get("next_page_token"):
+                return found
+            query["page_token"] = page["next_page_token"]
 
     def _create_or_reset_user(self, username: str, password: str) -> None:
         try:

@@ -9,7 +9,7 @@ the command and its stderr.  :func:`from_config` builds the configured one.
 Slurm 22.05 facts this package is built around (deploy/testbed/README.md):
 
 * ``sacct --json`` reports every normal exit as 0 in 22.05, so statuses come
-  from ``sacct -X -n -P -o JobIDRaw,State,ExitCode,Start,End -j ids``.
+  from ``sacct -X -n -P -o JobIDRaw,State,ExitCode,Start,End,NodeList -j ids``.
 * sacct prints times in the local time of *its own* process, without a zone,
   and obeys ``SLURM_TIME_FORMAT``.  The CLI half runs it with ``TZ=UTC`` and
   ``SLURM_TIME_FORMAT=standard``, so what we parse is UTC whatever the
@@ -38,9 +38,10 @@ TERMINAL_STATES = frozenset({
     "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "REVOKED",
 })
 
-SACCT_FIELDS = ("JobIDRaw", "State", "ExitCode", "Start", "End")
+SACCT_FIELDS = ("JobIDRaw", "State", "ExitCode", "Start", "End", "NodeList")
 SACCT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 _NO_TIME = {"", "unknown", "none", "n/a"}
+_NO_NODE = {"", "none assigned", "none", "(null)"}  # sacct's NodeList of a job that never ran
 JOB_ID = re.compile(r"[0-9]+")
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,200}")
 
@@ -62,7 +63,8 @@ class JobInfo:
     ``exit_code`` and ``signal`` come from sacct's ``ExitCode`` (``exit:signal``)
     and are None until the job is finished: sacct shows ``0:0`` for pending
     and running jobs, which would read as success.  Times are aware UTC, or
-    None while Slurm says ``Unknown``/``None``.
+    None while Slurm says ``Unknown``/``None``.  ``node`` is sacct's ``NodeList``
+    (the node, or nodes in Slurm's compressed form), None before one is assigned.
     """
 
     job_id: str
@@ -71,6 +73,7 @@ class JobInfo:
     signal: int | None = None
     start: datetime | None = None
     end: datetime | None = None
+    node: str | None = None
 
     @property
     def started(self) -> bool:
@@ -117,13 +120,13 @@ def _parse_exit_code(raw: str) -> tuple[int | None, int | None]:
 
 
 def parse_sacct(text: str, tz: tzinfo | None = None) -> dict[str, JobInfo]:
-    """Parse ``sacct -X -n -P -o JobIDRaw,State,ExitCode,Start,End`` output.
+    """Parse ``sacct -X -n -P -o JobIDRaw,State,ExitCode,Start,End,NodeList`` output.
 
     ``tz`` is the zone sacct printed its times in: this process's local zone
     when None (sacct's default), UTC for :class:`CliScheduler`, which runs
     sacct with ``TZ=UTC``.  Job-step lines (``123.batch``, ``123.0``), which
     appear when ``-X`` is missing, are skipped; blank lines too.  A line that
-    does not have the five fields raises ValueError: silently dropping it
+    does not have the six fields raises ValueError: silently dropping it
     would leave a job looking unknown forever.
     """
     tz = tz or _local_tz()
@@ -135,7 +138,7 @@ def parse_sacct(text: str, tz: tzinfo | None = None) -> dict[str, JobInfo]:
         if len(fields) != len(SACCT_FIELDS):
             raise ValueError(f"unexpected sacct line {line!r}: want "
                              f"{'|'.join(SACCT_FIELDS)}")
-        job_id, raw_state, raw_exit, raw_start, raw_end = fields
+        job_id, raw_state, raw_exit, raw_start, raw_end, raw_node = fields
         if not JOB_ID.fullmatch(job_id):
             continue  # a job step, or a heterogeneous-job component
         state = base_state(raw_state)
@@ -144,7 +147,8 @@ def parse_sacct(text: str, tz: tzinfo | None = None) -> dict[str, JobInfo]:
             exit_code = signal = None
         jobs[job_id] = JobInfo(
             job_id=job_id, state=state, exit_code=exit_code, signal=signal,
-            start=parse_time(raw_start, tz), end=parse_time(raw_end, tz))
+            start=parse_time(raw_start, tz), end=parse_time(raw_end, tz),
+            node=None if raw_node.lower() in _NO_NODE else raw_node)
     return jobs
 
 

@@ -60,7 +60,8 @@ def job_info_from_pyslurm(job) -> JobInfo:
         job_id=str(job.id), state=state,
         exit_code=job.exit_code if finished else None,
         signal=(job.exit_code_signal or 0) if finished else None,
-        start=_from_epoch(job.start_time), end=_from_epoch(job.end_time))
+        start=_from_epoch(job.start_time), end=_from_epoch(job.end_time),
+        node=getattr(job, "nodelist", None) or None)
 
 
 class PyslurmScheduler(Scheduler):
