@@ -346,7 +346,8 @@ def test_a_release_is_requested_reviewed_by_two_and_downloaded_in_the_browser(tw
     # the first reviewer: the request, its files with previews and hashes, the code that made them
     ann = browsers()
     log_in(ann, stack, first.address)
-    ann.get(f"{stack.url}/review/")
+    ann.find_element(By.LINK_TEXT, "Release requests").click()
+    until(ann, lambda d: text(d, "h1") == "Release requests")
     shot(ann, "21-review-pending")
     ann.find_element(By.LINK_TEXT, f"Request {request_id}").click()
     until(ann, lambda d: text(d, "h1") == f"Release request {request_id}")
