@@ -5,6 +5,7 @@ the gateway app it built once; a move of a submission queues its own email
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -302,7 +303,8 @@ def _build(submission_id: int, files: SubmissionFiles) -> Image:
                       digest=image.digest, seconds=image.seconds)
     submission = db.session.get(Submission, submission_id)
     submission.env_key, submission.image_digest = image.key, image.digest
-    provenance.record(submission_id, "environment", env_key=image.key, image_digest=image.digest, built=image.built)
+    provenance.record(submission_id, "environment", requirements_sha256=hashlib.sha256(requirements.encode()).hexdigest(),
+                      python=python, env_key=image.key, image_digest=image.digest, built=image.built)
     db.session.commit()
     return image
 

@@ -320,6 +320,9 @@ def test_release_through_the_stack_with_two_reviewers(stack, iris_done, mlflow_u
     assert (released["slurm_job_id"], released["node"], released["mlflow_run_ids"]) == (
         job_id, link["job"]["node"], run_ids)
     assert released["zip_sha256"] == link["upload"]["zip_sha256"]
+    requirements = (SAMPLES / "iris" / "requirements.txt").read_bytes()
+    assert link["environment"]["requirements_sha256"] == hashlib.sha256(requirements).hexdigest()
+    assert link["environment"]["image_digest"]
 
 
 def test_user_b_gets_404_on_every_airlock_url_of_user_a(stack, iris_done):

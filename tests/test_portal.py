@@ -306,7 +306,7 @@ def decide_in_page(driver, path, decision, comment=""):
     if comment:
         item.find_element(By.NAME, "comment").send_keys(comment)
     item.find_element(By.CSS_SELECTOR, f"button[value={decision}]").click()
-    until(driver, lambda d: "Recorded" in text(d, ".flashes"))
+    until(driver, lambda d: f"Recorded: {decision} {path}" in text(d, ".flashes"))
 
 
 def test_a_release_is_requested_reviewed_by_two_and_downloaded_in_the_browser(two_person_stack, browsers, tmp_path):
@@ -364,7 +364,7 @@ def test_a_release_is_requested_reviewed_by_two_and_downloaded_in_the_browser(tw
 
     # two-person rule: one approval leaves the model pending; a rejection rejects at once
     ann.get(f"{stack.url}/review/requests/{request_id}")
-    decide_in_page(ann, "model.bin", "approve", "A model's weights, no row-level data.")
+    decide_in_page(ann, "model.bin", "approve", "The model weights, no row-level data.")
     assert release_item(ann, "model.bin").find_element(By.CSS_SELECTOR, ".item-status").text == "pending"
     decide_in_page(ann, "predictions.csv", "reject", "Row-level predictions per patient may not leave.")
     assert release_item(ann, "predictions.csv").find_element(By.CSS_SELECTOR, ".item-status").text == "rejected"
@@ -398,7 +398,7 @@ def test_a_release_is_requested_reviewed_by_two_and_downloaded_in_the_browser(tw
 
     # the researcher's emails: the decision with every comment, then the download
     body, _ = mail_link(stack, owner.address, f"release request {request_id} partly released", None)
-    for said in ("model.bin: released", "A model's weights, no row-level data.", "Agreed.",
+    for said in ("model.bin: released", "The model weights, no row-level data.", "Agreed.",
                  "predictions.csv: rejected", "Row-level predictions per patient may not leave."):
         assert said in body, said
     body, link = mail_link(stack, owner.address, f"download available (request {request_id})",
