@@ -83,6 +83,7 @@ def test_an_ended_jobs_provenance_names_its_node_then_its_mlflow_runs_or_why_the
     submission = _queued_submission()
     submission.user.mlflow_experiment_id = "5"
     db.session.commit()
+    local_app.config["MLFLOW_ADMIN_PASSWORD"] = None  # whatever the environment says (make test sources one)
     assert poller._apply(submission, dataclasses.replace(_info("COMPLETED"), node="gpu01"))
     chain = provenance.chain(submission.id)
     assert [r.kind for r in chain] == ["job", "mlflow", "manifest"]
