@@ -10,3 +10,6 @@ apt_install squashfs-tools
 apt_install chromium chromium-driver
 # tests/test_systemd.py: systemd-analyze verify of deploy/systemd (no systemd as PID 1 needed)
 apt_install systemd
+# nginx in front (deploy/nginx/m2d.conf); the tests run a private instance of it
+# (its own prefix, ports and pid) with a certificate openssl makes
+apt_install nginx-light openssl

@@ -52,7 +52,9 @@ def create_app(config=None):
             if db.engine.url.database:
                 os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
-    from . import admin, api, auth, cli, review, submissions
+    from . import admin, api, auth, cli, health, metrics, review, submissions
+    app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(submissions.bp)
     app.register_blueprint(api.bp)
@@ -62,11 +64,6 @@ def create_app(config=None):
     errors.init_app(app)
     _secure_headers(app)
     app.context_processor(admin.navigation)
-
-    @app.get("/healthz")
-    def healthz():
-        return {"ok": True}
-
     return app
 
 

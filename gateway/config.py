@@ -190,6 +190,13 @@ SETTINGS: tuple[Setting, ...] = (
     S("LOGIN_LIMIT_ADDRESS", str, "20 per minute", "Wrong passwords per client address."),
     S("SIGNUP_LIMIT", str, "10 per hour", "Sign-ups per address and per email."),
     S("RESET_LIMIT", str, "5 per hour", "Password-reset requests per address and per email."),
+    # Operations: /healthz and /metrics (gateway/health.py, gateway/metrics.py)
+    S("HEALTH_TIMEOUT", float, 3.0, "Seconds /healthz waits for each part (database, Redis, Slurm, MLflow, SMTP, "
+      "disk); one that does not answer in time is reported down."),
+    S("HEALTH_MIN_FREE_MB", int, 1024, "Free space DATA_DIR and IMAGE_DIR must have, or /healthz reports the disk "
+      "down."),
+    S("METRICS_TOKEN", str, None, "Bearer token a Prometheus scrape of /metrics must send; unset: /metrics answers "
+      "only clients on the loopback that did not come through a proxy."),
     # Leaks bounded per researcher, secrets apart from the database
     S("DAILY_SUBMISSIONS", int, 20, "Uploads per researcher in any 24 hours (each run can carry something out)."),
     S("SECRETS_DIR", str, None, "Holds mlflow-key, which encrypts MLflow passwords in the database (0600). Keep "

@@ -18,7 +18,7 @@ import logging
 
 from flask import current_app
 from redis import Redis
-from rq import Queue, Retry
+from rq import Queue, Retry, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -36,6 +36,17 @@ def connection() -> Redis:
 def queue(name: str, redis: Redis | None = None) -> Queue:
     namespace = current_app.config["QUEUE_NAMESPACE"]
     return Queue(f"{namespace}-{name}", connection=redis or connection(), serializer=SERIALIZER)
+
+
+def all_queues(redis: Redis | None = None) -> dict[str, Queue]:
+    """Every queue of this deployment, by its short name (build, mail, poll)."""
+    redis = redis or connection()
+    return {name: queue(name, redis) for name in NAMES}
+
+
+def worker_count(q: Queue) -> int:
+    """rq workers alive on ``q`` (a worker's key lapses when its heartbeat stops)."""
+    return Worker.count(connection=q.connection, queue=q)
 
 
 # A message already waiting (or, for prepare, running) makes another one

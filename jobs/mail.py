@@ -13,7 +13,7 @@ from email.utils import format_datetime
 from flask import current_app
 from sqlalchemy import or_, update
 
-from gateway import accounts
+from gateway import accounts, metrics
 from gateway.adapters.smtp import Mailer
 from gateway.airlock import deletion_due
 from gateway.extensions import db
@@ -70,8 +70,11 @@ def send_owed(submission_id: int, mailer: Mailer | None = None) -> int:
                         message_id=f"<m2d-{submission_id}-{email.kind}{unique}@{socket.getfqdn()}>")
         except Exception as e:
             _release(email.id, str(e))
+            metrics.EMAILS_FAILED.inc(kind=email.kind)
             raise
         _mark_sent(email.id)
+        metrics.EMAILS_SENT.inc(kind=email.kind)
+        metrics.EMAIL_LAG_SECONDS.observe((utcnow() - email.created_at).total_seconds())
         sent += 1
     return sent
 
@@ -107,8 +110,10 @@ def send_account(email_id: int, mailer: Mailer | None = None) -> bool:
                     message_id=f"<m2d-account-{email.key}@{socket.getfqdn()}>")
     except Exception as e:
         _release(email_id, str(e), AccountEmail)
+        metrics.EMAILS_FAILED.inc(kind=f"account_{email.kind}")
         raise
     _mark_sent(email_id, AccountEmail)
+    metrics.EMAILS_SENT.inc(kind=f"account_{email.kind}")
     return True
 
 

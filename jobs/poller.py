@@ -12,7 +12,7 @@ from datetime import timedelta, timezone
 from flask import current_app
 from sqlalchemy import and_, or_
 
-from gateway import accounts, airlock, alerts, provenance, queue
+from gateway import accounts, airlock, alerts, metrics, provenance, queue
 from gateway.adapters import slurm
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError
 from gateway.adapters.slurm import JobInfo, Scheduler
@@ -34,6 +34,7 @@ PURGE_INTERVAL = 3600  # seconds between airlock retention and image gc runs (ai
 def poll_once(scheduler: Scheduler | None = None) -> int:
     """Move every active submission (real job or dry run) to what Slurm says;
     returns how many moved."""
+    started = time.monotonic()
     active = Submission.query.filter(or_(
         and_(Submission.status.in_(ACTIVE), Submission.slurm_job_id.isnot(None)),
         and_(Submission.status.in_(DRY_RUN_ACTIVE), Submission.dry_run_job_id.isnot(None)))).all()
@@ -46,6 +47,8 @@ def poll_once(scheduler: Scheduler | None = None) -> int:
             if info is not None and _apply(submission, info):
                 moved += 1
     _sweep()
+    metrics.POLL_SECONDS.observe(time.monotonic() - started)
+    metrics.POLL_JOBS.observe(len(active))
     return moved
 
 

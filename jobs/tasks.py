@@ -19,7 +19,7 @@ from flask import current_app, has_app_context
 from rq import get_current_job
 from sqlalchemy import select, update
 
-from gateway import airlock, alerts, create_app, intake, provenance
+from gateway import airlock, alerts, create_app, intake, metrics, provenance
 from gateway import images as image_store
 from gateway.adapters import slurm
 from gateway.adapters.apptainer import BuildError, Image, ImageBuilder
@@ -297,10 +297,13 @@ def _build(submission_id: int, files: SubmissionFiles) -> Image:
         except BuildError:
             raise e from None  # no base image for that Python: there is no key to record
         _record_build(submission_id, key, succeeded=False, log=e.log)
+        metrics.BUILDS.inc(outcome="failed")
         raise
     if image.built:
         _record_build(submission_id, image.key, succeeded=True, log=image.log,
                       digest=image.digest, seconds=image.seconds)
+        metrics.BUILD_SECONDS.observe(image.seconds or 0)
+    metrics.BUILDS.inc(outcome="built" if image.built else "cached")
     submission = db.session.get(Submission, submission_id)
     submission.env_key, submission.image_digest = image.key, image.digest
     provenance.record(submission_id, "environment", requirements_sha256=hashlib.sha256(requirements.encode()).hexdigest(),
@@ -374,7 +377,9 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: b
     write_private(spec.relay, RELAY_SOURCE.read_text(), gid=gid)
     write_private(spec.credentials, f"{user.mlflow_username}\n{user.mlflow_password}\n", gid=gid)
     script = write_job_script(spec, files.job / ("dryrun.sbatch" if dry_run else "job.sbatch"))
-    return batch_system.submit(script, spec.job_name)
+    job_id = batch_system.submit(script, spec.job_name)
+    metrics.JOBS_SUBMITTED.inc(kind="dry_run" if dry_run else "real")
+    return job_id
 
 
 def _dataset_version(submission: Submission) -> str:

@@ -94,6 +94,8 @@ class Stack:
                         M2D_SLURM_MEM="1G",
                         M2D_MAX_ZIP_BYTES=str(8 * 1024**2),  # small, so the 413 test is quick
                         M2D_SLURM_TIME="00:10:00",
+                        # a loaded test machine may take seconds to run scontrol ping
+                        M2D_HEALTH_TIMEOUT="10",
                         HOME=pwd.getpwnam(GATEWAY_USER).pw_dir,  # apptainer's cache and config
                         PYTHONUNBUFFERED="1")
         self.env.update(settings)
@@ -112,7 +114,11 @@ class Stack:
         self._spawn("worker-build-2", [py, "-m", "jobs.worker", "build"])
         self._spawn("worker-mail", [py, "-m", "jobs.worker", "mail", "poll"])
         self._spawn("poller", [py, "-m", "jobs.poller"])
-        wait_for(self._healthy, 60, "the gateway to answer /healthz")
+        self.health = "no answer"
+        try:
+            wait_for(self._healthy, 90, "the gateway to answer /healthz")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; it said: {self.health}") from None
         return self
 
     def stop(self):
@@ -137,9 +143,11 @@ class Stack:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited: {(self.logs / f'{name}.log').read_text()[-3000:]}")
         try:
-            return requests.get(f"{self.url}/healthz", timeout=2).ok
+            response = requests.get(f"{self.url}/healthz", timeout=30)
         except (requests.ConnectionError, requests.Timeout):  # a loaded machine: still booting
             return False
+        self.health = response.text  # which part is down, if one is
+        return response.ok
 
     # ----------------------------------------------------------------- admin
     def flask(self, *args):

@@ -136,10 +136,6 @@ def test_the_submission_page_escapes_the_file_name(client, alice):
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;.zip" in page
 
 
-def test_the_health_check_answers_ok(client):
-    assert client.get("/healthz").json == {"ok": True}
-
-
 def test_the_api_lists_only_the_callers_submissions(client, alice, bob):
     mine, theirs = _submission_of(alice), _submission_of(bob)
     ids = [s["id"] for s in client.get("/api/v1/submissions", headers=_token(alice)).json["submissions"]]

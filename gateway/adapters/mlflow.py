@@ -80,6 +80,17 @@ class MlflowAdmin:
     def from_config(cls, cfg: Mapping[str, Any]) -> MlflowAdmin:
         return cls(cfg["MLFLOW_URL"], cfg["MLFLOW_ADMIN_USERNAME"], cfg["MLFLOW_ADMIN_PASSWORD"])
 
+    def ping(self, timeout: float) -> str:
+        """Whether the server answers its /health within ``timeout`` seconds
+        (no login: the check costs no password hash)."""
+        try:
+            response = requests.get(self.url + "/health", timeout=timeout)
+        except requests.RequestException as e:
+            raise MlflowError(None, f"cannot reach {self.url}: {type(e).__name__}") from e
+        if not response.ok:
+            raise MlflowError(response.status_code, f"{self.url}/health answered {response.status_code}")
+        return f"{self.url} answers"
+
     def provision(self, username: str, dry_run: bool = False) -> MlflowAccount:
         """Make `username` an MLflow user who can manage the experiment of the same
         name (and, with `dry_run`, the dry runs' "<name>-dryrun" too), completing

@@ -30,3 +30,14 @@ class Mailer:
                 smtp.send_message(message)
         except (OSError, smtplib.SMTPException) as e:
             raise MailError(f"could not send to {to} via {self.host}:{self.port}: {e}") from e
+
+    def ping(self, timeout: float) -> str:
+        """Whether the relay answers (greeting, NOOP) within ``timeout`` seconds."""
+        try:
+            with smtplib.SMTP(self.host, self.port, timeout=timeout) as smtp:
+                code, _ = smtp.noop()
+        except (OSError, smtplib.SMTPException) as e:
+            raise MailError(f"{self.host}:{self.port}: {e}") from e
+        if code != 250:
+            raise MailError(f"{self.host}:{self.port} answered NOOP with {code}")
+        return f"{self.host}:{self.port} answers"

@@ -205,6 +205,11 @@ class Scheduler(ABC):
     def cancel(self, job_id: str) -> None:
         """Cancel a job; cancelling a job that has already ended is not an error."""
 
+    @abstractmethod
+    def ping(self, timeout: float) -> str:
+        """Whether slurmctld answers within ``timeout`` seconds: what it said,
+        or SlurmError (the gateway's /healthz)."""
+
 
 # ---------------------------------------------------------------- factory
 

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from ...metrics import SLURM_ERRORS
 from . import (
     JOB_ID,
     SACCT_FIELDS,
@@ -150,17 +151,24 @@ class Batch:
     def command(self, name: str) -> str:
         return str(self.bin_dir / name) if self.bin_dir else name
 
-    def run(self, name: str, args: Sequence[str]) -> subprocess.CompletedProcess:
+    def run(self, name: str, args: Sequence[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+        try:
+            return self._run(name, args, timeout or self.timeout)
+        except SlurmError:
+            SLURM_ERRORS.inc(command=name)  # counted in the gateway's app only
+            raise
+
+    def _run(self, name: str, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
         cmd = [self.command(name), *args]
         if self.job_user and name in AS_JOB_OWNER:
             cmd = ["sudo", "-n", "-u", self.job_user, "--", *cmd]
         try:
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, env=self.env,
-                timeout=self.timeout, stdin=subprocess.DEVNULL)
+                timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as e:
             stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-            raise SlurmError(f"{name} timed out after {self.timeout:g} s",
+            raise SlurmError(f"{name} timed out after {timeout:g} s",
                              cmd=cmd, stderr=stderr) from None
         except OSError as e:
             raise SlurmError(f"cannot run {name}: {e}", cmd=cmd,
@@ -290,4 +298,9 @@ class CliScheduler(Scheduler):
                                  cmd=proc.args, returncode=proc.returncode,
                                  stderr=proc.stderr)
 
-
+    def ping(self, timeout: float) -> str:
+        # "Slurmctld(primary) at HOST is UP"; scontrol exits 1 when it is DOWN
+        out = self.batch.run("scontrol", ["ping"], timeout=timeout).stdout.strip()
+        if " is UP" not in out:
+            raise SlurmError(f"scontrol ping: {out or 'no answer'}", cmd=["scontrol", "ping"], stderr=out)
+        return out

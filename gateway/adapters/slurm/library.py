@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ...metrics import SLURM_ERRORS
 from . import TERMINAL_STATES, JobInfo, Scheduler, SlurmError, base_state, check_ids, check_name, utc
 from .cli import PASSED_ENV
 
@@ -89,6 +90,7 @@ class PyslurmScheduler(Scheduler):
         try:
             return fn(*args)
         except self.pyslurm.RPCError as e:
+            SLURM_ERRORS.inc(command=what)
             raise SlurmError(f"pyslurm {what} failed: {e}", cmd=[what],
                              stderr=str(e)) from None
 
@@ -139,4 +141,7 @@ class PyslurmScheduler(Scheduler):
         (job_id,) = check_ids([job_id])
         self._call("cancel", self.pyslurm.Job(int(job_id)).cancel)
 
-
+    def ping(self, timeout: float) -> str:
+        # the library call has no timeout of its own: /healthz stops waiting for it
+        partitions = self._call("Partitions.load", self.pyslurm.Partitions.load)
+        return f"slurmctld answered ({len(partitions)} partitions)"
