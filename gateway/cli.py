@@ -1,11 +1,11 @@
-"""Admin commands: ``flask --app gateway users|tokens|weights|releases|provenance|airlock ...``."""
+"""Admin commands: ``flask --app gateway status|users|tokens|weights|releases|provenance|airlock ...``."""
 from pathlib import Path
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import accounts, airlock, images, provenance, weights
+from . import accounts, airlock, images, overview, provenance, weights
 from .adapters.mlflow import MlflowError
 from .extensions import db
 from .models import ApiToken, ReleaseRequest, User
@@ -211,7 +211,15 @@ def collect_images(dry_run, days):
     click.echo(" ".join(f"{key}={value}" for key, value in done.items()))
 
 
+@click.command("status")
+def status():
+    """One screen: submissions per state, each active job next to what Slurm
+    says (disagreements marked !), workers alive, queue depths."""
+    click.echo(overview.render(overview.gather(current_app.config)), nl=False)
+
+
 def init_app(app):
+    app.cli.add_command(status)
     app.cli.add_command(releases)
     app.cli.add_command(provenance_group)
     app.cli.add_command(airlock_group)

@@ -179,7 +179,7 @@ class GatewayCollector:
         for name, q in queue.all_queues(self.redis).items():
             depth.add_metric([name], q.count)
             failed.add_metric([name], q.failed_job_registry.count)
-            workers.add_metric([name], queue.worker_count(q))
+            workers.add_metric([name], len(queue.workers(q)))
         yield from (depth, failed, workers)
 
 

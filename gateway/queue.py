@@ -44,9 +44,9 @@ def all_queues(redis: Redis | None = None) -> dict[str, Queue]:
     return {name: queue(name, redis) for name in NAMES}
 
 
-def worker_count(q: Queue) -> int:
+def workers(q: Queue) -> list[Worker]:
     """rq workers alive on ``q`` (a worker's key lapses when its heartbeat stops)."""
-    return Worker.count(connection=q.connection, queue=q)
+    return Worker.all(queue=q, serializer=SERIALIZER)
 
 
 # A message already waiting (or, for prepare, running) makes another one

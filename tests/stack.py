@@ -184,11 +184,12 @@ class Stack:
 class Researcher:
     def __init__(self, stack, address, token):
         self.stack, self.address, self.token = stack, address, token
+        self.url = stack.url  # or a proxy in front of it (tests/nginx.py)
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
 
     def api(self, method, path, **kwargs):
-        return self.session.request(method, f"{self.stack.url}/api/v1{path}", timeout=60, **kwargs)
+        return self.session.request(method, f"{self.url}/api/v1{path}", timeout=60, **kwargs)
 
     def upload(self, zip_path):
         with open(zip_path, "rb") as f:

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 import requests
+from redis import Redis, RedisError
 
 from gateway import create_app
 
@@ -74,11 +75,11 @@ class PrivateRedis:
             self.proc.wait(timeout=30)
 
     def _answers(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
-                return b"+PONG" in s.recv(100) + s.recv(100)
-        except OSError:
+            return Redis.from_url(self.url, socket_timeout=1).ping()
+        except RedisError:
             return False
 
 

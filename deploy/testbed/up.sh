@@ -43,6 +43,8 @@ step redis      "$here/redis.sh" start "$TESTBED_DIR"
 step mlflow     "$here/mlflow.sh" start "$TESTBED_DIR"
 step smtp       "$here/smtp.sh" start "$TESTBED_DIR"
 step postgres   "$here/postgres.sh" "$TESTBED_DIR"
+# a CA and a localhost certificate for the tests through nginx with TLS
+step tls        "$here/tls.sh" "$TESTBED_DIR"
 step dataset    "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/clam"
 # the dry runs' synthetic twins, one per dataset version (m2d/twin.py: the same
 # layout and CSV columns, a few cases): the default version's is made here, any
