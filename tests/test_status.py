@@ -46,7 +46,8 @@ def test_status_shows_each_job_beside_slurms_view_and_flags_where_they_disagree(
     slurm("scancel", job_id)
     # and a job under the gateway's prefix that no submission made
     stray = slurm("sbatch", "--parsable", f"--job-name={stack.env['M2D_SLURM_JOB_PREFIX']}-999999",
-                  "--partition=debug", "--mem=64M", "--time=00:05:00", "--wrap=sleep 120").strip().split(";")[0]
+                  "--partition=debug", "--mem=64M", "--time=00:05:00", "--output=/dev/null",
+                  "--wrap=sleep 120").strip().split(";")[0]
     try:
         flagged = wait_for(lambda: "ended (CANCELLED)" in (out := stack.flask("status")) and stray in out and out,
                            60, "status to see the cancelled job and the stray one")
