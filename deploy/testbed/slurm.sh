@@ -11,7 +11,11 @@
 #   SLURMDBD_PORT MYSQL_PORT (6817 6818 6819 3307: 3307 because a system
 #   MariaDB may already own 3306), SLURM_WAIT_S (120), SLURM_LINK_ETC (1:
 #   symlink /etc/slurm/slurm.conf so plain sbatch/sacct work without
-#   SLURM_CONF), M2D_JOB_USER (m2d-job: gets an association in testacct).
+#   SLURM_CONF), M2D_JOB_USER (m2d-job: gets an association in testacct),
+#   M2D_USER (m2d: the gateway, coordinator of the parent account),
+#   M2D_SLURM_PARENT_ACCOUNT (m2d: parent of the researchers' m2d-<user>
+#   accounts), M2D_SLURM_QOS (m2d: their QOS), SLURM_USAGE_RESET (MONTHLY:
+#   when fair-share usage and GPU-minute budgets start again).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ACTION=${1:-}; shift || true
@@ -24,6 +28,10 @@ DBD_PORT=${SLURMDBD_PORT:-6819}
 MYSQL_PORT=${MYSQL_PORT:-3307}
 WAIT_S=${SLURM_WAIT_S:-120}
 JOB_USER=${M2D_JOB_USER:-m2d-job}   # made by accounts.sh
+GW_USER=${M2D_USER:-m2d}            # made by accounts.sh
+PARENT_ACCOUNT=${M2D_SLURM_PARENT_ACCOUNT:-m2d}
+QOS=${M2D_SLURM_QOS:-m2d}
+USAGE_RESET=${SLURM_USAGE_RESET:-MONTHLY}
 NODE=$(hostname -s)
 MUNGE_SOCK=$DIR/munge/run/munge.socket.2
 MYSQL_SOCK=$DIR/mysql/mysqld.sock
@@ -119,6 +127,23 @@ AccountingStoragePort=$DBD_PORT
 # not from AuthInfo (Slurm 22.05)
 AccountingStoragePass=$MUNGE_SOCK
 AccountingStorageTRES=gres/gpu
+# Fair share and quotas in Slurm's own terms (docs/admin.md): a job needs an
+# association (the gateway makes m2d-<user> under $PARENT_ACCOUNT), and the
+# associations' and QOS' limits hold.  The associations exist before this
+# is read: start() makes them before it restarts slurmctld.
+AccountingStorageEnforce=associations,limits,qos
+# Who waits is decided by fair share: an account that used more waits
+# behind one that used less; age only breaks ties.  Usage (and with it the
+# GPU-minute budgets, GrpTRESMins) is not decayed but starts again each
+# $USAGE_RESET, so a budget is "per period".  Recomputed every minute, so
+# sshare is at most a minute behind.
+PriorityType=priority/multifactor
+PriorityWeightFairshare=10000
+PriorityWeightAge=100
+PriorityMaxAge=1-0
+PriorityDecayHalfLife=0
+PriorityUsageResetPeriod=$USAGE_RESET
+PriorityCalcPeriod=1
 JobCompType=jobcomp/none
 GresTypes=gpu
 MinJobAge=300
@@ -260,14 +285,31 @@ EOF
     || timeout 30 sacctmgr -i add user root Account=testacct Cluster="$CLUSTER" \
          DefaultAccount=testacct >/dev/null
 
-  # the job account (deploy/testbed/accounts.sh) submits under testacct.
-  # No AccountingStorageEnforce yet, so this is not required today, but it
-  # will be once associations and limits are enforced.
+  # the job account (deploy/testbed/accounts.sh) submits under testacct
+  # when no --account is given (AccountingStorageEnforce needs one).
   if id "$JOB_USER" >/dev/null 2>&1; then
     timeout 30 sacctmgr -n -P show assoc where cluster="$CLUSTER" user="$JOB_USER" \
         account=testacct format=user | grep -qx "$JOB_USER" \
       || timeout 30 sacctmgr -i add user "$JOB_USER" Account=testacct \
            Cluster="$CLUSTER" DefaultAccount=testacct >/dev/null
+  fi
+
+  # the researchers' accounts' parent and QOS.  The gateway's account
+  # coordinates the parent: it may add and limit the accounts under it
+  # (m2d-<user>) and nothing else.
+  timeout 30 sacctmgr -n -P show qos format=name | grep -qx "$QOS" \
+    || timeout 30 sacctmgr -i add qos "$QOS" Description="gateway researchers" >/dev/null
+  timeout 30 sacctmgr -n -P show account format=account | grep -qx "$PARENT_ACCOUNT" \
+    || timeout 30 sacctmgr -i add account "$PARENT_ACCOUNT" Cluster="$CLUSTER" \
+         Description="gateway researchers" Organization=m2d QOS="normal,$QOS" DefaultQOS="$QOS" >/dev/null
+  if id "$GW_USER" >/dev/null 2>&1; then
+    timeout 30 sacctmgr -n -P show assoc where cluster="$CLUSTER" user="$GW_USER" \
+        account="$PARENT_ACCOUNT" format=user | grep -qx "$GW_USER" \
+      || timeout 30 sacctmgr -i add user "$GW_USER" Account="$PARENT_ACCOUNT" \
+           Cluster="$CLUSTER" DefaultAccount="$PARENT_ACCOUNT" >/dev/null
+    timeout 30 sacctmgr -n -P show user "$GW_USER" withcoord format=coordinators \
+        | tr ',' '\n' | grep -qx "$PARENT_ACCOUNT" \
+      || timeout 30 sacctmgr -i add coordinator account="$PARENT_ACCOUNT" names="$GW_USER" >/dev/null
   fi
 
   # ---- a configuration the running daemons did not start with: restart
