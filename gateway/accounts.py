@@ -1,5 +1,6 @@
-"""Users: sign-up, email verification, approval (and the MLflow account it
-brings), rejection, disabling, password resets, and the emails they owe."""
+"""Users: sign-up, email verification, approval (and the MLflow and Slurm
+accounts it brings), rejection, disabling, password resets, and the emails
+they owe."""
 import hashlib
 import logging
 import re
@@ -13,6 +14,8 @@ from sqlalchemy.exc import IntegrityError
 
 from . import lifecycle, queue
 from .adapters.mlflow import MlflowAdmin
+from .adapters.slurm import SlurmError
+from .adapters.slurm.accounting import SlurmAccounts
 from .extensions import db
 from .models import AccountEmail, User, utcnow
 from .states import IllegalTransition
@@ -45,7 +48,8 @@ def create_user(email, name, password=None, is_admin=False):
 
 
 def approve(user, notify=False):
-    """Approve ``user`` and give them an MLflow account and experiment.
+    """Approve ``user`` and give them an MLflow account and experiment, and
+    a Slurm account (their jobs' fair share and limits).
 
     Safe to repeat: provisioning completes whatever is missing and returns
     the current password. ``notify``: email the user (once) that they may
@@ -55,6 +59,7 @@ def approve(user, notify=False):
         user.mlflow_username = mlflow_username_for(user)
         db.session.commit()
     account = MlflowAdmin.from_config(current_app.config).provision(user.mlflow_username, dry_run=True)
+    slurm_account(user)
     user.mlflow_password = account.password
     user.mlflow_experiment_id = account.experiment_id
     user.mlflow_dry_run_experiment_id = account.dry_run_experiment_id
@@ -72,6 +77,31 @@ def mlflow_username_for(user):
     # readable and unique: the email's local part plus the user id
     local = re.sub(r"[^a-z0-9]+", "-", user.email.split("@")[0].lower()).strip("-") or "user"
     return f"{local}-{user.id}"
+
+
+def slurm_account(user):
+    """The user's Slurm account (``m2d-<mlflow user>``), made if missing (one
+    sacctmgr query when it exists); None while SLURM_ACCOUNTS is off.
+
+    Called at approval and before every sbatch, so users approved before
+    accounts existed, or whose account an admin removed, get one again."""
+    found = _slurm(user)
+    if found is None:
+        return None
+    slurm, name = found
+    if slurm.ensure(name):
+        log.info("Slurm account %s made for user %s", name, user.id)
+        if user.disabled_at:
+            slurm.disable(name)
+    return name
+
+
+def _slurm(user):
+    """(the accounting adapter, the user's account name), or None when off."""
+    if not current_app.config["SLURM_ACCOUNTS"]:
+        return None
+    slurm = SlurmAccounts.from_config(current_app.config)
+    return slurm, slurm.name_for(user.mlflow_username or mlflow_username_for(user))
 
 
 def find(email):
@@ -227,9 +257,19 @@ def reject(user, reason):
 
 def disable(user):
     """A disabled user cannot log in, submit or use a token; what they have
-    waiting or running is cancelled. Returns how many were cancelled."""
+    waiting or running is cancelled. Returns how many were cancelled.
+
+    First Slurm stops their account's waiting jobs from starting (its
+    history stays), so none starts while the cancels are on their way."""
     user.disabled_at = user.disabled_at or utcnow()
     db.session.commit()
+    if user.mlflow_username and (found := _slurm(user)):
+        slurm, name = found
+        try:
+            slurm.ensure(name)
+            slurm.disable(name)
+        except SlurmError:  # the cancels below still stop the jobs
+            log.exception("could not disable Slurm account %s", name)
     cancelled = 0
     for submission in user.submissions:
         if submission.state.terminal:
@@ -243,6 +283,11 @@ def disable(user):
 
 
 def enable(user):
+    """Lift a disable; the Slurm account gets the configured limits again."""
+    if user.mlflow_username and (found := _slurm(user)):
+        slurm, name = found
+        slurm.ensure(name)
+        slurm.set_limits(name)
     user.disabled_at = None
     db.session.commit()
 

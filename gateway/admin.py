@@ -1,5 +1,5 @@
 """Admin pages: accounts waiting for approval, every user, every submission,
-and the cluster in Slurm's own words."""
+the cluster in Slurm's own words, and every researcher's usage and fair share."""
 from datetime import datetime, timedelta
 from functools import wraps
 
@@ -7,7 +7,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user
 from sqlalchemy.orm import contains_eager
 
-from . import accounts, alerts, lifecycle, pagination
+from . import accounts, alerts, lifecycle, pagination, usage
 from .adapters.mlflow import MlflowError
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler
@@ -72,6 +72,8 @@ def approve(user_id):
         accounts.approve(user, notify=True)
     except MlflowError as e:
         flash(f"{user.email} is not approved: MLflow did not answer ({e}). Try again.", "error")
+    except SlurmError as e:
+        flash(f"{user.email} is not approved: Slurm's accounting refused their account ({e}). Try again.", "error")
     else:
         flash(f"{user.name} <{user.email}> is approved; MLflow user {user.mlflow_username}. "
               "They got an email.")
@@ -107,8 +109,12 @@ def disable(user_id):
 @admin_required
 def enable(user_id):
     user = _user(user_id)
-    accounts.enable(user)
-    flash(f"{user.email} is enabled again.")
+    try:
+        accounts.enable(user)
+    except SlurmError as e:
+        flash(f"{user.email} is still disabled: Slurm's accounting did not answer ({e}). Try again.", "error")
+    else:
+        flash(f"{user.email} is enabled again.")
     return redirect(url_for("admin.users"))
 
 
@@ -219,3 +225,12 @@ def cancel_job(job_id):
     else:
         flash(f"Slurm job {job_id} is being cancelled.")
     return redirect(url_for("admin.cluster"))
+
+
+# ------------------------------------------------------------ fair share
+
+@bp.get("/usage")
+@admin_required
+def usage_page():
+    """Every researcher's Slurm account: usage this period, limits, fair share."""
+    return render_template("admin/usage.html", **usage.overview())

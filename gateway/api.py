@@ -1,7 +1,7 @@
 """The JSON API, /api/v1: what the m2d client and scripts use."""
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
 
-from . import airlock, intake, lifecycle, pagination, provenance
+from . import airlock, intake, lifecycle, pagination, provenance, usage
 from .auth import token_required
 from .errors import json_error as error
 from .extensions import csrf, db
@@ -118,6 +118,13 @@ def me():
         name=user.name,
         mlflow=mlflow_settings(user),
     )
+
+
+@bp.get("/usage")
+@token_required
+def get_usage():
+    """The caller's Slurm account: usage this period against their limits."""
+    return jsonify(usage.for_user(g.user))
 
 
 def _own(submission_id):

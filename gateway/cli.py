@@ -1,12 +1,13 @@
-"""Admin commands: ``flask --app gateway status|users|tokens|weights|releases|provenance|airlock ...``."""
+"""Admin commands: ``flask --app gateway status|users|tokens|weights|releases|provenance|airlock|images|slurm ...``."""
 from pathlib import Path
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import accounts, airlock, images, overview, provenance, weights
+from . import accounts, airlock, images, overview, provenance, usage, weights
 from .adapters.mlflow import MlflowError
+from .adapters.slurm import SlurmError
 from .extensions import db
 from .models import ApiToken, ReleaseRequest, User
 
@@ -34,7 +35,7 @@ def create_user(email, name, password, admin, approve, reviewer):
     if approve:
         try:
             accounts.approve(user)
-        except MlflowError as e:
+        except (MlflowError, SlurmError) as e:
             raise click.ClickException(f"created {user.email}, but approval failed: {e}. "
                                        f"Run 'users approve {user.email}' once MLflow answers.")
     click.echo(f"created {user.email} (id {user.id}){' approved' if user.approved else ''}")
@@ -46,9 +47,11 @@ def approve_user(email):
     """Approve a user and provision their MLflow account."""
     try:
         user = accounts.approve(accounts.find(email))
-    except (accounts.AccountError, MlflowError) as e:
+    except (accounts.AccountError, MlflowError, SlurmError) as e:
         raise click.ClickException(str(e))
-    click.echo(f"approved {user.email}; MLflow user and experiment: {user.mlflow_username}")
+    slurm = accounts.slurm_account(user)
+    click.echo(f"approved {user.email}; MLflow user and experiment: {user.mlflow_username}"
+               + (f"; Slurm account {slurm}" if slurm else ""))
 
 
 @users.command("grant-reviewer")
@@ -218,8 +221,51 @@ def status():
     click.echo(overview.render(overview.gather(current_app.config)), nl=False)
 
 
+slurm_group = AppGroup("slurm", help="Researchers' Slurm accounts: fair share, limits, usage.")
+
+
+@slurm_group.command("usage")
+def slurm_usage():
+    """Every researcher's account, fair-share factor and usage this period (sshare, sreport)."""
+    found = usage.overview()
+    if found["error"]:
+        raise click.ClickException(f"Slurm did not answer: {found['error']}")
+    click.echo(f"since {found['period_start']:%Y-%m-%d} (UTC); limits: " + " ".join(
+        f"{key}={value if value else '-'}" for key, value in found["limits"].items()))
+    click.echo("account\tuser\tfair_share\tcpu_min\tgpu_min\tgpu_limit\tsreport_cpu_min\tsreport_gpu_min")
+    for row in found["rows"]:
+        share = row["share"] or {}
+        fair_share = share.get("fair_share")
+        click.echo("\t".join(str(v) for v in (
+            row["account"], row["user"].email, "-" if fair_share is None else f"{fair_share:.3f}",
+            share.get("cpu_minutes_used", "-"), share.get("gpu_minutes_used", "-"),
+            share.get("gpu_minutes_limit") or "-", row["report"].get("cpu", 0), row["report"].get("gres/gpu", 0))))
+
+
+@slurm_group.command("sync")
+def slurm_sync():
+    """Give every approved researcher their Slurm account (made if missing) with
+    the configured limits (disabled ones stay disabled); after changing M2D_SLURM_* limits."""
+    from .adapters.slurm.accounting import SlurmAccounts
+
+    slurm = SlurmAccounts.from_config(current_app.config)
+    for user in User.query.filter(User.approved_at.isnot(None)).order_by(User.id):
+        try:
+            name = accounts.slurm_account(user)
+            if name is None:
+                raise click.ClickException("M2D_SLURM_ACCOUNTS is off: the gateway makes no Slurm accounts")
+            if user.disabled_at:
+                slurm.disable(name)
+            else:
+                slurm.set_limits(name)
+        except SlurmError as e:
+            raise click.ClickException(f"{user.email}: {e}")
+        click.echo(f"{name}\t{user.email}\t{'disabled' if user.disabled_at else 'limits set'}")
+
+
 def init_app(app):
     app.cli.add_command(status)
+    app.cli.add_command(slurm_group)
     app.cli.add_command(releases)
     app.cli.add_command(provenance_group)
     app.cli.add_command(airlock_group)

@@ -145,6 +145,23 @@ SETTINGS: tuple[Setting, ...] = (
     S("SLURM_CPUS", int, 1, "CPUs per job."),
     S("SLURM_MEM", str, "2G", "Memory per job (Slurm's notation)."),
     S("SLURM_TIME", str, "01:00:00", "Time limit of a real job."),
+    # Fair share and limits, in Slurm's own terms (gateway/adapters/slurm/accounting.py): each researcher is
+    # a Slurm account; the limits are the association's, enforced by Slurm (AccountingStorageEnforce).
+    S("SLURM_ACCOUNTS", bool, True, "Give each approved researcher a Slurm account (<SLURM_ACCOUNT_PREFIX><user> "
+      "under SLURM_PARENT_ACCOUNT) and submit their jobs with --account; off: all jobs run under the job "
+      "user's default account."),
+    S("SLURM_PARENT_ACCOUNT", str, "m2d", "Slurm account the researchers' accounts live under; the gateway's OS "
+      "account coordinates it (docs/admin.md)."),
+    S("SLURM_ACCOUNT_PREFIX", str, "m2d-", "A researcher's Slurm account is this plus their MLflow user name."),
+    S("SLURM_QOS", str, "", "QOS (and default QOS) of the researchers' accounts; empty: the parent's."),
+    S("SLURM_MAX_RUNNING", int, 0, "Jobs one researcher may have running at once (MaxJobs); 0: no limit."),
+    S("SLURM_MAX_QUEUED", int, 0, "Jobs one researcher may have running and waiting (MaxSubmitJobs); an sbatch "
+      "beyond it fails with Slurm's message. 0: no limit."),
+    S("SLURM_GPU_MINUTES", int, 0, "GPU minutes per researcher per usage period (GrpTRESMins=gres/gpu=N; the "
+      "period is Slurm's PriorityUsageResetPeriod). 0: no limit."),
+    S("SLURM_MAX_WALL", str, "", "Longest time limit one job of a researcher may have (MaxWall); empty: none."),
+    S("USAGE_CACHE_SECONDS", int, 60, "Seconds the usage figures (sshare, sreport) are kept in Redis before "
+      "Slurm is asked again."),
     S("APPTAINER_NV", bool, False, "Pass --nv (real NVIDIA GPUs); off on the fake-GPU testbed."),
     S("DATASET_DIR", str, None, "The dataset, bound read-only at /mnt/dataset. Required by the build workers."),
     S("DATASET_VERSION", str, twin.DEFAULT_VERSION, "Version of the dataset in DATASET_DIR: recorded on each "

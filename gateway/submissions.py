@@ -4,7 +4,7 @@ from flask import Blueprint, abort, current_app, flash, jsonify, redirect, rende
 from flask_login import current_user, login_required
 from werkzeug.datastructures import FileStorage
 
-from . import intake, lifecycle, pagination
+from . import intake, lifecycle, pagination, usage
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler, queue_position
 from .api import mlflow_settings
@@ -169,6 +169,7 @@ def _account_page(**extra):
     tokens = (ApiToken.query.filter_by(user_id=current_user.id)
               .order_by(ApiToken.revoked_at.isnot(None), ApiToken.id.desc()).all())
     response = current_app.make_response(render_template(
-        "account.html", mlflow=mlflow_settings(current_user), tokens=tokens, **extra))
+        "account.html", mlflow=mlflow_settings(current_user), tokens=tokens, usage=usage.for_user(current_user),
+        **extra))
     response.headers["Cache-Control"] = "no-store"  # credentials on the page
     return response

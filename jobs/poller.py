@@ -10,15 +10,17 @@ import time
 from datetime import timedelta, timezone
 
 from flask import current_app
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, func, or_, update
 
 from gateway import accounts, airlock, alerts, metrics, provenance, queue
 from gateway.adapters import slurm
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError
-from gateway.adapters.slurm import JobInfo, Scheduler
+from gateway.adapters.slurm import JobInfo, Scheduler, SlurmError
+from gateway.adapters.slurm.accounting import Limits
+from gateway.adapters.slurm.reasons import explain
 from gateway.extensions import db
 from gateway.lifecycle import advance
-from gateway.models import AccountEmail, Email, Submission, utcnow
+from gateway.models import AccountEmail, Email, Submission, User, utcnow
 from gateway.states import Status
 from gateway.storage import SubmissionFiles
 
@@ -46,10 +48,46 @@ def poll_once(scheduler: Scheduler | None = None) -> int:
             info = infos.get(_job_id(submission))
             if info is not None and _apply(submission, info):
                 moved += 1
+        waiting = [s for s in active if s.status in WAITING
+                   and not ((info := infos.get(_job_id(s))) and (info.started or info.finished))]
+        if waiting:
+            _explain_waits(scheduler, waiting)
     _sweep()
     metrics.POLL_SECONDS.observe(time.monotonic() - started)
     metrics.POLL_JOBS.observe(len(active))
     return moved
+
+
+WAITING = (Status.QUEUED.value, Status.DRY_RUN_QUEUED.value)
+RUNNING = (Status.RUNNING.value, Status.DRY_RUN_RUNNING.value)
+
+
+def _explain_waits(scheduler: Scheduler, waiting: list[Submission]) -> None:
+    """Why Slurm holds each waiting job (squeue's reason code), in the
+    researcher's words, kept in the submission's reason while it waits."""
+    try:
+        codes = scheduler.pending_reasons([_job_id(s) for s in waiting])
+    except SlurmError:  # the reasons are a courtesy: the moves above are done
+        log.exception("squeue did not say why jobs wait")
+        return
+    limits = Limits.from_config(current_app.config)
+    users = {s.user_id for s in waiting}
+    running = dict(db.session.query(Submission.user_id, func.count()).filter(
+        Submission.user_id.in_(users), Submission.status.in_(RUNNING)).group_by(Submission.user_id))
+    disabled = {user_id for (user_id,) in db.session.query(User.id).filter(
+        User.id.in_(users), User.disabled_at.isnot(None))}
+    for submission in waiting:
+        code = codes.get(_job_id(submission))
+        if code is None:
+            continue  # not pending (any more), or not known to slurmctld yet
+        words = explain(code, limits, running.get(submission.user_id, 0), submission.user_id in disabled)
+        words = words[:255] if words else None
+        if words != submission.reason:
+            # no move, no event: only while it still waits in the same state
+            db.session.execute(update(Submission).where(
+                Submission.id == submission.id, Submission.status == submission.status)
+                .values(reason=words).execution_options(synchronize_session=False))
+    db.session.commit()
 
 
 def _job_id(submission: Submission) -> str:
@@ -66,7 +104,7 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
     if status == Status.QUEUED and info.started:
         # also when it already ended: "started" is owed before "finished"
         moved |= advance(submission.id, Status.QUEUED, Status.RUNNING, at=_naive(info.start),
-                         detail=f"Slurm job {info.job_id} on the node")
+                         detail=f"Slurm job {info.job_id} on the node", reason=None)
         status = Status.RUNNING
     if info.finished:
         new, fields = _outcome(submission, info)
@@ -105,7 +143,8 @@ def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
     status = submission.state
     if status == Status.DRY_RUN_QUEUED and info.started:
         moved |= advance(submission.id, Status.DRY_RUN_QUEUED, Status.DRY_RUN_RUNNING,
-                         at=_naive(info.start), detail=f"dry run: Slurm job {info.job_id} on the node")
+                         at=_naive(info.start), detail=f"dry run: Slurm job {info.job_id} on the node",
+                         reason=None)
         status = Status.DRY_RUN_RUNNING
     if info.finished:
         new, fields = _dry_run_outcome(submission, info)

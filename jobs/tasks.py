@@ -19,12 +19,14 @@ from flask import current_app, has_app_context
 from rq import get_current_job
 from sqlalchemy import select, update
 
-from gateway import airlock, alerts, create_app, intake, metrics, provenance
+from gateway import accounts, airlock, alerts, create_app, intake, metrics, provenance
 from gateway import images as image_store
 from gateway.adapters import slurm
 from gateway.adapters.apptainer import BuildError, Image, ImageBuilder
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError, dry_run_experiment_name
-from gateway.adapters.slurm import Scheduler, SlurmError
+from gateway.adapters.slurm import Scheduler, SlurmError, SlurmRefused
+from gateway.adapters.slurm.accounting import Limits
+from gateway.adapters.slurm.reasons import refusal
 from gateway.config import required
 from gateway.extensions import db
 from gateway.lifecycle import advance
@@ -159,6 +161,10 @@ def _hand_to_slurm(submission_id: int, files: SubmissionFiles, image: Image, old
     """sbatch the dry run or the real job, and record it (from ``old``)."""
     try:
         job_id = _submit(submission_id, files, image, dry_run=dry_run)
+    except SlurmRefused as e:  # a limit of the researcher's account: trying again changes nothing
+        advance(submission_id, old, Status.FAILED, reason=refusal(e.stderr, Limits.from_config(current_app.config))[:255],
+                error=e.stderr or str(e))
+        return
     except (SlurmError, MlflowError) as e:
         rq_job = get_current_job()
         if rq_job is not None and rq_job.retries_left:
@@ -377,7 +383,8 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: b
     write_private(spec.relay, RELAY_SOURCE.read_text(), gid=gid)
     write_private(spec.credentials, f"{user.mlflow_username}\n{user.mlflow_password}\n", gid=gid)
     script = write_job_script(spec, files.job / ("dryrun.sbatch" if dry_run else "job.sbatch"))
-    job_id = batch_system.submit(script, spec.job_name)
+    # the researcher's own Slurm account: their fair share, their limits
+    job_id = batch_system.submit(script, spec.job_name, account=accounts.slurm_account(user))
     metrics.JOBS_SUBMITTED.inc(kind="dry_run" if dry_run else "real")
     return job_id
 

@@ -247,6 +247,9 @@ def test_the_poller_asks_slurm_about_the_dry_run_then_the_real_job(local_app):
             self.asked.append(sorted(job_ids))
             return {}
 
+        def pending_reasons(self, job_ids):
+            return {}
+
     poller.poll_once(Scheduler())
     assert Scheduler.asked == [["7", "8"]]
     assert poller._job_id(dry) == "7" and poller._job_id(real) == "8"

@@ -29,7 +29,7 @@ from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JobInfo", "Scheduler", "SlurmError", "TERMINAL_STATES", "from_config", "parse_sacct"]
+__all__ = ["JobInfo", "Scheduler", "SlurmError", "SlurmRefused", "TERMINAL_STATES", "from_config", "parse_sacct"]
 
 # Base job states as sacct prints them.  A job in a terminal state never
 # changes again; every other state may still move on.
@@ -44,6 +44,8 @@ _NO_TIME = {"", "unknown", "none", "n/a"}
 _NO_NODE = {"", "none assigned", "none", "(null)"}  # sacct's NodeList of a job that never ran
 JOB_ID = re.compile(r"[0-9]+")
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,200}")
+# Slurm keeps account names in lower case; keep ours to what every tool reads.
+_ACCOUNT = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 class SlurmError(Exception):
     """A Slurm command failed, timed out, or said something we cannot read."""
@@ -54,6 +56,17 @@ class SlurmError(Exception):
         self.cmd = list(cmd)
         self.returncode = returncode
         self.stderr = stderr
+
+
+class SlurmRefused(SlurmError):
+    """sbatch refused the job for a policy: a limit of the account
+    (``code``, e.g. AssocMaxSubmitJobLimit), an unknown account or QOS.
+    Trying again does not help until the researcher's jobs end or an admin
+    acts, so the submission ends failed with Slurm's message."""
+
+    def __init__(self, message: str, *, code: str = "", **evidence: Any) -> None:
+        super().__init__(message, **evidence)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,13 @@ def check_name(job_name: str) -> None:
         raise ValueError(f"job name {job_name!r}: use letters, digits and _ . + - only")
 
 
+def check_account(name: str) -> str:
+    if not _ACCOUNT.fullmatch(name or ""):
+        raise ValueError(f"Slurm account {name!r}: use 1-64 lower-case letters, digits and _ . - "
+                         "(starting with a letter or digit)")
+    return name
+
+
 def utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         raise ValueError("since must be timezone-aware")
@@ -182,8 +202,15 @@ class Scheduler(ABC):
     """What the gateway needs from a batch scheduler, in values."""
 
     @abstractmethod
-    def submit(self, script: Path, job_name: str) -> str:
-        """Queue ``script`` under ``job_name``; return the job id."""
+    def submit(self, script: Path, job_name: str, account: str | None = None) -> str:
+        """Queue ``script`` under ``job_name`` (charged to Slurm ``account``,
+        else the job user's default); return the job id.  A refusal for a
+        policy is a :class:`SlurmRefused`."""
+
+    @abstractmethod
+    def pending_reasons(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """Slurm's reason code (``Priority``, ``AssocMaxJobsLimit``...) for
+        each of ``job_ids`` that is pending; the others are absent."""
 
     @abstractmethod
     def statuses(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:

@@ -24,12 +24,15 @@ from . import (
     JobInfo,
     Scheduler,
     SlurmError,
+    SlurmRefused,
+    check_account,
     check_ids,
     check_name,
     parse_sacct,
     parse_time,
     utc,
 )
+from .reasons import refusal_code
 
 _SCANCEL_GONE = re.compile(r"Invalid job id specified|already completing or completed",
                            re.IGNORECASE)
@@ -199,14 +202,21 @@ class CliScheduler(Scheduler):
     def from_config(cls, cfg: Mapping[str, Any]) -> CliScheduler:
         return cls(job_user=cfg.get("JOB_USER"))
 
-    def submit(self, script: Path, job_name: str) -> str:
+    def submit(self, script: Path, job_name: str, account: str | None = None) -> str:
         check_name(job_name)
         script = Path(script).resolve()
         # The job starts in the script's folder (shared storage), not in
         # whatever folder the worker process happens to run in.
-        out = self.batch.run("sbatch", [
-            "--parsable", f"--job-name={job_name}", f"--chdir={script.parent}",
-            str(script)]).stdout
+        args = ["--parsable", f"--job-name={job_name}", f"--chdir={script.parent}"]
+        if account:
+            args.append(f"--account={check_account(account)}")
+        try:
+            out = self.batch.run("sbatch", [*args, str(script)]).stdout
+        except SlurmError as e:
+            code = refusal_code(e.stderr)
+            if code is None:
+                raise
+            raise SlurmRefused(str(e), code=code, cmd=e.cmd, returncode=e.returncode, stderr=e.stderr) from None
         try:
             return _parse_sbatch(out)
         except ValueError as e:
@@ -264,6 +274,23 @@ class CliScheduler(Scheduler):
             if newest is None or key > newest:
                 newest = key
         return str(newest[1]) if newest else None
+
+    def pending_reasons(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """One squeue call for the job user's pending jobs (squeue -j fails
+        outright when one id is one slurmctld has forgotten)."""
+        wanted = set(check_ids(job_ids))
+        if not wanted:
+            return {}
+        args = ["-h", "-t", "PD", "-o", "%i|%r"]
+        if self.batch.job_user:
+            args += ["-u", self.batch.job_user]
+        out = self.batch.run("squeue", args).stdout
+        reasons = {}
+        for line in out.splitlines():
+            job_id, sep, reason = line.strip().partition("|")
+            if sep and job_id in wanted:
+                reasons[job_id] = reason.strip()
+        return reasons
 
     def queue(self, name_prefix: str | None = None) -> list[QueueEntry]:
         """Every job slurmctld holds (pending, running, just ended), or those

@@ -15,8 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from ...metrics import SLURM_ERRORS
-from . import TERMINAL_STATES, JobInfo, Scheduler, SlurmError, base_state, check_ids, check_name, utc
+from . import (
+    TERMINAL_STATES,
+    JobInfo,
+    Scheduler,
+    SlurmError,
+    SlurmRefused,
+    base_state,
+    check_account,
+    check_ids,
+    check_name,
+    utc,
+)
 from .cli import PASSED_ENV
+from .reasons import refusal_code
 
 PYSLURM_MISSING = ("pyslurm is not installed: pip install pyslurm==<version "
                    "matching your Slurm, e.g. 22.5.x for Slurm 22.05>, or set "
@@ -94,7 +106,7 @@ class PyslurmScheduler(Scheduler):
             raise SlurmError(f"pyslurm {what} failed: {e}", cmd=[what],
                              stderr=str(e)) from None
 
-    def submit(self, script: Path, job_name: str) -> str:
+    def submit(self, script: Path, job_name: str, account: str | None = None) -> str:
         check_name(job_name)
         script = Path(script).resolve()
         desc = self.pyslurm.JobSubmitDescription(
@@ -103,9 +115,25 @@ class PyslurmScheduler(Scheduler):
             environment=dict(self.job_env))
         if self.job_user:
             desc.user_id = self.job_user
+        if account:
+            desc.account = check_account(account)
         # the #SBATCH lines; values given above win
         desc.load_sbatch_options()
-        return str(self._call("submit", desc.submit))
+        try:
+            return str(self._call("submit", desc.submit))
+        except SlurmError as e:
+            code = refusal_code(e.stderr)
+            if code is None:
+                raise
+            raise SlurmRefused(str(e), code=code, cmd=e.cmd, stderr=e.stderr) from None
+
+    def pending_reasons(self, job_ids: Iterable[str]) -> dict[str, str]:
+        wanted = set(check_ids(job_ids))
+        if not wanted:
+            return {}
+        live = self._call("Jobs.load", self.pyslurm.Jobs.load).values()
+        return {str(j.id): str(j.state_reason or "") for j in live
+                if str(j.id) in wanted and base_state(str(j.state or "")) == "PENDING"}
 
     def statuses(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
         ids = check_ids(job_ids)
