@@ -86,6 +86,30 @@ def dry_run_user(email, skip):
                f"{'' if current_app.config['DRY_RUN'] else ' (dry runs are off for everyone: M2D_DRY_RUN)'}")
 
 
+@users.command("disable")
+@click.argument("email")
+def disable_user(email):
+    """Disable EMAIL: no login, no submission; their Slurm account runs and
+    queues nothing more (history kept) and what they have waiting is cancelled."""
+    try:
+        user = accounts.find(email)
+    except accounts.AccountError as e:
+        raise click.ClickException(str(e))
+    cancelled = accounts.disable(user)
+    click.echo(f"{user.email} is disabled; {cancelled} submission(s) are being cancelled")
+
+
+@users.command("enable")
+@click.argument("email")
+def enable_user(email):
+    """Enable EMAIL again (their Slurm account gets the configured limits)."""
+    try:
+        accounts.enable(accounts.find(email))
+    except (accounts.AccountError, SlurmError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"{email} is enabled")
+
+
 @users.command("list")
 def list_users():
     """List users."""

@@ -121,7 +121,19 @@ class Stack:
             raise AssertionError(f"{e}; it said: {self.health}") from None
         return self
 
+    def restart(self):
+        """Stop the gateway's processes and start them again on the same
+        database and files (what a deploy or a reboot does)."""
+        self._stop_processes()
+        self.procs = {}
+        return self.start()
+
     def stop(self):
+        self._stop_processes()
+        if os.environ.get("M2D_KEEP_TEST_DATA") != "1":
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _stop_processes(self):
         for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -130,8 +142,6 @@ class Stack:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-        if os.environ.get("M2D_KEEP_TEST_DATA") != "1":
-            shutil.rmtree(self.root, ignore_errors=True)
 
     def _spawn(self, name, argv):
         log = open(self.logs / f"{name}.log", "ab")

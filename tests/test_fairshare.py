@@ -1,0 +1,323 @@
+"""Fair share and quotas in Slurm's own terms: each researcher is a Slurm
+account (m2d-<user>) whose limits Slurm enforces and whose usage sshare,
+sreport and sacct -A report.
+
+First the parsers and the reason words (Slurm's real outputs, no Slurm
+needed), then the proof on the real stack: two researchers, one running
+job per account; one researcher's five jobs do not keep the other's waiting.
+"""
+import subprocess
+from datetime import datetime, timezone
+
+import pytest
+
+from gateway.adapters.slurm import SlurmError, SlurmRefused
+from gateway.adapters.slurm.accounting import (
+    Limits,
+    SlurmAccounts,
+    parse_associations,
+    parse_sreport,
+    parse_sshare,
+    parse_tres,
+)
+from gateway.adapters.slurm.cli import CliScheduler
+from gateway.adapters.slurm.reasons import explain, refusal, refusal_code
+
+from .stack import SAMPLES, Stack, wait_for, zip_folder
+from .test_m2d_submit import m2d
+
+# `sshare -n -P -a -o Account,User,RawShares,NormShares,RawUsage,EffectvUsage,FairShare,GrpTRESMins,GrpTRESRaw`
+# on the testbed (Slurm 22.05): account names indented by depth
+SSHARE = """\
+root|||0.000000|2|1.000000|||cpu=0,mem=384,energy=0,node=0,billing=0,fs/disk=0,vmem=0,pages=0,gres/gpu=0
+ root|root|1|0.333333|0|0.000000|1.000000||cpu=0,mem=0,energy=0,node=0,billing=0,fs/disk=0,vmem=0,pages=0,gres/gpu=0
+ m2d||1|0.333333|1|0.000000|||cpu=0,mem=192,energy=0,node=0,billing=0,fs/disk=0,vmem=0,pages=0,gres/gpu=0
+  m2d|m2d|1|0.500000|0|0.000000|1.000000||cpu=0,mem=0,energy=0,node=0,billing=0,fs/disk=0,vmem=0,pages=0,gres/gpu=0
+  m2d-ann-3||1|0.500000|7260|0.250000||gres/gpu=600|cpu=121,mem=192,energy=0,node=0,billing=121,gres/gpu=42
+   m2d-ann-3|m2d-job|1|1.000000|7260|0.250000|0.333333||cpu=121,mem=192,energy=0,node=0,billing=121,gres/gpu=42
+ testacct||1|0.333333|1|0.000000|||cpu=0,mem=192,energy=0,node=0,billing=0,fs/disk=0,vmem=0,pages=0,gres/gpu=0
+  testacct|m2d-job|1|0.500000|1|0.000000|1.000000||cpu=0,mem=192,energy=0,node=0,billing=0,fs/disk=0
+"""
+
+# `sacctmgr -n -P show assoc format=Account,User,ParentName,MaxJobs,MaxSubmit,GrpTRESMins,MaxWall,QOS`
+ASSOCIATIONS = """\
+m2d||root|||||m2d,normal
+m2d-ann-3||m2d|1|10|gres/gpu=600|01:00:00|m2d,normal
+m2d-ann-3|m2d-job||1|10||01:00:00|m2d,normal
+m2d-bob-4||m2d|0|0|||m2d,normal
+"""
+
+# sbatch as the job user, an account at its MaxSubmitJobs
+REFUSED = ("sbatch: error: AssocMaxSubmitJobLimit\n"
+           "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy "
+           "(job submit limit, user's size and/or time limits)\n")
+
+
+def test_sshare_gives_each_accounts_usage_and_its_job_users_fair_share_factor():
+    shares = parse_sshare(SSHARE, job_user="m2d-job")
+    ann = shares["m2d-ann-3"]
+    assert ann.raw_usage == 7260 and ann.effective_usage == 0.25 and ann.fair_share == pytest.approx(0.333333)
+    assert ann.gpu_minutes_used == 42 and ann.gpu_minutes_limit == 600 and ann.cpu_minutes_used == 121
+    assert shares["testacct"].fair_share == 1.0 and shares["testacct"].gpu_minutes_limit is None
+    assert set(shares) == {"root", "m2d", "m2d-ann-3", "testacct"}  # indentation gone
+
+
+def test_an_unreadable_sshare_line_is_an_error():
+    with pytest.raises(ValueError):
+        parse_sshare("m2d-ann-3|m2d-job|1\n")
+    with pytest.raises(ValueError):
+        parse_tres("cpu=lots")
+
+
+def test_associations_show_limits_and_a_disabled_account():
+    rows = parse_associations(ASSOCIATIONS)
+    ann = next(r for r in rows if r.account == "m2d-ann-3" and not r.user)
+    assert (ann.parent, ann.max_jobs, ann.max_submit, ann.grp_tres_mins, ann.max_wall) == \
+        ("m2d", 1, 10, {"gres/gpu": 600}, "01:00:00")
+    assert rows[0].max_jobs is None and not rows[0].disabled
+    assert next(r for r in rows if r.account == "m2d-bob-4").disabled
+
+
+def test_sreport_rows_become_minutes_per_account_and_tres():
+    rows = parse_sreport("testbed|m2d-ann-3|||cpu|121\ntestbed|m2d-ann-3|m2d-job|M2D Job|gres/gpu|42\n")
+    assert [(r.account, r.user, r.tres, r.minutes) for r in rows] == [
+        ("m2d-ann-3", "", "cpu", 121), ("m2d-ann-3", "m2d-job", "gres/gpu", 42)]
+    with pytest.raises(ValueError):
+        parse_sreport("Cluster|Account|Login|Proper Name|TRES Name|Used\n")  # the header: -n was missing
+
+
+def test_limits_from_configuration_become_sacctmgr_words_and_zero_means_none():
+    limits = Limits.from_config({"SLURM_MAX_RUNNING": 2, "SLURM_MAX_QUEUED": 0, "SLURM_GPU_MINUTES": 600,
+                                 "SLURM_MAX_WALL": ""})
+    assert limits == Limits(max_running=2, gpu_minutes=600)
+    assert limits.settings() == ["MaxJobs=2", "MaxSubmitJobs=-1", "GrpTRESMins=gres/gpu=600", "MaxWall=-1"]
+    assert limits.settings_for_add() == ["MaxJobs=2", "GrpTRESMins=gres/gpu=600"]
+
+
+class RecordingBatch:
+    """sacctmgr's answers for the account-management calls, and what was asked."""
+    job_user = "m2d-job"
+
+    def __init__(self, existing=""):
+        self.existing, self.calls = existing, []
+
+    def run(self, name, args):
+        self.calls.append([name, *args])
+        stdout = self.existing if "show" in args else ""
+        return subprocess.CompletedProcess([name, *args], 0, stdout, "")
+
+
+def test_ensure_adds_the_account_and_the_job_user_once():
+    batch = RecordingBatch()
+    slurm = SlurmAccounts(batch, job_user="m2d-job", limits=Limits(max_running=1))
+    assert slurm.ensure("m2d-ann-3")
+    adds = [c for c in batch.calls if "add" in c]
+    assert adds[0][4:7] == ["add", "account", "m2d-ann-3"] and "parent=m2d" in adds[0] and "MaxJobs=1" in adds[0]
+    assert adds[1][4:] == ["add", "user", "m2d-job", "account=m2d-ann-3"]
+    existing = RecordingBatch(ASSOCIATIONS)
+    assert not SlurmAccounts(existing, job_user="m2d-job").ensure("m2d-ann-3")
+    assert len(existing.calls) == 1  # one query before each sbatch, nothing added
+
+
+def test_account_names_are_checked_before_they_reach_a_command_line():
+    slurm = SlurmAccounts(RecordingBatch())
+    assert slurm.name_for("Ann-3") == "m2d-ann-3"
+    for bad in ("m2d-ann 3", "m2d-ann,root", "-a"):
+        with pytest.raises(ValueError):
+            slurm.ensure(bad)
+
+
+@pytest.mark.parametrize(("code", "words"), [
+    ("AssocMaxJobsLimit", "waiting: you have 2 jobs running, the limit is 2 (AssocMaxJobsLimit)"),
+    ("Priority", "waiting: jobs with a higher priority go first (fair share: researchers who used less "
+                 "recently start first) (Priority)"),
+    ("Resources", "waiting for the GPUs, CPUs or memory it asked for to become free (Resources)"),
+    ("AssocGrpGRESMinutes", "waiting: you have used your budget of 600 GPU minutes for this period; it starts "
+                            "when the budget is renewed or an admin raises it (AssocGrpGRESMinutes)"),
+    ("QOSMaxJobsPerAccount", "waiting: you have 2 jobs running, as many as your QOS allows (QOSMaxJobsPerAccount)"),
+    ("QOSMaxGRESMinutesPerAccount", "waiting: you have used your budget of 600 GPU minutes for this period; it "
+                                    "starts when the budget is renewed or an admin raises it "
+                                    "(QOSMaxGRESMinutesPerAccount)"),
+    ("JobHeldAdmin", "held by an admin: it starts when they release it (JobHeldAdmin)"),
+    ("AssocGrpNodeLimit", "waiting: a limit of your account holds it (AssocGrpNodeLimit)"),
+    ("Cleaning", "waiting (Cleaning)"),
+    ("None", None),
+    ("", None),
+])
+def test_slurms_reason_codes_in_a_researchers_words(code, words):
+    assert explain(code, Limits(max_running=2, gpu_minutes=600), running=2) == words
+
+
+def test_a_disabled_accounts_limit_of_zero_says_the_account_is_disabled():
+    assert explain("AssocMaxJobsLimit", Limits(max_running=1), running=0, disabled=True) == \
+        "waiting: your account is disabled; no job of yours starts (AssocMaxJobsLimit)"
+    assert explain("AssocMaxJobsLimit", running=1) == \
+        "waiting: you have 1 job running, that is your limit (AssocMaxJobsLimit)"
+
+
+def test_an_sbatch_refused_for_a_limit_is_told_from_other_failures():
+    assert refusal_code(REFUSED) == "AssocMaxSubmitJobLimit"
+    assert refusal(REFUSED, Limits(max_queued=3)) == \
+        "Slurm refused the job: you have 3 jobs running or waiting, the limit is 3 (AssocMaxSubmitJobLimit)"
+    assert refusal_code("sbatch: error: Batch job submission failed: Invalid account or account/partition "
+                        "combination specified") == "InvalidAccount"
+    assert refusal_code("sbatch: error: Batch job submission failed: Unable to contact slurm controller") is None
+
+
+def test_a_refused_sbatch_is_a_slurm_refusal_carrying_the_code(tmp_path):
+    (tmp_path / "refusal.txt").write_text(REFUSED)
+    (tmp_path / "sbatch").write_text(f"#!/bin/sh\ncat {tmp_path / 'refusal.txt'} >&2\nexit 1\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\ntrue\n")
+    with pytest.raises(SlurmRefused) as refused:
+        CliScheduler(bin_dir=tmp_path).submit(script, "m2d-1", account="m2d-ann-3")
+    assert refused.value.code == "AssocMaxSubmitJobLimit" and "Job violates" in refused.value.stderr
+    (tmp_path / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Unable to contact slurm controller' >&2\n"
+                                     "exit 1\n")
+    with pytest.raises(SlurmError) as failed:
+        CliScheduler(bin_dir=tmp_path).submit(script, "m2d-1")
+    assert not isinstance(failed.value, SlurmRefused)  # retried by rq, not failed at once
+
+
+# ------------------------------------------------------------- the real stack
+
+RUNNING_LIMIT = 1
+SLEEP_S = 6
+
+
+@pytest.fixture(scope="module")
+def fair_stack(testbed):
+    """A stack of its own: one running job per researcher, jobs without GPUs
+    (the testbed's single fake GPU would serialise everyone), no dry runs."""
+    running = Stack(M2D_SLURM_MAX_RUNNING=str(RUNNING_LIMIT), M2D_SLURM_GPUS="0", M2D_DRY_RUN="0",
+                    M2D_USAGE_CACHE_SECONDS="0").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def sleeper_zip(tmp_path_factory):
+    """A job that sleeps a few seconds, on the base image's Python alone
+    (one environment image, built once and then reused by every run)."""
+    folder = tmp_path_factory.mktemp("fair")
+    return zip_folder(SAMPLES / "sleeps", folder / "sleeper.zip", extra={
+        "main.py": f"import time\nprint('sleeping', flush=True)\ntime.sleep({SLEEP_S})\n",
+        "requirements.txt": "# nothing beyond the base image\n"})
+
+
+def slurm(*args):
+    return subprocess.run(list(args), capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def sacct_jobs(account):
+    """{job id: (state, start)} of ``account``'s jobs today, from sacct -A."""
+    out = slurm("sacct", "-X", "-n", "-P", "-A", account, "-S", "now-1days", "-E", "now",
+                "-o", "JobIDRaw,Account,State,Start")
+    return {job: (state, None if start in ("None", "Unknown") else start)
+            for job, acct, state, start in (line.split("|") for line in out.splitlines() if line.strip())
+            if acct == account}
+
+
+def association_rows(account):
+    return [line for line in slurm("sacctmgr", "-n", "-P", "show", "assoc", f"where account={account}",
+                                   "format=Account,User,MaxJobs,MaxSubmit").splitlines() if line.strip()]
+
+
+def account_of(researcher):
+    return researcher.api("GET", "/usage").json()["account"]
+
+
+def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, sleeper_zip, tmp_path):
+    a, b = fair_stack.researcher("fair-a"), fair_stack.researcher("fair-b")
+    account_a, account_b = account_of(a), account_of(b)
+    assert account_a.startswith("m2d-fair-a-") and account_b.startswith("m2d-fair-b-")
+
+    theirs = [a.submit(sleeper_zip) for _ in range(5)]
+    mine = b.submit(sleeper_zip)
+
+    # A's waiting jobs say why, in words and in Slurm's code, in the API and in `m2d status`
+    def a_waits_for_the_limit():
+        for submission_id in theirs:
+            s = a.submission(submission_id)
+            if s["status"] == "queued" and "AssocMaxJobsLimit" in (s["reason"] or ""):
+                return s
+        return None
+    waiting = wait_for(a_waits_for_the_limit, 600, "one of A's jobs to wait for A's running-job limit")
+    assert f"the limit is {RUNNING_LIMIT}" in waiting["reason"] and waiting["reason"].startswith("waiting: you have")
+    shown = m2d("status", waiting["id"], env={"M2D_URL": fair_stack.url, "M2D_TOKEN": a.token}, cwd=tmp_path)
+    assert shown.returncode == 0 and "AssocMaxJobsLimit" in shown.stdout, shown.stdout + shown.stderr
+
+    for submission_id in theirs:
+        assert a.wait_until(submission_id, {"completed", "failed", "cancelled"}, timeout=900)["status"] == "completed"
+    assert b.wait_until(mine, {"completed", "failed", "cancelled"}, timeout=900)["status"] == "completed"
+    # the reason went away once it ran
+    assert all(a.submission(i)["reason"] == "COMPLETED" for i in theirs)
+
+    # Slurm charged each job to its researcher's account (sacct -A)
+    jobs_a, jobs_b = sacct_jobs(account_a), sacct_jobs(account_b)
+    assert sorted(jobs_a) == sorted(a.submission(i)["slurm_job_id"] for i in theirs)
+    assert list(jobs_b) == [b.submission(mine)["slurm_job_id"]]
+    # fair share, not FIFO: B's job, queued after all five of A's, started before A's last four
+    starts_a = sorted(start for _state, start in jobs_a.values())
+    (start_b,) = [start for _state, start in jobs_b.values()]
+    assert start_b < starts_a[1], (start_b, starts_a)
+
+    # usage under each account: sshare now (recomputed each minute), and to each researcher
+    def used():
+        shares = SlurmAccounts(job_user="m2d-job").shares()
+        return all(shares.get(acct) and shares[acct].raw_usage > 0 for acct in (account_a, account_b)) and shares
+    shares = wait_for(used, 150, "sshare to count both accounts' usage", interval=5)
+    assert shares[account_a].raw_usage > shares[account_b].raw_usage  # five jobs against one
+    mine_usage = b.api("GET", "/usage").json()
+    assert mine_usage["account"] == account_b and mine_usage["limits"]["max_running"] == RUNNING_LIMIT
+    assert mine_usage["usage"]["raw_usage"] > 0
+    # the admins' view: every researcher's account, usage and fair-share factor
+    table = fair_stack.flask("slurm", "usage")
+    assert account_a in table and account_b in table and "max_running=1" in table
+    # sreport reads slurmdbd's hourly rollups: the accounts are there once the hour is rolled up
+    report = slurm("sreport", "-n", "-P", "cluster", "AccountUtilizationByUser", f"accounts={account_a},{account_b}",
+                   "start=now-2hours", "end=now", "-t", "minutes")
+    assert all(line.split("|")[1] in (account_a, account_b) for line in report.splitlines() if line.strip())
+
+
+def test_disabling_a_researcher_stops_their_waiting_jobs_from_starting(fair_stack, sleeper_zip):
+    a = fair_stack.researcher("fair-off")
+    account = account_of(a)
+    ids = [a.submit(sleeper_zip) for _ in range(3)]
+    a.wait_until(ids[0], "running", timeout=600)
+    wait_for(lambda: all(a.submission(i)["slurm_job_id"] for i in ids), 300, "all three to be in Slurm")
+    disabled_at = datetime.now(timezone.utc)
+    fair_stack.flask("users", "disable", a.address)
+    # Slurm holds the account (history kept): nothing more runs or queues
+    assert any(row.endswith("|0|0") for row in association_rows(account)), association_rows(account)
+    for submission_id in ids:
+        assert a.wait_until(submission_id, {"completed", "failed", "cancelled"}, timeout=300)
+    jobs = sacct_jobs(account)
+    waiting = [a.submission(i)["slurm_job_id"] for i in ids[1:]]
+    for job_id in waiting:  # queued behind the running one: never started
+        state, start = jobs[job_id]
+        assert start is None or datetime.fromisoformat(start).replace(tzinfo=timezone.utc) < disabled_at, \
+            (job_id, state, start)
+        assert state.startswith("CANCELLED")
+    # and an sbatch of its account now is refused by Slurm itself
+    refused = subprocess.run(["sudo", "-n", "-u", "m2d-job", "sbatch", f"--account={account}", "-o", "/dev/null",
+                              "--wrap", "true"], capture_output=True, text=True, timeout=60, cwd="/tmp")
+    assert refused.returncode != 0 and "AssocMaxSubmitJobLimit" in refused.stderr
+    fair_stack.flask("users", "enable", a.address)
+    assert not any(row.endswith("|0|0") for row in association_rows(account))
+
+
+def test_accounts_survive_a_restart_and_reapproval_makes_nothing_twice(fair_stack):
+    a = fair_stack.researcher("fair-again")
+    account = account_of(a)
+    before = association_rows(account)
+    assert len(before) == 2  # the account, and the job user in it
+    fair_stack.restart()
+    for _ in range(2):
+        fair_stack.flask("users", "approve", a.address)
+    fair_stack.flask("slurm", "sync")
+    assert association_rows(account) == before
+    assert len([line for line in slurm("sacctmgr", "-n", "-P", "show", "account", "format=Account").splitlines()
+                if line.strip() == account]) == 1
+    assert a.api("GET", "/usage").json()["account"] == account
