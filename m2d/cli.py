@@ -129,6 +129,27 @@ def status(args) -> int:
     return _done(args, submission, _details(submission))
 
 
+def usage(args) -> int:
+    """Your Slurm account: what you used this period against your limits."""
+    found = _client().usage()
+    if not found.get("account"):
+        return _done(args, found, "your jobs run under the cluster's shared account")
+    used, limits = found.get("usage") or {}, found["limits"]
+    def limit(key):
+        return limits.get(key) or "no limit"
+    lines = [f"Slurm account {found['account']}" + (f" (usage since {found['period_start'][:10]})"
+                                                    if found.get("period_start") else ""),
+             f"  GPU minutes: {used.get('gpu_minutes_used', 0)} of {limit('gpu_minutes')}",
+             f"  CPU minutes: {used.get('cpu_minutes_used', 0)}",
+             f"  jobs running at once: {limit('max_running')}; running and waiting: {limit('max_queued')}; "
+             f"longest job: {limit('max_wall')}"]
+    if used.get("fair_share") is not None:
+        lines.append(f"  fair-share factor: {used['fair_share']:.3f} (1: you used least)")
+    if found.get("error"):
+        lines.append(f"  (Slurm did not answer just now: {found['error']})")
+    return _done(args, found, "\n".join(lines))
+
+
 def wait(args) -> int:
     from .client import is_completed
 
@@ -348,6 +369,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = command("status", status, "list your submissions, or show one")
     sub.add_argument("id", type=int, nargs="?", metavar="ID")
+
+    command("usage", usage, "your Slurm account: usage this period against your limits")
 
     sub = command("wait", wait, "wait until a submission ends; exit 0 only if it completed")
     sub.add_argument("id", type=int, metavar="ID")

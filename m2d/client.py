@@ -40,6 +40,9 @@ class Client:
     def me(self) -> dict:
         return self._call("GET", "/me")
 
+    def usage(self) -> dict:
+        return self._call("GET", "/usage")
+
     def submit(self, zip_path: str | os.PathLike) -> dict:
         zip_path = Path(zip_path)
         with open(zip_path, "rb") as f:

@@ -184,6 +184,7 @@ def test_a_refused_sbatch_is_a_slurm_refusal_carrying_the_code(tmp_path):
 
 RUNNING_LIMIT = 1
 SLEEP_S = 6
+LONG_SLEEP_S = 75
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +202,11 @@ def sleeper_zip(tmp_path_factory):
     """A job that sleeps a few seconds, on the base image's Python alone
     (one environment image, built once and then reused by every run)."""
     folder = tmp_path_factory.mktemp("fair")
-    return zip_folder(SAMPLES / "sleeps", folder / "sleeper.zip", extra={
-        "main.py": f"import time\nprint('sleeping', flush=True)\ntime.sleep({SLEEP_S})\n",
-        "requirements.txt": "# nothing beyond the base image\n"})
+    for name, seconds in (("long.zip", LONG_SLEEP_S), ("sleeper.zip", SLEEP_S)):
+        zip_folder(SAMPLES / "sleeps", folder / name, extra={
+            "main.py": f"import time\nprint('sleeping', flush=True)\ntime.sleep({seconds})\n",
+            "requirements.txt": "# nothing beyond the base image\n"})
+    return folder / "sleeper.zip"
 
 
 def slurm(*args):
@@ -220,7 +223,7 @@ def sacct_jobs(account):
 
 
 def association_rows(account):
-    return [line for line in slurm("sacctmgr", "-n", "-P", "show", "assoc", f"where account={account}",
+    return [line for line in slurm("sacctmgr", "-n", "-P", "show", "assoc", "where", f"account={account}",
                                    "format=Account,User,MaxJobs,MaxSubmit").splitlines() if line.strip()]
 
 
@@ -233,7 +236,11 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
     account_a, account_b = account_of(a), account_of(b)
     assert account_a.startswith("m2d-fair-a-") and account_b.startswith("m2d-fair-b-")
 
-    theirs = [a.submit(sleeper_zip) for _ in range(5)]
+    # A's first job runs past a fair-share recomputation (PriorityCalcPeriod=1 minute): from then
+    # on A's usage puts A's waiting jobs behind B's, as it would a heavy user's on a real cluster
+    first = a.submit(sleeper_zip.with_name("long.zip"))
+    a.wait_until(first, "running", timeout=600)
+    theirs = [first] + [a.submit(sleeper_zip) for _ in range(4)]
     mine = b.submit(sleeper_zip)
 
     # A's waiting jobs say why, in words and in Slurm's code, in the API and in `m2d status`
@@ -272,6 +279,9 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
     mine_usage = b.api("GET", "/usage").json()
     assert mine_usage["account"] == account_b and mine_usage["limits"]["max_running"] == RUNNING_LIMIT
     assert mine_usage["usage"]["raw_usage"] > 0
+    told = m2d("usage", env={"M2D_URL": fair_stack.url, "M2D_TOKEN": b.token}, cwd=tmp_path)
+    assert told.returncode == 0 and f"Slurm account {account_b}" in told.stdout, told.stdout + told.stderr
+    assert "jobs running at once: 1" in told.stdout
     # the admins' view: every researcher's account, usage and fair-share factor
     table = fair_stack.flask("slurm", "usage")
     assert account_a in table and account_b in table and "max_running=1" in table
