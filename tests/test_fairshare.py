@@ -7,6 +7,7 @@ needed), then the proof on the real stack: two researchers, one running
 job per account; one researcher's five jobs do not keep the other's waiting.
 """
 import subprocess
+import uuid
 
 import pytest
 
@@ -24,7 +25,7 @@ from gateway.adapters.slurm.cli import CliScheduler
 from gateway.adapters.slurm.reasons import explain, refusal, refusal_code
 from gateway.config import from_environment
 from gateway.extensions import db
-from gateway.models import Submission
+from gateway.models import Submission, User
 
 from .stack import SAMPLES, Stack, wait_for, zip_folder
 from .test_m2d_submit import m2d
@@ -234,6 +235,26 @@ def account_of(researcher):
     return researcher.api("GET", "/usage").json()["account"]
 
 
+def page_as(stack, address, path):
+    """``path`` as the user ``address`` sees it (the stack's app, in-process, logged in)."""
+    app = create_app(from_environment(stack.env))
+    with app.app_context():
+        user = User.query.filter_by(email=address).one()
+        client = app.test_client()
+        with client.session_transaction() as session:
+            session["_user_id"], session["_fresh"] = user.get_id(), True
+        response = client.get(path)
+        db.session.remove()
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def admin_page(stack, path):
+    address = f"admin-{uuid.uuid4().hex[:8]}@example.org"
+    stack.flask("users", "create", address, "--name", "Admin", "--admin", "--approve")
+    return page_as(stack, address, path)
+
+
 def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, sleeper_zip, tmp_path):
     a, b = fair_stack.researcher("fair-a"), fair_stack.researcher("fair-b")
     account_a, account_b = account_of(a), account_of(b)
@@ -257,6 +278,7 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
     assert f"the limit is {RUNNING_LIMIT}" in waiting["reason"] and waiting["reason"].startswith("waiting: you have")
     shown = m2d("status", waiting["id"], env={"M2D_URL": fair_stack.url, "M2D_TOKEN": a.token}, cwd=tmp_path)
     assert shown.returncode == 0 and "AssocMaxJobsLimit" in shown.stdout, shown.stdout + shown.stderr
+    assert waiting["reason"] in page_as(fair_stack, a.address, f"/submissions/{waiting['id']}")  # its status page
 
     for submission_id in theirs:
         assert a.wait_until(submission_id, {"completed", "failed", "cancelled"}, timeout=900)["status"] == "completed"
@@ -285,9 +307,12 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
     told = m2d("usage", env={"M2D_URL": fair_stack.url, "M2D_TOKEN": b.token}, cwd=tmp_path)
     assert told.returncode == 0 and f"Slurm account {account_b}" in told.stdout, told.stdout + told.stderr
     assert "jobs running at once: 1" in told.stdout
+    assert account_b in page_as(fair_stack, b.address, "/account")
     # the admins' view: every researcher's account, usage and fair-share factor
     table = fair_stack.flask("slurm", "usage")
     assert account_a in table and account_b in table and "max_running=1" in table
+    page = admin_page(fair_stack, "/admin/usage")
+    assert f'id="account-{account_a}"' in page and f'id="account-{account_b}"' in page and "Fair-share factor" in page
     # sreport reads slurmdbd's hourly rollups: the accounts are there once the hour is rolled up
     report = slurm("sreport", "-n", "-P", "cluster", "AccountUtilizationByUser", f"accounts={account_a},{account_b}",
                    "start=now-2hours", "end=now", "-t", "minutes")
