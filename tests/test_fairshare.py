@@ -322,8 +322,9 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
 def test_disabling_a_researcher_stops_their_waiting_jobs_from_starting(fair_stack, sleeper_zip):
     a = fair_stack.researcher("fair-off")
     account = account_of(a)
-    ids = [a.submit(sleeper_zip.with_name("long.zip"))] + [a.submit(sleeper_zip) for _ in range(2)]
-    a.wait_until(ids[0], "running", timeout=600)  # the others wait behind it (one running job per account)
+    first = a.submit(sleeper_zip.with_name("long.zip"))
+    a.wait_until(first, "running", timeout=600)
+    ids = [first] + [a.submit(sleeper_zip) for _ in range(2)]  # they wait behind it (one running job per account)
     wait_for(lambda: all(a.submission(i)["slurm_job_id"] for i in ids), 300, "all three to be in Slurm")
     job_ids = [a.submission(i)["slurm_job_id"] for i in ids]
     fair_stack.flask("users", "disable", a.address)
