@@ -1,10 +1,11 @@
 """The time a dry run adds to a submission, on the testbed.
 
     set -a; . /opt/testbed/gateway.env; set +a
-    .venv/bin/python -m bench.dry_run [N]
+    .venv/bin/python -m bench.dry_run [N] [SAMPLE]
 
-Starts a private gateway stack (as the tests do) and submits the iris sample N
-times (default 2) for a researcher with dry runs and N times for one without
+Starts a private gateway stack (as the tests do) and submits SAMPLE (iris, the
+default, or clam: m2d/samples/NAME) N times (default 2) for a researcher with
+dry runs and N times for one without
 (`flask users dry-run --skip`), alternately, one at a time, after one warm-up
 submission that builds the environment image. Prints each submission's upload
 to completed time, the dry run's own span (building -> dry_run_passed) and the
@@ -34,13 +35,15 @@ def run_once(researcher, zip_path):
     return total, dry, handoff
 
 
-def main(count):
+def main(count, sample="iris"):
     stack = Stack().start()
     try:
         with_dry = stack.researcher("bench-dry")
         without = stack.researcher("bench-plain", dry_run=False)
-        zip_path = zip_folder(SAMPLES / "iris", stack.root / "iris.zip")
+        zip_path = zip_folder(SAMPLES / sample, stack.root / f"{sample}.zip")
+        started = time.monotonic()
         run_once(without, zip_path)  # builds (or finds) the image; not counted
+        print(f"{sample}: warm-up (image built or found) {time.monotonic() - started:.1f} s")
         totals = {"with dry run": [], "without": []}
         print("run  kind           total_s  dry_run_s  passed->queued_s")
         for run in range(1, count + 1):
@@ -57,4 +60,4 @@ def main(count):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2, sys.argv[2] if len(sys.argv) > 2 else "iris")

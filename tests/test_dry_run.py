@@ -2,8 +2,9 @@
 twin of CLaM (of the dataset's version, M2D_TWIN_DIR/<version>) with its whole
 log shown, and only a dry run that exits 0 lets the real job go to Slurm.
 
-Five Slurm jobs in all (the machine is small): a crash (dry run only), iris
-(dry run + real run), and code that fails only on the real data (both)."""
+Seven Slurm jobs in all (the machine is small): a crash (dry run only), iris
+and the CLaM sample (dry run + real run each), and code that fails only on the
+real data (both)."""
 import csv
 import json
 import os
@@ -93,8 +94,10 @@ def submitted(stack, researcher, tmp_path_factory):
         "iris": researcher.submit(zip_folder(SAMPLES / "iris", folder / "iris.zip")),
         "real-only": researcher.submit(zip_folder(SAMPLES / "iris", folder / "real.zip",
                                                   extra={"main.py": REAL_ONLY_FAILS})),
+        # torch, numpy, Pillow, scikit-learn: its image is the slow part, once
+        "clam": researcher.submit(zip_folder(SAMPLES / "clam", folder / "clam.zip")),
     }
-    return {name: researcher.wait_until(sid, FINAL, timeout=900) for name, sid in ids.items()}
+    return {name: researcher.wait_until(sid, FINAL, timeout=1800) for name, sid in ids.items()}
 
 
 def test_a_crash_on_the_first_batch_ends_as_dry_run_failed_with_the_whole_traceback(
@@ -154,6 +157,26 @@ def test_iris_passes_its_dry_run_then_completes_with_metrics_in_both_experiments
     account = researcher.me()["mlflow"]
     assert {"accuracy": 1.0, "dataset-exists": 1.0} in metrics_in(account["experiment_name"])
     assert {"accuracy": 1.0, "dataset-exists": 1.0} in metrics_in(account["experiment_name"] + "-dryrun")
+
+
+def test_the_clam_sample_passes_its_short_dry_run_then_trains_on_the_data_with_metrics_in_both_experiments(
+        stack, researcher, submitted):
+    result = submitted["clam"]
+    assert result["status"] == "completed", result
+    assert [e["status"] for e in result["events"]] == [
+        "received", "building", "dry_run_queued", "dry_run_running", "dry_run_passed",
+        "queued", "running", "completed"]
+    dry = result["dry_run"]
+    assert dry["exit_code"] == 0 and "1 epochs (dry run)" in dry["log"] and "saved /mnt/export/model.tar" in dry["log"]
+    assert {f["path"] for f in dry["export"]} == {"model.tar", "metrics.json"}
+    export = stack.root / "data" / "submissions" / str(result["id"]) / "export"
+    assert (export / "model.tar").stat().st_size > 10_000_000  # 11M parameters, trained on the data
+    account = researcher.me()["mlflow"]
+    trained = {"train_loss", "train_accuracy", "test_accuracy", "test_f1"}
+    [dry_metrics] = [m for m in metrics_in(account["experiment_name"] + "-dryrun") if "train_loss" in m]
+    [real_metrics] = [m for m in metrics_in(account["experiment_name"]) if "train_loss" in m]
+    assert trained <= set(dry_metrics) and trained | {"test_auc"} <= set(real_metrics)
+    assert 0 <= real_metrics["test_auc"] <= 1  # the data's test split holds both classes
 
 
 def test_code_that_fails_only_on_the_real_data_shows_only_the_bounded_tail(stack, researcher, submitted):
