@@ -6,8 +6,10 @@ Seven Slurm jobs in all (the machine is small): a crash (dry run only), iris
 and the CLaM sample (dry run + real run each), and code that fails only on the
 real data (both)."""
 import csv
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -79,9 +81,23 @@ def _since(submission):
     return datetime.fromisoformat(submission["created_at"]).astimezone(timezone.utc)
 
 
+PASSWORD = "dry-run-page-password"
+
+
 @pytest.fixture(scope="module")
 def researcher(stack):
-    return stack.researcher("dryrun")
+    return stack.researcher("dryrun", password=PASSWORD)
+
+
+def page_of(stack, researcher, submission_id):
+    """The submission's page as its owner's browser gets it (logged in with the password)."""
+    browser = requests.Session()
+    form = browser.get(f"{stack.url}/login", timeout=30).text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    logged_in = browser.post(f"{stack.url}/login", timeout=30, data={
+        "csrf_token": csrf, "email": researcher.address, "password": PASSWORD})
+    assert logged_in.ok and "/login" not in logged_in.url, logged_in.text
+    return html.unescape(browser.get(f"{stack.url}/submissions/{submission_id}", timeout=30).text)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +142,9 @@ def test_a_crash_on_the_first_batch_ends_as_dry_run_failed_with_the_whole_traceb
     body = mails[-1].get_content().replace("\r\n", "\n")
     assert all(f"in layer{i}\n" in body for i in range(41))
     assert "Traceback (most recent call last):" in body and "wrong shape" in body
+    page = page_of(stack, researcher, result["id"])
+    assert all(f"in layer{i}\n" in page for i in range(41)) and "wrong shape" in page
+    assert "Dataset version" in page and result["dataset_version"] in page
 
     # Slurm's own records: the dry run ran, the real job never existed
     prefix = stack.env["M2D_SLURM_JOB_PREFIX"]
