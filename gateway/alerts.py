@@ -88,13 +88,15 @@ def raise_stuck(now: datetime | None = None) -> int:
     for status, limit in thresholds(current_app.config).items():
         episode = and_(Alert.submission_id == Submission.id, Alert.kind == "stuck", Alert.since == Submission.updated_at)
         stuck = db.session.execute(
-            select(Submission.id, Submission.updated_at).outerjoin(Alert, episode)
+            select(Submission.id, Submission.updated_at, Submission.reason).outerjoin(Alert, episode)
             .where(Submission.status == status.value, Submission.updated_at < now - limit, Alert.id.is_(None))
             .order_by(Submission.id)).all()
-        for submission_id, since in stuck:
+        for submission_id, since, reason in stuck:
             minutes = (now - since).total_seconds() / 60
             detail = (f"no change for {minutes:.0f} minutes in {status} (limit: {limit.total_seconds() / 60:.0f} "
                       f"minutes, M2D_STUCK_AFTER)")
+            if reason and status in (Status.QUEUED, Status.DRY_RUN_QUEUED):
+                detail += f"; Slurm: {reason}"  # a job held at its researcher's limit is waiting, not lost
             raised += _raise(submission_id, "stuck", status, since, detail)
     return raised
 

@@ -367,3 +367,36 @@ def test_accounts_survive_a_restart_and_reapproval_makes_nothing_twice(fair_stac
     assert len([line for line in slurm("sacctmgr", "-n", "-P", "show", "account", "format=Account").splitlines()
                 if line.strip() == account]) == 1
     assert a.api("GET", "/usage").json()["account"] == account
+
+
+def test_a_submission_over_the_queued_limit_fails_at_once_with_slurms_message(fair_stack, sleeper_zip):
+    a = fair_stack.researcher("fair-full")
+    account = account_of(a)
+    # an admin's own limit for this one account, set with Slurm's own tool
+    slurm("sacctmgr", "-i", "modify", "account", "where", f"name={account}", "set", "MaxSubmitJobs=1")
+    first = a.submit(sleeper_zip.with_name("long.zip"))
+    a.wait_until(first, "running", timeout=600)
+    second = a.wait_until(a.submit(sleeper_zip), {"queued", "running", "completed", "failed", "cancelled"},
+                          timeout=600)
+    assert second["status"] == "failed" and second["slurm_job_id"] is None, second
+    assert second["reason"].startswith("Slurm refused the job: ") and "AssocMaxSubmitJobLimit" in second["reason"]
+    assert "Job violates accounting/QOS policy" in second["error"]
+    assert a.api("POST", f"/submissions/{first}/cancel").status_code == 202
+    assert a.wait_until(first, {"completed", "failed", "cancelled"}, timeout=120)["status"] == "cancelled"
+    fair_stack.flask("slurm", "sync")  # the configured limits again: none on queued jobs
+    assert [row.split("|")[3] for row in association_rows(account)] == ["", ""]
+
+
+def test_a_stuck_alert_about_a_job_held_at_a_limit_says_why_it_waits(local_app):
+    from datetime import timedelta
+
+    from gateway import alerts
+    from gateway.models import Alert, utcnow
+
+    user = User(email="ann@example.org", name="Ann")
+    reason = "waiting: you have 1 job running, the limit is 1 (AssocMaxJobsLimit)"
+    db.session.add(Submission(user=user, filename="a.zip", status="queued", slurm_job_id="7", reason=reason,
+                              updated_at=utcnow() - timedelta(days=2)))
+    db.session.commit()
+    assert alerts.raise_stuck() == 1
+    assert Alert.query.one().detail.endswith(f"; Slurm: {reason}")
