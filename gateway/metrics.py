@@ -123,7 +123,9 @@ POLL_SECONDS = Histogram("poll_seconds", "Time of one poll cycle (one sacct call
 POLL_JOBS = Histogram("poll_jobs", "Active jobs looked up in one poll cycle.", (0, 1, 10, 100, 1000, 10000))
 EMAIL_LAG_SECONDS = Histogram("email_lag_seconds", "From a submission's change of state to its email's sending.",
                               (1, 5, 15, 60, 300, 900, 3600))
-STORED = (JOBS_SUBMITTED, SLURM_ERRORS, EMAILS_SENT, EMAILS_FAILED, BUILDS, BUILD_SECONDS, POLL_SECONDS, POLL_JOBS,
+RELAY_REFUSALS = Counter("relay_refusals", "MLflow calls the relay beside a job refused (artifacts, other "
+                         "experiments, over a cap or the rate), counted when the job ends.", ("kind",))
+STORED = (RELAY_REFUSALS, JOBS_SUBMITTED, SLURM_ERRORS, EMAILS_SENT, EMAILS_FAILED, BUILDS, BUILD_SECONDS, POLL_SECONDS, POLL_JOBS,
           EMAIL_LAG_SECONDS)
 
 

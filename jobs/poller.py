@@ -4,6 +4,7 @@
 small clock process that enqueues it every POLL_INTERVAL seconds. Two polls
 running at once are harmless: each move is conditional on the old status.
 """
+import json
 import logging
 import sys
 import time
@@ -110,6 +111,7 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
         new, fields = _outcome(submission, info)
         ended = advance(submission.id, status, new, at=_naive(info.end), detail=fields["reason"], **fields)
         if ended:
+            count_relay_refusals(submission.id, info.job_id, dry_run=False)
             _record_job(submission, info, new)
             airlock.manifest(db.session.get(Submission, submission.id))
             db.session.commit()
@@ -151,9 +153,22 @@ def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
         if advance(submission.id, status, new, at=_naive(info.end), detail=f"dry run: {fields['dry_run_reason']}",
                    **fields):
             moved = True
+            count_relay_refusals(submission.id, info.job_id, dry_run=True)
             if new == Status.DRY_RUN_PASSED:
                 queue.enqueue_prepare(submission.id)  # the real job; the sweep if this is lost
     return moved
+
+
+def count_relay_refusals(submission_id: int, job_id: str, dry_run: bool) -> None:
+    """Add what the job's relay refused (its stats file, written as it stopped)
+    to m2d_relay_refusals_total; once, by the poll that recorded the job's end."""
+    path = log_path(SubmissionFiles(submission_id).logs, job_id, "relay.json", dry_run=dry_run)
+    try:
+        refused = int(json.loads(path.read_text())["refused"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no relay ran (a job that never started), or it was killed before writing
+    if refused > 0:
+        metrics.RELAY_REFUSALS.inc(refused, kind="dry_run" if dry_run else "real")
 
 
 # Slurm's words, then ours: what a researcher can do about it.

@@ -644,6 +644,7 @@ class RelayHandler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
     def answer_refusal(self, refusal: Refused, quiet: bool = False) -> None:
+        self.server.count_refusal()
         if not quiet:
             log(f"refused {self.command} {self.path.partition('?')[0][:200]}: {refusal.status} "
                 f"{refusal.error_code}: {refusal.message[:300]}")
@@ -671,6 +672,8 @@ class UnixRelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     def __init__(self, socket_path: str, relay: Relay):
         self.relay = relay
         self.rate_refusals = TokenBucket(0.1, 1)  # log lines about the rate limit
+        self.refusals = 0  # every refused call, for the gateway's m2d_relay_refusals_total
+        self._refusals_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.max_connections)
         if os.path.exists(socket_path) and stat.S_ISSOCK(os.lstat(socket_path).st_mode):
             os.unlink(socket_path)  # left by an earlier relay of this job
@@ -679,6 +682,10 @@ class UnixRelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             super().__init__(socket_path, RelayHandler)
         finally:
             os.umask(old_umask)
+
+    def count_refusal(self) -> None:
+        with self._refusals_lock:
+            self.refusals += 1
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
@@ -748,7 +755,10 @@ def serve(args) -> int:
         os.unlink(args.socket)
     except OSError:
         pass
-    log("stopped")
+    if args.stats_file:  # in the job's log folder, beyond the job's code: its own output cannot forge it
+        with open(args.stats_file, "w") as f:
+            json.dump({"refused": server.refusals, "undelivered": relay.pending_count}, f)
+    log(f"stopped; {server.refusals} calls refused")
     return 0
 
 
@@ -838,6 +848,7 @@ def parse_args(argv=None):
     s.add_argument("--experiment-alias", help="a dry run: the owner's real experiment name, answered "
                    "with the experiment above (code that names it itself logs to the dry run's)")
     s.add_argument("--ready-file", help="created once the socket listens")
+    s.add_argument("--stats-file", help='written at exit: {"refused": N, "undelivered": N} (the gateway counts them)')
     s.add_argument("--run-tag", action="append", metavar="KEY=VALUE",
                    help=f"a tag put on every run created (repeatable; keys start with {PLATFORM_TAG_PREFIX})")
     s.add_argument("--max-param-value", type=int, default=6000, help="characters (default 6000)")

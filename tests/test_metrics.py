@@ -66,10 +66,21 @@ def scrape(stack):
     return samples(response.text)
 
 
+# iris, and then a call the relay refuses (artifacts never leave but through the export review)
+ASKS_FOR_ARTIFACTS = """
+import os, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/artifacts/list", timeout=30)
+except urllib.error.HTTPError as e:
+    print("the relay refused:", e.code)
+"""
+
+
 def test_a_submission_moves_the_counters_of_every_process_it_passes_through(stack, tmp_path):
     before = scrape(stack)
     researcher = stack.researcher("metrics")
-    submission_id = researcher.submit(zip_folder(SAMPLES / "iris", tmp_path / "iris.zip"))
+    main = (SAMPLES / "iris" / "main.py").read_text() + ASKS_FOR_ARTIFACTS
+    submission_id = researcher.submit(zip_folder(SAMPLES / "iris", tmp_path / "iris.zip", {"main.py": main}))
     done = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
     assert done["status"] == "completed", done
     researcher.wait_for_mails(submission_id, 4)
@@ -87,8 +98,10 @@ def test_a_submission_moves_the_counters_of_every_process_it_passes_through(stac
         assert moved("m2d_emails_sent_total", kind=kind) >= 1, kind
     assert moved("m2d_email_lag_seconds_count") >= 4
     assert value(after, "m2d_email_lag_seconds_bucket", le="+Inf") == value(after, "m2d_email_lag_seconds_count")
-    # the poll worker, enqueued by the poller
+    # the poll worker, enqueued by the poller; what the relays beside the dry run and the job refused
     assert moved("m2d_poll_seconds_count") >= 1 and moved("m2d_poll_jobs_sum") >= 1
+    assert moved("m2d_relay_refusals_total", kind="dry_run") == 1
+    assert moved("m2d_relay_refusals_total", kind="real") == 1
     # the database and rq, read at the scrape
     assert value(after, "m2d_submissions", state="completed") >= 1
     assert value(after, "m2d_workers", queue="build") == 2

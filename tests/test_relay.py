@@ -6,6 +6,7 @@ relay and shim as subprocesses, as the batch script and the container do:
 """
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -451,3 +452,13 @@ def test_runs_carry_the_platform_tags_which_the_job_cannot_set_or_delete(start_r
         while mlflow.active_run():
             mlflow.end_run()
         mlflow.set_tracking_uri(None)
+
+
+def test_the_relay_writes_how_many_calls_it_refused_as_it_stops(start_relay, owner, tmp_path):
+    """The poller adds this count to m2d_relay_refusals_total when the job ends."""
+    stats = tmp_path / "slurm-1.relay.json"
+    relay = start_relay(owner, "--stats-file", str(stats))
+    for path in (f"{API}/artifacts/list", "/api/2.0/mlflow-artifacts/artifacts", f"{API}/registered-models/create"):
+        assert requests.post(relay.url + path, json={}, timeout=10).status_code in (400, 403), path
+    relay.stop()
+    assert json.loads(stats.read_text()) == {"refused": 3, "undelivered": 0}
