@@ -8,6 +8,7 @@ They fail (never skip) when it is missing, so a green run means images were buil
 import io
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -289,6 +290,22 @@ def test_second_ensure_reuses_image_without_pip(builder):
     assert (again.key, again.path, again.digest) == (first.key, first.path, first.digest)
     assert again.path.stat().st_mtime_ns == mtime
     assert again.log == ""  # no build ran: no apptainer, no pip
+
+
+def test_a_lock_file_root_made_does_not_lock_the_gateway_account_out(testbed, image_dir):
+    # A build run by an admin as root leaves a root-owned 0644 lock file behind;
+    # the gateway's account (m2d) must still take that key's lock.
+    builder = ImageBuilder(image_dir, testbed["base"])
+    with builder._lock("k" * 64):
+        pass
+    shutil.chown(image_dir, "m2d", "m2d")
+    shutil.chown(image_dir / "locks", "m2d", "m2d")
+    assert (image_dir / "locks" / f"{'k' * 64}.lock").stat().st_uid == 0
+    code = (f"from gateway.adapters.apptainer import ImageBuilder\n"
+            f"with ImageBuilder({str(image_dir)!r}, {str(testbed['base'])!r})._lock({'k' * 64!r}): print('locked')")
+    done = subprocess.run(["setpriv", "--reuid=m2d", "--regid=m2d", "--init-groups", "--", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "locked", done.stderr
 
 
 def test_concurrent_ensure_builds_once(builder):

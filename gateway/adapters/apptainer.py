@@ -338,14 +338,19 @@ class ImageBuilder:
         # flock, not lockf: flock locks belong to the open file, so two threads
         # of one worker exclude each other as well as two processes do.
         # Lock files stay behind: unlinking one races with a waiter holding it open.
+        # Opened read-only: flock needs no write access, so a lock file another
+        # account made (an admin's build as root) does not lock the gateway out.
         locks = self.image_dir / "locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        fd = os.open(locks / f"{key}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def _build(self, key: str, requirements: str, python: str, path: Path, base: Path, base_digest: str,
                started: float) -> Image:
