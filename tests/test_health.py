@@ -66,7 +66,11 @@ class PrivateRedis:
         config.chmod(0o600)
         self.proc = subprocess.Popen(["redis-server", str(config)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(self._answers, 30, f"the private Redis on :{self.port}")
+        try:
+            wait_for(self._answers, 30, f"the private Redis on :{self.port}")
+        except BaseException:
+            self.stop()  # a Redis that never answered is not left running
+            raise
         return self
 
     def stop(self):
