@@ -64,10 +64,7 @@ def send_owed(submission_id: int, mailer: Mailer | None = None) -> int:
             break  # another sender holds it; it will send the rest in order
         try:
             subject, body = render(email)
-            # status emails keep their old ids; airlock ones are many per kind
-            unique = f"-{email.id}" if email.ref or email.recipient else ""
-            mailer.send(email.to_address, subject, body,
-                        message_id=f"<m2d-{submission_id}-{email.kind}{unique}@{socket.getfqdn()}>")
+            mailer.send(email.to_address, subject, body, message_id=message_id(email))
         except Exception as e:
             _release(email.id, str(e))
             metrics.EMAILS_FAILED.inc(kind=email.kind)
@@ -77,6 +74,16 @@ def send_owed(submission_id: int, mailer: Mailer | None = None) -> int:
         metrics.EMAIL_LAG_SECONDS.observe((utcnow() - email.created_at).total_seconds())
         sent += 1
     return sent
+
+
+def message_id(email: Email | AccountEmail) -> str:
+    """The Message-ID of one owed email: the same on every try, so a receiver
+    (and the fault tests) can tell a resend from a new message."""
+    if isinstance(email, AccountEmail):
+        return f"<m2d-account-{email.key}@{socket.getfqdn()}>"
+    # status emails keep their old ids; airlock ones and alerts are many per kind
+    unique = f"-{email.id}" if email.ref or email.recipient else ""
+    return f"<m2d-{email.submission_id}-{email.kind}{unique}@{socket.getfqdn()}>"
 
 
 def render_account(email: AccountEmail) -> tuple[str, str]:
@@ -106,8 +113,7 @@ def send_account(email_id: int, mailer: Mailer | None = None) -> bool:
     mailer = mailer or Mailer.from_config(current_app.config)
     try:
         subject, body = render_account(email)
-        mailer.send(email.user.email, subject, body,
-                    message_id=f"<m2d-account-{email.key}@{socket.getfqdn()}>")
+        mailer.send(email.user.email, subject, body, message_id=message_id(email))
     except Exception as e:
         _release(email_id, str(e), AccountEmail)
         metrics.EMAILS_FAILED.inc(kind=f"account_{email.kind}")

@@ -44,7 +44,13 @@ def poll_once(scheduler: Scheduler | None = None) -> int:
     moved = 0
     if active:
         scheduler = scheduler or slurm.from_config(current_app.config)
-        infos = scheduler.statuses([_job_id(s) for s in active])
+        try:
+            infos = scheduler.statuses([_job_id(s) for s in active])
+        except SlurmError as e:
+            # slurmdbd (sacct) down: wait; a job Slurm says nothing about is
+            # never taken for lost, and the sweep and alerts go on
+            log.warning("Slurm's accounting did not answer; no job moves this cycle: %s", e)
+            infos = {}
         for submission in active:
             info = infos.get(_job_id(submission))
             if info is not None and _apply(submission, info):

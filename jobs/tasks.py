@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from gateway import accounts, airlock, alerts, create_app, intake, metrics, provenance
 from gateway import images as image_store
 from gateway.adapters import slurm
-from gateway.adapters.apptainer import BuildError, Image, ImageBuilder
+from gateway.adapters.apptainer import BuildError, Image, ImageBuilder, NoSpace
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError, dry_run_experiment_name
 from gateway.adapters.slurm import Scheduler, SlurmError, SlurmRefused
 from gateway.adapters.slurm.accounting import Limits
@@ -98,6 +98,8 @@ def _prepare(submission_id: int) -> None:
             return  # done already: a retry or a duplicate message
         try:
             image = _build(submission_id, files)
+        except NoSpace:
+            raise  # a full disk is the platform's: retried, then failed (prepare)
         except BuildError as e:
             advance(submission_id, Status.BUILDING, Status.BUILD_FAILED,
                     reason="environment build failed", error=e.for_user)
@@ -123,6 +125,8 @@ def _after_dry_run(submission_id: int, files: SubmissionFiles) -> None:
     images = ImageBuilder.from_config(current_app.config)
     try:  # the image of the dry run, cached (rebuilt only if an admin removed it)
         image = images.ensure((files.code / "requirements.txt").read_text(), python_of(files))
+    except NoSpace:
+        raise
     except BuildError as e:
         advance(submission_id, Status.QUEUED, Status.FAILED,
                 reason="environment build failed", error=e.for_user)

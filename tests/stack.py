@@ -102,6 +102,8 @@ class Stack:
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.procs = {}
+        self.argv = {}
+        self.killed = []  # processes ended by kill(): their groups may hold orphans (rq's scheduler)
 
     def start(self):
         self.flask("db", "upgrade")
@@ -142,11 +144,70 @@ class Stack:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.killed:  # what the killed processes left in their groups
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _spawn(self, name, argv):
         log = open(self.logs / f"{name}.log", "ab")
+        self.argv[name] = argv
         self.procs[name] = subprocess.Popen([*AS_GATEWAY, *argv], cwd=REPO, env=self.env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
+
+    # --------------------------------------------------------------- faults
+    def kill(self, name):
+        """``kill -9`` of the one process (not its group), as the OOM killer does."""
+        proc = self.procs[name]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        self.killed.append(proc)
+
+    def respawn(self, name):
+        """Start a process again, as systemd's Restart=on-failure would."""
+        self._spawn(name, self.argv[name])
+
+    def respawn_dead(self):
+        """Start again every process that died (systemd's Restart=on-failure); their names."""
+        dead = [name for name, proc in self.procs.items() if proc.poll() is not None]
+        for name in dead:
+            self.respawn(name)
+        return dead
+
+    def horse(self, name, timeout=60):
+        """The pid of the rq work horse ``name`` runs a task in: its child in a
+        process group of its own (rq's scheduler child stays in the worker's)."""
+        return self.any_horse([name], timeout)[1]
+
+    def running_horses(self, name):
+        """The pids of the tasks worker ``name`` runs now (rq's work horses)."""
+        return _own_group_children(self.procs[name].pid)
+
+    def any_horse(self, names, timeout=60):
+        """(name, pid) of the first of the workers ``names`` seen running a task."""
+        def running():
+            for name in names:
+                for pid in _own_group_children(self.procs[name].pid):
+                    return name, pid
+            return None
+        return wait_for(running, timeout, f"one of {names} to start a task", interval=0.01)
+
+    def web_worker_reading_upload(self, timeout=60):
+        """The gunicorn worker that has an upload open in incoming/ (the
+        request parser's anonymous file)."""
+        incoming = str(Path(self.env["M2D_DATA_DIR"]) / "incoming") + "/"
+
+        def reading():
+            for pid in _children(self.procs["web"].pid):
+                for fd in Path(f"/proc/{pid}/fd").glob("*"):
+                    try:
+                        if os.readlink(fd).startswith(incoming):
+                            return pid
+                    except OSError:
+                        continue
+            return None
+        return wait_for(reading, timeout, "a web worker to be reading an upload", interval=0.02)
 
     def _healthy(self):
         for name, proc in self.procs.items():
@@ -160,13 +221,17 @@ class Stack:
         return response.ok
 
     # ----------------------------------------------------------------- admin
-    def flask(self, *args):
-        """Run an admin command exactly as an admin would."""
-        result = subprocess.run([*AS_GATEWAY, sys.executable, "-m", "flask", "--app", "gateway", *args],
-                                cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
+    def flask(self, *args, env=None):
+        """Run an admin command exactly as an admin would; its output."""
+        result = self.flask_result(*args, env=env)
         if result.returncode != 0:
             raise AssertionError(f"flask {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout
+
+    def flask_result(self, *args, env=None):
+        """The admin command's finished process (``env``: settings for this run only)."""
+        return subprocess.run([*AS_GATEWAY, sys.executable, "-m", "flask", "--app", "gateway", *args],
+                              cwd=REPO, env=self.env | (env or {}), capture_output=True, text=True, timeout=120)
 
     def researcher(self, name="researcher", approve=True, password=None, dry_run=True):
         """A new user (unique email) with an API token; ``dry_run=False``:
@@ -181,14 +246,14 @@ class Stack:
         return Researcher(self, address, token)
 
     # ------------------------------------------------------------------ mail
+    def mails(self):
+        """Every message the SMTP sink received, in arrival order."""
+        return [email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+                for path in sorted(Path(self.env["M2D_MAIL_DIR"]).glob("*.eml"))]
+
     def mails_to(self, address):
         """Messages the SMTP sink received for ``address``, in arrival order."""
-        found = []
-        for path in sorted(Path(os.environ["M2D_MAIL_DIR"]).glob("*.eml")):
-            message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-            if message["To"] == address:
-                found.append(message)
-        return found
+        return [message for message in self.mails() if message["To"] == address]
 
 
 class Researcher:
@@ -232,3 +297,112 @@ class Researcher:
 
     def me(self):
         return self.api("GET", "/me").json()
+
+
+def _children(pid):
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _own_group_children(pid):
+    """Children of ``pid`` that lead a process group of their own (rq's horses call setpgrp)."""
+    found = []
+    for child in _children(pid):
+        try:
+            if os.getpgid(child) == child:
+                found.append(child)
+        except ProcessLookupError:
+            continue
+    return found
+
+
+# ------------------------------------------------------------ a private stack
+
+class Service:
+    """One service process of a private stack (Redis, the SMTP sink), started
+    and stopped by pid; a fault test stops, pauses and restarts it."""
+
+    def __init__(self, name, argv, port, log):
+        self.name, self.argv, self.port, self.log = name, argv, port, log
+        self.proc = None
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._listening, 30, f"{self.name} to listen on {self.port}", interval=0.1)
+        return self
+
+    def _listening(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited: {Path(self.log).read_text()[-2000:]}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused one cannot act on SIGTERM
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def pause(self):
+        """SIGSTOP: the port still accepts connections, nothing answers."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+
+class PrivateStack(Stack):
+    """A stack with a Redis and an SMTP sink of its own (fault tests stop,
+    wipe and pause them; the testbed's are shared with other test runs), on
+    the testbed's Slurm, Apptainer and MLflow. Recovery settings are short,
+    so faults heal in seconds (``settings`` override them)."""
+
+    def __init__(self, **settings):
+        require_testbed()
+        self.services_dir = Path(tempfile.mkdtemp(prefix="m2d-private-", dir="/tmp"))
+        password = uuid.uuid4().hex
+        redis_port, smtp_port = free_port(), free_port()
+        (self.services_dir / "redis").mkdir()
+        self.redis = Service("redis", [
+            shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(redis_port),
+            "--requirepass", password, "--save", "", "--appendonly", "no",
+            "--dir", str(self.services_dir / "redis")], redis_port, self.services_dir / "redis.log")
+        mail_dir = self.services_dir / "mail"
+        self.smtp = Service("smtp", [sys.executable, str(REPO / "deploy" / "testbed" / "smtp_sink.py"),
+                                     "--dir", str(mail_dir), "--host", "127.0.0.1", "--port", str(smtp_port)],
+                            smtp_port, self.services_dir / "smtp.log")
+        defaults = {"M2D_REDIS_URL": f"redis://:{password}@127.0.0.1:{redis_port}/0",
+                    "M2D_SMTP_HOST": "127.0.0.1", "M2D_SMTP_PORT": str(smtp_port), "M2D_MAIL_DIR": str(mail_dir),
+                    "M2D_SWEEP_AFTER": "5", "M2D_SMTP_TIMEOUT": "10", "M2D_MAIL_CLAIM_SECONDS": "20"}
+        super().__init__(**(defaults | settings))
+
+    def start(self):
+        self.redis.start()
+        self.smtp.start()
+        return super().start()
+
+    def stop(self):
+        keep = os.environ.get("M2D_KEEP_TEST_DATA") == "1"
+        try:
+            super().stop()
+        finally:
+            self.smtp.stop()
+            self.redis.stop()
+            if not keep:
+                shutil.rmtree(self.services_dir, ignore_errors=True)
+
+    def restart_redis_empty(self, down_for=0.0):
+        """Redis stopped and started again with none of its data (it keeps none on disk)."""
+        self.redis.stop()
+        time.sleep(down_for)
+        self.redis.start()

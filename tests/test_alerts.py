@@ -7,6 +7,8 @@ from datetime import datetime, timedelta
 import pytest
 
 from gateway import accounts, alerts, lifecycle
+from gateway.adapters.apptainer import NoSpace
+from gateway.adapters.slurm import SlurmError
 from gateway.config import ConfigError
 from gateway.extensions import db
 from gateway.models import Alert, Email, Submission
@@ -180,3 +182,35 @@ def test_the_sweep_waits_out_the_backoff_before_queueing_a_failed_prepare_again(
     db.session.commit()
     poller._sweep()
     assert queued == [sid]
+
+
+def test_a_poll_whose_sacct_fails_moves_nothing_and_still_sweeps(local_app, monkeypatch):
+    queued = []
+    monkeypatch.setattr(poller.queue, "enqueue_prepare", queued.append)
+    waiting = _submission()
+    _age(waiting, 120)
+    running = _submission()
+    assert lifecycle.advance(running, Status.RECEIVED, Status.BUILDING)
+    assert lifecycle.advance(running, Status.BUILDING, Status.QUEUED, slurm_job_id="77")
+
+    class AccountingDown:
+        def statuses(self, job_ids):
+            raise SlurmError("sacct: error: Problem talking to the database: Connection refused", cmd=["sacct"])
+
+    assert poller.poll_once(AccountingDown()) == 0
+    assert db.session.get(Submission, running).status == "queued"  # not lost, not failed: it waits
+    assert queued == [waiting]  # the sweep went on
+
+
+def test_a_build_stopped_by_a_full_disk_is_a_failed_prepare_not_a_failed_build(local_app, monkeypatch):
+    sid = _submission()
+
+    def full(submission_id, files):
+        raise NoSpace("no space left in the image folder /srv/m2d/images: an administrator frees space")
+
+    monkeypatch.setattr(tasks, "_build", full)
+    tasks.prepare(sid)
+    submission = db.session.get(Submission, sid)
+    db.session.refresh(submission)
+    assert submission.status == "building" and submission.prepare_failures == 1  # retried later, not build_failed
+    assert "no space left in the image folder" in submission.prepare_error

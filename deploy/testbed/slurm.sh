@@ -7,6 +7,11 @@
 # start is idempotent: daemons that are already running (by our PID files)
 # are left alone.  stop stops only the daemons that start started.
 #
+# slurm.sh stop-daemon|start-daemon slurmctld|slurmdbd [TESTBED_DIR] -- one
+# daemon alone, for the fault tests (tests/test_zz_slurm_faults.py): jobs keep
+# running on slurmd, slurmctld recovers its state at start, slurmdbd's records
+# are spooled by slurmctld meanwhile.  start-daemon waits until it answers.
+#
 # env knobs: SLURM_CLUSTER_NAME (testbed), SLURMCTLD_PORT SLURMD_PORT
 #   SLURMDBD_PORT MYSQL_PORT (6817 6818 6819 3307: 3307 because a system
 #   MariaDB may already own 3306), SLURM_WAIT_S (120), SLURM_LINK_ETC (1:
@@ -19,6 +24,8 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ACTION=${1:-}; shift || true
+DAEMON=
+case "$ACTION" in *-daemon) DAEMON=${1:-}; shift || true ;; esac
 set_testbed_dir "${1:-}"
 DIR=$TESTBED_DIR/slurm
 CLUSTER=${SLURM_CLUSTER_NAME:-testbed}
@@ -395,8 +402,28 @@ stop() {
   fi
 }
 
+# one daemon alone (the fault tests): slurmctld or slurmdbd
+one_daemon() {
+  require_root
+  case "$DAEMON" in slurmctld|slurmdbd) ;; *) die "stop-daemon/start-daemon take slurmctld or slurmdbd, not '$DAEMON'" ;; esac
+  if [ "$ACTION" = stop-daemon ]; then
+    stop_pid "$DAEMON" "$(pidfile "$DAEMON")" "${EXE[$DAEMON]}" '*' 15
+    return 0
+  fi
+  if running "$DAEMON"; then
+    log "$DAEMON already running (pid $(cat "$(pidfile "$DAEMON")"))"
+  elif [ "$DAEMON" = slurmctld ]; then
+    daemon slurmctld slurmctld -D -f "$SLURM_CONF"
+    wait_daemon 60 slurmctld scontrol ping
+  else
+    daemon slurmdbd env SLURMDBD_CONF="$DIR/etc/slurmdbd.conf" slurmdbd -D
+    wait_daemon 60 slurmdbd sacctmgr -n -P show cluster format=cluster
+  fi
+}
+
 case "$ACTION" in
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop [TESTBED_DIR]" >&2; exit 2 ;;
+  stop-daemon|start-daemon) one_daemon ;;
+  *) echo "usage: $0 start|stop [TESTBED_DIR] | stop-daemon|start-daemon slurmctld|slurmdbd [TESTBED_DIR]" >&2; exit 2 ;;
 esac

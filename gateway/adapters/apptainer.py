@@ -24,6 +24,7 @@ enforced around pip, inside the install script.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -71,6 +72,16 @@ class BuildError(Exception):
         (Apptainer's INFO lines and the %post trace are noise to them)."""
         errors = [line for line in self.log.splitlines() if line.startswith("ERROR:")]
         return "\n".join(errors) or self.log or str(self)
+
+
+class NoSpace(BuildError):
+    """A build stopped by a full disk (the image folder, or apptainer's
+    temporary folder): the platform's fault, not the requirements'. Nothing
+    is left at the image's path, so no half-written image is ever reused."""
+
+
+def _no_space(lines) -> bool:
+    return any("no space left on device" in line.lower() for line in lines)
 
 
 @dataclass(frozen=True)
@@ -395,6 +406,18 @@ class ImageBuilder:
             partial.chmod(0o644)
             os.replace(partial, path)
             mark_used(path)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise NoSpace(f"no space left in the image folder {self.image_dir}: an administrator frees space",
+                              log=str(e)) from e
+            raise
+        except NoSpace:
+            raise
+        except BuildError as e:
+            if _no_space([str(e), *e.log.splitlines()]):
+                raise NoSpace(f"no space left on device while building the image (the image folder "
+                              f"{self.image_dir}): an administrator frees space", log=e.log) from e
+            raise
         finally:
             _remove_tree(workdir)
         seconds = time.monotonic() - started
