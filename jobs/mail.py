@@ -62,18 +62,34 @@ def send_owed(submission_id: int, mailer: Mailer | None = None) -> int:
     for email in owed:
         if not _claim(email.id):
             break  # another sender holds it; it will send the rest in order
-        try:
-            subject, body = render(email)
-            mailer.send(email.to_address, subject, body, message_id=message_id(email))
-        except Exception as e:
-            _release(email.id, str(e))
-            metrics.EMAILS_FAILED.inc(kind=email.kind)
-            raise
-        _mark_sent(email.id)
-        metrics.EMAILS_SENT.inc(kind=email.kind)
+        _send_claimed(mailer, email, email.to_address, render, email.kind)
         metrics.EMAIL_LAG_SECONDS.observe((utcnow() - email.created_at).total_seconds())
         sent += 1
     return sent
+
+
+def _send_claimed(mailer: Mailer, email: Email | AccountEmail, to: str, rendered, kind: str) -> None:
+    """Send one claimed email and mark it sent the moment the server took it.
+
+    Dying between the server's acceptance and that mark is the one way an
+    email goes out twice (its claim expires, MAIL_CLAIM_SECONDS, and it is
+    sent again with the same Message-ID); failing before acceptance releases
+    the claim for the next try, failing after it (the goodbye) keeps it sent."""
+    email_id, model, marked = email.id, type(email), []
+
+    def accepted():
+        _mark_sent(email_id, model)
+        marked.append(True)
+    try:
+        subject, body = rendered(email)
+        mailer.send(to, subject, body, message_id=message_id(email), accepted=accepted)
+    except Exception as e:
+        if not marked:
+            _release(email_id, str(e), model)
+            metrics.EMAILS_FAILED.inc(kind=kind)
+            raise
+        log.warning("email %s was taken by the server; its goodbye failed: %s", email_id, e)
+    metrics.EMAILS_SENT.inc(kind=kind)
 
 
 def message_id(email: Email | AccountEmail) -> str:
@@ -111,15 +127,7 @@ def send_account(email_id: int, mailer: Mailer | None = None) -> bool:
     if email is None or email.sent_at is not None or not _claim(email_id, AccountEmail):
         return False
     mailer = mailer or Mailer.from_config(current_app.config)
-    try:
-        subject, body = render_account(email)
-        mailer.send(email.user.email, subject, body, message_id=message_id(email))
-    except Exception as e:
-        _release(email_id, str(e), AccountEmail)
-        metrics.EMAILS_FAILED.inc(kind=f"account_{email.kind}")
-        raise
-    _mark_sent(email_id, AccountEmail)
-    metrics.EMAILS_SENT.inc(kind=f"account_{email.kind}")
+    _send_claimed(mailer, email, email.user.email, render_account, f"account_{email.kind}")
     return True
 
 

@@ -184,6 +184,29 @@ class Stack:
         """The pids of the tasks worker ``name`` runs now (rq's work horses)."""
         return _own_group_children(self.procs[name].pid)
 
+    def task_of(self, name):
+        """The task (``jobs.tasks.poll``...) worker ``name`` runs now, from Redis; None if none."""
+        from redis import Redis
+        from rq import Worker
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+        from rq.serializers import JSONSerializer
+        with Redis.from_url(self.env["M2D_REDIS_URL"]) as redis:
+            for worker in Worker.all(connection=redis):
+                if worker.pid == self.procs[name].pid and (job_id := worker.get_current_job_id()):
+                    try:
+                        return Job.fetch(job_id, connection=redis, serializer=JSONSerializer).func_name
+                    except NoSuchJobError:
+                        return None
+        return None
+
+    def horse_running(self, name, task, timeout=60):
+        """The pid of worker ``name``'s horse while it runs ``task`` (``poll``, ``send_mail``...)."""
+        def found():
+            horses = self.running_horses(name)
+            return horses[0] if horses and self.task_of(name) == f"jobs.tasks.{task}" else None
+        return wait_for(found, timeout, f"{name} to run a {task} task", interval=0.02)
+
     def any_horse(self, names, timeout=60):
         """(name, pid) of the first of the workers ``names`` seen running a task."""
         def running():

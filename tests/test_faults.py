@@ -14,6 +14,7 @@ in test_zz_slurm_faults.py, run last.
 import os
 import re
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -115,8 +116,8 @@ def test_workers_and_the_poller_killed_mid_task_lose_nothing_and_double_nothing(
     short = plain.submit(job_zip(tmp_path, 2, "short.zip"))
     plain.wait_until(long, "running", timeout=300)
 
-    # the poll cycle (or a send) mid-way, in the mail and poll worker; then the poller's clock
-    os.kill(private.horse("worker-mail"), 9)
+    # the poll cycle mid-way (sacct, the moves, the sweep); then the poller's clock
+    os.kill(private.horse_running("worker-mail", "poll"), 9)
     private.kill("poller")
     time.sleep(2)
     private.respawn("poller")
@@ -132,10 +133,11 @@ def test_workers_and_the_poller_killed_mid_task_lose_nothing_and_double_nothing(
 
 
 def _hung_horse(stack):
-    """A task of the mail worker still running after a second (a send waiting on SMTP)."""
-    pid = stack.horse("worker-mail")
+    """A send of the mail worker still running after a second and a half (waiting on SMTP)."""
+    pid = stack.horse_running("worker-mail", "send_mail")
     time.sleep(1.5)
-    return pid if pid in stack.running_horses("worker-mail") else None
+    still = pid in stack.running_horses("worker-mail") and stack.task_of("worker-mail") == "jobs.tasks.send_mail"
+    return pid if still else None
 
 
 def test_a_web_worker_killed_mid_upload_leaves_nothing_and_the_researcher_gets_an_error(private, tmp_path):
@@ -211,3 +213,22 @@ def test_mlflow_down_at_approval_is_a_clear_error_and_approving_again_works(priv
     assert researcher.api("GET", "/me").status_code == 403  # not approved, not half-approved
     private.flask("users", "approve", researcher.address)  # MLflow answers again: the admin retries
     assert researcher.api("GET", "/me").status_code == 200
+
+
+def test_a_full_export_folder_fails_the_job_with_the_disks_own_words(private, tmp_path):
+    researcher = private.researcher("export", dry_run=False)
+    fills = ("import time\ntime.sleep(2)\n"
+             "with open('/mnt/export/weights.bin', 'wb') as f:\n"
+             "    for _ in range(64):\n        f.write(b'w' * 1024 * 1024)\n")
+    sid = researcher.submit(zip_folder(SAMPLES / "sleeps", tmp_path / "fills.zip", extra={"main.py": fills}))
+    export = SubmissionFiles(sid, root=private.env["M2D_DATA_DIR"]).export
+    mode = export.stat()  # a filesystem of 2 MB in its place, before the job starts: the same owner and mode
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=2m,uid={mode.st_uid},gid={mode.st_gid},"
+                    f"mode={mode.st_mode & 0o7777:o}", "m2d-test-export", str(export)], check=True)
+    try:
+        failed = researcher.wait_until(sid, ("failed", "completed"), timeout=300)
+        assert failed["status"] == "failed" and failed["reason"] == "FAILED with exit code 1"
+        assert "No space left on device" in failed["error"]
+        invariants.check(private, {sid: "failed"})
+    finally:
+        subprocess.run(["umount", "-l", str(export)], check=True)

@@ -9,6 +9,7 @@ from flask import render_template_string
 
 from gateway import accounts, lifecycle, provenance
 from gateway.adapters.slurm import JobInfo
+from gateway.adapters.smtp import MailError
 from gateway.extensions import db
 from gateway.models import Email, Event, Submission
 from gateway.states import Status
@@ -362,3 +363,37 @@ def test_a_cancel_during_the_build_has_the_worker_look_for_a_job_by_name(local_a
     lifecycle.advance(sid, Status.RECEIVED, Status.BUILDING)
     assert lifecycle.cancel(db.session.get(Submission, sid)) == Status.CANCELLED
     assert asked == [sid]  # a prepare that died after its sbatch left a job only the name finds
+
+
+class _Server:
+    """A mail server that takes the message, then fails (``after``) or fails before taking it."""
+
+    def __init__(self, fail=None):
+        self.fail, self.taken = fail, []
+
+    def send(self, to, subject, body, message_id=None, accepted=None):
+        if self.fail == "before":
+            raise MailError("connection refused")
+        self.taken.append(message_id)
+        accepted()
+        if self.fail == "goodbye":
+            raise MailError("connection reset during QUIT")
+
+
+def test_an_email_is_marked_sent_the_moment_the_server_took_it_even_if_the_goodbye_fails(local_app):
+    sid = _submission()
+    server = _Server(fail="goodbye")
+    assert mail.send_owed(sid, server) == 1
+    row = Email.query.filter_by(submission_id=sid).one()
+    assert row.sent_at is not None
+    assert mail.send_owed(sid, _Server()) == 0  # nothing owed: never a second copy
+
+
+def test_an_email_the_server_never_took_is_released_for_the_next_try(local_app):
+    sid = _submission()
+    with pytest.raises(MailError):
+        mail.send_owed(sid, _Server(fail="before"))
+    row = Email.query.filter_by(submission_id=sid).one()
+    db.session.refresh(row)
+    assert row.sent_at is None and row.claimed_at is None and "connection refused" in row.last_error
+    assert mail.send_owed(sid, _Server()) == 1

@@ -57,8 +57,10 @@ class FakeMailer:
     def __init__(self):
         self.sent = []
 
-    def send(self, to, subject, body, message_id=None):
+    def send(self, to, subject, body, message_id=None, accepted=None):
         self.sent.append((to, subject, body))
+        if accepted:
+            accepted()
 
 
 def sent_account_mail(user, kind):

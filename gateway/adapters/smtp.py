@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import smtplib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.message import EmailMessage
 from email.utils import make_msgid
 from typing import Any
@@ -20,7 +20,11 @@ class Mailer:
     def from_config(cls, cfg: Mapping[str, Any]) -> Mailer:
         return cls(cfg["SMTP_HOST"], cfg["SMTP_PORT"], cfg["MAIL_FROM"], timeout=cfg["SMTP_TIMEOUT"])
 
-    def send(self, to: str, subject: str, body: str, message_id: str | None = None) -> None:
+    def send(self, to: str, subject: str, body: str, message_id: str | None = None,
+             accepted: Callable[[], None] | None = None) -> None:
+        """Hand one message to the server. ``accepted`` runs the moment the
+        server has taken it, before the goodbye: a sender that records it
+        there leaves the shortest window in which dying means sending twice."""
         message = EmailMessage()
         message["From"], message["To"], message["Subject"] = self.sender, to, subject
         message["Message-ID"] = message_id or make_msgid(domain="m2d.local")
@@ -28,6 +32,8 @@ class Mailer:
         try:
             with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
                 smtp.send_message(message)
+                if accepted is not None:
+                    accepted()
         except (OSError, smtplib.SMTPException) as e:
             raise MailError(f"could not send to {to} via {self.host}:{self.port}: {e}") from e
 
