@@ -197,6 +197,9 @@ def test_a_poll_whose_sacct_fails_moves_nothing_and_still_sweeps(local_app, monk
         def statuses(self, job_ids):
             raise SlurmError("sacct: error: Problem talking to the database: Connection refused", cmd=["sacct"])
 
+        def pending_reasons(self, job_ids):
+            return {}
+
     assert poller.poll_once(AccountingDown()) == 0
     assert db.session.get(Submission, running).status == "queued"  # not lost, not failed: it waits
     assert queued == [waiting]  # the sweep went on
