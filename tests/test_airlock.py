@@ -5,6 +5,7 @@ walks the issue's proof through the real stack (the iris sample writes
 /mnt/export/result.txt)."""
 import hashlib
 import json
+import re
 import socket
 import sqlite3
 import subprocess
@@ -164,6 +165,10 @@ def test_another_users_id_is_404_on_every_airlock_url(client, alice, bob):
         assert response.status_code == 404, path
     _log_in(client, bob)
     assert client.get(f"/submissions/{submission.id}/export/result.txt").status_code == 404
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/account").get_data(as_text=True)).group(1)
+    web_request = client.post(f"/submissions/{submission.id}/release-requests",
+                              data={"csrf_token": token, "all": "1", "justification": "mine now"})
+    assert web_request.status_code == 404 and not airlock.overview(submission)["requests"]
 
 
 def test_the_download_is_resumable_with_a_range(client, alice, reviewers):
