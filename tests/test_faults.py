@@ -92,7 +92,7 @@ def test_idle_workers_killed_lose_no_work_a_stuck_submission_alerts_once_and_a_f
     code.chmod(0o750)  # so the stack's clean-up may remove it
     assert failed["reason"] == "the gateway could not prepare the job"
     assert failed["error"].startswith("Preparing the job failed 3 times; the last error was: PermissionError")
-    assert len(admin_mails(private, unreadable, "preparing its job failed")) == 1
+    wait_for(lambda: admin_mails(private, unreadable, "preparing its job failed"), 60, "the prepare_failed email")
 
     # the mail (and poll) worker, idle, killed; what it owed goes out once it is back
     wait_for(lambda: not private.running_horses("worker-mail"), 30, "the mail worker to be idle", interval=0.05)
