@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import accounts, lifecycle
+from gateway import accounts, create_app, lifecycle
 from gateway.config import ConfigError
 from gateway.extensions import db
 from gateway.models import Submission, utcnow
@@ -87,7 +87,10 @@ def test_a_submission_records_the_dataset_version_it_first_ran_on_and_keeps_it(l
     assert db.session.get(Submission, submission.id).to_dict()["dataset_version"] == "2026-03"
 
 
-def test_the_twins_live_under_the_data_folder_unless_told_otherwise(local_app):
+def test_the_twins_live_under_the_data_folder_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("M2D_TWIN_DIR", raising=False)  # the testbed's gateway.env names one
+    monkeypatch.delenv("M2D_DATASET_VERSION", raising=False)
+    local_app = create_app({"TESTING": True, "DATA_DIR": str(tmp_path / "data"), "SLURM_ACCOUNTS": False})
     assert local_app.config["TWIN_DIR"] == os.path.join(local_app.config["DATA_DIR"], "twins")
     assert local_app.config["DATASET_VERSION"] == twin.DEFAULT_VERSION
 
