@@ -271,7 +271,9 @@ def disable(user):
         except SlurmError:  # the cancels below still stop the jobs
             log.exception("could not disable Slurm account %s", name)
     cancelled = 0
-    for submission in user.submissions:
+    # waiting ones first: a running job's end frees its slot, and a queued job
+    # of the account could start in it before the new limit reaches slurmctld
+    for submission in sorted(user.submissions, key=lambda s: s.status == "running"):
         if submission.state.terminal:
             continue
         try:
