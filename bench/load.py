@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -28,6 +27,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import percentile
 from tests.stack import SAMPLES, Stack, zip_folder
 from tests.zips import make_padded_zip
 
@@ -104,10 +104,6 @@ def stored_ids(researchers) -> list[str]:
             ids += [s["id"] for s in page.json()["submissions"]]
             url = page.json()["next"] and researcher.stack.url + page.json()["next"]
     return ids
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def main() -> None:
