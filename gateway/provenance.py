@@ -1,6 +1,7 @@
 """Each submission's provenance: one hash-chained, append-only record.
 
     upload (zip sha256) -> environment (requirements key, image digest)
+    -> dry_run_job, dry_run_mlflow (the same two links for the dry run on the twin)
     -> job (Slurm job id, node, start, end, state, exit; from sacct)
     -> mlflow (the run ids the job created, tagged by its relay) -> manifest (path, size, sha256)
     -> release requests, each review decision, each release (naming the job, node

@@ -125,14 +125,19 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
     return moved
 
 
-def _record_job(submission: Submission, info: JobInfo, outcome: Status) -> None:
+def _record_job(submission: Submission, info: JobInfo, outcome: Status, dry_run: bool = False) -> None:
     """The job's links of the provenance chain: what sacct says of it (id, node,
     times, exit), then the MLflow runs it created, found by the tag its relay put
-    on each. MLflow being down leaves the error in the record, not a gap."""
-    provenance.record(submission.id, "job", slurm_job_id=info.job_id, node=info.node, state=info.state,
+    on each. MLflow being down leaves the error in the record, not a gap. A dry
+    run's links (``dry_run_job``, ``dry_run_mlflow``) name the twin it read and
+    its runs in the dry-run experiment."""
+    prefix = "dry_run_" if dry_run else ""
+    provenance.record(submission.id, f"{prefix}job", slurm_job_id=info.job_id, node=info.node, state=info.state,
                       start=info.start, end=info.end, exit_code=info.exit_code, signal=info.signal,
-                      outcome=outcome.value, dataset_version=submission.dataset_version)
-    experiment_id = submission.user.mlflow_experiment_id
+                      outcome=outcome.value, dataset_version=submission.dataset_version,
+                      **({"dataset": "synthetic twin"} if dry_run else {}))
+    user = submission.user
+    experiment_id = user.mlflow_dry_run_experiment_id if dry_run else user.mlflow_experiment_id
     runs = {"experiment_id": experiment_id, "run_ids": []}
     if info.started and experiment_id:  # else it made none: it never ran, or its owner has no MLflow account
         try:
@@ -142,7 +147,7 @@ def _record_job(submission: Submission, info: JobInfo, outcome: Status) -> None:
         except MlflowError as e:
             log.warning("submission %s: its MLflow runs are unknown: %s", submission.id, e)
             runs.update(run_ids=None, error=str(e))
-    provenance.record(submission.id, "mlflow", **runs)
+    provenance.record(submission.id, f"{prefix}mlflow", **runs)
 
 
 def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
@@ -160,6 +165,8 @@ def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
                    **fields):
             moved = True
             count_relay_refusals(submission.id, info.job_id, dry_run=True)
+            _record_job(submission, info, new, dry_run=True)
+            db.session.commit()
             if new == Status.DRY_RUN_PASSED:
                 queue.enqueue_prepare(submission.id)  # the real job; the sweep if this is lost
     return moved

@@ -303,7 +303,8 @@ def test_release_through_the_stack_with_two_reviewers(stack, iris_done, mlflow_u
 
     chain = researcher.api("GET", f"/submissions/{submission_id}/provenance").json()
     kinds = [r["kind"] for r in chain["records"]]
-    assert chain["verified"] and kinds[:5] == ["upload", "environment", "job", "mlflow", "manifest"]
+    assert chain["verified"] and kinds[:7] == ["upload", "environment", "dry_run_job", "dry_run_mlflow",
+                                                "job", "mlflow", "manifest"]
     assert kinds.count("review") == 2 and "released" in kinds and kinds[-1] == "download"
     assert chain["records"][-1]["payload"]["by"] == researcher.address
 

@@ -177,6 +177,15 @@ def test_iris_passes_its_dry_run_then_completes_with_metrics_in_both_experiments
     assert {"accuracy": 1.0, "dataset-exists": 1.0} in metrics_in(account["experiment_name"])
     assert {"accuracy": 1.0, "dataset-exists": 1.0} in metrics_in(account["experiment_name"] + "-dryrun")
 
+    # the provenance chain names the dry run's job and its run in the dry-run experiment, before the real job's
+    chain = researcher.api("GET", f"/submissions/{result['id']}/provenance").json()
+    link = {r["kind"]: r["payload"] for r in chain["records"]}
+    assert chain["verified"]
+    assert link["dry_run_job"]["slurm_job_id"] == dry["slurm_job_id"] and link["dry_run_job"]["outcome"] == "dry_run_passed"
+    assert link["dry_run_job"]["dataset"] == "synthetic twin"
+    assert len(link["dry_run_mlflow"]["run_ids"]) == 1
+    assert link["dry_run_mlflow"]["experiment_id"] != link["mlflow"]["experiment_id"]
+
 
 def test_the_clam_sample_passes_its_short_dry_run_then_trains_on_the_data_with_metrics_in_both_experiments(
         stack, researcher, submitted):
