@@ -17,7 +17,7 @@ from gateway.adapters.slurm.accounting import (
     Limits,
     SlurmAccounts,
     parse_associations,
-    parse_sreport,
+    parse_job_sizes,
     parse_sshare,
     parse_tres,
 )
@@ -82,12 +82,12 @@ def test_associations_show_limits_and_a_disabled_account():
     assert next(r for r in rows if r.account == "m2d-bob-4").disabled
 
 
-def test_sreport_rows_become_minutes_per_account_and_tres():
-    rows = parse_sreport("testbed|m2d-ann-3|||cpu|121\ntestbed|m2d-ann-3|m2d-job|M2D Job|gres/gpu|42\n")
-    assert [(r.account, r.user, r.tres, r.minutes) for r in rows] == [
-        ("m2d-ann-3", "", "cpu", 121), ("m2d-ann-3", "m2d-job", "gres/gpu", 42)]
+def test_sreports_job_sizes_become_minutes_per_account_of_one_tres():
+    rows = parse_job_sizes("testbed|m2d-ann-3|726|0|1.20%\ntestbed|m2d-bob-4|30|60|0.10%\n", "gres/gpu")
+    assert [(r.account, r.tres, r.minutes) for r in rows] == [("m2d-ann-3", "gres/gpu", 12.1),
+                                                             ("m2d-bob-4", "gres/gpu", 1.5)]
     with pytest.raises(ValueError):
-        parse_sreport("Cluster|Account|Login|Proper Name|TRES Name|Used\n")  # the header: -n was missing
+        parse_job_sizes("Cluster|Account|0-999999 CPUs|>= 1000000 CPUs|% of cluster\n", "cpu")  # -n was missing
 
 
 def test_limits_from_configuration_become_sacctmgr_words_and_zero_means_none():
@@ -313,10 +313,13 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
     assert account_a in table and account_b in table and "max_running=1" in table
     page = admin_page(fair_stack, "/admin/usage")
     assert f'id="account-{account_a}"' in page and f'id="account-{account_b}"' in page and "Fair-share factor" in page
-    # sreport reads slurmdbd's hourly rollups: the accounts are there once the hour is rolled up
-    report = slurm("sreport", "-n", "-P", "cluster", "AccountUtilizationByUser", f"accounts={account_a},{account_b}",
-                   "start=now-2hours", "end=now", "-t", "minutes")
-    assert all(line.split("|")[1] in (account_a, account_b) for line in report.splitlines() if line.strip())
+    # sreport has each account's GPU time at once (its job report reads the job records), A's five jobs against B's one
+    report = slurm("sreport", "-n", "-P", "-t", "seconds", "-T", "gres/gpu", "job", "SizesByAccount", "FlatView",
+                   f"accounts={account_a},{account_b}", "start=now-2hours", "end=now")
+    gpu = {row.account: row.minutes for row in parse_job_sizes(report, "gres/gpu")}
+    assert gpu.keys() == {account_a, account_b} and gpu[account_a] > gpu[account_b] > 0, report
+    row_a = next(line for line in table.splitlines() if line.startswith(f"{account_a}\t"))
+    assert float(row_a.split("\t")[-1]) > 0, table  # the admins' table: sreport's GPU minutes too
 
 
 def test_disabling_a_researcher_stops_their_waiting_jobs_from_starting(fair_stack, sleeper_zip):
