@@ -313,13 +313,14 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
     assert account_a in table and account_b in table and "max_running=1" in table
     page = admin_page(fair_stack, "/admin/usage")
     assert f'id="account-{account_a}"' in page and f'id="account-{account_b}"' in page and "Fair-share factor" in page
-    # sreport has each account's GPU time at once (its job report reads the job records), A's five jobs against B's one
-    report = slurm("sreport", "-n", "-P", "-t", "seconds", "-T", "gres/gpu", "job", "SizesByAccount", "FlatView",
-                   f"accounts={account_a},{account_b}", "start=now-2hours", "end=now")
-    gpu = {row.account: row.minutes for row in parse_job_sizes(report, "gres/gpu")}
-    assert gpu.keys() == {account_a, account_b} and gpu[account_a] > gpu[account_b] > 0, report
+    # sreport has each account's CPU time at once (its job report reads the job records; these jobs ask no GPU),
+    # A's five jobs against B's one
+    report = slurm("sreport", "-n", "-P", "-t", "seconds", "-T", "cpu", "job", "SizesByAccount", "FlatView",
+                   "Grouping=1000000", f"accounts={account_a},{account_b}", "start=now-2hours", "end=now")
+    cpu = {row.account: row.minutes for row in parse_job_sizes(report, "cpu")}
+    assert cpu.keys() == {account_a, account_b} and cpu[account_a] > cpu[account_b] > 0, report
     row_a = next(line for line in table.splitlines() if line.startswith(f"{account_a}\t"))
-    assert float(row_a.split("\t")[-1]) > 0, table  # the admins' table: sreport's GPU minutes too
+    assert float(row_a.split("\t")[-2]) > 0, table  # the admins' table: sreport's CPU minutes too
 
 
 def test_disabling_a_researcher_stops_their_waiting_jobs_from_starting(fair_stack, sleeper_zip):
