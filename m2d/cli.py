@@ -265,7 +265,8 @@ def run(args) -> int:
         extra_env[name] = value
     say = (lambda text: print(text, file=sys.stderr)) if args.json else (lambda text: print(text, flush=True))
     result = local.run(args.source, args.dataset, args.export, extra_env, mlruns=args.mlruns, say=say,
-                       version=args.dataset_version, wanted_mode=args.mode, base_image=args.base_image)
+                       version=args.dataset_version, wanted_mode=args.mode, base_image=args.base_image,
+                       stdout=sys.stderr if args.json else None)  # --json: stdout is the summary's alone
     for note in result.notes:
         print(f"m2d: note: {note}", file=sys.stderr)
     text = f"m2d: main.py exited with {result.exit_code}; outputs in {Path(args.export).resolve()}"

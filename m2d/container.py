@@ -108,9 +108,10 @@ def environment_image(images: Path, base: Path, requirements: str, say=print) ->
 
 
 def run(image: Path, code: Path, dataset: Path, export: Path, server, extra_env: dict[str, str],
-        say=print) -> int:
+        stdout=None) -> int:
     """Run main.py in ``image``, sealed as on the platform, with the relay to
-    ``server`` (a tracking.Server); return main.py's exit code."""
+    ``server`` (a tracking.Server); return main.py's exit code. Its stdout goes
+    to ``stdout`` (a file; default: this process's)."""
     with tempfile.TemporaryDirectory(prefix="m2d-relay-") as run_dir, \
             tempfile.TemporaryDirectory(prefix="m2d-login-") as private:
         run_dir = Path(run_dir)  # bound read-only at /run/m2d: the socket and the shim's code
@@ -127,7 +128,7 @@ def run(image: Path, code: Path, dataset: Path, export: Path, server, extra_env:
                        "--bind", f"{dataset}:{DATASET_MOUNT}:ro", "--bind", f"{export}:{EXPORT_MOUNT}",
                        "--bind", f"{code}:{CODE_MOUNT}:ro", "--bind", f"{run_dir}:{RUN_MOUNT}:ro",
                        "--pwd", CODE_MOUNT, str(image), "/bin/sh", "-c", _SHIM_THEN_MAIN]
-            completed = subprocess.run(command, cwd=code)
+            completed = subprocess.run(command, cwd=code, stdout=stdout)
         finally:
             # SIGTERM: the relay sends what it still holds before it exits
             serving.send_signal(signal.SIGTERM)

@@ -121,12 +121,13 @@ def mode(wanted: str | None = None) -> str:
 def run(source: str | os.PathLike, dataset: str | os.PathLike | None, export: str | os.PathLike,
         extra_env: dict[str, str] | None = None, mlruns: str | os.PathLike = "mlruns",
         say=print, version: str | None = None, wanted_mode: str | None = None,
-        base_image: str | os.PathLike | None = None) -> Run:
+        base_image: str | os.PathLike | None = None, stdout=None) -> Run:
     """Check `source` (a project folder or a zip) as the platform would, install its
     requirements, and run its main.py; return main.py's exit code and how it ran.
     Without `dataset` it runs as the platform's dry run does: on the synthetic
     twin of dataset `version` (made once, by the platform's generator with the
-    platform's parameters), with M2D_DRY_RUN=1.
+    platform's parameters), with M2D_DRY_RUN=1. main.py's stdout goes to
+    ``stdout`` (a file; default: this process's).
     Raises archive.Refusal for a zip the platform would refuse."""
     chosen = mode(wanted_mode)
     extra_env = dict(extra_env or {})
@@ -156,7 +157,7 @@ def run(source: str | os.PathLike, dataset: str | os.PathLike | None, export: st
                 say(f"m2d: running main.py in {image.name}, sealed as on the platform (no network; "
                     f"{DATASET_MOUNT} <- {dataset} ({what}), {EXPORT_MOUNT} <- {export}; "
                     f"MLflow through the platform's relay: {server.shown}, experiment {server.experiment_name!r})")
-                exit_code = container.run(image, code, dataset, export, server, extra_env, say=say)
+                exit_code = container.run(image, code, dataset, export, server, extra_env, stdout=stdout)
             if server.local:
                 say(f"m2d: the runs are in {Path(mlruns).resolve()}; to see them: "
                     f"mlflow ui --backend-store-uri {Path(mlruns).resolve()}")
@@ -181,7 +182,7 @@ def run(source: str | os.PathLike, dataset: str | os.PathLike | None, export: st
                          "not cut); install Apptainer for the platform's own sealed run")
         say(f"m2d: running main.py in a virtualenv ({DATASET_MOUNT} <- {dataset} ({what}), {EXPORT_MOUNT} <- "
             f"{export}; MLflow: {tracking_uri})")
-        completed = subprocess.run(command, cwd=code, env=env)
+        completed = subprocess.run(command, cwd=code, env=env, stdout=stdout)
     exit_code = completed.returncode if completed.returncode >= 0 else 128 - completed.returncode
     return Run(exit_code=exit_code, mode=chosen, python=python, image=None, mounts=mounts,
                tracking_uri=tracking_uri, dataset=dataset, dataset_version=version, notes=notes)
