@@ -18,22 +18,31 @@ from pathlib import Path
 from . import __version__, archive, config
 
 RUN_HELP = """\
-Run a submission on this machine the way the platform runs it, in virtualenv
-mode: the folder is zipped and the zip checked and unpacked as the gateway does;
-requirements.txt is installed into a virtualenv cached by its hash under
-~/.cache/m2d/venvs (M2D_CACHE_DIR overrides); main.py runs from the unpacked
-code with DATASET at /mnt/dataset (read-only) and EXPORT at /mnt/export, in a
-private mount namespace (as root, or through a user namespace where the kernel
-allows one; otherwise main.py is told the folders through M2D_DATASET_DIR and
-M2D_EXPORT_DIR, and m2d says so). Without --dataset, DATASET is the platform's
-dry-run twin of the dataset (the same generator and parameters, made once into
-~/.cache/m2d/twin/VERSION; VERSION from --dataset-version or M2D_DATASET_VERSION)
-and main.py sees M2D_DRY_RUN=1, as in the platform's dry run. main.py gets a
-clean environment as on the platform, plus --env values; MLflow logs to the
-local file store in --mlruns unless MLFLOW_TRACKING_URI is set. Exits with
-main.py's exit code.
+Run a submission on this machine the way the platform runs it. The folder is
+zipped and the zip checked and unpacked as the gateway does; main.py runs from
+the unpacked code with DATASET at /mnt/dataset (read-only) and EXPORT at
+/mnt/export, and exits with main.py's exit code. Without --dataset, DATASET is
+the platform's dry-run twin of the dataset (the same generator and parameters,
+made once into ~/.cache/m2d/twin/VERSION; VERSION from --dataset-version or
+M2D_DATASET_VERSION) and main.py sees M2D_DRY_RUN=1, as in the platform's dry
+run. Caches live in ~/.cache/m2d (M2D_CACHE_DIR overrides).
 
-Apptainer mode (the platform's own container image) is not available yet.
+Apptainer mode (the default where `apptainer` is on PATH): the platform's own
+sealed container. The environment image is the platform's base image (--base-image
+or M2D_BASE_IMAGE, else built once from the platform's definition) with
+requirements.txt installed, cached under ~/.cache/m2d/images; main.py runs in
+`apptainer exec --containall --cleanenv --no-privs --net --network none` with
+the code read-only at /code, and its MLflow calls go through the platform's
+relay to the server MLFLOW_TRACKING_URI names, or to a local MLflow server
+started on --mlruns (the `mlflow` command must be on PATH).
+
+Virtualenv mode (--mode venv, or no Apptainer): requirements.txt is installed
+into a virtualenv cached by its hash under ~/.cache/m2d/venvs; the two folders
+are bound in a private mount namespace (as root, or through a user namespace
+where the kernel allows one; otherwise main.py is told them through
+M2D_DATASET_DIR and M2D_EXPORT_DIR, and m2d says so). main.py gets a clean
+environment as on the platform, plus --env values; MLflow logs to the local
+file store in --mlruns unless MLFLOW_TRACKING_URI is set.
 """
 
 
@@ -51,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         # The client's and the local runner's errors carry a code and a message that
         # says what to do; anything else is a bug and keeps its traceback.
         from .client import ApiError
-        from .local import LocalRunError
+        from .errors import LocalRunError
         if isinstance(e, ApiError):
             return _fail(args, e.code, e.message)
         if isinstance(e, LocalRunError):
@@ -256,12 +265,15 @@ def run(args) -> int:
         extra_env[name] = value
     say = (lambda text: print(text, file=sys.stderr)) if args.json else (lambda text: print(text, flush=True))
     result = local.run(args.source, args.dataset, args.export, extra_env, mlruns=args.mlruns, say=say,
-                       version=args.dataset_version)
+                       version=args.dataset_version, wanted_mode=args.mode, base_image=args.base_image,
+                       stdout=sys.stderr if args.json else None)  # --json: stdout is the summary's alone
     for note in result.notes:
         print(f"m2d: note: {note}", file=sys.stderr)
     text = f"m2d: main.py exited with {result.exit_code}; outputs in {Path(args.export).resolve()}"
-    summary = {"exit_code": result.exit_code, "export": str(Path(args.export).resolve()),
-               "mounts": result.mounts, "tracking_uri": result.tracking_uri, "python": str(result.python),
+    summary = {"exit_code": result.exit_code, "export": str(Path(args.export).resolve()), "mode": result.mode,
+               "mounts": result.mounts, "tracking_uri": result.tracking_uri,
+               "python": str(result.python) if result.python else None,
+               "image": str(result.image) if result.image else None,
                "dataset": str(result.dataset), "dataset_version": result.dataset_version}
     _done(args, summary, text)
     return result.exit_code
@@ -398,7 +410,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("provenance", provenance, "show a submission's hash-chained provenance; exit 1 if broken")
     sub.add_argument("id", type=int, metavar="ID")
 
-    sub = command("run", run, "run a submission locally, as the platform would (virtualenv mode)",
+    sub = command("run", run, "run a submission locally, as the platform would (Apptainer or virtualenv)",
                   description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("source", metavar="FOLDER|ZIP")
     sub.add_argument("--dataset", type=Path,
@@ -412,4 +424,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="set a variable for main.py (repeatable), e.g. --env EPOCHS=1")
     sub.add_argument("--mlruns", type=Path, default=Path("mlruns"),
                      help="local MLflow file store, used when MLFLOW_TRACKING_URI is unset (default ./mlruns)")
+    sub.add_argument("--mode", choices=("apptainer", "venv"),
+                     help="apptainer: the platform's sealed container; venv: a virtualenv with the same paths "
+                          "(default: apptainer when it is on PATH)")
+    sub.add_argument("--base-image", type=Path, metavar="SIF",
+                     help="Apptainer mode: the platform's base image (default: $M2D_BASE_IMAGE, else built once "
+                          "from the platform's definition into ~/.cache/m2d/images)")
     return parser

@@ -1,8 +1,11 @@
-"""Running a submission on this machine the way the platform runs it (virtualenv mode).
+"""Running a submission on this machine the way the platform runs it.
 
-What the platform does, and what this does instead of it:
+Two modes. Apptainer mode (m2d/container.py), chosen when `apptainer` is on
+PATH, runs it in the platform's own container: the same base image, binds, no
+network and MLflow relay. Virtualenv mode, everywhere else, gives main.py the
+same paths:
 
-  platform (Apptainer job)                     here
+  platform (Apptainer job)                     virtualenv mode
   the zip, checked and unpacked, at /code (ro)  the same zip, checked and unpacked
                                                 into a temporary folder (ro when
                                                 mounts are possible), the working dir
@@ -12,7 +15,7 @@ What the platform does, and what this does instead of it:
   its synthetic twin, with M2D_DRY_RUN=1        without it, the dry run's own twin
                                                 (m2d/twin.py, cached in
                                                 ~/.cache/m2d/twin/<version>), with
-                                                M2D_DRY_RUN=1
+                                                M2D_DRY_RUN=1 (both modes)
   the submission's /mnt/export                  --export bound at /mnt/export
   a clean environment: MLflow settings,         the same, plus what --env adds; MLflow
   CUDA_VISIBLE_DEVICES                          logs to a local file store unless
@@ -37,11 +40,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import archive, twin
+from . import archive, container, tracking, twin
+from .container import DATASET_MOUNT, EXPORT_MOUNT
+from .errors import LocalRunError
 
-DATASET_MOUNT = "/mnt/dataset"
-EXPORT_MOUNT = "/mnt/export"
-DEFAULT_EXPERIMENT = "m2d-local"
+__all__ = ["DATASET_MOUNT", "EXPORT_MOUNT", "LocalRunError", "MODES", "Run", "mode", "run"]
+
+MODES = ("apptainer", "venv")
 # What main.py sees of the caller's environment, like the platform's --cleanenv
 # (which keeps only the MLflow settings and the job's GPUs).
 PASSED_THROUGH = ("HOME", "LANG", "LC_ALL", "TERM", "TZ", "CUDA_VISIBLE_DEVICES", "TORCH_HOME",
@@ -70,16 +75,14 @@ exec "$@"
 """
 
 
-class LocalRunError(Exception):
-    pass
-
-
 @dataclass
 class Run:
     """What `run` did, for the caller to report."""
     exit_code: int
-    python: Path
-    mounts: str  # "namespace" or "environment"
+    mode: str  # "apptainer" or "venv"
+    python: Path | None  # the virtualenv's (venv mode)
+    image: Path | None  # the environment image (Apptainer mode)
+    mounts: str  # "container", "namespace" or "environment"
     tracking_uri: str
     dataset: Path
     dataset_version: str | None = None  # the twin's, when no --dataset was given
@@ -103,15 +106,30 @@ def dataset_version() -> str:
     return twin.check_version(os.environ.get("M2D_DATASET_VERSION") or twin.DEFAULT_VERSION)
 
 
+def mode(wanted: str | None = None) -> str:
+    """The mode `run` uses: ``wanted`` when given, else Apptainer's where it is installed."""
+    if wanted is None:
+        return "apptainer" if container.apptainer() else "venv"
+    if wanted not in MODES:
+        raise ValueError(f"mode {wanted!r}: use one of {', '.join(MODES)}")
+    if wanted == "apptainer" and not container.apptainer():
+        raise LocalRunError("Apptainer mode needs `apptainer` on PATH (https://apptainer.org/docs/admin/main/"
+                            "installation.html); --mode venv runs in a virtualenv with the same paths")
+    return wanted
+
+
 def run(source: str | os.PathLike, dataset: str | os.PathLike | None, export: str | os.PathLike,
         extra_env: dict[str, str] | None = None, mlruns: str | os.PathLike = "mlruns",
-        say=print, version: str | None = None) -> Run:
+        say=print, version: str | None = None, wanted_mode: str | None = None,
+        base_image: str | os.PathLike | None = None, stdout=None) -> Run:
     """Check `source` (a project folder or a zip) as the platform would, install its
     requirements, and run its main.py; return main.py's exit code and how it ran.
     Without `dataset` it runs as the platform's dry run does: on the synthetic
     twin of dataset `version` (made once, by the platform's generator with the
-    platform's parameters), with M2D_DRY_RUN=1.
+    platform's parameters), with M2D_DRY_RUN=1. main.py's stdout goes to
+    ``stdout`` (a file; default: this process's).
     Raises archive.Refusal for a zip the platform would refuse."""
+    chosen = mode(wanted_mode)
     extra_env = dict(extra_env or {})
     if dataset is None:
         version = twin.check_version(version or dataset_version())
@@ -127,11 +145,25 @@ def run(source: str | os.PathLike, dataset: str | os.PathLike | None, export: st
         raise LocalRunError(f"The dataset folder {dataset} does not exist. Leave out --dataset to run on the "
                             f"dry run's synthetic twin, or make a sample: m2d sample-data --out {dataset}")
     export.mkdir(parents=True, exist_ok=True)
+    what = f"the twin of dataset version {version}, M2D_DRY_RUN=1" if version else "read-only"
     with tempfile.TemporaryDirectory(prefix="m2d-run-") as work:
         work = Path(work)
-        code = _unpacked(Path(source), work)
-        requirements = (code / "requirements.txt").read_text()
-        python = environment(requirements, say=say)
+        code, checked = _unpacked(Path(source), work)
+        if chosen == "apptainer":
+            images = cache_dir() / "images"
+            base = container.base_image(images, base_image, checked.python, say=say)
+            image = container.environment_image(images, base, checked.requirements, say=say)
+            with tracking.server(mlruns, extra_env.get("MLFLOW_EXPERIMENT_NAME"), say=say) as server:
+                say(f"m2d: running main.py in {image.name}, sealed as on the platform (no network; "
+                    f"{DATASET_MOUNT} <- {dataset} ({what}), {EXPORT_MOUNT} <- {export}; "
+                    f"MLflow through the platform's relay: {server.shown}, experiment {server.experiment_name!r})")
+                exit_code = container.run(image, code, dataset, export, server, extra_env, stdout=stdout)
+            if server.local:
+                say(f"m2d: the runs are in {Path(mlruns).resolve()}; to see them: "
+                    f"mlflow ui --backend-store-uri {Path(mlruns).resolve()}")
+            return Run(exit_code=exit_code, mode=chosen, python=None, image=image, mounts="container",
+                       tracking_uri=server.url, dataset=dataset, dataset_version=version)
+        python = environment(checked.requirements, say=say)
         env, tracking_uri = _job_environment(python, mlruns, extra_env)
         command = [str(python), "main.py"]
         mounts = mount_method()
@@ -145,13 +177,15 @@ def run(source: str | os.PathLike, dataset: str | os.PathLike | None, export: st
                          "namespace: run as root, or allow user namespaces); main.py got "
                          f"M2D_DATASET_DIR={dataset} and M2D_EXPORT_DIR={export} instead, so code that "
                          "uses the fixed paths will not find them.")
-        what = f"the twin of dataset version {version}, M2D_DRY_RUN=1" if version else "read-only"
-        say(f"m2d: running main.py ({DATASET_MOUNT} <- {dataset} ({what}), {EXPORT_MOUNT} <- {export}; "
-            f"MLflow: {tracking_uri})")
-        completed = subprocess.run(command, cwd=code, env=env)
+        if not container.apptainer():
+            notes.append("virtualenv mode: the same paths, but not the platform's container (its network is "
+                         "not cut); install Apptainer for the platform's own sealed run")
+        say(f"m2d: running main.py in a virtualenv ({DATASET_MOUNT} <- {dataset} ({what}), {EXPORT_MOUNT} <- "
+            f"{export}; MLflow: {tracking_uri})")
+        completed = subprocess.run(command, cwd=code, env=env, stdout=stdout)
     exit_code = completed.returncode if completed.returncode >= 0 else 128 - completed.returncode
-    return Run(exit_code=exit_code, python=python, mounts=mounts, tracking_uri=tracking_uri, dataset=dataset,
-               dataset_version=version, notes=notes)
+    return Run(exit_code=exit_code, mode=chosen, python=python, image=None, mounts=mounts,
+               tracking_uri=tracking_uri, dataset=dataset, dataset_version=version, notes=notes)
 
 
 def environment(requirements: str, say=print) -> Path:
@@ -206,7 +240,7 @@ def _unshare_command() -> list[str]:
     return command
 
 
-def _unpacked(source: Path, work: Path) -> Path:
+def _unpacked(source: Path, work: Path) -> tuple[Path, archive.Checked]:
     """The code as the platform would see it: a folder is zipped the way `m2d zip`
     does, and the zip is checked and unpacked with the platform's own rules."""
     if source.is_dir():
@@ -215,10 +249,10 @@ def _unpacked(source: Path, work: Path) -> Path:
         zip_path = source
     else:
         raise LocalRunError(f"{source} is neither a folder nor a zip")
-    archive.check(zip_path)
+    checked = archive.check(zip_path)
     code = work / "code"
     archive.unpack(zip_path, code)
-    return code
+    return code, checked
 
 
 def _job_environment(python: Path, mlruns: str | os.PathLike, extra: dict[str, str]) -> tuple[dict, str]:
@@ -228,7 +262,7 @@ def _job_environment(python: Path, mlruns: str | os.PathLike, extra: dict[str, s
     env["VIRTUAL_ENV"] = str(python.parent.parent)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # as on the platform, where /code is read-only
     env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    env.setdefault("MLFLOW_EXPERIMENT_NAME", tracking.DEFAULT_EXPERIMENT)
     if "MLFLOW_TRACKING_URI" not in env:
         env["MLFLOW_TRACKING_URI"] = Path(mlruns).resolve().as_uri()
         # MLflow 3 refuses a file store unless told that it is wanted; the local file

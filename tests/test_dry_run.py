@@ -4,7 +4,8 @@ log shown, and only a dry run that exits 0 lets the real job go to Slurm.
 
 Seven Slurm jobs in all (the machine is small): a crash (dry run only), iris
 and the CLaM sample (dry run + real run each), and code that fails only on the
-real data (both)."""
+real data (both). The CLaM sample goes the researcher's way, through the m2d
+command line (submit, wait, status, export); the others through the API."""
 import csv
 import html
 import json
@@ -55,6 +56,19 @@ def _admin():
 
 def metrics_in(experiment_name):
     """The metrics of every run in ``experiment_name``, read with the admin's login."""
+    return [metrics for _, metrics in runs_in(experiment_name)]
+
+
+def metric_history(run_id, key):
+    """Every value logged for ``key`` in run ``run_id``, by step (MLflow's REST API, the admin's login)."""
+    answer = requests.get(f"{os.environ['M2D_MLFLOW_URL']}/api/2.0/mlflow/metrics/get-history", auth=_admin(),
+                          params={"run_id": run_id, "metric_key": key}, timeout=30)
+    answer.raise_for_status()
+    return {m["step"]: m["value"] for m in answer.json().get("metrics", [])}
+
+
+def runs_in(experiment_name):
+    """(run id, {metric: last value}) of every run in ``experiment_name``."""
     url = os.environ["M2D_MLFLOW_URL"]
     found = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", auth=_admin(), timeout=30,
                          params={"experiment_name": experiment_name})
@@ -62,8 +76,15 @@ def metrics_in(experiment_name):
     runs = requests.post(f"{url}/api/2.0/mlflow/runs/search", auth=_admin(), timeout=30,
                          json={"experiment_ids": [found.json()["experiment"]["experiment_id"]]})
     runs.raise_for_status()
-    return [{m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+    return [(run["info"]["run_id"], {m["key"]: m["value"] for m in run["data"].get("metrics", [])})
             for run in runs.json().get("runs", [])]
+
+
+def m2d(researcher, *args, timeout=60):
+    """`python -m m2d ARGS` as the researcher (their gateway URL and token), finished."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "M2D_URL": researcher.url, "M2D_TOKEN": researcher.token}
+    return subprocess.run([sys.executable, "-m", "m2d", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def slurm_job_named(name, since):
@@ -102,18 +123,21 @@ def page_of(stack, researcher, submission_id):
 
 @pytest.fixture(scope="module")
 def submitted(stack, researcher, tmp_path_factory):
-    """All three submitted at once (their jobs overlap), followed to the end."""
+    """All four submitted at once (their jobs overlap); the three of the API
+    followed to the end, the CLaM sample's id (its test waits with `m2d wait`)."""
     folder = tmp_path_factory.mktemp("dryrun")
+    # torch, numpy, Pillow, scikit-learn: its image is the slow part, so it goes first
+    clam = m2d(researcher, "submit", SAMPLES / "clam", "--json")
+    assert clam.returncode == 0, clam.stdout + clam.stderr
     ids = {
         "crashes": researcher.submit(zip_folder(SAMPLES / "iris", folder / "crashes.zip",
                                                 extra={"main.py": CRASHES})),
         "iris": researcher.submit(zip_folder(SAMPLES / "iris", folder / "iris.zip")),
         "real-only": researcher.submit(zip_folder(SAMPLES / "iris", folder / "real.zip",
                                                   extra={"main.py": REAL_ONLY_FAILS})),
-        # torch, numpy, Pillow, scikit-learn: its image is the slow part, once
-        "clam": researcher.submit(zip_folder(SAMPLES / "clam", folder / "clam.zip")),
     }
-    return {name: researcher.wait_until(sid, FINAL, timeout=1800) for name, sid in ids.items()}
+    return {"clam": json.loads(clam.stdout)["id"],
+            **{name: researcher.wait_until(sid, FINAL, timeout=1800) for name, sid in ids.items()}}
 
 
 def test_a_crash_on_the_first_batch_ends_as_dry_run_failed_with_the_whole_traceback(
@@ -187,24 +211,42 @@ def test_iris_passes_its_dry_run_then_completes_with_metrics_in_both_experiments
     assert link["dry_run_mlflow"]["experiment_id"] != link["mlflow"]["experiment_id"]
 
 
-def test_the_clam_sample_passes_its_short_dry_run_then_trains_on_the_data_with_metrics_in_both_experiments(
+def test_the_clam_sample_submitted_and_followed_with_m2d_trains_on_the_data_with_its_metrics_in_the_users_experiment(
         stack, researcher, submitted):
-    result = submitted["clam"]
-    assert result["status"] == "completed", result
+    submission_id = submitted["clam"]
+    waited = m2d(researcher, "wait", submission_id, "--timeout", 1800, timeout=1860)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert f"#{submission_id}" in waited.stdout and "completed" in waited.stdout.splitlines()[-1]
+    shown = m2d(researcher, "status", submission_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    result = json.loads(shown.stdout)
+    assert result["status"] == "completed" and result["exit_code"] == 0, result
     assert [e["status"] for e in result["events"]] == [
         "received", "building", "dry_run_queued", "dry_run_running", "dry_run_passed",
         "queued", "running", "completed"]
     dry = result["dry_run"]
     assert dry["exit_code"] == 0 and "1 epochs (dry run)" in dry["log"] and "saved /mnt/export/model.tar" in dry["log"]
     assert {f["path"] for f in dry["export"]} == {"model.tar", "metrics.json"}
-    export = stack.root / "data" / "submissions" / str(result["id"]) / "export"
-    assert (export / "model.tar").stat().st_size > 10_000_000  # 11M parameters, trained on the data
-    account = researcher.me()["mlflow"]
-    trained = {"train_loss", "train_accuracy", "test_accuracy", "test_f1"}
-    [dry_metrics] = [m for m in metrics_in(account["experiment_name"] + "-dryrun") if "train_loss" in m]
-    [real_metrics] = [m for m in metrics_in(account["experiment_name"]) if "train_loss" in m]
-    assert trained <= set(dry_metrics) and trained | {"test_auc"} <= set(real_metrics)
-    assert 0 <= real_metrics["test_auc"] <= 1  # the data's test split holds both classes
+
+    # the trained model, as the researcher lists their export (held until reviewed)
+    exported = m2d(researcher, "export", submission_id, "--json")
+    assert exported.returncode == 0, exported.stderr
+    files = {f["path"]: f for f in json.loads(exported.stdout)["files"]}
+    assert set(files) == {"model.tar", "metrics.json"} and not files["model.tar"]["released"]
+    assert files["model.tar"]["size"] > 10_000_000  # 11M parameters, trained on the data
+
+    # the metrics in the user's own experiment, through MLflow's REST API: each
+    # epoch's loss and accuracy (two epochs), the test set's AUC, F1 and kappa
+    experiment = researcher.me()["mlflow"]["experiment_name"]
+    [(run_id, metrics)] = [(r, m) for r, m in runs_in(experiment) if "train_loss" in m]
+    for key in ("train_loss", "train_accuracy"):
+        assert sorted(metric_history(run_id, key)) == [1, 2], key
+    assert {"test_auc", "test_f1", "test_kappa", "test_accuracy"} <= set(metrics)
+    assert 0 <= metrics["test_auc"] <= 1  # the data's test split holds both classes
+    assert 0 <= metrics["test_f1"] <= 1 and -1 <= metrics["test_kappa"] <= 1
+    # and the dry run's short epoch in the dry run's experiment, not the user's
+    [(_, dry_metrics)] = [(r, m) for r, m in runs_in(experiment + "-dryrun") if "train_loss" in m]
+    assert {"train_loss", "train_accuracy", "test_accuracy", "test_f1"} <= set(dry_metrics)
 
 
 def test_code_that_fails_only_on_the_real_data_shows_only_the_bounded_tail(stack, researcher, submitted):
@@ -221,13 +263,9 @@ def test_code_that_fails_only_on_the_real_data_shows_only_the_bounded_tail(stack
     assert "real line 000" not in mails[-1].get_content()
 
 
-def test_m2d_logs_shows_the_dry_runs_whole_log_and_the_real_runs_tail(stack, researcher, submitted, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "M2D_URL": stack.url, "M2D_TOKEN": researcher.token,
-           "XDG_CONFIG_HOME": str(tmp_path)}
-
+def test_m2d_logs_shows_the_dry_runs_whole_log_and_the_real_runs_tail(stack, researcher, submitted):
     def m2d_logs(submission, *extra):
-        done = subprocess.run([sys.executable, "-m", "m2d", "logs", str(submission["id"]), *extra],
-                              env=env, capture_output=True, text=True, timeout=60)
+        done = m2d(researcher, "logs", submission["id"], *extra)
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -1,14 +1,17 @@
 """The researcher's `m2d` command, run as a researcher runs it (python -m m2d):
 checking and zipping with the platform's own rules, and running the samples
-locally on a synthetic CLaM sample in virtualenv mode."""
+locally on a synthetic CLaM sample, in virtualenv mode and in Apptainer mode
+(the testbed's Apptainer and base image: the platform's own container)."""
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -136,7 +139,8 @@ def test_run_exits_with_main_pys_code_and_binds_the_dataset_read_only(tmp_path, 
         "listing = sorted(os.listdir('/mnt/dataset'))\n"
         "open('/mnt/export/probe.txt', 'w').write(f'{verdict}\\n{listing}\\n{os.getcwd()}\\n')\n"
         "sys.exit(3)\n")
-    done = m2d("run", project, "--dataset", dataset, "--export", tmp_path / "export", cwd=tmp_path, env=venv_cache)
+    done = m2d("run", project, "--mode", "venv", "--dataset", dataset, "--export", tmp_path / "export",
+               cwd=tmp_path, env=venv_cache)
     assert done.returncode == 3, done.stderr
     verdict, listing, cwd = (tmp_path / "export" / "probe.txt").read_text().splitlines()
     assert verdict == "Read-only file system"
@@ -153,7 +157,8 @@ def test_run_without_a_dataset_uses_the_dry_runs_twin_with_m2d_dry_run_set(tmp_p
         "import hashlib, os\n"
         "csv = open('/mnt/dataset/clam-details-image.csv', 'rb').read()\n"
         "open('/mnt/export/probe.txt', 'w').write(f\"{os.environ.get('M2D_DRY_RUN')}\\n{hashlib.sha256(csv).hexdigest()}\\n\")\n")
-    done = m2d("run", project, "--export", tmp_path / "export", "--json", cwd=tmp_path, env=venv_cache)
+    done = m2d("run", project, "--mode", "venv", "--export", tmp_path / "export", "--json", cwd=tmp_path,
+               env=venv_cache)
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
     cached = Path(venv_cache["M2D_CACHE_DIR"]) / "twin" / twin.DEFAULT_VERSION
@@ -166,16 +171,16 @@ def test_run_without_a_dataset_uses_the_dry_runs_twin_with_m2d_dry_run_set(tmp_p
     assert sorted(p.relative_to(cached) for p in cached.rglob("*")) == sorted(
         p.relative_to(gateways) for p in gateways.rglob("*"))
 
-    other = m2d("run", project, "--export", tmp_path / "export2", "--dataset-version", "2026-03",
+    other = m2d("run", project, "--mode", "venv", "--export", tmp_path / "export2", "--dataset-version", "2026-03",
                 cwd=tmp_path, env=venv_cache)
     assert other.returncode == 0, other.stderr
     assert (Path(venv_cache["M2D_CACHE_DIR"]) / "twin" / "2026-03").is_dir()
-    refused = m2d("run", project, "--dataset-version", "../x", cwd=tmp_path, env=venv_cache)
+    refused = m2d("run", project, "--mode", "venv", "--dataset-version", "../x", cwd=tmp_path, env=venv_cache)
     assert refused.returncode == 1 and "letters, digits and" in refused.stderr
 
 
 def test_run_of_the_iris_sample_logs_its_metrics_and_writes_the_export_file(tmp_path, dataset, venv_cache):
-    done = m2d("run", SAMPLES / "iris", "--dataset", dataset, "--export", tmp_path / "export",
+    done = m2d("run", SAMPLES / "iris", "--mode", "venv", "--dataset", dataset, "--export", tmp_path / "export",
                "--mlruns", tmp_path / "mlruns", cwd=tmp_path, env=venv_cache, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "export" / "result.txt").read_text() == "accuracy=1.0\n"
@@ -189,7 +194,7 @@ def test_the_iris_sample_is_the_one_the_platform_tests_run():
 
 
 def test_run_of_the_clam_sample_trains_an_epoch_and_saves_the_model(tmp_path, dataset, venv_cache):
-    done = m2d("run", SAMPLES / "clam", "--dataset", dataset, "--export", tmp_path / "export",
+    done = m2d("run", SAMPLES / "clam", "--mode", "venv", "--dataset", dataset, "--export", tmp_path / "export",
                "--mlruns", tmp_path / "mlruns", "--env", "EPOCHS=1", cwd=tmp_path, env=venv_cache, timeout=1500)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "export" / "model.tar").stat().st_size > 10_000_000  # 11M parameters
@@ -197,6 +202,109 @@ def test_run_of_the_clam_sample_trains_an_epoch_and_saves_the_model(tmp_path, da
     assert {"train_loss", "train_accuracy", "test_auc", "test_f1", "test_accuracy", "test_kappa"} <= set(metrics)
     assert 0 <= metrics["test_auc"] <= 1
     assert json.loads((tmp_path / "export" / "metrics.json").read_text())["test_auc"] == metrics["test_auc"]
+
+
+# --- Apptainer mode, with the testbed's Apptainer, base image and MLflow ------------
+
+# Tries what a sealed job must not do, logs one metric through the relay, leaves
+# its findings in the export folder and exits 3.
+SEALING_PROBE = """import errno, json, os, socket, sys
+import mlflow
+
+
+def attempt(action):
+    try:
+        action()
+        return "allowed"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, type(e).__name__)
+
+
+def write_dataset():
+    with open("/mnt/dataset/tampered.txt", "w") as f:
+        f.write("x")
+
+
+def connect(host, port):
+    socket.create_connection((host, port), timeout=5).close()
+
+
+found = {
+    "dataset": attempt(write_dataset),
+    "code": attempt(lambda: open("/code/tampered.txt", "w")),
+    "internet": attempt(lambda: connect("1.1.1.1", 443)),
+    "redis": attempt(lambda: connect("127.0.0.1", REDIS_PORT)),
+    "interfaces": sorted(os.listdir("/sys/class/net")),
+    "cwd": os.getcwd(),
+    "environment": sorted(os.environ),
+    "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+}
+mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+with mlflow.start_run():
+    mlflow.log_metric("probe", 7, step=1)
+with open("/mnt/export/probe.json", "w") as f:
+    json.dump(found, f)
+sys.exit(3)
+"""
+
+
+@pytest.fixture(scope="session")
+def apptainer_mode(testbed, venv_cache):
+    """The environment of a researcher whose machine has Apptainer and MLflow: the
+    testbed's apptainer and its MLflow server's venv on PATH, the platform's base
+    image (gateway.env's M2D_BASE_IMAGE, the name m2d reads too), and a cache
+    where the testbed's Apptainer wrapper can bind it (under /tmp, not /root)."""
+    mlflow = Path(testbed["env"]["M2D_TESTBED_DIR"]) / "mlflow" / "venv" / "bin"
+    assert (mlflow / "mlflow").is_file(), f"no {mlflow}/mlflow: is the testbed up (make test)?"
+    return {**venv_cache, "PATH": f"{Path(testbed['apptainer']).parent}:{mlflow}:{os.environ['PATH']}",
+            "M2D_BASE_IMAGE": str(testbed["base"])}
+
+
+def redis_port():
+    """The testbed's Redis, which the host reaches and a sealed job must not."""
+    return urlsplit(os.environ["M2D_REDIS_URL"]).port
+
+
+def test_apptainer_mode_seals_the_run_as_the_platform_does_and_relays_mlflow(tmp_path, dataset, apptainer_mode):
+    project = tmp_path / "probe"
+    project.mkdir()
+    shutil.copy(SAMPLES / "iris" / "requirements.txt", project)  # the iris sample's image: built once
+    (project / "main.py").write_text(SEALING_PROBE.replace("REDIS_PORT", str(redis_port())))
+    socket.create_connection(("127.0.0.1", redis_port()), timeout=5).close()  # the host reaches it
+
+    done = m2d("run", project, "--dataset", dataset, "--export", tmp_path / "export", "--mlruns", tmp_path / "mlruns",
+               "--json", cwd=tmp_path, env=apptainer_mode, timeout=1500)
+    assert done.returncode == 3, done.stdout + done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["mode"] == "apptainer" and shown["exit_code"] == 3
+    assert Path(shown["image"]).parent == Path(apptainer_mode["M2D_CACHE_DIR"]) / "images"
+
+    found = json.loads((tmp_path / "export" / "probe.json").read_text())
+    assert found["dataset"] == "EROFS" and not (dataset / "tampered.txt").exists()
+    assert found["code"] == "EROFS"
+    assert found["internet"] != "allowed" and found["redis"] == "ECONNREFUSED"
+    assert found["interfaces"] == ["lo"]
+    assert found["cwd"] == "/code"
+    # --cleanenv: none of the caller's settings (the testbed's passwords among them) got in
+    assert not [name for name in found["environment"] if name.startswith(("M2D_REDIS", "M2D_MLFLOW", "MLFLOW_TRACKING_P"))]
+    assert found["tracking_uri"].startswith("http://127.0.0.1:")  # the shim, on the container's loopback
+    # the metric crossed the relay into the local MLflow server's store
+    assert logged_metrics(tmp_path / "mlruns") == {"probe": 7.0}
+
+
+def test_apptainer_mode_runs_the_iris_sample_with_its_metrics_and_export_file(tmp_path, dataset, apptainer_mode):
+    done = m2d("run", SAMPLES / "iris", "--mode", "apptainer", "--dataset", dataset, "--export", tmp_path / "export",
+               "--mlruns", tmp_path / "mlruns", cwd=tmp_path, env=apptainer_mode, timeout=1500)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sealed as on the platform" in done.stdout and "main.py exited with 0" in done.stdout
+    assert (tmp_path / "export" / "result.txt").read_text() == "accuracy=1.0\n"
+    assert logged_metrics(tmp_path / "mlruns") == {"accuracy": 1.0, "dataset-exists": 1.0}
+
+
+def test_apptainer_mode_without_apptainer_says_how_to_get_it_or_run_in_a_virtualenv(tmp_path):
+    done = m2d("run", SAMPLES / "iris", "--mode", "apptainer", cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1
+    assert "needs `apptainer` on PATH" in done.stderr and "--mode venv" in done.stderr
 
 
 def test_login_to_an_unreachable_gateway_says_so_and_stores_nothing(tmp_path):
@@ -229,7 +337,9 @@ def test_m2d_installs_alone_into_a_fresh_venv_and_checks_with_the_gateways_rules
     proves nothing else of the repository is needed."""
     source = tmp_path / "src"
     (source / "gateway").mkdir(parents=True)
-    for name in ("pyproject.toml", "gateway/__init__.py", "gateway/validation.py"):
+    (source / "jobs").mkdir()
+    for name in ("pyproject.toml", "gateway/__init__.py", "gateway/validation.py", "jobs/__init__.py",
+                 "jobs/relay.py"):
         (source / name).write_bytes((REPO / name).read_bytes())
     shutil.copytree(REPO / "m2d", source / "m2d", ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
@@ -240,6 +350,14 @@ def test_m2d_installs_alone_into_a_fresh_venv_and_checks_with_the_gateways_rules
     packages = subprocess.run([venv / "bin" / "python", "-m", "pip", "list", "--format=json"],
                               capture_output=True, text=True, check=True).stdout
     assert {p["name"].lower() for p in json.loads(packages)} & {"flask", "sqlalchemy", "rq", "redis"} == set()
+    # Apptainer mode's parts, shared with the platform: its relay and its base image's definition
+    shipped = subprocess.run([venv / "bin" / "python", "-c", "import jobs.relay, m2d.container as c; "
+                              "print(jobs.relay.__file__); print(c.BASE_DEFINITION.read_text())"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert shipped.returncode == 0, shipped.stderr
+    relay_file, definition = shipped.stdout.split("\n", 1)
+    assert Path(relay_file).read_bytes() == (REPO / "jobs" / "relay.py").read_bytes()
+    assert definition.rstrip("\n") == (REPO / "singularity" / "base.def").read_text().rstrip("\n")
 
     zips.make_zip_without(tmp_zip, "main.py")
     with pytest.raises(Refusal) as gateway:
