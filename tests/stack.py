@@ -91,7 +91,7 @@ class Stack:
                         M2D_SLURM_JOB_PREFIX=f"m2dtest{uuid.uuid4().hex[:6]}",
                         M2D_POLL_INTERVAL="1",
                         M2D_PUBLIC_URL=self.url,
-                        M2D_SLURM_MEM="1G",
+                        M2D_SLURM_MEM="2G",  # the CLaM sample (torch, ResNet-18) came within 1G and was killed
                         M2D_MAX_ZIP_BYTES=str(8 * 1024**2),  # small, so the 413 test is quick
                         M2D_SLURM_TIME="00:10:00",
                         # a loaded test machine may take seconds to run scontrol ping

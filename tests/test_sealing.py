@@ -7,7 +7,7 @@ sample's requirements):
                            `OPEN name detail` per attempt; the test reads the job's
                            stdout on the host and then checks the host side itself
                            (dataset, MLflow, processes, credentials)
-  hostile-memory           allocates 3 GiB under the stack's 1G limit
+  hostile-memory           allocates 3 GiB under the stack's 2G limit
   hostile-own-credentials  sets MLflow's URL and a wrong login itself, the way the
                            hospital's public sample does
   iris                     the platform's own sample
@@ -297,7 +297,7 @@ def test_a_memory_hog_fails_with_an_out_of_memory_email(stack, sealing):
                       "the failure email")
     body = failed[-1].get_content()
     assert "ran out of memory" in body, body
-    assert "1G" in body or "1024 MB" in body, body
+    assert "2G" in body or "2048 MB" in body, body
 
 
 def test_the_iris_sample_still_logs_its_metrics_to_the_owners_experiment(sealing):
