@@ -128,6 +128,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("PIP_CONSTRAINT", str, "", "A pip constraints file on the build host."),
     S("PIP_CACHE_DIR", str, "", "pip's cache shared by every build (safe for concurrent use), bound at "
       "/m2d/pip-cache; empty for none."),
+    S("BUILD_UV", str, "", "A uv binary on the build host (the `uv` wheel's, any Linux base runs it), bound "
+      "read-only into builds: they install with `uv pip install` (the same sources, its cache in PIP_CACHE_DIR) "
+      "and fall back to pip when uv refuses the requirements; empty: pip alone."),
     S("IMAGE_GC_DAYS", int, 30, "Environment images unused this long, and not the image of a submission in "
       "flight, are deleted (`flask images gc`, and hourly)."),
     # Sealed jobs: sbatch/scancel run through `sudo -u JOB_USER` (deploy/testbed/accounts.sh).

@@ -6,6 +6,7 @@ They fail (never skip) when it is missing, so a green run means images were buil
 """
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,20 @@ def test_install_script_installs_requirements_into_the_base_venv():
     assert "pip install --no-cache-dir" in text and "-r /m2d/build/requirements.txt" in text
     assert "export PIP_CERT=/etc/ssl/certs/ca-certificates.crt" in lines
     assert "k" * 64 in text and "> /opt/venv/m2d-environment" in text
+    assert "/m2d/uv" not in text
+
+
+def test_install_script_with_uv_uses_pips_sources_and_leaves_what_uv_refuses_to_pip(tmp_path):
+    pip = PipSources(extra_index_urls=("file:///opt/pypi/simple",), find_links=("/opt/wheels",),
+                     constraint="/etc/xdg/pip/constraints.txt", cache_dir=str(tmp_path / "cache"))
+    text = render_install_script(base_digest=BASE_DIGEST, key="k" * 64, python="3.11", timeout=60, pip=pip, uv=True)
+    sources = ("--extra-index-url file:///opt/pypi/simple --find-links /opt/wheels "
+               "--constraint /m2d/build/constraints.txt -r /m2d/build/requirements.txt")
+    assert ("/m2d/uv pip install --no-config --no-progress --python /opt/venv/bin/python "
+            "--cache-dir /m2d/pip-cache/uv --index-strategy unsafe-best-match") in text
+    assert text.count(sources) == 2  # uv's and pip's
+    assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in text
+    assert "pip tries them" in text
 
 
 # -- failures before apptainer runs ----------------------------------------------
@@ -109,6 +124,14 @@ def test_missing_ca_bundle_raises_build_error(tmp_path):
     base.write_bytes(b"not really an image")
     builder = ImageBuilder(tmp_path / "images", base, bind_ca="/nonexistent/ca.crt")
     with pytest.raises(BuildError, match="CA bundle"):
+        builder.ensure("six==1.16.0")
+
+
+def test_a_uv_that_is_not_there_raises_build_error_naming_the_setting(tmp_path):
+    base = tmp_path / "base.sif"
+    base.write_bytes(b"not really an image")
+    builder = ImageBuilder(tmp_path / "images", base, bind_ca=None, uv=str(tmp_path / "no-uv"))
+    with pytest.raises(BuildError, match="no-uv.*BUILD_UV"):
         builder.ensure("six==1.16.0")
 
 
@@ -192,8 +215,23 @@ def image_dir(testbed):
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def uv(testbed):
+    """The testbed's uv (deploy/testbed/uv.sh), which its builds install with."""
+    path = os.environ.get("M2D_BUILD_UV", "")
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"M2D_BUILD_UV={path!r} is no uv binary: is the testbed up (deploy/testbed/uv.sh)?")
+    return path
+
+
 @pytest.fixture
-def builder(testbed, image_dir):
+def builder(testbed, image_dir, uv):
+    return ImageBuilder(image_dir, testbed["base"], apptainer=testbed["apptainer"], timeout=600, uv=uv)
+
+
+@pytest.fixture
+def pip_builder(testbed, image_dir):
+    """A builder without uv: pip alone, as a site without BUILD_UV builds."""
     return ImageBuilder(image_dir, testbed["base"], apptainer=testbed["apptainer"], timeout=600)
 
 
@@ -214,13 +252,18 @@ def run_in(testbed, image, code):
     return done.stdout.strip()
 
 
-def test_build_installs_requirements(builder, testbed):
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_build_installs_requirements(installer, request, testbed):
+    builder = request.getfixturevalue("builder" if installer == "uv" else "pip_builder")
     env = builder.ensure("six==1.16.0\n")
-    print(f"\nbuild of six==1.16.0: {env.seconds:.1f} s")
+    print(f"\nbuild of six==1.16.0 with {installer}: {env.seconds:.1f} s")
     assert env.built
+    assert ("Installed 1 package" if installer == "uv" else "Successfully installed six-1.16.0") in env.log
     assert env.path == builder.path_for(env.key) and env.path.is_file()
     assert env.digest == file_digest(env.path)
     assert run_in(testbed, env.path, "import six; print(six.__version__)") == "1.16.0"
+    # compiled in the build: a job's read-only image could not keep a .pyc
+    assert run_sealed(testbed, env.path, "import os, six; print(os.path.isfile(six.__cached__))") == "True"
     # Nothing but the image (and its lock) is left in the image folder.
     assert [p.name for p in builder.image_dir.glob("*.sif")] == [env.path.name]
     assert list((builder.image_dir / ".build").iterdir()) == []
@@ -258,11 +301,46 @@ def test_a_package_the_base_has_is_replaced_whole(builder, testbed):
     assert run_in(testbed, env.path, code) == "24.0 False ['pip-24.0.dist-info']"
 
 
-def test_a_second_build_reuses_the_wheel_an_earlier_one_built(testbed, image_dir):
-    # pip's cache keeps the wheels it builds from sources, keyed by where the
-    # source came from. (Downloads are kept only when the index allows HTTP
-    # caching; this machine's TLS proxy drops those headers, so a built wheel
-    # is what this test can see being reused.)
+def test_a_build_whose_packages_an_earlier_build_fetched_installs_them_from_uvs_cache(testbed, image_dir, uv):
+    # From PyPI through this machine's TLS proxy, which strips the caching
+    # headers pip's cache needs: uv keeps the wheel by URL and hash anyway.
+    pip = PipSources(cache_dir=str(image_dir / "pip-cache"))
+    first, second = (ImageBuilder(image_dir / name, testbed["base"], apptainer=testbed["apptainer"], pip=pip, uv=uv)
+                     .ensure(requirements) for name, requirements in
+                     (("one", "six==1.16.0\ntermcolor==2.4.0\n"), ("two", "termcolor==2.4.0\n")))
+    assert first.built and second.built
+    assert "Prepared 2 packages" in first.log, first.log
+    assert "Prepared" not in second.log and "Installed 1 package" in second.log, second.log
+    assert run_sealed(testbed, second.path, "import termcolor; print(termcolor.colored('ok'))") == "ok"
+
+
+def test_uv_honours_the_sites_constraints(testbed, image_dir, uv):
+    constraints = image_dir / "constraints.txt"
+    constraints.write_text("six==1.15.0\n")
+    builder = ImageBuilder(image_dir, testbed["base"], apptainer=testbed["apptainer"], uv=uv,
+                           pip=PipSources(constraint=str(constraints)))
+    env = builder.ensure("six\n")
+    assert "pip tries them" not in env.log, env.log
+    assert run_sealed(testbed, env.path, "import six; print(six.__version__)") == "1.15.0"
+
+
+def test_requirements_uv_refuses_are_installed_by_pip(testbed, image_dir):
+    # a uv that refuses everything, as the real one refuses lines pip takes
+    refusing = image_dir / "uv"
+    refusing.write_text("#!/bin/sh\necho 'error: refused by the test'\nexit 2\n")
+    refusing.chmod(0o755)
+    builder = ImageBuilder(image_dir / "images", testbed["base"], apptainer=testbed["apptainer"], uv=str(refusing))
+    env = builder.ensure("six==1.16.0\n")
+    assert "error: refused by the test" in env.log and "pip tries them" in env.log
+    assert "Successfully installed six-1.16.0" in env.log
+    assert run_sealed(testbed, env.path, "import six; print(six.__version__)") == "1.16.0"
+
+
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_a_second_build_reuses_the_wheel_an_earlier_one_built(installer, testbed, image_dir, uv):
+    # pip's and uv's caches keep the wheels they build from sources, keyed by
+    # where the source came from. (pip keeps downloads only when the index
+    # allows HTTP caching; this machine's TLS proxy drops those headers.)
     sources = image_dir / "sources"
     sources.mkdir()
     with tarfile.open(sources / "m2d_cache_probe-1.0.tar.gz", "w:gz") as sdist:
@@ -273,11 +351,13 @@ def test_a_second_build_reuses_the_wheel_an_earlier_one_built(testbed, image_dir
             info.size = len(data)
             sdist.addfile(info, io.BytesIO(data))
     pip = PipSources(find_links=(str(sources),), cache_dir=str(image_dir / "pip-cache"))
-    first, second = (ImageBuilder(image_dir / name, testbed["base"], apptainer=testbed["apptainer"], pip=pip)
+    first, second = (ImageBuilder(image_dir / name, testbed["base"], apptainer=testbed["apptainer"], pip=pip,
+                                  uv=uv if installer == "uv" else "")
                      .ensure("m2d-cache-probe==1.0\n") for name in ("one", "two"))
     assert first.built and second.built
-    assert "Building wheel for m2d-cache-probe" in first.log, first.log
-    assert "Building wheel for m2d-cache-probe" not in second.log, second.log
+    built = "Built m2d-cache-probe" if installer == "uv" else "Building wheel for m2d-cache-probe"
+    assert built in first.log, first.log
+    assert built not in second.log, second.log
     assert run_sealed(testbed, second.path, "import probe; print(probe.VALUE)") == "42"
 
 
@@ -345,10 +425,13 @@ def test_missing_package_raises_build_error_with_pips_message(builder):
     assert list((builder.image_dir / ".build").iterdir()) == []
 
 
-def test_pip_that_runs_past_the_timeout_is_stopped(testbed, image_dir):
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_an_install_that_runs_past_the_timeout_is_stopped(installer, testbed, image_dir, uv):
     # An index that refuses connections: pip retries with back-off (about 8 s
-    # in all) before giving up, far past the 2 s limit, however fast the machine.
-    builder = ImageBuilder(image_dir, testbed["base"], apptainer=testbed["apptainer"], timeout=2)
+    # in all) before giving up, far past the 2 s limit, however fast the
+    # machine; uv gives up sooner, and pip gets what is left of the 2 s.
+    builder = ImageBuilder(image_dir, testbed["base"], apptainer=testbed["apptainer"], timeout=2,
+                           uv=uv if installer == "uv" else "")
     with pytest.raises(BuildError, match="did not finish within 2 seconds"):
         builder.ensure("--index-url http://127.0.0.1:9/simple\nsix==1.16.0\n")
     assert list(image_dir.glob("*.sif")) == []

@@ -35,7 +35,9 @@ step base-image "$here/base-image.sh" "$TESTBED_DIR"
 # the other Pythons a .python-version may ask for (bullseye's, trixie's)
 step base-3.9   "$here/base-image.sh" "$TESTBED_DIR" 3.9
 step base-3.13  "$here/base-image.sh" "$TESTBED_DIR" 3.13
-# pip's cache, shared by every build of every test stack
+# uv, which builds install with (bound into the base images, not in them)
+step uv         "$here/uv.sh" "$TESTBED_DIR"
+# pip's and uv's cache, shared by every build of every test stack
 step pip-cache  install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/pip-cache"
 # the gateway's account builds environment images (unprivileged, --fakeroot)
 step images     chown -R "${M2D_USER:-m2d}:${M2D_USER:-m2d}" "$TESTBED_DIR/images"
@@ -79,7 +81,8 @@ export M2D_PIP_CACHE_DIR=$TESTBED_DIR/pip-cache
 export M2D_PIP_EXTRA_INDEX_URLS="$PIP_EXTRA"
 export M2D_PIP_FIND_LINKS="$PIP_LINKS"
 export M2D_PIP_CONSTRAINT="$PIP_CONSTRAINT_FILE"
-export M2D_BUILD_MKSQUASHFS_ARGS="-comp gzip -Xcompression-level 1"
+export M2D_BUILD_UV=$TESTBED_DIR/uv/current/bin/uv
+export M2D_BUILD_MKSQUASHFS_ARGS="-comp zstd -Xcompression-level 1"
 export M2D_DATASET_DIR=$TESTBED_DIR/clam
 export M2D_TWIN_DIR=$TESTBED_DIR/twins
 export M2D_MODELS_DIR=$TESTBED_DIR/models

@@ -7,9 +7,11 @@ finished image appears at its final path in one atomic rename, so a reader
 sees either no image or a whole one.
 
 An environment image is the base SIF plus one overlay partition holding what
-pip wrote (singularity/install.sh.j2, run in the base with a writable overlay
-folder). Nothing of the base is unpacked or compressed again, so a build costs
-pip's own time plus squashing the new packages. Directories pip replaced
+the install wrote (singularity/install.sh.j2, run in the base with a writable
+overlay folder): `uv pip install` when BUILD_UV names a uv binary, which is
+bound in read-only, else (and when uv refuses the requirements) the base's pip.
+Nothing of the base is unpacked or compressed again, so a build costs the
+install plus squashing the new packages. Directories the install replaced
 (an upgraded pip or setuptools) are made whole with whiteouts for the base's
 old entries, so every overlay driver shows the same tree.
 
@@ -38,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,8 @@ class Image:
     built: bool  # False when an existing image was reused
     seconds: float
     log: str
+    # a build's seconds per step: install, squash, image (the SIF)
+    phases: Mapping[str, float] = field(default_factory=dict)
 
 
 def file_digest(path) -> str:
@@ -110,6 +114,7 @@ def environment_key(base_digest: str, requirements: str, python: str = "3.11") -
 
 
 PIP_CACHE_IN_BUILD = "/m2d/pip-cache"
+UV_IN_BUILD = "/m2d/uv"
 # the build's own folder (requirements, constraints, the script), read-only
 BUILD_IN_CONTAINER = "/m2d/build"
 CONSTRAINT_IN_BUILD = f"{BUILD_IN_CONTAINER}/constraints.txt"
@@ -173,11 +178,12 @@ ENVIRONMENT_RECORD = "/opt/venv/m2d-environment"
 
 
 def render_install_script(*, base_digest: str, key: str, python: str, timeout: int,
-                          pip: PipSources = PipSources()) -> str:
-    """The script that installs the requirements (at BUILD_IN_CONTAINER/requirements.txt)."""
+                          pip: PipSources = PipSources(), uv: bool = False) -> str:
+    """The script that installs the requirements (at BUILD_IN_CONTAINER/requirements.txt),
+    with uv (bound at UV_IN_BUILD) when ``uv``, else with pip."""
     return render(INSTALL_TEMPLATE, base_digest=base_digest, key=key, python=python, ca_bundle=CA_IN_IMAGE,
                   timeout=timeout, pip_options=" ".join(shlex.quote(o) for o in pip.options()),
-                  cache=PIP_CACHE_IN_BUILD if pip.cache_dir else "",
+                  cache=PIP_CACHE_IN_BUILD if pip.cache_dir else "", uv=UV_IN_BUILD if uv else "",
                   requirements=f"{BUILD_IN_CONTAINER}/requirements.txt", record=ENVIRONMENT_RECORD)
 
 
@@ -256,7 +262,7 @@ class ImageBuilder:
                  timeout: int = 1800, default_python: str = "3.11",
                  base_images: Mapping[str, str | Path] | None = None,
                  pip: PipSources = PipSources(), mksquashfs: str = "mksquashfs",
-                 mksquashfs_args: str = "") -> None:
+                 mksquashfs_args: str = "", uv: str = "") -> None:
         self.image_dir = Path(image_dir).resolve()
         # Not resolved here: a base may be a symlink that a redeploy moves
         # to a new image, and then new keys (and builds) must follow it.
@@ -270,6 +276,7 @@ class ImageBuilder:
         self.pip = pip
         self.mksquashfs = mksquashfs
         self.mksquashfs_args = mksquashfs_args
+        self.uv = uv
         if pip.cache_dir:
             Path(pip.cache_dir).mkdir(parents=True, exist_ok=True)
 
@@ -281,7 +288,7 @@ class ImageBuilder:
         return cls(required(cfg, "IMAGE_DIR"), required(cfg, "BASE_IMAGE"), apptainer=cfg["APPTAINER"],
                    bind_ca=cfg["BUILD_BIND_CA"] or None, timeout=cfg["BUILD_TIMEOUT"],
                    default_python=cfg["DEFAULT_PYTHON"], base_images=cfg["BASE_IMAGES"], pip=pip,
-                   mksquashfs=cfg["MKSQUASHFS"], mksquashfs_args=cfg["BUILD_MKSQUASHFS_ARGS"])
+                   mksquashfs=cfg["MKSQUASHFS"], mksquashfs_args=cfg["BUILD_MKSQUASHFS_ARGS"], uv=cfg["BUILD_UV"])
 
     def _base(self, python: str) -> tuple[Path, str]:
         configured = self.base_images.get(python)
@@ -367,6 +374,8 @@ class ImageBuilder:
                started: float) -> Image:
         if self.bind_ca is not None and not os.path.isfile(self.bind_ca):
             raise BuildError(f"CA bundle to bind into the build does not exist: {self.bind_ca}")
+        if self.uv and not os.access(self.uv, os.X_OK):
+            raise BuildError(f"uv to bind into the build is not an executable file: {self.uv} (BUILD_UV)")
         command = _merged_output_command(self.apptainer, self.image_dir / ".bin")
 
         scratch = self.image_dir / ".build"
@@ -386,7 +395,8 @@ class ImageBuilder:
                 # the build host's /etc is not the container's to share
                 shutil.copyfile(self.pip.constraint, files / "constraints.txt")
             (files / "install.sh").write_text(render_install_script(
-                base_digest=base_digest, key=key, python=python, timeout=self.timeout, pip=self.pip))
+                base_digest=base_digest, key=key, python=python, timeout=self.timeout, pip=self.pip,
+                uv=bool(self.uv)))
             overlay = workdir / "overlay"
             overlay.mkdir()
             lines = self._install(command, base, overlay, files)
@@ -420,11 +430,13 @@ class ImageBuilder:
             raise
         finally:
             _remove_tree(workdir)
-        seconds = time.monotonic() - started
+        finished = time.monotonic()
+        seconds = finished - started
+        phases = {"install": installed - started, "squash": squashed - installed, "image": finished - squashed}
         log.info("built %s in %.1f s (install %.1f s, squash %.1f s, image %.1f s)", path.name, seconds,
-                 installed - started, squashed - installed, time.monotonic() - squashed)
+                 *phases.values())
         return Image(key=key, path=path, digest=_cached_digest(path), built=True,
-                     seconds=seconds, log=_tail(lines))
+                     seconds=seconds, log=_tail(lines), phases=phases)
 
     def _install(self, command: Path, base: Path, overlay: Path, files: Path) -> list[str]:
         """Run the install script in ``base`` with ``overlay`` as its writable layer."""
@@ -433,6 +445,8 @@ class ImageBuilder:
                    "--bind", f"{files}:{BUILD_IN_CONTAINER}:ro"]
         if self.bind_ca:
             options += ["--bind", f"{self.bind_ca}:{CA_IN_IMAGE}:ro"]
+        if self.uv:
+            options += ["--bind", f"{os.path.realpath(self.uv)}:{UV_IN_BUILD}:ro"]
         for folder in self.pip.binds():
             options += ["--bind", f"{folder}:{folder}:ro"]
         if self.pip.cache_dir:
