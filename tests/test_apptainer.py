@@ -106,6 +106,7 @@ def test_install_script_with_uv_uses_pips_sources_and_leaves_what_uv_refuses_to_
     assert text.count(sources) == 2  # uv's and pip's
     assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in text
     assert "pip tries them" in text
+    assert "/opt/venv/bin/python -I /m2d/build/bytecode.py --cache /m2d/pip-cache/pyc" in text
 
 
 # -- failures before apptainer runs ----------------------------------------------
@@ -312,6 +313,14 @@ def test_a_build_whose_packages_an_earlier_build_fetched_installs_them_from_uvs_
     assert "Prepared 2 packages" in first.log, first.log
     assert "Prepared" not in second.log and "Installed 1 package" in second.log, second.log
     assert run_sealed(testbed, second.path, "import termcolor; print(termcolor.colored('ok'))") == "ok"
+    # and their .pyc files from the first build's, which a job's import takes as they are
+    assert " 0 compiled" in second.log and " 0 modules from the cache" not in second.log, second.log
+    verbose = subprocess.run(["sudo", "-u", "m2d-job", testbed["apptainer"], "exec", "--containall", "--cleanenv",
+                              "--no-privs", "--net", "--network", "none", str(second.path),
+                              "python", "-v", "-c", "import termcolor"], capture_output=True, text=True, timeout=120,
+                             cwd="/")
+    assert "code object from '/opt/venv/lib/python3.11/site-packages/termcolor/__pycache__/__init__.cpython-311.pyc'" \
+        in verbose.stderr, verbose.stderr[-3000:]
 
 
 def test_uv_honours_the_sites_constraints(testbed, image_dir, uv):

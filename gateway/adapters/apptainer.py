@@ -48,12 +48,13 @@ from spython.main import get_client
 from spython.main.base.command import init_command
 
 from ..config import required
-from ..templating import render
+from ..templating import SINGULARITY_DIR, render
 from ..validation import normalise_requirements
 
 log = logging.getLogger(__name__)
 
 INSTALL_TEMPLATE = "singularity/install.sh.j2"
+BYTECODE_SCRIPT = SINGULARITY_DIR / "bytecode.py"
 CA_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
 
 LOG_TAIL_LINES = 60
@@ -184,6 +185,7 @@ def render_install_script(*, base_digest: str, key: str, python: str, timeout: i
     return render(INSTALL_TEMPLATE, base_digest=base_digest, key=key, python=python, ca_bundle=CA_IN_IMAGE,
                   timeout=timeout, pip_options=" ".join(shlex.quote(o) for o in pip.options()),
                   cache=PIP_CACHE_IN_BUILD if pip.cache_dir else "", uv=UV_IN_BUILD if uv else "",
+                  bytecode=f"{BUILD_IN_CONTAINER}/{BYTECODE_SCRIPT.name}",
                   requirements=f"{BUILD_IN_CONTAINER}/requirements.txt", record=ENVIRONMENT_RECORD)
 
 
@@ -383,7 +385,7 @@ class ImageBuilder:
         # We hold this key's lock, so a folder left for it can only be from a
         # build that was killed.
         for stale in scratch.glob(f"{key}-*"):
-            _remove_tree(stale)
+            _discard(stale, self.image_dir / ".trash")
         # Inside image_dir, so the final os.replace stays on one filesystem.
         workdir = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=scratch))
         try:
@@ -394,6 +396,7 @@ class ImageBuilder:
             if self.pip.constraint:
                 # the build host's /etc is not the container's to share
                 shutil.copyfile(self.pip.constraint, files / "constraints.txt")
+            shutil.copyfile(BYTECODE_SCRIPT, files / BYTECODE_SCRIPT.name)
             (files / "install.sh").write_text(render_install_script(
                 base_digest=base_digest, key=key, python=python, timeout=self.timeout, pip=self.pip,
                 uv=bool(self.uv)))
@@ -429,7 +432,7 @@ class ImageBuilder:
                               f"{self.image_dir}): an administrator frees space", log=e.log) from e
             raise
         finally:
-            _remove_tree(workdir)
+            _discard(workdir, self.image_dir / ".trash")
         finished = time.monotonic()
         seconds = finished - started
         phases = {"install": installed - started, "squash": squashed - installed, "image": finished - squashed}
@@ -553,6 +556,31 @@ def _prune_empty_folders(upper: Path) -> None:
     for folder, _, _ in os.walk(upper, topdown=False):
         if folder != str(upper) and not os.listdir(folder) and not _xattrs(folder):
             os.rmdir(folder)
+
+
+def _discard(folder: Path, trash: Path) -> None:
+    """Remove a build folder without waiting for it. Its overlay holds every
+    file the install wrote (tens of thousands for a scientific stack), and
+    deleting them takes seconds on a filesystem mounted with `discard`: the
+    folder is renamed into ``trash`` at once and emptied by a thread, which
+    also removes what an earlier one left (an rq work horse ends with
+    os._exit, which does not wait for threads; other processes do)."""
+    trash.mkdir(exist_ok=True)
+    try:
+        os.replace(folder, trash / folder.name)
+    except OSError:
+        _remove_tree(folder)
+        return
+    threading.Thread(target=_empty, args=(trash,), name="m2d-discard").start()
+
+
+def _empty(trash: Path) -> None:
+    try:
+        entries = list(trash.iterdir())
+    except OSError:  # the image folder itself was removed meanwhile
+        return
+    for entry in entries:
+        _remove_tree(entry)  # two threads on one entry: the second finds it gone
 
 
 def _remove_tree(folder: Path) -> None:
