@@ -14,6 +14,7 @@ import tarfile
 import threading
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -331,6 +332,31 @@ def test_uv_honours_the_sites_constraints(testbed, image_dir, uv):
     env = builder.ensure("six\n")
     assert "pip tries them" not in env.log, env.log
     assert run_sealed(testbed, env.path, "import six; print(six.__version__)") == "1.15.0"
+
+
+def write_wheel(folder, name, version, code):
+    """A pure-Python wheel of one module, ``name`` (no build needed to install it)."""
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": code,
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: m2d-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+        wheel.writestr(f"{dist}/RECORD", "".join(f"{path},,\n" for path in files) + f"{dist}/RECORD,,\n")
+
+
+def test_a_pre_line_lets_uv_take_a_pre_release_as_pip_does(testbed, image_dir, uv):
+    wheels = image_dir / "wheels"
+    wheels.mkdir()
+    for version in ("1.0", "1.1rc1"):
+        write_wheel(wheels, "m2d_pre_probe", version, f"VERSION = {version!r}\n")
+    builder = ImageBuilder(image_dir / "images", testbed["base"], apptainer=testbed["apptainer"], uv=uv,
+                           pip=PipSources(find_links=(str(wheels),)))
+    for requirements, version in (("m2d-pre-probe\n", "1.0"), ("--pre\nm2d-pre-probe\n", "1.1rc1")):
+        env = builder.ensure(requirements)
+        assert "pip tries them" not in env.log, env.log
+        assert run_sealed(testbed, env.path, "import m2d_pre_probe as p; print(p.VERSION)") == version
 
 
 def test_requirements_uv_refuses_are_installed_by_pip(testbed, image_dir):
