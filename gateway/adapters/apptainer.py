@@ -388,6 +388,7 @@ class ImageBuilder:
             _discard(stale, self.image_dir / ".trash")
         # Inside image_dir, so the final os.replace stays on one filesystem.
         workdir = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=scratch))
+        built = False
         try:
             files = workdir / "files"
             files.mkdir()
@@ -418,6 +419,7 @@ class ImageBuilder:
                       "could not add the environment layer to the image")
             partial.chmod(0o644)
             os.replace(partial, path)
+            built = True
             mark_used(path)
         except OSError as e:
             if e.errno == errno.ENOSPC:
@@ -432,7 +434,11 @@ class ImageBuilder:
                               f"{self.image_dir}): an administrator frees space", log=e.log) from e
             raise
         finally:
-            _discard(workdir, self.image_dir / ".trash")
+            # a failed build's folder goes at once: it may be a full disk's
+            if built:
+                _discard(workdir, self.image_dir / ".trash")
+            else:
+                _remove_tree(workdir)
         finished = time.monotonic()
         seconds = finished - started
         phases = {"install": installed - started, "squash": squashed - installed, "image": finished - squashed}
