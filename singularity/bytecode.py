@@ -78,46 +78,59 @@ def copy_atomically(data, path):
         raise
 
 
-def compile_modules(pairs, cache):
-    """Compile (source, pyc) pairs; each .pyc that compiled goes into the cache."""
+def bring(pairs, cache):
+    """Give each (source, pyc) pair its .pyc: the cache's, else compiled (and
+    then kept in the cache). Returns (from the cache, compiled)."""
+    hits = compiled = 0
+    folders = set()
     for source, pyc in pairs:
+        entry = cache_entry(cache, source) if cache else ""
+        if entry and os.path.isfile(entry):
+            folder = os.path.dirname(pyc)
+            if folder not in folders:
+                os.makedirs(folder, exist_ok=True)
+                folders.add(folder)
+            # the build's own overlay: no one else writes here
+            with open(entry, "rb") as f, open(pyc, "wb") as out:
+                out.write(f.read())
+            hits += 1
         # quiet=2: a module that does not compile (a file for another Python
         # in a package's tests) stays without .pyc, as pip leaves it
-        if py_compile.compile(source, cfile=pyc, invalidation_mode=MODE, quiet=2) and cache:
-            with open(pyc, "rb") as f:
-                copy_atomically(f.read(), cache_entry(cache, source))
+        elif py_compile.compile(source, cfile=pyc, invalidation_mode=MODE, quiet=2):
+            compiled += 1
+            if entry:
+                with open(pyc, "rb") as f:
+                    copy_atomically(f.read(), entry)
+    return hits, compiled
 
 
 def main(argv):
     cache = argv[argv.index("--cache") + 1] if "--cache" in argv else ""
-    if "--worker" in argv:  # a share of the misses on stdin: source NUL pyc NUL ...
+    if "--worker" in argv:  # a share of the modules on stdin: source NUL pyc NUL ...
         names = sys.stdin.buffer.read().decode().split("\0")[:-1]
-        compile_modules(zip(names[::2], names[1::2]), cache)
+        print(*bring(zip(names[::2], names[1::2]), cache))
         return 0
     started = time.monotonic()
     roots = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    hits, misses = 0, []
-    for source, pyc in stale_modules(roots):
-        entry = cache_entry(cache, source) if cache else ""
-        if entry and os.path.isfile(entry):
-            with open(entry, "rb") as f:
-                copy_atomically(f.read(), pyc)
-            hits += 1
-        else:
-            misses.append((source, pyc))
-    # py_compile is single-threaded: one worker process per CPU
-    workers = max(1, min(os.cpu_count() or 1, len(misses)))
-    shares = [misses[i::workers] for i in range(workers)] if misses else []
-    command = [sys.executable, os.path.abspath(__file__), "--worker"] + (["--cache", cache] if cache else [])
+    stale = list(stale_modules(roots))
+    # py_compile is single-threaded, and copies wait on the disk: one worker per CPU
+    workers = max(1, min(os.cpu_count() or 1, len(stale)))
+    command = [sys.executable, "-I", os.path.abspath(__file__), "--worker"] + (["--cache", cache] if cache else [])
     procs = []
-    for share in shares:
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE)
-        # a worker reads all of its share before compiling, so this never waits on one
-        proc.stdin.write("".join(f"{source}\0{pyc}\0" for source, pyc in share).encode())
+    for share in (stale[i::workers] for i in range(workers)) if stale else ():
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # a worker reads all of its share before working, so this never waits on one
+        proc.stdin.write("".join(f"{source}\0{pyc}\0" for source, pyc in share))
         proc.stdin.close()
         procs.append(proc)
-    failed = [proc.returncode for proc in procs if proc.wait()]
-    print(f"bytecode: {hits} modules from the cache, {len(misses)} compiled, in {time.monotonic() - started:.1f} s")
+    hits = compiled = failed = 0
+    for proc in procs:
+        counts = proc.stdout.read().split()
+        failed += proc.wait() != 0
+        if len(counts) == 2:
+            hits, compiled = hits + int(counts[0]), compiled + int(counts[1])
+    print(f"bytecode: {len(stale)} modules, {hits} from the cache, {compiled} compiled, "
+          f"in {time.monotonic() - started:.1f} s")
     return 1 if failed else 0
 
 

@@ -315,7 +315,7 @@ def test_a_build_whose_packages_an_earlier_build_fetched_installs_them_from_uvs_
     assert "Prepared" not in second.log and "Installed 1 package" in second.log, second.log
     assert run_sealed(testbed, second.path, "import termcolor; print(termcolor.colored('ok'))") == "ok"
     # and their .pyc files from the first build's, which a job's import takes as they are
-    assert " 0 compiled" in second.log and " 0 modules from the cache" not in second.log, second.log
+    assert " 0 compiled" in second.log and " 0 from the cache" not in second.log, second.log
     verbose = subprocess.run(["sudo", "-u", "m2d-job", testbed["apptainer"], "exec", "--containall", "--cleanenv",
                               "--no-privs", "--net", "--network", "none", str(second.path),
                               "python", "-v", "-c", "import termcolor"], capture_output=True, text=True, timeout=120,
