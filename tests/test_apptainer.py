@@ -261,6 +261,7 @@ def test_build_installs_requirements(installer, request, testbed):
     print(f"\nbuild of six==1.16.0 with {installer}: {env.seconds:.1f} s")
     assert env.built
     assert ("Installed 1 package" if installer == "uv" else "Successfully installed six-1.16.0") in env.log
+    assert "warning" not in env.log.lower(), env.log  # no option the installer ignores or deprecates
     assert env.path == builder.path_for(env.key) and env.path.is_file()
     assert env.digest == file_digest(env.path)
     assert run_in(testbed, env.path, "import six; print(six.__version__)") == "1.16.0"
