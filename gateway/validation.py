@@ -500,7 +500,8 @@ def _same_option(written: str, name: str) -> bool:
 def _is_local_path(token: str) -> bool:
     token = token.strip("'\"")
     lower = token.lower()
-    if lower.startswith("file:") or token.startswith((".", "/", "~", "\\")) or re.match(r"[A-Za-z]:[/\\]", token):
+    # file: as the URL's scheme, also after a name (six@file:///x.whl) or a VCS (git+file://)
+    if re.search(r"(^|[@+])file:", lower) or token.startswith((".", "/", "~", "\\")) or re.match(r"[A-Za-z]:[/\\]", token):
         return True
     if "://" in token:
         return False  # a URL: https://, git+https://, ...
