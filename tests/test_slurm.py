@@ -480,6 +480,24 @@ def test_statuses_of_several_jobs_is_one_sacct_call(cluster, workdir):
     assert "999999" not in got    # unknown ids are simply absent
 
 
+def test_statuses_of_more_ids_than_one_argument_may_hold_take_several_sacct_calls():
+    # 20,000 seven-digit ids: one -j argument would be over Linux's 128 KiB
+    ids = [str(1_000_000 + i) for i in range(20_000)]
+
+    class Sacct:
+        job_user, calls = None, []
+
+        def run(self, name, args):
+            self.calls.append(args[-1])
+            return subprocess.CompletedProcess([name], 0, "".join(
+                f"{i}|PENDING|0:0|Unknown|Unknown|None assigned\n" for i in args[-1].split(",")), "")
+
+    batch = Sacct()
+    got = CliScheduler(batch=batch).statuses(ids)
+    assert len(batch.calls) == 2 and all(len(arg) <= 100_000 for arg in batch.calls)
+    assert sorted(got) == sorted(ids) and got[ids[-1]].state == "PENDING"
+
+
 def test_find_recovers_the_id_of_a_submitted_job(cluster, workdir):
     name = f"m2d-test-find-{os.getpid()}-{time.monotonic_ns()}"
     since = datetime.now(UTC) - timedelta(seconds=1)

@@ -47,6 +47,24 @@ def _parse_sbatch(stdout: str) -> str:
     return job_id
 
 
+# Linux refuses one argument longer than 128 KiB (MAX_ARG_STRLEN) with E2BIG:
+# sacct -j of 20,000 seven-digit job ids would be 160,000 characters, and the
+# poller would stop seeing any job. Past this length the ids take more calls.
+ID_LIST_CHARS = 100_000
+
+
+def _id_lists(ids: Sequence[str], limit: int = ID_LIST_CHARS) -> list[str]:
+    """``ids`` as comma-separated lists of at most ``limit`` characters each."""
+    lists, current, length = [], [], 0
+    for job_id in ids:
+        if current and length + 1 + len(job_id) > limit:
+            lists.append(",".join(current))
+            current, length = [], 0
+        length += len(job_id) + (1 if current else 0)
+        current.append(job_id)
+    return [*lists, ",".join(current)]
+
+
 # What the admins' cluster view shows, in Slurm's own words: squeue's
 # JobID, Name, State, Reason, Elapsed, NodeList (and the priority that orders
 # the pending ones), and sacct's records of recent jobs.
@@ -223,7 +241,7 @@ class CliScheduler(Scheduler):
             raise SlurmError(str(e), cmd=["sbatch"], stderr=out) from None
 
     def statuses(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
-        """One sacct call for all ids.
+        """One sacct call for all ids (one per ID_LIST_CHARS of them).
 
         The accounting database trails slurmctld: for a second or two after
         sbatch a job is absent here, and a running job may still read
@@ -232,8 +250,9 @@ class CliScheduler(Scheduler):
         ids = check_ids(job_ids)
         if not ids:
             return {}
-        out = self.batch.run("sacct", [
-            "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS), "-j", ",".join(ids)]).stdout
+        out = "".join(self.batch.run("sacct", [
+            "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS), "-j", id_list]).stdout
+            for id_list in _id_lists(ids))
         try:
             found = parse_sacct(out, tz=timezone.utc)
         except ValueError as e:
