@@ -154,6 +154,12 @@ PriorityCalcPeriod=1
 JobCompType=jobcomp/none
 GresTypes=gpu
 MinJobAge=300
+# Room for a cluster-sized queue (bench/scale.py holds 20,000 jobs): the
+# default 10,000 counts pending, running and recently ended (MinJobAge) jobs
+# together, and sbatch is refused past it.  Only a slurmctld restart reads
+# it (start() restarts it when this file changes); MaxDBDMsgs, the records
+# slurmctld spools while slurmdbd is away, follows it (2 x MaxJobCount).
+MaxJobCount=50000
 KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=120
