@@ -578,8 +578,13 @@ class Relay:
 def unreachable() -> Refused:
     # 400, not 503: the client would retry a 503 with backoff for minutes while the
     # job's clock runs; failing at once with the reason lets the script decide.
-    return Refused(400, "TEMPORARILY_UNAVAILABLE", "MLflow is not reachable from the relay; try again later "
-                   "(metrics logged meanwhile are kept and sent when it is back)")
+    # Log calls are still taken (buffered) meanwhile, up to --max-pending, and the
+    # buffer is sent once MLflow answers; the job's end waits --shutdown-timeout.
+    return Refused(400, "TEMPORARILY_UNAVAILABLE",
+                   "MLflow is not reachable from the relay: the platform's MLflow server did not answer, so this "
+                   "call failed. Your job goes on; metrics, params and tags you log meanwhile are kept and sent "
+                   "when MLflow is back (lost if the job ends before). Catch mlflow's MlflowException around "
+                   "other MLflow calls to keep training through an outage")
 
 
 # ---------------------------------------------------------------- HTTP over the Unix socket
@@ -749,7 +754,8 @@ def serve(args) -> int:
     while not relay.send_all() and time.monotonic() < deadline:
         time.sleep(1)
     if relay.pending_count:
-        log(f"stopping with {relay.pending_count} values MLflow did not take")
+        log(f"the job ended while the platform's MLflow server was unreachable: {relay.pending_count} logged "
+            "values (metrics, params, tags) never reached MLflow and are lost")
     server.server_close()
     try:
         os.unlink(args.socket)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 import zipfile
 from pathlib import Path
@@ -322,6 +323,11 @@ class Researcher:
         return self.api("GET", "/me").json()
 
 
+def _host_port(url):
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 80}"
+
+
 def _children(pid):
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -387,8 +393,10 @@ class Service:
 class PrivateStack(Stack):
     """A stack with a Redis and an SMTP sink of its own (fault tests stop,
     wipe and pause them; the testbed's are shared with other test runs), on
-    the testbed's Slurm, Apptainer and MLflow. Recovery settings are short,
-    so faults heal in seconds (``settings`` override them)."""
+    the testbed's Slurm, Apptainer and MLflow; its jobs' relays reach MLflow
+    through a proxy of its own (``mlflow``), which a test stops to take MLflow
+    away from them alone. Recovery settings are short, so faults heal in
+    seconds (``settings`` override them)."""
 
     def __init__(self, **settings):
         require_testbed()
@@ -401,17 +409,24 @@ class PrivateStack(Stack):
             "--requirepass", password, "--save", "", "--appendonly", "no",
             "--dir", str(self.services_dir / "redis")], redis_port, self.services_dir / "redis.log")
         mail_dir = self.services_dir / "mail"
+        mlflow_port = free_port()
+        self.mlflow = Service("mlflow-proxy", [sys.executable, str(REPO / "tests" / "tcp_proxy.py"),
+                                               "--listen", str(mlflow_port), "--to", _host_port(
+                                                   os.environ["M2D_MLFLOW_URL"])],
+                              mlflow_port, self.services_dir / "mlflow-proxy.log")
         self.smtp = Service("smtp", [sys.executable, str(REPO / "deploy" / "testbed" / "smtp_sink.py"),
                                      "--dir", str(mail_dir), "--host", "127.0.0.1", "--port", str(smtp_port)],
                             smtp_port, self.services_dir / "smtp.log")
         defaults = {"M2D_REDIS_URL": f"redis://:{password}@127.0.0.1:{redis_port}/0",
                     "M2D_SMTP_HOST": "127.0.0.1", "M2D_SMTP_PORT": str(smtp_port), "M2D_MAIL_DIR": str(mail_dir),
+                    "M2D_MLFLOW_JOB_URL": f"http://127.0.0.1:{mlflow_port}",
                     "M2D_SWEEP_AFTER": "5", "M2D_SMTP_TIMEOUT": "10", "M2D_MAIL_CLAIM_SECONDS": "20"}
         super().__init__(**(defaults | settings))
 
     def start(self):
         self.redis.start()
         self.smtp.start()
+        self.mlflow.start()
         return super().start()
 
     def stop(self):
@@ -419,6 +434,7 @@ class PrivateStack(Stack):
         try:
             super().stop()
         finally:
+            self.mlflow.stop()
             self.smtp.stop()
             self.redis.stop()
             if not keep:

@@ -1,16 +1,18 @@
 """The fault matrix (issue 11) on the real stack: processes killed with -9 (one
 process, not its group, as the OOM killer does), Redis restarted with its data
-gone, the SMTP server down or hung, MLflow down at approval, a prepare that
-keeps failing, a stuck submission. Submissions are in several states when each
+gone, the SMTP server down or hung, MLflow down at approval and during a job,
+a prepare that keeps failing, a stuck submission. Submissions are in several states when each
 fault hits; tests/invariants.py judges the outcome (none lost, no second Slurm
 job, each email exactly once and in order, each submission in its right final
 state).
 
 The stack is private (tests.stack.PrivateStack): its own Redis and SMTP sink,
 which these tests stop, wipe and pause, and short recovery settings
-(SWEEP_AFTER 5 s). Slurm's daemons are the testbed's, shared: their faults are
+(SWEEP_AFTER 5 s); its jobs reach MLflow through a proxy of its own, which
+they stop. Slurm's daemons are the testbed's, shared: their faults are
 in test_zz_slurm_faults.py, run last.
 """
+import json
 import os
 import re
 import socket
@@ -213,6 +215,82 @@ def test_mlflow_down_at_approval_is_a_clear_error_and_approving_again_works(priv
     assert researcher.api("GET", "/me").status_code == 403  # not approved, not half-approved
     private.flask("users", "approve", researcher.address)  # MLflow answers again: the admin retries
     assert researcher.api("GET", "/me").status_code == 200
+
+
+# A training script that meets two MLflow outages (the test stops the stack's
+# MLflow proxy when the job says it waits for one): during the first it logs a
+# metric and waits for MLflow to come back; the second lasts past its end.
+OUTAGE_JOB = """
+import sys, time
+import mlflow
+from mlflow.exceptions import MlflowException
+
+def mlflow_down(run_id):
+    started = time.monotonic()
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException as e:
+        return time.monotonic() - started, str(e)
+    return None
+
+def wait(until, what):
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if found := until():
+            return found
+        time.sleep(0.5)
+    sys.exit(f"timed out waiting for {what}")
+
+run_id = mlflow.start_run().info.run_id
+mlflow.log_metric("before", 1.0)
+print("run", run_id, "- waiting for an outage", flush=True)
+seconds, message = wait(lambda: mlflow_down(run_id), "an outage")
+print(f"the call failed after {seconds:.2f} s: {message}", flush=True)
+mlflow.log_metric("during", 2.0)
+print("logged during the outage", flush=True)
+wait(lambda: mlflow_down(run_id) is None, "MLflow to be back")
+print("MLflow is back - waiting for the second outage", flush=True)
+wait(lambda: mlflow_down(run_id), "the second outage")
+mlflow.log_metric("lost", 3.0)
+print("ending the run during the outage", flush=True)
+mlflow.end_run()
+"""
+
+
+def test_mlflow_down_during_a_job_is_a_quick_clear_error_what_was_logged_arrives_when_it_is_back_and_the_job_ends(
+        private, tmp_path, mlflow_url, admin_auth):
+    researcher = private.researcher("mlflow-job", dry_run=False)
+    sid = researcher.submit(zip_folder(SAMPLES / "sleeps", tmp_path / "outage.zip", extra={"main.py": OUTAGE_JOB}))
+    logs = SubmissionFiles(sid, root=private.env["M2D_DATA_DIR"]).logs
+
+    def job_says(words):
+        return lambda: any(words in path.read_text() for path in logs.glob("slurm-*.out"))
+    try:
+        wait_for(job_says("waiting for an outage"), 300, "the job to start its run")
+        private.mlflow.stop()
+        wait_for(job_says("logged during the outage"), 120, "the job to see the outage")
+        private.mlflow.start()
+        wait_for(job_says("waiting for the second outage"), 120, "the job to see MLflow back")
+        private.mlflow.stop()
+        ended = researcher.wait_until(sid, ("failed", "completed"), timeout=300)
+    finally:
+        if private.mlflow.proc.poll() is not None:
+            private.mlflow.start()
+    out = next(logs.glob("slurm-*.out")).read_text()
+    seconds = float(re.search(r"the call failed after ([0-9.]+) s: (.*)", out).group(1))
+    assert seconds < 5, out  # at once, not after the client's minutes of retries
+    assert "MLflow is not reachable from the relay" in out and "Your job goes on" in out
+    # the job's own code let the last error through: it failed, with the reason in its stderr tail
+    assert ended["status"] == "failed" and ended["reason"] == "FAILED with exit code 1"
+    assert "MLflow is not reachable from the relay" in ended["error"]
+    assert "1 logged values (metrics, params, tags) never reached MLflow and are lost" in ended["error"]
+    run_id = re.search(r"run (\w+) - waiting", out).group(1)
+    run = requests.get(f"{mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, auth=admin_auth,
+                       timeout=30).json()["run"]
+    assert {m["key"]: m["value"] for m in run["data"]["metrics"]} == {"before": 1.0, "during": 2.0}
+    stats = json.loads(next(logs.glob("slurm-*.relay.json")).read_text())
+    assert stats["undelivered"] == 1
+    invariants.check(private, {sid: "failed"})
 
 
 def test_a_full_export_folder_fails_the_job_with_the_disks_own_words(private, tmp_path):
