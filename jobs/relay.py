@@ -304,7 +304,8 @@ class Relay:
         self.rate = rate
         self.runs: dict[str, Run] = {}
         self.pending_count = 0
-        self._lock = threading.Lock()  # runs, and each run's params, tag keys and pending
+        self.down_since: float | None = None  # when MLflow stopped answering (monotonic)
+        self._lock = threading.Lock()  # runs, and each run's params, tag keys and pending, down_since
         self.routes = {
             ("GET", f"{API}/experiments/get"): self.get_experiment,
             ("GET", f"{API}/experiments/get-by-name"): self.get_experiment_by_name,
@@ -349,8 +350,9 @@ class Relay:
             else:
                 answer = self.upstream.call(method, path, body=json.dumps(params).encode())
         except UpstreamDown as e:
-            log(f"MLflow unreachable on {path}: {e}")
+            self.upstream_down(e)
             raise unreachable() from e
+        self.upstream_up()
         status, content_type, content = answer
         if status in (408, 429) or status >= 500:
             # The client would retry these for minutes; MLflow's own words instead.
@@ -538,8 +540,9 @@ class Relay:
                 self.send_batch(run, batch)
             except UpstreamDown as e:
                 self.put_back(run, batch)
-                log(f"MLflow unreachable, {len(batch)}+ values of run {run.run_id} kept for later: {e}")
+                self.upstream_down(e)
                 return False
+            self.upstream_up()
 
     def send_batch(self, run: Run, batch: list) -> None:
         body = {"run_id": run.run_id, "metrics": [], "params": [], "tags": []}
@@ -564,6 +567,22 @@ class Relay:
         middle = len(batch) // 2
         self.send_batch(run, batch[:middle])
         self.send_batch(run, batch[middle:])
+
+    # An outage is one line when it starts and one when it ends: the buffer is
+    # retried every second, and a line each time would push the job's own
+    # error out of the stderr tail its owner is sent.
+    def upstream_down(self, error: Exception) -> None:
+        with self._lock:
+            started, self.down_since = self.down_since is None, self.down_since or time.monotonic()
+        if started:
+            log(f"the platform's MLflow server is unreachable ({error}); logged values are kept, "
+                "other MLflow calls fail until it is back")
+
+    def upstream_up(self) -> None:
+        with self._lock:
+            since, self.down_since = self.down_since, None
+        if since is not None:
+            log(f"MLflow answers again after {time.monotonic() - since:.0f} s; kept values are being sent")
 
     def send_all(self) -> bool:
         with self._lock:
