@@ -35,6 +35,12 @@ once and buffered per run; a background thread sends them as `runs/log-batch` ev
 that run (get, update, delete-tag) and at SIGTERM/SIGINT. Since every run this relay
 may touch was created through it, it knows every param of that run and can give the
 "param already has another value" refusal that MLflow would have given.
+
+When MLflow stops answering mid-job, log calls are still taken (up to --max-pending)
+and sent once it answers again; every other call fails at once with a 400 that says
+so, and the job goes on unless its code lets that error through. Values still held
+when the job ends (after --shutdown-timeout) are named as lost in the job's stderr,
+whose tail its owner is emailed (tests/test_faults.py, MLflow down during a job).
 """
 
 from __future__ import annotations
