@@ -323,11 +323,6 @@ class Researcher:
         return self.api("GET", "/me").json()
 
 
-def _host_port(url):
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.hostname}:{parts.port or 80}"
-
-
 def _children(pid):
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -409,11 +404,10 @@ class PrivateStack(Stack):
             "--requirepass", password, "--save", "", "--appendonly", "no",
             "--dir", str(self.services_dir / "redis")], redis_port, self.services_dir / "redis.log")
         mail_dir = self.services_dir / "mail"
-        mlflow_port = free_port()
-        self.mlflow = Service("mlflow-proxy", [sys.executable, str(REPO / "tests" / "tcp_proxy.py"),
-                                               "--listen", str(mlflow_port), "--to", _host_port(
-                                                   os.environ["M2D_MLFLOW_URL"])],
-                              mlflow_port, self.services_dir / "mlflow-proxy.log")
+        mlflow_port, mlflow = free_port(), urllib.parse.urlsplit(os.environ["M2D_MLFLOW_URL"])
+        self.mlflow = Service("mlflow-proxy", [
+            sys.executable, str(REPO / "tests" / "tcp_proxy.py"), "--listen", str(mlflow_port),
+            "--to", f"{mlflow.hostname}:{mlflow.port or 80}"], mlflow_port, self.services_dir / "mlflow-proxy.log")
         self.smtp = Service("smtp", [sys.executable, str(REPO / "deploy" / "testbed" / "smtp_sink.py"),
                                      "--dir", str(mail_dir), "--host", "127.0.0.1", "--port", str(smtp_port)],
                             smtp_port, self.services_dir / "smtp.log")
