@@ -193,9 +193,10 @@ def poll_app(folder: Path, ids: list[str]):
                       "SQLALCHEMY_DATABASE_URI": f"sqlite:///{folder / 'gw.db'}",
                       # no Redis: the sweep finds nothing owed, metrics are dropped
                       "REDIS_URL": "redis://127.0.0.1:1/0"})
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # not one line per migration
     with app.app_context():
+        logging.disable(logging.INFO)  # not a line per migration
         flask_migrate.upgrade()
+        logging.disable(logging.NOTSET)
         now = utcnow()
         users = [User(email=f"r{n}@example.org", name=f"R{n}", approved_at=now) for n in range(10)]
         db.session.add_all(users)
@@ -263,9 +264,9 @@ def real(sizes: list[int], loops: int, repeat: int) -> None:
         n, calls, cycles = r["n"], r["calls"], r["cycles"]
         wall = median(calls, "wall")
         cycle = median(cycles[1:] or cycles, "wall")
-        print(f"{n:>6} | {wall:>16.2f} {median(calls, 'cpu'):>6.2f} {median(calls, 'children'):>6.2f} "
+        print(f"{n:>6} | {wall:>16.3f} {median(calls, 'cpu'):>6.3f} {median(calls, 'children'):>6.3f} "
               f"{median(calls, 'slurmdbd'):>6.2f} {median(calls, 'mariadb'):>6.2f} {wall / n * 1e6:>7.0f} | "
-              f"{cycle:>16.2f} {median(cycles[1:] or cycles, 'cpu'):>6.2f} {cycles[0].wall:>6.2f} "
+              f"{cycle:>16.3f} {median(cycles[1:] or cycles, 'cpu'):>6.3f} {cycles[0].wall:>6.2f} "
               f"{cycle / n * 1e6:>7.0f} | {r['ping']:>5.2f} {r['squeue']:>6.2f} {r['load']:>5.1f}")
 
 
