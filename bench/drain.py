@@ -37,11 +37,12 @@ from tests.stack import PrivateStack, zip_folder
 TRIVIAL = "print('done', flush=True)\n"
 
 
-def slurm_times(researcher, submission_id: int) -> tuple[datetime, datetime]:
-    """Slurm's start and end of the submission's job (its running and final events)."""
+def slurm_times(researcher, submission_id: int) -> tuple[datetime, datetime, datetime]:
+    """When the submission's job was handed to Slurm (queued), and Slurm's start
+    and end of it (its running and final events)."""
     events = researcher.submission(submission_id)["events"]
     at = {e["status"]: datetime.fromisoformat(e["at"]).astimezone(timezone.utc) for e in events}
-    return at["running"], at.get("completed") or at["failed"]
+    return at["running"], at.get("completed") or at["failed"], at["queued"]
 
 
 def most_at_once(intervals: list[tuple[datetime, datetime]]) -> int:
@@ -92,17 +93,20 @@ def main() -> None:
     report(jobs, args, wall)
 
 
-def report(jobs: list[tuple[int, datetime, datetime]], args, wall: float) -> None:
-    first = min(start for _, start, _ in jobs)
-    last = max(end for _, _, end in jobs)
+def report(jobs: list[tuple[int, datetime, datetime, datetime]], args, wall: float) -> None:
+    first = min(start for _, start, _, _ in jobs)
+    last = max(end for _, _, end, _ in jobs)
     span = (last - first).total_seconds()
     print(f"drained in {span:.0f} s of Slurm time (first start to last end; {wall:.0f} s from the first "
           f"upload to the last final state): {len(jobs) / span * 60:.1f} jobs/min; load average "
           f"{os.getloadavg()[0]:.1f}")
-    limit = max(most_at_once([(s, e) for u, s, e in jobs if u == user]) for user in range(args.users))
+    # before this, the gateway's prepare queue (first come, first served) decides whose jobs Slurm has
+    in_slurm = (max(queued for *_, queued in jobs) - first).total_seconds()
+    print(f"every job was in Slurm {in_slurm:.0f} s after the first start")
+    limit = max(most_at_once([(s, e) for u, s, e, _ in jobs if u == user]) for user in range(args.users))
     print(f"most jobs of one researcher running at once: {limit} (limit {args.max_running}); "
-          f"of all: {most_at_once([(s, e) for _, s, e in jobs])}")
-    order = [user for user, _, _ in sorted(jobs, key=lambda j: (j[1], j[2]))]
+          f"of all: {most_at_once([(s, e) for _, s, e, _ in jobs])}")
+    order = [user for user, *_ in sorted(jobs, key=lambda j: (j[1], j[2]))]
     longest = run = 1
     for before, now in zip(order, order[1:]):
         run = run + 1 if now == before else 1
