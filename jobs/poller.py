@@ -67,6 +67,8 @@ def poll_once(scheduler: Scheduler | None = None) -> int:
 
 WAITING = (Status.QUEUED.value, Status.DRY_RUN_QUEUED.value)
 RUNNING = (Status.RUNNING.value, Status.DRY_RUN_RUNNING.value)
+# ids per UPDATE ... IN (...): well under SQLite's and PostgreSQL's bound-parameter limits
+REASON_BATCH = 500
 
 
 def _explain_waits(scheduler: Scheduler, waiting: list[Submission]) -> None:
@@ -83,6 +85,7 @@ def _explain_waits(scheduler: Scheduler, waiting: list[Submission]) -> None:
         Submission.user_id.in_(users), Submission.status.in_(RUNNING)).group_by(Submission.user_id))
     disabled = {user_id for (user_id,) in db.session.query(User.id).filter(
         User.id.in_(users), User.disabled_at.isnot(None))}
+    changed: dict[tuple[str, str | None], list[int]] = {}
     for submission in waiting:
         code = codes.get(_job_id(submission))
         if code is None:
@@ -90,9 +93,14 @@ def _explain_waits(scheduler: Scheduler, waiting: list[Submission]) -> None:
         words = explain(code, limits, running.get(submission.user_id, 0), submission.user_id in disabled)
         words = words[:255] if words else None
         if words != submission.reason:
+            changed.setdefault((submission.status, words), []).append(submission.id)
+    # one UPDATE per reason, not per job: a first cycle over 20,000 waiting jobs
+    # wrote 20,000 rows one statement at a time (6.6 s, bench.scale --real)
+    for (status, words), ids in changed.items():
+        for start in range(0, len(ids), REASON_BATCH):
             # no move, no event: only while it still waits in the same state
             db.session.execute(update(Submission).where(
-                Submission.id == submission.id, Submission.status == submission.status)
+                Submission.id.in_(ids[start:start + REASON_BATCH]), Submission.status == status)
                 .values(reason=words).execution_options(synchronize_session=False))
     db.session.commit()
 
