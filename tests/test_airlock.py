@@ -247,13 +247,21 @@ def test_the_submission_page_lists_the_export_with_a_request_form(client, alice)
 # ---------------------------------------------------------------- the real stack
 
 @pytest.fixture(scope="module")
-def iris_done(stack, tmp_path_factory):
-    researcher = stack.researcher("airlock")
+def iris_runs(stack, tmp_path_factory):
+    """Three researchers' own completed iris runs, submitted at once (their
+    builds, dry runs and jobs overlap): one released, one rejected, one purged."""
     zip_path = zip_folder(SAMPLES / "iris", tmp_path_factory.mktemp("airlock") / "iris.zip")
-    submission_id = researcher.submit(zip_path)
-    submission = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
-    assert submission["status"] == "completed", submission
-    return researcher, submission_id
+    researchers = {name: stack.researcher(name) for name in ("airlock", "rejected", "retention")}
+    ids = {name: researcher.submit(zip_path) for name, researcher in researchers.items()}
+    for name, submission_id in ids.items():
+        submission = researchers[name].wait_until(submission_id, {"completed", "failed", "build_failed"})
+        assert submission["status"] == "completed", submission
+    return {name: (researchers[name], ids[name]) for name in ids}
+
+
+@pytest.fixture(scope="module")
+def iris_done(iris_runs):
+    return iris_runs["airlock"]
 
 
 def _reviewer(stack, name):
@@ -340,11 +348,9 @@ def test_user_b_gets_404_on_every_airlock_url_of_user_a(stack, iris_done):
         assert response.status_code == 404, path
 
 
-def test_a_rejected_file_never_downloads_on_the_stack(stack, tmp_path):
-    researcher = stack.researcher("rejected")
+def test_a_rejected_file_never_downloads_on_the_stack(stack, iris_runs):
+    researcher, submission_id = iris_runs["rejected"]
     reviewer = _reviewer(stack, "rev-three")
-    submission_id = researcher.submit(zip_folder(SAMPLES / "iris", tmp_path / "iris.zip"))
-    assert researcher.wait_until(submission_id, {"completed", "failed"})["status"] == "completed"
     response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
                               json={"paths": None, "justification": "all of it"})
     assert response.status_code == 201, response.text
@@ -356,10 +362,8 @@ def test_a_rejected_file_never_downloads_on_the_stack(stack, tmp_path):
     assert "no row-level data may leave" in body
 
 
-def test_retention_purges_an_expired_export_after_warning(stack, tmp_path):
-    researcher = stack.researcher("retention")
-    submission_id = researcher.submit(zip_folder(SAMPLES / "iris", tmp_path / "iris.zip"))
-    assert researcher.wait_until(submission_id, {"completed", "failed"})["status"] == "completed"
+def test_retention_purges_an_expired_export_after_warning(stack, iris_runs):
+    researcher, submission_id = iris_runs["retention"]
     ended = researcher.submission(submission_id)["updated_at"][:19]
     days = 90  # the default EXPORT_RETENTION_DAYS
     moment = datetime.fromisoformat(ended)
@@ -385,13 +389,15 @@ def test_retention_purges_an_expired_export_after_warning(stack, tmp_path):
 
 
 def test_tampering_with_a_provenance_row_is_found_by_verify(stack, iris_done):
-    _researcher, submission_id = iris_done
+    researcher, submission_id = iris_done
     assert "ok" in stack.flask("provenance", "verify", str(submission_id))
+    records = researcher.api("GET", f"/submissions/{submission_id}/provenance").json()["records"]
+    (manifest,) = [r["seq"] for r in records if r["kind"] == "manifest"]  # 7: after the dry run's two links
     database = stack.env["M2D_DATA_DIR"] + "/gateway.db"
     with sqlite3.connect(database) as conn:
         conn.execute("UPDATE provenance_record SET payload = replace(payload, 'result.txt', 'other.txt') "
                      "WHERE submission_id = ? AND kind = 'manifest'", (submission_id,))
-    with pytest.raises(AssertionError, match=r"broken: submission \d+: link 5"):
+    with pytest.raises(AssertionError, match=rf"broken: submission \d+: link {manifest} "):
         stack.flask("provenance", "verify", str(submission_id))
     with pytest.raises(AssertionError, match="broken"):
         stack.flask("provenance", "verify")
@@ -422,14 +428,26 @@ def _wait_mails(stack, address, count, subject=""):
 
 
 @pytest.fixture(scope="module")
-def m2d_iris(stack, tmp_path_factory):
-    """A researcher's own completed iris run (no dry run: the airlock is the point
-    here), with `m2d` set up for them through M2D_URL/M2D_TOKEN."""
-    researcher = stack.researcher("m2d-airlock", dry_run=False)
-    zip_path = zip_folder(SAMPLES / "iris", tmp_path_factory.mktemp("m2d-airlock") / "iris.zip")
-    submission_id = researcher.submit(zip_path)
-    submission = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
-    assert submission["status"] == "completed", submission
+def plain_runs(stack, tmp_path_factory):
+    """Two researchers' own completed runs without a dry run (the airlock is the
+    point here), submitted at once: the iris sample and the exports sample.
+    After the retention test: its purge covers every export of the session."""
+    folder = tmp_path_factory.mktemp("m2d-airlock")
+    zips = {"m2d-airlock": zip_folder(SAMPLES / "iris", folder / "iris.zip"),
+            "exports": zip_folder(SAMPLES / "exports", folder / "e.zip")}
+    researchers = {name: stack.researcher(name, dry_run=False) for name in zips}
+    ids = {name: researchers[name].submit(zip_path) for name, zip_path in zips.items()}
+    for name, submission_id in ids.items():
+        submission = researchers[name].wait_until(submission_id, {"completed", "failed", "build_failed"})
+        assert submission["status"] == "completed", submission
+    return {name: (researchers[name], ids[name]) for name in ids}
+
+
+@pytest.fixture(scope="module")
+def m2d_iris(stack, plain_runs):
+    """A researcher's own completed iris run, with `m2d` set up for them
+    through M2D_URL/M2D_TOKEN."""
+    researcher, submission_id = plain_runs["m2d-airlock"]
     env = {"M2D_URL": stack.url, "M2D_TOKEN": researcher.token}
     return researcher, submission_id, env
 
@@ -565,13 +583,10 @@ class CuttingProxy:
 
 
 @pytest.fixture(scope="module")
-def exports_done(stack, tmp_path_factory):
+def exports_done(stack, plain_runs):
     """A completed run of the exports sample (a 3 MiB model.bin among others) whose
     model.bin is released."""
-    researcher = stack.researcher("exports", dry_run=False)
-    submission_id = researcher.submit(zip_folder(SAMPLES / "exports", tmp_path_factory.mktemp("exports") / "e.zip"))
-    submission = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
-    assert submission["status"] == "completed", submission
+    researcher, submission_id = plain_runs["exports"]
     response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
                               json={"paths": ["model.bin"], "justification": "the trained model"})
     assert response.status_code == 201, response.text

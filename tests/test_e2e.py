@@ -42,11 +42,21 @@ def researcher(stack):
 
 
 @pytest.fixture(scope="module")
-def iris(stack, researcher, tmp_path_factory):
-    """The toy sample, submitted once and followed to the end."""
+def both_databases(stack, researcher, postgres_stack, tmp_path_factory):
+    """The toy sample, submitted once to the session's stack (SQLite) and once
+    to the stack on PostgreSQL, at once (their jobs overlap), each followed to
+    the end: {"sqlite"|"postgresql": (researcher, submission)}."""
     zip_path = zip_folder(SAMPLES / "iris", tmp_path_factory.mktemp("iris") / "submission.zip")
-    submission_id = researcher.submit(zip_path)
-    return researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
+    researchers = {"sqlite": researcher, "postgresql": postgres_stack.researcher("iris-postgres")}
+    ids = {name: someone.submit(zip_path) for name, someone in researchers.items()}
+    return {name: (someone, someone.wait_until(ids[name], {"completed", "failed", "build_failed"}))
+            for name, someone in researchers.items()}
+
+
+@pytest.fixture(scope="module")
+def iris(both_databases):
+    """The toy sample, submitted once and followed to the end."""
+    return both_databases["sqlite"][1]
 
 
 def test_iris_sample_completes_with_four_emails_in_order(researcher, iris):
@@ -59,10 +69,9 @@ def test_iris_sample_completes_with_four_emails_in_order(researcher, iris):
     assert all(f"Submission {iris['id']}" in m["Subject"] for m in mails)
 
 
-def test_iris_sample_completes_with_postgresql_as_the_database(postgres_stack, tmp_path):
-    researcher = postgres_stack.researcher("iris-postgres")
-    submission_id = researcher.submit(zip_folder(SAMPLES / "iris", tmp_path / "submission.zip"))
-    done = researcher.wait_until(submission_id, {"completed", "failed", "build_failed"})
+def test_iris_sample_completes_with_postgresql_as_the_database(postgres_stack, both_databases):
+    researcher, done = both_databases["postgresql"]
+    submission_id = done["id"]
     assert done["status"] == "completed", done
     assert [m["Subject"].split(": ", 1)[1] for m in researcher.wait_for_mails(submission_id, 4)] == STATUS_MAILS
     assert postgres_stack.env["M2D_SQLALCHEMY_DATABASE_URI"].startswith("postgresql")

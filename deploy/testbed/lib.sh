@@ -41,6 +41,10 @@ apt_install() {
   [ ${#missing[@]} -gt 0 ] || return 0
   log "apt-get install: ${missing[*]}"
   (
+    # one of ours at a time (up.sh runs parts at once): the first one's
+    # policy-rc.d must not vanish while another installs a daemon
+    exec 9>/run/lock/m2d-testbed-apt.lock
+    flock 9
     if [ ! -e /usr/sbin/policy-rc.d ]; then
       printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
       chmod 755 /usr/sbin/policy-rc.d

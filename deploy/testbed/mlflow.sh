@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# mlflow.sh start|stop [TESTBED_DIR] -- the MLflow tracking server that jobs
+# mlflow.sh start|stop|install [TESTBED_DIR] -- the MLflow tracking server that jobs
 # log metrics to, on 127.0.0.1:5001, with basic auth: users see only their
 # own experiments (default_permission = NO_PERMISSIONS).  Artifacts are not
 # served (privacy: models leave only through the export folder).
@@ -7,7 +7,8 @@
 # State in TESTBED_DIR/mlflow: its own venv (MLflow is not a gateway
 # dependency), the tracking and auth databases, the auth ini, pid and log.
 # The admin password is generated once into
-# TESTBED_DIR/secrets/mlflow-admin-password (mode 600).
+# TESTBED_DIR/secrets/mlflow-admin-password (mode 600).  install: the venv
+# alone (up.sh runs it beside the base images' builds; start does it too).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ACTION=${1:-}; shift || true
@@ -102,5 +103,6 @@ stop() {
 case "$ACTION" in
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop [TESTBED_DIR]" >&2; exit 2 ;;
+  install) mkdir -p "$DIR"; chmod 700 "$DIR"; install_mlflow ;;
+  *) echo "usage: $0 start|stop|install [TESTBED_DIR]" >&2; exit 2 ;;
 esac

@@ -27,21 +27,51 @@ step() {
   TIMINGS+=("$(printf '%-11s %6.1fs' "$name" "$(awk "BEGIN{print $EPOCHREALTIME - $t0}")")")
 }
 
+# The slow parts that need nothing of each other (the base images'
+# debootstraps, MLflow's pip install) run at once, each in a session of its
+# own (a failure elsewhere stops its whole process group), its output in
+# TESTBED_DIR/up-logs/NAME.log, shown when it ends.
+BG_LOGS=$TESTBED_DIR/up-logs
+declare -A BG_PID=()
+# step_bg NAME CMD...: start one part in the background; it times itself
+step_bg() {
+  local name=$1; shift
+  mkdir -p "$BG_LOGS"
+  log "---- $name (in the background: $BG_LOGS/$name.log)"
+  setsid bash -c 't0=$EPOCHREALTIME; "${@:2}" || exit; awk "BEGIN{print $EPOCHREALTIME - $t0}" > "$1"' \
+    "$name" "$BG_LOGS/$name.time" "$@" </dev/null >"$BG_LOGS/$name.log" 2>&1 &
+  BG_PID[$name]=$!
+}
+# wait_bg NAME...: the end of each; a failed one fails up.sh with its name and log
+wait_bg() {
+  local name rc
+  for name in "$@"; do
+    rc=0; wait "${BG_PID[$name]}" || rc=$?
+    unset "BG_PID[$name]"
+    sed "s/^/  $name: /" "$BG_LOGS/$name.log" >&2
+    [ "$rc" = 0 ] || die "$name failed (exit $rc); its log: $BG_LOGS/$name.log"
+    TIMINGS+=("$(printf '%-11s %6.1fs (background)' "$name" "$(cat "$BG_LOGS/$name.time")")")
+  done
+}
+# up.sh ending half way (a failed step, ^C) stops what still runs in the background
+stop_bg() { local pid; for pid in "${BG_PID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done; }
+trap stop_bg EXIT
+
 here=$M2D_TESTBED_SRC
+step_bg mlflow-venv "$here/mlflow.sh" install "$TESTBED_DIR"
 step accounts   "$here/accounts.sh" "$TESTBED_DIR"
 step slurm      "$here/slurm.sh" start "$TESTBED_DIR"
 step apptainer  "$here/apptainer.sh" "$TESTBED_DIR"
-step base-image "$here/base-image.sh" "$TESTBED_DIR"
+step_bg base-image "$here/base-image.sh" "$TESTBED_DIR"
 # the other Pythons a .python-version may ask for (bullseye's, trixie's)
-step base-3.9   "$here/base-image.sh" "$TESTBED_DIR" 3.9
-step base-3.13  "$here/base-image.sh" "$TESTBED_DIR" 3.13
+step_bg base-3.9   "$here/base-image.sh" "$TESTBED_DIR" 3.9
+step_bg base-3.13  "$here/base-image.sh" "$TESTBED_DIR" 3.13
 # uv, which builds install with (bound into the base images, not in them)
 step uv         "$here/uv.sh" "$TESTBED_DIR"
 # pip's and uv's cache, shared by every build of every test stack
 step pip-cache  install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/pip-cache"
-# the gateway's account builds environment images (unprivileged, --fakeroot)
-step images     chown -R "${M2D_USER:-m2d}:${M2D_USER:-m2d}" "$TESTBED_DIR/images"
 step redis      "$here/redis.sh" start "$TESTBED_DIR"
+wait_bg mlflow-venv
 step mlflow     "$here/mlflow.sh" start "$TESTBED_DIR"
 step smtp       "$here/smtp.sh" start "$TESTBED_DIR"
 step postgres   "$here/postgres.sh" "$TESTBED_DIR"
@@ -56,6 +86,9 @@ step twin       "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/twins" --twin
 # the model cache admins fill (flask --app gateway weights add): the gateway
 # writes it, every job reads it
 step models     install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/models"
+wait_bg base-image base-3.9 base-3.13
+# the gateway's account builds environment images (unprivileged, --fakeroot)
+step images     chown -R "${M2D_USER:-m2d}:${M2D_USER:-m2d}" "$TESTBED_DIR/images"
 
 # This machine's pip sources (wheelhouse, local index, constraints), handed
 # to builds through the gateway's settings; local indexes that are missing
