@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import requests
+from requests.adapters import HTTPAdapter, Retry
 
 from gateway.states import TERMINAL, Status
 
@@ -20,6 +21,14 @@ from .config import Settings
 
 TIMEOUT_S = 30
 UPLOAD_TIMEOUT_S = 600  # a zip may be up to 200 MB on a slow line
+# A read (GET) that meets a dropped connection is asked again: a kept-alive
+# connection the server closed meanwhile ("Remote end closed connection without
+# response"), a proxy or the gateway restarting. Never a POST: an upload or a
+# cancel sent twice could act twice. HTTP errors are answers, not retried.
+READ_RETRIES = Retry(total=3, connect=3, read=3, status=0, other=0, backoff_factor=0.5,
+                     allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
+# How long `m2d wait` rides out a gateway it cannot reach before it gives up
+WAIT_OUTAGE_S = 300
 
 
 class ApiError(Exception):
@@ -36,6 +45,8 @@ class Client:
         self.url = settings.url
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {settings.token}"
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, HTTPAdapter(max_retries=READ_RETRIES))
 
     def me(self) -> dict:
         return self._call("GET", "/me")
@@ -122,9 +133,21 @@ class Client:
         on_change(submission) each time the status changes. TimeoutError when
         timeout_s passes first."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last = None
+        last, unreachable_since = None, None
         while True:
-            submission = self.submission(submission_id)
+            try:
+                submission = self.submission(submission_id)
+                unreachable_since = None
+            except ApiError as e:
+                # a wait may last hours: a gateway restart or a network blip is not its end
+                if e.code not in ("no_connection", "timeout"):
+                    raise
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since >= WAIT_OUTAGE_S or (
+                        deadline is not None and time.monotonic() >= deadline):
+                    raise
+                time.sleep(poll_s)
+                continue
             if submission["status"] != last and on_change:
                 on_change(submission)
             last = submission["status"]

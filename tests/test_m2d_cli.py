@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,6 +18,8 @@ import pytest
 
 from gateway.validation import Refusal, check_zip
 from m2d import sample_data, twin
+from m2d.client import ApiError, Client, Retry
+from m2d.config import Settings
 
 from . import zips
 
@@ -313,6 +316,59 @@ def test_login_to_an_unreachable_gateway_says_so_and_stores_nothing(tmp_path):
     assert done.returncode == 1
     assert "Cannot reach the gateway at http://127.0.0.1:9" in done.stderr
     assert not (tmp_path / "config").exists()
+
+
+class FlakyGateway:
+    """A loopback HTTP server that hangs up on the first ``drops`` requests
+    without an answer (as a server closing a kept-alive connection, or one
+    restarting, does), then answers each GET with a finished submission;
+    counts the requests of each method."""
+
+    def __init__(self, drops: int):
+        self.drops, self.seen = drops, []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        body = json.dumps({"id": 7, "status": "completed"}).encode()
+        while True:
+            conn, _ = self.server.accept()
+            with conn:
+                method = conn.recv(65536).split(b" ", 1)[0].decode()
+                self.seen.append(method)
+                if len(self.seen) <= self.drops:
+                    continue  # closed with no answer
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def test_a_read_that_meets_a_dropped_connection_is_asked_again_and_a_post_is_not():
+    gateway = FlakyGateway(drops=2)
+    client = Client(Settings(url=gateway.url, token="t"))
+    assert client.submission(7)["status"] == "completed"
+    assert gateway.seen == ["GET", "GET", "GET"]
+    gateway = FlakyGateway(drops=1)
+    with pytest.raises(ApiError) as refused:
+        Client(Settings(url=gateway.url, token="t")).cancel(7)  # a cancel sent twice could act twice
+    assert refused.value.code == "no_connection" and gateway.seen == ["POST"]
+
+
+def test_wait_rides_out_a_gateway_it_cannot_reach_for_a_while(monkeypatch):
+    monkeypatch.setattr("m2d.client.READ_RETRIES", Retry(total=0, raise_on_status=False))  # a poll, a request
+    gateway = FlakyGateway(drops=6)  # six polls find no answer
+    client = Client(Settings(url=gateway.url, token="t"))
+    assert client.wait(7, poll_s=0.01)["status"] == "completed"
+    assert len(gateway.seen) == 7
+
+
+def test_wait_gives_up_on_a_gateway_unreachable_past_the_outage_limit(monkeypatch):
+    monkeypatch.setattr("m2d.client.WAIT_OUTAGE_S", 0.3)
+    monkeypatch.setattr("m2d.client.READ_RETRIES", Retry(total=0, raise_on_status=False))
+    client = Client(Settings(url="http://127.0.0.1:9", token="t"))
+    with pytest.raises(ApiError) as gone:
+        client.wait(7, poll_s=0.05)
+    assert gone.value.code == "no_connection"
 
 
 def test_status_without_login_says_how_to_log_in(tmp_path):
