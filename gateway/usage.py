@@ -1,6 +1,6 @@
 """What each researcher used this period against their limits, and their
-fair-share factor, as Slurm counts them (``sshare`` from slurmctld, ``sreport``
-from slurmdbd's job records).
+fair-share factor, as Slurm counts them (``sshare`` now, ``sreport`` for the
+hours slurmdbd has rolled up).
 
 Asking Slurm costs a command per page, so the answers are kept in Redis for
 USAGE_CACHE_SECONDS; without Redis each page asks Slurm itself.
@@ -55,13 +55,14 @@ def shares() -> dict[str, dict]:
     return _cached("shares", lambda: {name: share.to_dict() for name, share in slurm.shares().items()})
 
 
-def report() -> dict[str, dict[str, float]]:
-    """sreport's minutes per account and TRES this period (slurmdbd's job records)."""
+def report() -> dict[str, dict[str, int]]:
+    """sreport's minutes per account and TRES this period (rolled-up hours)."""
     def compute():
         slurm = SlurmAccounts.from_config(current_app.config)
-        found: dict[str, dict[str, float]] = {}
+        found: dict[str, dict[str, int]] = {}
         for row in slurm.report(period_start()):
-            found.setdefault(row.account, {})[row.tres] = row.minutes
+            if not row.user:  # the account's own row: the sum of its users
+                found.setdefault(row.account, {})[row.tres] = row.minutes
         return found
     return _cached("report", compute)
 

@@ -17,7 +17,7 @@ from gateway.adapters.slurm.accounting import (
     Limits,
     SlurmAccounts,
     parse_associations,
-    parse_job_sizes,
+    parse_sreport,
     parse_sshare,
     parse_tres,
 )
@@ -82,12 +82,12 @@ def test_associations_show_limits_and_a_disabled_account():
     assert next(r for r in rows if r.account == "m2d-bob-4").disabled
 
 
-def test_sreports_job_sizes_become_minutes_per_account_of_one_tres():
-    rows = parse_job_sizes("testbed|m2d-ann-3|726|0|1.20%\ntestbed|m2d-bob-4|30|60|0.10%\n", "gres/gpu")
-    assert [(r.account, r.tres, r.minutes) for r in rows] == [("m2d-ann-3", "gres/gpu", 12.1),
-                                                             ("m2d-bob-4", "gres/gpu", 1.5)]
+def test_sreport_rows_become_minutes_per_account_and_tres():
+    rows = parse_sreport("testbed|m2d-ann-3|||cpu|121\ntestbed|m2d-ann-3|m2d-job|M2D Job|gres/gpu|42\n")
+    assert [(r.account, r.user, r.tres, r.minutes) for r in rows] == [
+        ("m2d-ann-3", "", "cpu", 121), ("m2d-ann-3", "m2d-job", "gres/gpu", 42)]
     with pytest.raises(ValueError):
-        parse_job_sizes("Cluster|Account|0-999999 CPUs|>= 1000000 CPUs|% of cluster\n", "cpu")  # -n was missing
+        parse_sreport("Cluster|Account|Login|Proper Name|TRES Name|Used\n")  # the header: -n was missing
 
 
 def test_limits_from_configuration_become_sacctmgr_words_and_zero_means_none():
@@ -218,11 +218,14 @@ def slurm(*args):
 
 
 def sacct_jobs(account):
-    """{job id: (state, start)} of ``account``'s jobs today, from sacct -A."""
+    """{job id: (state, start, node)} of ``account``'s jobs today, from sacct -A;
+    node is None for a job never given one (it never ran). A pending job's Start
+    may be the backfill scheduler's estimate, which sacct keeps when the job is
+    cancelled before it starts: only the node says whether it ran."""
     out = slurm("sacct", "-X", "-n", "-P", "-A", account, "-S", "now-1days", "-E", "now",
-                "-o", "JobIDRaw,Account,State,Start")
-    return {job: (state, None if start in ("None", "Unknown") else start)
-            for job, acct, state, start in (line.split("|") for line in out.splitlines() if line.strip())
+                "-o", "JobIDRaw,Account,State,Start,NodeList")
+    return {job: (state, None if start in ("None", "Unknown") else start, None if node == "None assigned" else node)
+            for job, acct, state, start, node in (line.split("|") for line in out.splitlines() if line.strip())
             if acct == account}
 
 
@@ -291,8 +294,8 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
     assert sorted(jobs_a) == sorted(a.submission(i)["slurm_job_id"] for i in theirs)
     assert list(jobs_b) == [b.submission(mine)["slurm_job_id"]]
     # fair share, not FIFO: B's job, queued after all five of A's, started before A's last four
-    starts_a = sorted(start for _state, start in jobs_a.values())
-    (start_b,) = [start for _state, start in jobs_b.values()]
+    starts_a = sorted(start for _state, start, _node in jobs_a.values())
+    (start_b,) = [start for _state, start, _node in jobs_b.values()]
     assert start_b < starts_a[1], (start_b, starts_a)
 
     # usage under each account: sshare now (recomputed each minute), and to each researcher
@@ -313,14 +316,17 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
     assert account_a in table and account_b in table and "max_running=1" in table
     page = admin_page(fair_stack, "/admin/usage")
     assert f'id="account-{account_a}"' in page and f'id="account-{account_b}"' in page and "Fair-share factor" in page
-    # sreport has each account's CPU time at once (its job report reads the job records; these jobs ask no GPU),
-    # A's five jobs against B's one
-    report = slurm("sreport", "-n", "-P", "-t", "seconds", "-T", "cpu", "job", "SizesByAccount", "FlatView",
-                   "Grouping=1000000", f"accounts={account_a},{account_b}", "start=now-2hours", "end=now")
-    cpu = {row.account: row.minutes for row in parse_job_sizes(report, "cpu")}
-    assert cpu.keys() == {account_a, account_b} and cpu[account_a] > cpu[account_b] > 0, report
-    row_a = next(line for line in table.splitlines() if line.startswith(f"{account_a}\t"))
-    assert float(row_a.split("\t")[-2]) > 0, table  # the admins' table: sreport's CPU minutes too
+    # sreport has each account's CPU time at once in its job report (the job records, not the hourly
+    # rollups), for windows that start in the hour asked for: each hour the jobs ran in (these ask no GPU)
+    cpu = {}
+    for hour in sorted({start[:13] for _state, start, _node in [*jobs_a.values(), *jobs_b.values()]}):
+        report = slurm("sreport", "-n", "-P", "-t", "seconds", "-T", "cpu", "job", "SizesByAccount", "FlatView",
+                       "Grouping=1000000", f"accounts={account_a},{account_b}", f"start={hour}:00:00",
+                       f"end={hour}:59:59")
+        for _cluster, account, seconds, *_larger_jobs_and_share in (
+                line.split("|") for line in report.splitlines() if line.strip()):
+            cpu[account] = cpu.get(account, 0) + int(seconds)
+    assert cpu.keys() == {account_a, account_b} and cpu[account_a] > cpu[account_b] > 0, cpu
 
 
 def test_disabling_a_researcher_stops_their_waiting_jobs_from_starting(fair_stack, sleeper_zip):
@@ -340,8 +346,8 @@ def test_disabling_a_researcher_stops_their_waiting_jobs_from_starting(fair_stac
         return all(base_state(jobs.get(j, ("PENDING", None))[0]) in TERMINAL_STATES for j in job_ids) and jobs
     jobs = wait_for(ended, 300, "the disabled researcher's jobs to end", interval=2)
     for job_id in job_ids[1:]:  # queued behind the running one: never started, though it ended
-        state, start = jobs[job_id]
-        assert state.startswith("CANCELLED") and start is None, jobs
+        state, _start, node = jobs[job_id]
+        assert state.startswith("CANCELLED") and node is None, jobs
     # an sbatch of its account now is refused by Slurm itself
     refused = subprocess.run(["sudo", "-n", "-u", "m2d-job", "sbatch", f"--account={account}", "-o", "/dev/null",
                               "--wrap", "true"], capture_output=True, text=True, timeout=60, cwd="/tmp")

@@ -22,12 +22,9 @@ Slurm 22.05 facts this module is built around:
 * ``sshare -P`` indents account names by their depth; ``GrpTRESRaw`` is the
   TRES minutes used since the last usage reset (PriorityUsageResetPeriod),
   which is what ``GrpTRESMins`` is checked against.
-* ``sreport cluster ...`` reads slurmdbd's hourly rollups, so a job shows
-  there only once its hour has been rolled up; ``sreport job SizesByAccount``
-  reads the job records themselves and has it at once.  That report takes one
-  TRES per call (``-T``), groups sub-accounts into their top account unless
-  ``FlatView``, buckets by job size (one bucket with a huge ``Grouping``), and
-  rounds to whole units (so ``-t seconds``: a one-minute job is 0 minutes).
+* ``sreport`` reads slurmdbd's hourly rollups: a job shows there once the
+  hour it ran in has been rolled up (on the hour), while ``sshare`` and
+  ``sacct -A`` have it at once.
 """
 from __future__ import annotations
 
@@ -44,8 +41,6 @@ SSHARE_FIELDS = ("Account", "User", "RawShares", "NormShares", "RawUsage", "Effe
                  "GrpTRESMins", "GrpTRESRaw")
 ASSOC_FIELDS = ("Account", "User", "ParentName", "MaxJobs", "MaxSubmit", "GrpTRESMins", "MaxWall", "QOS")
 GPU = "gres/gpu"
-# a job-size bucket no job reaches: sreport's size report as one sum per account
-ONE_BUCKET = 10**6
 
 
 @dataclass(frozen=True)
@@ -128,10 +123,11 @@ class Share:
 
 @dataclass(frozen=True)
 class ReportRow:
-    """One account's use of one TRES in ``sreport job SizesByAccount``."""
+    """One row of ``sreport cluster AccountUtilizationByUser``: minutes of one TRES."""
     account: str
+    user: str
     tres: str
-    minutes: float
+    minutes: int
 
 
 # ---------------------------------------------------------------- parsing
@@ -202,18 +198,19 @@ def parse_sshare(text: str, job_user: str | None = None) -> dict[str, Share]:
     return {name: Share(account=name, fair_share=factors.get(name), **values) for name, values in accounts.items()}
 
 
-def parse_job_sizes(text: str, tres: str) -> list[ReportRow]:
-    """``sreport -n -P -t seconds job SizesByAccount FlatView Grouping=N``:
-    Cluster|Account|<size buckets...>|% of cluster, in TRES-seconds."""
+def parse_sreport(text: str) -> list[ReportRow]:
+    """``sreport -n -P cluster AccountUtilizationByUser -t minutes --tres=...``:
+    Cluster|Account|Login|Proper Name|TRES Name|Used."""
     rows = []
     for line in text.splitlines():
         if not line.strip():
             continue
         fields = [f.strip() for f in line.split("|")]
-        buckets = fields[2:-1]
-        if len(fields) < 4 or not fields[1] or not all(b.isdigit() for b in buckets):
-            raise ValueError(f"unexpected sreport line {line!r}: want Cluster|Account|<sizes...>|% of cluster")
-        rows.append(ReportRow(fields[1], tres, round(sum(map(int, buckets)) / 60, 1)))
+        if len(fields) != 6 or not fields[5].isdigit():
+            raise ValueError(f"unexpected sreport line {line!r}: want Cluster|Account|Login|Proper Name|"
+                             "TRES Name|Used")
+        _cluster, account, login, _name, tres, used = fields
+        rows.append(ReportRow(account, login, tres, int(used)))
     return rows
 
 
@@ -330,19 +327,16 @@ class SlurmAccounts:
 
     def report(self, start: datetime, accounts: Iterable[str] = (),
                end: datetime | None = None) -> list[ReportRow]:
-        """CPU and GPU minutes per researcher's account (or per ``accounts``)
-        of the jobs that ran from ``start`` to ``end`` (now), from slurmdbd's
-        job records, so the running hour counts too."""
-        window = [f"start={start.astimezone(timezone.utc).strftime(SACCT_TIME_FORMAT)}",
-                  f"end={(end or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime(SACCT_TIME_FORMAT)}"]
-        names = [check_account(a) for a in accounts]
-        rows: list[ReportRow] = []
-        for tres in ("cpu", GPU):
-            args = ["-n", "-P", "-t", "seconds", "-T", tres, "job", "SizesByAccount", "FlatView",
-                    f"Grouping={ONE_BUCKET}", *window, *([f"accounts={','.join(names)}"] if names else [])]
-            out = self.batch.run("sreport", args).stdout
-            try:
-                rows += parse_job_sizes(out, tres)
-            except ValueError as e:
-                raise SlurmError(str(e), cmd=["sreport"], stderr=out) from None
-        return [r for r in rows if r.account in names or (not names and r.account.startswith(self.prefix))]
+        """CPU and GPU minutes per account from slurmdbd's rollups (hours that
+        have ended), from ``start`` to ``end`` (now)."""
+        args = ["-n", "-P", "cluster", "AccountUtilizationByUser",
+                f"start={start.astimezone(timezone.utc).strftime(SACCT_TIME_FORMAT)}",
+                f"end={(end or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime(SACCT_TIME_FORMAT)}",
+                "-t", "minutes", f"--tres=cpu,{GPU}"]
+        names = [check_account(a) for a in accounts] or [self.parent]
+        args.append(f"accounts={','.join(names)}")
+        out = self.batch.run("sreport", args).stdout
+        try:
+            return parse_sreport(out)
+        except ValueError as e:
+            raise SlurmError(str(e), cmd=["sreport"], stderr=out) from None
