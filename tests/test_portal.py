@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import requests
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -78,9 +83,17 @@ def text(driver, css="main"):
 
 def until(driver, predicate, timeout=15):
     # the live region is replaced while we look: a vanished element means "look again"
+    def look(d):
+        try:
+            return predicate(d)
+        except WebDriverException as e:
+            # chromedriver's other word for a stale element, when the node is replaced as its text is read
+            if "does not belong to the document" in str(e):
+                return False
+            raise
     return WebDriverWait(driver, timeout, poll_frequency=0.5,
                          ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)
-                         ).until(lambda d: predicate(d))
+                         ).until(look)
 
 
 def sign_up(driver, stack, address, name):
