@@ -21,6 +21,7 @@ from typing import Any
 
 from flask import Config, Flask
 
+from jobs import relay
 from m2d import twin
 
 
@@ -188,6 +189,15 @@ SETTINGS: tuple[Setting, ...] = (
     S("MLFLOW_PUBLIC_URL", str, None, "MLflow as researchers and their code see it; default MLFLOW_URL."),
     S("MLFLOW_ADMIN_USERNAME", str, "admin", "MLflow admin account the gateway provisions users with."),
     S("MLFLOW_ADMIN_PASSWORD", str, None, "Its password."),
+    S("MLFLOW_TEXT_BUDGET", int, relay.DEFAULT_TEXT_BUDGET, "Bytes of text one job may store in MLflow through "
+      "its relay: run names, param and tag keys and values (every tag write), metric names. `m2d run` uses the "
+      "default."),
+    S("MLFLOW_METRIC_BUDGET", int, relay.DEFAULT_METRIC_BUDGET, "Metric points one job may store in MLflow "
+      "(each carries a value, a timestamp and a step: 24 bytes)."),
+    S("MLFLOW_CALLS_PER_SECOND", float, 20.0, "Calls a second the site's MLflow serves for jobs' relays; each "
+      "job gets MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE of them (log calls are batched, once a second)."),
+    S("MLFLOW_JOBS_AT_ONCE", int, 10, "The most jobs running at once on the cluster (its GPU or job slots), "
+      "which share MLFLOW_CALLS_PER_SECOND equally."),
     # Mail
     S("SMTP_HOST", str, "127.0.0.1", "SMTP relay host."),
     S("SMTP_PORT", int, 25, "SMTP relay port."),

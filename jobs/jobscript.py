@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.templating import render
+from jobs import relay
 
 __all__ = ["JobSpec", "render_job_script", "write_job_script", "job_name", "log_path", "RELAY_SOURCE"]
 
@@ -89,6 +90,10 @@ class JobSpec:
     # a dry run: the owner's real experiment name, which the relay answers
     # with the dry run's experiment (code that calls mlflow.set_experiment)
     experiment_alias: str | None = None
+    # what the job may store in MLflow, and its share of the server (jobs/relay.py)
+    mlflow_text_budget: int = relay.DEFAULT_TEXT_BUDGET
+    mlflow_metric_budget: int = relay.DEFAULT_METRIC_BUDGET
+    mlflow_upstream_rate: float = relay.DEFAULT_UPSTREAM_RATE
 
     @property
     def job_name(self) -> str:
@@ -135,6 +140,8 @@ class JobSpec:
         if url.scheme != "http" or not url.hostname or not _HOST.fullmatch(url.hostname):
             raise ValueError(f"mlflow_url {self.mlflow_url!r}: the job's MLflow URL must be http://HOST[:PORT] "
                              "(the shim inside the container speaks plain HTTP to the relay)")
+        if self.mlflow_text_budget < 0 or self.mlflow_metric_budget < 0 or not self.mlflow_upstream_rate > 0:
+            raise ValueError("the MLflow budgets must be >= 0 and the upstream rate > 0")
         if not re.fullmatch(r"[0-9]+", self.experiment_id):
             raise ValueError(f"experiment_id {self.experiment_id!r} is not an MLflow experiment id")
 

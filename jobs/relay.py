@@ -36,6 +36,13 @@ that run (get, update, delete-tag) and at SIGTERM/SIGINT. Since every run this r
 may touch was created through it, it knows every param of that run and can give the
 "param already has another value" refusal that MLflow would have given.
 
+What the job stores in MLflow is bounded, as every way out of a job: a per-job budget
+of bytes of text and of metric points (every write counted, overwrites included),
+MLflow's own limits on every field it keeps (names of 250 characters, 64-bit times
+and steps, no mlflow.* tags but the relay's), and a share of the site's MLflow in
+calls a second (--upstream-rate), so one job cannot starve the others. Refusals are
+400s that name the budget and what is left of it.
+
 When MLflow stops answering mid-job, log calls are still taken (up to --max-pending)
 and sent once it answers again; every other call fails at once with a 400 that says
 so, and the job goes on unless its code lets that error through. Values still held
@@ -73,6 +80,36 @@ BATCH_MAX_TAGS = 100
 BATCH_MAX_ITEMS = 1000
 BATCH_MAX_BYTES = 900_000  # MLflow refuses log-batch bodies over 1 MB; keep a margin
 KEY_MAX_LENGTH = 250  # MLflow's limit on metric, param and tag keys
+RUN_NAME_MAX_LENGTH = 250  # MLflow's runs.name column (String(250); SQLite would keep any length)
+INT64 = 2**63  # timestamps, steps and end times are 64-bit integers in MLflow
+RUN_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
+# MLflow's own tags (mlflow.user, mlflow.source.*, mlflow.runName, ...) are the relay's
+# to set, never the job's. On runs/create the mlflow client sends these from its run
+# context (user name, script, git): they are replaced by the relay's own, not refused,
+# so that mlflow.start_run works unchanged; any other mlflow.* tag is refused.
+SYSTEM_TAG_PREFIX = "mlflow."
+CLIENT_CONTEXT_TAGS = frozenset({"mlflow.user", "mlflow.source.name", "mlflow.source.type",
+                                 "mlflow.source.git.commit", "mlflow.source.git.branch",
+                                 "mlflow.source.git.repoURL", "mlflow.source.git.dirty"})
+RUN_NAME_TAG = "mlflow.runName"  # becomes the run name, checked as one
+PARENT_RUN_TAG = "mlflow.parentRunId"  # nested runs: allowed when it names a run of this job
+
+# The byte budget: what one job may store in MLflow over its life (README of the
+# relay in docs/researchers.md). Text is counted in UTF-8 bytes: run names, param
+# and tag keys and values (every tag write, overwrites included: whoever reads
+# MLflow while the job runs sees each), the first use of a metric key in a run, and
+# what a run's creation, update or tag deletion carries. A metric point carries its
+# value, timestamp and step (8 bytes each), so it is counted apart, in points.
+DEFAULT_TEXT_BUDGET = 1_000_000  # bytes
+DEFAULT_METRIC_BUDGET = 100_000  # points
+METRIC_POINT_BYTES = 24
+RUN_CREATE_BYTES = 32  # start time, experiment; its name and tags are counted apart
+RUN_UPDATE_BYTES = 16  # status and end time
+TAG_DELETE_BYTES = 8
+# A job's share of the site's MLflow, in calls the relay makes upstream a second
+# (gateway setting MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE, 20 / 10 by default).
+DEFAULT_UPSTREAM_RATE = 2.0
+DEFAULT_UPSTREAM_BURST = 10.0
 # Tags the relay itself puts on every run (--run-tag): which submission and Slurm
 # job made it, for the submission's provenance. The job's code may not set them.
 PLATFORM_TAG_PREFIX = "m2d."
@@ -121,6 +158,11 @@ class RateLimited(Refused):
     def __init__(self, message: str):
         # 400, not 429: the client would retry a 429 for minutes.
         super().__init__(400, "REQUEST_LIMIT_EXCEEDED", message)
+
+
+class OverBudget(Refused):
+    def __init__(self, message: str):
+        super().__init__(400, "RESOURCE_LIMIT_EXCEEDED", message)
 
 
 class UpstreamDown(Exception):
@@ -223,6 +265,48 @@ class TokenBucket:
             self.tokens -= 1
             return True
 
+    def wait(self, timeout: float) -> bool:
+        """take(), waiting up to ``timeout`` seconds for a token."""
+        deadline = time.monotonic() + timeout
+        while not self.take():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.05, 1 / self.rate))
+        return True
+
+
+class Budget:
+    """What this job may still store in MLflow: bytes of text and metric points.
+    A call is charged in full or refused in full, before anything of it is sent."""
+
+    def __init__(self, text_bytes: int, metric_points: int):
+        self.text_limit, self.points_limit = text_bytes, metric_points
+        self.text_used = self.points_used = 0
+        self._lock = threading.Lock()
+
+    def charge(self, text: int, points: int = 0) -> None:
+        with self._lock:
+            if self.text_used + text <= self.text_limit and self.points_used + points <= self.points_limit:
+                self.text_used += text
+                self.points_used += points
+                return
+            text_left, points_left = self.text_limit - self.text_used, self.points_limit - self.points_used
+        raise OverBudget(
+            f"over this job's MLflow budget: a job may store {self.text_limit:,} bytes of text (run names, "
+            f"param and tag keys and values, each tag write counted, metric names) and {self.points_limit:,} "
+            f"metric points in MLflow. This call needs {text:,} bytes and {points:,} points; {text_left:,} "
+            f"bytes and {points_left:,} points are left. Log fewer or shorter values, or write results "
+            "to /mnt/export (reviewed before release)")
+
+    def refund(self, text: int, points: int = 0) -> None:
+        with self._lock:
+            self.text_used -= text
+            self.points_used -= points
+
+    def used(self) -> str:
+        return (f"{self.text_used:,} of {self.text_limit:,} bytes of text and {self.points_used:,} of "
+                f"{self.points_limit:,} metric points")
+
 
 class Run:
     """What the relay knows of a run it created: every param (so it can refuse a
@@ -234,6 +318,7 @@ class Run:
         self.run_id = run_id
         self.params: dict[str, str] = {}
         self.tag_keys = set(tag_keys)
+        self.metric_keys: set[str] = set()  # a key's bytes are counted once per run
         self.pending: deque = deque()  # (kind, item, size in bytes), kind in metrics/params/tags
         self.sending = threading.Lock()
 
@@ -264,24 +349,56 @@ def check_key(kind: str, key) -> str:
     return key
 
 
-def check_number(what: str, value, integer: bool):
-    """MLflow's JSON carries numbers as numbers, 64-bit integers and NaN/Infinity also
-    as strings; anything else is refused here, not discovered at flush time."""
-    if isinstance(value, bool):
-        raise invalid(f"{what} must be a number, not {value!r}")
+def text_bytes(*texts: str) -> int:
+    return sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+
+
+def check_integer(what: str, value, minimum: int = -INT64):
+    """A 64-bit integer, as MLflow's JSON carries one (a number, or a string of digits);
+    at least ``minimum`` (0 for times: MLflow refuses negative ones, and only when it
+    stores them, which would split a whole batch)."""
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < INT64:
+        bounds = "0" if minimum == 0 else f"{minimum}"
+        raise invalid(f"{what} must be a whole number from {bounds} to {INT64 - 1} (a 64-bit integer"
+                      f"{', not negative' if minimum == 0 else ''}), not {str(value)[:40]!r}")
+    return value
+
+
+def check_double(what: str, value):
+    """A 64-bit float as MLflow takes one: a number, or NaN, Infinity and -Infinity
+    (as JSON strings, which is how the mlflow client sends them); sent on normalised."""
+    if value in ("NaN", "Infinity", "-Infinity"):
+        return value
     if isinstance(value, str) and len(value) <= 40:
         try:
-            parsed = int(value) if integer else float(value)
+            parsed = float(value)
         except ValueError:
             raise invalid(f"{what} must be a number, not {value[:40]!r}") from None
-        if not integer and math.isnan(parsed) and value != "NaN":
+        if math.isnan(parsed):
             raise invalid(f"{what}: write NaN as 'NaN'")
-        return value
-    if integer and isinstance(value, int) and abs(value) < 2**63:
-        return value
-    if not integer and isinstance(value, (int, float)):
-        return value
-    raise invalid(f"{what} must be {'an integer' if integer else 'a number'}, not {str(value)[:40]!r}")
+        value = parsed
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(f"{what} must be a number, not {str(value)[:40]!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise invalid(f"{what}: {str(value)[:40]}... does not fit a 64-bit float") from None
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def check_run_name(name) -> str:
+    if not isinstance(name, str):
+        raise invalid("run_name must be a string")
+    if len(name) > RUN_NAME_MAX_LENGTH:
+        raise invalid(f"a run name is at most {RUN_NAME_MAX_LENGTH} characters (MLflow's limit); this one has "
+                      f"{len(name):,}")
+    return name
 
 
 def single(params: dict, name: str):
@@ -298,7 +415,9 @@ class Relay:
 
     def __init__(self, upstream: Upstream, experiment_id: str, experiment_name: str, limits: Limits,
                  rate: TokenBucket, experiment_alias: str | None = None,
-                 run_tags: dict[str, str] | None = None):
+                 run_tags: dict[str, str] | None = None, budget: Budget | None = None,
+                 upstream_rate: TokenBucket | None = None, upstream_wait: float = 10.0,
+                 user_id: str | None = None):
         self.upstream = upstream
         self.experiment_id = experiment_id
         self.experiment_name = experiment_name
@@ -308,6 +427,12 @@ class Relay:
         self.run_tags = [{"key": k, "value": v} for k, v in (run_tags or {}).items()]
         self.limits = limits
         self.rate = rate
+        self.budget = budget or Budget(DEFAULT_TEXT_BUDGET, DEFAULT_METRIC_BUDGET)
+        # calls this relay makes to MLflow, this job's share of what the site's server serves
+        self.upstream_rate = upstream_rate or TokenBucket(DEFAULT_UPSTREAM_RATE, DEFAULT_UPSTREAM_BURST)
+        self.upstream_wait = upstream_wait
+        self.user_id = user_id  # the owner's MLflow user, as runs/create's user_id
+        self.closing = False  # the job has ended: what is left is sent without waiting for the rate
         self.runs: dict[str, Run] = {}
         self.pending_count = 0
         self.down_since: float | None = None  # when MLflow stopped answering (monotonic)
@@ -315,9 +440,9 @@ class Relay:
         self.routes = {
             ("GET", f"{API}/experiments/get"): self.get_experiment,
             ("GET", f"{API}/experiments/get-by-name"): self.get_experiment_by_name,
-            ("POST", f"{API}/runs/create"): self.create_run,
+            ("POST", f"{API}/runs/create"): self.create_run_within_budget,
             ("GET", f"{API}/runs/get"): self.call_on_run,
-            ("POST", f"{API}/runs/update"): self.call_on_run,
+            ("POST", f"{API}/runs/update"): self.update_run,
             ("POST", f"{API}/runs/delete-tag"): self.delete_tag,
             ("POST", f"{API}/runs/log-metric"): self.log_metric,
             ("POST", f"{API}/runs/log-parameter"): self.log_param,
@@ -350,6 +475,11 @@ class Relay:
         return route(method, path, params)
 
     def forward(self, method: str, path: str, params: dict):
+        if not self.upstream_rate.wait(self.upstream_wait):
+            raise RateLimited(f"this job's share of the platform's MLflow is {self.upstream_rate.rate:g} calls a second "
+                              f"(bursts of {self.upstream_rate.burst:g}), and this call waited "
+                              f"{self.upstream_wait:g} s for its turn. Calls other than logging (start_run, get_run, "
+                              "end_run) count; log calls do not (the relay sends them in batches)")
         try:
             if method == "GET":
                 answer = self.upstream.call(method, path, query=urllib.parse.urlencode(params, doseq=True))
@@ -405,6 +535,57 @@ class Relay:
             log(f"created run {run_id}")
         return status, content_type, content
 
+    def create_run_within_budget(self, method, path, params):
+        """runs/create with only what MLflow should keep from the job: a run name of at
+        most 250 characters (also given as the mlflow.runName tag), a start time, the
+        job's own tags; the owner as user_id and the relay's mlflow.* tags. Charged to
+        the budget first, given back if the run is not made. Then create_run's checks."""
+        tags = params.get("tags") or []
+        if not isinstance(tags, list):
+            raise invalid("tags must be a list")
+        name, job_tags = params.get("run_name") or "", []
+        for tag in tags:
+            key = tag.get("key") if isinstance(tag, dict) else None
+            if key == RUN_NAME_TAG:
+                value = check_run_name(tag.get("value"))
+                if name and value and value != name:
+                    raise invalid(f"run_name {name[:100]!r} and the mlflow.runName tag {value[:100]!r} differ")
+                name = name or value
+            elif key not in CLIENT_CONTEXT_TAGS:
+                job_tags.append(self.check_tag(tag))
+        name = check_run_name(name)
+        start_time = check_integer("start_time", params.get("start_time", int(time.time() * 1000)), minimum=0)
+        cost = RUN_CREATE_BYTES + text_bytes(name) + sum(text_bytes(t["key"], t["value"]) for t in job_tags)
+        self.budget.charge(cost)
+        request = {"experiment_id": params.get("experiment_id"), "start_time": start_time, "tags": job_tags}
+        if name:
+            request["run_name"] = name  # else MLflow makes one up
+        if self.user_id:
+            request["user_id"] = self.user_id
+        try:
+            answer = self.create_run(method, path, request)
+        except Exception:
+            self.budget.refund(cost)
+            raise
+        if answer[0] != 200:
+            self.budget.refund(cost)
+        return answer
+
+    def update_run(self, method, path, params):
+        """runs/update: a status, an end time, a new run name; nothing else is sent."""
+        self.own_run(params)
+        request = {name: params[name] for name in ("run_id", "run_uuid") if name in params}
+        if params.get("status") is not None:
+            if params["status"] not in RUN_STATUSES:
+                raise invalid(f"status must be one of {', '.join(RUN_STATUSES)}")
+            request["status"] = params["status"]
+        if params.get("end_time") is not None:
+            request["end_time"] = check_integer("end_time", params["end_time"], minimum=0)
+        if params.get("run_name") is not None:
+            request["run_name"] = check_run_name(params["run_name"])
+        self.budget.charge(RUN_UPDATE_BYTES + text_bytes(request.get("run_name", "")))
+        return self.call_on_run(method, path, request)
+
     def own_run(self, params: dict) -> Run:
         """The run the request is about; every run id in it must be one this relay
         created (MLflow accepts both `run_id` and the older `run_uuid`)."""
@@ -430,6 +611,12 @@ class Relay:
         run = self.own_run(params)
         if str(params.get("key", "")).startswith(PLATFORM_TAG_PREFIX):
             raise denied(f"tags named {PLATFORM_TAG_PREFIX}* are the platform's; they cannot be deleted")
+        if str(params.get("key", "")).startswith(SYSTEM_TAG_PREFIX):
+            raise denied(f"tags named {SYSTEM_TAG_PREFIX}* are MLflow's own; the relay sets them, the job "
+                         "cannot delete them")
+        key = check_key("tag", params.get("key"))
+        self.budget.charge(TAG_DELETE_BYTES + text_bytes(key))  # a tag that comes and goes is a signal too
+        params = {name: params[name] for name in ("run_id", "run_uuid", "key") if name in params}
         with run.sending:
             self.send_pending(run)
             answer = self.forward(method, path, params)
@@ -446,9 +633,9 @@ class Relay:
         key = check_key("metric", metric.get("key"))
         # Only what a metric is; links to models or datasets are dropped, as those APIs are closed.
         return {"key": key,
-                "value": check_number(f"metric {key!r} value", metric.get("value"), integer=False),
-                "timestamp": check_number(f"metric {key!r} timestamp", metric.get("timestamp"), integer=True),
-                "step": check_number(f"metric {key!r} step", metric.get("step", 0), integer=True)}
+                "value": check_double(f"metric {key!r} value", metric.get("value")),
+                "timestamp": check_integer(f"metric {key!r} timestamp", metric.get("timestamp"), minimum=0),
+                "step": check_integer(f"metric {key!r} step", metric.get("step", 0))}
 
     def check_param(self, param) -> dict:
         return check_text_item("param", param, self.limits.param_value)
@@ -458,6 +645,10 @@ class Relay:
         if item["key"].startswith(PLATFORM_TAG_PREFIX):
             raise denied(f"tags named {PLATFORM_TAG_PREFIX}* are the platform's (which submission and job "
                          "made the run); choose another name")
+        if item["key"].startswith(SYSTEM_TAG_PREFIX) and not (item["key"] == PARENT_RUN_TAG
+                                                             and item["value"] in self.runs):
+            raise denied(f"tags named {SYSTEM_TAG_PREFIX}* are MLflow's own, which the relay sets (the run name: "
+                         "mlflow.start_run(run_name=...)); choose another name")
         return item
 
     def log_metric(self, method, path, params):
@@ -485,14 +676,23 @@ class Relay:
         items += [("tags", self.check_tag(t)) for t in tags]
         sizes = [len(json.dumps(item)) for _, item in items]
         with self._lock:
-            new_params, new_tag_keys, fresh = {}, set(), []
+            new_params, new_tag_keys, new_metric_keys, fresh = {}, set(), set(), []
+            text = points = 0
             for (kind, item), size in zip(items, sizes):
+                if kind == "metrics":
+                    points += 1
+                    if item["key"] not in run.metric_keys and item["key"] not in new_metric_keys:
+                        new_metric_keys.add(item["key"])
+                        text += text_bytes(item["key"])
+                else:
+                    text += text_bytes(item["key"], item["value"])  # a param logged again is not sent
                 if kind == "params":
                     known = run.params.get(item["key"], new_params.get(item["key"]))
                     if known is not None and known != item["value"]:
                         raise invalid(f"param {item['key']!r} already has the value {known[:100]!r} in this "
                                       f"run; a param cannot be changed (log a metric or a tag instead)")
                     if known is not None:
+                        text -= text_bytes(item["key"], item["value"])
                         continue  # MLflow takes the same value again as a no-op
                     new_params[item["key"]] = item["value"]
                 elif kind == "tags" and item["key"] not in run.tag_keys:
@@ -506,8 +706,10 @@ class Relay:
                 raise Refused(400, "TEMPORARILY_UNAVAILABLE",
                               f"{self.pending_count} logged values are still waiting for MLflow to take "
                               "them (is it reachable?); the relay holds no more")
+            self.budget.charge(text, points)
             run.params.update(new_params)
             run.tag_keys |= new_tag_keys
+            run.metric_keys |= new_metric_keys
             run.pending.extend(fresh)
             self.pending_count += len(fresh)
         return 200, "application/json", b"{}"
@@ -554,6 +756,8 @@ class Relay:
         body = {"run_id": run.run_id, "metrics": [], "params": [], "tags": []}
         for kind, item, _ in batch:
             body[kind].append(item)
+        while not self.closing and not self.upstream_rate.wait(1):
+            pass  # this job's share of MLflow's calls; what waits stays in the buffer
         status, _, content = self.upstream.call("POST", f"{API}/runs/log-batch", body=json.dumps(body).encode())
         if status == 200:
             return
@@ -653,6 +857,11 @@ class RelayHandler(BaseHTTPRequestHandler):
             if self.server.rate_refusals.take():
                 log(f"refusing calls over the rate limit: {refusal.message}")
             return self.answer_refusal(refusal, quiet=True)
+        except OverBudget as refusal:
+            # A loop past the budget: one line now and then, so the job's own error stays in the tail.
+            if self.server.budget_refusals.take():
+                log(f"refusing calls over the budget: {refusal.message}")
+            return self.answer_refusal(refusal, quiet=True)
         except Refused as refusal:
             return self.answer_refusal(refusal)
         except Exception as e:  # a bug here must still not be a 500 that the client retries
@@ -702,6 +911,7 @@ class UnixRelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     def __init__(self, socket_path: str, relay: Relay):
         self.relay = relay
         self.rate_refusals = TokenBucket(0.1, 1)  # log lines about the rate limit
+        self.budget_refusals = TokenBucket(0.1, 1)  # and about the budget
         self.refusals = 0  # every refused call, for the gateway's m2d_relay_refusals_total
         self._refusals_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.max_connections)
@@ -753,9 +963,14 @@ def touch(path: str | None) -> None:
 def serve(args) -> int:
     username, password = read_credentials(args.password_file)
     upstream = Upstream(args.upstream, username, password, args.upstream_timeout)
+    # MLflow's own tags on every run: the relay's values, whatever the job's client sent
+    run_tags = {"mlflow.user": username, "mlflow.source.type": "JOB", "mlflow.source.name": "main.py"}
+    run_tags.update(tag.split("=", 1) for tag in args.run_tag or ())
     relay = Relay(upstream, args.experiment_id, args.experiment_name, Limits(args),
                   TokenBucket(args.rate, args.burst), experiment_alias=args.experiment_alias,
-                  run_tags=dict(tag.split("=", 1) for tag in args.run_tag or ()))
+                  run_tags=run_tags, budget=Budget(args.text_budget, args.metric_budget),
+                  upstream_rate=TokenBucket(args.upstream_rate, args.upstream_burst),
+                  upstream_wait=args.upstream_wait, user_id=username)
     server = UnixRelayServer(args.socket, relay)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -774,6 +989,7 @@ def serve(args) -> int:
         pass
     server.shutdown()
     sender.join()
+    relay.closing = True
     # The job is ending: what it logged must arrive, but Slurm kills us after KillWait.
     deadline = time.monotonic() + args.shutdown_timeout
     while not relay.send_all() and time.monotonic() < deadline:
@@ -789,7 +1005,7 @@ def serve(args) -> int:
     if args.stats_file:  # in the job's log folder, beyond the job's code: its own output cannot forge it
         with open(args.stats_file, "w") as f:
             json.dump({"refused": server.refusals, "undelivered": relay.pending_count}, f)
-    log(f"stopped; {server.refusals} calls refused")
+    log(f"stopped; {server.refusals} calls refused; MLflow budget used: {relay.budget.used()}")
     return 0
 
 
@@ -891,8 +1107,21 @@ def parse_args(argv=None):
     s.add_argument("--max-runs", type=int, default=1000, help="runs a job may create (default 1000)")
     s.add_argument("--max-pending", type=int, default=100_000,
                    help="logged values held while MLflow is unreachable (default 100000)")
-    s.add_argument("--rate", type=float, default=200, help="requests a second on average (default 200)")
+    s.add_argument("--text-budget", type=int, default=DEFAULT_TEXT_BUDGET,
+                   help="bytes of text the job may store in MLflow: run names, param and tag keys and values "
+                   f"(each tag write), metric names (default {DEFAULT_TEXT_BUDGET})")
+    s.add_argument("--metric-budget", type=int, default=DEFAULT_METRIC_BUDGET,
+                   help=f"metric points the job may store in MLflow (default {DEFAULT_METRIC_BUDGET})")
+    s.add_argument("--rate", type=float, default=200,
+                   help="requests a second on average the relay answers (default 200; log calls are answered here)")
     s.add_argument("--burst", type=float, default=2000, help="requests at once (default 2000)")
+    s.add_argument("--upstream-rate", type=float, default=DEFAULT_UPSTREAM_RATE,
+                   help="calls a second the relay makes to MLflow: this job's share of the server "
+                   f"(default {DEFAULT_UPSTREAM_RATE:g})")
+    s.add_argument("--upstream-burst", type=float, default=DEFAULT_UPSTREAM_BURST,
+                   help=f"calls to MLflow at once (default {DEFAULT_UPSTREAM_BURST:g})")
+    s.add_argument("--upstream-wait", type=float, default=10,
+                   help="seconds a call other than logging waits for its turn before a refusal (default 10)")
     s.add_argument("--flush-interval", type=float, default=1.0, help="seconds between batches (default 1)")
     s.add_argument("--upstream-timeout", type=float, default=30, help="seconds per MLflow call (default 30)")
     s.add_argument("--shutdown-timeout", type=float, default=20,

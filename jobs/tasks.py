@@ -375,6 +375,8 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: b
         time=time, nv=bool(cfg["APPTAINER_NV"] and gpus),
         job_prefix=cfg["SLURM_JOB_PREFIX"], dry_run=dry_run,
         experiment_alias=user.mlflow_username if dry_run else None,
+        mlflow_text_budget=cfg["MLFLOW_TEXT_BUDGET"], mlflow_metric_budget=cfg["MLFLOW_METRIC_BUDGET"],
+        mlflow_upstream_rate=cfg["MLFLOW_CALLS_PER_SECOND"] / max(1, cfg["MLFLOW_JOBS_AT_ONCE"]),
     )
     batch_system = scheduler()
     existing = batch_system.find(spec.job_name, since=submission.created_at.replace(tzinfo=timezone.utc))
