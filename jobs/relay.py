@@ -987,9 +987,9 @@ def serve(args) -> int:
     log(f"serving {args.socket} for {username}, experiment {args.experiment_id} ({args.experiment_name!r})")
     while not stop.wait(3600):  # a bare wait() would not let the signal handler run
         pass
+    relay.closing = True  # the sender stops waiting for its turn, so the join below cannot hang
     server.shutdown()
     sender.join()
-    relay.closing = True
     # The job is ending: what it logged must arrive, but Slurm kills us after KillWait.
     deadline = time.monotonic() + args.shutdown_timeout
     while not relay.send_all() and time.monotonic() < deadline:
