@@ -100,6 +100,7 @@ def test_zip_puts_the_files_at_the_root_leaves_out_junk_and_passes_the_check(tmp
     project = tmp_path / "my-model"
     files = {
         "main.py": "print('hi')\n", "requirements.txt": "numpy\n", "src/model.py": "", "config/a.json": "{}",
+        ".python-version": "3.9\n",  # hidden, but the platform's: it picks the Python
         # never part of a submission:
         "__pycache__/main.cpython-311.pyc": "", "src/model.pyc": "", ".git/config": "", ".env": "TOKEN=x",
         ".venv/pyvenv.cfg": "", "env/pyvenv.cfg": "", "env/lib/site.py": "", ".DS_Store": "",
@@ -112,7 +113,8 @@ def test_zip_puts_the_files_at_the_root_leaves_out_junk_and_passes_the_check(tmp
     assert done.returncode == 0, done.stderr
     assert "OK" in done.stdout and "left out: .git/" in done.stdout
     with zipfile.ZipFile(tmp_path / "out.zip") as archive:
-        assert sorted(archive.namelist()) == ["config/a.json", "main.py", "requirements.txt", "src/model.py"]
+        assert sorted(archive.namelist()) == [".python-version", "config/a.json", "main.py", "requirements.txt",
+                                              "src/model.py"]
     check_zip(tmp_path / "out.zip")
 
     # the default name comes from the folder
