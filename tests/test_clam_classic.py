@@ -38,22 +38,24 @@ def site(testbed):
     """The gateway with a weights cache of its own (MODELS_DIR), holding resnet18's file."""
     stack = Stack()
     stack.env["M2D_MODELS_DIR"] = str(stack.root / "models")
-    stack.start()
-    image = subprocess.run([*AS_GATEWAY, sys.executable, "-c", ENSURE_IMAGE, "3.9"], cwd=REPO, env=stack.env,
-                           input=(SAMPLE / "requirements.txt").read_text(), capture_output=True, text=True,
-                           timeout=1800)
-    assert image.returncode == 0, image.stderr[-3000:]
-    made = stack.root / "weights"
-    made.mkdir(mode=0o755)
-    script = "import torch, torchvision; torch.save(torchvision.models.resnet18().state_dict(), '/out/w.pth')"
-    done = subprocess.run([testbed["apptainer"], "exec", "--containall", "--bind", f"{made}:/out",
-                           image.stdout.strip().splitlines()[-1], "python", "-c", script],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (made / "w.pth").chmod(0o644)
-    stack.flask("weights", "add", str(made / "w.pth"), "--as", WEIGHTS_NAME)
-    yield stack
-    stack.stop()
+    try:
+        stack.start()
+        image = subprocess.run([*AS_GATEWAY, sys.executable, "-c", ENSURE_IMAGE, "3.9"], cwd=REPO, env=stack.env,
+                               input=(SAMPLE / "requirements.txt").read_text(), capture_output=True, text=True,
+                               timeout=1800)
+        assert image.returncode == 0, image.stderr[-3000:]
+        made = stack.root / "weights"
+        made.mkdir(mode=0o755)
+        script = "import torch, torchvision; torch.save(torchvision.models.resnet18().state_dict(), '/out/w.pth')"
+        done = subprocess.run([testbed["apptainer"], "exec", "--containall", "--bind", f"{made}:/out",
+                               image.stdout.strip().splitlines()[-1], "python", "-c", script],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (made / "w.pth").chmod(0o644)
+        stack.flask("weights", "add", str(made / "w.pth"), "--as", WEIGHTS_NAME)
+        yield stack
+    finally:
+        stack.stop()
 
 
 @pytest.fixture(scope="module")
