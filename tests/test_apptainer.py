@@ -90,7 +90,8 @@ def test_install_script_installs_requirements_into_the_base_venv():
     text = render_install_script(base_digest=BASE_DIGEST, key="k" * 64, python="3.11", timeout=1800)
     lines = [line.strip() for line in text.splitlines()]
     assert lines[0] == "#!/bin/sh"
-    assert "pip install --no-cache-dir" in text and "-r /m2d/build/requirements.txt" in text
+    assert "pip install $pip_cache ${only_wheels:+--only-binary :all:}" in text
+    assert "-r /m2d/build/requirements.txt" in text and "pip_cache=--no-cache-dir" in text
     assert "export PIP_CERT=/etc/ssl/certs/ca-certificates.crt" in lines
     assert "k" * 64 in text and "> /opt/venv/m2d-environment" in text
     assert "/m2d/uv" not in text
@@ -103,11 +104,22 @@ def test_install_script_with_uv_uses_pips_sources_and_leaves_what_uv_refuses_to_
     sources = ("--extra-index-url file:///opt/pypi/simple --find-links /opt/wheels "
                "--constraint /m2d/build/constraints.txt -r /m2d/build/requirements.txt")
     assert ("/m2d/uv pip install --no-config --no-progress --python /opt/venv/bin/python "
-            "--cache-dir /m2d/pip-cache/uv --index-strategy unsafe-best-match") in text
+            "$uv_cache ${only_wheels:+--no-build} --index-strategy unsafe-best-match") in text
     assert text.count(sources) == 2  # uv's and pip's
     assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in text
     assert "pip tries them" in text
-    assert "/opt/venv/bin/python -I /m2d/build/bytecode.py --cache /m2d/pip-cache/pyc" in text
+    assert "/opt/venv/bin/python -I /m2d/build/bytecode.py $pyc_cache" in text
+    # the shared cache only where wheels alone are installed; a build from source keeps none
+    assert ('    pip_cache="--cache-dir /m2d/pip-cache" uv_cache="--cache-dir /m2d/pip-cache/uv" '
+            'pyc_cache="--cache /m2d/pip-cache/pyc"\nelse\n'
+            '    only_wheels= pip_cache=--no-cache-dir uv_cache=--no-cache pyc_cache=\nfi') in text
+
+
+def test_install_script_reaches_the_index_through_the_proxy_shim_on_the_loopback():
+    text = render_install_script(base_digest=BASE_DIGEST, key="k" * 64, python="3.11", timeout=60, uv=True)
+    assert ("/opt/venv/bin/python -I /m2d/build/relay.py shim --listen 127.0.0.1:3128 "
+            "--socket /m2d/proxy/index.sock") in text
+    assert "export http_proxy=$proxy https_proxy=$proxy HTTP_PROXY=$proxy HTTPS_PROXY=$proxy" in text
 
 
 # -- failures before apptainer runs ----------------------------------------------
@@ -172,7 +184,8 @@ def test_site_pip_sources_reach_pip_and_local_ones_are_bound(tmp_path):
                      constraint="/etc/xdg/pip/constraints.txt", cache_dir=str(tmp_path / "cache"))
     assert pip.binds() == ["/opt/pypi", "/opt/wheels"]
     text = render_install_script(base_digest=BASE_DIGEST, key="k" * 64, python="3.9", timeout=60, pip=pip)
-    assert ("--cache-dir /m2d/pip-cache --progress-bar off --index-url https://mirror.example/simple "
+    assert 'pip_cache="--cache-dir /m2d/pip-cache"' in text
+    assert ("--progress-bar off --index-url https://mirror.example/simple "
             "--extra-index-url file:///opt/pypi/simple --find-links /opt/wheels "
             "--find-links https://example.org/wheels --constraint /m2d/build/constraints.txt "
             "-r /m2d/build/requirements.txt") in text
