@@ -131,14 +131,22 @@ report(f"any of the host's {len(config['listening'])} listening ports", bool(lis
 for host, port in (("1.1.1.1", 443), ("pypi.org", 443), ("example.org", 80)):
     report(f"tcp {host}:{port} directly", *connect(host, port))
 proxy = os.environ.get("https_proxy", "")
-for url in (f"https://127.0.0.1:{config['services']['gateway']}/", "https://example.org/",
-            f"http://127.0.0.1:{config['services']['gateway']}/healthz"):
+proxy_port = int(proxy.rsplit(":", 1)[1].strip("/"))
+for name in ("gateway", "mlflow", "redis"):
+    target = f"127.0.0.1:{config['services'][name]}"
     try:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy, "https": proxy}))
-        opener.open(url, timeout=5)
-        report(f"{url} through the build's proxy", True)
-    except Exception as e:
-        report(f"{url} through the build's proxy", False, str(e)[:60])
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=5) as tunnel:
+            tunnel.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            status = tunnel.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+        report(f"CONNECT {name} {target} through the build's proxy", " 200 " in status, status)
+    except OSError as e:
+        report(f"CONNECT {name} {target} through the build's proxy", False, type(e).__name__)
+try:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+    opener.open(f"http://127.0.0.1:{config['services']['gateway']}/healthz", timeout=5)
+    report("GET the gateway through the build's proxy", True)
+except Exception as e:
+    report("GET the gateway through the build's proxy", False, str(e)[:60])
 pids = [name for name in os.listdir("/proc") if name.isdigit()]
 commands = []
 for pid in pids:
@@ -235,7 +243,8 @@ def test_an_sdists_setup_py_reaches_no_service_no_host_no_process_and_no_shared_
     reached = [a for a in attempts if "REACHED" in a]
     assert reached == [], "\n".join(reached)
     for what in ("tcp gateway", "tcp mlflow", "tcp redis", "tcp smtp", "tcp postgresql", "any of the host's",
-                 "tcp 1.1.1.1:443 directly", "tcp pypi.org:443 directly", "https://example.org/ through",
+                 "tcp 1.1.1.1:443 directly", "tcp pypi.org:443 directly", "CONNECT gateway", "CONNECT mlflow",
+                 "CONNECT redis", "GET the gateway",
                  "the host's processes", "write /m2d/pip-cache", f"write {probe_stack.cache}"):
         assert any(a.startswith(what) and "blocked" in a for a in attempts), (what, log)
     # nothing the sdist wrote reached the cache another build reads
