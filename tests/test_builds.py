@@ -131,13 +131,14 @@ report(f"any of the host's {len(config['listening'])} listening ports", bool(lis
 for host, port in (("1.1.1.1", 443), ("pypi.org", 443), ("example.org", 80)):
     report(f"tcp {host}:{port} directly", *connect(host, port))
 proxy = os.environ.get("https_proxy", "")
+CRLF = chr(13) + chr(10)  # setuptools runs setup.py with each backslash-r-backslash-n of its text made a newline
 proxy_port = int(proxy.rsplit(":", 1)[1].strip("/"))
 for name in ("gateway", "mlflow", "redis"):
     target = f"127.0.0.1:{config['services'][name]}"
     try:
         with socket.create_connection(("127.0.0.1", proxy_port), timeout=5) as tunnel:
-            tunnel.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-            status = tunnel.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+            tunnel.sendall(f"CONNECT {target} HTTP/1.1{CRLF}Host: {target}{CRLF}{CRLF}".encode())
+            status = tunnel.recv(4096).decode(errors="replace").split(CRLF, 1)[0]
         report(f"CONNECT {name} {target} through the build's proxy", " 200 " in status, status)
     except OSError as e:
         report(f"CONNECT {name} {target} through the build's proxy", False, type(e).__name__)
