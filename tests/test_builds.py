@@ -268,7 +268,8 @@ def test_a_direct_url_to_a_host_other_than_the_index_fails_the_build_saying_so(p
     host = f"127.0.0.1:{server.server_address[1]}"
     try:
         researcher = probe_stack.researcher("direct", dry_run=False)
-        requirements = f"m2d-build-probe @ http://{host}/m2d_build_probe-1.0.tar.gz\n"
+        # https: the proxy's host rule refuses it (a plain-HTTP request is refused whatever its host)
+        requirements = f"m2d-build-probe @ https://{host}/m2d_build_probe-1.0.tar.gz\n"
         zip_path = make_zip(tmp_path / "direct.zip", {"main.py": "import probe\n", "requirements.txt": requirements})
         submission = researcher.wait_until(researcher.submit(zip_path), {"build_failed", "queued", "completed"})
     finally:
