@@ -8,6 +8,7 @@ They fail (never skip) when it is missing, so a green run means images were buil
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -386,10 +387,10 @@ def test_requirements_uv_refuses_are_installed_by_pip(testbed, image_dir):
 
 
 @pytest.mark.parametrize("installer", ["uv", "pip"])
-def test_a_second_build_reuses_the_wheel_an_earlier_one_built(installer, testbed, image_dir, uv):
-    # pip's and uv's caches keep the wheels they build from sources, keyed by
-    # where the source came from. (pip keeps downloads only when the index
-    # allows HTTP caching; this machine's TLS proxy drops those headers.)
+def test_a_wheel_built_from_an_sdist_is_never_kept_for_another_build(installer, testbed, image_dir, uv):
+    # pip's and uv's caches would keep the wheels they build from sources,
+    # keyed by where the source came from: a setup.py could plant any wheel
+    # there for the next build. A build from source runs with no shared cache.
     sources = image_dir / "sources"
     sources.mkdir()
     with tarfile.open(sources / "m2d_cache_probe-1.0.tar.gz", "w:gz") as sdist:
@@ -406,8 +407,10 @@ def test_a_second_build_reuses_the_wheel_an_earlier_one_built(installer, testbed
     assert first.built and second.built
     built = "Built m2d-cache-probe" if installer == "uv" else "Building wheel for m2d-cache-probe"
     assert built in first.log, first.log
-    assert built not in second.log, second.log
+    assert built in second.log, second.log
+    assert "need a build from source" in second.log, second.log
     assert run_sealed(testbed, second.path, "import probe; print(probe.VALUE)") == "42"
+    assert not any("m2d_cache_probe" in path.name for path in (image_dir / "pip-cache").rglob("*"))
 
 
 def test_second_ensure_reuses_image_without_pip(builder):
@@ -476,11 +479,12 @@ def test_missing_package_raises_build_error_with_pips_message(builder):
 
 @pytest.mark.parametrize("installer", ["uv", "pip"])
 def test_an_install_that_runs_past_the_timeout_is_stopped(installer, testbed, image_dir, uv):
-    # An index that refuses connections: pip retries with back-off (about 8 s
-    # in all) before giving up, far past the 2 s limit, however fast the
-    # machine; uv gives up sooner, and pip gets what is left of the 2 s.
+    # An index the build may reach that never answers (it listens, and never
+    # accepts): pip and uv wait far past the 2 s limit, however fast the machine.
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
     builder = ImageBuilder(image_dir, testbed["base"], apptainer=testbed["apptainer"], timeout=2,
-                           uv=uv if installer == "uv" else "")
-    with pytest.raises(BuildError, match="did not finish within 2 seconds"):
-        builder.ensure("--index-url http://127.0.0.1:9/simple\nsix==1.16.0\n")
+                           uv=uv if installer == "uv" else "", index_hosts=(f"127.0.0.1:{port}",))
+    with silent, pytest.raises(BuildError, match="did not finish within 2 seconds"):
+        builder.ensure(f"--index-url https://127.0.0.1:{port}/simple\nsix==1.16.0\n")
     assert list(image_dir.glob("*.sif")) == []
