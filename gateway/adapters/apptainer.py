@@ -11,7 +11,14 @@ the install wrote (singularity/install.sh.j2, run in the base with a writable
 overlay folder): `uv pip install` when BUILD_UV names a uv binary, which is
 bound in read-only, else (and when uv refuses the requirements) the base's pip.
 Nothing of the base is unpacked or compressed again, so a build costs the
-install plus squashing the new packages. Directories the install replaced
+install plus squashing the new packages.
+
+The install is sealed like a job, since an sdist's build backend is a
+stranger's code: its own PID namespace, no network but a loopback where a shim
+reaches this build's index proxy (index_proxy.py: tunnels to BUILD_INDEX_HOSTS
+only). It runs wheels only first, with the shared cache; when the requirements
+need a build from source, again in a fresh layer with no cache bound, so
+nothing a setup.py writes reaches another build. Directories the install replaced
 (an upgraded pip or setuptools) are made whole with whiteouts for the base's
 old entries, so every overlay driver shows the same tree.
 
