@@ -76,3 +76,30 @@ def test_anything_but_a_tunnel_to_an_allowed_host_and_port_is_refused_and_rememb
     assert answer.startswith(b"HTTP/1.1 403 Forbidden") and b"only the package index" in answer, answer
     assert proxy.refused == [line.split()[1].removeprefix("http://").rstrip("/")]
     assert seen == []
+
+
+def test_where_the_gateway_goes_out_through_a_proxy_the_tunnel_goes_through_it(tmp_path, echo_server, monkeypatch):
+    port, _ = echo_server
+    site_proxy = socket.create_server(("127.0.0.1", 0))
+    asked = []
+
+    def serve_one():
+        conn, _ = site_proxy.accept()
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+        asked.append(head.split(b"\r\n", 1)[0])
+        upstream = socket.create_connection(("127.0.0.1", port))
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        upstream.sendall(conn.recv(4096))
+        conn.sendall(upstream.recv(4096))
+        conn.close()
+        upstream.close()
+
+    threading.Thread(target=serve_one, daemon=True).start()
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{site_proxy.getsockname()[1]}")
+    with IndexProxy(str(tmp_path / "s"), parse_hosts([f"127.0.0.1:{port}"])):
+        answer = ask(str(tmp_path / "s"), f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    site_proxy.close()
+    assert answer == b"HTTP/1.1 200 Connection established\r\n\r\necho: hello\n"
+    assert asked == [f"CONNECT 127.0.0.1:{port} HTTP/1.1".encode()]
