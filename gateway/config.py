@@ -127,8 +127,12 @@ SETTINGS: tuple[Setting, ...] = (
     S("PIP_EXTRA_INDEX_URLS", tuple, (), "More pip indexes for builds."),
     S("PIP_FIND_LINKS", tuple, (), "Wheelhouses for builds: folders or URLs."),
     S("PIP_CONSTRAINT", str, "", "A pip constraints file on the build host."),
-    S("PIP_CACHE_DIR", str, "", "pip's cache shared by every build (safe for concurrent use), bound at "
-      "/m2d/pip-cache; empty for none."),
+    S("PIP_CACHE_DIR", str, "", "pip's and uv's cache, shared by every build's wheels-only step (no researcher "
+      "code runs there), bound at /m2d/pip-cache; a build from source (an sdist) neither reads nor keeps it. "
+      "Empty for none."),
+    S("BUILD_INDEX_HOSTS", tuple, ("pypi.org", "files.pythonhosted.org"), "The only hosts a build reaches (HTTPS, "
+      "through the gateway's proxy; `name` is port 443, else `name:port`): the index PIP_INDEX_URL, "
+      "PIP_EXTRA_INDEX_URLS and PIP_FIND_LINKS name, and where it serves files from. A build has no other network."),
     S("BUILD_UV", str, "", "A uv binary on the build host (the `uv` wheel's, any Linux base runs it), bound "
       "read-only into builds: they install with `uv pip install` (the same sources, its cache in PIP_CACHE_DIR) "
       "and fall back to pip when uv refuses the requirements; empty: pip alone."),
