@@ -37,6 +37,7 @@ from tests.test_relay import (  # noqa: F401
     start_relay,
     upstream_run,
     wait_for_file,
+    within,
 )
 
 BUDGET = relay_module.DEFAULT_TEXT_BUDGET  # 1,000,000 bytes of text
@@ -318,6 +319,23 @@ def test_calls_to_mlflow_are_held_to_the_jobs_share_of_the_server(start_relay, o
     client.get_experiment(owner.experiment_id)
     error = raises_within(20, client.get_experiment, owner.experiment_id)
     assert error.error_code == "REQUEST_LIMIT_EXCEEDED" and "share of the platform's MLflow" in error.message
+
+
+def test_batches_the_relay_sends_wait_for_the_jobs_share_too(start_relay, owner, mlflow_url, admin_auth):
+    # Only a read of the run sends its buffer here; 3,000 points are 3 batches. Each
+    # call upstream takes a turn at 1 every 4 s: the 3 batches and the read need 3 turns
+    # more than the bucket holds, 12 s at least (sent at once, they took under 10 s).
+    relay = start_relay(owner, "--upstream-rate", "0.25", "--upstream-burst", "1", "--upstream-wait", "30",
+                        "--flush-interval", "600")
+    client = MlflowClient(relay.url)
+    run_id = client.create_run(owner.experiment_id).info.run_id
+    now = int(time.time() * 1000)
+    for batch in range(3):
+        client.log_batch(run_id, metrics=[Metric("loss", 1.0, now, batch * 1000 + i) for i in range(1000)])
+    started = time.monotonic()
+    within(60, client.get_run, run_id)
+    assert time.monotonic() - started >= 11
+    assert len(metric_history(mlflow_url, admin_auth, run_id, "loss")) == 3000
 
 
 def test_m2d_runs_relay_enforces_the_same_budget(owner, tmp_path):
