@@ -147,7 +147,9 @@ def test_mlflows_own_tags_are_the_relays_and_the_job_cannot_set_or_delete_them(s
     relay = start_relay(owner)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", owner.experiment_name)
     mlflow.set_tracking_uri(relay.url)
-    mlflow.set_experiment(owner.experiment_name)  # not one an earlier test left selected
+    # the experiment MLFLOW_EXPERIMENT_NAME names, not one an earlier test selected (restored after)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     try:
         assert "MLflow's own" in str(raises_within(20, mlflow.start_run, description="x" * 8000))
         with mlflow.start_run(run_name="epochs") as run:  # the client's own context tags are replaced
