@@ -35,7 +35,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tests.stack import PrivateStack, zip_folder
+from tests.helpers.stack import PrivateStack, zip_folder
 
 TRIVIAL = "print('done', flush=True)\n"
 

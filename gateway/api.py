@@ -1,13 +1,14 @@
 """The JSON API, /api/v1: what the m2d client and scripts use."""
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
 
+from m2d.contract.states import IllegalTransition
+from m2d.contract.validation import Refusal
+
 from . import airlock, intake, lifecycle, pagination, provenance, usage
 from .auth import token_required
 from .errors import json_error as error
 from .extensions import csrf, db
 from .models import Submission
-from .states import IllegalTransition
-from .validation import Refusal
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 csrf.exempt(bp)

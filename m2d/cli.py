@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sample_data(args) -> int:
-    from . import sample_data as generator  # numpy and Pillow: only this command needs them
+    from .contract import sample_data as generator  # numpy and Pillow: only this command needs them
 
     size = generator.parse_size(args.size)
     written = generator.generate(args.out, cases=args.cases, size=size, seed=args.seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 from requests.adapters import HTTPAdapter, Retry
 
-from gateway.states import TERMINAL, Status
+from m2d.contract.states import TERMINAL, Status
 
 from .config import Settings
 

@@ -40,8 +40,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import archive, container, tracking, twin
+from . import archive, container, tracking
 from .container import DATASET_MOUNT, EXPORT_MOUNT
+from .contract import twin
 from .errors import LocalRunError
 
 __all__ = ["DATASET_MOUNT", "EXPORT_MOUNT", "LocalRunError", "MODES", "Run", "mode", "run"]

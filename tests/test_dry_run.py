@@ -19,9 +19,9 @@ import pytest
 import requests
 
 from gateway.adapters.slurm.cli import CliScheduler
-from m2d import twin
+from m2d.contract import twin
 
-from .stack import REPO, SAMPLES, zip_folder
+from .helpers.stack import REPO, SAMPLES, zip_folder
 
 FINAL = {"completed", "failed", "build_failed", "dry_run_failed", "cancelled"}
 

@@ -16,12 +16,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from gateway.validation import Refusal, check_zip
-from m2d import sample_data, twin
 from m2d.client import ApiError, Client, Retry
 from m2d.config import Settings
+from m2d.contract import sample_data, twin
+from m2d.contract.validation import Refusal, check_zip
 
-from . import zips
+from .helpers import zips
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "m2d" / "samples"

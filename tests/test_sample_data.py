@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from m2d import sample_data
+from m2d.contract import sample_data
 
 HEADERS = Path(__file__).parent / "data" / "clam-csv-headers.tsv"
 REPO = Path(__file__).resolve().parents[1]

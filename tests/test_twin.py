@@ -14,7 +14,7 @@ from gateway.config import ConfigError
 from gateway.extensions import db
 from gateway.models import Submission, utcnow
 from jobs import tasks
-from m2d import sample_data, twin
+from m2d.contract import sample_data, twin
 
 
 def _files(root):

@@ -22,7 +22,7 @@ from pathlib import Path
 # generator lives in the repository's m2d package, two folders up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from m2d import sample_data, twin  # noqa: E402
+from m2d.contract import sample_data, twin  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,9 +47,10 @@ from typing import Any
 from spython.main import get_client
 from spython.main.base.command import init_command
 
+from m2d.contract.validation import normalise_requirements
+
 from ..config import required
 from ..templating import SINGULARITY_DIR, render
-from ..validation import normalise_requirements
 
 log = logging.getLogger(__name__)
 
