@@ -1,6 +1,7 @@
 """The JSON API, /api/v1: what the m2d client and scripts use."""
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
 
+from m2d.contract import __version__
 from m2d.contract.states import IllegalTransition
 from m2d.contract.validation import Refusal
 
@@ -15,6 +16,13 @@ csrf.exempt(bp)
 
 REFUSAL_STATUS = {"too_large": 413, "quota_exceeded": 429}
 API_PAGE = 100  # submissions per page of the list, at most
+
+
+@bp.after_request
+def say_version(response):
+    # the version of the client this gateway serves (/client): an m2d of another version warns
+    response.headers["M2D-Version"] = __version__
+    return response
 
 
 @bp.post("/submissions")

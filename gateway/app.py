@@ -52,7 +52,7 @@ def create_app(config=None):
             if db.engine.url.database:
                 os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
-    from . import admin, api, auth, cli, health, metrics, review, submissions
+    from . import admin, api, auth, cli, downloads, health, metrics, review, submissions
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(auth.bp)
@@ -60,6 +60,7 @@ def create_app(config=None):
     app.register_blueprint(api.bp)
     app.register_blueprint(review.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(downloads.bp)
     cli.init_app(app)
     errors.init_app(app)
     _secure_headers(app)
