@@ -132,7 +132,7 @@ SETTINGS: tuple[Setting, ...] = (
       "read-only into builds: they install with `uv pip install` (the same sources, its cache in PIP_CACHE_DIR) "
       "and fall back to pip when uv refuses the requirements; empty: pip alone."),
     S("IMAGE_GC_DAYS", int, 30, "Environment images unused this long, and not the image of a submission in "
-      "flight, are deleted (`flask images gc`, and hourly)."),
+      "flight, are deleted (`flask --app gateway images gc`, and hourly)."),
     # Sealed jobs: sbatch/scancel run through `sudo -u JOB_USER` (deploy/testbed/accounts.sh).
     S("JOB_USER", str, "m2d-job", "The account jobs run as, which can read nothing of the gateway's; empty to "
       "submit as the gateway's own account."),
@@ -171,7 +171,7 @@ SETTINGS: tuple[Setting, ...] = (
       "submission, and it picks the synthetic twin of the dry runs (change both together)."),
     # Dry runs on the synthetic twin (M2D_DRY_RUN=1 inside the job)
     S("DRY_RUN", bool, True, "Run every submission first on the synthetic twin; only one that exits 0 lets the "
-      "real job go (`flask users dry-run EMAIL --skip` for one researcher)."),
+      "real job go (`flask --app gateway users dry-run EMAIL --skip` for one researcher)."),
     S("TWIN_DIR", str, None, "The synthetic twins, one folder per DATASET_VERSION (TWIN_DIR/<version>, bound at "
       "/mnt/dataset in a dry run), made by m2d.contract.sample_data on first use as `m2d run` makes its own. On the "
       "filesystem the compute nodes share. Default: DATA_DIR/twins."),
