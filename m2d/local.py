@@ -13,7 +13,7 @@ same paths:
                                                 ~/.cache/m2d/venvs by its hash
   CLaM at /mnt/dataset (ro); in the dry run,    --dataset bound at /mnt/dataset (ro);
   its synthetic twin, with M2D_DRY_RUN=1        without it, the dry run's own twin
-                                                (m2d/twin.py, cached in
+                                                (m2d/contract/twin.py, cached in
                                                 ~/.cache/m2d/twin/<version>), with
                                                 M2D_DRY_RUN=1 (both modes)
   the submission's /mnt/export                  --export bound at /mnt/export

@@ -1,4 +1,4 @@
-"""The synthetic CLaM sample (m2d/sample_data.py): the published layout and columns,
+"""The synthetic CLaM sample (m2d/contract/sample_data.py): the published layout and columns,
 the real sample's shape, both encodings of each image, a signal to learn, and the
 same bytes for the same seed."""
 import re
