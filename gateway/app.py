@@ -7,7 +7,7 @@ from pathlib import Path
 from flask import Flask, Request
 
 from . import config as configuration
-from . import errors
+from . import errors, service_account
 from .extensions import csrf, db, limiter, login_manager, migrate
 from .storage import incoming_dir, secure_data_dir
 
@@ -30,6 +30,7 @@ def create_app(config=None):
     app = Flask(__name__, instance_relative_config=True)
     app.request_class = DiskRequest
     cfg = configuration.load(app, config)
+    service_account.switch_if_root(cfg["DATA_DIR"])  # an admin command run as root: before any file is written
     secure_data_dir(Path(cfg["DATA_DIR"]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
