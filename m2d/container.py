@@ -57,6 +57,9 @@ RUN_MOUNT = "/run/m2d"  # the relay's socket and the shim, read-only
 # The URL main.py sees: the shim listens there, on the container's own loopback.
 JOB_MLFLOW_URL = "http://127.0.0.1:5000"
 RELAY_START_TIMEOUT = 30  # seconds
+# mlflow 2.x imports GitPython, which prints a 15-line "Bad git executable" warning
+# into every log of an image without git; as in singularity/job.sbatch.j2.
+GIT_PYTHON_REFRESH = "quiet"
 
 # As in singularity/job.sbatch.j2: the shim first, then main.py in its place.
 _SHIM_THEN_MAIN = (f"python3 {RUN_MOUNT}/relay.py shim --listen 127.0.0.1:{JOB_MLFLOW_URL.rsplit(':', 1)[1]} "
@@ -140,7 +143,7 @@ def run(image: Path, code: Path, dataset: Path, export: Path, server, extra_env:
 
 
 def _environment(experiment_name: str, extra_env: dict[str, str]) -> list[str]:
-    env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "GIT_PYTHON_REFRESH": GIT_PYTHON_REFRESH,
            "MLFLOW_TRACKING_URI": JOB_MLFLOW_URL, "MLFLOW_EXPERIMENT_NAME": experiment_name}
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # --cleanenv would drop it
         env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]

@@ -102,6 +102,7 @@ def test_zip_puts_the_files_at_the_root_leaves_out_junk_and_passes_the_check(tmp
     project = tmp_path / "my-model"
     files = {
         "main.py": "print('hi')\n", "requirements.txt": "numpy\n", "src/model.py": "", "config/a.json": "{}",
+        ".python-version": "3.9\n",  # hidden, but the platform's: it picks the Python
         # never part of a submission:
         "__pycache__/main.cpython-311.pyc": "", "src/model.pyc": "", ".git/config": "", ".env": "TOKEN=x",
         ".venv/pyvenv.cfg": "", "env/pyvenv.cfg": "", "env/lib/site.py": "", ".DS_Store": "",
@@ -114,7 +115,8 @@ def test_zip_puts_the_files_at_the_root_leaves_out_junk_and_passes_the_check(tmp
     assert done.returncode == 0, done.stderr
     assert "OK" in done.stdout and "left out: .git/" in done.stdout
     with zipfile.ZipFile(tmp_path / "out.zip") as archive:
-        assert sorted(archive.namelist()) == ["config/a.json", "main.py", "requirements.txt", "src/model.py"]
+        assert sorted(archive.namelist()) == [".python-version", "config/a.json", "main.py", "requirements.txt",
+                                              "src/model.py"]
     check_zip(tmp_path / "out.zip")
 
     # the default name comes from the folder
@@ -128,6 +130,14 @@ def test_zip_of_a_folder_without_main_py_says_what_the_gateway_would_say(tmp_pat
     done = m2d("zip", tmp_path / "project", "-o", tmp_path / "out.zip", cwd=tmp_path)
     assert done.returncode == 1
     assert "no main.py at its root" in done.stderr
+
+
+def test_run_quiets_gitpython_in_both_modes_as_the_platforms_jobs_do():
+    from m2d import container, local
+
+    env, _ = local._job_environment(Path("/venv/bin/python"), "mlruns", {})
+    assert env["GIT_PYTHON_REFRESH"] == "quiet"
+    assert "GIT_PYTHON_REFRESH=quiet" in container._environment("alice", {})
 
 
 def test_run_exits_with_main_pys_code_and_binds_the_dataset_read_only(tmp_path, dataset, venv_cache):

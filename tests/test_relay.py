@@ -33,13 +33,16 @@ class Accounts:
         self.session_tag = uuid.uuid4().hex[:8]
         self.made = []
 
-    def new(self, name):
-        account = self.admin.provision(f"m2d-relay-{self.session_tag}-{name}")
+    def new(self, name, dry_run=False):
+        account = self.admin.provision(f"m2d-relay-{self.session_tag}-{name}", dry_run=dry_run)
         self.made.append(account)
         return account
 
     def remove_all(self):
         for account in self.made:
+            if account.dry_run_experiment_id:
+                requests.post(f"{self.url}{API}/experiments/delete", auth=self.admin_auth, timeout=10,
+                              json={"experiment_id": account.dry_run_experiment_id})
             requests.delete(f"{self.url}{API}/users/delete", json={"username": account.username},
                             auth=self.admin_auth, timeout=10)
             requests.post(f"{self.url}{API}/experiments/delete", json={"experiment_id": account.experiment_id},
@@ -59,6 +62,12 @@ def owner(accounts):
 
 
 @pytest.fixture(scope="session")
+def dry_owner(accounts):
+    """An owner with a dry-run experiment ("<name>-dryrun") beside the real one."""
+    return accounts.new("dry", dry_run=True)
+
+
+@pytest.fixture(scope="session")
 def stranger(accounts):
     return accounts.new("stranger")
 
@@ -68,8 +77,9 @@ def stranger(accounts):
 def start_relay(tmp_path, mlflow_url):
     started = []
 
-    def start(account, *extra_args, upstream=None):
-        relay = RelayProcesses(tmp_path / f"relay{len(started)}", account, upstream or mlflow_url, *extra_args)
+    def start(account, *extra_args, upstream=None, dry_run=False):
+        relay = RelayProcesses(tmp_path / f"relay{len(started)}", account, upstream or mlflow_url, *extra_args,
+                               dry_run=dry_run)
         started.append(relay)
         return relay
 
@@ -397,3 +407,56 @@ def test_the_relay_writes_how_many_calls_it_refused_as_it_stops(start_relay, own
         assert requests.post(relay.url + path, json={}, timeout=10).status_code in (400, 403), path
     relay.stop()
     assert json.loads(stats.read_text()) == {"refused": 3, "undelivered": 0}
+
+
+def the_hospitals_way(client_env_name):
+    """What the hospital's samples do: the experiment named after the MLflow user,
+    start_run without `with`, params, metrics with and without step, end_run."""
+    mlflow.set_experiment(client_env_name)
+    run = mlflow.start_run()
+    mlflow.log_params({"lr": "0.001", "epochs": "2"})
+    for epoch in range(2):
+        mlflow.log_metrics({"train_loss": 1.0 / (epoch + 1)}, step=epoch)
+    mlflow.log_metrics({"test_auc": 0.75})
+    mlflow.end_run()
+    return run.info.run_id
+
+
+def test_a_dry_run_answers_the_owners_real_experiment_name_with_its_own_experiment(
+        start_relay, dry_owner, monkeypatch, mlflow_url, admin_auth):
+    relay = start_relay(dry_owner, "--experiment-alias", dry_owner.experiment_name, dry_run=True)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", dry_owner.dry_run_experiment_name)
+    mlflow.set_tracking_uri(relay.url)
+    try:
+        run_id = within(60, the_hospitals_way, dry_owner.experiment_name)
+        # the dry run's own name is answered too
+        assert MlflowClient().get_experiment_by_name(
+            dry_owner.dry_run_experiment_name).experiment_id == dry_owner.dry_run_experiment_id
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+    upstream = upstream_run(mlflow_url, admin_auth, run_id)
+    assert upstream["info"]["experiment_id"] == dry_owner.dry_run_experiment_id
+    assert upstream["info"]["status"] == "FINISHED"
+    assert upstream["params"] == {"lr": "0.001", "epochs": "2"}
+    assert metric_history(mlflow_url, admin_auth, run_id, "train_loss") == [(0, 1.0), (1, 0.5)]
+    assert upstream["metrics"]["test_auc"] == 0.75
+    real_runs = requests.post(f"{mlflow_url}{API}/runs/search", json={"experiment_ids": [dry_owner.experiment_id]},
+                              auth=admin_auth, timeout=10).json()
+    assert not real_runs.get("runs"), "a dry run logged into the real experiment"
+
+
+def test_a_real_run_answers_the_owners_experiment_name(job_env, owner, mlflow_url, admin_auth):
+    run_id = within(60, the_hospitals_way, owner.experiment_name)
+    upstream = upstream_run(mlflow_url, admin_auth, run_id)
+    assert upstream["info"]["experiment_id"] == owner.experiment_id
+    assert metric_history(mlflow_url, admin_auth, run_id, "train_loss") == [(0, 1.0), (1, 0.5)]
+
+
+def test_creating_the_own_experiment_is_answered_it_exists_and_other_names_say_why_not(job_env, owner):
+    client = MlflowClient()
+    exists = raises_within(20, client.create_experiment, owner.experiment_name)
+    assert exists.error_code == "RESOURCE_ALREADY_EXISTS"
+    other = raises_within(20, client.get_experiment_by_name, "someone-else")
+    assert "experiments/get-by-name asked for experiment 'someone-else', which is not yours" in other.message

@@ -2,6 +2,7 @@
 container start them (singularity/relay.py, run by path): used by
 tests/test_relay.py and bench/relay.py."""
 
+import importlib.util
 import os
 import signal
 import socket
@@ -15,6 +16,17 @@ import pytest
 from .stack import REPO
 
 RELAY = REPO / "singularity" / "relay.py"
+
+
+def _load(path: Path):
+    # registered before it runs: its dataclasses look their module up in sys.modules
+    spec = importlib.util.spec_from_file_location("relay", path)
+    module = sys.modules["relay"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+relay = _load(RELAY)  # the module a job runs by path, for tests of its parts
 # The shim runs on the container's python3 and the relay on the host's: any 3.9 or later.
 RELAY_PYTHON = os.environ.get("M2D_RELAY_PYTHON", sys.executable)
 API = "/api/2.0/mlflow"
@@ -37,7 +49,7 @@ def wait_for_file(path: Path, process: subprocess.Popen, what: str, log: Path) -
 class RelayProcesses:
     """A relay (host side) and a shim (container side) as a job has them."""
 
-    def __init__(self, folder: Path, account, upstream: str, *extra_args):
+    def __init__(self, folder: Path, account, upstream: str, *extra_args, dry_run: bool = False):
         self.folder = folder
         self.job_dir = folder / "run"  # the per-job folder bound read-only into the container
         folder.mkdir()
@@ -51,8 +63,10 @@ class RelayProcesses:
         self.relay_log, self.shim_log = folder / "relay.log", folder / "shim.log"
         self.relay = subprocess.Popen(
             [RELAY_PYTHON, str(RELAY), "serve", "--socket", str(self.socket), "--upstream", upstream,
-             "--password-file", str(password_file), "--experiment-id", account.experiment_id,
-             "--experiment-name", account.experiment_name, "--ready-file", str(folder / "relay.ready"),
+             "--password-file", str(password_file),
+             *(("--experiment-id", account.dry_run_experiment_id, "--experiment-name", account.dry_run_experiment_name)
+               if dry_run else ("--experiment-id", account.experiment_id, "--experiment-name", account.experiment_name)),
+             "--ready-file", str(folder / "relay.ready"),
              *extra_args],
             env=env, stderr=self.relay_log.open("w"))
         wait_for_file(folder / "relay.ready", self.relay, "relay", self.relay_log)
