@@ -8,13 +8,11 @@ import urllib.parse
 
 import pytest
 
-from jobs import relay as relay_module
-
 from .helpers.relay import relay
 
 Limits, Refused, Relay, TokenBucket, parse_args = relay.Limits, relay.Refused, relay.Relay, relay.TokenBucket, relay.parse_args
 
-API = relay_module.API
+API = relay.API
 REAL, REAL_ID = "alice", "7"
 DRY, DRY_ID = "alice-dryrun", "8"
 
