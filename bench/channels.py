@@ -21,7 +21,7 @@ import os
 import sys
 
 from gateway.config import DEFAULTS, from_environment
-from jobs import relay
+from tests.helpers.relay import relay  # singularity/relay.py, loaded by path
 
 DAY = 24 * 3600
 
@@ -105,7 +105,8 @@ def measure() -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from tests.test_relay import API, MlflowAdmin, RelayProcesses
+    from gateway.adapters.mlflow import MlflowAdmin
+    from tests.helpers.relay import API, RelayProcesses
 
     url = os.environ["M2D_MLFLOW_URL"].rstrip("/")
     admin = (os.environ["M2D_MLFLOW_ADMIN_USERNAME"], os.environ["M2D_MLFLOW_ADMIN_PASSWORD"])

@@ -21,8 +21,7 @@ from typing import Any
 
 from flask import Config, Flask
 
-from jobs import relay
-from m2d import twin
+from m2d.contract import twin
 
 
 class ConfigError(RuntimeError):
@@ -104,7 +103,7 @@ SETTINGS: tuple[Setting, ...] = (
                             "running": "90000"},
       "Seconds a submission may stay in a status (`status=seconds`, a status left out: never) before the admins "
       "get one alert email and the admin pages flag it."),
-    # Upload limits (gateway.validation.Limits)
+    # Upload limits (m2d.contract.validation.Limits)
     S("MAX_ZIP_BYTES", int, 200 * 1024**2, "Largest upload (bytes)."),
     S("MAX_FILES", int, 2000, "Most files in one zip."),
     S("MAX_UNCOMPRESSED_BYTES", int, 2 * 1024**3, "Largest unpacked size of one zip (bytes)."),
@@ -137,13 +136,13 @@ SETTINGS: tuple[Setting, ...] = (
       "read-only into builds: they install with `uv pip install` (the same sources, its cache in PIP_CACHE_DIR) "
       "and fall back to pip when uv refuses the requirements; empty: pip alone."),
     S("IMAGE_GC_DAYS", int, 30, "Environment images unused this long, and not the image of a submission in "
-      "flight, are deleted (`flask images gc`, and hourly)."),
+      "flight, are deleted (`flask --app gateway images gc`, and hourly)."),
     # Sealed jobs: sbatch/scancel run through `sudo -u JOB_USER` (deploy/testbed/accounts.sh).
     S("JOB_USER", str, "m2d-job", "The account jobs run as, which can read nothing of the gateway's; empty to "
       "submit as the gateway's own account."),
     S("JOB_GROUP", str, "m2d-job", "Group of a submission's folders (the job reads its code, writes its export "
       "and logs); the gateway's account is a member."),
-    S("RELAY_PYTHON", str, "python3", "Python on the compute node that runs jobs/relay.py."),
+    S("RELAY_PYTHON", str, "python3", "Python on the compute node that runs singularity/relay.py."),
     S("MODELS_DIR", str, None, "The admins' model cache, bound read-only at /opt/m2d/models."),
     # Slurm
     S("SLURM_ADAPTER", str, "cli", "How the gateway talks to Slurm.", choices=("cli", "pyslurm")),
@@ -176,9 +175,9 @@ SETTINGS: tuple[Setting, ...] = (
       "submission, and it picks the synthetic twin of the dry runs (change both together)."),
     # Dry runs on the synthetic twin (M2D_DRY_RUN=1 inside the job)
     S("DRY_RUN", bool, True, "Run every submission first on the synthetic twin; only one that exits 0 lets the "
-      "real job go (`flask users dry-run EMAIL --skip` for one researcher)."),
+      "real job go (`flask --app gateway users dry-run EMAIL --skip` for one researcher)."),
     S("TWIN_DIR", str, None, "The synthetic twins, one folder per DATASET_VERSION (TWIN_DIR/<version>, bound at "
-      "/mnt/dataset in a dry run), made by m2d.sample_data on first use as `m2d run` makes its own. On the "
+      "/mnt/dataset in a dry run), made by m2d.contract.sample_data on first use as `m2d run` makes its own. On the "
       "filesystem the compute nodes share. Default: DATA_DIR/twins."),
     S("DRY_RUN_PARTITION", str, None, "Partition of dry runs; default: SLURM_PARTITION."),
     S("DRY_RUN_TIME", str, "00:10:00", "Time limit of a dry run."),
@@ -193,10 +192,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("MLFLOW_PUBLIC_URL", str, None, "MLflow as researchers and their code see it; default MLFLOW_URL."),
     S("MLFLOW_ADMIN_USERNAME", str, "admin", "MLflow admin account the gateway provisions users with."),
     S("MLFLOW_ADMIN_PASSWORD", str, None, "Its password."),
-    S("MLFLOW_TEXT_BUDGET", int, relay.DEFAULT_TEXT_BUDGET, "Bytes of text one job may store in MLflow through "
+    S("MLFLOW_TEXT_BUDGET", int, 1_000_000, "Bytes of text one job may store in MLflow through "
       "its relay: run names, param and tag keys and values (every tag write), metric names. `m2d run` uses the "
-      "default."),
-    S("MLFLOW_METRIC_BUDGET", int, relay.DEFAULT_METRIC_BUDGET, "Metric points one job may store in MLflow "
+      "default (the relay's own, singularity/relay.py; a unit test holds the two equal)."),
+    S("MLFLOW_METRIC_BUDGET", int, 100_000, "Metric points one job may store in MLflow "
       "(each carries a value, a timestamp and a step: 24 bytes)."),
     S("MLFLOW_CALLS_PER_SECOND", float, 20.0, "Calls a second the site's MLflow serves for jobs' relays; each "
       "job gets MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE of them (log calls are batched, once a second)."),

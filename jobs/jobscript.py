@@ -1,7 +1,7 @@
 """The Slurm batch script that runs one submission, sealed: ``singularity/job.sbatch.j2``.
 
 :class:`JobSpec` holds the values; the template holds the script.  The
-script starts the MLflow relay (jobs/relay.py) on the host side of the job,
+script starts the MLflow relay (singularity/relay.py) on the host side of the job,
 then runs the researcher's ``main.py`` with ``apptainer exec --containall
 --cleanenv --no-privs --net --network none`` in the submission's image: no
 network but a loopback, where a shim forwards the MLflow URL to the relay's
@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.templating import render
-from jobs import relay
+from gateway.config import DEFAULTS
+from gateway.templating import SINGULARITY_DIR, render
 
 __all__ = ["JobSpec", "render_job_script", "write_job_script", "job_name", "log_path", "RELAY_SOURCE"]
 
 TEMPLATE = "singularity/job.sbatch.j2"
-RELAY_SOURCE = Path(__file__).resolve().parent / "relay.py"
+RELAY_SOURCE = SINGULARITY_DIR / "relay.py"  # run by path on the node, never imported
 
 DATASET_MOUNT = "/mnt/dataset"
 EXPORT_MOUNT = "/mnt/export"
@@ -64,7 +64,7 @@ class JobSpec:
     dataset_dir: Path        # -> /mnt/dataset, read-only
     export_dir: Path         # -> /mnt/export, writable
     log_dir: Path            # slurm-<jobid>.out / .err, gateway-owned
-    relay: Path              # a copy of jobs/relay.py the job account can read
+    relay: Path              # a copy of singularity/relay.py the job account can read
     credentials: Path        # the owner's MLflow login for the relay, group-readable only
     mlflow_upstream: str     # the MLflow server as the node reaches it
     mlflow_url: str          # the URL the job's code uses (the shim listens at its host:port)
@@ -90,10 +90,10 @@ class JobSpec:
     # a dry run: the owner's real experiment name, which the relay answers
     # with the dry run's experiment (code that calls mlflow.set_experiment)
     experiment_alias: str | None = None
-    # what the job may store in MLflow, and its share of the server (jobs/relay.py)
-    mlflow_text_budget: int = relay.DEFAULT_TEXT_BUDGET
-    mlflow_metric_budget: int = relay.DEFAULT_METRIC_BUDGET
-    mlflow_upstream_rate: float = relay.DEFAULT_UPSTREAM_RATE
+    # what the job may store in MLflow, and its share of the server (singularity/relay.py)
+    mlflow_text_budget: int = DEFAULTS["MLFLOW_TEXT_BUDGET"]
+    mlflow_metric_budget: int = DEFAULTS["MLFLOW_METRIC_BUDGET"]
+    mlflow_upstream_rate: float = DEFAULTS["MLFLOW_CALLS_PER_SECOND"] / DEFAULTS["MLFLOW_JOBS_AT_ONCE"]
 
     @property
     def job_name(self) -> str:

@@ -1,6 +1,6 @@
 """Making a submission zip from a project folder, and checking one.
 
-The rules are the platform's own (gateway.validation, stdlib only): a zip that
+The rules are the platform's own (m2d/contract/validation.py, stdlib only, imported by the gateway): a zip that
 passes `check` here is one the gateway accepts, refused with the same code and
 message otherwise.
 """
@@ -12,7 +12,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.validation import PYTHON_VERSION_FILE, Checked, Refusal, check_zip, normalise_requirements, unpack
+from m2d.contract.validation import PYTHON_VERSION_FILE, Checked, Refusal, check_zip, normalise_requirements, unpack
 
 __all__ = ["Checked", "Refusal", "Zipped", "check", "make_zip", "normalise_requirements",
            "requirement_lines", "unpack"]

@@ -13,7 +13,7 @@ same paths:
                                                 ~/.cache/m2d/venvs by its hash
   CLaM at /mnt/dataset (ro); in the dry run,    --dataset bound at /mnt/dataset (ro);
   its synthetic twin, with M2D_DRY_RUN=1        without it, the dry run's own twin
-                                                (m2d/twin.py, cached in
+                                                (m2d/contract/twin.py, cached in
                                                 ~/.cache/m2d/twin/<version>), with
                                                 M2D_DRY_RUN=1 (both modes)
   the submission's /mnt/export                  --export bound at /mnt/export
@@ -40,8 +40,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import archive, container, tracking, twin
+from . import archive, container, tracking
 from .container import DATASET_MOUNT, EXPORT_MOUNT
+from .contract import twin
 from .errors import LocalRunError
 
 __all__ = ["DATASET_MOUNT", "EXPORT_MOUNT", "LocalRunError", "MODES", "Run", "mode", "run"]

@@ -22,7 +22,8 @@ import pytest
 
 from gateway.adapters.apptainer import BuildError, ImageBuilder, PipSources, environment_key, file_digest, render_install_script
 
-TEST_ROOT = Path("/opt/testbed/tmp-tests")
+from .helpers.apptainer import TEST_ROOT, run_in
+
 BASE_DIGEST = "sha256:" + "ab" * 32
 
 
@@ -259,13 +260,6 @@ def test_broken_base_image_raises_build_error_with_apptainers_message(testbed, i
         builder.ensure("six==1.16.0")
     assert "FATAL" in raised.value.log and "image format not recognized" in str(raised.value)
     assert list(builder.image_dir.glob("*.sif")) == []
-
-
-def run_in(testbed, image, code):
-    done = subprocess.run([testbed["apptainer"], "exec", str(image), "python", "-c", code],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 @pytest.mark.parametrize("installer", ["uv", "pip"])

@@ -25,7 +25,7 @@ from gateway.adapters.apptainer import PROXY_PORT
 from gateway.config import from_environment
 from gateway.extensions import db
 from gateway.models import Build, Submission
-from tests.stack import GATEWAY_USER, Stack
+from tests.helpers.stack import GATEWAY_USER, Stack
 
 OLD_STACK = {
     "main.py": ("import sys, numpy\n"

@@ -16,8 +16,9 @@ import sys
 
 import pytest
 
-from .stack import AS_GATEWAY, REPO, Stack
-from .test_dry_run import m2d, metric_history, runs_in
+from .helpers.client import m2d_as as m2d
+from .helpers.experiments import metric_history, runs_in
+from .helpers.stack import AS_GATEWAY, REPO, Stack
 
 SAMPLE = REPO / "m2d" / "samples" / "clam-classic"
 WEIGHTS_NAME = "torch/hub/checkpoints/resnet18-f37072fd.pth"  # ResNet18_Weights.IMAGENET1K_V1's file

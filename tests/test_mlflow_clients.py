@@ -15,7 +15,7 @@ import re
 import pytest
 import requests
 
-from .stack import SAMPLES, zip_folder
+from .helpers.stack import SAMPLES, zip_folder
 
 # (mlflow-skinny version, Python): 2.0 era, the hospital's 2.11.3, the last 2.x,
 # and the 3.x the platform's own tests pin; each Python of the platform's bases

@@ -1,4 +1,4 @@
-"""The MLflow relay's byte budget and MLflow's own field limits (jobs/relay.py), with the
+"""The MLflow relay's byte budget and MLflow's own field limits (singularity/relay.py), with the
 real mlflow client against the testbed's real MLflow, as in tests/test_relay.py: every
 way a job stored arbitrary bytes in MLflow (issue 21, finding 2) now ends at the budget,
 read back from MLflow and counted.
@@ -21,22 +21,18 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from gateway.config import DEFAULTS
-from jobs import relay as relay_module
 from jobs.jobscript import render_job_script
 from m2d import container, tracking
+from tests.helpers.relay import API, RELAY, RELAY_PYTHON, free_port, wait_for_file
+from tests.helpers.relay import relay as relay_module
 from tests.test_jobscript import _spec
-from tests.test_relay import (  # noqa: F401
-    API,
-    RELAY,
-    RELAY_PYTHON,
+from tests.test_relay import (  # noqa: F401 (fixtures)
     accounts,
-    free_port,
     metric_history,
     owner,
     raises_within,
     start_relay,
     upstream_run,
-    wait_for_file,
     within,
 )
 

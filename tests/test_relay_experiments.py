@@ -1,5 +1,5 @@
 """Unit tests of the relay's decisions on calls that name an experiment
-(jobs/relay.py), with a stand-in for MLflow that records what reached it. The
+(singularity/relay.py), with a stand-in for MLflow that records what reached it. The
 same calls from real mlflow clients, against the real server, are in
 tests/test_relay.py and tests/test_mlflow_clients.py."""
 
@@ -8,10 +8,11 @@ import urllib.parse
 
 import pytest
 
-from jobs import relay as relay_module
-from jobs.relay import Limits, Refused, Relay, TokenBucket, parse_args
+from .helpers.relay import relay
 
-API = relay_module.API
+Limits, Refused, Relay, TokenBucket, parse_args = relay.Limits, relay.Refused, relay.Relay, relay.TokenBucket, relay.parse_args
+
+API = relay.API
 REAL, REAL_ID = "alice", "7"
 DRY, DRY_ID = "alice-dryrun", "8"
 

@@ -54,9 +54,10 @@ from typing import Any
 from spython.main import get_client
 from spython.main.base.command import init_command
 
+from m2d.contract.validation import normalise_requirements
+
 from ..config import required
 from ..templating import SINGULARITY_DIR, render
-from ..validation import normalise_requirements
 from .index_proxy import IndexProxy, parse_hosts
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ CONSTRAINT_IN_BUILD = f"{BUILD_IN_CONTAINER}/constraints.txt"
 # reach it at, through the shim that jobs reach their MLflow relay with.
 PROXY_IN_BUILD = "/m2d/proxy"
 PROXY_PORT = 3128
-SHIM_SOURCE = Path(__file__).resolve().parents[2] / "jobs" / "relay.py"
+SHIM_SOURCE = SINGULARITY_DIR / "relay.py"
 # install.sh's exit when wheels alone do not install the requirements
 NEEDS_BUILD = 75
 

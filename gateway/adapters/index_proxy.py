@@ -4,7 +4,7 @@ package index hosts alone.
 A build runs a researcher's sdist build backends (setup.py) in a network
 namespace with nothing but a loopback. pip and uv reach the index through
 this proxy: it listens on a Unix socket in a folder bound into the build, a
-shim inside forwards the build's loopback port to it (jobs/relay.py's shim,
+shim inside forwards the build's loopback port to it (singularity/relay.py's shim,
 as jobs reach MLflow), and it opens a CONNECT tunnel only to a host:port in
 BUILD_INDEX_HOSTS. Anything else (the gateway, MLflow, Redis, SMTP, the
 database, any other host, plain-HTTP requests) gets a 403 and is remembered,
