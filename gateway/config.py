@@ -173,7 +173,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("DRY_RUN", bool, True, "Run every submission first on the synthetic twin; only one that exits 0 lets the "
       "real job go (`flask users dry-run EMAIL --skip` for one researcher)."),
     S("TWIN_DIR", str, None, "The synthetic twins, one folder per DATASET_VERSION (TWIN_DIR/<version>, bound at "
-      "/mnt/dataset in a dry run), made by m2d.sample_data on first use as `m2d run` makes its own. On the "
+      "/mnt/dataset in a dry run), made by m2d.sample_data on first use in the shape of DATASET_DIR (its CSV "
+      "files' split, label and view counts, scaled down, at least 4 cases per split and label). On the "
       "filesystem the compute nodes share. Default: DATA_DIR/twins."),
     S("DRY_RUN_PARTITION", str, None, "Partition of dry runs; default: SLURM_PARTITION."),
     S("DRY_RUN_TIME", str, "00:10:00", "Time limit of a dry run."),

@@ -408,8 +408,17 @@ def _dataset_version(submission: Submission) -> str:
 
 
 def _twin(version: str) -> Path:
-    """The synthetic twin of ``version``, made on first use (the same one `m2d run` makes)."""
-    return twin.ensure(current_app.config["TWIN_DIR"], version)
+    """The synthetic twin of ``version``, made on first use in the shape of the
+    real data (DATASET_DIR's CSV files: split, label and view counts)."""
+    cfg = current_app.config
+    if version == cfg["DATASET_VERSION"] and cfg["DATASET_DIR"]:
+        return twin.ensure(cfg["TWIN_DIR"], version, dataset=cfg["DATASET_DIR"])
+    # DATASET_DIR holds another version now: that version's twin stays as it was made
+    if twin.is_made(cfg["TWIN_DIR"], version):
+        return twin.path(cfg["TWIN_DIR"], version)
+    log.warning("dataset version %s: no twin of it, and DATASET_DIR holds version %s; making one in the "
+                "published sample's proportions", version, cfg["DATASET_VERSION"])
+    return twin.ensure(cfg["TWIN_DIR"], version)
 
 
 def _dry_run_export(files: SubmissionFiles) -> Path:
