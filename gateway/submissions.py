@@ -4,7 +4,7 @@ from flask import Blueprint, abort, current_app, flash, jsonify, redirect, rende
 from flask_login import current_user, login_required
 from werkzeug.datastructures import FileStorage
 
-from . import intake, lifecycle, pagination, usage
+from . import intake, lifecycle, pagination, runs, usage
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler, queue_position
 from .api import mlflow_settings
@@ -96,7 +96,7 @@ def resubmit(submission_id):
 
 def detail_context(submission):
     """What the detail page shows, for its owner and for admins alike."""
-    return {"submission": submission, **_live_values(submission)}
+    return {"submission": submission, "mlflow": runs.for_submission(submission), **_live_values(submission)}
 
 
 def live_response(submission, admin_view):
