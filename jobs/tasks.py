@@ -411,14 +411,20 @@ def _twin(version: str) -> Path:
     """The synthetic twin of ``version``, made on first use in the shape of the
     real data (DATASET_DIR's CSV files: split, label and view counts)."""
     cfg = current_app.config
+    root = cfg["TWIN_DIR"]
     if version == cfg["DATASET_VERSION"] and cfg["DATASET_DIR"]:
-        return twin.ensure(cfg["TWIN_DIR"], version, dataset=cfg["DATASET_DIR"])
-    # DATASET_DIR holds another version now: that version's twin stays as it was made
-    if twin.is_made(cfg["TWIN_DIR"], version):
-        return twin.path(cfg["TWIN_DIR"], version)
-    log.warning("dataset version %s: no twin of it, and DATASET_DIR holds version %s; making one in the "
-                "published sample's proportions", version, cfg["DATASET_VERSION"])
-    return twin.ensure(cfg["TWIN_DIR"], version)
+        try:
+            return twin.ensure(root, version, dataset=cfg["DATASET_DIR"])
+        except PermissionError as e:
+            # where only the job account reads the dataset, the admins make its twin (docs/admin.md)
+            log.info("dataset version %s: the gateway may not read its CSV files (%s); using the twin made for it",
+                     version, e)
+    # DATASET_DIR holds another version now (or is not ours to read): the twin stays as it was made
+    if twin.is_made(root, version):
+        return twin.path(root, version)
+    log.warning("dataset version %s: no twin of it, and the gateway cannot read the counts of its data; making "
+                "one in the published sample's proportions (docs/admin.md: make it from the real counts)", version)
+    return twin.ensure(root, version)
 
 
 def _dry_run_export(files: SubmissionFiles) -> Path:

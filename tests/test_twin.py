@@ -170,3 +170,25 @@ def test_the_status_page_shows_the_dataset_version(local_app, client):
         session["_fresh"] = True
     page = client.get(f"/submissions/{submission.id}").get_data(as_text=True)
     assert '<dd class="dataset-version">2026-03</dd>' in page
+
+
+def test_where_the_gateway_may_not_read_the_dataset_it_uses_the_twin_the_admins_made(local_app, tmp_path, monkeypatch):
+    """The dataset is the job account's only (issue 21: root:m2d-data 0750): the
+    admins make the twin from its counts (make_dataset.py --twin --like), and the
+    gateway, refused by the CSV files, binds that twin as it is."""
+    real = tmp_path / "real"
+    skewed = sample_data.Counts(cases={("test", "benign"): 9, ("test", "malignant"): 3, ("train", "benign"): 30,
+                                       ("train", "malignant"): 8},
+                                views={cell: {"LCC": n, "LMLO": n, "RCC": n, "RMLO": n} for cell, n in
+                                       {("test", "benign"): 9, ("test", "malignant"): 3, ("train", "benign"): 30,
+                                        ("train", "malignant"): 8}.items()})
+    sample_data.generate(real, cases=50, size=(16, 16), like=skewed)
+    made = twin.ensure(tmp_path / "twins", "5", dataset=real)  # as the admins, who may read it
+    local_app.config.update(DATASET_VERSION="5", DATASET_DIR=str(real), TWIN_DIR=str(tmp_path / "twins"))
+    before = _files(made)
+
+    def refused(root):
+        raise PermissionError(13, "Permission denied", str(Path(root) / sample_data.CASE_CSV))
+
+    monkeypatch.setattr(sample_data, "counts", refused)
+    assert tasks._twin("5") == made and _files(made) == before  # used as it is, not made again
