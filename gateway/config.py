@@ -189,7 +189,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("MLFLOW_PUBLIC_URL", str, None, "MLflow as researchers and their code see it; default MLFLOW_URL."),
     S("MLFLOW_ADMIN_USERNAME", str, "admin", "MLflow admin account the gateway provisions users with."),
     S("MLFLOW_ADMIN_PASSWORD", str, None, "Its password."),
-    S("MLFLOW_PAGE_TIMEOUT", float, 3.0, "Seconds each MLflow call may take when a submission's page shows its "
+    S("MLFLOW_PAGE_TIMEOUT", float, 5.0, "Seconds each MLflow call may take when a submission's page shows its "
       "runs; past it the page says MLflow is unreachable."),
     S("MLFLOW_PAGE_CACHE_SECONDS", int, 30, "Seconds a submission's MLflow runs (and MLflow being unreachable) "
       "are kept in Redis before a page view asks MLflow again."),

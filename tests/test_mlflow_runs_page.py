@@ -45,8 +45,10 @@ def logged(stack, tmp_path_factory):
 
 
 def _page(app, address, submission_id):
+    """The page as ``address`` sees it. In an app context of its own: the
+    session's one would keep the last request's user (Flask-Login keeps it in g)."""
     user = User.query.filter_by(email=address).one()
-    with app.test_client() as client:
+    with app.app_context(), app.test_client() as client:
         with client.session_transaction() as session:
             session["_user_id"] = user.get_id()
             session["_fresh"] = True
