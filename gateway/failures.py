@@ -17,7 +17,7 @@ HEADLINE_MAX = 500
 _PLATFORM_LINE = re.compile(r"^(relay|shim)\[\d+\] ")
 
 # What the code named that the platform sets, told by the exception it ended on.
-# The relay refuses an experiment other than the owner's (jobs/relay.py, denied());
+# The relay refuses an experiment other than the owner's (singularity/relay.py, denied());
 # a URL other than the relay's fails to connect (the job has no network);
 # MLflow's basic auth answers a login it does not know with 401.
 _EXPERIMENT = re.compile(r"PERMISSION_DENIED.*experiment|experiment.*PERMISSION_DENIED", re.IGNORECASE)

@@ -14,7 +14,7 @@ from gateway import queue, runs
 from gateway.extensions import db
 from gateway.models import Submission, User
 
-from .stack import SAMPLES, zip_folder
+from .helpers.stack import SAMPLES, zip_folder
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 STEPS = 300  # past runs.POINTS: the chart draws a sample

@@ -31,7 +31,7 @@ SEARCH_RUNS = "/api/2.0/mlflow/runs/search"
 # The UI's own endpoint (MLflow 2.8+): one metric's history of several runs,
 # sampled evenly over the steps, at most max_results points per run.
 METRIC_HISTORY_SAMPLED = "/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval"
-# the tags the job's MLflow relay (jobs/relay.py --run-tag) puts on every run it creates
+# the tags the job's MLflow relay (singularity/relay.py --run-tag) puts on every run it creates
 SLURM_JOB_TAG = "m2d.slurm_job_id"
 SUBMISSION_TAG = "m2d.submission_id"
 

@@ -9,7 +9,7 @@ CSV files' split, label and view columns, never an image; `m2d run` does not,
 and takes the published sample's proportions (sample_data.PUBLISHED).
 
 A twin lives in a folder named after its version (``ROOT/<version>``), made
-by m2d/sample_data.py with a seed of that version's own: the same version and
+by m2d/contract/sample_data.py with a seed of that version's own: the same version and
 the same counts give the same bytes. It is made on first use, written to a
 temporary folder and renamed into place (sample_data.generate), under a lock so
 that two workers asking at once make it once; a twin whose shape is not the
