@@ -23,6 +23,8 @@ _PLATFORM_LINE = re.compile(r"^(relay|shim)\[\d+\] ")
 _EXPERIMENT = re.compile(r"PERMISSION_DENIED.*experiment|experiment.*PERMISSION_DENIED", re.IGNORECASE)
 _UNREACHABLE_URL = re.compile(r"API request to (\S+?)(?:/api/\S*)? failed with exception")
 _NOT_AUTHENTICATED = re.compile(r"UNAUTHENTICATED|You are not authenticated|error code 401\b|\b401 Client Error")
+# Every relay refusal ends on the list of what it allows, experiments included: judge the reason only.
+_RELAY_ALLOWS = "The MLflow relay allows only"
 
 
 def headline(log: str | None) -> str | None:
@@ -48,7 +50,7 @@ def hint(line: str | None, mlflow_url: str) -> str | None:
     platform sets for it; None otherwise. ``mlflow_url``: MLflow's URL in a job."""
     if not line:
         return None
-    if _EXPERIMENT.search(line):
+    if _EXPERIMENT.search(line.split(_RELAY_ALLOWS)[0]):
         return ("Your code names an MLflow experiment that this job may not use. The platform sets "
                 "MLFLOW_EXPERIMENT_NAME to your experiment (in a dry run, to its -dryrun twin): leave out "
                 "mlflow.set_experiment(...), or call mlflow.set_experiment(os.environ[\"MLFLOW_EXPERIMENT_NAME\"]).")

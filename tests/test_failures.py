@@ -65,3 +65,16 @@ def test_no_traceback_no_headline_and_a_long_line_is_cut():
     long = "Traceback (most recent call last):\n  File \"/code/main.py\", line 1\nValueError: " + "x" * 5000
     assert len(headline(long)) == HEADLINE_MAX and headline(long).endswith("...")
     assert hint(None, URL) is None
+
+
+def test_only_a_refusal_about_the_experiment_says_to_leave_the_experiment_alone():
+    """Every relay refusal lists what it allows, experiments included: an
+    artifact refused is not an experiment named wrongly (the relay's own words)."""
+    from .helpers.relay import relay
+
+    def raised(why):
+        refusal = relay.denied(why)
+        return f"mlflow.exceptions.RestException: {refusal.error_code}: {refusal.message}"
+
+    assert hint(raised("POST /api/2.0/mlflow-artifacts/artifacts/x is not allowed"), URL) is None
+    assert "MLFLOW_EXPERIMENT_NAME" in hint(raised("only your own experiment ('alice-dryrun') can be read"), URL)
