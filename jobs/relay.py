@@ -732,8 +732,8 @@ class UnixRelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 
 
 def read_credentials(path: str):
-    # The gateway writes it for the job account: owner and group may read it
-    # (0640, group = the job account's), anyone else not.
+    # The wrapper hands it over on stdin (a pipe, 0600); a gateway without a
+    # job account writes it 0600: nobody else may read it.
     mode = os.stat(path).st_mode
     if mode & 0o007:
         raise SystemExit(f"{path} is readable by others (mode {stat.S_IMODE(mode):o}); it must be 0600 or 0640")
@@ -750,7 +750,17 @@ def touch(path: str | None) -> None:
             pass
 
 
+def not_dumpable() -> None:
+    """No other process of the job account (every job runs as it) may read
+    this one's memory or open its files through /proc, nor ptrace it: it
+    holds its owner's MLflow login (prctl PR_SET_DUMPABLE 0)."""
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:
+        raise SystemExit(f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(ctypes.get_errno())}")
+
+
 def serve(args) -> int:
+    not_dumpable()
     username, password = read_credentials(args.password_file)
     upstream = Upstream(args.upstream, username, password, args.upstream_timeout)
     relay = Relay(upstream, args.experiment_id, args.experiment_name, Limits(args),

@@ -56,7 +56,8 @@ def _apptainer_argv(script: str) -> list[str]:
     start = script.rindex("\n", 0, start) + 1
     line = script[start:script.index("|| status=$?", start)].replace("\\\n", " ")
     # expand only what the job's shell would: the GPU list Slurm hands over, the run folder
-    line = line.replace("${CUDA_VISIBLE_DEVICES:-}", "0").replace("$run_dir", "/tmp/m2d-job-1.x")
+    line = (line.replace("${CUDA_VISIBLE_DEVICES:-}", "0").replace("$export_img", "$run_dir/export.img")
+            .replace("$run_dir", "/tmp/m2d-job-1.x"))
     return shlex.split(line)
 
 
@@ -96,7 +97,10 @@ def test_a_dry_run_differs_only_in_its_name_logs_binds_and_m2d_dry_run():
     assert "M2D_DRY_RUN=1" in envs and "MLFLOW_EXPERIMENT_NAME=alice-3-dryrun" in envs
     assert not [a for a in real_argv if "M2D_DRY_RUN" in a]
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
-    assert binds[:2] == ["/srv/m2d/clam-twin:/mnt/dataset:ro", "/srv/m2d/submissions/42/export-dryrun:/mnt/export"]
+    assert binds[:2] == ["/srv/m2d/clam-twin:/mnt/dataset:ro", "/tmp/m2d-job-1.x/export.img:/mnt/export:image-src=/"]
+    # the export image is read back into export-dryrun/, not export/
+    assert 'debugfs -R "rdump / /srv/m2d/submissions/42/export-dryrun"' in dry
+    assert "submissions/42/export\"" not in dry
     # the same sealing, word for word
     sealing = ["--containall", "--cleanenv", "--no-privs", "--net", "--network", "none"]
     assert argv[2:2 + len(sealing)] == real_argv[2:2 + len(sealing)] == sealing
@@ -118,7 +122,7 @@ def test_container_is_sealed_with_read_only_dataset_and_code_and_a_writable_expo
     assert argv[2:2 + len(sealing)] == sealing
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
     assert binds == ["/srv/m2d/clam:/mnt/dataset:ro",
-                     "/srv/m2d/submissions/42/export:/mnt/export",
+                     "/tmp/m2d-job-1.x/export.img:/mnt/export:image-src=/",
                      "/srv/m2d/submissions/42/code:/code:ro",
                      "/tmp/m2d-job-1.x:/run/m2d:ro",
                      "/tmp/m2d-job-1.x/hosts:/etc/hosts:ro"]
@@ -138,8 +142,14 @@ def test_container_is_sealed_with_read_only_dataset_and_code_and_a_writable_expo
 def test_no_credential_reaches_the_container_or_the_script():
     script = render_job_script(_spec(Path("/srv/m2d")))
     assert "MLFLOW_TRACKING_PASSWORD" not in script and "MLFLOW_TRACKING_USERNAME" not in script
-    # the relay, on the host side, reads the login from a file the container never sees
+    # without a job account, the relay, on the host side, reads the login from
+    # a file the container never sees
     assert "--password-file /srv/m2d/submissions/42/job/mlflow.credentials" in script
+    # with one, from the wrapper, which hands each job its own; no file named
+    wrapped = render_job_script(_spec(Path("/srv/m2d"), credential_user="m2d"))
+    assert ("sudo -n -u m2d /usr/local/libexec/m2d/m2d-slurm credential | \\\n"
+            "python3 \"$run_dir/relay.py\" serve") in wrapped
+    assert "--password-file /dev/stdin" in wrapped and "mlflow.credentials" not in wrapped
     assert "--upstream http://10.0.0.5:5001" in script
     assert "--experiment-id 7 --experiment-name alice-3" in script
     assert "/srv/m2d/submissions/42/job" not in " ".join(_apptainer_argv(script))
@@ -190,6 +200,9 @@ def test_odd_paths_are_quoted_for_the_shell():
     {"partition": "gpu\nrm -rf /"},
     {"log_dir": Path("/srv/logs with space")},
     {"log_dir": Path("/srv/100%")},
+    {"export_dir": Path('/srv/x" y')},
+    {"export_max_bytes": 1000},
+    {"credential_user": "m2d; id"},
     {"image": Path("relative.sif")},
     {"dataset_dir": Path("/srv/a:b")},
     {"gpus": -1},
@@ -200,6 +213,17 @@ def test_odd_paths_are_quoted_for_the_shell():
 def test_values_that_could_break_the_script_are_refused(change):
     with pytest.raises(ValueError):
         _spec(Path("/srv/m2d"), **change)
+
+
+def test_the_export_image_and_the_logs_carry_the_limits():
+    script = render_job_script(_spec(Path("/srv/m2d"), export_max_bytes=2 * 1024**3, export_max_files=10_000,
+                                     log_max_bytes=10 * 1024**2))
+    assert "-N 10016" in script                                   # 10,000 files, the root and ext3's own
+    kib = int(script.split('root_owner=$(id -u):$(id -g)" "$export_img" ', 1)[1].split("k", 1)[0])
+    assert 2 * 1024**2 < kib < 2.1 * 1024**2                      # the limit, 1% reserve, metadata
+    assert "bounded 10485760 stdout" in script and "bounded 10485760 stderr" in script
+    assert "over its limit of %s" in script and "'2 GiB / 10,000 files'" in script
+    assert "status=95" in script
 
 
 def test_written_script_is_valid_bash(tmp_path):
@@ -234,6 +258,7 @@ for target in ("/mnt/dataset/evil", "relative.txt", weights):
 sys.exit(0)
 '''
 JOB_USER = "m2d-job"  # made by deploy/testbed/accounts.sh
+GATEWAY_USER = "m2d"
 MODELS_IN_JOB = "/opt/m2d/models/torch/hub/checkpoints/resnet18-f37072fd.pth"
 
 
@@ -256,6 +281,7 @@ def _for_the_job(path: Path, mode: int) -> None:
 
 def _run_job(root: Path, main_py: str, **kw):
     """Render, submit as the job account and wait for one job; return (JobInfo, stdout, stderr, spec)."""
+    kw.setdefault("credential_user", GATEWAY_USER)
     spec = _spec(root, image=BASE_IMAGE, apptainer=str(APPTAINER), cpus=1,
                  mem="512M", time="00:05:00", mlflow_url="http://127.0.0.1:5999",
                  mlflow_upstream="http://127.0.0.1:5999", **kw)
@@ -269,8 +295,9 @@ def _run_job(root: Path, main_py: str, **kw):
     (spec.code_dir / "main.py").write_text(main_py)
     shutil.copy(RELAY_SOURCE, spec.relay)
     spec.credentials.write_text("nobody\nnot-a-password\n")
-    spec.credentials.chmod(0o640)
-    script = write_job_script(spec, spec.relay.parent / "job.sbatch")
+    spec.credentials.chmod(0o600)  # the gateway's alone: the job gets it from the wrapper
+    shutil.chown(spec.credentials, GATEWAY_USER, GATEWAY_USER)
+    script = write_job_script(spec, spec.relay.parent / ("dryrun.sbatch" if spec.dry_run else "job.sbatch"))
     sched = CliScheduler(env={"SLURM_CONF": os.environ["SLURM_CONF"]}, job_user=JOB_USER)
     job = sched.submit(script, spec.job_name)
     deadline = time.monotonic() + 120
