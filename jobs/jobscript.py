@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from gateway.templating import render
 
 __all__ = ["JobSpec", "render_job_script", "write_job_script", "job_name", "log_path", "RELAY_SOURCE",
-           "EXPORT_FULL_EXIT", "SLURM_WRAPPER", "export_image_kib", "size_text"]
+           "EXPORT_FULL_EXIT", "SLURM_WRAPPER", "export_image_kib", "export_inodes", "size_text"]
 
 TEMPLATE = "singularity/job.sbatch.j2"
 RELAY_SOURCE = Path(__file__).resolve().parent / "relay.py"
@@ -47,17 +47,31 @@ SLURM_WRAPPER = "/usr/local/libexec/m2d/m2d-slurm"  # deploy/libexec/m2d-slurm, 
 EXPORT_FULL_EXIT = 95  # the job's exit code when /mnt/export filled up
 
 # The export image: ext3 (what Apptainer mounts unprivileged, with fuse2fs),
-# 4 KiB blocks, 1% reserved (below which fuse2fs stops writers), a 4 MiB
-# journal; room for the limit, the reserve, inode tables and metadata.
+# 4 KiB blocks, no room to grow, 1% reserved (fuse2fs stops writers there),
+# a 4 MiB journal.  Measured: it holds the limit and 56-116 KiB more, and
+# export_max_files files and up to a few dozen more (inode tables come in
+# whole blocks).
 _BLOCK = 4096
 _JOURNAL = 4 * 1024**2
 _INODE = 256
+_GROUP = _BLOCK * 8 * _BLOCK  # bytes one block bitmap covers
+MKE2FS_OPTIONS = ("-t", "ext3", "-b", str(_BLOCK), "-m", "1", "-J", f"size={_JOURNAL // 1024**2}",
+                  "-O", "^resize_inode")
+
+
+def export_inodes(max_files: int) -> int:
+    """Inodes to ask of mke2fs: the files, the root folder and ext3's reserved ones."""
+    return max_files + 10
 
 
 def export_image_kib(max_bytes: int, max_files: int) -> int:
-    """The size of the export image, in KiB, that holds ``max_bytes`` of files."""
+    """The size of the export image, in KiB, whose free space (past the 1%
+    reserve) is ``max_bytes``: the data, the journal, the inode tables, and
+    each block group's bitmaps and descriptors."""
     data = -(-max_bytes // _BLOCK) * _BLOCK
-    size = data + data // 99 + _JOURNAL + (max_files + 64) * _INODE + data // 256 + 2 * 1024**2
+    inodes = -(-export_inodes(max_files) // 16) * 16 * _INODE
+    meta = (-(-data // _GROUP) or 1) * 4 * _BLOCK + 64 * 1024
+    size = -(-(data + _JOURNAL + inodes + meta) * 100 // 99)
     return -(-size // 1024)
 
 
@@ -204,7 +218,8 @@ def render_job_script(spec: JobSpec) -> str:
         log_prefix=spec.log_prefix,
         dataset_bind=f"{spec.dataset_dir}:{DATASET_MOUNT}:ro",
         export_mount=EXPORT_MOUNT,
-        export_inodes=spec.export_max_files + 16,  # the root folder and ext3's reserved inodes
+        export_inodes=export_inodes(spec.export_max_files),
+        mke2fs_options=" ".join(MKE2FS_OPTIONS),
         export_image_kib=export_image_kib(spec.export_max_bytes, spec.export_max_files),
         export_limit=f"{size_text(spec.export_max_bytes)} / {spec.export_max_files:,} files",
         log_limit=size_text(spec.log_max_bytes),

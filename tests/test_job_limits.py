@@ -1,0 +1,286 @@
+"""What a job can leave behind is bounded while it writes, and it runs only
+through the root wrapper (deploy/libexec/m2d-slurm), with its own credentials.
+
+Real Slurm, Apptainer and sudo on the testbed (deploy/testbed/); the jobs are
+submitted as the gateway submits them, through the wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.adapters.slurm.cli import SLURM_WRAPPER
+from tests.test_jobscript import GATEWAY_USER, JOB_USER, _for_the_job, _run_job, job_root  # noqa: F401
+
+SUDOERS = Path("/etc/sudoers.d/m2d")
+_SUDO_REFUSED = "a password is required"  # sudo -n's refusal ("... is not allowed to execute" with -u)
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+# ================================================================ the export, while it is written
+
+WRITES_TOO_MUCH = r'''
+import os
+written = 0
+try:
+    with open("/mnt/export/model.pt", "wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(1024 * 1024))
+            written += 1024 * 1024
+except OSError as e:
+    print("stopped after", written, "bytes:", e.strerror)
+print("main.py ends well")  # the job fails all the same
+'''
+
+
+def test_a_job_writing_past_its_byte_limit_is_stopped_and_fails_naming_it(job_root):
+    info, out, err, spec = _run_job(job_root, WRITES_TOO_MUCH, gpus=0,
+                                    export_max_bytes=8 * 1024**2, export_max_files=100)
+    assert "No space left on device" in out and "main.py ends well" in out, out + err
+    assert (info.state, info.exit_code) == ("FAILED", 95), out + err
+    assert err.rstrip().splitlines()[-1].startswith(
+        "m2d: /mnt/export is over its limit of 8 MiB / 100 files (it ran out of bytes)"), err
+    # what it wrote up to the limit is in the export folder, as usual
+    written = (spec.export_dir / "model.pt").stat().st_size
+    assert 8 * 1024**2 - 64 * 1024 <= written <= 8 * 1024**2 + 128 * 1024, written
+
+
+MILLION_FILES = r'''
+import os, time
+started, made = time.monotonic(), 0
+try:
+    for i in range(1_000_000):
+        open(f"/mnt/export/f{i:07d}", "w").close()
+        made += 1
+except OSError as e:
+    print("made", made, "files:", e.strerror)
+print("seconds", round(time.monotonic() - started, 1))
+'''
+
+
+def test_a_job_making_a_million_files_stops_at_the_file_limit_and_fails_naming_it(job_root):
+    info, out, err, spec = _run_job(job_root, MILLION_FILES, gpus=0,
+                                    export_max_bytes=64 * 1024**2, export_max_files=2000)
+    assert (info.state, info.exit_code) == ("FAILED", 95), out + err
+    made = int(out.split("made ", 1)[1].split()[0])
+    assert 2000 <= made <= 2016, out
+    assert "No space left on device" in out
+    assert "it ran out of files" in err.rstrip().splitlines()[-1], err
+    assert len(_files(spec.export_dir)) == made  # all of them, and no more, for the gateway to walk
+
+
+def test_a_job_within_its_limits_exports_as_before(job_root):
+    main_py = ("import os\n"
+               "os.makedirs('/mnt/export/results/plots')\n"
+               "open('/mnt/export/results/metrics.json', 'w').write('{\"auc\": 0.9}')\n"
+               "open('/mnt/export/results/plots/roc.txt', 'w').write('roc')\n"
+               "os.symlink('/etc/passwd', '/mnt/export/link')\n")
+    info, out, err, spec = _run_job(job_root, main_py, gpus=0, export_max_bytes=8 * 1024**2)
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), out + err
+    assert (spec.export_dir / "results" / "metrics.json").read_text() == '{"auc": 0.9}'
+    assert (spec.export_dir / "results" / "plots" / "roc.txt").read_text() == "roc"
+    assert os.readlink(spec.export_dir / "link") == "/etc/passwd"  # a link stays a link, never followed
+    assert not (spec.export_dir / "lost+found").exists()
+    assert "over its limit" not in err
+
+
+# ================================================================ the logs
+
+FLOODS_THE_LOGS = r'''
+import sys
+chunk = "x" * 1023 + "\n"
+for _ in range(4096):            # 4 MiB on each stream
+    sys.stdout.write(chunk)
+    sys.stderr.write(chunk)
+print("the end", file=sys.stderr)
+'''
+
+
+def test_stdout_and_stderr_are_cut_at_their_limit_and_say_so(job_root):
+    info, out, err, _ = _run_job(job_root, FLOODS_THE_LOGS, gpus=0, log_max_bytes=64 * 1024)
+    assert (info.state, info.exit_code) == ("COMPLETED", 0), err[-2000:]
+    assert len(out) < 64 * 1024 + 200 and len(err) < 64 * 1024 + 1000, (len(out), len(err))
+    assert "m2d: the job's stdout went over its limit of 64 KiB:" in out
+    dropped = int(err.split("m2d: the job's stderr went over its limit of 64 KiB: ", 1)[1].split()[0])
+    assert dropped >= 4096 * 1024 - 64 * 1024, err[-500:]  # and the relay's lines, which count too
+
+
+# ================================================================ sudo: the wrapper and nothing else
+
+def _as_gateway(argv: list[str], cwd: str = "/") -> subprocess.CompletedProcess:
+    """``argv`` as the gateway's account under the testbed's sudo rules,
+    without any rule kept for gateways from before the wrapper
+    (M2D_SUDO_LEGACY_SLURM in deploy/testbed/accounts.sh): in a private mount
+    namespace, so other gateways on a shared testbed keep theirs."""
+    narrowed = "".join(line for line in SUDOERS.read_text().splitlines(keepends=True)
+                       if "M2D_LEGACY_SLURM" not in line)
+    with tempfile.NamedTemporaryFile("w", dir="/tmp", prefix="sudoers-", delete=False) as f:
+        f.write(narrowed)
+    os.chmod(f.name, 0o440)
+    try:
+        inner = 'mount --bind "$0" /etc/sudoers.d/m2d && exec setpriv --reuid="$1" --regid="$1" --init-groups -- "${@:2}"'
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", inner,
+                               f.name, GATEWAY_USER, *argv],
+                              capture_output=True, text=True, timeout=60, cwd=cwd)
+    finally:
+        os.unlink(f.name)
+
+
+@pytest.mark.parametrize("argv", [
+    ["sudo", "-n", "-u", JOB_USER, "/usr/bin/sbatch", "--wrap", "id"],
+    ["sudo", "-n", "-u", JOB_USER, "/usr/bin/sbatch", "/tmp/anything.sbatch"],
+    ["sudo", "-n", "-u", JOB_USER, "/usr/bin/scancel", "-u", JOB_USER],
+    ["sudo", "-n", "-u", JOB_USER, "/bin/sh", "-c", "id"],
+    ["sudo", "-n", "-u", "root", "/usr/bin/sbatch", "--wrap", "id"],
+    ["sudo", "-n", "-u", GATEWAY_USER, SLURM_WRAPPER, "credential"],  # the job account's rule, not the gateway's
+    ["sudo", "-n", SLURM_WRAPPER, "credential"],
+])
+def test_the_gateway_cannot_run_slurm_as_the_job_account_but_through_the_wrapper(testbed, argv):
+    proc = _as_gateway(argv)
+    assert proc.returncode != 0 and _SUDO_REFUSED in proc.stderr.replace("is not allowed", _SUDO_REFUSED), \
+        (proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def submission(job_root):
+    """A submission folder as gateway.storage makes it, with a batch script
+    and credentials of the gateway's; returns its job folder."""
+    root = job_root / "data"
+    for path in (root, root / "submissions"):
+        path.mkdir()
+        path.chmod(0o711)
+    sub = root / "submissions" / "7"
+    for path, mode in ((sub, 0o2750), (sub / "job", 0o2750), (sub / "export", 0o2770), (sub / "logs", 0o2770)):
+        _for_the_job(path, mode)
+    (sub / "job" / "job.sbatch").write_text("#!/bin/bash\ntrue\n")
+    (sub / "job" / "job.sbatch").chmod(0o750)
+    (sub / "job" / "mlflow.credentials").write_text("alice\nsecret\n")
+    (sub / "job" / "mlflow.credentials").chmod(0o600)
+    for path in (root, root / "submissions", sub, sub / "job", *(sub / "job").iterdir()):
+        shutil.chown(path, user=GATEWAY_USER)
+    return sub / "job"
+
+
+def _wrapper(*args: str) -> subprocess.CompletedProcess:
+    return _as_gateway(["sudo", "-n", SLURM_WRAPPER, *args])
+
+
+def test_the_wrapper_refuses_what_the_gateway_would_never_submit(submission):
+    script = str(submission / "job.sbatch")
+    cases = {
+        "a name that is not <prefix>-<id>": ("submit", script, "m2d-8"),
+        "a dry run's name for the real script": ("submit", script, "m2d-7-dry"),
+        "an option for a name": ("submit", script, "--wrap=id"),
+        "an option for an account": ("submit", script, "m2d-7", "--wrap=id"),
+        "one argument too many": ("submit", script, "m2d-7", "acct", "--wrap=id"),
+        "a script outside a submission's job folder": ("submit", "/tmp/x/submissions/7/code/job.sbatch", "m2d-7"),
+        "a path through ..": ("submit", str(submission / ".." / "job" / "job.sbatch"), "m2d-7"),
+        "a job id that is not one": ("cancel", "-u"),
+        "scancel's options": ("cancel", "--user=m2d-job"),
+    }
+    for what, args in cases.items():
+        proc = _wrapper(*args)
+        assert proc.returncode == 2 and "m2d-slurm: refused" in proc.stderr, (what, proc.stderr)
+    # sudo itself allows only submit and cancel
+    proc = _wrapper("sbatch", "--wrap", "id")
+    assert proc.returncode == 1 and _SUDO_REFUSED in proc.stderr, proc.stderr
+
+
+def test_the_wrapper_refuses_a_script_or_credentials_the_job_account_could_have_written(submission):
+    script = submission / "job.sbatch"
+    link = submission.parent.parent / "8"
+    link.symlink_to(submission.parent)  # submissions/8 -> submissions/7
+    proc = _wrapper("submit", str(link / "job" / "job.sbatch"), "m2d-8")
+    assert proc.returncode == 2 and "no symlinks" in proc.stderr, proc.stderr
+    shutil.chown(script, user=JOB_USER)
+    proc = _wrapper("submit", str(script), "m2d-7")
+    assert proc.returncode == 2 and "is not owned by m2d or root" in proc.stderr, proc.stderr
+    shutil.chown(script, user=GATEWAY_USER)
+    script.chmod(0o770)
+    proc = _wrapper("submit", str(script), "m2d-7")
+    assert proc.returncode == 2 and "writable by its group or others" in proc.stderr, proc.stderr
+    script.chmod(0o750)
+    submission.chmod(0o2770)  # the job account could swap the script
+    proc = _wrapper("submit", str(script), "m2d-7")
+    assert proc.returncode == 2 and "can be written by others" in proc.stderr, proc.stderr
+    submission.chmod(0o2750)
+    (submission / "mlflow.credentials").chmod(0o640)
+    proc = _wrapper("submit", str(script), "m2d-7")
+    assert proc.returncode == 2 and "readable by its owner alone" in proc.stderr, proc.stderr
+
+
+# ================================================================ each job its own credentials
+
+ESCAPED = r'''#!/bin/bash
+#SBATCH --output={out}/a-%j.out
+# What code that got out of the container could do, as the job account on
+# the node, inside job A: read B's login, ask the wrapper twice.
+echo "B: $(cat {b_credentials} 2>&1)"
+echo "own: $(sudo -n -u {gateway} {wrapper} credential 2>&1 | head -1)"
+echo "again: $(sudo -n -u {gateway} {wrapper} credential 2>&1)"
+# a job of its own making (the job account may sbatch), whose folder is B's
+forged=$(sbatch --parsable -o /dev/null --chdir={b_job} --wrap \
+  "sudo -n -u {gateway} {wrapper} credential > {out}/forged.txt 2>&1")
+for _ in $(seq 300); do [ -s {out}/forged.txt ] && break; sleep 0.3; done
+echo "forged: $(cat {out}/forged.txt)"
+'''
+
+
+def _submission(root: Path, number: int, login: str) -> Path:
+    sub = root / "submissions" / str(number)
+    for path, mode in ((sub, 0o2750), (sub / "job", 0o2750), (sub / "export", 0o2770), (sub / "logs", 0o2770)):
+        _for_the_job(path, mode)
+    credentials = sub / "job" / "mlflow.credentials"
+    credentials.write_text(f"{login}\npassword-of-{login}\n")
+    credentials.chmod(0o600)
+    for path in (sub, sub / "job", credentials):
+        shutil.chown(path, user=GATEWAY_USER)
+    return sub
+
+
+def test_a_job_gets_its_own_owners_credentials_and_no_other(job_root):
+    """Job A's code, out of its container, as the job account (every job runs
+    as it): B's login file is the gateway's alone; the wrapper hands A its own
+    login once, and a job made by the job account itself gets none."""
+    from gateway.adapters.slurm.cli import CliScheduler
+    root = job_root / "data"
+    for path in (root, root / "submissions"):
+        path.mkdir()
+        path.chmod(0o711)
+    shutil.chown(root, user=GATEWAY_USER)
+    shutil.chown(root / "submissions", user=GATEWAY_USER)
+    a, b = _submission(root, 1, "alice"), _submission(root, 2, "bob")
+    out = job_root / "out"
+    _for_the_job(out, 0o2770)
+    script = a / "job" / "job.sbatch"
+    script.write_text(ESCAPED.format(b_credentials=b / "job" / "mlflow.credentials", gateway=GATEWAY_USER,
+                                     wrapper=SLURM_WRAPPER, b_job=b / "job", out=out))
+    script.chmod(0o750)
+    shutil.chown(script, user=GATEWAY_USER)
+    sched = CliScheduler(env={"SLURM_CONF": os.environ["SLURM_CONF"]}, job_user=JOB_USER)
+    # through the gateway's own sudo rule (no legacy rule), as the gateway submits
+    proc = _as_gateway(["sudo", "-n", SLURM_WRAPPER, "submit", str(script), "m2dtest-1"])
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    deadline = time.monotonic() + 120
+    while not ((info := sched.statuses([job]).get(job)) and info.finished):
+        assert time.monotonic() < deadline, f"job {job} not finished: {info}"
+        time.sleep(0.5)
+    text = (out / f"a-{job}.out").read_text()
+    lines = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    assert "Permission denied" in lines["B"] and "bob" not in text, text
+    assert lines["own"] == "alice", text
+    assert "handed over already" in lines["again"] and "password-of-alice" not in lines["again"], text
+    assert "was not submitted by the gateway" in lines["forged"], text
+    assert pwd.getpwuid((b / "job" / "mlflow.credentials").stat().st_uid).pw_name == GATEWAY_USER
