@@ -299,3 +299,53 @@ def test_a_job_gets_its_own_owners_credentials_and_no_other(job_root):
     assert "handed over already" in lines["again"] and "password-of-alice" not in lines["again"], text
     assert "was not submitted by the gateway" in lines["forged"], text
     assert pwd.getpwuid((b / "job" / "mlflow.credentials").stat().st_uid).pw_name == GATEWAY_USER
+
+
+# ================================================================ through the gateway
+
+MILLION_FILES_NESTED = r'''
+import os
+made = 0
+try:
+    for d in range(1000):
+        os.mkdir(f"/mnt/export/d{d:03d}")
+        made += 1
+        for i in range(1000):
+            open(f"/mnt/export/d{d:03d}/{'n' * 200}{i:04d}", "w").close()
+            made += 1
+except OSError as e:
+    print("made", made, "files and folders:", e.strerror, flush=True)
+'''
+
+
+def test_a_million_files_through_the_gateway_fail_on_the_limit_and_every_poll_goes_on(stack, tmp_path):
+    """A real job and a dry run each try to make a million files with long
+    names: each fails on EXPORT_MAX_FILES with the limit named, the poller
+    records the end of another researcher's job meanwhile, and the export's
+    manifest and the API stay quick."""
+    from tests.stack import SAMPLES, zip_folder
+    limit = int(stack.env.get("M2D_EXPORT_MAX_FILES", 10_000))
+    hostile = stack.researcher("million", dry_run=False)
+    hostile_dry = stack.researcher("million-dry")
+    other = stack.researcher("bystander", dry_run=False)
+    zipped = zip_folder(SAMPLES / "iris", tmp_path / "million.zip", extra={"main.py": MILLION_FILES_NESTED})
+    real, dry = hostile.submit(zipped), hostile_dry.submit(zipped)
+    fails = other.submit(zip_folder(SAMPLES / "iris", tmp_path / "fails.zip",
+                                    extra={"main.py": "raise SystemExit('bystander fails on purpose')\n"}))
+
+    done = hostile.wait_until(real, ("failed", "completed"), timeout=1200)
+    assert done["status"] == "failed" and done["exit_code"] == 95, done
+    assert done["reason"].startswith(f"EXPORT_FULL: /mnt/export is over its limit of 2 GiB / {limit:,} files")
+    assert "it ran out of files" in done["error"], done["error"]
+    started = time.monotonic()
+    listing = hostile.api("GET", f"/submissions/{real}/export")
+    assert listing.status_code < 500 and time.monotonic() - started < 30, listing.text[:500]
+    export = Path(stack.env["M2D_DATA_DIR"]) / "submissions" / str(real) / "export"
+    assert limit <= sum(1 for _ in export.rglob("*")) <= limit + 64
+
+    failed_dry = hostile_dry.wait_until(dry, ("dry_run_failed", "dry_run_passed"), timeout=1200)
+    assert failed_dry["status"] == "dry_run_failed" and failed_dry["dry_run"]["exit_code"] == 95, failed_dry
+    assert "over its limit of 2 GiB" in failed_dry["dry_run"]["log"]
+
+    bystander = other.wait_until(fails, ("failed", "completed"), timeout=1200)
+    assert bystander["status"] == "failed" and "bystander fails on purpose" in bystander["error"]
