@@ -342,6 +342,9 @@ def test_a_million_files_through_the_gateway_fail_on_the_limit_and_every_poll_go
     assert listing.status_code < 500 and time.monotonic() - started < 30, listing.text[:500]
     export = Path(stack.env["M2D_DATA_DIR"]) / "submissions" / str(real) / "export"
     assert limit <= sum(1 for _ in export.rglob("*")) <= limit + 64
+    # the owner's MLflow login, which the job got through the wrapper: the gateway's alone
+    login = (export.parent / "job" / "mlflow.credentials").stat()
+    assert (login.st_mode & 0o777, pwd.getpwuid(login.st_uid).pw_name) == (0o600, GATEWAY_USER)
 
     failed_dry = hostile_dry.wait_until(dry, ("dry_run_failed", "dry_run_passed"), timeout=1200)
     assert failed_dry["status"] == "dry_run_failed" and failed_dry["dry_run"]["exit_code"] == 95, failed_dry
