@@ -101,13 +101,18 @@ def test_a_job_within_its_limits_exports_as_before(job_root):
                "os.makedirs('/mnt/export/results/plots')\n"
                "open('/mnt/export/results/metrics.json', 'w').write('{\"auc\": 0.9}')\n"
                "open('/mnt/export/results/plots/roc.txt', 'w').write('roc')\n"
-               "os.symlink('/etc/passwd', '/mnt/export/link')\n")
+               "os.symlink('/etc/passwd', '/mnt/export/link')\n"
+               "os.mkfifo('/mnt/export/fifo')\n"
+               "open('/mnt/export/hidden', 'w').write('h')\n"
+               "os.chmod('/mnt/export/hidden', 0o4000)\n")
     info, out, err, spec = _run_job(job_root, main_py, gpus=0, export_max_bytes=8 * 1024**2)
     assert (info.state, info.exit_code) == ("COMPLETED", 0), out + err
     assert (spec.export_dir / "results" / "metrics.json").read_text() == '{"auc": 0.9}'
     assert (spec.export_dir / "results" / "plots" / "roc.txt").read_text() == "roc"
     assert os.readlink(spec.export_dir / "link") == "/etc/passwd"  # a link stays a link, never followed
-    assert not (spec.export_dir / "lost+found").exists()
+    assert not (spec.export_dir / "lost+found").exists() and not (spec.export_dir / "fifo").exists()
+    # the gateway (the group) may read and delete what the job wrote, whatever modes it set; no setuid
+    assert (spec.export_dir / "hidden").stat().st_mode & 0o7777 == 0o060
     assert "over its limit" not in err
 
 
