@@ -357,3 +357,48 @@ def test_a_million_files_through_the_gateway_fail_on_the_limit_and_every_poll_go
 
     bystander = other.wait_until(fails, ("failed", "completed"), timeout=1200)
     assert bystander["status"] == "failed" and "bystander fails on purpose" in bystander["error"]
+
+
+def test_the_relay_holding_a_login_is_closed_to_other_processes_of_the_job_account(job_root):
+    """Every job's relay runs as the job account: another job's process (the
+    same uid) must not read its memory, environment or open files."""
+    from jobs.jobscript import RELAY_SOURCE
+    folder = job_root / "relay"
+    folder.mkdir()
+    shutil.chown(folder, user=JOB_USER)
+    folder.chmod(0o700)
+    relay = folder / "relay.py"
+    shutil.copy(RELAY_SOURCE, relay)
+    shutil.chown(relay, user=JOB_USER)
+    as_job = ["setpriv", f"--reuid={JOB_USER}", f"--regid={JOB_USER}", "--init-groups", "--"]
+    proc = subprocess.Popen([*as_job, "/usr/bin/python3", str(relay), "serve", "--socket", str(folder / "sock"),
+                             "--ready-file", str(folder / "ready"), "--upstream", "http://127.0.0.1:5999",
+                             "--password-file", "-", "--experiment-id", "1", "--experiment-name", "x"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    neighbour = subprocess.Popen([*as_job, "sleep", "60"])  # an ordinary process of the same account
+    try:
+        proc.stdin.write(b"alice\nsecret-of-alice\n")
+        proc.stdin.close()
+        deadline = time.monotonic() + 30
+        while not (folder / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+
+        def peek(pid: int) -> list[str]:
+            code = ("import sys\nfor name in ('environ', 'mem', 'fd/0', 'cmdline'):\n"
+                    "    try:\n        open(f'/proc/{sys.argv[1]}/{name}', 'rb').read(1)\n"
+                    "        print(name, 'read')\n"
+                    "    except OSError as e:\n        print(name, type(e).__name__)\n")
+            return subprocess.run([*as_job, "/usr/bin/python3", "-c", code, str(pid)], capture_output=True, text=True,
+                                  timeout=30).stdout.split("\n")
+        # the neighbour's environ and fds are open to the account (the check means something) ...
+        assert "environ read" in peek(neighbour.pid)
+        # ... the relay's are not
+        seen = peek(proc.pid)
+        assert {"environ PermissionError", "fd/0 PermissionError"} <= set(seen), seen
+        assert "mem read" not in seen, seen
+    finally:
+        proc.terminate()
+        neighbour.terminate()
+        proc.wait(timeout=30)
+        neighbour.wait(timeout=30)

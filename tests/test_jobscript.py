@@ -149,7 +149,7 @@ def test_no_credential_reaches_the_container_or_the_script():
     wrapped = render_job_script(_spec(Path("/srv/m2d"), credential_user="m2d"))
     assert ("sudo -n -u m2d /usr/local/libexec/m2d/m2d-slurm credential | \\\n"
             "python3 \"$run_dir/relay.py\" serve") in wrapped
-    assert "--password-file /dev/stdin" in wrapped and "mlflow.credentials" not in wrapped
+    assert "--password-file - " in wrapped and "mlflow.credentials" not in wrapped
     assert "--upstream http://10.0.0.5:5001" in script
     assert "--experiment-id 7 --experiment-name alice-3" in script
     assert "/srv/m2d/submissions/42/job" not in " ".join(_apptainer_argv(script))
