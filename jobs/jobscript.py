@@ -48,9 +48,10 @@ EXPORT_FULL_EXIT = 95  # the job's exit code when /mnt/export filled up
 
 # The export image: ext3 (what Apptainer mounts unprivileged, with fuse2fs),
 # 4 KiB blocks, no room to grow, 1% reserved (fuse2fs stops writers there),
-# a 4 MiB journal.  Measured: it holds the limit and 56-116 KiB more, and
-# export_max_files files and up to a few dozen more (inode tables come in
-# whole blocks).
+# a 4 MiB journal.  Measured: it holds the limit less 8-68 KiB (never
+# more: the gateway's own check, EXPORT_TOO_LARGE, then never fires first),
+# and export_max_files files and up to a few dozen more (inode tables come
+# in whole blocks).
 _BLOCK = 4096
 _JOURNAL = 4 * 1024**2
 _INODE = 256
@@ -71,7 +72,7 @@ def export_image_kib(max_bytes: int, max_files: int) -> int:
     data = -(-max_bytes // _BLOCK) * _BLOCK
     inodes = -(-export_inodes(max_files) // 16) * 16 * _INODE
     meta = (-(-data // _GROUP) or 1) * 4 * _BLOCK + 64 * 1024
-    size = -(-(data + _JOURNAL + inodes + meta) * 100 // 99)
+    size = -(-(data + _JOURNAL + inodes + meta) * 100 // 99) - 128 * 1024
     return -(-size // 1024)
 
 
