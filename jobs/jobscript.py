@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from gateway.templating import render
 
 __all__ = ["JobSpec", "render_job_script", "write_job_script", "job_name", "log_path", "RELAY_SOURCE",
-           "EXPORT_FULL_EXIT", "SLURM_WRAPPER", "export_image_kib", "export_inodes", "size_text"]
+           "EXPORT_FULL_EXIT", "TIME_UP_EXIT", "SLURM_WRAPPER", "export_image_kib", "export_inodes", "size_text"]
 
 TEMPLATE = "singularity/job.sbatch.j2"
 RELAY_SOURCE = Path(__file__).resolve().parent / "relay.py"
@@ -45,6 +45,8 @@ DRY_RUN_LOG_PREFIX = "dryrun"  # <log_dir>/dryrun-<jobid>.out / .err
 DRY_RUN_JOB_SUFFIX = "-dry"
 SLURM_WRAPPER = "/usr/local/libexec/m2d/m2d-slurm"  # deploy/libexec/m2d-slurm, installed by root
 EXPORT_FULL_EXIT = 95  # the job's exit code when /mnt/export filled up
+TIME_UP_EXIT = 97      # ... when it reached its time limit (stopped to keep its export)
+COPY_OUT_SECONDS = 60  # how long before its time limit a job is stopped (Slurm's --signal)
 
 # The export image: ext3 (what Apptainer mounts unprivileged, with fuse2fs),
 # 4 KiB blocks, no room to grow, 1% reserved (fuse2fs stops writers there),
@@ -138,6 +140,7 @@ class JobSpec:
     export_max_bytes: int = 2 * 1024**3
     export_max_files: int = 10_000
     log_max_bytes: int = 10 * 1024**2
+    copy_out_seconds: int = COPY_OUT_SECONDS
     # The gateway's account: the job asks the wrapper, as it, for its owner's
     # MLflow login (sudo rule of the job account).  None: the job runs as
     # the gateway's account itself and reads ``credentials`` (no JOB_USER).
@@ -224,6 +227,7 @@ def render_job_script(spec: JobSpec) -> str:
         export_image_kib=export_image_kib(spec.export_max_bytes, spec.export_max_files),
         export_limit=f"{size_text(spec.export_max_bytes)} / {spec.export_max_files:,} files",
         log_limit=size_text(spec.log_max_bytes),
+        time_up_exit=TIME_UP_EXIT,
         code_bind=f"{spec.code_dir}:{CODE_MOUNT}:ro",
         relay_in_container=f"{RUN_MOUNT}/relay.py",
         run_mount=RUN_MOUNT,

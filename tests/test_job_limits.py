@@ -116,6 +116,20 @@ def test_a_job_within_its_limits_exports_as_before(job_root):
     assert "over its limit" not in err
 
 
+def test_a_job_that_runs_out_of_time_still_leaves_its_export(job_root):
+    main_py = ("import time\n"
+               "open('/mnt/export/checkpoint.pt', 'wb').write(b'c' * 4096)\n"
+               "print('written', flush=True)\n"
+               "time.sleep(600)\n")
+    info, out, err, spec = _run_job(job_root, main_py, gpus=0, time="00:02:00", copy_out_seconds=30)
+    # stopped 30 s before its limit (Slurm: up to 60 s earlier) to keep its export
+    assert (info.state, info.exit_code) == ("FAILED", 97), (info, err)
+    assert "m2d: the job reached its time limit of 00:02:00" in err
+    # read back from the image in the moment Slurm gives the batch script (KillWait)
+    assert (spec.export_dir / "checkpoint.pt").is_file(), err
+    assert (spec.export_dir / "checkpoint.pt").read_bytes() == b"c" * 4096
+
+
 # ================================================================ the logs
 
 FLOODS_THE_LOGS = r'''

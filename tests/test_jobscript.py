@@ -54,7 +54,7 @@ def _apptainer_argv(script: str) -> list[str]:
     """The container's command line, from the apptainer binary to main.py."""
     start = script.index(" exec \\\n  --containall")
     start = script.rindex("\n", 0, start) + 1
-    line = script[start:script.index("|| status=$?", start)].replace("\\\n", " ")
+    line = script[start:script.index(" \\\n  &\ncontainer_pid=$!", start)].replace("\\\n", " ")
     # expand only what the job's shell would: the GPU list Slurm hands over, the run folder
     line = (line.replace("${CUDA_VISIBLE_DEVICES:-}", "0").replace("$export_img", "$run_dir/export.img")
             .replace("$run_dir", "/tmp/m2d-job-1.x"))
@@ -72,6 +72,7 @@ def test_directives_name_the_job_and_its_resources():
         "--output=/srv/m2d/submissions/42/logs/slurm-%j.out",
         "--error=/srv/m2d/submissions/42/logs/slurm-%j.err",
         "--time=2-00:00:00",
+        "--signal=B:USR1@60",  # time to read the export back before the limit
         "--mem=16G",
         "--cpus-per-task=4",
         "--gres=gpu:2",
@@ -282,8 +283,9 @@ def _for_the_job(path: Path, mode: int) -> None:
 def _run_job(root: Path, main_py: str, **kw):
     """Render, submit as the job account and wait for one job; return (JobInfo, stdout, stderr, spec)."""
     kw.setdefault("credential_user", GATEWAY_USER)
+    kw.setdefault("time", "00:05:00")
     spec = _spec(root, image=BASE_IMAGE, apptainer=str(APPTAINER), cpus=1,
-                 mem="512M", time="00:05:00", mlflow_url="http://127.0.0.1:5999",
+                 mem="512M", mlflow_url="http://127.0.0.1:5999",
                  mlflow_upstream="http://127.0.0.1:5999", **kw)
     for path in (root / "submissions", root / "submissions" / "42"):
         path.mkdir(exist_ok=True)
@@ -300,7 +302,7 @@ def _run_job(root: Path, main_py: str, **kw):
     script = write_job_script(spec, spec.relay.parent / ("dryrun.sbatch" if spec.dry_run else "job.sbatch"))
     sched = CliScheduler(env={"SLURM_CONF": os.environ["SLURM_CONF"]}, job_user=JOB_USER)
     job = sched.submit(script, spec.job_name)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # a TIMEOUT job: its limit and Slurm's check interval
     while True:
         info = sched.statuses([job]).get(job)
         if info and info.finished:
