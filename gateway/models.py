@@ -7,9 +7,10 @@ from flask_login import UserMixin
 from sqlalchemy import Index, UniqueConstraint
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from m2d.contract.states import Status
+
 from . import secrets as sealed
 from .extensions import db
-from .states import Status
 
 
 def utcnow():

@@ -4,15 +4,16 @@ from flask import Blueprint, abort, current_app, flash, jsonify, redirect, rende
 from flask_login import current_user, login_required
 from werkzeug.datastructures import FileStorage
 
+from m2d.contract.states import IllegalTransition, Status
+from m2d.contract.validation import Refusal
+
 from . import intake, lifecycle, pagination, usage
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler, queue_position
 from .api import mlflow_settings
 from .extensions import db
 from .models import ApiToken, Build, Email, Submission, utcnow
-from .states import IllegalTransition, Status
 from .storage import SubmissionFiles
-from .validation import Refusal
 
 bp = Blueprint("submissions", __name__)
 PER_PAGE = 20

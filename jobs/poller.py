@@ -22,8 +22,8 @@ from gateway.adapters.slurm.reasons import explain
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import AccountEmail, Email, Submission, User, utcnow
-from gateway.states import Status
 from gateway.storage import SubmissionFiles
+from m2d.contract.states import Status
 
 from .jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_path, size_text
 

@@ -32,10 +32,10 @@ from gateway.config import required
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import DRY_RUN_EXPORT_FOLDER, Build, Submission, User, utcnow
-from gateway.states import DRY_RUN_ACTIVE, Status
 from gateway.storage import SubmissionFiles, job_gid, write_private
-from gateway.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
-from m2d import twin
+from m2d.contract import twin
+from m2d.contract.states import DRY_RUN_ACTIVE, Status
+from m2d.contract.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
 
 from . import mail, poller
 from .jobscript import RELAY_SOURCE, JobSpec, job_name, write_job_script

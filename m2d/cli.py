@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__, archive, config
+from .errors import ApiError, LocalRunError
 
 RUN_HELP = """\
 Run a submission on this machine the way the platform runs it. The folder is
@@ -56,16 +57,12 @@ def main(argv: list[str] | None = None) -> int:
                      prefix=f"m2d: the platform would refuse {getattr(args, 'source', 'this zip')}:\n")
     except (config.NotLoggedIn, FileExistsError, NotADirectoryError, ValueError) as e:
         return _fail(args, type(e).__name__, str(e))
-    except Exception as e:
-        # The client's and the local runner's errors carry a code and a message that
-        # says what to do; anything else is a bug and keeps its traceback.
-        from .client import ApiError
-        from .errors import LocalRunError
-        if isinstance(e, ApiError):
-            return _fail(args, e.code, e.message)
-        if isinstance(e, LocalRunError):
-            return _fail(args, "local_run", str(e))
-        raise
+    # The client's and the local runner's errors carry a code and a message that
+    # says what to do; anything else is a bug and keeps its traceback.
+    except ApiError as e:
+        return _fail(args, e.code, e.message)
+    except LocalRunError as e:
+        return _fail(args, "local_run", str(e))
     except KeyboardInterrupt:
         return 130
 
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sample_data(args) -> int:
-    from . import sample_data as generator  # numpy and Pillow: only this command needs them
+    from .contract import sample_data as generator  # numpy and Pillow: only this command needs them
 
     size = generator.parse_size(args.size)
     written = generator.generate(args.out, cases=args.cases, size=size, seed=args.seed)

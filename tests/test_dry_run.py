@@ -9,19 +9,18 @@ command line (submit, wait, status, export); the others through the API."""
 import csv
 import html
 import json
-import os
 import re
-import subprocess
-import sys
 from datetime import datetime, timezone
 
 import pytest
 import requests
 
 from gateway.adapters.slurm.cli import CliScheduler
-from m2d import twin
+from m2d.contract import twin
 
-from .stack import REPO, SAMPLES, zip_folder
+from .helpers.client import m2d_as as m2d
+from .helpers.experiments import metric_history, metrics_in, runs_in
+from .helpers.stack import SAMPLES, zip_folder
 
 FINAL = {"completed", "failed", "build_failed", "dry_run_failed", "cancelled"}
 
@@ -48,43 +47,6 @@ for i in range(300):
     print(f"m2d test: real line {i:03d}", file=sys.stderr)
 sys.exit(4)
 '''
-
-
-def _admin():
-    return os.environ.get("M2D_MLFLOW_ADMIN_USERNAME", "admin"), os.environ["M2D_MLFLOW_ADMIN_PASSWORD"]
-
-
-def metrics_in(experiment_name):
-    """The metrics of every run in ``experiment_name``, read with the admin's login."""
-    return [metrics for _, metrics in runs_in(experiment_name)]
-
-
-def metric_history(run_id, key):
-    """Every value logged for ``key`` in run ``run_id``, by step (MLflow's REST API, the admin's login)."""
-    answer = requests.get(f"{os.environ['M2D_MLFLOW_URL']}/api/2.0/mlflow/metrics/get-history", auth=_admin(),
-                          params={"run_id": run_id, "metric_key": key}, timeout=30)
-    answer.raise_for_status()
-    return {m["step"]: m["value"] for m in answer.json().get("metrics", [])}
-
-
-def runs_in(experiment_name):
-    """(run id, {metric: last value}) of every run in ``experiment_name``."""
-    url = os.environ["M2D_MLFLOW_URL"]
-    found = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", auth=_admin(), timeout=30,
-                         params={"experiment_name": experiment_name})
-    found.raise_for_status()
-    runs = requests.post(f"{url}/api/2.0/mlflow/runs/search", auth=_admin(), timeout=30,
-                         json={"experiment_ids": [found.json()["experiment"]["experiment_id"]]})
-    runs.raise_for_status()
-    return [(run["info"]["run_id"], {m["key"]: m["value"] for m in run["data"].get("metrics", [])})
-            for run in runs.json().get("runs", [])]
-
-
-def m2d(researcher, *args, timeout=60):
-    """`python -m m2d ARGS` as the researcher (their gateway URL and token), finished."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "M2D_URL": researcher.url, "M2D_TOKEN": researcher.token}
-    return subprocess.run([sys.executable, "-m", "m2d", *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def slurm_job_named(name, since):

@@ -9,11 +9,11 @@ import requests
 
 from gateway.extensions import db
 from gateway.models import Build, Submission
-from m2d import twin
+from m2d.contract import twin
 
-from .stack import SAMPLES, zip_folder
+from .helpers.invariants import STATUS_MAILS
+from .helpers.stack import SAMPLES, zip_folder
 
-STATUS_MAILS = ["code received", "queued for execution", "execution started", "execution finished"]
 # built, and its dry run (or job) went to Slurm
 BUILT = {"dry_run_queued", "dry_run_running", "dry_run_passed", "dry_run_failed",
          "queued", "running", "completed", "failed"}

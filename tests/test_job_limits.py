@@ -342,7 +342,7 @@ def test_a_million_files_through_the_gateway_fail_on_the_limit_and_every_poll_go
     names: each fails on EXPORT_MAX_FILES with the limit named, the poller
     records the end of another researcher's job meanwhile, and the export's
     manifest and the API stay quick."""
-    from tests.stack import SAMPLES, zip_folder
+    from tests.helpers.stack import SAMPLES, zip_folder
     limit = int(stack.env.get("M2D_EXPORT_MAX_FILES", 10_000))
     hostile = stack.researcher("million", dry_run=False)
     hostile_dry = stack.researcher("million-dry")

@@ -12,9 +12,9 @@ from gateway.adapters.slurm import JobInfo
 from gateway.adapters.smtp import MailError
 from gateway.extensions import db
 from gateway.models import Email, Event, Submission
-from gateway.states import Status
 from gateway.storage import SubmissionFiles
 from jobs import mail, poller, tasks
+from m2d.contract.states import Status
 
 # the production database too (PostgreSQL: the integration tier)
 pytestmark = pytest.mark.databases("sqlite", "postgresql")

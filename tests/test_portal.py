@@ -24,7 +24,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from gateway.extensions import db
 from gateway.models import User
 
-from .stack import SAMPLES, Stack, wait_for, zip_folder
+from .helpers.stack import SAMPLES, Stack, wait_for, zip_folder
 
 PASSWORD = "correct horse battery staple"
 SCREENS = Path(os.environ.get("M2D_SCREENS", "/tmp/m2d-screens"))

@@ -1,4 +1,4 @@
-"""The synthetic CLaM sample (m2d/sample_data.py): the published layout and columns,
+"""The synthetic CLaM sample (m2d/contract/sample_data.py): the published layout and columns,
 the real sample's shape, both encodings of each image, a signal to learn, and the
 same bytes for the same seed."""
 import re
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from m2d import sample_data
+from m2d.contract import sample_data
 
 HEADERS = Path(__file__).parent / "data" / "clam-csv-headers.tsv"
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The synthetic twin per dataset version (m2d/twin.py): made once by the
+"""The synthetic twin per dataset version (m2d/contract/twin.py): made once by the
 toolkit's generator, atomically, readable by the job account whatever the
 maker's umask; the gateway records the version each submission ran on and
 binds that version's twin in its dry run."""
@@ -14,7 +14,7 @@ from gateway.config import ConfigError
 from gateway.extensions import db
 from gateway.models import Submission, utcnow
 from jobs import tasks
-from m2d import sample_data, twin
+from m2d.contract import sample_data, twin
 
 
 def _files(root):

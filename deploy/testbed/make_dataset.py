@@ -1,4 +1,4 @@
-"""Write the testbed's synthetic CLaM sample (the generator is m2d/sample_data.py).
+"""Write the testbed's synthetic CLaM sample (the generator is m2d/contract/sample_data.py).
 
     python deploy/testbed/make_dataset.py [DEST] [--cases 10] [--seed 0]
     python deploy/testbed/make_dataset.py TWIN_DIR --twin [VERSION]
@@ -6,7 +6,7 @@
 DEST defaults to $M2D_TESTBED_DIR/clam (else /opt/testbed/clam).  An existing,
 complete dataset at DEST is left as it is.  With --twin, the dry runs' synthetic
 twin of that dataset version (default: the gateway's default) goes to
-TWIN_DIR/VERSION (m2d/twin.py: the
+TWIN_DIR/VERSION (m2d/contract/twin.py: the
 parameters the gateway and `m2d run` use).  Needs numpy and Pillow (the
 project's .venv/bin/python, as up.sh runs it).
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 # generator lives in the repository's m2d package, two folders up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from m2d import sample_data, twin  # noqa: E402
+from m2d.contract import sample_data, twin  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ GRANT_PERMISSION = "/api/3.0/mlflow/users/permissions/grant"
 REVOKE_PERMISSION = "/api/3.0/mlflow/users/permissions/revoke"
 GET_PERMISSION = "/api/3.0/mlflow/users/permissions/get"
 SEARCH_RUNS = "/api/2.0/mlflow/runs/search"
-# the tag the job's MLflow relay (jobs/relay.py --run-tag) puts on every run it creates
+# the tag the job's MLflow relay (singularity/relay.py --run-tag) puts on every run it creates
 SLURM_JOB_TAG = "m2d.slurm_job_id"
 
 ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
