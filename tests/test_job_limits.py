@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from gateway.adapters.slurm.cli import SLURM_WRAPPER
-from tests.test_jobscript import GATEWAY_USER, JOB_USER, TESTBED, _for_the_job, _run_job
+from tests.helpers.batch import GATEWAY_USER, JOB_USER, TESTBED
+from tests.helpers.batch import for_the_job as _for_the_job
+from tests.helpers.batch import run_job as _run_job
 
 SUDOERS = Path("/etc/sudoers.d/m2d")
 
