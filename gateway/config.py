@@ -137,9 +137,11 @@ SETTINGS: tuple[Setting, ...] = (
       "and fall back to pip when uv refuses the requirements; empty: pip alone."),
     S("IMAGE_GC_DAYS", int, 30, "Environment images unused this long, and not the image of a submission in "
       "flight, are deleted (`flask --app gateway images gc`, and hourly)."),
-    # Sealed jobs: sbatch/scancel run through `sudo -u JOB_USER` (deploy/testbed/accounts.sh).
+    # Sealed jobs: sbatch/scancel run as JOB_USER through a root wrapper (deploy/libexec/m2d-slurm).
     S("JOB_USER", str, "m2d-job", "The account jobs run as, which can read nothing of the gateway's; empty to "
       "submit as the gateway's own account."),
+    S("SLURM_WRAPPER", str, "/usr/local/libexec/m2d/m2d-slurm", "The root-owned wrapper (deploy/libexec/m2d-slurm) "
+      "that runs sbatch and scancel as JOB_USER with fixed options, through `sudo -n` (docs/admin.md)."),
     S("JOB_GROUP", str, "m2d-job", "Group of a submission's folders (the job reads its code, writes its export "
       "and logs); the gateway's account is a member."),
     S("RELAY_PYTHON", str, "python3", "Python on the compute node that runs singularity/relay.py."),
@@ -236,8 +238,13 @@ SETTINGS: tuple[Setting, ...] = (
     S("RELEASE_DAYS", int, 30, "Days a released export stays downloadable."),
     S("EXPORT_RETENTION_DAYS", int, 90, "Days after its job ended that an unreleased export is deleted (warned "
       "7 days before)."),
-    S("EXPORT_MAX_BYTES", int, 1024**3, "Largest export; checked when the job ends (a job over it fails). A hard "
-      "cap while it runs needs a filesystem quota on the export folders."),
+    # What a job can write while it runs: /mnt/export is a filesystem image of this size and number of
+    # files (made by the job, read back into export/ when it ends); its stdout and stderr are cut.
+    S("EXPORT_MAX_BYTES", int, 2 * 1024**3, "Largest export (bytes; default 2 GiB, a ResNet checkpoint and its "
+      "results): /mnt/export holds no more, in the real job and the dry run; a job that fills it fails."),
+    S("EXPORT_MAX_FILES", int, 10_000, "Most files and folders in /mnt/export; a job that makes more fails."),
+    S("JOB_LOG_MAX_BYTES", int, 10 * 1024**2, "Bytes of a job's stdout and of its stderr kept (Slurm's .out and "
+      ".err); the rest is dropped and counted in a last line."),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import pwd
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timezone
@@ -375,17 +376,22 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: b
         time=time, nv=bool(cfg["APPTAINER_NV"] and gpus),
         job_prefix=cfg["SLURM_JOB_PREFIX"], dry_run=dry_run,
         experiment_alias=user.mlflow_username if dry_run else None,
+        export_max_bytes=cfg["EXPORT_MAX_BYTES"], export_max_files=cfg["EXPORT_MAX_FILES"],
+        log_max_bytes=cfg["JOB_LOG_MAX_BYTES"],
+        # the job asks the wrapper for the login, as this (the gateway's) account
+        credential_user=pwd.getpwuid(os.geteuid()).pw_name if cfg["JOB_USER"] else None,
+        slurm_wrapper=cfg["SLURM_WRAPPER"],
     )
     batch_system = scheduler()
     existing = batch_system.find(spec.job_name, since=submission.created_at.replace(tzinfo=timezone.utc))
     if existing:
         log.info("submission %s already has Slurm job %s (%s)", submission_id, existing, spec.job_name)
         return existing
-    # What the job account reads (group): the relay, and the owner's MLflow
-    # login for it; neither is bound into the container.
-    gid = job_gid()
-    write_private(spec.relay, RELAY_SOURCE.read_text(), gid=gid)
-    write_private(spec.credentials, f"{user.mlflow_username}\n{user.mlflow_password}\n", gid=gid)
+    # What the job account reads (group): the relay.  The owner's MLflow login
+    # is the gateway's alone: the job gets it through the wrapper, which
+    # hands each job its own (deploy/libexec/m2d-slurm credential).
+    write_private(spec.relay, RELAY_SOURCE.read_text(), gid=job_gid())
+    write_private(spec.credentials, f"{user.mlflow_username}\n{user.mlflow_password}\n")
     script = write_job_script(spec, files.job / ("dryrun.sbatch" if dry_run else "job.sbatch"))
     # the researcher's own Slurm account: their fair share, their limits
     job_id = batch_system.submit(script, spec.job_name, account=accounts.slurm_account(user))

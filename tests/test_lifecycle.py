@@ -122,6 +122,24 @@ def test_out_of_memory_says_so_and_names_the_limit(local_app):
     assert "signal" not in submission.reason  # Slurm's 0:125 marks OUT_OF_MEMORY, it is no signal
 
 
+def test_a_full_export_says_so_and_names_the_limits(local_app):
+    local_app.config.update(EXPORT_MAX_BYTES=2 * 1024**3, EXPORT_MAX_FILES=10_000)
+    submission = _queued_submission()
+    poller._apply(submission, _info("FAILED", exit_code=95))  # jobs/jobscript.py's EXPORT_FULL_EXIT
+    db.session.expire_all()
+    assert submission.status == "failed" and submission.exit_code == 95
+    assert submission.reason.startswith("EXPORT_FULL: /mnt/export is over its limit of 2 GiB / 10,000 files")
+
+
+def test_a_job_stopped_at_its_time_limit_to_keep_its_export_is_a_timeout(local_app):
+    local_app.config["SLURM_TIME"] = "02:00:00"
+    submission = _queued_submission()
+    poller._apply(submission, _info("FAILED", exit_code=97))  # jobs/jobscript.py's TIME_UP_EXIT
+    db.session.expire_all()
+    assert submission.status == "failed"
+    assert submission.reason == "TIMEOUT: the job ran past its time limit of 02:00:00"
+
+
 def test_nonzero_exit_is_failed_with_exit_code(local_app):
     submission = _queued_submission()
     poller._apply(submission, _info("FAILED", exit_code=3))
