@@ -137,9 +137,11 @@ SETTINGS: tuple[Setting, ...] = (
       "and fall back to pip when uv refuses the requirements; empty: pip alone."),
     S("IMAGE_GC_DAYS", int, 30, "Environment images unused this long, and not the image of a submission in "
       "flight, are deleted (`flask --app gateway images gc`, and hourly)."),
-    # Sealed jobs: sbatch/scancel run through `sudo -u JOB_USER` (deploy/testbed/accounts.sh).
+    # Sealed jobs: sbatch/scancel run as JOB_USER through a root wrapper (deploy/libexec/m2d-slurm).
     S("JOB_USER", str, "m2d-job", "The account jobs run as, which can read nothing of the gateway's; empty to "
       "submit as the gateway's own account."),
+    S("SLURM_WRAPPER", str, "/usr/local/libexec/m2d/m2d-slurm", "The root-owned wrapper (deploy/libexec/m2d-slurm) "
+      "that runs sbatch and scancel as JOB_USER with fixed options, through `sudo -n` (docs/admin.md)."),
     S("JOB_GROUP", str, "m2d-job", "Group of a submission's folders (the job reads its code, writes its export "
       "and logs); the gateway's account is a member."),
     S("RELAY_PYTHON", str, "python3", "Python on the compute node that runs singularity/relay.py."),
@@ -177,7 +179,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("DRY_RUN", bool, True, "Run every submission first on the synthetic twin; only one that exits 0 lets the "
       "real job go (`flask --app gateway users dry-run EMAIL --skip` for one researcher)."),
     S("TWIN_DIR", str, None, "The synthetic twins, one folder per DATASET_VERSION (TWIN_DIR/<version>, bound at "
-      "/mnt/dataset in a dry run), made by m2d.contract.sample_data on first use as `m2d run` makes its own. On the "
+      "/mnt/dataset in a dry run), made by m2d.contract.sample_data on first use in the shape of DATASET_DIR (its CSV "
+      "files' split, label and view counts, scaled down, at least 4 cases per split and label). On the "
       "filesystem the compute nodes share. Default: DATA_DIR/twins."),
     S("DRY_RUN_PARTITION", str, None, "Partition of dry runs; default: SLURM_PARTITION."),
     S("DRY_RUN_TIME", str, "00:10:00", "Time limit of a dry run."),
@@ -201,6 +204,10 @@ SETTINGS: tuple[Setting, ...] = (
       "job gets MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE of them (log calls are batched, once a second)."),
     S("MLFLOW_JOBS_AT_ONCE", int, 10, "The most jobs running at once on the cluster (its GPU or job slots), "
       "which share MLFLOW_CALLS_PER_SECOND equally."),
+    S("MLFLOW_PAGE_TIMEOUT", float, 5.0, "Seconds each MLflow call may take when a submission's page shows its "
+      "runs; past it the page says MLflow is unreachable."),
+    S("MLFLOW_PAGE_CACHE_SECONDS", int, 30, "Seconds a submission's MLflow runs (and MLflow being unreachable) "
+      "are kept in Redis before a page view asks MLflow again."),
     # Mail
     S("SMTP_HOST", str, "127.0.0.1", "SMTP relay host."),
     S("SMTP_PORT", int, 25, "SMTP relay port."),
@@ -240,8 +247,13 @@ SETTINGS: tuple[Setting, ...] = (
     S("RELEASE_DAYS", int, 30, "Days a released export stays downloadable."),
     S("EXPORT_RETENTION_DAYS", int, 90, "Days after its job ended that an unreleased export is deleted (warned "
       "7 days before)."),
-    S("EXPORT_MAX_BYTES", int, 1024**3, "Largest export; checked when the job ends (a job over it fails). A hard "
-      "cap while it runs needs a filesystem quota on the export folders."),
+    # What a job can write while it runs: /mnt/export is a filesystem image of this size and number of
+    # files (made by the job, read back into export/ when it ends); its stdout and stderr are cut.
+    S("EXPORT_MAX_BYTES", int, 2 * 1024**3, "Largest export (bytes; default 2 GiB, a ResNet checkpoint and its "
+      "results): /mnt/export holds no more, in the real job and the dry run; a job that fills it fails."),
+    S("EXPORT_MAX_FILES", int, 10_000, "Most files and folders in /mnt/export; a job that makes more fails."),
+    S("JOB_LOG_MAX_BYTES", int, 10 * 1024**2, "Bytes of a job's stdout and of its stderr kept (Slurm's .out and "
+      ".err); the rest is dropped and counted in a last line."),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}

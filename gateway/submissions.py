@@ -7,7 +7,7 @@ from werkzeug.datastructures import FileStorage
 from m2d.contract.states import IllegalTransition, Status
 from m2d.contract.validation import Refusal
 
-from . import intake, lifecycle, pagination, usage
+from . import intake, lifecycle, pagination, runs, usage
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler, queue_position
 from .api import mlflow_settings
@@ -97,7 +97,7 @@ def resubmit(submission_id):
 
 def detail_context(submission):
     """What the detail page shows, for its owner and for admins alike."""
-    return {"submission": submission, **_live_values(submission)}
+    return {"submission": submission, "mlflow": runs.for_submission(submission), **_live_values(submission)}
 
 
 def live_response(submission, admin_view):

@@ -25,7 +25,7 @@ from gateway.models import AccountEmail, Email, Submission, User, utcnow
 from gateway.storage import SubmissionFiles
 from m2d.contract.states import Status
 
-from .jobscript import log_path
+from .jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_path, size_text
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,13 @@ def _outcome(submission: Submission, info: JobInfo) -> tuple[Status, dict]:
 
 def _failure_reason(info: JobInfo, explained: dict[str, str]) -> str:
     """Slurm's state in words a researcher can act on."""
+    if info.state == "FAILED" and info.exit_code == EXPORT_FULL_EXIT:  # the batch script's own code
+        cfg = current_app.config
+        return (f"EXPORT_FULL: /mnt/export is over its limit of {size_text(cfg['EXPORT_MAX_BYTES'])} / "
+                f"{cfg['EXPORT_MAX_FILES']:,} files (exit code {EXPORT_FULL_EXIT}). Export only what you want "
+                "released (a model, metrics), never data")
+    if info.state == "FAILED" and info.exit_code == TIME_UP_EXIT:  # stopped by its batch script to keep the export
+        return explained["TIMEOUT"].format_map(current_app.config)
     if info.state in explained:
         # no signal: Slurm's 0:125 for OUT_OF_MEMORY is its marker, not a signal the code got
         return explained[info.state].format_map(current_app.config)

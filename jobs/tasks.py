@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import pwd
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timezone
@@ -377,17 +378,22 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: b
         experiment_alias=user.mlflow_username if dry_run else None,
         mlflow_text_budget=cfg["MLFLOW_TEXT_BUDGET"], mlflow_metric_budget=cfg["MLFLOW_METRIC_BUDGET"],
         mlflow_upstream_rate=cfg["MLFLOW_CALLS_PER_SECOND"] / max(1, cfg["MLFLOW_JOBS_AT_ONCE"]),
+        export_max_bytes=cfg["EXPORT_MAX_BYTES"], export_max_files=cfg["EXPORT_MAX_FILES"],
+        log_max_bytes=cfg["JOB_LOG_MAX_BYTES"],
+        # the job asks the wrapper for the login, as this (the gateway's) account
+        credential_user=pwd.getpwuid(os.geteuid()).pw_name if cfg["JOB_USER"] else None,
+        slurm_wrapper=cfg["SLURM_WRAPPER"],
     )
     batch_system = scheduler()
     existing = batch_system.find(spec.job_name, since=submission.created_at.replace(tzinfo=timezone.utc))
     if existing:
         log.info("submission %s already has Slurm job %s (%s)", submission_id, existing, spec.job_name)
         return existing
-    # What the job account reads (group): the relay, and the owner's MLflow
-    # login for it; neither is bound into the container.
-    gid = job_gid()
-    write_private(spec.relay, RELAY_SOURCE.read_text(), gid=gid)
-    write_private(spec.credentials, f"{user.mlflow_username}\n{user.mlflow_password}\n", gid=gid)
+    # What the job account reads (group): the relay.  The owner's MLflow login
+    # is the gateway's alone: the job gets it through the wrapper, which
+    # hands each job its own (deploy/libexec/m2d-slurm credential).
+    write_private(spec.relay, RELAY_SOURCE.read_text(), gid=job_gid())
+    write_private(spec.credentials, f"{user.mlflow_username}\n{user.mlflow_password}\n")
     script = write_job_script(spec, files.job / ("dryrun.sbatch" if dry_run else "job.sbatch"))
     # the researcher's own Slurm account: their fair share, their limits
     job_id = batch_system.submit(script, spec.job_name, account=accounts.slurm_account(user))
@@ -410,8 +416,23 @@ def _dataset_version(submission: Submission) -> str:
 
 
 def _twin(version: str) -> Path:
-    """The synthetic twin of ``version``, made on first use (the same one `m2d run` makes)."""
-    return twin.ensure(current_app.config["TWIN_DIR"], version)
+    """The synthetic twin of ``version``, made on first use in the shape of the
+    real data (DATASET_DIR's CSV files: split, label and view counts)."""
+    cfg = current_app.config
+    root = cfg["TWIN_DIR"]
+    if version == cfg["DATASET_VERSION"] and cfg["DATASET_DIR"]:
+        try:
+            return twin.ensure(root, version, dataset=cfg["DATASET_DIR"])
+        except PermissionError as e:
+            # where only the job account reads the dataset, the admins make its twin (docs/admin.md)
+            log.info("dataset version %s: the gateway may not read its CSV files (%s); using the twin made for it",
+                     version, e)
+    # DATASET_DIR holds another version now (or is not ours to read): the twin stays as it was made
+    if twin.is_made(root, version):
+        return twin.path(root, version)
+    log.warning("dataset version %s: no twin of it, and the gateway cannot read the counts of its data; making "
+                "one in the published sample's proportions (docs/admin.md: make it from the real counts)", version)
+    return twin.ensure(root, version)
 
 
 def _dry_run_export(files: SubmissionFiles) -> Path:

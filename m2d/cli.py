@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__, archive, config
+from .contract import twin
 from .errors import ApiError, LocalRunError
 
 RUN_HELP = """\
@@ -74,9 +75,12 @@ def sample_data(args) -> int:
     from .contract import sample_data as generator  # numpy and Pillow: only this command needs them
 
     size = generator.parse_size(args.size)
-    written = generator.generate(args.out, cases=args.cases, size=size, seed=args.seed)
+    written = generator.generate(args.out, cases=args.cases, size=size, seed=args.seed, floor=args.min_per_cell)
     if written:
-        text = f"wrote a synthetic CLaM sample to {args.out}: {args.cases} cases, {args.size} images, seed {args.seed}"
+        made = generator.counts(args.out)
+        shape = ", ".join(f"{split} {label} {n}" for (split, label), n in made.cases.items())
+        text = (f"wrote a synthetic CLaM sample to {args.out}: {made.total} cases ({shape}), "
+                f"{args.size} images, seed {args.seed}")
     else:
         text = f"{args.out} already holds a complete dataset; left as it is (remove it to make another)"
     return _done(args, {"out": str(args.out), "written": written}, text)
@@ -356,7 +360,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = command("sample-data", sample_data, "write a synthetic CLaM sample (numpy and Pillow needed)")
     sub.add_argument("--out", required=True, type=Path, help="folder to create (must be absent or empty)")
-    sub.add_argument("--cases", type=int, default=10, help="number of cases (default 10, as the real sample)")
+    sub.add_argument("--cases", type=int, default=10, help="number of cases, in the published sample's "
+                     "proportions of split, label and view (default 10, as the published sample)")
+    sub.add_argument("--min-per-cell", type=int, default=twin.FLOOR, metavar="N",
+                     help=f"then at least N cases of each label in each split, as in the dry run's twin, so "
+                          f"that test-split scores (ROC AUC) are defined (default {twin.FLOOR}; 0: exactly --cases)")
     sub.add_argument("--size", default="128x160", help="image WIDTHxHEIGHT in pixels (default 128x160)")
     sub.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
 

@@ -976,13 +976,16 @@ class UnixRelayServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 
 
 def read_credentials(path: str):
-    # The gateway writes it for the job account: owner and group may read it
-    # (0640, group = the job account's), anyone else not.
-    mode = os.stat(path).st_mode
-    if mode & 0o007:
-        raise SystemExit(f"{path} is readable by others (mode {stat.S_IMODE(mode):o}); it must be 0600 or 0640")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    # "-": stdin, a pipe from the wrapper (deploy/libexec/m2d-slurm credential).
+    # A file: a gateway without a job account writes it 0600; nobody else may read it.
+    if path == "-":
+        lines = sys.stdin.read(4096).splitlines()
+    else:
+        mode = os.stat(path).st_mode
+        if mode & 0o007:
+            raise SystemExit(f"{path} is readable by others (mode {stat.S_IMODE(mode):o}); it must be 0600 or 0640")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
     if len(lines) < 2 or not lines[0] or not lines[1]:
         raise SystemExit(f"{path} must hold the MLflow username on line 1 and the password on line 2")
     return lines[0], lines[1]
@@ -994,7 +997,17 @@ def touch(path: str | None) -> None:
             pass
 
 
+def not_dumpable() -> None:
+    """No other process of the job account (every job runs as it) may read
+    this one's memory or open its files through /proc, nor ptrace it: it
+    holds its owner's MLflow login (prctl PR_SET_DUMPABLE 0)."""
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:
+        raise SystemExit(f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(ctypes.get_errno())}")
+
+
 def serve(args) -> int:
+    not_dumpable()
     username, password = read_credentials(args.password_file)
     upstream = Upstream(args.upstream, username, password, args.upstream_timeout)
     # MLflow's own tags on every run: the relay's values, whatever the job's client sent
@@ -1123,7 +1136,8 @@ def parse_args(argv=None):
     s = modes.add_parser("serve", help="host side: Unix socket -> MLflow, with the owner's credentials")
     s.add_argument("--socket", required=True, help="Unix socket to listen on (in a 0700 per-job folder)")
     s.add_argument("--upstream", required=True, help="MLflow server URL, e.g. http://127.0.0.1:5001")
-    s.add_argument("--password-file", required=True, help="0600 file: username on line 1, password on line 2")
+    s.add_argument("--password-file", required=True, help="0600 file: username on line 1, password on line 2 "
+                   "(-: read them from stdin)")
     s.add_argument("--experiment-id", required=True, help="the owner's experiment, the only one it may touch")
     s.add_argument("--experiment-name", required=True)
     s.add_argument("--experiment-alias", help="a dry run: the owner's real experiment name, answered "

@@ -130,6 +130,12 @@ def test_a_crash_on_the_first_batch_ends_as_dry_run_failed_with_the_whole_traceb
     assert "Traceback (most recent call last):" in body and "wrong shape" in body
     page = page_of(stack, researcher, result["id"])
     assert all(f"in layer{i}\n" in page for i in range(41)) and "wrong shape" in page
+    # both open on the exception it ended on, before the whole log; no real job will come
+    ended = "ValueError: m2d test: first batch of 4 has the wrong shape"
+    assert result["dry_run"]["headline"] == ended
+    assert body.index(ended) < body.index("Traceback (most recent call last):")
+    assert page.index(f"It ended on <code>{ended}</code>") < page.index("Traceback (most recent call last):")
+    assert "none: the dry run failed, so the real job will not be submitted" in page
     assert "Dataset version" in page and result["dataset_version"] in page
 
     # Slurm's own records: the dry run ran, the real job never existed

@@ -117,6 +117,9 @@ def test_failing_main_reports_the_traceback_in_the_email(researcher, iris, tmp_p
     body = mails[-1].get_content()
     assert "RuntimeError: m2d sample: this training script fails on purpose" in body
     assert "exit code 1" in body
+    # the email and the API lead with the exception it ended on, before the whole log
+    assert result["dry_run"]["headline"].startswith("RuntimeError: m2d sample: this training script fails on purpose")
+    assert body.index(result["dry_run"]["headline"]) < body.index("---- stdout")
 
 
 def test_writing_to_the_dataset_fails_read_only(stack, researcher, iris, tmp_path):

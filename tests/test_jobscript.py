@@ -7,42 +7,20 @@ are missing.
 
 from __future__ import annotations
 
-import os
 import pwd
 import shlex
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from gateway import weights
-from gateway.adapters.slurm.cli import CliScheduler
-from jobs.jobscript import RELAY_SOURCE, JobSpec, log_path, render_job_script, write_job_script
-
-TESTBED = Path(os.environ.get("M2D_TESTBED_DIR", "/opt/testbed"))
-APPTAINER = TESTBED / "apptainer" / "bin" / "apptainer"
-BASE_IMAGE = TESTBED / "images" / "base.sif"
-
-
-def _spec(root: Path, **kw) -> JobSpec:
-    values = dict(
-        submission_id=42,
-        image=root / "images" / "env-0123abcd.sif",
-        code_dir=root / "submissions" / "42" / "code",
-        dataset_dir=root / "clam",
-        export_dir=root / "submissions" / "42" / "export",
-        log_dir=root / "submissions" / "42" / "logs",
-        relay=root / "submissions" / "42" / "job" / "relay.py",
-        credentials=root / "submissions" / "42" / "job" / "mlflow.credentials",
-        mlflow_upstream="http://10.0.0.5:5001",
-        mlflow_url="http://mlflow.hospital.example:5000",
-        experiment_id="7", experiment_name="alice-3",
-    )
-    values.update(kw)
-    return JobSpec(**values)
+from jobs.jobscript import log_path, render_job_script, write_job_script
+from tests.helpers.batch import JOB_USER, TESTBED
+from tests.helpers.batch import run_job as _run_job
+from tests.helpers.batch import spec_for as _spec
 
 
 def _directives(script: str) -> list[str]:
@@ -54,9 +32,10 @@ def _apptainer_argv(script: str) -> list[str]:
     """The container's command line, from the apptainer binary to main.py."""
     start = script.index(" exec \\\n  --containall")
     start = script.rindex("\n", 0, start) + 1
-    line = script[start:script.index("|| status=$?", start)].replace("\\\n", " ")
+    line = script[start:script.index(" \\\n  &\ncontainer_pid=$!", start)].replace("\\\n", " ")
     # expand only what the job's shell would: the GPU list Slurm hands over, the run folder
-    line = line.replace("${CUDA_VISIBLE_DEVICES:-}", "0").replace("$run_dir", "/tmp/m2d-job-1.x")
+    line = (line.replace("${CUDA_VISIBLE_DEVICES:-}", "0").replace("$export_img", "$run_dir/export.img")
+            .replace("$run_dir", "/tmp/m2d-job-1.x"))
     return shlex.split(line)
 
 
@@ -71,6 +50,7 @@ def test_directives_name_the_job_and_its_resources():
         "--output=/srv/m2d/submissions/42/logs/slurm-%j.out",
         "--error=/srv/m2d/submissions/42/logs/slurm-%j.err",
         "--time=2-00:00:00",
+        "--signal=B:USR1@60",  # time to read the export back before the limit
         "--mem=16G",
         "--cpus-per-task=4",
         "--gres=gpu:2",
@@ -96,7 +76,10 @@ def test_a_dry_run_differs_only_in_its_name_logs_binds_and_m2d_dry_run():
     assert "M2D_DRY_RUN=1" in envs and "MLFLOW_EXPERIMENT_NAME=alice-3-dryrun" in envs
     assert not [a for a in real_argv if "M2D_DRY_RUN" in a]
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
-    assert binds[:2] == ["/srv/m2d/clam-twin:/mnt/dataset:ro", "/srv/m2d/submissions/42/export-dryrun:/mnt/export"]
+    assert binds[:2] == ["/srv/m2d/clam-twin:/mnt/dataset:ro", "/tmp/m2d-job-1.x/export.img:/mnt/export:image-src=/"]
+    # the export image is read back into export-dryrun/, not export/
+    assert 'debugfs -R "rdump / /srv/m2d/submissions/42/export-dryrun"' in dry
+    assert "submissions/42/export\"" not in dry
     # the same sealing, word for word
     sealing = ["--containall", "--cleanenv", "--no-privs", "--net", "--network", "none"]
     assert argv[2:2 + len(sealing)] == real_argv[2:2 + len(sealing)] == sealing
@@ -118,7 +101,7 @@ def test_container_is_sealed_with_read_only_dataset_and_code_and_a_writable_expo
     assert argv[2:2 + len(sealing)] == sealing
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--bind"]
     assert binds == ["/srv/m2d/clam:/mnt/dataset:ro",
-                     "/srv/m2d/submissions/42/export:/mnt/export",
+                     "/tmp/m2d-job-1.x/export.img:/mnt/export:image-src=/",
                      "/srv/m2d/submissions/42/code:/code:ro",
                      "/tmp/m2d-job-1.x:/run/m2d:ro",
                      "/tmp/m2d-job-1.x/hosts:/etc/hosts:ro"]
@@ -139,8 +122,14 @@ def test_container_is_sealed_with_read_only_dataset_and_code_and_a_writable_expo
 def test_no_credential_reaches_the_container_or_the_script():
     script = render_job_script(_spec(Path("/srv/m2d")))
     assert "MLFLOW_TRACKING_PASSWORD" not in script and "MLFLOW_TRACKING_USERNAME" not in script
-    # the relay, on the host side, reads the login from a file the container never sees
+    # without a job account, the relay, on the host side, reads the login from
+    # a file the container never sees
     assert "--password-file /srv/m2d/submissions/42/job/mlflow.credentials" in script
+    # with one, from the wrapper, which hands each job its own; no file named
+    wrapped = render_job_script(_spec(Path("/srv/m2d"), credential_user="m2d"))
+    assert ("sudo -n -u m2d /usr/local/libexec/m2d/m2d-slurm credential | \\\n"
+            "python3 \"$run_dir/relay.py\" serve") in wrapped
+    assert "--password-file - " in wrapped and "mlflow.credentials" not in wrapped
     assert "--upstream http://10.0.0.5:5001" in script
     assert "--experiment-id 7 --experiment-name alice-3" in script
     assert "/srv/m2d/submissions/42/job" not in " ".join(_apptainer_argv(script))
@@ -191,6 +180,9 @@ def test_odd_paths_are_quoted_for_the_shell():
     {"partition": "gpu\nrm -rf /"},
     {"log_dir": Path("/srv/logs with space")},
     {"log_dir": Path("/srv/100%")},
+    {"export_dir": Path('/srv/x" y')},
+    {"export_max_bytes": 1000},
+    {"credential_user": "m2d; id"},
     {"image": Path("relative.sif")},
     {"dataset_dir": Path("/srv/a:b")},
     {"gpus": -1},
@@ -201,6 +193,17 @@ def test_odd_paths_are_quoted_for_the_shell():
 def test_values_that_could_break_the_script_are_refused(change):
     with pytest.raises(ValueError):
         _spec(Path("/srv/m2d"), **change)
+
+
+def test_the_export_image_and_the_logs_carry_the_limits():
+    script = render_job_script(_spec(Path("/srv/m2d"), export_max_bytes=2 * 1024**3, export_max_files=10_000,
+                                     log_max_bytes=10 * 1024**2))
+    assert "-N 10010" in script                                   # 10,000 files, the root and ext3's own
+    kib = int(script.split('root_owner=$(id -u):$(id -g)" "$export_img" ', 1)[1].split("k", 1)[0])
+    assert 2 * 1024**2 < kib < 2.05 * 1024**2                     # the limit, 1% reserve, metadata
+    assert "bounded 10485760 stdout" in script and "bounded 10485760 stderr" in script
+    assert "over its limit of %s" in script and "'2 GiB / 10,000 files'" in script
+    assert "status=95" in script
 
 
 def test_written_script_is_valid_bash(tmp_path):
@@ -234,7 +237,6 @@ for target in ("/mnt/dataset/evil", "relative.txt", weights):
         print("refused", target, e.strerror, file=sys.stderr)
 sys.exit(0)
 '''
-JOB_USER = "m2d-job"  # made by deploy/testbed/accounts.sh
 MODELS_IN_JOB = "/opt/m2d/models/torch/hub/checkpoints/resnet18-f37072fd.pth"
 
 
@@ -246,44 +248,6 @@ def job_root(testbed):
     root.chmod(0o711)  # the job account passes through, as through DATA_DIR
     yield root
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _for_the_job(path: Path, mode: int) -> None:
-    """As gateway.storage gives a submission's folders: group of the job account."""
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.chown(path, group=JOB_USER)
-    path.chmod(mode)
-
-
-def _run_job(root: Path, main_py: str, **kw):
-    """Render, submit as the job account and wait for one job; return (JobInfo, stdout, stderr, spec)."""
-    spec = _spec(root, image=BASE_IMAGE, apptainer=str(APPTAINER), cpus=1,
-                 mem="512M", time="00:05:00", mlflow_url="http://127.0.0.1:5999",
-                 mlflow_upstream="http://127.0.0.1:5999", **kw)
-    for path in (root / "submissions", root / "submissions" / "42"):
-        path.mkdir(exist_ok=True)
-        path.chmod(0o711)
-    for path, mode in ((spec.code_dir, 0o2750), (spec.relay.parent, 0o2750),
-                       (spec.export_dir, 0o2770), (spec.log_dir, 0o2770)):
-        _for_the_job(path, mode)
-    spec.dataset_dir.mkdir(exist_ok=True)
-    (spec.code_dir / "main.py").write_text(main_py)
-    shutil.copy(RELAY_SOURCE, spec.relay)
-    spec.credentials.write_text("nobody\nnot-a-password\n")
-    spec.credentials.chmod(0o640)
-    script = write_job_script(spec, spec.relay.parent / "job.sbatch")
-    sched = CliScheduler(env={"SLURM_CONF": os.environ["SLURM_CONF"]}, job_user=JOB_USER)
-    job = sched.submit(script, spec.job_name)
-    deadline = time.monotonic() + 120
-    while True:
-        info = sched.statuses([job]).get(job)
-        if info and info.finished:
-            break
-        assert time.monotonic() < deadline, f"job {job} not finished: {info}"
-        time.sleep(0.5)
-    out = log_path(spec.log_dir, job, "out", spec.dry_run).read_text()
-    err = log_path(spec.log_dir, job, "err", spec.dry_run).read_text()
-    return info, out, err, spec
 
 
 def test_rendered_script_runs_main_py_as_the_job_account_in_the_sealed_container(job_root, monkeypatch):

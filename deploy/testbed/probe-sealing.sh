@@ -22,7 +22,6 @@ APPTAINER=$TESTBED_DIR/apptainer/bin/apptainer
 IMAGE=$TESTBED_DIR/images/base.sif
 DATASET=$TESTBED_DIR/clam
 export SLURM_CONF=$TESTBED_DIR/slurm/etc/slurm.conf
-SBATCH=$(command -v sbatch)
 for f in "$APPTAINER" "$IMAGE" "$DATASET" "$SLURM_CONF"; do
   [ -e "$f" ] || die "$f missing: run deploy/testbed/up.sh first"
 done
@@ -117,17 +116,26 @@ for i in range(3):
 print("hog survived 3 GiB", flush=True)
 '
 EOF
-chown "$GW_USER:$JOB_USER" "$RUN"/*.sbatch; chmod 640 "$RUN"/*.sbatch
-
-# ---- submit as the gateway would: m2d -> sudo -u m2d-job sbatch
+# ---- submit as the gateway would: m2d -> sudo m2d-slurm submit -> sbatch as
+# m2d-job.  The wrapper takes only <...>/submissions/<n>/job/job.sbatch of
+# the gateway's, beside a 0600 mlflow.credentials, named <prefix>-<n>.
+install -d -o "$GW_USER" -g "$GW_USER" -m 711 "$RUN/submissions"
+n=0
+for name in probe hog; do
+  n=$((n + 1))
+  install -d -o "$GW_USER" -g "$JOB_USER" -m 2750 "$RUN/submissions/$n" "$RUN/submissions/$n/job"
+  install -m 640 -o "$GW_USER" -g "$JOB_USER" "$RUN/$name.sbatch" "$RUN/submissions/$n/job/job.sbatch"
+  printf 'nobody\nnot-a-password\n' | install -m 600 -o "$GW_USER" -g "$GW_USER" /dev/stdin \
+    "$RUN/submissions/$n/job/mlflow.credentials"
+done
 submit() {
-  (cd / && sudo -u "$GW_USER" sudo -n -u "$JOB_USER" "$SBATCH" --parsable \
-     --chdir="$RUN" "$1")
+  (cd / && sudo -u "$GW_USER" sudo -n /usr/local/libexec/m2d/m2d-slurm submit \
+     "$RUN/submissions/$1/job/job.sbatch" "$TAG-$1")
 }
 T_SUB=$EPOCHREALTIME
-PROBE_ID=$(submit "$RUN/probe.sbatch") || die "sbatch (probe) failed"
-HOG_ID=$(submit "$RUN/hog.sbatch") || die "sbatch (hog) failed"
-log "submitted probe job $PROBE_ID and hog job $HOG_ID as $JOB_USER (through $GW_USER's sudo rule)"
+PROBE_ID=$(submit 1) || die "sbatch (probe) failed"
+HOG_ID=$(submit 2) || die "sbatch (hog) failed"
+log "submitted probe job $PROBE_ID and hog job $HOG_ID as $JOB_USER (through $GW_USER's sudo rule and the wrapper)"
 
 # ---- wait for both to end in the accounting database
 declare -A STATE USER START

@@ -145,24 +145,29 @@ PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL",
                "SLURM_CONF")
 
 
-# The commands that act on a job as its owner: with a job account, they run
-# as that account (sudo -n -u), so the job is its and never the gateway's.
-AS_JOB_OWNER = frozenset({"sbatch", "scancel"})
+# The root-owned wrapper that runs sbatch and scancel as the job account with
+# fixed options (deploy/libexec/m2d-slurm): the gateway's sudo rule allows it
+# and nothing else, so no sbatch of the gateway's choosing (--wrap) runs.
+SLURM_WRAPPER = "/usr/local/libexec/m2d/m2d-slurm"
+# the wrapper's action for each command that acts on a job as its owner
+AS_JOB_OWNER = {"sbatch": "submit", "scancel": "cancel"}
 
 
 class Batch:
     """Runs one Slurm command; a non-zero exit, a timeout or a missing
     binary is a SlurmError carrying the command and its stderr.
 
-    ``job_user``: the account jobs run as; sbatch and scancel run as it
-    through ``sudo -n -u`` (a sudo rule allows exactly these two)."""
+    ``job_user``: the account jobs run as; sbatch and scancel then go through
+    ``sudo -n WRAPPER submit|cancel`` (:meth:`as_job_user`), never directly."""
 
     def __init__(self, bin_dir: str | os.PathLike | None = None,
                  env: Mapping[str, str] | None = None,
-                 timeout: float = 30.0, job_user: str | None = None) -> None:
+                 timeout: float = 30.0, job_user: str | None = None,
+                 wrapper: str = SLURM_WRAPPER) -> None:
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.timeout = timeout
         self.job_user = job_user or None
+        self.wrapper = wrapper
         base = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         base.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         base.update(env or {})
@@ -179,10 +184,25 @@ class Batch:
             SLURM_ERRORS.inc(command=name)  # counted in the gateway's app only
             raise
 
-    def _run(self, name: str, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
-        cmd = [self.command(name), *args]
-        if self.job_user and name in AS_JOB_OWNER:
-            cmd = ["sudo", "-n", "-u", self.job_user, "--", *cmd]
+    def as_job_user(self, name: str, args: Sequence[str]) -> subprocess.CompletedProcess:
+        """``name`` (sbatch or scancel) as the job account, through the wrapper:
+        ``args`` are the wrapper's (submit: script, job name[, account];
+        cancel: job id), which checks them and picks the options itself."""
+        try:
+            return self._run(name, args, self.timeout, wrapped=True)
+        except SlurmError:
+            SLURM_ERRORS.inc(command=name)
+            raise
+
+    def _run(self, name: str, args: Sequence[str], timeout: float,
+             wrapped: bool = False) -> subprocess.CompletedProcess:
+        if wrapped:
+            cmd = ["sudo", "-n", "--", self.wrapper, AS_JOB_OWNER[name], *args]
+        elif self.job_user and name in AS_JOB_OWNER:
+            raise SlurmError(f"{name} acts as the job account {self.job_user}: run it through the wrapper",
+                             cmd=[name, *args], stderr="")
+        else:
+            cmd = [self.command(name), *args]
         try:
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, env=self.env,
@@ -213,12 +233,14 @@ class CliScheduler(Scheduler):
 
     def __init__(self, bin_dir: str | os.PathLike | None = None,
                  env: Mapping[str, str] | None = None, timeout: float = 30.0,
-                 batch: Batch | None = None, job_user: str | None = None) -> None:
-        self.batch = batch or Batch(bin_dir=bin_dir, env=env, timeout=timeout, job_user=job_user)
+                 batch: Batch | None = None, job_user: str | None = None,
+                 wrapper: str = SLURM_WRAPPER) -> None:
+        self.batch = batch or Batch(bin_dir=bin_dir, env=env, timeout=timeout, job_user=job_user,
+                                    wrapper=wrapper)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> CliScheduler:
-        return cls(job_user=cfg.get("JOB_USER"))
+        return cls(job_user=cfg.get("JOB_USER"), wrapper=cfg.get("SLURM_WRAPPER") or SLURM_WRAPPER)
 
     def submit(self, script: Path, job_name: str, account: str | None = None) -> str:
         check_name(job_name)
@@ -229,7 +251,10 @@ class CliScheduler(Scheduler):
         if account:
             args.append(f"--account={check_account(account)}")
         try:
-            out = self.batch.run("sbatch", [*args, str(script)]).stdout
+            if self.batch.job_user:  # the wrapper's fixed options are the ones above
+                out = self.batch.as_job_user("sbatch", [str(script), job_name, *([account] if account else [])]).stdout
+            else:
+                out = self.batch.run("sbatch", [*args, str(script)]).stdout
         except SlurmError as e:
             code = refusal_code(e.stderr)
             if code is None:
@@ -334,7 +359,8 @@ class CliScheduler(Scheduler):
 
     def cancel(self, job_id: str) -> None:
         (job_id,) = check_ids([job_id])
-        proc = self.batch.run("scancel", [job_id])
+        proc = (self.batch.as_job_user("scancel", [job_id]) if self.batch.job_user
+                else self.batch.run("scancel", [job_id]))
         # scancel (22.05) exits 0 even when it could not cancel the job: read
         # stderr.  A job that is over, or so long over that slurmctld has
         # forgotten it ("Invalid job id"), is not running: that is success.
