@@ -409,8 +409,9 @@ _NOT_BUILT_FROM_HERE = (
 _REFUSED_OPTIONS = {
     ("-e", "--editable"): (
         "editable installs keep a local source tree or checkout linked into the "
-        "environment; " + _NOT_BUILT_FROM_HERE + ". Name the package (name==version) or "
-        "a direct URL (name @ git+https://...), or put its code next to main.py."
+        "environment; " + _NOT_BUILT_FROM_HERE + ". Name the package (name==version), "
+        "put its code next to main.py, or ask the gateway's admins to allow the host a "
+        "direct URL (name @ https://...) points at: builds reach only the package index."
     ),
     ("-r", "--requirement", "-c", "--constraint"): (
         "it includes another file, and " + _NOT_BUILT_FROM_HERE + ". Copy the lines of "
@@ -424,7 +425,8 @@ _REFUSED_OPTIONS = {
 }
 _LOCAL_PATH = (
     "it names a local path, and " + _NOT_BUILT_FROM_HERE + ". Publish the package and "
-    "name it, use a direct URL (name @ https://...), or put its code next to main.py."
+    "name it, put its code next to main.py, or ask the gateway's admins to allow the "
+    "host a direct URL (name @ https://...) points at: builds reach only the package index."
 )
 _ENV_VARIABLE = (
     "pip would fill ${...} in from the build host's environment, which is not yours "
