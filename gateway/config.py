@@ -222,13 +222,18 @@ SETTINGS: tuple[Setting, ...] = (
     S("SECRETS_DIR", str, None, "Holds mlflow-key, which encrypts MLflow passwords in the database (0600). Keep "
       "it outside DATA_DIR in production; default DATA_DIR/secrets."),
     # The export airlock (gateway/airlock.py)
-    S("RELEASE_APPROVALS", int, 1, "Distinct reviewers who must approve an export before it leaves (2: a "
+    S("RELEASE_APPROVALS", int, 2, "Distinct reviewers who must approve an export file before it leaves (2: the "
       "two-person rule)."),
     S("RELEASE_DAYS", int, 30, "Days a released export stays downloadable."),
     S("EXPORT_RETENTION_DAYS", int, 90, "Days after its job ended that an unreleased export is deleted (warned "
       "7 days before)."),
     S("EXPORT_MAX_BYTES", int, 1024**3, "Largest export; checked when the job ends (a job over it fails). A hard "
       "cap while it runs needs a filesystem quota on the export folders."),
+    # What a job wrote is read once it ended (gateway/jobfiles.py), within bounds: past one, that
+    # submission fails with the reason (a dry run: dry_run_failed), the poll cycle goes on.
+    S("EXPORT_MAX_FILES", int, 10_000, "Most files and folders an export (or the dry run's) may hold."),
+    S("EXPORT_MAX_DEPTH", int, 16, "Deepest folder nesting an export may have."),
+    S("EXPORT_READ_SECONDS", float, 120.0, "Seconds the gateway may spend reading (hashing) one export."),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}

@@ -13,7 +13,6 @@ from werkzeug.datastructures import FileStorage
 from . import lifecycle, provenance
 from .extensions import db
 from .models import Submission, User, utcnow
-from .states import Status
 from .storage import SubmissionFiles, incoming_dir
 from .validation import Limits, Refusal, check_upload_size, check_zip, unpack
 
@@ -71,11 +70,11 @@ def check_quota(user: User) -> None:
     """Refuse an upload past DAILY_SUBMISSIONS in any 24 hours (rolling), before
     the zip is checked or kept. Two uploads racing for the last slot may both
     pass: the quota bounds a leak, it is not an exact count. A submission whose
-    dry run failed does not count: it never touched the real data."""
+    dry run failed counts too: its dry run ran code the gateway then read
+    the outputs of, and a free retry is a retry without limit."""
     allowed = current_app.config["DAILY_SUBMISSIONS"]
     recent = [created for (created,) in db.session.query(Submission.created_at)
-              .filter(Submission.user_id == user.id, Submission.created_at > utcnow() - QUOTA_WINDOW,
-                      Submission.status != Status.DRY_RUN_FAILED)
+              .filter(Submission.user_id == user.id, Submission.created_at > utcnow() - QUOTA_WINDOW)
               .order_by(Submission.created_at.desc()).limit(allowed)]
     if len(recent) < allowed:
         return

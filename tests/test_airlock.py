@@ -61,19 +61,41 @@ def reviewers(local_app):
     return found
 
 
-def _request(client, user, submission_id, paths=None, justification="the trained model, for a paper"):
+def _request(client, user, submission_id, justification="the trained model, for a paper", **body):
     return client.post(f"/api/v1/submissions/{submission_id}/release-requests", headers=_token(user),
-                       json={"paths": paths, "justification": justification})
+                       json={"justification": justification, **body})
 
 
-def test_the_export_lists_each_file_with_its_size_and_sha256_once_the_job_ended(client, alice):
+def _approve(request, reviewers, paths=None):
+    """Both reviewers approve (RELEASE_APPROVALS is 2 by default)."""
+    for reviewer in reviewers:
+        airlock.decide(request, reviewer, "approve", paths=paths)
+
+
+def test_the_owner_sees_only_how_many_files_and_bytes_until_reviewers_release_them(client, alice, reviewers):
     submission = _ended_with_export(alice, {"result.txt": RESULT, "sub/metrics.json": b"{}"})
-    answer = client.get(f"/api/v1/submissions/{submission.id}/export", headers=_token(alice)).json
-    assert answer["files"] == [
-        {"path": "result.txt", "size": len(RESULT), "sha256": hashlib.sha256(RESULT).hexdigest(),
-         "released": False},
-        {"path": "sub/metrics.json", "size": 2, "sha256": hashlib.sha256(b"{}").hexdigest(), "released": False}]
-    assert answer["requests"] == []
+    url = f"/api/v1/submissions/{submission.id}/export"
+    answer = client.get(url, headers=_token(alice))
+    assert answer.json["file_count"] == 2 and answer.json["total_bytes"] == len(RESULT) + 2
+    assert answer.json["files"] == [] and answer.json["requests"] == []
+    hidden = ("result.txt", "metrics.json", hashlib.sha256(RESULT).hexdigest(), hashlib.sha256(b"{}").hexdigest())
+    assert not any(word in answer.get_data(as_text=True) for word in hidden)
+    # the manifest has them all, for the reviewers
+    assert [(f.path, f.sha256) for f in airlock.manifest(submission).files] == [
+        ("result.txt", hashlib.sha256(RESULT).hexdigest()), ("sub/metrics.json", hashlib.sha256(b"{}").hexdigest())]
+
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    _approve(request, reviewers, paths=["result.txt"])
+    airlock.decide(request, reviewers[0], "reject", "not needed", paths=["sub/metrics.json"])
+    answer = client.get(url, headers=_token(alice))
+    assert answer.json["files"] == [{"path": "result.txt", "size": len(RESULT), "released": True, "note": None,
+                                     "sha256": hashlib.sha256(RESULT).hexdigest()}]
+    assert "metrics.json" not in answer.get_data(as_text=True)
+    assert answer.json["requests"][0]["counts"] == {"released": 1, "rejected": 1}
+    assert answer.json["requests"][0]["comments"][0]["comment"] == "not needed"
+    provenance_answer = client.get(f"/api/v1/submissions/{submission.id}/provenance", headers=_token(alice))
+    assert provenance_answer.json["verified"] and "result.txt" in provenance_answer.get_data(as_text=True)
+    assert not any(word in provenance_answer.get_data(as_text=True) for word in hidden[1::2])
 
 
 def test_a_running_submission_has_no_manifest_and_cannot_request(client, alice):
@@ -87,19 +109,26 @@ def test_a_request_is_pending_and_the_download_is_403_until_reviewed(client, ali
     submission = _ended_with_export(alice)
     response = _request(client, alice, submission.id)
     assert response.status_code == 201 and response.json["status"] == "pending"
-    assert [f["path"] for f in response.json["files"]] == ["result.txt"]
-    download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
-    assert download.status_code == 403 and download.json["error"] == "not_released"
+    assert response.json["counts"] == {"pending": 1} and response.json["files"] == []
+    held = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
+    assert held.status_code == 404 and held.json["error"] == "not_released"
+    # a name that is not there answers the same: which names exist is the reviewers' to know
+    missing = client.get(f"/api/v1/submissions/{submission.id}/export/no-such.txt", headers=_token(alice))
+    assert (missing.status_code, missing.json["error"]) == (404, "not_released")
+    assert missing.json["message"].replace("no-such.txt", "result.txt") == held.json["message"]
     # every reviewer is owed the "request received" email
     owed = Email.query.filter_by(submission_id=submission.id, kind="release_requested").all()
     assert sorted(e.recipient for e in owed) == ["rita@example.org", "rolf@example.org"]
 
 
-def test_a_request_needs_a_justification_and_known_paths(client, alice):
+def test_a_request_needs_a_justification_and_names_no_paths(client, alice):
+    """Naming paths is refused whether they exist or not: an answer that told
+    would be a name oracle."""
     submission = _ended_with_export(alice)
     assert _request(client, alice, submission.id, justification=" ").json["error"] == "justification_required"
-    response = _request(client, alice, submission.id, paths=["../../etc/passwd"])
-    assert response.status_code == 400 and response.json["error"] == "unknown_path"
+    for paths in (["../../etc/passwd"], ["result.txt"]):
+        response = _request(client, alice, submission.id, paths=paths)
+        assert response.status_code == 400 and response.json["error"] == "paths_hidden"
 
 
 def test_two_person_rule_one_approval_is_not_enough_and_own_approval_is_refused(
@@ -142,18 +171,19 @@ def test_a_rejected_file_never_downloads_nor_can_be_requested_again(client, alic
     airlock.decide(request, reviewers[0], "reject", "row-level data")
     assert request.status == "rejected"
     download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
-    assert download.status_code == 403 and "rejected" in download.json["message"]
-    assert _request(client, alice, submission.id, paths=["result.txt"]).status_code == 409
+    assert download.status_code == 404 and download.json["error"] == "not_released"
+    again = _request(client, alice, submission.id)
+    assert again.status_code == 409 and again.json["error"] == "nothing_to_release"
 
 
 def test_a_file_changed_after_the_manifest_is_never_released(client, alice, reviewers):
     submission = _ended_with_export(alice)
     request = airlock.get_request(_request(client, alice, submission.id).json["id"])
     (SubmissionFiles(submission.id).export / "result.txt").write_bytes(b"something else\n")
-    airlock.decide(request, reviewers[0], "approve")
+    _approve(request, reviewers)
     assert request.items[0].status == "changed" and request.status == "rejected"
     download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
-    assert download.status_code == 403
+    assert download.status_code == 404
 
 
 def test_another_users_id_is_404_on_every_airlock_url(client, alice, bob):
@@ -173,7 +203,7 @@ def test_another_users_id_is_404_on_every_airlock_url(client, alice, bob):
 
 def test_the_download_is_resumable_with_a_range(client, alice, reviewers):
     submission = _ended_with_export(alice)
-    airlock.decide(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers[0], "approve")
+    _approve(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers)
     response = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt",
                           headers={**_token(alice), "Range": "bytes=9-"})
     assert response.status_code == 206 and response.data == RESULT[9:]
@@ -183,10 +213,11 @@ def test_the_download_is_resumable_with_a_range(client, alice, reviewers):
 
 def test_the_provenance_chain_verifies_and_a_changed_row_is_found(client, alice, reviewers):
     submission = _ended_with_export(alice)
-    airlock.decide(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers[0], "approve")
+    _approve(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers)
     answer = client.get(f"/api/v1/submissions/{submission.id}/provenance", headers=_token(alice)).json
     assert answer["verified"] is True
-    assert [r["kind"] for r in answer["records"]] == ["manifest", "release_requested", "review", "released"]
+    assert [r["kind"] for r in answer["records"]] == ["manifest", "release_requested", "review", "review",
+                                                      "released"]
     assert answer["records"][1]["prev_hash"] == answer["records"][0]["hash"]
     db.session.execute(text("UPDATE provenance_record SET payload = replace(payload, 'rita', 'mallory') "
                             "WHERE kind = 'review'"))
@@ -236,12 +267,16 @@ def test_the_review_pages_are_for_reviewers_only(client, alice, bob):
     assert client.get(f"/review/requests/{request_id}").status_code == 403
 
 
-def test_the_submission_page_lists_the_export_with_a_request_form(client, alice):
+def test_the_submission_page_counts_the_export_and_names_only_released_files(client, alice, reviewers):
     submission = _ended_with_export(alice)
     _log_in(client, alice)
     page = client.get(f"/submissions/{submission.id}").get_data(as_text=True)
-    assert "result.txt" in page and hashlib.sha256(RESULT).hexdigest() in page
+    assert "result.txt" not in page and hashlib.sha256(RESULT).hexdigest() not in page
+    assert "<strong>1</strong> file(s), 13 bytes" in page
     assert "Request release" in page and 'name="justification"' in page
+    _approve(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers)
+    page = client.get(f"/submissions/{submission.id}").get_data(as_text=True)
+    assert "result.txt" in page and hashlib.sha256(RESULT).hexdigest() in page
 
 
 # ---------------------------------------------------------------- the real stack

@@ -20,7 +20,7 @@ import pytest
 
 from gateway import weights
 from gateway.adapters.slurm.cli import CliScheduler
-from jobs.jobscript import RELAY_SOURCE, JobSpec, log_path, render_job_script, write_job_script
+from jobs.jobscript import RELAY_SOURCE, JobSpec, log_name, render_job_script, write_job_script
 
 TESTBED = Path(os.environ.get("M2D_TESTBED_DIR", "/opt/testbed"))
 APPTAINER = TESTBED / "apptainer" / "bin" / "apptainer"
@@ -102,8 +102,8 @@ def test_a_dry_run_differs_only_in_its_name_logs_binds_and_m2d_dry_run():
     assert argv[2:2 + len(sealing)] == real_argv[2:2 + len(sealing)] == sealing
     assert "--experiment-id 8 --experiment-name alice-3-dryrun \\\n  --experiment-alias alice-3" in dry
     assert "--experiment-alias" not in real
-    assert log_path(root, "5", "err", dry_run=True) == root / "dryrun-5.err"
-    assert log_path(root, "5", "err") == root / "slurm-5.err"
+    assert log_name("5", "err", dry_run=True) == "dryrun-5.err"
+    assert log_name("5", "err") == "slurm-5.err"
 
 
 def test_no_gpus_no_gres_and_no_partition_by_default():
@@ -280,8 +280,8 @@ def _run_job(root: Path, main_py: str, **kw):
             break
         assert time.monotonic() < deadline, f"job {job} not finished: {info}"
         time.sleep(0.5)
-    out = log_path(spec.log_dir, job, "out", spec.dry_run).read_text()
-    err = log_path(spec.log_dir, job, "err", spec.dry_run).read_text()
+    out = (spec.log_dir / log_name(job, "out", spec.dry_run)).read_text()
+    err = (spec.log_dir / log_name(job, "err", spec.dry_run)).read_text()
     return info, out, err, spec
 
 
