@@ -107,7 +107,7 @@ def _export_file(submission_id: int, found: jobfiles.File) -> ExportFile:
     path, note = found.path, None if found.sha256 else "unreadable: the job's permissions keep the gateway out"
     if len(path) > MAX_PATH:
         digest = hashlib.sha256(found.name).hexdigest()
-        path = f"{path[:MAX_PATH - 80]}[... name cut, sha256 of the whole name {digest}]"
+        path = f"{path[:MAX_PATH - 120]}[... name cut, sha256 of the whole name {digest}]"
         note = f"its name is longer than {MAX_PATH} characters: rename it, it cannot be released"
     return ExportFile(submission_id=submission_id, path=path, size=found.size,
                       sha256=found.sha256 if note is None else None, note=note)

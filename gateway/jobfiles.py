@@ -301,7 +301,11 @@ def scan(submission_id: int, folder: str, bounds: Bounds, *, hashes: bool = True
                         raise Refused(f"{folder}/ holds more than {bounds.files} files and folders "
                                       "(M2D_EXPORT_MAX_FILES); write fewer, larger files (a zip or tar of them)")
                     rel = prefix + name
-                    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    try:
+                        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    except OSError as e:  # gone since it was listed
+                        listing.skipped.append((escape(rel), f"not read: {e.strerror}"))
+                        continue
                     if stat.S_ISDIR(info.st_mode):
                         if depth >= bounds.depth:
                             raise Refused(f"{folder}/ has folders more than {bounds.depth} deep "
