@@ -155,6 +155,31 @@ def test_two_person_rule_one_approval_is_not_enough_and_own_approval_is_refused(
     assert {"release_decided", "download_ready"} <= kinds
 
 
+def test_two_reviewers_release_a_file_by_default(client, local_app, alice, reviewers):
+    """RELEASE_APPROVALS is 2 unless an admin lowers it: the two-person rule is the promise."""
+    assert local_app.config["RELEASE_APPROVALS"] == 2
+    submission = _ended_with_export(alice)
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    airlock.decide(request, reviewers[0], "approve")
+    assert request.status == "pending" and request.items[0].status == "pending"
+    airlock.decide(request, reviewers[1], "approve")
+    assert request.status == "released"
+
+
+def test_the_decision_email_names_only_released_files_and_gives_every_comment(client, alice, reviewers):
+    from jobs.mail import render
+
+    submission = _ended_with_export(alice, {"result.txt": RESULT, "secret-name.csv": b"1\n"})
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    _approve(request, reviewers, paths=["result.txt"])
+    airlock.decide(request, reviewers[0], "reject", "row-level data", paths=["secret-name.csv"])
+    email = Email.query.filter_by(submission_id=submission.id, kind="release_decided", recipient="").one()
+    subject, body = render(email)
+    assert subject.endswith("partly released")
+    assert "result.txt: released" in body and "1 file(s) not released" in body and "rejected: row-level data" in body
+    assert "secret-name" not in body
+
+
 def test_a_user_who_is_not_a_reviewer_cannot_decide(client, alice, bob):
     submission = _ended_with_export(alice)
     request = airlock.get_request(_request(client, alice, submission.id).json["id"])
@@ -309,30 +334,29 @@ def test_release_through_the_stack_with_two_reviewers(stack, iris_done, mlflow_u
     researcher, submission_id = iris_done
     first, second = _reviewer(stack, "rev-one"), _reviewer(stack, "rev-two")
     export = researcher.api("GET", f"/submissions/{submission_id}/export").json()
-    result = next(f for f in export["files"] if f["path"] == "result.txt")
-    assert result["released"] is False and len(result["sha256"]) == 64
+    # the owner sees how many files, not their names nor hashes, until reviewers release them
+    assert export["file_count"] == 1 and export["files"] == [] and export["total_bytes"] > 0
 
     response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
-                              json={"paths": ["result.txt"], "justification": "the iris model's accuracy"})
+                              json={"justification": "result.txt: the iris model's accuracy"})
     assert response.status_code == 201 and response.json()["status"] == "pending", response.text
     request_id = str(response.json()["id"])
     download = researcher.api("GET", f"/submissions/{submission_id}/export/result.txt")
-    assert download.status_code == 403 and download.json()["error"] == "not_released"
+    assert download.status_code == 404 and download.json()["error"] == "not_released"
 
-    # the two-person rule, set for this command as an admin would set it
-    stack.env["M2D_RELEASE_APPROVALS"] = "2"
-    try:
-        stack.flask("users", "grant-reviewer", researcher.address)  # reviewers never review their own
-        with pytest.raises(AssertionError, match="own"):
-            stack.flask("releases", "approve", request_id, "--reviewer", researcher.address)
-        stack.flask("releases", "approve", request_id, "--reviewer", first.address, "--comment", "ok")
-        assert researcher.api("GET", f"/submissions/{submission_id}/export/result.txt").status_code == 403
-        assert request_id in stack.flask("releases", "list")
-        stack.flask("releases", "approve", request_id, "--reviewer", second.address, "--comment", "ok too")
-    finally:
-        del stack.env["M2D_RELEASE_APPROVALS"]
+    # the two-person rule, the default
+    stack.flask("users", "grant-reviewer", researcher.address)  # reviewers never review their own
+    with pytest.raises(AssertionError, match="own"):
+        stack.flask("releases", "approve", request_id, "--reviewer", researcher.address)
+    stack.flask("releases", "approve", request_id, "--reviewer", first.address, "--comment", "ok")
+    assert researcher.api("GET", f"/submissions/{submission_id}/export/result.txt").status_code == 404
+    assert request_id in stack.flask("releases", "list")
+    stack.flask("releases", "approve", request_id, "--reviewer", second.address, "--comment", "ok too")
     download = researcher.api("GET", f"/submissions/{submission_id}/export/result.txt")
     assert download.status_code == 200, download.text
+    export = researcher.api("GET", f"/submissions/{submission_id}/export").json()
+    (result,) = export["files"]
+    assert result["path"] == "result.txt" and result["released"] is True
     assert hashlib.sha256(download.content).hexdigest() == result["sha256"]
     assert "attachment" in download.headers["Content-Disposition"]
 
@@ -387,12 +411,12 @@ def test_a_rejected_file_never_downloads_on_the_stack(stack, iris_runs):
     researcher, submission_id = iris_runs["rejected"]
     reviewer = _reviewer(stack, "rev-three")
     response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
-                              json={"paths": None, "justification": "all of it"})
+                              json={"justification": "all of it"})
     assert response.status_code == 201, response.text
     stack.flask("releases", "reject", str(response.json()["id"]), "--reviewer", reviewer.address,
                 "--comment", "no row-level data may leave")
     download = researcher.api("GET", f"/submissions/{submission_id}/export/result.txt")
-    assert download.status_code == 403 and "rejected" in download.json()["message"]
+    assert download.status_code == 404 and download.json()["error"] == "not_released"
     body = _wait_mails(stack, researcher.address, 1, subject="rejected")[-1].get_content()
     assert "no row-level data may leave" in body
 
@@ -496,12 +520,13 @@ def _m2d(env, cwd, *args):
 def test_m2d_export_release_download_and_provenance(stack, m2d_iris, tmp_path):
     researcher, submission_id, env = m2d_iris
     listing = json.loads(_m2d(env, tmp_path, "export", submission_id, "--json").stdout)
-    result = next(f for f in listing["files"] if f["path"] == "result.txt")
+    assert listing["file_count"] == 1 and listing["files"] == []
     shown = _m2d(env, tmp_path, "export", submission_id)
-    assert shown.returncode == 0 and result["sha256"] in shown.stdout and "held" in shown.stdout
+    assert shown.returncode == 0 and "1 export file(s)" in shown.stdout and "0 released" in shown.stdout
+    assert "result.txt" not in shown.stdout
 
     early = _m2d(env, tmp_path, "download", submission_id, "result.txt")
-    assert early.returncode == 1 and "is not released" in early.stderr, early.stderr
+    assert early.returncode == 1 and "no released file" in early.stderr, early.stderr
     assert not (tmp_path / "result.txt").exists()
 
     refused = _m2d(env, tmp_path, "release", submission_id, "--justification", " ")
@@ -509,10 +534,12 @@ def test_m2d_export_release_download_and_provenance(stack, m2d_iris, tmp_path):
     done = _m2d(env, tmp_path, "release", submission_id, "--justification", "the accuracy, for a paper", "--json")
     assert done.returncode == 0, done.stderr
     request = json.loads(done.stdout)
-    assert request["status"] == "pending" and [f["path"] for f in request["files"]] == ["result.txt"]
-    reviewer = _reviewer(stack, "m2d-reviewer")
-    stack.flask("releases", "approve", str(request["id"]), "--reviewer", reviewer.address)
-    assert "released" in _m2d(env, tmp_path, "export", submission_id).stdout
+    assert request["status"] == "pending" and request["counts"] == {"pending": 1} and request["files"] == []
+    for name in ("m2d-reviewer", "m2d-reviewer-2"):
+        stack.flask("releases", "approve", str(request["id"]), "--reviewer", _reviewer(stack, name).address)
+    shown = _m2d(env, tmp_path, "export", submission_id).stdout
+    assert "released" in shown and "result.txt" in shown
+    result = json.loads(_m2d(env, tmp_path, "export", submission_id, "--json").stdout)["files"][0]
 
     # an interrupted download: the first bytes are there, m2d asks for the rest (Range)
     out = tmp_path / "got" / "result.txt"
@@ -623,9 +650,11 @@ def exports_done(stack, plain_runs):
     model.bin is released."""
     researcher, submission_id = plain_runs["exports"]
     response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
-                              json={"paths": ["model.bin"], "justification": "the trained model"})
+                              json={"justification": "model.bin: the trained model"})
     assert response.status_code == 201, response.text
-    stack.flask("releases", "approve", str(response.json()["id"]), "--reviewer", _reviewer(stack, "rev-cut").address)
+    for name in ("rev-cut", "rev-cut-2"):
+        stack.flask("releases", "approve", str(response.json()["id"]), "--reviewer", _reviewer(stack, name).address,
+                    "--path", "model.bin")
     files = {f["path"]: f for f in researcher.api("GET", f"/submissions/{submission_id}/export").json()["files"]}
     assert files["model.bin"]["released"] and files["model.bin"]["size"] == 3 * 1024 * 1024
     return researcher, submission_id, files["model.bin"]
