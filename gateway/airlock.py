@@ -379,7 +379,7 @@ def preview(submission_id: int, export_file: ExportFile) -> str | None:
             or export_file.note:
         return None
     data = jobfiles.read_head(submission_id, jobfiles.EXPORT, jobfiles.unescape(export_file.path), PREVIEW_BYTES)
-    return None if data is None else data.decode("utf-8", "replace")
+    return None if data is None else jobfiles.text_of(data)
 
 
 def code_listing(submission_id: int) -> list[tuple[str, int]]:

@@ -144,6 +144,12 @@ def unescape(text: str) -> bytes:
     return bytes(out)
 
 
+def text_of(data: bytes) -> str:
+    """What a job wrote (a log, a preview) as text a database keeps: bytes that
+    are not UTF-8 become U+FFFD, and so does NUL (PostgreSQL refuses it in text)."""
+    return data.decode("utf-8", "replace").replace("\x00", "\ufffd")
+
+
 # ------------------------------------------------------------------ opening
 
 def _root_fd(submission_id: int) -> int:
@@ -378,7 +384,7 @@ def _read_file(dir_fd: int, name: bytes, preview: int, deadline: float) -> tuple
     text = None
     if preview and size <= preview:
         try:
-            text = head.decode("utf-8")
+            text = head.decode("utf-8").replace("\x00", "\ufffd")
         except UnicodeDecodeError:
             pass
     return digest.hexdigest(), text, size

@@ -234,7 +234,7 @@ def stderr_tail(submission: Submission) -> str:
                                cfg["STDERR_TAIL_BYTES"])
     if found is None:
         return "(no stderr was written)"
-    text = found[0].decode("utf-8", "replace")
+    text = jobfiles.text_of(found[0])
     lines = text.splitlines()[-cfg["STDERR_TAIL_LINES"]:]
     return "\n".join(lines)
 
@@ -294,7 +294,7 @@ def dry_run_log(submission_id: int, job_id: str) -> str:
         if found is None:
             size, text = 0, f"(no {name} was written)"
         else:
-            size, text = found[1], found[0].decode("utf-8", "replace")
+            size, text = found[1], jobfiles.text_of(found[0])
         if size > cap:
             text = f"[... the first {size - cap} bytes left out ...]\n" + text
         parts.append(f"---- {name} ({file_name})\n{text.rstrip()}")

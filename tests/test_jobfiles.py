@@ -335,3 +335,7 @@ def test_the_one_reader_check_finds_a_stray_read(tmp_path):
     stray = tmp_path / "stray.py"
     stray.write_text("def tail(files):\n    return (files.logs / 'slurm-1.err').read_text()\n")
     assert list(_uses(stray)) == [("tail", ".logs")]
+
+
+def test_what_jobs_wrote_becomes_text_a_database_keeps():
+    assert jobfiles.text_of(b"ok\x00\xff\n") == "ok\ufffd\ufffd\n"
