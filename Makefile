@@ -23,7 +23,10 @@ venv:
 	@$(MAKE) --no-print-directory $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	@# a download that fails once (the index, a proxy) passes on the next try: 3 tries, 15 s apart
+	@for try in 1 2 3; do $(PY) -m pip install -q -r requirements.txt && exit 0; \
+	  [ $$try = 3 ] || { echo "pip install -r requirements.txt failed (try $$try of 3); again in 15 s" >&2; sleep 15; }; \
+	done; echo "pip install -r requirements.txt failed for good (3 tries)" >&2; exit 1
 	touch $@
 
 testbed: packages venv

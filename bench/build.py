@@ -28,7 +28,7 @@ from pathlib import Path
 
 from gateway.adapters.apptainer import Image, ImageBuilder
 from gateway.config import DEFAULTS, from_environment
-from gateway.validation import normalise_requirements
+from m2d.contract.validation import normalise_requirements
 
 SAMPLE = Path(__file__).resolve().parent.parent / "m2d" / "samples" / "iris" / "requirements.txt"
 CACHED_TARGET = 20.0

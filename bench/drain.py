@@ -20,7 +20,7 @@ end times (the submissions' events):
   all of the early ones), and the longest run of consecutive starts by one
   researcher.
 
-At about 40 jobs a minute on the 2-core testbed (N=150, README) 1,000 take some 25
+At about 40 jobs a minute on the 2-core testbed (N=150, docs/benchmarks.md) 1,000 take some 25
 minutes: pass a smaller N. Before every job is in Slurm the gateway's prepare queue
 (first come, first served) decides whose jobs Slurm can choose from; the output says
 when that was.
@@ -35,7 +35,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tests.stack import PrivateStack, zip_folder
+from tests.helpers.stack import PrivateStack, zip_folder
 
 TRIVIAL = "print('done', flush=True)\n"
 

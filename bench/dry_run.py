@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import datetime
 
-from tests.stack import SAMPLES, Stack, zip_folder
+from tests.helpers.stack import SAMPLES, Stack, zip_folder
 
 FINAL = {"completed", "failed", "build_failed", "dry_run_failed", "cancelled"}
 

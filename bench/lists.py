@@ -20,7 +20,7 @@ import flask_migrate
 from gateway import create_app
 from gateway.extensions import db
 from gateway.models import ApiToken, Submission, User, utcnow
-from gateway.states import Status
+from m2d.contract.states import Status
 
 USERS = 100
 REPEAT = 20

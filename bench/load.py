@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import percentile
-from tests.stack import SAMPLES, Stack, zip_folder
-from tests.zips import make_padded_zip
+from tests.helpers.stack import SAMPLES, Stack, zip_folder
+from tests.helpers.zips import make_padded_zip
 
 RSS_TARGET_MB = 150
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench import percentile
 from gateway.config import DEFAULTS
-from tests.stack import SAMPLES, Stack, zip_folder
+from tests.helpers.stack import SAMPLES, Stack, zip_folder
 
 SUBJECTS = {"running": "execution started", "completed": "execution finished"}
 

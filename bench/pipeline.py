@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import datetime
 
-from tests.stack import SAMPLES, Stack, zip_folder
+from tests.helpers.stack import SAMPLES, Stack, zip_folder
 
 STAGES = ["received", "building", "queued", "running", "completed"]
 

@@ -3,7 +3,7 @@
     set -a; . /opt/testbed/gateway.env; set +a
     .venv/bin/python -m bench.relay [N]
 
-Provisions a throwaway MLflow user, starts a relay and a shim (jobs/relay.py) as a job
+Provisions a throwaway MLflow user, starts a relay and a shim (singularity/relay.py) as a job
 has them, and times N (default 200) `mlflow.log_metric` calls each way, then how long
 the relay takes to hand the buffered values to MLflow: a `get_run` (which sends the
 run's buffer first) and the background sender (polling MLflow until all N are there).
@@ -22,7 +22,8 @@ import mlflow
 import requests
 from mlflow import MlflowClient
 
-from tests.test_relay import API, MlflowAdmin, RelayProcesses
+from gateway.adapters.mlflow import MlflowAdmin
+from tests.helpers.relay import API, RelayProcesses
 
 
 def percentiles(seconds):

@@ -186,7 +186,7 @@ def poll_app(folder: Path, ids: list[str]):
     from gateway import create_app
     from gateway.extensions import db
     from gateway.models import Submission, User, utcnow
-    from gateway.states import Status
+    from m2d.contract.states import Status
 
     shutil.rmtree(folder, ignore_errors=True)
     app = create_app({"SECRET_KEY": uuid.uuid4().hex, "DATA_DIR": str(folder / "data"),

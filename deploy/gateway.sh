@@ -73,8 +73,9 @@ start() {
     MLflow:        $M2D_MLFLOW_URL  (admin / see $TESTBED_DIR/secrets/mlflow-admin-password)
     logs:          $RUN/logs
   Add a researcher:  set -a; . $TESTBED_DIR/gateway.env; . $RUN/admin.env; set +a
-                     ${AS_GATEWAY[*]} .venv/bin/flask --app gateway users create you@example.org --name You --password '...' --approve
-                     ${AS_GATEWAY[*]} .venv/bin/flask --app gateway tokens create you@example.org
+                     .venv/bin/flask --app gateway users create you@example.org --name You --password '...' --approve
+                     (admin commands run as ${GW_USER}, also when started as root: docs/admin.md)
+  The m2d client:    http://127.0.0.1:$PORT/client  (pip install of the wheel it serves; tokens on the account page)
   Stop it all:       make stop
 EOM
 }

@@ -1,7 +1,7 @@
 """Model-to-Data Gateway: the web app and API.
 
-``create_app`` is imported lazily so that ``gateway.validation`` (the rules of a
-valid submission, shared with the researcher's client) imports without Flask.
+``create_app`` is imported lazily so that a module of the package (a command, a
+worker's task) can be imported without building the whole app.
 """
 
 

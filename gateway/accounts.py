@@ -12,13 +12,14 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from rq import Retry
 from sqlalchemy.exc import IntegrityError
 
+from m2d.contract.states import IllegalTransition
+
 from . import lifecycle, queue
 from .adapters.mlflow import MlflowAdmin
 from .adapters.slurm import SlurmError
 from .adapters.slurm.accounting import SlurmAccounts
 from .extensions import db
 from .models import AccountEmail, User, utcnow
-from .states import IllegalTransition
 
 log = logging.getLogger(__name__)
 

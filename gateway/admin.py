@@ -7,13 +7,14 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user
 from sqlalchemy.orm import contains_eager
 
+from m2d.contract.states import IllegalTransition, Status
+
 from . import accounts, alerts, lifecycle, pagination, usage
 from .adapters.mlflow import MlflowError
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler
 from .extensions import db, login_manager
 from .models import Submission, User
-from .states import IllegalTransition, Status
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 PER_PAGE = 25

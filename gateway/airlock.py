@@ -427,7 +427,7 @@ def purge(now: datetime | None = None) -> dict:
         db.session.commit()
         done["released_purged"] += 1
     retention = timedelta(days=current_app.config["EXPORT_RETENTION_DAYS"])
-    from .states import TERMINAL
+    from m2d.contract.states import TERMINAL
     candidates = (Submission.query.outerjoin(Export, Export.submission_id == Submission.id)
                   .filter(Submission.status.in_([s.value for s in TERMINAL]),
                           Submission.updated_at <= now - retention + WARN_BEFORE,

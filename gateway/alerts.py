@@ -24,12 +24,13 @@ from flask import current_app
 from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from m2d.contract.states import Status
+
 from . import queue
 from .config import ConfigError
 from .extensions import db
 from .lifecycle import advance
 from .models import Alert, Email, Submission, User, utcnow
-from .states import Status
 
 log = logging.getLogger(__name__)
 

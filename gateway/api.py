@@ -1,19 +1,28 @@
 """The JSON API, /api/v1: what the m2d client and scripts use."""
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
 
+from m2d.contract import __version__
+from m2d.contract.states import IllegalTransition
+from m2d.contract.validation import Refusal
+
 from . import airlock, intake, lifecycle, pagination, provenance, usage
 from .auth import token_required
 from .errors import json_error as error
 from .extensions import csrf, db
 from .models import Submission
-from .states import IllegalTransition
-from .validation import Refusal
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 csrf.exempt(bp)
 
 REFUSAL_STATUS = {"too_large": 413, "quota_exceeded": 429}
 API_PAGE = 100  # submissions per page of the list, at most
+
+
+@bp.after_request
+def say_version(response):
+    # the version of the client this gateway serves (/client): an m2d of another version warns
+    response.headers["M2D-Version"] = __version__
+    return response
 
 
 @bp.post("/submissions")

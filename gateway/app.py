@@ -7,7 +7,7 @@ from pathlib import Path
 from flask import Flask, Request
 
 from . import config as configuration
-from . import errors
+from . import errors, service_account
 from .extensions import csrf, db, limiter, login_manager, migrate
 from .storage import incoming_dir, secure_data_dir
 
@@ -30,6 +30,7 @@ def create_app(config=None):
     app = Flask(__name__, instance_relative_config=True)
     app.request_class = DiskRequest
     cfg = configuration.load(app, config)
+    service_account.switch_if_root(cfg["DATA_DIR"])  # an admin command run as root: before any file is written
     secure_data_dir(Path(cfg["DATA_DIR"]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -52,7 +53,7 @@ def create_app(config=None):
             if db.engine.url.database:
                 os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
-    from . import admin, api, auth, cli, health, metrics, review, submissions
+    from . import admin, api, auth, cli, downloads, health, metrics, review, submissions
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(auth.bp)
@@ -60,6 +61,7 @@ def create_app(config=None):
     app.register_blueprint(api.bp)
     app.register_blueprint(review.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(downloads.bp)
     cli.init_app(app)
     errors.init_app(app)
     _secure_headers(app)

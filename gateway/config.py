@@ -21,7 +21,7 @@ from typing import Any
 
 from flask import Config, Flask
 
-from m2d import twin
+from m2d.contract import twin
 
 
 class ConfigError(RuntimeError):
@@ -103,7 +103,7 @@ SETTINGS: tuple[Setting, ...] = (
                             "running": "90000"},
       "Seconds a submission may stay in a status (`status=seconds`, a status left out: never) before the admins "
       "get one alert email and the admin pages flag it."),
-    # Upload limits (gateway.validation.Limits)
+    # Upload limits (m2d.contract.validation.Limits)
     S("MAX_ZIP_BYTES", int, 200 * 1024**2, "Largest upload (bytes)."),
     S("MAX_FILES", int, 2000, "Most files in one zip."),
     S("MAX_UNCOMPRESSED_BYTES", int, 2 * 1024**3, "Largest unpacked size of one zip (bytes)."),
@@ -126,19 +126,23 @@ SETTINGS: tuple[Setting, ...] = (
     S("PIP_EXTRA_INDEX_URLS", tuple, (), "More pip indexes for builds."),
     S("PIP_FIND_LINKS", tuple, (), "Wheelhouses for builds: folders or URLs."),
     S("PIP_CONSTRAINT", str, "", "A pip constraints file on the build host."),
-    S("PIP_CACHE_DIR", str, "", "pip's cache shared by every build (safe for concurrent use), bound at "
-      "/m2d/pip-cache; empty for none."),
+    S("PIP_CACHE_DIR", str, "", "pip's and uv's cache, shared by every build's wheels-only step (no researcher "
+      "code runs there), bound at /m2d/pip-cache; a build from source (an sdist) neither reads nor keeps it. "
+      "Empty for none."),
+    S("BUILD_INDEX_HOSTS", tuple, ("pypi.org", "files.pythonhosted.org"), "The only hosts a build reaches (HTTPS, "
+      "through the gateway's proxy; `name` is port 443, else `name:port`): the index PIP_INDEX_URL, "
+      "PIP_EXTRA_INDEX_URLS and PIP_FIND_LINKS name, and where it serves files from. A build has no other network."),
     S("BUILD_UV", str, "", "A uv binary on the build host (the `uv` wheel's, any Linux base runs it), bound "
       "read-only into builds: they install with `uv pip install` (the same sources, its cache in PIP_CACHE_DIR) "
       "and fall back to pip when uv refuses the requirements; empty: pip alone."),
     S("IMAGE_GC_DAYS", int, 30, "Environment images unused this long, and not the image of a submission in "
-      "flight, are deleted (`flask images gc`, and hourly)."),
+      "flight, are deleted (`flask --app gateway images gc`, and hourly)."),
     # Sealed jobs: sbatch/scancel run through `sudo -u JOB_USER` (deploy/testbed/accounts.sh).
     S("JOB_USER", str, "m2d-job", "The account jobs run as, which can read nothing of the gateway's; empty to "
       "submit as the gateway's own account."),
     S("JOB_GROUP", str, "m2d-job", "Group of a submission's folders (the job reads its code, writes its export "
       "and logs); the gateway's account is a member."),
-    S("RELAY_PYTHON", str, "python3", "Python on the compute node that runs jobs/relay.py."),
+    S("RELAY_PYTHON", str, "python3", "Python on the compute node that runs singularity/relay.py."),
     S("MODELS_DIR", str, None, "The admins' model cache, bound read-only at /opt/m2d/models."),
     # Slurm
     S("SLURM_ADAPTER", str, "cli", "How the gateway talks to Slurm.", choices=("cli", "pyslurm")),
@@ -171,9 +175,10 @@ SETTINGS: tuple[Setting, ...] = (
       "submission, and it picks the synthetic twin of the dry runs (change both together)."),
     # Dry runs on the synthetic twin (M2D_DRY_RUN=1 inside the job)
     S("DRY_RUN", bool, True, "Run every submission first on the synthetic twin; only one that exits 0 lets the "
-      "real job go (`flask users dry-run EMAIL --skip` for one researcher)."),
+      "real job go (`flask --app gateway users dry-run EMAIL --skip` for one researcher)."),
     S("TWIN_DIR", str, None, "The synthetic twins, one folder per DATASET_VERSION (TWIN_DIR/<version>, bound at "
-      "/mnt/dataset in a dry run), made by m2d.sample_data on first use as `m2d run` makes its own. On the "
+      "/mnt/dataset in a dry run), made by m2d.contract.sample_data on first use in the shape of DATASET_DIR (its CSV "
+      "files' split, label and view counts, scaled down, at least 4 cases per split and label). On the "
       "filesystem the compute nodes share. Default: DATA_DIR/twins."),
     S("DRY_RUN_PARTITION", str, None, "Partition of dry runs; default: SLURM_PARTITION."),
     S("DRY_RUN_TIME", str, "00:10:00", "Time limit of a dry run."),
@@ -188,6 +193,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("MLFLOW_PUBLIC_URL", str, None, "MLflow as researchers and their code see it; default MLFLOW_URL."),
     S("MLFLOW_ADMIN_USERNAME", str, "admin", "MLflow admin account the gateway provisions users with."),
     S("MLFLOW_ADMIN_PASSWORD", str, None, "Its password."),
+    S("MLFLOW_PAGE_TIMEOUT", float, 5.0, "Seconds each MLflow call may take when a submission's page shows its "
+      "runs; past it the page says MLflow is unreachable."),
+    S("MLFLOW_PAGE_CACHE_SECONDS", int, 30, "Seconds a submission's MLflow runs (and MLflow being unreachable) "
+      "are kept in Redis before a page view asks MLflow again."),
     # Mail
     S("SMTP_HOST", str, "127.0.0.1", "SMTP relay host."),
     S("SMTP_PORT", int, 25, "SMTP relay port."),

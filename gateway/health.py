@@ -4,7 +4,7 @@ Every part is asked at once, each in its own thread with HEALTH_TIMEOUT
 seconds: a part that hangs (a firewalled port, a stuck slurmctld) costs the
 check its timeout, not the whole answer, and is named as down. 200 with
 ``{"ok": true, ...}`` when all answer; 503 naming the parts that are down.
-A load balancer or monitoring polls it; tests/stack.py waits on it.
+A load balancer or monitoring polls it; tests/helpers/stack.py waits on it.
 """
 from __future__ import annotations
 

@@ -12,10 +12,11 @@ from datetime import timedelta
 from flask import current_app
 from sqlalchemy import func, select
 
+from m2d.contract.states import TERMINAL
+
 from .adapters.apptainer import ImageBuilder
 from .extensions import db
 from .models import Submission, utcnow
-from .states import TERMINAL
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,12 @@ from datetime import timedelta
 from flask import current_app
 from werkzeug.datastructures import FileStorage
 
+from m2d.contract.validation import Limits, Refusal, check_upload_size, check_zip, unpack
+
 from . import lifecycle, provenance
 from .extensions import db
 from .models import Submission, User, utcnow
 from .storage import SubmissionFiles, incoming_dir
-from .validation import Limits, Refusal, check_upload_size, check_zip, unpack
 
 CHUNK = 1024 * 1024
 QUOTA_WINDOW = timedelta(hours=24)

@@ -13,10 +13,11 @@ from datetime import datetime
 
 from sqlalchemy import update
 
+from m2d.contract.states import EMAIL_FOR, IllegalTransition, Status, check
+
 from . import queue
 from .extensions import db
 from .models import Email, Event, Submission, User, utcnow
-from .states import EMAIL_FOR, IllegalTransition, Status, check
 
 log = logging.getLogger(__name__)
 

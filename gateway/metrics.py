@@ -28,11 +28,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from redis import Redis, RedisError
 from sqlalchemy import func
 
+from m2d.contract.states import Status
+
 from . import queue
 from .errors import json_error
 from .extensions import db
 from .models import Submission
-from .states import Status
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)

@@ -8,9 +8,10 @@ from flask_login import UserMixin
 from sqlalchemy import Index, UniqueConstraint
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from m2d.contract.states import Status
+
 from . import secrets as sealed
 from .extensions import db
-from .states import Status
 
 
 def utcnow():
@@ -187,9 +188,25 @@ class Submission(db.Model):
         """The dry run as the researcher sees it: everything (fake data only)."""
         if not (self.dry_run_job_id or self.status.startswith("dry_run")):
             return None
-        return {"slurm_job_id": self.dry_run_job_id, "exit_code": self.dry_run_exit_code,
-                "reason": self.dry_run_reason, "log": self.dry_run_log,
-                "export": self.dry_run_export()}
+        export = self.dry_run_export()
+        found = {"slurm_job_id": self.dry_run_job_id, "exit_code": self.dry_run_exit_code,
+                 "reason": self.dry_run_reason, "log": self.dry_run_log, "export": export,
+                 "headline": None, "hint": None}
+        if self.status == Status.DRY_RUN_FAILED.value:
+            found.update(self._dry_run_failure(export))
+        return found
+
+    def _dry_run_failure(self, export):
+        """What ended the failed dry run: the last exception in its log, else in
+        a text file it left in export-dryrun/ (code that sends its own stderr
+        there), and what to change when it named what the platform sets."""
+        from flask import current_app
+
+        from .failures import headline, hint
+        line = headline(self.dry_run_log)
+        for f in export:
+            line = line or headline(f["text"])
+        return {"headline": line, "hint": hint(line, current_app.config["MLFLOW_PUBLIC_URL"])}
 
     def dry_run_export(self) -> list[dict]:
         """The files the dry run left in export-dryrun/ (path, size, the text of

@@ -16,12 +16,13 @@ from typing import Any
 
 from sqlalchemy import func
 
+from m2d.contract.states import DRY_RUN_ACTIVE, Status
+
 from . import queue
 from .adapters.slurm import TERMINAL_STATES, SlurmError
 from .adapters.slurm.cli import CliScheduler
 from .extensions import db
 from .models import Submission
-from .states import DRY_RUN_ACTIVE, Status
 
 # What Slurm may say of a job in each active state without anything being wrong.
 WAITING = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"})

@@ -14,10 +14,12 @@ recorded, and the poller's sweep hands it on later.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 from flask import current_app
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, Retry, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
@@ -31,6 +33,27 @@ SERIALIZER = JSONSerializer
 
 def connection() -> Redis:
     return Redis.from_url(current_app.config["REDIS_URL"])
+
+
+def cached(key: str, seconds: int, compute):
+    """``compute()``'s JSON-able answer, from Redis while it is younger than
+    ``seconds``: for pages whose figures cost another service a call. Without
+    Redis (or with ``seconds`` 0) every caller computes its own."""
+    name = f"{current_app.config['QUEUE_NAMESPACE']}-cache-{key}"
+    try:
+        redis = connection()
+        hit = redis.get(name)
+        if hit is not None:
+            return json.loads(hit)
+    except RedisError:
+        redis = None
+    value = compute()
+    if redis is not None and seconds > 0:
+        try:
+            redis.set(name, json.dumps(value), ex=seconds)
+        except RedisError:
+            pass
+    return value
 
 
 def queue(name: str, redis: Redis | None = None) -> Queue:

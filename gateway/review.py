@@ -8,7 +8,7 @@ page (templates/export_section.html), the request form, and downloads.
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
-from . import airlock
+from . import airlock, runs
 from .extensions import db
 from .models import ReleaseRequest, Submission
 
@@ -74,6 +74,7 @@ def show(request_id):
     release = _request_or_404(request_id)
     previews = {item.id: airlock.preview(release.submission_id, item.file) for item in release.items}
     return render_template("review/request.html", release=release, previews=previews,
+                           mlflow=runs.for_submission(release.submission),
                            mine=release.requester_id == current_user.id
                            or release.submission.user_id == current_user.id)
 

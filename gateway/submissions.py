@@ -4,15 +4,16 @@ from flask import Blueprint, abort, current_app, flash, jsonify, redirect, rende
 from flask_login import current_user, login_required
 from werkzeug.datastructures import FileStorage
 
-from . import intake, lifecycle, pagination, usage
+from m2d.contract.states import IllegalTransition, Status
+from m2d.contract.validation import Refusal
+
+from . import intake, lifecycle, pagination, runs, usage
 from .adapters.slurm import SlurmError
 from .adapters.slurm.cli import CliScheduler, queue_position
 from .api import mlflow_settings
 from .extensions import db
 from .models import ApiToken, Build, Email, Submission, utcnow
-from .states import IllegalTransition, Status
 from .storage import SubmissionFiles
-from .validation import Refusal
 
 bp = Blueprint("submissions", __name__)
 PER_PAGE = 20
@@ -96,7 +97,7 @@ def resubmit(submission_id):
 
 def detail_context(submission):
     """What the detail page shows, for its owner and for admins alike."""
-    return {"submission": submission, **_live_values(submission)}
+    return {"submission": submission, "mlflow": runs.for_submission(submission), **_live_values(submission)}
 
 
 def live_response(submission, admin_view):

@@ -7,12 +7,10 @@ USAGE_CACHE_SECONDS; without Redis each page asks Slurm itself.
 """
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timezone
 
 from flask import current_app
-from redis.exceptions import RedisError
 
 from . import queue
 from .adapters.slurm import SlurmError
@@ -31,22 +29,7 @@ def period_start(now: datetime | None = None) -> datetime:
 
 def _cached(key: str, compute):
     """``compute()``'s JSON-able answer, from Redis while it is fresh."""
-    cfg = current_app.config
-    name = f"{cfg['QUEUE_NAMESPACE']}-usage-{key}"
-    try:
-        redis = queue.connection()
-        hit = redis.get(name)
-        if hit is not None:
-            return json.loads(hit)
-    except RedisError:
-        redis = None
-    value = compute()
-    if redis is not None and cfg["USAGE_CACHE_SECONDS"] > 0:
-        try:
-            redis.set(name, json.dumps(value), ex=cfg["USAGE_CACHE_SECONDS"])
-        except RedisError:
-            pass
-    return value
+    return queue.cached(f"usage-{key}", current_app.config["USAGE_CACHE_SECONDS"], compute)
 
 
 def shares() -> dict[str, dict]:

@@ -1,7 +1,7 @@
 """The Slurm batch script that runs one submission, sealed: ``singularity/job.sbatch.j2``.
 
 :class:`JobSpec` holds the values; the template holds the script.  The
-script starts the MLflow relay (jobs/relay.py) on the host side of the job,
+script starts the MLflow relay (singularity/relay.py) on the host side of the job,
 then runs the researcher's ``main.py`` with ``apptainer exec --containall
 --cleanenv --no-privs --net --network none`` in the submission's image: no
 network but a loopback, where a shim forwards the MLflow URL to the relay's
@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.templating import render
+from gateway.templating import SINGULARITY_DIR, render
 
 __all__ = ["JobSpec", "render_job_script", "write_job_script", "job_name", "log_name", "RELAY_SOURCE"]
 
 TEMPLATE = "singularity/job.sbatch.j2"
-RELAY_SOURCE = Path(__file__).resolve().parent / "relay.py"
+RELAY_SOURCE = SINGULARITY_DIR / "relay.py"  # run by path on the node, never imported
 
 DATASET_MOUNT = "/mnt/dataset"
 EXPORT_MOUNT = "/mnt/export"
@@ -64,7 +64,7 @@ class JobSpec:
     dataset_dir: Path        # -> /mnt/dataset, read-only
     export_dir: Path         # -> /mnt/export, writable
     log_dir: Path            # slurm-<jobid>.out / .err, gateway-owned
-    relay: Path              # a copy of jobs/relay.py the job account can read
+    relay: Path              # a copy of singularity/relay.py the job account can read
     credentials: Path        # the owner's MLflow login for the relay, group-readable only
     mlflow_upstream: str     # the MLflow server as the node reaches it
     mlflow_url: str          # the URL the job's code uses (the shim listens at its host:port)

@@ -22,7 +22,7 @@ from gateway.adapters.slurm.reasons import explain
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import AccountEmail, Email, Submission, User, utcnow
-from gateway.states import Status
+from m2d.contract.states import Status
 
 from .jobscript import log_name
 

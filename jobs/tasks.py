@@ -31,10 +31,10 @@ from gateway.config import required
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import Build, Submission, User, utcnow
-from gateway.states import DRY_RUN_ACTIVE, Status
 from gateway.storage import SubmissionFiles, job_gid, write_private
-from gateway.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
-from m2d import twin
+from m2d.contract import twin
+from m2d.contract.states import DRY_RUN_ACTIVE, Status
+from m2d.contract.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
 
 from . import mail, poller
 from .jobscript import RELAY_SOURCE, JobSpec, job_name, write_job_script
@@ -408,8 +408,23 @@ def _dataset_version(submission: Submission) -> str:
 
 
 def _twin(version: str) -> Path:
-    """The synthetic twin of ``version``, made on first use (the same one `m2d run` makes)."""
-    return twin.ensure(current_app.config["TWIN_DIR"], version)
+    """The synthetic twin of ``version``, made on first use in the shape of the
+    real data (DATASET_DIR's CSV files: split, label and view counts)."""
+    cfg = current_app.config
+    root = cfg["TWIN_DIR"]
+    if version == cfg["DATASET_VERSION"] and cfg["DATASET_DIR"]:
+        try:
+            return twin.ensure(root, version, dataset=cfg["DATASET_DIR"])
+        except PermissionError as e:
+            # where only the job account reads the dataset, the admins make its twin (docs/admin.md)
+            log.info("dataset version %s: the gateway may not read its CSV files (%s); using the twin made for it",
+                     version, e)
+    # DATASET_DIR holds another version now (or is not ours to read): the twin stays as it was made
+    if twin.is_made(root, version):
+        return twin.path(root, version)
+    log.warning("dataset version %s: no twin of it, and the gateway cannot read the counts of its data; making "
+                "one in the published sample's proportions (docs/admin.md: make it from the real counts)", version)
+    return twin.ensure(root, version)
 
 
 def _dry_run_export(files: SubmissionFiles) -> Path:

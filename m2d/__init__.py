@@ -6,4 +6,6 @@ submit it and follow it through the API. ``python -m m2d --help`` lists the
 commands; each is a function in this package that other programs can call.
 """
 
-__version__ = "0.1.0"
+from m2d.contract import __version__
+
+__all__ = ["__version__"]

@@ -1,6 +1,6 @@
 """Making a submission zip from a project folder, and checking one.
 
-The rules are the platform's own (gateway.validation, stdlib only): a zip that
+The rules are the platform's own (m2d/contract/validation.py, stdlib only, imported by the gateway): a zip that
 passes `check` here is one the gateway accepts, refused with the same code and
 message otherwise.
 """
@@ -12,14 +12,15 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.validation import Checked, Refusal, check_zip, normalise_requirements, unpack
+from m2d.contract.validation import PYTHON_VERSION_FILE, Checked, Refusal, check_zip, normalise_requirements, unpack
 
 __all__ = ["Checked", "Refusal", "Zipped", "check", "make_zip", "normalise_requirements",
            "requirement_lines", "unpack"]
 
 # Never part of a submission: caches, version control, editor state, environments.
 # Hidden files and folders (.env, .DS_Store, .idea, ...) are left out as well:
-# they are local state at best, and secrets at worst.
+# they are local state at best, and secrets at worst. Except .python-version: the
+# platform reads it to pick the submission's Python.
 SKIPPED_FOLDERS = {"__pycache__", "__MACOSX", "node_modules"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 
@@ -91,7 +92,7 @@ def _why_skipped_folder(path: Path) -> str | None:
 
 
 def _why_skipped_file(path: Path) -> str | None:
-    if path.name.startswith("."):
+    if path.name.startswith(".") and path.name != PYTHON_VERSION_FILE:
         return "hidden"
     if path.name.endswith(SKIPPED_SUFFIXES):
         return "compiled Python"

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 from . import __version__, archive, config
+from .contract import twin
+from .errors import ApiError, LocalRunError
 
 RUN_HELP = """\
 Run a submission on this machine the way the platform runs it. The folder is
@@ -56,16 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                      prefix=f"m2d: the platform would refuse {getattr(args, 'source', 'this zip')}:\n")
     except (config.NotLoggedIn, FileExistsError, NotADirectoryError, ValueError) as e:
         return _fail(args, type(e).__name__, str(e))
-    except Exception as e:
-        # The client's and the local runner's errors carry a code and a message that
-        # says what to do; anything else is a bug and keeps its traceback.
-        from .client import ApiError
-        from .errors import LocalRunError
-        if isinstance(e, ApiError):
-            return _fail(args, e.code, e.message)
-        if isinstance(e, LocalRunError):
-            return _fail(args, "local_run", str(e))
-        raise
+    # The client's and the local runner's errors carry a code and a message that
+    # says what to do; anything else is a bug and keeps its traceback.
+    except ApiError as e:
+        return _fail(args, e.code, e.message)
+    except LocalRunError as e:
+        return _fail(args, "local_run", str(e))
     except KeyboardInterrupt:
         return 130
 
@@ -74,12 +72,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sample_data(args) -> int:
-    from . import sample_data as generator  # numpy and Pillow: only this command needs them
+    from .contract import sample_data as generator  # numpy and Pillow: only this command needs them
 
     size = generator.parse_size(args.size)
-    written = generator.generate(args.out, cases=args.cases, size=size, seed=args.seed)
+    written = generator.generate(args.out, cases=args.cases, size=size, seed=args.seed, floor=args.min_per_cell)
     if written:
-        text = f"wrote a synthetic CLaM sample to {args.out}: {args.cases} cases, {args.size} images, seed {args.seed}"
+        made = generator.counts(args.out)
+        shape = ", ".join(f"{split} {label} {n}" for (split, label), n in made.cases.items())
+        text = (f"wrote a synthetic CLaM sample to {args.out}: {made.total} cases ({shape}), "
+                f"{args.size} images, seed {args.seed}")
     else:
         text = f"{args.out} already holds a complete dataset; left as it is (remove it to make another)"
     return _done(args, {"out": str(args.out), "written": written}, text)
@@ -364,7 +365,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = command("sample-data", sample_data, "write a synthetic CLaM sample (numpy and Pillow needed)")
     sub.add_argument("--out", required=True, type=Path, help="folder to create (must be absent or empty)")
-    sub.add_argument("--cases", type=int, default=10, help="number of cases (default 10, as the real sample)")
+    sub.add_argument("--cases", type=int, default=10, help="number of cases, in the published sample's "
+                     "proportions of split, label and view (default 10, as the published sample)")
+    sub.add_argument("--min-per-cell", type=int, default=twin.FLOOR, metavar="N",
+                     help=f"then at least N cases of each label in each split, as in the dry run's twin, so "
+                          f"that test-split scores (ROC AUC) are defined (default {twin.FLOOR}; 0: exactly --cases)")
     sub.add_argument("--size", default="128x160", help="image WIDTHxHEIGHT in pixels (default 128x160)")
     sub.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
 

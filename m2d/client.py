@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
 
 import requests
 from requests.adapters import HTTPAdapter, Retry
 
-from gateway.states import TERMINAL, Status
+from m2d.contract import __version__
+from m2d.contract.states import TERMINAL, Status
 
 from .config import Settings
+from .errors import ApiError
+
+__all__ = ["ApiError", "Client", "is_completed", "is_finished"]
 
 TIMEOUT_S = 30
 UPLOAD_TIMEOUT_S = 600  # a zip may be up to 200 MB on a slow line
@@ -31,18 +36,12 @@ READ_RETRIES = Retry(total=3, connect=3, read=3, status=0, other=0, backoff_fact
 WAIT_OUTAGE_S = 300
 
 
-class ApiError(Exception):
-    """`code` is the gateway's error slug (or one of ours: no_connection, timeout,
-    bad_response); `status` the HTTP status, None when there was no answer."""
-
-    def __init__(self, code: str, message: str, status: int | None = None):
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
-
-
 class Client:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, warn=None):
         self.url = settings.url
+        # told once when the gateway serves another version of m2d (its M2D-Version header)
+        self.warn = warn or (lambda text: print(f"m2d: {text}", file=sys.stderr))
+        self.version_told = False
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {settings.token}"
         for scheme in ("http://", "https://"):
@@ -165,13 +164,21 @@ class Client:
     def _request(self, method: str, path: str, timeout: float = TIMEOUT_S, **kwargs) -> requests.Response:
         url = f"{self.url}/api/v1{path}"
         try:
-            return self.session.request(method, url, timeout=timeout, **kwargs)
+            response = self.session.request(method, url, timeout=timeout, **kwargs)
         except requests.Timeout:
             raise ApiError("timeout", f"The gateway at {self.url} did not answer within {timeout} s. "
                            "Try again later.") from None
         except requests.RequestException as e:
             raise ApiError("no_connection", f"Cannot reach the gateway at {self.url} ({_reason(e)}). "
                            "Check the URL (m2d login --url ...) and your network.") from None
+        self._compare_versions(response.headers.get("M2D-Version"))
+        return response
+
+    def _compare_versions(self, served: str | None) -> None:
+        if served and served != __version__ and not self.version_told:
+            self.version_told = True
+            self.warn(f"this is m2d {__version__}; the gateway at {self.url} serves m2d {served}. Install its "
+                      f"version: pip install {self.url}/download/m2d-{served}-py3-none-any.whl (see {self.url}/client)")
 
     def _check(self, response: requests.Response) -> dict:
         method, url = response.request.method, response.url

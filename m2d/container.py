@@ -18,7 +18,7 @@ The only code of m2d that runs `apptainer`. What the platform's job does
                             the same environment (MLFLOW_TRACKING_URI,
                             MLFLOW_EXPERIMENT_NAME, PYTHONDONTWRITEBYTECODE,
                             PYTHONUNBUFFERED, M2D_DRY_RUN on the twin)
-  the MLflow relay          the platform's own, jobs/relay.py: `serve` here beside
+  the MLflow relay          the platform's own, singularity/relay.py: `serve` here beside
                             the container, `shim` on the container's loopback;
                             upstream the MLflow of m2d/tracking.py
 
@@ -40,14 +40,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs import relay
-
 from .archive import normalise_requirements
 from .errors import LocalRunError
 
 PACKAGE = Path(__file__).resolve().parent
 BASE_DEFINITION = PACKAGE / "base.def"  # -> singularity/base.def in a clone; the file itself when installed
 ENVIRONMENT_DEFINITION = PACKAGE / "environment.def"
+RELAY = PACKAGE / "relay.py"  # -> singularity/relay.py in a clone; run by path, never imported
 DEFAULT_PYTHON = "3.11"  # the Python of base.def's Debian release
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # the base image's, and Debian's, path
 
@@ -58,6 +57,9 @@ RUN_MOUNT = "/run/m2d"  # the relay's socket and the shim, read-only
 # The URL main.py sees: the shim listens there, on the container's own loopback.
 JOB_MLFLOW_URL = "http://127.0.0.1:5000"
 RELAY_START_TIMEOUT = 30  # seconds
+# mlflow 2.x imports GitPython, which prints a 15-line "Bad git executable" warning
+# into every log of an image without git; as in singularity/job.sbatch.j2.
+GIT_PYTHON_REFRESH = "quiet"
 
 # As in singularity/job.sbatch.j2: the shim first, then main.py in its place.
 _SHIM_THEN_MAIN = (f"python3 {RUN_MOUNT}/relay.py shim --listen 127.0.0.1:{JOB_MLFLOW_URL.rsplit(':', 1)[1]} "
@@ -115,7 +117,7 @@ def run(image: Path, code: Path, dataset: Path, export: Path, server, extra_env:
     with tempfile.TemporaryDirectory(prefix="m2d-relay-") as run_dir, \
             tempfile.TemporaryDirectory(prefix="m2d-login-") as private:
         run_dir = Path(run_dir)  # bound read-only at /run/m2d: the socket and the shim's code
-        shutil.copyfile(relay.__file__, run_dir / "relay.py")
+        shutil.copyfile(RELAY, run_dir / "relay.py")
         # The relay reads the login from a file only its owner can read; it never enters the container.
         credentials = Path(private) / "mlflow-login"
         credentials.touch(mode=0o600)
@@ -141,7 +143,7 @@ def run(image: Path, code: Path, dataset: Path, export: Path, server, extra_env:
 
 
 def _environment(experiment_name: str, extra_env: dict[str, str]) -> list[str]:
-    env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "GIT_PYTHON_REFRESH": GIT_PYTHON_REFRESH,
            "MLFLOW_TRACKING_URI": JOB_MLFLOW_URL, "MLFLOW_EXPERIMENT_NAME": experiment_name}
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # --cleanenv would drop it
         env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
@@ -153,7 +155,7 @@ def _environment(experiment_name: str, extra_env: dict[str, str]) -> list[str]:
 
 
 def _start_relay(run_dir: Path, credentials: Path, server, ready: Path) -> subprocess.Popen:
-    serving = subprocess.Popen([sys.executable, relay.__file__, "serve", "--socket", str(run_dir / "mlflow.sock"),
+    serving = subprocess.Popen([sys.executable, str(RELAY), "serve", "--socket", str(run_dir / "mlflow.sock"),
                                 "--ready-file", str(ready), "--upstream", server.url,
                                 "--password-file", str(credentials), "--experiment-id", server.experiment_id,
                                 "--experiment-name", server.experiment_name])
@@ -162,7 +164,7 @@ def _start_relay(run_dir: Path, credentials: Path, server, ready: Path) -> subpr
         if serving.poll() is not None or time.monotonic() > deadline:
             serving.kill()
             serving.wait()
-            raise LocalRunError("The MLflow relay (jobs/relay.py serve) did not start; its messages are above")
+            raise LocalRunError("The MLflow relay (relay.py serve) did not start; its messages are above")
         time.sleep(0.1)
     return serving
 

@@ -13,7 +13,7 @@ same paths:
                                                 ~/.cache/m2d/venvs by its hash
   CLaM at /mnt/dataset (ro); in the dry run,    --dataset bound at /mnt/dataset (ro);
   its synthetic twin, with M2D_DRY_RUN=1        without it, the dry run's own twin
-                                                (m2d/twin.py, cached in
+                                                (m2d/contract/twin.py, cached in
                                                 ~/.cache/m2d/twin/<version>), with
                                                 M2D_DRY_RUN=1 (both modes)
   the submission's /mnt/export                  --export bound at /mnt/export
@@ -40,8 +40,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import archive, container, tracking, twin
+from . import archive, container, tracking
 from .container import DATASET_MOUNT, EXPORT_MOUNT
+from .contract import twin
 from .errors import LocalRunError
 
 __all__ = ["DATASET_MOUNT", "EXPORT_MOUNT", "LocalRunError", "MODES", "Run", "mode", "run"]
@@ -262,6 +263,7 @@ def _job_environment(python: Path, mlruns: str | os.PathLike, extra: dict[str, s
     env["VIRTUAL_ENV"] = str(python.parent.parent)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # as on the platform, where /code is read-only
     env["PYTHONUNBUFFERED"] = "1"
+    env["GIT_PYTHON_REFRESH"] = container.GIT_PYTHON_REFRESH
     env.setdefault("MLFLOW_EXPERIMENT_NAME", tracking.DEFAULT_EXPERIMENT)
     if "MLFLOW_TRACKING_URI" not in env:
         env["MLFLOW_TRACKING_URI"] = Path(mlruns).resolve().as_uri()

@@ -1,6 +1,6 @@
 """The MLflow server that `m2d run` in Apptainer mode relays a job's calls to.
 
-On the platform the relay (jobs/relay.py) forwards a job's MLflow calls to the
+On the platform the relay (singularity/relay.py) forwards a job's MLflow calls to the
 platform's MLflow with the owner's login, for the owner's one experiment. Here
 the same relay forwards them to:
 

@@ -2,7 +2,12 @@
 another fixture: ``stack``, ``app``...) need the real services that `make test`
 starts, and tests that use ``venv_cache`` install packages from the index: both
 are marked ``integration``. The rest is `make unit`: no root, no services,
-seconds."""
+seconds.
+
+Order: a module marked ``last`` (``pytestmark = pytest.mark.last``: it stops
+the testbed's shared daemons) runs after every other test, whatever its name.
+Helpers shared by tests and benches live in tests/helpers/; test modules never
+import each other (tests/test_imports.py)."""
 import os
 from pathlib import Path
 
@@ -13,7 +18,7 @@ from gateway import create_app
 from gateway.config import from_environment
 from gateway.extensions import db
 
-from .stack import Stack, require_testbed
+from .helpers.stack import Stack, require_testbed
 
 INTEGRATION_FIXTURES = {"testbed", "venv_cache"}
 
@@ -28,6 +33,7 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: file order otherwise
     for item in items:
         callspec = getattr(item, "callspec", None)
         on_postgres = callspec is not None and callspec.params.get("database_url") == "postgresql"
@@ -39,7 +45,7 @@ def pytest_collection_modifyitems(items):
 def postgres():
     """The testbed's PostgreSQL role (it may create databases); this session's
     databases are dropped at its end."""
-    from .database import Postgres
+    from .helpers.database import Postgres
 
     server = Postgres.from_environment()
     yield server

@@ -19,11 +19,13 @@ from sqlalchemy import text
 from gateway import airlock, lifecycle, provenance
 from gateway.extensions import db
 from gateway.models import Email, Submission
-from gateway.states import Status
 from gateway.storage import SubmissionFiles
+from m2d.contract.states import Status
 
-from .stack import SAMPLES, wait_for, zip_folder
-from .test_app import _log_in, _token, _user
+from .helpers.stack import SAMPLES, wait_for, zip_folder
+from .helpers.users import log_in_session as _log_in
+from .helpers.users import make_user as _user
+from .helpers.users import token_header as _token
 
 RESULT = b"accuracy=1.0\n"
 
@@ -512,7 +514,7 @@ def m2d_iris(stack, plain_runs):
 
 
 def _m2d(env, cwd, *args):
-    from .test_m2d_submit import m2d
+    from .helpers.client import m2d
 
     return m2d(*args, env=env, cwd=cwd)
 

@@ -12,10 +12,10 @@ from gateway.adapters.slurm import SlurmError
 from gateway.config import ConfigError
 from gateway.extensions import db
 from gateway.models import Alert, Email, Submission
-from gateway.states import Status
 from jobs import mail, poller, tasks
+from m2d.contract.states import Status
 
-from .test_portal_rules import log_in, make_user
+from .helpers.users import log_in, make_user
 
 T0 = datetime(2026, 12, 3, 12, 0, 0)
 LIMITS = {Status.RECEIVED: timedelta(minutes=15), Status.RUNNING: timedelta(hours=25)}

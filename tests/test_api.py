@@ -3,8 +3,8 @@ zip refusal answered with a 4xx that tells the researcher what to fix."""
 import pytest
 import requests
 
-from . import zips
-from .stack import SAMPLES, zip_folder
+from .helpers import zips
+from .helpers.stack import SAMPLES, zip_folder
 
 
 @pytest.fixture(scope="module")

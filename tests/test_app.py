@@ -8,33 +8,14 @@ import pytest
 from werkzeug.datastructures import FileStorage
 from werkzeug.test import encode_multipart
 
-from gateway import accounts, lifecycle
+from gateway import lifecycle
 from gateway.extensions import db
-from gateway.models import ApiToken, utcnow
 
-from . import zips
-from .stack import SAMPLES, zip_folder
-
-
-def _user(email, approved=True):
-    user = accounts.create_user(email, email.split("@")[0])  # no password: logged in by session
-    if approved:
-        user.approved_at = utcnow()
-        user.mlflow_username = accounts.mlflow_username_for(user)
-    db.session.commit()
-    return user
-
-
-def _token(user):
-    token = ApiToken.issue(user)
-    db.session.commit()
-    return {"Authorization": f"Bearer {token}"}
-
-
-def _log_in(client, user):
-    with client.session_transaction() as session:
-        session["_user_id"] = user.get_id()
-        session["_fresh"] = True
+from .helpers import zips
+from .helpers.stack import SAMPLES, zip_folder
+from .helpers.users import log_in_session as _log_in
+from .helpers.users import make_user as _user
+from .helpers.users import token_header as _token
 
 
 def _submission_of(user):

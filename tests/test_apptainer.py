@@ -8,6 +8,7 @@ They fail (never skip) when it is missing, so a green run means images were buil
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -21,7 +22,8 @@ import pytest
 
 from gateway.adapters.apptainer import BuildError, ImageBuilder, PipSources, environment_key, file_digest, render_install_script
 
-TEST_ROOT = Path("/opt/testbed/tmp-tests")
+from .helpers.apptainer import TEST_ROOT, run_in
+
 BASE_DIGEST = "sha256:" + "ab" * 32
 
 
@@ -90,7 +92,8 @@ def test_install_script_installs_requirements_into_the_base_venv():
     text = render_install_script(base_digest=BASE_DIGEST, key="k" * 64, python="3.11", timeout=1800)
     lines = [line.strip() for line in text.splitlines()]
     assert lines[0] == "#!/bin/sh"
-    assert "pip install --no-cache-dir" in text and "-r /m2d/build/requirements.txt" in text
+    assert "pip install $pip_cache ${only_wheels:+--only-binary :all:}" in text
+    assert "-r /m2d/build/requirements.txt" in text and "pip_cache=--no-cache-dir" in text
     assert "export PIP_CERT=/etc/ssl/certs/ca-certificates.crt" in lines
     assert "k" * 64 in text and "> /opt/venv/m2d-environment" in text
     assert "/m2d/uv" not in text
@@ -103,11 +106,22 @@ def test_install_script_with_uv_uses_pips_sources_and_leaves_what_uv_refuses_to_
     sources = ("--extra-index-url file:///opt/pypi/simple --find-links /opt/wheels "
                "--constraint /m2d/build/constraints.txt -r /m2d/build/requirements.txt")
     assert ("/m2d/uv pip install --no-config --no-progress --python /opt/venv/bin/python "
-            "--cache-dir /m2d/pip-cache/uv --index-strategy unsafe-best-match") in text
+            "$uv_cache ${only_wheels:+--no-build} --index-strategy unsafe-best-match") in text
     assert text.count(sources) == 2  # uv's and pip's
     assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in text
     assert "pip tries them" in text
-    assert "/opt/venv/bin/python -I /m2d/build/bytecode.py --cache /m2d/pip-cache/pyc" in text
+    assert "/opt/venv/bin/python -I /m2d/build/bytecode.py $pyc_cache" in text
+    # the shared cache only where wheels alone are installed; a build from source keeps none
+    assert ('    pip_cache="--cache-dir /m2d/pip-cache" uv_cache="--cache-dir /m2d/pip-cache/uv" '
+            'pyc_cache="--cache /m2d/pip-cache/pyc"\nelse\n'
+            '    only_wheels= pip_cache=--no-cache-dir uv_cache=--no-cache pyc_cache=\nfi') in text
+
+
+def test_install_script_reaches_the_index_through_the_proxy_shim_on_the_loopback():
+    text = render_install_script(base_digest=BASE_DIGEST, key="k" * 64, python="3.11", timeout=60, uv=True)
+    assert ("/opt/venv/bin/python -I /m2d/build/relay.py shim --listen 127.0.0.1:3128 "
+            "--socket /m2d/proxy/index.sock") in text
+    assert "export http_proxy=$proxy https_proxy=$proxy HTTP_PROXY=$proxy HTTPS_PROXY=$proxy" in text
 
 
 # -- failures before apptainer runs ----------------------------------------------
@@ -172,7 +186,8 @@ def test_site_pip_sources_reach_pip_and_local_ones_are_bound(tmp_path):
                      constraint="/etc/xdg/pip/constraints.txt", cache_dir=str(tmp_path / "cache"))
     assert pip.binds() == ["/opt/pypi", "/opt/wheels"]
     text = render_install_script(base_digest=BASE_DIGEST, key="k" * 64, python="3.9", timeout=60, pip=pip)
-    assert ("--cache-dir /m2d/pip-cache --progress-bar off --index-url https://mirror.example/simple "
+    assert 'pip_cache="--cache-dir /m2d/pip-cache"' in text
+    assert ("--progress-bar off --index-url https://mirror.example/simple "
             "--extra-index-url file:///opt/pypi/simple --find-links /opt/wheels "
             "--find-links https://example.org/wheels --constraint /m2d/build/constraints.txt "
             "-r /m2d/build/requirements.txt") in text
@@ -245,13 +260,6 @@ def test_broken_base_image_raises_build_error_with_apptainers_message(testbed, i
         builder.ensure("six==1.16.0")
     assert "FATAL" in raised.value.log and "image format not recognized" in str(raised.value)
     assert list(builder.image_dir.glob("*.sif")) == []
-
-
-def run_in(testbed, image, code):
-    done = subprocess.run([testbed["apptainer"], "exec", str(image), "python", "-c", code],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 @pytest.mark.parametrize("installer", ["uv", "pip"])
@@ -373,10 +381,10 @@ def test_requirements_uv_refuses_are_installed_by_pip(testbed, image_dir):
 
 
 @pytest.mark.parametrize("installer", ["uv", "pip"])
-def test_a_second_build_reuses_the_wheel_an_earlier_one_built(installer, testbed, image_dir, uv):
-    # pip's and uv's caches keep the wheels they build from sources, keyed by
-    # where the source came from. (pip keeps downloads only when the index
-    # allows HTTP caching; this machine's TLS proxy drops those headers.)
+def test_a_wheel_built_from_an_sdist_is_never_kept_for_another_build(installer, testbed, image_dir, uv):
+    # pip's and uv's caches would keep the wheels they build from sources,
+    # keyed by where the source came from: a setup.py could plant any wheel
+    # there for the next build. A build from source runs with no shared cache.
     sources = image_dir / "sources"
     sources.mkdir()
     with tarfile.open(sources / "m2d_cache_probe-1.0.tar.gz", "w:gz") as sdist:
@@ -393,8 +401,10 @@ def test_a_second_build_reuses_the_wheel_an_earlier_one_built(installer, testbed
     assert first.built and second.built
     built = "Built m2d-cache-probe" if installer == "uv" else "Building wheel for m2d-cache-probe"
     assert built in first.log, first.log
-    assert built not in second.log, second.log
+    assert built in second.log, second.log
+    assert "need a build from source" in second.log, second.log
     assert run_sealed(testbed, second.path, "import probe; print(probe.VALUE)") == "42"
+    assert not any("m2d_cache_probe" in path.name for path in (image_dir / "pip-cache").rglob("*"))
 
 
 def test_second_ensure_reuses_image_without_pip(builder):
@@ -463,11 +473,12 @@ def test_missing_package_raises_build_error_with_pips_message(builder):
 
 @pytest.mark.parametrize("installer", ["uv", "pip"])
 def test_an_install_that_runs_past_the_timeout_is_stopped(installer, testbed, image_dir, uv):
-    # An index that refuses connections: pip retries with back-off (about 8 s
-    # in all) before giving up, far past the 2 s limit, however fast the
-    # machine; uv gives up sooner, and pip gets what is left of the 2 s.
+    # An index the build may reach that never answers (it listens, and never
+    # accepts): pip and uv wait far past the 2 s limit, however fast the machine.
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
     builder = ImageBuilder(image_dir, testbed["base"], apptainer=testbed["apptainer"], timeout=2,
-                           uv=uv if installer == "uv" else "")
-    with pytest.raises(BuildError, match="did not finish within 2 seconds"):
-        builder.ensure("--index-url http://127.0.0.1:9/simple\nsix==1.16.0\n")
+                           uv=uv if installer == "uv" else "", index_hosts=(f"127.0.0.1:{port}",))
+    with silent, pytest.raises(BuildError, match="did not finish within 2 seconds"):
+        builder.ensure(f"--index-url https://127.0.0.1:{port}/simple\nsix==1.16.0\n")
     assert list(image_dir.glob("*.sif")) == []

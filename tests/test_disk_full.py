@@ -10,7 +10,7 @@ import pytest
 
 from gateway.adapters.apptainer import ImageBuilder, NoSpace, file_digest
 
-from .test_apptainer import TEST_ROOT, run_in
+from .helpers.apptainer import TEST_ROOT, run_in
 
 
 @pytest.fixture

@@ -9,19 +9,18 @@ command line (submit, wait, status, export); the others through the API."""
 import csv
 import html
 import json
-import os
 import re
-import subprocess
-import sys
 from datetime import datetime, timezone
 
 import pytest
 import requests
 
 from gateway.adapters.slurm.cli import CliScheduler
-from m2d import twin
+from m2d.contract import twin
 
-from .stack import REPO, SAMPLES, zip_folder
+from .helpers.client import m2d_as as m2d
+from .helpers.experiments import metric_history, metrics_in, runs_in
+from .helpers.stack import SAMPLES, zip_folder
 
 FINAL = {"completed", "failed", "build_failed", "dry_run_failed", "cancelled"}
 
@@ -48,43 +47,6 @@ for i in range(300):
     print(f"m2d test: real line {i:03d}", file=sys.stderr)
 sys.exit(4)
 '''
-
-
-def _admin():
-    return os.environ.get("M2D_MLFLOW_ADMIN_USERNAME", "admin"), os.environ["M2D_MLFLOW_ADMIN_PASSWORD"]
-
-
-def metrics_in(experiment_name):
-    """The metrics of every run in ``experiment_name``, read with the admin's login."""
-    return [metrics for _, metrics in runs_in(experiment_name)]
-
-
-def metric_history(run_id, key):
-    """Every value logged for ``key`` in run ``run_id``, by step (MLflow's REST API, the admin's login)."""
-    answer = requests.get(f"{os.environ['M2D_MLFLOW_URL']}/api/2.0/mlflow/metrics/get-history", auth=_admin(),
-                          params={"run_id": run_id, "metric_key": key}, timeout=30)
-    answer.raise_for_status()
-    return {m["step"]: m["value"] for m in answer.json().get("metrics", [])}
-
-
-def runs_in(experiment_name):
-    """(run id, {metric: last value}) of every run in ``experiment_name``."""
-    url = os.environ["M2D_MLFLOW_URL"]
-    found = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", auth=_admin(), timeout=30,
-                         params={"experiment_name": experiment_name})
-    found.raise_for_status()
-    runs = requests.post(f"{url}/api/2.0/mlflow/runs/search", auth=_admin(), timeout=30,
-                         json={"experiment_ids": [found.json()["experiment"]["experiment_id"]]})
-    runs.raise_for_status()
-    return [(run["info"]["run_id"], {m["key"]: m["value"] for m in run["data"].get("metrics", [])})
-            for run in runs.json().get("runs", [])]
-
-
-def m2d(researcher, *args, timeout=60):
-    """`python -m m2d ARGS` as the researcher (their gateway URL and token), finished."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "M2D_URL": researcher.url, "M2D_TOKEN": researcher.token}
-    return subprocess.run([sys.executable, "-m", "m2d", *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def slurm_job_named(name, since):
@@ -168,6 +130,12 @@ def test_a_crash_on_the_first_batch_ends_as_dry_run_failed_with_the_whole_traceb
     assert "Traceback (most recent call last):" in body and "wrong shape" in body
     page = page_of(stack, researcher, result["id"])
     assert all(f"in layer{i}\n" in page for i in range(41)) and "wrong shape" in page
+    # both open on the exception it ended on, before the whole log; no real job will come
+    ended = "ValueError: m2d test: first batch of 4 has the wrong shape"
+    assert result["dry_run"]["headline"] == ended
+    assert body.index(ended) < body.index("Traceback (most recent call last):")
+    assert page.index(f"It ended on <code>{ended}</code>") < page.index("Traceback (most recent call last):")
+    assert "none: the dry run failed, so the real job will not be submitted" in page
     assert "Dataset version" in page and result["dataset_version"] in page
 
     # Slurm's own records: the dry run ran, the real job never existed

@@ -9,11 +9,11 @@ import requests
 
 from gateway.extensions import db
 from gateway.models import Build, Submission
-from m2d import twin
+from m2d.contract import twin
 
-from .stack import SAMPLES, zip_folder
+from .helpers.invariants import STATUS_MAILS
+from .helpers.stack import SAMPLES, zip_folder
 
-STATUS_MAILS = ["code received", "queued for execution", "execution started", "execution finished"]
 # built, and its dry run (or job) went to Slurm
 BUILT = {"dry_run_queued", "dry_run_running", "dry_run_passed", "dry_run_failed",
          "queued", "running", "completed", "failed"}
@@ -117,6 +117,9 @@ def test_failing_main_reports_the_traceback_in_the_email(researcher, iris, tmp_p
     body = mails[-1].get_content()
     assert "RuntimeError: m2d sample: this training script fails on purpose" in body
     assert "exit code 1" in body
+    # the email and the API lead with the exception it ended on, before the whole log
+    assert result["dry_run"]["headline"].startswith("RuntimeError: m2d sample: this training script fails on purpose")
+    assert body.index(result["dry_run"]["headline"]) < body.index("---- stdout")
 
 
 def test_writing_to_the_dataset_fails_read_only(stack, researcher, iris, tmp_path):

@@ -27,8 +27,8 @@ from gateway.config import from_environment
 from gateway.extensions import db
 from gateway.models import Submission, User
 
-from .stack import SAMPLES, Stack, wait_for, zip_folder
-from .test_m2d_submit import m2d
+from .helpers.client import m2d
+from .helpers.stack import SAMPLES, Stack, wait_for, zip_folder
 
 # `sshare -n -P -a -o Account,User,RawShares,NormShares,RawUsage,EffectvUsage,FairShare,GrpTRESMins,GrpTRESRaw`
 # on the testbed (Slurm 22.05): account names indented by depth

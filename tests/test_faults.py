@@ -2,15 +2,15 @@
 process, not its group, as the OOM killer does), Redis restarted with its data
 gone, the SMTP server down or hung, MLflow down at approval and during a job,
 a prepare that keeps failing, a stuck submission. Submissions are in several states when each
-fault hits; tests/invariants.py judges the outcome (none lost, no second Slurm
+fault hits; tests/helpers/invariants.py judges the outcome (none lost, no second Slurm
 job, each email exactly once and in order, each submission in its right final
 state).
 
-The stack is private (tests.stack.PrivateStack): its own Redis and SMTP sink,
+The stack is private (tests.helpers.stack.PrivateStack): its own Redis and SMTP sink,
 which these tests stop, wipe and pause, and short recovery settings
 (SWEEP_AFTER 5 s); its jobs reach MLflow through a proxy of its own, which
 they stop. Slurm's daemons are the testbed's, shared: their faults are
-in test_zz_slurm_faults.py, run last.
+in test_slurm_faults.py, run last.
 """
 import json
 import os
@@ -26,8 +26,8 @@ import requests
 
 from gateway.storage import SubmissionFiles
 
-from . import invariants
-from .stack import SAMPLES, PrivateStack, free_port, wait_for, zip_folder
+from .helpers import invariants
+from .helpers.stack import SAMPLES, PrivateStack, free_port, job_zip, wait_for, zip_folder
 
 ADMIN = f"admin-{uuid.uuid4().hex[:6]}@example.org"
 ADMIN_PASSWORD = "fault matrix admin password"
@@ -41,13 +41,6 @@ def private(testbed):
     stack.flask("users", "create", ADMIN, "--name", "Ad Min", "--admin", "--approve", "--password", ADMIN_PASSWORD)
     yield stack
     stack.stop()
-
-
-def job_zip(tmp_path, seconds, name="job.zip"):
-    """The sleeps sample, sleeping ``seconds`` (its dry run: one)."""
-    code = ("import os, time\nprint('working', flush=True)\n"
-            f"time.sleep(1 if os.environ.get('M2D_DRY_RUN') else {seconds})\nprint('done', flush=True)\n")
-    return zip_folder(SAMPLES / "sleeps", tmp_path / name, extra={"main.py": code})
 
 
 def admin_mails(stack, submission_id, kind_in_subject):

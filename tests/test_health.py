@@ -13,7 +13,7 @@ from redis import Redis, RedisError
 
 from gateway import create_app
 
-from .stack import Stack, free_port, wait_for
+from .helpers.stack import Stack, free_port, wait_for
 
 
 @pytest.fixture

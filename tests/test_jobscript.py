@@ -126,6 +126,7 @@ def test_container_is_sealed_with_read_only_dataset_and_code_and_a_writable_expo
     assert "CUDA_VISIBLE_DEVICES=0" in envs
     assert "MLFLOW_TRACKING_URI=http://mlflow.hospital.example:5000" in envs
     assert "MLFLOW_EXPERIMENT_NAME=alice-3" in envs
+    assert "GIT_PYTHON_REFRESH=quiet" in envs  # mlflow 2.x's GitPython, silent without git
     assert argv[argv.index("--pwd") + 1] == "/code"
     image = argv.index("/srv/m2d/images/env-0123abcd.sif")
     assert argv[image + 1:image + 3] == ["/bin/sh", "-c"]

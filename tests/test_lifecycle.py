@@ -3,6 +3,7 @@ import dataclasses
 import threading
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from flask import render_template_string
@@ -12,9 +13,9 @@ from gateway.adapters.slurm import JobInfo
 from gateway.adapters.smtp import MailError
 from gateway.extensions import db
 from gateway.models import Email, Event, Submission
-from gateway.states import Status
 from gateway.storage import SubmissionFiles
 from jobs import mail, poller, tasks
+from m2d.contract.states import Status
 
 # the production database too (PostgreSQL: the integration tier)
 pytestmark = pytest.mark.databases("sqlite", "postgresql")
@@ -194,7 +195,58 @@ def test_failed_dry_run_ends_the_submission_with_its_whole_log_in_the_email(loca
     assert submission.error == submission.dry_run_log and "loading" in submission.error
     assert _kinds(submission.id) == ["received", "dry_run_failed"]
     _, body = mail.render(Email.query.filter_by(submission_id=submission.id, kind="dry_run_failed").one())
-    assert "  frame 0\n" in body and "RuntimeError: first batch" in body and "never submitted" in body
+    assert "  frame 0\n" in body and "RuntimeError: first batch" in body and "will not be submitted" in body
+
+
+TRACEBACKS = Path(__file__).parent / "data" / "tracebacks"
+
+
+def _log_in(client, user):
+    user.approved_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    db.session.commit()
+    with client.session_transaction() as session:
+        session["_user_id"] = user.get_id()
+        session["_fresh"] = True
+
+
+def test_a_failed_dry_runs_page_and_email_lead_with_the_exception_and_what_to_change(local_app, client):
+    """The CLaM sample's log: GitPython's 15 lines, then the traceback of a relay
+    refusal (mlflow 2.11.3, real stderr); the page and the email open on its
+    last line and what to change, then the whole log; no Slurm job will come."""
+    submission = _dry_run_queued_submission()
+    err = (TRACEBACKS / "gitpython-warning-then-valueerror-mlflow-2.11.3.txt").read_text().split("Traceback")[0]
+    err += (TRACEBACKS / "relay-refusal-mlflow-2.11.3.txt").read_text()
+    _dry_run_logs(submission.id, "epoch 1\n", err)
+    poller._apply(submission, _info("FAILED", exit_code=1))
+    db.session.expire_all()
+    last = "mlflow.exceptions.RestException: PERMISSION_DENIED: only your own experiment ('alice-dryrun')"
+    _, body = mail.render(Email.query.filter_by(submission_id=submission.id, kind="dry_run_failed").one())
+    assert body.index(last) < body.index("Bad git executable")  # first, before the log's warning
+    assert body.index("MLFLOW_EXPERIMENT_NAME") < body.index("Bad git executable")
+    _log_in(client, submission.user)
+    page = client.get(f"/submissions/{submission.id}").get_data(as_text=True)
+    headline = page.index('<p class="failure-headline">')
+    assert headline < page.index("Bad git executable") and "only your own experiment (&#39;alice-dryrun&#39;)" in page
+    assert page.index('<p class="failure-hint">') < page.index("Bad git executable")
+    assert "the dry run failed, so the real job will not be submitted" in page
+    assert submission.to_dict()["dry_run"]["headline"].startswith("mlflow.exceptions.RestException: PERMISSION_DENIED")
+
+
+def test_a_failed_dry_runs_headline_is_escaped_and_found_in_its_own_stderr_file(local_app, client):
+    """Code that sends its stderr to /mnt/export (the hospital's sample does) leaves
+    the traceback in export-dryrun/; what it wrote is shown as text, never markup."""
+    submission = _dry_run_queued_submission()
+    _dry_run_logs(submission.id, "", "")
+    export = SubmissionFiles(submission.id).root / "export-dryrun"
+    export.mkdir(parents=True, exist_ok=True)
+    (export / "error.txt").write_text('Traceback (most recent call last):\n  File "/code/main.py", line 3\n'
+                                      'ValueError: <img src=x onerror=alert(1)>\n')
+    poller._apply(submission, _info("FAILED", exit_code=1))
+    db.session.expire_all()
+    _log_in(client, submission.user)
+    page = client.get(f"/submissions/{submission.id}").get_data(as_text=True)
+    assert "<code>ValueError: &lt;img src=x onerror=alert(1)&gt;</code>" in page
+    assert "<img src=x" not in page
 
 
 def test_a_dry_run_log_is_capped_at_its_end(local_app):

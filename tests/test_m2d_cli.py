@@ -3,6 +3,7 @@ checking and zipping with the platform's own rules, and running the samples
 locally on a synthetic CLaM sample, in virtualenv mode and in Apptainer mode
 (the testbed's Apptainer and base image: the platform's own container)."""
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -16,12 +17,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from gateway.validation import Refusal, check_zip
-from m2d import sample_data, twin
+from gateway import client_wheel
 from m2d.client import ApiError, Client, Retry
 from m2d.config import Settings
+from m2d.contract import sample_data, twin
+from m2d.contract.validation import Refusal, check_zip
 
-from . import zips
+from .helpers import zips
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "m2d" / "samples"
@@ -100,6 +102,7 @@ def test_zip_puts_the_files_at_the_root_leaves_out_junk_and_passes_the_check(tmp
     project = tmp_path / "my-model"
     files = {
         "main.py": "print('hi')\n", "requirements.txt": "numpy\n", "src/model.py": "", "config/a.json": "{}",
+        ".python-version": "3.9\n",  # hidden, but the platform's: it picks the Python
         # never part of a submission:
         "__pycache__/main.cpython-311.pyc": "", "src/model.pyc": "", ".git/config": "", ".env": "TOKEN=x",
         ".venv/pyvenv.cfg": "", "env/pyvenv.cfg": "", "env/lib/site.py": "", ".DS_Store": "",
@@ -112,7 +115,8 @@ def test_zip_puts_the_files_at_the_root_leaves_out_junk_and_passes_the_check(tmp
     assert done.returncode == 0, done.stderr
     assert "OK" in done.stdout and "left out: .git/" in done.stdout
     with zipfile.ZipFile(tmp_path / "out.zip") as archive:
-        assert sorted(archive.namelist()) == ["config/a.json", "main.py", "requirements.txt", "src/model.py"]
+        assert sorted(archive.namelist()) == [".python-version", "config/a.json", "main.py", "requirements.txt",
+                                              "src/model.py"]
     check_zip(tmp_path / "out.zip")
 
     # the default name comes from the folder
@@ -126,6 +130,14 @@ def test_zip_of_a_folder_without_main_py_says_what_the_gateway_would_say(tmp_pat
     done = m2d("zip", tmp_path / "project", "-o", tmp_path / "out.zip", cwd=tmp_path)
     assert done.returncode == 1
     assert "no main.py at its root" in done.stderr
+
+
+def test_run_quiets_gitpython_in_both_modes_as_the_platforms_jobs_do():
+    from m2d import container, local
+
+    env, _ = local._job_environment(Path("/venv/bin/python"), "mlruns", {})
+    assert env["GIT_PYTHON_REFRESH"] == "quiet"
+    assert "GIT_PYTHON_REFRESH=quiet" in container._environment("alice", {})
 
 
 def test_run_exits_with_main_pys_code_and_binds_the_dataset_read_only(tmp_path, dataset, venv_cache):
@@ -388,31 +400,38 @@ def logged_metrics(mlruns: Path) -> dict[str, float]:
 
 @pytest.mark.integration  # installs packages from the index (pip's local cache and wheels here)
 def test_m2d_installs_alone_into_a_fresh_venv_and_checks_with_the_gateways_rules(tmp_path, tmp_zip):
-    """`pip install .` gives a laptop m2d and the gateway's zip rules (shared,
-    not copied), without Flask, SQLAlchemy or rq; a copy of just those files
-    proves nothing else of the repository is needed."""
+    """`pip install .` from a copy of just pyproject.toml and m2d/ gives a laptop
+    m2d with the gateway's zip rules (the contract, shared, not copied), without
+    Flask, SQLAlchemy or rq, and the same files as the wheel the gateway serves
+    (tests/test_client_install.py installs that one)."""
     source = tmp_path / "src"
-    (source / "gateway").mkdir(parents=True)
-    (source / "jobs").mkdir()
-    for name in ("pyproject.toml", "gateway/__init__.py", "gateway/validation.py", "jobs/__init__.py",
-                 "jobs/relay.py"):
-        (source / name).write_bytes((REPO / name).read_bytes())
+    source.mkdir()
+    (source / "pyproject.toml").write_bytes((REPO / "pyproject.toml").read_bytes())
+    # links followed: base.def and relay.py are singularity/'s
     shutil.copytree(REPO / "m2d", source / "m2d", ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
-    installed = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", str(source)],
+    built = subprocess.run([venv / "bin" / "python", "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist",
+                            str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "dist").glob("m2d-*.whl"))
+    assert wheel.name == client_wheel.file_name()
+    package_files = lambda names: {n for n in names if n.startswith("m2d/")}  # noqa: E731
+    served = zipfile.ZipFile(io.BytesIO(client_wheel.build().data))
+    assert package_files(zipfile.ZipFile(wheel).namelist()) == package_files(served.namelist())
+    installed = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", wheel],
                                capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr
     packages = subprocess.run([venv / "bin" / "python", "-m", "pip", "list", "--format=json"],
                               capture_output=True, text=True, check=True).stdout
     assert {p["name"].lower() for p in json.loads(packages)} & {"flask", "sqlalchemy", "rq", "redis"} == set()
     # Apptainer mode's parts, shared with the platform: its relay and its base image's definition
-    shipped = subprocess.run([venv / "bin" / "python", "-c", "import jobs.relay, m2d.container as c; "
-                              "print(jobs.relay.__file__); print(c.BASE_DEFINITION.read_text())"],
+    shipped = subprocess.run([venv / "bin" / "python", "-c", "import m2d.container as c; "
+                              "print(c.RELAY); print(c.BASE_DEFINITION.read_text())"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert shipped.returncode == 0, shipped.stderr
     relay_file, definition = shipped.stdout.split("\n", 1)
-    assert Path(relay_file).read_bytes() == (REPO / "jobs" / "relay.py").read_bytes()
+    assert Path(relay_file).read_bytes() == (REPO / "singularity" / "relay.py").read_bytes()
     assert definition.rstrip("\n") == (REPO / "singularity" / "base.def").read_text().rstrip("\n")
 
     zips.make_zip_without(tmp_zip, "main.py")

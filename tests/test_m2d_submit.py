@@ -2,15 +2,13 @@
 waiting for it to complete, cancelling, and the errors a researcher can meet
 (a bad token, an unknown submission, a zip the platform refuses)."""
 import json
-import os
 import stat
-import subprocess
-import sys
 
 import pytest
 
-from . import zips
-from .stack import REPO
+from .helpers import zips
+from .helpers.client import m2d
+from .helpers.stack import REPO
 
 IRIS = REPO / "m2d" / "samples" / "iris"
 SLEEPS = REPO / "tests" / "samples" / "sleeps"
@@ -28,12 +26,6 @@ def logged_in(stack, researcher, tmp_path):
     done = m2d("login", "--url", stack.url, "--token", researcher.token, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     return env
-
-
-def m2d(*args, env, cwd, timeout=120):
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "M2D_URL": "", "M2D_TOKEN": "", **env}
-    return subprocess.run([sys.executable, "-m", "m2d", *map(str, args)], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_login_checks_the_token_and_keeps_it_readable_only_by_its_owner(stack, researcher, logged_in, tmp_path):

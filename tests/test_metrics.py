@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import create_app
 
-from .stack import SAMPLES, zip_folder
+from .helpers.stack import SAMPLES, zip_folder
 
 
 def samples(text):

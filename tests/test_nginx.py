@@ -8,9 +8,9 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from .nginx import Nginx
-from .stack import SAMPLES, Stack, zip_folder
-from .test_e2e import STATUS_MAILS
+from .helpers.invariants import STATUS_MAILS
+from .helpers.nginx import Nginx
+from .helpers.stack import SAMPLES, Stack, zip_folder
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from gateway import lifecycle
 from gateway.adapters.slurm.cli import CliScheduler
 from gateway.extensions import db
 from gateway.models import Event, User
-from gateway.states import Status
 from jobs import mail, poller
+from m2d.contract.states import Status
 
-from .stack import wait_for
+from .helpers.stack import wait_for
 
 
 def _finished_job():

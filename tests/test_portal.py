@@ -26,7 +26,7 @@ from gateway.config import from_environment
 from gateway.extensions import db
 from gateway.models import ExportFile, User
 
-from .stack import SAMPLES, Stack, wait_for, zip_folder
+from .helpers.stack import SAMPLES, Stack, wait_for, zip_folder
 
 PASSWORD = "correct horse battery staple"
 SCREENS = Path(os.environ.get("M2D_SCREENS", "/tmp/m2d-screens"))

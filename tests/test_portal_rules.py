@@ -6,51 +6,18 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from flask import g
 
 from gateway import accounts, lifecycle
 from gateway.extensions import db
 from gateway.models import AccountEmail, ApiToken, Submission, User, utcnow
 from jobs import mail
 
-PASSWORD = "correct horse battery staple"
-
-
-def csrf(client, path="/login"):
-    # the test's app context (local_app) is shared by its requests, and so is
-    # flask.g, where Flask-WTF caches the token: a session cleared at login
-    # would otherwise get no new one
-    fresh()
-    page = client.get(path).get_data(as_text=True)
-    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
-
-
-def fresh():
-    """Forget what flask.g holds from the previous request (see csrf)."""
-    g.pop("csrf_token", None)
-    g.pop("_login_user", None)
-
-
-def post(client, path, data, page=None):
-    return client.post(path, data={"csrf_token": csrf(client, page or path), **data})
+from .helpers.users import PASSWORD, csrf, fresh, log_in, make_user, post
 
 
 def signup_form(**overrides):
     return {"name": "Ada Lovelace", "email": "ada@example.org", "affiliation": "Analytical Engines",
             "intended_use": "Calcification detection.", "password": PASSWORD, **overrides}
-
-
-def make_user(email, *, password=PASSWORD, admin=False, approved=True):
-    user = accounts.create_user(email, email.split("@")[0].title(), password, is_admin=admin)
-    if approved:
-        user.approved_at = user.email_verified_at = utcnow()
-        user.mlflow_username = accounts.mlflow_username_for(user)
-    db.session.commit()
-    return user
-
-
-def log_in(client, email, password=PASSWORD, **extra):
-    return post(client, "/login", {"email": email, "password": password, **extra})
 
 
 class FakeMailer:

@@ -16,7 +16,7 @@ from rq.serializers import PickleSerializer
 
 from gateway import create_app, queue
 
-from .stack import wait_for
+from .helpers.stack import wait_for
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from gateway import accounts
 from gateway.extensions import db
 from gateway.models import ApiToken, Submission, User, utcnow
 
-from .stack import SAMPLES, zip_folder
+from .helpers.stack import SAMPLES, zip_folder
 
 # the production database too (PostgreSQL: the integration tier)
 pytestmark = pytest.mark.databases("sqlite", "postgresql")

@@ -1,4 +1,4 @@
-"""The MLflow relay (jobs/relay.py) between the real mlflow client and the testbed's
+"""The MLflow relay (singularity/relay.py) between the real mlflow client and the testbed's
 real MLflow server (basic auth, NO_PERMISSIONS by default). Each test starts its own
 relay and shim as subprocesses, as the batch script and the container do:
 
@@ -7,11 +7,7 @@ relay and shim as subprocesses, as the batch script and the container do:
 
 import concurrent.futures
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,10 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from gateway.adapters.mlflow import MlflowAdmin
 
-RELAY = Path(__file__).resolve().parent.parent / "jobs" / "relay.py"
-# The shim runs on the container's python3 and the relay on the host's: any 3.9 or later.
-RELAY_PYTHON = os.environ.get("M2D_RELAY_PYTHON", sys.executable)
-API = "/api/2.0/mlflow"
+from .helpers.relay import API, RelayProcesses, free_port
 
 
 class Accounts:
@@ -40,13 +33,16 @@ class Accounts:
         self.session_tag = uuid.uuid4().hex[:8]
         self.made = []
 
-    def new(self, name):
-        account = self.admin.provision(f"m2d-relay-{self.session_tag}-{name}")
+    def new(self, name, dry_run=False):
+        account = self.admin.provision(f"m2d-relay-{self.session_tag}-{name}", dry_run=dry_run)
         self.made.append(account)
         return account
 
     def remove_all(self):
         for account in self.made:
+            if account.dry_run_experiment_id:
+                requests.post(f"{self.url}{API}/experiments/delete", auth=self.admin_auth, timeout=10,
+                              json={"experiment_id": account.dry_run_experiment_id})
             requests.delete(f"{self.url}{API}/users/delete", json={"username": account.username},
                             auth=self.admin_auth, timeout=10)
             requests.post(f"{self.url}{API}/experiments/delete", json={"experiment_id": account.experiment_id},
@@ -66,75 +62,24 @@ def owner(accounts):
 
 
 @pytest.fixture(scope="session")
+def dry_owner(accounts):
+    """An owner with a dry-run experiment ("<name>-dryrun") beside the real one."""
+    return accounts.new("dry", dry_run=True)
+
+
+@pytest.fixture(scope="session")
 def stranger(accounts):
     return accounts.new("stranger")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_file(path: Path, process: subprocess.Popen, what: str, log: Path) -> None:
-    deadline = time.monotonic() + 15
-    while not path.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the {what} did not come up: {log.read_text()[-2000:]}", pytrace=False)
-        time.sleep(0.02)
-
-
-class RelayProcesses:
-    """A relay (host side) and a shim (container side) as a job has them."""
-
-    def __init__(self, folder: Path, account, upstream: str, *extra_args):
-        self.folder = folder
-        self.job_dir = folder / "run"  # the per-job folder bound read-only into the container
-        folder.mkdir()
-        self.job_dir.mkdir(mode=0o700)
-        self.socket = self.job_dir / "mlflow.sock"
-        password_file = folder / "mlflow-credentials"
-        password_file.touch(mode=0o600)
-        password_file.write_text(f"{account.username}\n{account.password}\n")
-        # Only what python needs: the test's own environment holds the admin password.
-        env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"}
-        self.relay_log, self.shim_log = folder / "relay.log", folder / "shim.log"
-        self.relay = subprocess.Popen(
-            [RELAY_PYTHON, str(RELAY), "serve", "--socket", str(self.socket), "--upstream", upstream,
-             "--password-file", str(password_file), "--experiment-id", account.experiment_id,
-             "--experiment-name", account.experiment_name, "--ready-file", str(folder / "relay.ready"),
-             *extra_args],
-            env=env, stderr=self.relay_log.open("w"))
-        wait_for_file(folder / "relay.ready", self.relay, "relay", self.relay_log)
-        self.port = free_port()
-        self.shim = subprocess.Popen(
-            [RELAY_PYTHON, str(RELAY), "shim", "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.socket),
-             "--ready-file", str(folder / "shim.ready")],
-            env=env, stderr=self.shim_log.open("w"))
-        wait_for_file(folder / "shim.ready", self.shim, "shim", self.shim_log)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.relay_log.read_text()
-
-    def stop(self):
-        for process in (self.shim, self.relay):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in (self.shim, self.relay):
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture
 def start_relay(tmp_path, mlflow_url):
     started = []
 
-    def start(account, *extra_args, upstream=None):
-        relay = RelayProcesses(tmp_path / f"relay{len(started)}", account, upstream or mlflow_url, *extra_args)
+    def start(account, *extra_args, upstream=None, dry_run=False):
+        relay = RelayProcesses(tmp_path / f"relay{len(started)}", account, upstream or mlflow_url, *extra_args,
+                               dry_run=dry_run)
         started.append(relay)
         return relay
 
@@ -462,3 +407,56 @@ def test_the_relay_writes_how_many_calls_it_refused_as_it_stops(start_relay, own
         assert requests.post(relay.url + path, json={}, timeout=10).status_code in (400, 403), path
     relay.stop()
     assert json.loads(stats.read_text()) == {"refused": 3, "undelivered": 0}
+
+
+def the_hospitals_way(client_env_name):
+    """What the hospital's samples do: the experiment named after the MLflow user,
+    start_run without `with`, params, metrics with and without step, end_run."""
+    mlflow.set_experiment(client_env_name)
+    run = mlflow.start_run()
+    mlflow.log_params({"lr": "0.001", "epochs": "2"})
+    for epoch in range(2):
+        mlflow.log_metrics({"train_loss": 1.0 / (epoch + 1)}, step=epoch)
+    mlflow.log_metrics({"test_auc": 0.75})
+    mlflow.end_run()
+    return run.info.run_id
+
+
+def test_a_dry_run_answers_the_owners_real_experiment_name_with_its_own_experiment(
+        start_relay, dry_owner, monkeypatch, mlflow_url, admin_auth):
+    relay = start_relay(dry_owner, "--experiment-alias", dry_owner.experiment_name, dry_run=True)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", dry_owner.dry_run_experiment_name)
+    mlflow.set_tracking_uri(relay.url)
+    try:
+        run_id = within(60, the_hospitals_way, dry_owner.experiment_name)
+        # the dry run's own name is answered too
+        assert MlflowClient().get_experiment_by_name(
+            dry_owner.dry_run_experiment_name).experiment_id == dry_owner.dry_run_experiment_id
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+    upstream = upstream_run(mlflow_url, admin_auth, run_id)
+    assert upstream["info"]["experiment_id"] == dry_owner.dry_run_experiment_id
+    assert upstream["info"]["status"] == "FINISHED"
+    assert upstream["params"] == {"lr": "0.001", "epochs": "2"}
+    assert metric_history(mlflow_url, admin_auth, run_id, "train_loss") == [(0, 1.0), (1, 0.5)]
+    assert upstream["metrics"]["test_auc"] == 0.75
+    real_runs = requests.post(f"{mlflow_url}{API}/runs/search", json={"experiment_ids": [dry_owner.experiment_id]},
+                              auth=admin_auth, timeout=10).json()
+    assert not real_runs.get("runs"), "a dry run logged into the real experiment"
+
+
+def test_a_real_run_answers_the_owners_experiment_name(job_env, owner, mlflow_url, admin_auth):
+    run_id = within(60, the_hospitals_way, owner.experiment_name)
+    upstream = upstream_run(mlflow_url, admin_auth, run_id)
+    assert upstream["info"]["experiment_id"] == owner.experiment_id
+    assert metric_history(mlflow_url, admin_auth, run_id, "train_loss") == [(0, 1.0), (1, 0.5)]
+
+
+def test_creating_the_own_experiment_is_answered_it_exists_and_other_names_say_why_not(job_env, owner):
+    client = MlflowClient()
+    exists = raises_within(20, client.create_experiment, owner.experiment_name)
+    assert exists.error_code == "RESOURCE_ALREADY_EXISTS"
+    other = raises_within(20, client.get_experiment_by_name, "someone-else")
+    assert "experiments/get-by-name asked for experiment 'someone-else', which is not yours" in other.message

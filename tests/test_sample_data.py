@@ -1,4 +1,4 @@
-"""The synthetic CLaM sample (m2d/sample_data.py): the published layout and columns,
+"""The synthetic CLaM sample (m2d/contract/sample_data.py): the published layout and columns,
 the real sample's shape, both encodings of each image, a signal to learn, and the
 same bytes for the same seed."""
 import re
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from m2d import sample_data
+from m2d.contract import sample_data, twin
 
 HEADERS = Path(__file__).parent / "data" / "clam-csv-headers.tsv"
 REPO = Path(__file__).resolve().parents[1]
@@ -157,3 +157,19 @@ def test_testbed_script_writes_the_same_sample_as_the_module(tmp_path):
     assert re.search(r"already holds a complete dataset", done.stdout)
     sample_data.generate(tmp_path / "module", cases=3, seed=2)
     assert all_files(tmp_path / "testbed") == all_files(tmp_path / "module")
+
+
+def test_m2d_sample_data_gives_every_split_every_label_as_the_dry_runs_twin_does(tmp_path):
+    """`m2d sample-data`: the published proportions, then at least 4 cases per
+    split and label, so that a test-split ROC AUC is defined; --min-per-cell 0
+    gives exactly the published sample's shape."""
+    def made(*args):
+        done = subprocess.run([sys.executable, "-m", "m2d", "sample-data", *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return sample_data.counts(args[1])
+
+    shaped = made("--out", tmp_path / "twin-like", "--size", "16x16")
+    assert shaped.cases == {cell: 4 for cell in sample_data.PUBLISHED.cases}
+    assert shaped == sample_data.layout(10, floor=twin.FLOOR)
+    assert made("--out", tmp_path / "exact", "--size", "16x16", "--min-per-cell", "0") == sample_data.PUBLISHED

@@ -25,7 +25,7 @@ import requests
 from gateway.extensions import db
 from gateway.models import Export, ExportFile
 
-from .stack import AS_GATEWAY, SAMPLES, wait_for, zip_folder
+from .helpers.stack import AS_GATEWAY, SAMPLES, wait_for, zip_folder
 
 FINAL = {"completed", "failed", "build_failed", "dry_run_failed", "cancelled"}
 JOB_USER = os.environ.get("M2D_JOB_USER", "m2d-job")

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway.states import TERMINAL
+from m2d.contract.states import TERMINAL
 
-from .stack import SAMPLES, wait_for, zip_folder
+from .helpers.stack import SAMPLES, wait_for, zip_folder
 
 FINAL = {status.value for status in TERMINAL}  # a dry run that fails ends the submission too
 JOB_ACCOUNT = "m2d-job"

@@ -1,7 +1,7 @@
 import pytest
 
-from gateway.states import EMAIL_FOR, TERMINAL, TRANSITIONS, IllegalTransition, Status, check
 from gateway.templating import MAIL_DIR
+from m2d.contract.states import EMAIL_FOR, TERMINAL, TRANSITIONS, IllegalTransition, Status, check
 
 
 def test_happy_path_is_allowed_in_order():

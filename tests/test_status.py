@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from .stack import SAMPLES, Stack, wait_for, zip_folder
+from .helpers.stack import SAMPLES, Stack, wait_for, zip_folder
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """A failed job's stderr reaches the researcher only as a bounded tail (the
 API's error and the failure email): printing is a way out for data."""
-from .stack import SAMPLES, zip_folder
+from .helpers.stack import SAMPLES, zip_folder
 
 # 10,000 lines of ~60 characters: 600 KB that must not come back
 LOUD = """import sys

@@ -7,7 +7,7 @@ exists under that root, so the root gets systemd's own units and the two program
 import shutil
 import subprocess
 
-from .stack import REPO
+from .helpers.stack import REPO
 
 UNITS = REPO / "deploy" / "systemd"
 

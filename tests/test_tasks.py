@@ -18,11 +18,11 @@ from gateway.adapters.slurm.cli import CliScheduler
 from gateway.config import from_environment
 from gateway.extensions import db
 from gateway.models import Email, Submission
-from gateway.states import Status
 from gateway.storage import SubmissionFiles
 from jobs import mail, tasks
+from m2d.contract.states import Status
 
-from .stack import SAMPLES, zip_folder
+from .helpers.stack import SAMPLES, zip_folder
 
 
 @pytest.fixture

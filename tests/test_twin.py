@@ -1,4 +1,4 @@
-"""The synthetic twin per dataset version (m2d/twin.py): made once by the
+"""The synthetic twin per dataset version (m2d/contract/twin.py): made once by the
 toolkit's generator, atomically, readable by the job account whatever the
 maker's umask; the gateway records the version each submission ran on and
 binds that version's twin in its dry run."""
@@ -14,7 +14,7 @@ from gateway.config import ConfigError
 from gateway.extensions import db
 from gateway.models import Submission, utcnow
 from jobs import tasks
-from m2d import sample_data, twin
+from m2d.contract import sample_data, twin
 
 
 def _files(root):
@@ -25,14 +25,15 @@ def test_a_twin_is_made_once_per_version_with_that_versions_parameters(tmp_path)
     made = twin.ensure(tmp_path, "2026-03")
     assert made == tmp_path / "2026-03" and sample_data.is_complete(made)
     chosen = twin.parameters("2026-03")
-    sample_data.generate(tmp_path / "by-hand", cases=chosen.cases, size=chosen.size, seed=chosen.seed)
+    sample_data.generate(tmp_path / "by-hand", cases=chosen.cases, size=chosen.size, seed=chosen.seed,
+                         like=chosen.like, floor=chosen.floor)
     assert _files(made) == _files(tmp_path / "by-hand")  # the generator, with the version's parameters
     before = {p: p.stat().st_mtime_ns for p in made.rglob("*")}
     assert twin.ensure(tmp_path, "2026-03") == made  # again: left as it is
     assert {p: p.stat().st_mtime_ns for p in made.rglob("*")} == before
     other = twin.ensure(tmp_path, "2")
     assert _files(other) != _files(made)  # another version, another twin
-    assert len(sample_data.read_csv(other / sample_data.CASE_CSV)) == twin.CASES
+    assert sample_data.counts(other) == sample_data.counts(made)  # the same shape: the published sample's
 
 
 def test_twins_asked_for_at_once_are_made_once_and_leave_no_half_made_folder(tmp_path):
@@ -42,7 +43,7 @@ def test_twins_asked_for_at_once_are_made_once_and_leave_no_half_made_folder(tmp
         t.start()
     for t in threads:
         t.join()
-    assert results == [tmp_path / "1"] * 4 and sample_data.is_complete(tmp_path / "1")
+    assert results == [tmp_path / "1"] * 4 and twin.is_cached(tmp_path, "1")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".1.lock", "1"]  # no temporary folder left
 
 
@@ -54,6 +55,70 @@ def test_a_twin_is_readable_by_everyone_whatever_the_makers_umask(tmp_path):
         os.umask(old)
     modes = {p.stat().st_mode & 0o777 for p in [made, *made.rglob("*")]}
     assert modes == {0o755, 0o644}
+
+
+PUBLISHED = Path(__file__).parent / "data" / "clam-published"  # the published sample's two CSV files
+
+
+def test_the_published_samples_counts_are_those_the_toolkit_carries():
+    assert sample_data.counts(PUBLISHED) == sample_data.PUBLISHED
+    assert sample_data.PUBLISHED.total == 10
+
+
+def test_the_twin_of_a_dataset_has_its_shape_scaled_down_with_at_least_four_cases_per_split_and_label(tmp_path):
+    """A skewed "real" dataset (8% malignant, few test cases): the twin keeps
+    every split x label, in proportion above the floor, and each view's share."""
+    skewed = sample_data.Counts(
+        cases={("test", "benign"): 20, ("test", "malignant"): 2, ("train", "benign"): 90, ("train", "malignant"): 8},
+        views={cell: {"LCC": n, "LMLO": n, "RCC": n, "RMLO": n - 1, "LXCCL": n // 2}
+               for cell, n in {("test", "benign"): 20, ("test", "malignant"): 2,
+                               ("train", "benign"): 90, ("train", "malignant"): 8}.items()})
+    sample_data.generate(tmp_path / "real", cases=120, size=(16, 16), like=skewed)
+    real = sample_data.counts(tmp_path / "real")
+    assert real == sample_data.layout(120, skewed)  # the generator writes the counts layout() gives
+    made = twin.ensure(tmp_path / "twins", "7", dataset=tmp_path / "real")
+    shaped = sample_data.counts(made)
+    assert set(shaped.cases) == set(real.cases)
+    assert min(shaped.cases.values()) >= twin.FLOOR
+    assert shaped.cases[("train", "benign")] == round(twin.CASES * 90 / 120)  # above the floor: in proportion
+    assert shaped.total < 40  # small: a dry run is short
+    for cell, k in shaped.cases.items():
+        views, n = real.views[cell], real.cases[cell]
+        assert shaped.views[cell]["LCC"] == k
+        assert shaped.views[cell].get("LXCCL", 0) == min(k, int(views["LXCCL"] * k / n + 0.5))
+    assert twin.ensure(tmp_path / "twins", "7", dataset=tmp_path / "real") == made  # deterministic: kept
+    again = twin.ensure(tmp_path / "elsewhere", "7", dataset=tmp_path / "real")
+    assert _files(again) == _files(made)  # the same version and counts: the same bytes
+
+
+def test_the_testbed_datasets_twin_mirrors_its_metadata(testbed, tmp_path):
+    """The gateway's twin of the testbed's "real" dataset (deploy/testbed/make_dataset.py):
+    every split has every label, at least FLOOR cases each, the views in the real shares."""
+    dataset = Path(testbed["env"]["M2D_DATASET_DIR"])
+    real = sample_data.counts(dataset)
+    made = twin.ensure(tmp_path, twin.DEFAULT_VERSION, dataset=dataset)
+    shaped = sample_data.counts(made)
+    splits, labels = {s for s, _ in real.cases}, {lb for _, lb in real.cases}
+    assert set(shaped.cases) == {(s, lb) for s in splits for lb in labels}
+    for cell, k in shaped.cases.items():
+        assert k >= twin.FLOOR
+        n = real.cases[cell]
+        assert set(shaped.views[cell]) <= set(real.views[cell])
+        for view, m in real.views[cell].items():
+            assert shaped.views[cell].get(view, 0) == min(k, int(m * k / n + 0.5)) or view == max(
+                real.views[cell], key=real.views[cell].get)
+    # the test split scores: ROC AUC is defined on its image rows
+    test_labels = [row["CaseLabel"] for row in sample_data.read_csv(made / sample_data.IMAGE_CSV)
+                   if row["Split"] == "test"]
+    assert test_labels.count("benign") >= twin.FLOOR and test_labels.count("malignant") >= twin.FLOOR
+
+
+def test_a_twin_of_another_shape_is_made_again_and_the_old_one_set_aside(tmp_path):
+    """A twin made by an older generator (or from other counts) is replaced, not used."""
+    sample_data.generate(tmp_path / "1", cases=4, size=(16, 16), seed=3)  # the old generator's 4 cases
+    made = twin.ensure(tmp_path, "1")
+    assert twin.is_cached(tmp_path, "1") and sample_data.counts(made).total == 16
+    assert [p.name.startswith(".1.replaced-") for p in tmp_path.iterdir() if p.name not in ("1", ".1.lock")] == [True]
 
 
 @pytest.mark.parametrize("version", ["", "../clam", "a/b", ".hidden", "x" * 65, "v 1"])
@@ -105,3 +170,25 @@ def test_the_status_page_shows_the_dataset_version(local_app, client):
         session["_fresh"] = True
     page = client.get(f"/submissions/{submission.id}").get_data(as_text=True)
     assert '<dd class="dataset-version">2026-03</dd>' in page
+
+
+def test_where_the_gateway_may_not_read_the_dataset_it_uses_the_twin_the_admins_made(local_app, tmp_path, monkeypatch):
+    """The dataset is the job account's only (issue 21: root:m2d-data 0750): the
+    admins make the twin from its counts (make_dataset.py --twin --like), and the
+    gateway, refused by the CSV files, binds that twin as it is."""
+    real = tmp_path / "real"
+    skewed = sample_data.Counts(cases={("test", "benign"): 9, ("test", "malignant"): 3, ("train", "benign"): 30,
+                                       ("train", "malignant"): 8},
+                                views={cell: {"LCC": n, "LMLO": n, "RCC": n, "RMLO": n} for cell, n in
+                                       {("test", "benign"): 9, ("test", "malignant"): 3, ("train", "benign"): 30,
+                                        ("train", "malignant"): 8}.items()})
+    sample_data.generate(real, cases=50, size=(16, 16), like=skewed)
+    made = twin.ensure(tmp_path / "twins", "5", dataset=real)  # as the admins, who may read it
+    local_app.config.update(DATASET_VERSION="5", DATASET_DIR=str(real), TWIN_DIR=str(tmp_path / "twins"))
+    before = _files(made)
+
+    def refused(root):
+        raise PermissionError(13, "Permission denied", str(Path(root) / sample_data.CASE_CSV))
+
+    monkeypatch.setattr(sample_data, "counts", refused)
+    assert tasks._twin("5") == made and _files(made) == before  # used as it is, not made again

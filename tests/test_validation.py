@@ -7,8 +7,8 @@ import zipfile
 
 import pytest
 
-from gateway.validation import Checked, Limits, Refusal, check_upload_size, check_zip, normalise_requirements, unpack
-from tests import zips
+from m2d.contract.validation import Checked, Limits, Refusal, check_upload_size, check_zip, normalise_requirements, unpack
+from tests.helpers import zips
 
 
 def refusal(path, limits=Limits()) -> Refusal:
@@ -348,7 +348,7 @@ def test_backslash_separated_names_unpack_into_folders(tmp_path):
 def test_validation_imports_with_the_standard_library_alone():
     # The m2d client uses this module; it must not drag in the server's dependencies.
     script = (
-        "import sys, gateway.validation\n"
+        "import sys, m2d.contract.validation, m2d.contract.states, m2d.contract.twin\n"
         "third_party = {'flask', 'sqlalchemy', 'requests', 'redis', 'rq'} & set(sys.modules)\n"
         "assert not third_party, third_party\n"
     )

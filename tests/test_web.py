@@ -6,8 +6,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from . import zips
-from .stack import SAMPLES, zip_folder
+from .helpers import zips
+from .helpers.stack import SAMPLES, zip_folder
 
 PASSWORD = "correct horse battery staple"
 

@@ -52,9 +52,12 @@ for m in loop squashfs overlay fuse; do modprobe -q "$m" 2>/dev/null || true; do
 if [ "${FORCE:-0}" = 1 ]; then rm -f "$STAMPS"/*; fi
 if [ ! -e "$STAMPS/debootstrap" ]; then
   log "debootstrap $SUITE (minbase) -> $ROOT"
-  rm -rf "$ROOT"
-  debootstrap --variant=minbase --keyring="$KEYRING" "$SUITE" "$ROOT" "$MIRROR" \
-    > "$PREFIX/debootstrap.log" 2>&1 || { tail -n 20 "$PREFIX/debootstrap.log" >&2; die "debootstrap failed"; }
+  debootstrap_root() {  # each try from an empty root
+    rm -rf "$ROOT"
+    debootstrap --variant=minbase --keyring="$KEYRING" "$SUITE" "$ROOT" "$MIRROR" > "$PREFIX/debootstrap.log" 2>&1
+  }
+  retry "debootstrap of $SUITE from $MIRROR" debootstrap_root \
+    || { tail -n 20 "$PREFIX/debootstrap.log" >&2; die "debootstrap failed"; }
   touch "$STAMPS/debootstrap"; rm -f "$STAMPS/packages"
 fi
 
@@ -88,8 +91,12 @@ cmp -s /etc/resolv.conf "$ROOT/etc/resolv.conf" || cp -L /etc/resolv.conf "$ROOT
 # ---- 3. apptainer and its helpers
 if [ ! -e "$STAMPS/packages" ]; then
   log "apt-get install in the chroot: $PKGS"
-  in_root sh -ec "apt-get update -q; apt-get install -y -q --no-install-recommends $PKGS; apt-get clean" \
-    > "$PREFIX/apt.log" 2>&1 || { tail -n 20 "$PREFIX/apt.log" >&2; die "apt-get in the chroot failed"; }
+  chroot_apt() {
+    in_root sh -ec "apt-get update -q; apt-get install -y -q --no-install-recommends $PKGS; apt-get clean" \
+      > "$PREFIX/apt.log" 2>&1
+  }
+  retry "apt-get install in the chroot: $PKGS" chroot_apt \
+    || { tail -n 20 "$PREFIX/apt.log" >&2; die "apt-get in the chroot failed"; }
   touch "$STAMPS/packages"
 fi
 

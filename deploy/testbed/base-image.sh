@@ -40,8 +40,9 @@ else
   trap 'rm -f "$tmp"' EXIT
   log "building $IMAGES/$name from $DEF (a few minutes: debootstrap of $suite)"
   # The CA bind lets %post (and children's pip) trust the machine's TLS proxy.
-  if ! APPTAINER_WRAPPER_BUILD_BIND_CA=1 "$APPTAINER" build --force "$tmp" "$DEF" \
-      > "$IMAGES/$name.build.log" 2>&1; then
+  # The build downloads (debootstrap of the base, pip): --force starts each try afresh.
+  build_base() { APPTAINER_WRAPPER_BUILD_BIND_CA=1 "$APPTAINER" build --force "$tmp" "$DEF" > "$IMAGES/$name.build.log" 2>&1; }
+  if ! retry "apptainer build of $name (debootstrap of $suite, pip)" build_base; then
     tail -n 30 "$IMAGES/$name.build.log" >&2
     die "apptainer build failed; see $IMAGES/$name.build.log"
   fi

@@ -28,6 +28,25 @@ set_testbed_dir() {
   export TESTBED_DIR
 }
 
+# retry WHAT CMD...: run a download (apt-get, debootstrap, pip) up to
+# M2D_DOWNLOAD_TRIES times (3), M2D_DOWNLOAD_PAUSE seconds apart (15): a mirror
+# or the package index failing once ("E: Couldn't download packages") is common
+# and passes on the next try. CMD must be safe to repeat (a function that
+# starts clean). Returns 1, naming WHAT, when the last try fails too.
+retry() {
+  local what=$1 tries=${M2D_DOWNLOAD_TRIES:-3} pause=${M2D_DOWNLOAD_PAUSE:-15} try=1
+  shift
+  until "$@"; do
+    if [ "$try" -ge "$tries" ]; then
+      log "ERROR: $what failed for good ($tries tries, ${pause}s apart)"
+      return 1
+    fi
+    log "$what failed (try $try of $tries); trying again in ${pause}s"
+    sleep "$pause"
+    try=$((try + 1))
+  done
+}
+
 # apt_install PKG...: install whichever of the packages are missing.
 # A policy-rc.d that answers 101 keeps the packages' maintainer scripts from
 # starting their system daemons (default configs, standard ports): we run our
@@ -52,8 +71,8 @@ apt_install() {
     fi
     export DEBIAN_FRONTEND=noninteractive
     # another apt run's lock is waited for, but not forever
-    timeout 600 apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
-    timeout 900 apt-get -o DPkg::Lock::Timeout=300 install -y -q \
+    retry "apt-get update" timeout 600 apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
+    retry "apt-get install ${missing[*]}" timeout 900 apt-get -o DPkg::Lock::Timeout=300 install -y -q \
       --no-install-recommends "${missing[@]}" >/dev/null
   ) || die "apt-get install ${missing[*]} failed"
 }

@@ -1,13 +1,13 @@
-"""Write the testbed's synthetic CLaM sample (the generator is m2d/sample_data.py).
+"""Write the testbed's synthetic CLaM sample (the generator is m2d/contract/sample_data.py).
 
     python deploy/testbed/make_dataset.py [DEST] [--cases 10] [--seed 0]
-    python deploy/testbed/make_dataset.py TWIN_DIR --twin [VERSION]
+    python deploy/testbed/make_dataset.py TWIN_DIR --twin [VERSION] [--like DATASET]
 
 DEST defaults to $M2D_TESTBED_DIR/clam (else /opt/testbed/clam).  An existing,
 complete dataset at DEST is left as it is.  With --twin, the dry runs' synthetic
 twin of that dataset version (default: the gateway's default) goes to
-TWIN_DIR/VERSION (m2d/twin.py: the
-parameters the gateway and `m2d run` use).  Needs numpy and Pillow (the
+TWIN_DIR/VERSION, shaped like the dataset at --like (default: the testbed's;
+m2d/contract/twin.py: what the gateway makes from DATASET_DIR).  Needs numpy and Pillow (the
 project's .venv/bin/python, as up.sh runs it).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 # generator lives in the repository's m2d package, two folders up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from m2d import sample_data, twin  # noqa: E402
+from m2d.contract import sample_data, twin  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--twin", metavar="VERSION", nargs="?", const=twin.DEFAULT_VERSION,
                         help="make the twin of this dataset version in DEST/VERSION")
+    parser.add_argument("--like", type=Path, default=default_dest,
+                        help="with --twin: the dataset whose split x label x view counts it mirrors")
     args = parser.parse_args(argv)
     if args.twin:
-        made = twin.ensure(args.dest, args.twin)
+        made = twin.ensure(args.dest, args.twin, dataset=args.like)
         print(f"make_dataset: the twin of dataset version {args.twin} is in {made}")
         return 0
     if sample_data.generate(args.dest, cases=args.cases, seed=args.seed):

@@ -34,8 +34,9 @@ sys.exit(m.version('mlflow') != '$MLFLOW_VERSION' or not m.version('Flask-WTF'))
   log "installing mlflow[auth]==$MLFLOW_VERSION into $VENV (a minute or two)"
   if ! python3 -c 'import ensurepip' 2>/dev/null; then apt_install python3-venv; fi
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "mlflow[auth]==$MLFLOW_VERSION" \
-    > "$DIR/pip.log" 2>&1 || { tail -n 20 "$DIR/pip.log" >&2; die "pip install mlflow failed"; }
+  pip_mlflow() { "$VENV/bin/pip" install -q --disable-pip-version-check "mlflow[auth]==$MLFLOW_VERSION" > "$DIR/pip.log" 2>&1; }
+  retry "pip install mlflow[auth]==$MLFLOW_VERSION" pip_mlflow \
+    || { tail -n 20 "$DIR/pip.log" >&2; die "pip install mlflow failed"; }
 }
 
 # write_auth_ini: the basic-auth app's config.  Keys as in the installed

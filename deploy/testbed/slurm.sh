@@ -8,7 +8,7 @@
 # are left alone.  stop stops only the daemons that start started.
 #
 # slurm.sh stop-daemon|start-daemon slurmctld|slurmdbd [TESTBED_DIR] -- one
-# daemon alone, for the fault tests (tests/test_zz_slurm_faults.py): jobs keep
+# daemon alone, for the fault tests (tests/test_slurm_faults.py): jobs keep
 # running on slurmd, slurmctld recovers its state at start, slurmdbd's records
 # are spooled by slurmctld meanwhile.  start-daemon waits until it answers.
 #

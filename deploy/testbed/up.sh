@@ -79,7 +79,7 @@ step postgres   "$here/postgres.sh" "$TESTBED_DIR"
 step tls        "$here/tls.sh" "$TESTBED_DIR"
 # readable by the job account alone (group m2d-data): the gateway never reads the data
 step dataset    "$here/dataset.sh" "$TESTBED_DIR"
-# the dry runs' synthetic twins, one per dataset version (m2d/twin.py: the same
+# the dry runs' synthetic twins, one per dataset version (m2d/contract/twin.py: the same
 # layout and CSV columns, a few cases): the default version's is made here, any
 # other by the gateway's account on first use
 step twins      install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/twins"

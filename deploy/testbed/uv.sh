@@ -30,9 +30,13 @@ fi
 tmp=$TESTBED_DIR/uv/.installing-$$
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$TESTBED_DIR/uv"
-"$PYTHON" -m pip install -q --disable-pip-version-check --no-deps --only-binary :all: \
-  --target "$tmp" "uv==$UV_VERSION" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-[ "$(version_of "$tmp/bin/uv")" = "$UV_VERSION" ] || die "could not install uv $UV_VERSION"
+pip_uv() {
+  rm -rf "$tmp"
+  "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps --only-binary :all: \
+    --target "$tmp" "uv==$UV_VERSION" 2>&1 | { grep -v "^WARNING: Location" >&2 || true; }
+  [ "$(version_of "$tmp/bin/uv")" = "$UV_VERSION" ]
+}
+retry "pip install uv==$UV_VERSION" pip_uv || die "could not install uv $UV_VERSION"
 # builds run as the gateway's account, which must read and run it
 chmod -R a+rX "$tmp"
 rm -rf "$dir"

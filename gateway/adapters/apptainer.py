@@ -11,7 +11,14 @@ the install wrote (singularity/install.sh.j2, run in the base with a writable
 overlay folder): `uv pip install` when BUILD_UV names a uv binary, which is
 bound in read-only, else (and when uv refuses the requirements) the base's pip.
 Nothing of the base is unpacked or compressed again, so a build costs the
-install plus squashing the new packages. Directories the install replaced
+install plus squashing the new packages.
+
+The install is sealed like a job, since an sdist's build backend is a
+stranger's code: its own PID namespace, no network but a loopback where a shim
+reaches this build's index proxy (index_proxy.py: tunnels to BUILD_INDEX_HOSTS
+only). It runs wheels only first, with the shared cache; when the requirements
+need a build from source, again in a fresh layer with no cache bound, so
+nothing a setup.py writes reaches another build. Directories the install replaced
 (an upgraded pip or setuptools) are made whole with whiteouts for the base's
 old entries, so every overlay driver shows the same tree.
 
@@ -47,9 +54,11 @@ from typing import Any
 from spython.main import get_client
 from spython.main.base.command import init_command
 
+from m2d.contract.validation import normalise_requirements
+
 from ..config import required
 from ..templating import SINGULARITY_DIR, render
-from ..validation import normalise_requirements
+from .index_proxy import IndexProxy, parse_hosts
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +128,13 @@ UV_IN_BUILD = "/m2d/uv"
 # the build's own folder (requirements, constraints, the script), read-only
 BUILD_IN_CONTAINER = "/m2d/build"
 CONSTRAINT_IN_BUILD = f"{BUILD_IN_CONTAINER}/constraints.txt"
+# The index proxy's socket folder (read-only), and the loopback port pip and uv
+# reach it at, through the shim that jobs reach their MLflow relay with.
+PROXY_IN_BUILD = "/m2d/proxy"
+PROXY_PORT = 3128
+SHIM_SOURCE = SINGULARITY_DIR / "relay.py"
+# install.sh's exit when wheels alone do not install the requirements
+NEEDS_BUILD = 75
 
 
 @dataclass(frozen=True)
@@ -186,7 +202,9 @@ def render_install_script(*, base_digest: str, key: str, python: str, timeout: i
                   timeout=timeout, pip_options=" ".join(shlex.quote(o) for o in pip.options()),
                   cache=PIP_CACHE_IN_BUILD if pip.cache_dir else "", uv=UV_IN_BUILD if uv else "",
                   bytecode=f"{BUILD_IN_CONTAINER}/{BYTECODE_SCRIPT.name}",
-                  requirements=f"{BUILD_IN_CONTAINER}/requirements.txt", record=ENVIRONMENT_RECORD)
+                  requirements=f"{BUILD_IN_CONTAINER}/requirements.txt", record=ENVIRONMENT_RECORD,
+                  shim=f"{BUILD_IN_CONTAINER}/{SHIM_SOURCE.name}", proxy_port=PROXY_PORT,
+                  proxy_socket=f"{PROXY_IN_BUILD}/index.sock", needs_build=NEEDS_BUILD)
 
 
 _SHIM = """#!/bin/sh
@@ -264,7 +282,8 @@ class ImageBuilder:
                  timeout: int = 1800, default_python: str = "3.11",
                  base_images: Mapping[str, str | Path] | None = None,
                  pip: PipSources = PipSources(), mksquashfs: str = "mksquashfs",
-                 mksquashfs_args: str = "", uv: str = "") -> None:
+                 mksquashfs_args: str = "", uv: str = "",
+                 index_hosts: tuple[str, ...] = ("pypi.org", "files.pythonhosted.org")) -> None:
         self.image_dir = Path(image_dir).resolve()
         # Not resolved here: a base may be a symlink that a redeploy moves
         # to a new image, and then new keys (and builds) must follow it.
@@ -279,6 +298,7 @@ class ImageBuilder:
         self.mksquashfs = mksquashfs
         self.mksquashfs_args = mksquashfs_args
         self.uv = uv
+        self.index_hosts = parse_hosts(index_hosts)
         if pip.cache_dir:
             Path(pip.cache_dir).mkdir(parents=True, exist_ok=True)
 
@@ -290,7 +310,8 @@ class ImageBuilder:
         return cls(required(cfg, "IMAGE_DIR"), required(cfg, "BASE_IMAGE"), apptainer=cfg["APPTAINER"],
                    bind_ca=cfg["BUILD_BIND_CA"] or None, timeout=cfg["BUILD_TIMEOUT"],
                    default_python=cfg["DEFAULT_PYTHON"], base_images=cfg["BASE_IMAGES"], pip=pip,
-                   mksquashfs=cfg["MKSQUASHFS"], mksquashfs_args=cfg["BUILD_MKSQUASHFS_ARGS"], uv=cfg["BUILD_UV"])
+                   mksquashfs=cfg["MKSQUASHFS"], mksquashfs_args=cfg["BUILD_MKSQUASHFS_ARGS"], uv=cfg["BUILD_UV"],
+                   index_hosts=tuple(cfg["BUILD_INDEX_HOSTS"]))
 
     def _base(self, python: str) -> tuple[Path, str]:
         configured = self.base_images.get(python)
@@ -398,12 +419,23 @@ class ImageBuilder:
                 # the build host's /etc is not the container's to share
                 shutil.copyfile(self.pip.constraint, files / "constraints.txt")
             shutil.copyfile(BYTECODE_SCRIPT, files / BYTECODE_SCRIPT.name)
+            shutil.copyfile(SHIM_SOURCE, files / SHIM_SOURCE.name)
             (files / "install.sh").write_text(render_install_script(
                 base_digest=base_digest, key=key, python=python, timeout=self.timeout, pip=self.pip,
                 uv=bool(self.uv)))
             overlay = workdir / "overlay"
             overlay.mkdir()
-            lines = self._install(command, base, overlay, files)
+            try:
+                lines = self._install(command, base, overlay, files, "wheels", self.timeout)
+            except _NeedsBuild as wheels_only:
+                # A build backend (a researcher's setup.py) runs now: in a fresh
+                # layer, with no cache that another build reads.
+                _remove_tree(overlay)
+                overlay = workdir / "overlay-build"
+                overlay.mkdir()
+                left = max(1, int(self.timeout - (time.monotonic() - started)))
+                lines = [*wheels_only.lines, *self._install(command, base, overlay, files, "build", left)]
+                lines = lines[-LOG_TAIL_LINES:]
             installed = time.monotonic()
             upper = overlay / "upper"
             if not (upper / ENVIRONMENT_RECORD.lstrip("/")).is_file():
@@ -447,36 +479,56 @@ class ImageBuilder:
         return Image(key=key, path=path, digest=_cached_digest(path), built=True,
                      seconds=seconds, log=_tail(lines), phases=phases)
 
-    def _install(self, command: Path, base: Path, overlay: Path, files: Path) -> list[str]:
-        """Run the install script in ``base`` with ``overlay`` as its writable layer."""
-        # --contain: a private /tmp and home, so pip's scratch stays out of the layer
-        options = ["--contain", "--cleanenv", "--overlay", str(overlay),
-                   "--bind", f"{files}:{BUILD_IN_CONTAINER}:ro"]
+    def _install(self, command: Path, base: Path, overlay: Path, files: Path, mode: str,
+                 seconds: int) -> list[str]:
+        """Run the install script in ``base`` with ``overlay`` as its writable layer;
+        ``mode`` is install.sh's (wheels, build). Raises _NeedsBuild when wheels
+        alone do not install the requirements."""
+        # Sealed like a job: --contain, a private /tmp and home (pip's scratch
+        # stays out of the layer); --pid, its own PID namespace; --net --network
+        # none, only a loopback, where the shim reaches the index proxy.
+        # A short socket path: /tmp, not the build folder (108 bytes at most).
+        proxy_dir = Path(tempfile.mkdtemp(prefix="m2d-index-"))
+        try:
+            with IndexProxy(str(proxy_dir / "index.sock"), self.index_hosts) as proxy:
+                return self._run_install(command, base, overlay, files, mode, seconds, proxy_dir, proxy)
+        finally:
+            shutil.rmtree(proxy_dir, ignore_errors=True)
+
+    def _run_install(self, command: Path, base: Path, overlay: Path, files: Path, mode: str, seconds: int,
+                     proxy_dir: Path, proxy: IndexProxy) -> list[str]:
+        options = ["--contain", "--cleanenv", "--pid", "--net", "--network", "none", "--overlay", str(overlay),
+                   "--bind", f"{files}:{BUILD_IN_CONTAINER}:ro", "--bind", f"{proxy_dir}:{PROXY_IN_BUILD}:ro"]
         if self.bind_ca:
             options += ["--bind", f"{self.bind_ca}:{CA_IN_IMAGE}:ro"]
         if self.uv:
             options += ["--bind", f"{os.path.realpath(self.uv)}:{UV_IN_BUILD}:ro"]
         for folder in self.pip.binds():
             options += ["--bind", f"{folder}:{folder}:ro"]
-        if self.pip.cache_dir:
+        if self.pip.cache_dir and mode == "wheels":
             options += ["--bind", f"{self._pip_cache()}:{PIP_CACHE_IN_BUILD}"]
-        for name in _PROXY_VARIABLES:
-            if os.environ.get(name):
-                options += ["--env", f"{name}={os.environ[name]}"]
         if os.geteuid() != 0:
             # pip wants root inside (the venv is root's): a user namespace maps us to it
             options.append("--fakeroot")
         lines: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-        log.info("installing %s into %s", files / "requirements.txt", overlay)
+        log.info("installing %s into %s (%s)", files / "requirements.txt", overlay, mode)
         try:
             stream = _spython_client(command).execute(
-                image=str(base), command=["/bin/sh", f"{BUILD_IN_CONTAINER}/install.sh"],
+                image=str(base), command=["/bin/sh", f"{BUILD_IN_CONTAINER}/install.sh", mode, str(seconds)],
                 options=options, stream=True, quiet=True)
             for line in stream:
                 line = line.rstrip("\n")
                 log.debug("build: %s", line)
                 lines.append(line)
         except subprocess.CalledProcessError as e:
+            # a build from source would reach for the same refused hosts
+            if e.returncode == NEEDS_BUILD and mode == "wheels" and not proxy.refused:
+                raise _NeedsBuild(list(lines)) from e
+            if proxy.refused:
+                lines.append(f"ERROR: the build reached for {', '.join(proxy.refused)}, which is not a package "
+                             f"index of this gateway ({', '.join(f'{h}:{p}' for h, p in sorted(proxy.allowed))}). "
+                             f"Requirements come from the index: name the package (name==version) instead of "
+                             f"a URL, or ask the admins to add the host to BUILD_INDEX_HOSTS.")
             tail = list(lines)
             raise BuildError(f"the install failed (exit {e.returncode}): {_failure_summary(tail)}",
                              log=_tail(tail)) from e
@@ -536,7 +588,12 @@ class ImageBuilder:
                              log=_tail([*lines, *output.splitlines()]))
 
 
-_PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+class _NeedsBuild(Exception):
+    """The wheels-only install did not install the requirements: ``lines`` is its output."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("the requirements need a build")
+        self.lines = lines
 # sif add's --partarch numbers
 _SIF_ARCH = {"x86_64": "2", "aarch64": "4", "ppc64le": "6", "s390x": "11", "riscv64": "12"}.get(os.uname().machine, "2")
 

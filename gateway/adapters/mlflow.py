@@ -28,8 +28,12 @@ GRANT_PERMISSION = "/api/3.0/mlflow/users/permissions/grant"
 REVOKE_PERMISSION = "/api/3.0/mlflow/users/permissions/revoke"
 GET_PERMISSION = "/api/3.0/mlflow/users/permissions/get"
 SEARCH_RUNS = "/api/2.0/mlflow/runs/search"
-# the tag the job's MLflow relay (jobs/relay.py --run-tag) puts on every run it creates
+# The UI's own endpoint (MLflow 2.8+): one metric's history of several runs,
+# sampled evenly over the steps, at most max_results points per run.
+METRIC_HISTORY_SAMPLED = "/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval"
+# the tags the job's MLflow relay (singularity/relay.py --run-tag) puts on every run it creates
 SLURM_JOB_TAG = "m2d.slurm_job_id"
+SUBMISSION_TAG = "m2d.submission_id"
 
 ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
 
@@ -77,8 +81,8 @@ class MlflowAdmin:
         self._session.auth = (admin_username, admin_password)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> MlflowAdmin:
-        return cls(cfg["MLFLOW_URL"], cfg["MLFLOW_ADMIN_USERNAME"], cfg["MLFLOW_ADMIN_PASSWORD"])
+    def from_config(cls, cfg: Mapping[str, Any], timeout: float = 10) -> MlflowAdmin:
+        return cls(cfg["MLFLOW_URL"], cfg["MLFLOW_ADMIN_USERNAME"], cfg["MLFLOW_ADMIN_PASSWORD"], timeout=timeout)
 
     def ping(self, timeout: float) -> str:
         """Whether the server answers its /health within ``timeout`` seconds
@@ -131,6 +135,25 @@ class MlflowAdmin:
             if not page.get("next_page_token"):
                 return found
             query["page_token"] = page["next_page_token"]
+
+    def runs_of_submission(self, experiment_ids: list[str], submission_id: int, limit: int) -> list[dict]:
+        """The first ``limit`` runs (oldest first) the submission's jobs made in
+        these experiments, as runs/search gives them (info, data.metrics with
+        each metric's last value): the relay tagged each with the submission's
+        id, and a job cannot set or change that tag."""
+        query = {"experiment_ids": experiment_ids, "filter": f"tags.`{SUBMISSION_TAG}` = '{int(submission_id)}'",
+                 "run_view_type": "ACTIVE_ONLY", "max_results": limit, "order_by": ["attributes.start_time ASC"]}
+        return self._call("POST", SEARCH_RUNS, json=query).get("runs", [])[:limit]
+
+    def metric_history(self, run_ids: list[str], key: str, points: int) -> dict[str, list[tuple[float, float]]]:
+        """Metric ``key`` of each run as (step, value), at most ``points`` per run,
+        sampled evenly over its steps (the first and last included)."""
+        answer = self._call("GET", METRIC_HISTORY_SAMPLED,
+                            params={"run_ids": run_ids, "metric_key": key, "max_results": points})
+        found: dict[str, list[tuple[float, float]]] = {}
+        for metric in answer.get("metrics", []):
+            found.setdefault(metric.get("run_id", ""), []).append((metric.get("step", 0), metric.get("value")))
+        return found
 
     def _create_or_reset_user(self, username: str, password: str) -> None:
         try:

@@ -10,10 +10,13 @@ CLaM-sample (docs/dataset.md describes them)::
 
 The two encodings relate exactly: ``png == npy >> 4``.  Every image of a
 malignant case carries a bright round blob (a "lesion"), so a classifier has
-something to learn.  The defaults give the real sample's shape: 10 cases,
-46 images, 5 malignant and 5 benign, 8 train and 2 test.
+something to learn.  How many cases of each split and label, and images of
+each view, follows a dataset's proportions (layout(): the published sample's,
+or a real dataset's counts(), as the dry run's twin does). The defaults give
+the published sample's shape: 10 cases, 46 images, 5 malignant and 5 benign,
+8 train and 2 test.
 
-The output depends only on ``cases``, ``size`` and ``seed`` (and on the numpy
+The output depends only on the arguments (and on the numpy
 and Pillow versions, which fix the random streams and the PNG encoder): the
 same arguments give the same bytes.
 
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +50,9 @@ IMAGE_COLUMNS = [
 ]
 NULL = "NULL"
 STANDARD_VIEWS = ["LCC", "LMLO", "RCC", "RMLO"]
-# Extra views seen in CLaM, with how often each turns up among the extras
-# (the cranio-caudal exaggerated views are the common ones).
-EXTRA_VIEWS = {"LXCCL": 0.3, "RXCCL": 0.3, "LLM": 0.1, "RLM": 0.1, "LML": 0.1, "RML": 0.1}
-# The real sample has 6 extra images in 10 cases.
-EXTRA_VIEWS_PER_CASE = 0.6
-TEST_FRACTION = 0.2
+# Extra views seen in CLaM (the cranio-caudal exaggerated views are the common ones).
+EXTRA_VIEWS = ["LXCCL", "RXCCL", "LLM", "RLM", "LML", "RML"]
+MALIGNANT = "malignant"
 STUDY_DESCRIPTIONS = {
     "Mammografie mammapoli beiderzijds": 0.6, "Mammografie beiderzijds": 0.3, "Copie SVOB": 0.1,
 }
@@ -65,16 +67,22 @@ DEFAULT_CASES = 10
 
 
 def generate(dest: str | os.PathLike, cases: int = DEFAULT_CASES,
-             size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0) -> bool:
+             size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0,
+             like: Counts | None = None, floor: int = 0) -> bool:
     """Write a synthetic sample to ``dest``; return False when a complete one is
     already there, which is then left as it is.
 
+    Its cases are spread over split x label, and each cell's images over the
+    views, in the proportions of ``like`` (default: the published sample), with
+    at least ``floor`` cases in every split x label (layout() says exactly).
     The sample is written to a temporary folder beside ``dest`` and renamed into
     place, so ``dest`` never holds half a dataset. An existing ``dest`` must be
     complete or empty.
     """
     if cases < 1:
         raise ValueError("cases must be at least 1")
+    if floor < 0:
+        raise ValueError("the floor per split and label must be 0 or more")
     width, height = size
     if width < 16 or height < 16:
         raise ValueError("images must be at least 16x16 pixels")
@@ -87,7 +95,7 @@ def generate(dest: str | os.PathLike, cases: int = DEFAULT_CASES,
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        _write_sample(tmp, cases, (width, height), seed)
+        _write_sample(tmp, cases, (width, height), seed, like or PUBLISHED, floor)
         # mkdtemp made it private, and the caller's umask may be tight: a
         # dataset is for reading, by the account jobs run as too
         for folder, _, names in os.walk(tmp):
@@ -130,28 +138,116 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+# --- how many of what: split x label x view ----------------------------------------
+
+Cell = tuple[str, str]  # (split, label)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A dataset's shape, counts only: cases per (split, label), and per cell the
+    images of each view."""
+    cases: dict[Cell, int]
+    views: dict[Cell, dict[str, int]]
+
+    @property
+    def total(self) -> int:
+        return sum(self.cases.values())
+
+
+# The published CLaM-sample's counts (tests/data/clam-published/ holds its CSVs).
+PUBLISHED = Counts(
+    cases={("test", "benign"): 1, ("test", MALIGNANT): 1, ("train", "benign"): 4, ("train", MALIGNANT): 4},
+    views={("test", "benign"): {"LCC": 1, "LMLO": 1, "RCC": 1, "RMLO": 1, "RXCCL": 1},
+           ("test", MALIGNANT): {"LCC": 1, "LMLO": 1, "LXCCL": 1, "RCC": 1, "RMLO": 1, "RXCCL": 1},
+           ("train", "benign"): {"LCC": 4, "LMLO": 4, "LXCCL": 1, "RCC": 4, "RMLO": 4},
+           ("train", MALIGNANT): {"LCC": 4, "LLM": 1, "LMLO": 4, "LXCCL": 1, "RCC": 4, "RMLO": 4}},
+)
+# A split, label or view names folders and CSV values: a plain word, and few of them.
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+_MOST_KINDS = 32
+
+
+def counts(root: str | os.PathLike) -> Counts:
+    """The shape of the dataset at ``root``, read from its two CSV files' split,
+    label and view columns only (no image is opened)."""
+    root = Path(root)
+    cases: dict[Cell, int] = {}
+    views: dict[Cell, dict[str, int]] = {}
+    for name, columns in ((CASE_CSV, ("Split", "Groundtruth")), (IMAGE_CSV, ("Split", "CaseLabel", "Views"))):
+        with open(root / name, newline="") as f:
+            for line, row in enumerate(csv.DictReader(f, delimiter=";"), start=2):
+                for column in columns:
+                    if not _WORD.fullmatch(row.get(column) or ""):
+                        raise ValueError(f"{root / name} line {line}: {column} {row.get(column)!r} is not a "
+                                         "plain word (letters, digits, . _ -); is this a CLaM dataset?")
+                cell = (row["Split"], row[columns[1]])
+                if name == CASE_CSV:
+                    cases[cell] = cases.get(cell, 0) + 1
+                else:
+                    cell_views = views.setdefault(cell, {})
+                    cell_views[row["Views"]] = cell_views.get(row["Views"], 0) + 1
+                if len(cases) > _MOST_KINDS or len(views) > _MOST_KINDS or len(views.get(cell, ())) > _MOST_KINDS:
+                    raise ValueError(f"{root / name}: more than {_MOST_KINDS} different splits x labels or views; "
+                                     "is this a CLaM dataset?")
+    return Counts(cases=dict(sorted(cases.items())),
+                  views={cell: dict(sorted(views.get(cell, {}).items())) for cell in sorted(cases)})
+
+
+def layout(cases: int, like: Counts = PUBLISHED, floor: int = 0) -> Counts:
+    """The counts of a sample of ``cases`` cases shaped like ``like``: the cases
+    shared over its split x label cells in its proportions (largest remainders),
+    then every split x label (every split gets every label) raised to ``floor``;
+    in each cell each view on as many cases as its share of ``like``'s cell (of
+    all of ``like`` for a cell ``like`` lacks), and the cell's commonest view on
+    all of them, so that every case has an image."""
+    if not like.total:
+        raise ValueError("the dataset to take the proportions from has no cases")
+    cells = sorted(like.cases)
+    if floor:
+        cells = sorted({(split, label) for split, _ in like.cases for label in {lb for _, lb in like.cases}})
+    quotas = {cell: cases * like.cases.get(cell, 0) / like.total for cell in cells}
+    shares = {cell: int(quota) for cell, quota in quotas.items()}
+    by_remainder = sorted(cells, key=lambda cell: (-(quotas[cell] - shares[cell]), cell))
+    for cell in by_remainder[:cases - sum(shares.values())]:
+        shares[cell] += 1
+    chosen = {cell: max(floor, share) for cell, share in shares.items() if max(floor, share)}
+    everywhere: dict[str, int] = {}
+    for by_view in like.views.values():
+        for view, n in by_view.items():
+            everywhere[view] = everywhere.get(view, 0) + n
+    views = {}
+    for cell, k in chosen.items():
+        source, of = (like.views[cell], like.cases[cell]) if like.cases.get(cell) else (everywhere, like.total)
+        scaled = {view: min(k, int(n * k / of + 0.5)) for view, n in source.items()}
+        commonest = min(source, key=lambda view: (-source[view], view))
+        scaled[commonest] = k
+        views[cell] = {view: n for view, n in sorted(scaled.items()) if n}
+    return Counts(cases=chosen, views=views)
+
+
 # --- the sample --------------------------------------------------------------------
 
 
-def _write_sample(root: Path, cases: int, size: tuple[int, int], seed: int) -> None:
+def _write_sample(root: Path, cases: int, size: tuple[int, int], seed: int,
+                  like: Counts, floor: int) -> None:
     rng = np.random.default_rng(seed)
-    labels = _labels(rng, cases)
-    splits = _splits(rng, labels)
-    extras = _extra_views(rng, cases)
+    chosen = layout(cases, like, floor)
+    cells = [cell for cell, count in chosen.cases.items() for _ in range(count)]
+    cells = [cells[i] for i in rng.permutation(len(cells))]  # cells interleaved, as in the real file
+    views = _views(rng, chosen, cells)
     case_rows, image_rows = [], []
-    for index in range(cases):
+    for index, (split, label) in enumerate(cells):
         n = index + 1
-        label, split = labels[index], splits[index]
         patient, case = f"P{n}", f"S{n}-A{n}"
         case_path = f"{SAMPLE_FOLDER}/{case}"
         study = _pick(rng, STUDY_DESCRIPTIONS)
-        views = sorted(STANDARD_VIEWS + extras[index])
-        birads = BIRADS_MALIGNANT if label == "malignant" else BIRADS_BENIGN
+        birads = BIRADS_MALIGNANT if label == MALIGNANT else BIRADS_BENIGN
         case_rows.append({
             "Patient_Id": patient, "CaseName": case, "CasePath": case_path,
             "Study_Description": study,
-            "Views_4": "+".join(v for v in views if v in STANDARD_VIEWS),
-            "Views": "+".join(views),
+            "Views_4": "+".join(v for v in views[index] if v in STANDARD_VIEWS),
+            "Views": "+".join(views[index]),
             "BIRADS_combined_casebased": NULL if rng.random() < 0.1 else str(rng.choice(birads)),
             "BIRADS_combined_pathwaybased": str(rng.choice(birads)),
             "BreastDensity_standardized": NULL if rng.random() < 0.3 else str(rng.choice(DENSITIES)),
@@ -159,8 +255,8 @@ def _write_sample(root: Path, cases: int, size: tuple[int, int], seed: int) -> N
             "Groundtruth": label, "Split": split,
         })
         # The real file lists a case's images in no particular order.
-        for view in rng.permutation(views):
-            _write_image(root / case_path / view, _mammogram(rng, size, label == "malignant"))
+        for view in rng.permutation(views[index]):
+            _write_image(root / case_path / view, _mammogram(rng, size, label == MALIGNANT))
             image_rows.append({
                 "Patient_Id": patient, "CaseName": case, "CasePath": case_path,
                 "ImagePath": f"{case_path}/{view}/1.png", "Study_Description": study,
@@ -170,42 +266,16 @@ def _write_sample(root: Path, cases: int, size: tuple[int, int], seed: int) -> N
     _write_csv(root / IMAGE_CSV, IMAGE_COLUMNS, image_rows)
 
 
-def _labels(rng: np.random.Generator, cases: int) -> list[str]:
-    """Half the cases malignant (rounded up), in random order."""
-    labels = ["malignant"] * ((cases + 1) // 2) + ["benign"] * (cases // 2)
-    return [labels[i] for i in rng.permutation(cases)]
-
-
-def _splits(rng: np.random.Generator, labels: list[str]) -> list[str]:
-    """A fifth of the cases (at least one when there are two or more) go to test,
-    taken from the two classes in turn so that test holds both when it can."""
-    cases = len(labels)
-    n_test = max(1, round(cases * TEST_FRACTION)) if cases > 1 else 0
-    queues = {label: [i for i in rng.permutation(cases) if labels[i] == label]
-              for label in ("benign", "malignant")}
-    test: set[int] = set()
-    while len(test) < n_test:
-        for queue in queues.values():
-            if queue and len(test) < n_test:
-                test.add(int(queue.pop()))
-    return ["test" if i in test else "train" for i in range(cases)]
-
-
-def _extra_views(rng: np.random.Generator, cases: int) -> list[list[str]]:
-    """Which extra views each case has. The total is fixed by the number of cases
-    (so the default gives the real sample's 46 images whatever the seed); which
-    cases get them, and which views, is random."""
-    views = list(EXTRA_VIEWS)
-    weights = np.array(list(EXTRA_VIEWS.values()))
-    per_case: list[list[str]] = [[] for _ in range(cases)]
-    for _ in range(round(cases * EXTRA_VIEWS_PER_CASE)):
-        # a case holds each view once; skip cases that already have them all
-        candidates = [i for i in range(cases) if len(per_case[i]) < len(views)]
-        case = per_case[int(rng.choice(candidates))]
-        free = [v not in case for v in views]
-        p = weights * free
-        case.append(str(rng.choice(views, p=p / p.sum())))
-    return per_case
+def _views(rng: np.random.Generator, chosen: Counts, cells: list[Cell]) -> list[list[str]]:
+    """Each case's views, sorted: within a cell, a view with n images goes to n
+    of its cases picked at random (layout() gives every cell a view all its cases have)."""
+    per_case: list[list[str]] = [[] for _ in cells]
+    for cell, by_view in chosen.views.items():
+        members = [i for i, c in enumerate(cells) if c == cell]
+        for view, count in sorted(by_view.items()):
+            for i in rng.choice(members, size=count, replace=False):
+                per_case[int(i)].append(view)
+    return [sorted(views) for views in per_case]
 
 
 def _pick(rng: np.random.Generator, weighted: dict[str, float]) -> str:

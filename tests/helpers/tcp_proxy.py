@@ -2,7 +2,7 @@
 private stack's jobs (their relays reach MLflow through it, M2D_MLFLOW_JOB_URL)
 while the testbed's shared MLflow server keeps running for everyone else.
 
-    python tests/tcp_proxy.py --listen PORT --to HOST:PORT
+    python tests/helpers/tcp_proxy.py --listen PORT --to HOST:PORT
 
 Stopping the process closes every connection through it at once, as a
 server that died would; new ones are refused until it is started again.
@@ -13,8 +13,9 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, by path
-from jobs.relay import pump  # noqa: E402 - the relay's own byte pump, both ways closed together
+# run as a script, by path, as the relay itself is
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "singularity"))
+from relay import pump  # noqa: E402 - the relay's own byte pump, both ways closed together
 
 
 def serve(client: socket.socket, to: tuple[str, int]) -> None:

@@ -2,18 +2,18 @@
 
 slurmctld and slurmdbd are the testbed's and shared, so these stop them only
 briefly, restart them at once (deploy/testbed/slurm.sh stop-daemon /
-start-daemon), and run last in the suite (the file's name): nothing else
-should be submitting meanwhile. Judged by tests/invariants.py like the others.
+start-daemon), and run last in the suite (marked ``last``, see conftest): nothing else
+should be submitting meanwhile. Judged by tests/helpers/invariants.py like the others.
 """
 import subprocess
 import time
 
 import pytest
 
-from . import invariants
-from .stack import REPO, PrivateStack, wait_for
-from .test_faults import job_zip
+from .helpers import invariants
+from .helpers.stack import REPO, PrivateStack, job_zip, wait_for
 
+pytestmark = pytest.mark.last  # stops the shared daemons: after everything else (conftest)
 SLURM_SH = REPO / "deploy" / "testbed" / "slurm.sh"
 
 

@@ -22,10 +22,13 @@ from gateway.adapters.slurm.cli import CliScheduler
 from gateway.config import from_environment
 from gateway.extensions import db
 from gateway.models import AccountEmail, Email, Submission
-from gateway.states import Status
 from jobs.mail import message_id
+from m2d.contract.states import Status
 
 from .stack import wait_for
+
+# the four status e-mails of a job that ran, in order (their subjects after 'Submission N: ')
+STATUS_MAILS = ["code received", "queued for execution", "execution started", "execution finished"]
 
 
 @dataclass

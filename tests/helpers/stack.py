@@ -23,8 +23,8 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLES = Path(__file__).resolve().parent / "samples"
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "tests" / "samples"
 TESTBED_KEYS = ("M2D_TESTBED_DIR", "SLURM_CONF", "M2D_APPTAINER", "M2D_BASE_IMAGE", "M2D_IMAGE_DIR",
                 "M2D_DATASET_DIR", "M2D_REDIS_URL", "M2D_MLFLOW_URL", "M2D_MLFLOW_ADMIN_PASSWORD",
                 "M2D_SMTP_PORT", "M2D_MAIL_DIR")
@@ -283,7 +283,7 @@ class Stack:
 class Researcher:
     def __init__(self, stack, address, token):
         self.stack, self.address, self.token = stack, address, token
-        self.url = stack.url  # or a proxy in front of it (tests/nginx.py)
+        self.url = stack.url  # or a proxy in front of it (tests/helpers/nginx.py)
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
 
@@ -406,7 +406,7 @@ class PrivateStack(Stack):
         mail_dir = self.services_dir / "mail"
         mlflow_port, mlflow = free_port(), urllib.parse.urlsplit(os.environ["M2D_MLFLOW_URL"])
         self.mlflow = Service("mlflow-proxy", [
-            sys.executable, str(REPO / "tests" / "tcp_proxy.py"), "--listen", str(mlflow_port),
+            sys.executable, str(REPO / "tests" / "helpers" / "tcp_proxy.py"), "--listen", str(mlflow_port),
             "--to", f"{mlflow.hostname}:{mlflow.port or 80}"], mlflow_port, self.services_dir / "mlflow-proxy.log")
         self.smtp = Service("smtp", [sys.executable, str(REPO / "deploy" / "testbed" / "smtp_sink.py"),
                                      "--dir", str(mail_dir), "--host", "127.0.0.1", "--port", str(smtp_port)],
@@ -439,3 +439,10 @@ class PrivateStack(Stack):
         self.redis.stop()
         time.sleep(down_for)
         self.redis.start()
+
+
+def job_zip(tmp_path, seconds, name="job.zip"):
+    """The sleeps sample, sleeping ``seconds`` (its dry run: one)."""
+    code = ("import os, time\nprint('working', flush=True)\n"
+            f"time.sleep(1 if os.environ.get('M2D_DRY_RUN') else {seconds})\nprint('done', flush=True)\n")
+    return zip_folder(SAMPLES / "sleeps", tmp_path / name, extra={"main.py": code})

@@ -80,7 +80,8 @@ PLATFORM_TAG_PREFIX = "m2d."
 KEY_CHARACTERS = re.compile(r"^[/\w.\- :]*$")
 
 ALLOWED_CALLS = (
-    "GET experiments/get and experiments/get-by-name (your own experiment), POST runs/create "
+    "GET experiments/get and experiments/get-by-name (your own experiment; POST experiments/create of its "
+    "name answers that it exists), POST runs/create "
     "(in your own experiment), and, on runs this job created, GET runs/get and POST "
     "runs/update, runs/log-metric, runs/log-parameter, runs/log-batch, runs/set-tag, "
     "runs/delete-tag. Artifacts, datasets, models, traces, searches and user APIs are "
@@ -284,11 +285,12 @@ def check_number(what: str, value, integer: bool):
     raise invalid(f"{what} must be {'an integer' if integer else 'a number'}, not {str(value)[:40]!r}")
 
 
-def single(params: dict, name: str):
-    """A GET parameter's one value (repeats could make MLflow read another one)."""
+def single(params: dict, name: str, call: str):
+    """A GET parameter's one value (parse_qs gives lists; repeats could make MLflow
+    read another one than the one checked here)."""
     values = params.get(name, [])
     if len(values) != 1:
-        raise denied(f"give exactly one {name}")
+        raise invalid(f"{call} needs exactly one {name} parameter; this request had {len(values)}")
     return values[0]
 
 
@@ -315,6 +317,7 @@ class Relay:
         self.routes = {
             ("GET", f"{API}/experiments/get"): self.get_experiment,
             ("GET", f"{API}/experiments/get-by-name"): self.get_experiment_by_name,
+            ("POST", f"{API}/experiments/create"): self.create_experiment,
             ("POST", f"{API}/runs/create"): self.create_run,
             ("GET", f"{API}/runs/get"): self.call_on_run,
             ("POST", f"{API}/runs/update"): self.call_on_run,
@@ -368,24 +371,55 @@ class Relay:
 
     # -- experiments
 
+    def own_experiment_name(self, name) -> str | None:
+        """The experiment that `name` means for this job: its own experiment's
+        name, and in a dry run also the owner's real experiment name (code written
+        for the platform calls mlflow.set_experiment(username)), both answered with
+        this job's experiment; None for any other name."""
+        if name == self.experiment_name or (self.experiment_alias and name == self.experiment_alias):
+            return self.experiment_name
+        return None
+
+    def not_own_experiment(self, call: str, asked: str) -> Refused:
+        own = repr(self.experiment_name)
+        if self.experiment_alias:
+            own = f"{self.experiment_alias!r} (in this dry run, {self.experiment_name!r})"
+        return denied(f"{call} asked for {asked}, which is not yours: a job reads "
+                      f"and writes only its owner's experiment, {own} (id {self.experiment_id}); call "
+                      f"mlflow.set_experiment({(self.experiment_alias or self.experiment_name)!r}) or leave "
+                      "MLFLOW_EXPERIMENT_NAME as the platform sets it")
+
     def get_experiment(self, method, path, params):
-        if single(params, "experiment_id") != self.experiment_id:
-            raise denied(f"only your own experiment ({self.experiment_id}) can be read")
+        asked = single(params, "experiment_id", "experiments/get")
+        if asked != self.experiment_id:
+            raise self.not_own_experiment("experiments/get", f"experiment id {asked[:40]!r}")
         return self.forward(method, path, params)
 
     def get_experiment_by_name(self, method, path, params):
-        if self.experiment_alias and single(params, "experiment_name") == self.experiment_alias:
-            params = {**params, "experiment_name": self.experiment_name}
-        if single(params, "experiment_name") != self.experiment_name:
-            raise denied(f"only your own experiment ({self.experiment_name!r}) can be read")
-        return self.forward(method, path, params)
+        asked = single(params, "experiment_name", "experiments/get-by-name")
+        name = self.own_experiment_name(asked)
+        if name is None:
+            raise self.not_own_experiment("experiments/get-by-name", f"experiment {asked[:100]!r}")
+        return self.forward(method, path, {**params, "experiment_name": [name]})
+
+    def create_experiment(self, method, path, params):
+        """Code that creates its experiment when get-by-name finds none (or always,
+        catching the error) gets MLflow's own 'already exists' for its own name."""
+        asked = params.get("name")
+        if self.own_experiment_name(asked) is None:
+            raise denied(f"experiments/create asked for a new experiment {str(asked)[:100]!r}: a job cannot "
+                         f"create experiments; it logs to its owner's experiment, {self.experiment_name!r}")
+        raise Refused(400, "RESOURCE_ALREADY_EXISTS",
+                      f"Experiment(name={asked}) already exists: it is yours; mlflow.set_experiment({asked!r}) "
+                      "selects it")
 
     # -- runs
 
     def create_run(self, method, path, params):
-        if str(params.get("experiment_id", "")) != self.experiment_id:
-            raise denied(f"runs can only be created in your own experiment ({self.experiment_name!r}, "
-                         f"id {self.experiment_id}); set MLFLOW_EXPERIMENT_NAME or use mlflow.set_experiment")
+        asked = str(params.get("experiment_id", ""))
+        if asked != self.experiment_id:
+            default = " (MLflow's Default experiment, which the client uses when none is set)" if asked == "0" else ""
+            raise self.not_own_experiment("runs/create", f"experiment id {asked[:40]!r}{default}")
         tags = params.get("tags") or []
         if not isinstance(tags, list) or len(tags) > self.limits.tags_per_run:
             raise over_limit(f"a run may have at most {self.limits.tags_per_run} tags")

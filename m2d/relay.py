@@ -1,0 +1,1 @@
+../singularity/relay.py

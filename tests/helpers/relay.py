@@ -1,0 +1,93 @@
+"""A job's MLflow relay and shim as subprocesses, as the batch script and the
+container start them (singularity/relay.py, run by path): used by
+tests/test_relay.py and bench/relay.py."""
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .stack import REPO
+
+RELAY = REPO / "singularity" / "relay.py"
+
+
+def _load(path: Path):
+    # registered before it runs: its dataclasses look their module up in sys.modules
+    spec = importlib.util.spec_from_file_location("relay", path)
+    module = sys.modules["relay"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+relay = _load(RELAY)  # the module a job runs by path, for tests of its parts
+# The shim runs on the container's python3 and the relay on the host's: any 3.9 or later.
+RELAY_PYTHON = os.environ.get("M2D_RELAY_PYTHON", sys.executable)
+API = "/api/2.0/mlflow"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, what: str, log: Path) -> None:
+    deadline = time.monotonic() + 15
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the {what} did not come up: {log.read_text()[-2000:]}", pytrace=False)
+        time.sleep(0.02)
+
+
+class RelayProcesses:
+    """A relay (host side) and a shim (container side) as a job has them."""
+
+    def __init__(self, folder: Path, account, upstream: str, *extra_args, dry_run: bool = False):
+        self.folder = folder
+        self.job_dir = folder / "run"  # the per-job folder bound read-only into the container
+        folder.mkdir()
+        self.job_dir.mkdir(mode=0o700)
+        self.socket = self.job_dir / "mlflow.sock"
+        password_file = folder / "mlflow-credentials"
+        password_file.touch(mode=0o600)
+        password_file.write_text(f"{account.username}\n{account.password}\n")
+        # Only what python needs: the test's own environment holds the admin password.
+        env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"}
+        self.relay_log, self.shim_log = folder / "relay.log", folder / "shim.log"
+        self.relay = subprocess.Popen(
+            [RELAY_PYTHON, str(RELAY), "serve", "--socket", str(self.socket), "--upstream", upstream,
+             "--password-file", str(password_file),
+             *(("--experiment-id", account.dry_run_experiment_id, "--experiment-name", account.dry_run_experiment_name)
+               if dry_run else ("--experiment-id", account.experiment_id, "--experiment-name", account.experiment_name)),
+             "--ready-file", str(folder / "relay.ready"),
+             *extra_args],
+            env=env, stderr=self.relay_log.open("w"))
+        wait_for_file(folder / "relay.ready", self.relay, "relay", self.relay_log)
+        self.port = free_port()
+        self.shim = subprocess.Popen(
+            [RELAY_PYTHON, str(RELAY), "shim", "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.socket),
+             "--ready-file", str(folder / "shim.ready")],
+            env=env, stderr=self.shim_log.open("w"))
+        wait_for_file(folder / "shim.ready", self.shim, "shim", self.shim_log)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.relay_log.read_text()
+
+    def stop(self):
+        for process in (self.shim, self.relay):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in (self.shim, self.relay):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
