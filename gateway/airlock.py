@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import stat
 import zipfile
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,18 +27,19 @@ from flask import current_app
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from . import provenance, queue
+from . import jobfiles, provenance, queue
 from .extensions import db
 from .models import Email, Export, ExportFile, ReleaseItem, ReleaseRequest, Review, Submission, User, utcnow
 from .storage import SubmissionFiles
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024
 PREVIEW_BYTES = 64 * 1024
 PREVIEW_SUFFIXES = {".txt", ".csv", ".tsv", ".json", ".log", ".md", ".yaml", ".yml", ".py"}
 WARN_BEFORE = timedelta(days=7)
 MAX_JUSTIFICATION = 5000
+MAX_PATH = 1024  # ExportFile.path's column
+MAX_SKIPPED_RECORDED = 100  # names of skipped entries kept in the provenance record
 
 
 class AirlockError(Exception):
@@ -58,74 +56,61 @@ def released_dir(submission_id: int) -> Path:
     return SubmissionFiles(submission_id).root / "released"
 
 
-def _walk(root: Path):
-    """(relative path, lstat) of every entry under ``root``; symlinks not followed."""
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        for name in sorted(dirs + names):
-            path = Path(folder) / name
-            try:
-                info = path.lstat()
-            except OSError:
-                continue
-            yield path.relative_to(root).as_posix(), path, info
-
-
-def export_bytes(submission_id: int) -> int:
-    return sum(info.st_size for _, _, info in _walk(SubmissionFiles(submission_id).export)
-               if stat.S_ISREG(info.st_mode))
-
-
 def over_cap(submission_id: int) -> str | None:
-    """The failure reason when the export is bigger than EXPORT_MAX_BYTES, else None."""
-    cap = current_app.config["EXPORT_MAX_BYTES"]
-    size = export_bytes(submission_id)
-    if size <= cap:
-        return None
-    return (f"EXPORT_TOO_LARGE: the job wrote {size} bytes to /mnt/export; the limit is {cap} bytes "
-            "(M2D_EXPORT_MAX_BYTES). Export only what you need released (a model, metrics), "
-            "never data")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The failure reason when the export cannot be taken (more than
+    EXPORT_MAX_BYTES, EXPORT_MAX_FILES, too deep...), else None. Sizes only: the
+    manifest hashes later."""
+    bounds = jobfiles.Bounds.from_config(current_app.config)
+    try:
+        jobfiles.scan(submission_id, jobfiles.EXPORT, bounds, hashes=False)
+    except jobfiles.Refused as e:
+        code = "EXPORT_TOO_LARGE" if "M2D_EXPORT_MAX_BYTES" in e.reason else "EXPORT_REFUSED"
+        return f"{code}: {e.reason}"
+    return None
 
 
 def manifest(submission: Submission) -> Export | None:
     """The export's manifest, taken now if the job has ended and nobody took it
-    yet; None while the submission runs (the job may still write)."""
+    yet; None while the submission runs (the job may still write). An export
+    that cannot be read within the bounds gets a manifest with its ``error``
+    and no file: never an exception (the poll cycle and the purge go on)."""
     export = db.session.get(Export, submission.id)
     if export is not None or not submission.state.terminal:
         return export
-    files, skipped = [], []
-    for rel, path, info in _walk(SubmissionFiles(submission.id).export):
-        if stat.S_ISDIR(info.st_mode):
-            continue
-        if not stat.S_ISREG(info.st_mode):
-            skipped.append(rel)  # symlinks, fifos...: never released
-            continue
-        try:
-            digest = sha256_of(path)
-        except OSError:
-            digest = None  # the job made it unreadable to the gateway: listed, never released
-        files.append(ExportFile(submission_id=submission.id, path=rel, size=info.st_size, sha256=digest))
-    export = Export(submission_id=submission.id, manifest_at=utcnow(),
+    error, files, skipped = None, [], []
+    try:
+        listing = jobfiles.scan(submission.id, jobfiles.EXPORT, jobfiles.Bounds.from_config(current_app.config))
+    except jobfiles.Refused as e:
+        error = e.reason
+    else:
+        files = [_export_file(submission.id, f) for f in listing.files]
+        skipped = [f"{name}: {why}" for name, why in listing.skipped]  # symlinks, fifos...: never released
+    export = Export(submission_id=submission.id, manifest_at=utcnow(), error=error,
                     total_bytes=sum(f.size for f in files))
     db.session.add(export)
     try:
         db.session.flush()
         db.session.add_all(files)
-        provenance.record(submission.id, "manifest",
+        provenance.record(submission.id, "manifest", error=error,
                           files=[{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files],
-                          skipped=skipped)
+                          skipped=skipped[:MAX_SKIPPED_RECORDED], skipped_count=len(skipped))
         db.session.commit()
     except IntegrityError:  # taken at the same moment by another process
         db.session.rollback()
     return db.session.get(Export, submission.id)
+
+
+def _export_file(submission_id: int, found: jobfiles.File) -> ExportFile:
+    """One manifest row. Its path is the name escaped (jobfiles.escape: two names
+    never share one); a name too long for the column is kept shortened, with
+    the hash of the whole name, and can never be released."""
+    path, note = found.path, None if found.sha256 else "unreadable: the job's permissions keep the gateway out"
+    if len(path) > MAX_PATH:
+        digest = hashlib.sha256(found.name).hexdigest()
+        path = f"{path[:MAX_PATH - 120]}[... name cut, sha256 of the whole name {digest}]"
+        note = f"its name is longer than {MAX_PATH} characters: rename it, it cannot be released"
+    return ExportFile(submission_id=submission_id, path=path, size=found.size,
+                      sha256=found.sha256 if note is None else None, note=note)
 
 
 def released_paths(submission_id: int, now: datetime | None = None) -> set[str]:
@@ -136,19 +121,54 @@ def released_paths(submission_id: int, now: datetime | None = None) -> set[str]:
     return {path for (path,) in rows}
 
 
+def ever_released(submission_id: int) -> set[str]:
+    """Paths of the files reviewers released (since expired or not): their
+    names, sizes and hashes are the owner's to see."""
+    rows = (db.session.query(ExportFile.path).join(ReleaseItem, ReleaseItem.file_id == ExportFile.id)
+            .filter(ExportFile.submission_id == submission_id, ReleaseItem.status == "released"))
+    return {path for (path,) in rows}
+
+
 def overview(submission: Submission) -> dict:
-    """What GET .../export answers: the manifest and the requests."""
+    """What GET .../export answers its owner: how many files and bytes the job
+    left, the files reviewers released (name, size, sha256), and the requests.
+    The names, sizes and hashes of the rest are the reviewers' alone: a name
+    or the hash of a small file is data (the review pages show them)."""
     export = manifest(submission)
-    released = released_paths(submission.id)
+    files = export.files if export else []
+    downloadable, disclosed = released_paths(submission.id), ever_released(submission.id)
     requests = (ReleaseRequest.query.filter_by(submission_id=submission.id)
                 .order_by(ReleaseRequest.id).all())
     return {
         "submission_id": submission.id,
         "ended": submission.state.terminal,
         "purged": bool(export and export.purged_at),
-        "files": [f.to_dict(released=f.path in released) for f in (export.files if export else [])],
-        "requests": [r.to_dict() for r in requests],
+        "error": export.error if export else None,
+        "file_count": len(files),
+        "total_bytes": sum(f.size for f in files),
+        "requested": len(_requested_ids(submission.id)),
+        "files": [f.to_dict(released=f.path in downloadable) for f in files if f.path in disclosed],
+        "requests": [owner_view(r, disclosed) for r in requests],
     }
+
+
+def _requested_ids(submission_id: int) -> set[int]:
+    return {file_id for (file_id,) in db.session.query(ReleaseItem.file_id).join(ReleaseRequest).filter(
+        ReleaseRequest.submission_id == submission_id, ReleaseItem.status.in_(("pending", "released", "rejected")))}
+
+
+def owner_view(request: ReleaseRequest, disclosed: set[str] | None = None) -> dict:
+    """A request as its owner sees it: counts per outcome, released files by name."""
+    disclosed = ever_released(request.submission_id) if disclosed is None else disclosed
+    answer = request.to_dict()
+    answer["counts"] = {}
+    for item in request.items:
+        answer["counts"][item.status] = answer["counts"].get(item.status, 0) + 1
+    answer["files"] = [item for item in answer["files"] if item["path"] in disclosed]
+    answer["comments"] = [{"decision": r.decision, "comment": r.comment, "at": r.to_dict()["at"]}
+                          for item in request.items if item.file.path not in disclosed
+                          for r in item.reviews if r.comment]
+    return answer
 
 
 # ------------------------------------------------------------------ requests
@@ -159,7 +179,13 @@ def reviewers() -> list[User]:
 
 def request_release(user: User, submission: Submission, paths: list[str] | None,
                     justification: str) -> ReleaseRequest:
-    """The owner asks for ``paths`` (None: every file not yet requested) to be released."""
+    """The owner asks for every file not yet requested to be released. Naming
+    ``paths`` is refused: until reviewers release files the owner sees only how
+    many there are, and an answer that said which names exist would tell them."""
+    if paths is not None:
+        raise AirlockError(400, "paths_hidden", "Leave out 'paths': until reviewers release files you see only "
+                           "how many the job wrote, not their names. Ask for all of them and say in the "
+                           "justification which you need; reviewers release those and reject the rest.")
     justification = (justification or "").strip()
     if not justification:
         raise AirlockError(400, "justification_required",
@@ -174,31 +200,14 @@ def request_release(user: User, submission: Submission, paths: list[str] | None,
     if export.purged_at:
         raise AirlockError(410, "purged", f"The export of submission {submission.id} was deleted "
                            "(retention); there is nothing left to release.")
-    by_path = {f.path: f for f in export.files}
-    taken = {item.file.path: item.status for item in ReleaseItem.query.join(ReleaseRequest).filter(
-        ReleaseRequest.submission_id == submission.id, ReleaseItem.status.in_(("pending", "released",
-                                                                                "rejected")))}
-    if paths is None:
-        chosen = [f for f in export.files if f.path not in taken and f.sha256]
-        if not chosen:
-            raise AirlockError(409, "nothing_to_release", "Every file of this export is already requested, "
-                               "released or rejected (or the export is empty).")
-    else:
-        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-            raise AirlockError(400, "bad_paths", "Send 'paths' as a list of file paths from the export, "
-                               "or null for all of them.")
-        chosen = []
-        for path in dict.fromkeys(paths):
-            if path not in by_path:
-                raise AirlockError(400, "unknown_path", f"'{path}' is not in the export of submission "
-                                   f"{submission.id}; GET its /export for the list.")
-            if path in taken:
-                raise AirlockError(409, f"already_{taken[path]}",
-                                   f"'{path}' is already {taken[path]}; it cannot be requested again.")
-            if not by_path[path].sha256:
-                raise AirlockError(409, "unreadable", f"'{path}' could not be read by the gateway "
-                                   "(its permissions); it cannot be released.")
-            chosen.append(by_path[path])
+    if export.error:
+        raise AirlockError(409, "export_unreadable", f"The export of submission {submission.id} could not be "
+                           f"read: {export.error}. Nothing of it can be released.")
+    taken = _requested_ids(submission.id)
+    chosen = [f for f in export.files if f.id not in taken and f.sha256]
+    if not chosen:
+        raise AirlockError(409, "nothing_to_release", "Every file of this export is already requested, "
+                           "released or rejected, or cannot be released (or the export is empty).")
     request = ReleaseRequest(submission_id=submission.id, requester_id=user.id, justification=justification)
     db.session.add(request)
     db.session.flush()
@@ -274,30 +283,25 @@ def decide(request: ReleaseRequest, reviewer: User, decision: str, comment: str 
 def _release(item: ReleaseItem) -> None:
     """Copy the approved file out of the export, checking its bytes against the manifest."""
     submission_id = item.request.submission_id
-    source = SubmissionFiles(submission_id).export / item.file.path
     folder = released_dir(submission_id)
     folder.mkdir(exist_ok=True)
     folder.chmod(0o700)  # the gateway's alone: the job account cannot touch a released copy
     target = folder / str(item.id)
-    digest = hashlib.sha256()
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as src, open(target, "wb") as out:
-            while chunk := src.read(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-        os.chmod(target, 0o600)
-    except OSError as e:
+        digest = jobfiles.copy_out(submission_id, jobfiles.EXPORT, jobfiles.unescape(item.file.path), target,
+                                   limit=item.file.size)
+    except (OSError, jobfiles.Refused, ValueError) as e:
         target.unlink(missing_ok=True)
         item.status = "changed"
+        why = e.reason if isinstance(e, jobfiles.Refused) else getattr(e, "strerror", None) or str(e)
         provenance.record(submission_id, "release_refused", request_id=item.request_id, path=item.file.path,
-                          why=f"the file cannot be read any more: {e.strerror}")
+                          why=f"the file cannot be read any more: {why}")
         return
-    if digest.hexdigest() != item.file.sha256:
+    if digest != item.file.sha256:
         target.unlink(missing_ok=True)
         item.status = "changed"
         provenance.record(submission_id, "release_refused", request_id=item.request_id, path=item.file.path,
-                          why="its sha256 differs from the manifest's", sha256=digest.hexdigest(),
+                          why="its sha256 differs from the manifest's", sha256=digest,
                           manifest_sha256=item.file.sha256)
         return
     now = utcnow()
@@ -346,16 +350,15 @@ def download(user: User, submission: Submission, path: str, remote_addr: str | N
     """The released copy of ``path`` for its owner, recorded; or an AirlockError."""
     manifest(submission)
     export_file = ExportFile.query.filter_by(submission_id=submission.id, path=path).first()
-    if export_file is None:
-        raise AirlockError(404, "no_such_file", f"Submission {submission.id}'s export has no file '{path}'.")
-    items = (ReleaseItem.query.filter_by(file_id=export_file.id).order_by(ReleaseItem.id.desc()).all())
+    items = (ReleaseItem.query.filter_by(file_id=export_file.id).order_by(ReleaseItem.id.desc()).all()
+             if export_file else [])
     item = next((i for i in items if i.status == "released"), None)
     if item is None:
-        why = {"pending": "its release is waiting for review", "rejected": "its release was rejected",
-               "changed": "it changed after the manifest was taken"}.get(items[0].status if items else "",
-                                                                        "nobody requested its release")
-        raise AirlockError(403, "not_released", f"'{path}' is not released: {why}. Files leave only "
-                           "after review: POST .../release-requests with the paths and a justification.")
+        # one answer for a name that is missing and one that is held: which names
+        # exist is the reviewers' to know until they release them
+        raise AirlockError(404, "not_released", f"Submission {submission.id} has no released file '{path}'. "
+                           "Files leave only after review: GET .../export lists the released ones; "
+                           "POST .../release-requests with a justification asks for the rest.")
     if item.purged_at or item.expires_at <= utcnow():
         raise AirlockError(410, "expired", f"'{path}' was downloadable until {item.expires_at:%Y-%m-%d} "
                            "and has been deleted.")
@@ -372,15 +375,11 @@ def download(user: User, submission: Submission, path: str, remote_addr: str | N
 
 def preview(submission_id: int, export_file: ExportFile) -> str | None:
     """The text of a small text/CSV/JSON file, or None (shown escaped by the page)."""
-    if export_file.size > PREVIEW_BYTES or Path(export_file.path).suffix.lower() not in PREVIEW_SUFFIXES:
+    if export_file.size > PREVIEW_BYTES or Path(export_file.path).suffix.lower() not in PREVIEW_SUFFIXES \
+            or export_file.note:
         return None
-    try:
-        fd = os.open(SubmissionFiles(submission_id).export / export_file.path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(PREVIEW_BYTES)
-    except OSError:
-        return None
-    return data.decode("utf-8", "replace")
+    data = jobfiles.read_head(submission_id, jobfiles.EXPORT, jobfiles.unescape(export_file.path), PREVIEW_BYTES)
+    return None if data is None else jobfiles.text_of(data)
 
 
 def code_listing(submission_id: int) -> list[tuple[str, int]]:
@@ -434,36 +433,37 @@ def purge(now: datetime | None = None) -> dict:
                           Submission.updated_at <= now - retention + WARN_BEFORE,
                           Export.purged_at.is_(None)).order_by(Submission.id).all())
     for submission in candidates:
-        export = manifest(submission)
-        if export is None or export.purged_at:
-            continue
-        if export.files and export.warned_at is None:
-            export.warned_at = now
-            _owe(submission.id, "export_expiring", None)
-            db.session.commit()
-            queue.enqueue_mail(submission.id)
-            done["warned"] += 1
-        elif now >= deletion_due(export):
-            _delete_export(submission.id)
-            export.purged_at = now
-            for item in ReleaseItem.query.join(ReleaseRequest).filter(
-                    ReleaseRequest.submission_id == submission.id, ReleaseItem.status == "pending"):
-                item.status = "expired"
-                _settle(item.request)
-            provenance.record(submission.id, "export_purged", files=len(export.files))
-            db.session.commit()
-            queue.enqueue_mail(submission.id)
-            done["exports_purged"] += 1
+        try:
+            _purge_one(submission, now, done)
+        except Exception:  # noqa: BLE001 - one submission never stops the hourly purge of the others
+            db.session.rollback()
+            log.exception("submission %s: its export could not be purged", submission.id)
     return done
 
 
+def _purge_one(submission: Submission, now: datetime, done: dict) -> None:
+    export = manifest(submission)
+    if export is None or export.purged_at:
+        return
+    if export.files and export.warned_at is None:
+        export.warned_at = now
+        _owe(submission.id, "export_expiring", None)
+        db.session.commit()
+        queue.enqueue_mail(submission.id)
+        done["warned"] += 1
+    elif now >= deletion_due(export):
+        _delete_export(submission.id)
+        export.purged_at = now
+        for item in ReleaseItem.query.join(ReleaseRequest).filter(
+                ReleaseRequest.submission_id == submission.id, ReleaseItem.status == "pending"):
+            item.status = "expired"
+            _settle(item.request)
+        provenance.record(submission.id, "export_purged", files=len(export.files))
+        db.session.commit()
+        queue.enqueue_mail(submission.id)
+        done["exports_purged"] += 1
+
+
 def _delete_export(submission_id: int) -> None:
-    folder = SubmissionFiles(submission_id).export
-    for child in (folder.iterdir() if folder.is_dir() else ()):
-        try:
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-        except OSError as e:  # a folder the job made unwritable to the group
-            log.warning("submission %s: could not delete %s from its export: %s", submission_id, child, e)
+    for failed in jobfiles.remove_all(submission_id, jobfiles.EXPORT):
+        log.warning("submission %s: could not delete from its export: %s", submission_id, failed)

@@ -86,7 +86,7 @@ def request_release(submission_id):
         release = airlock.request_release(g.user, submission, body.get("paths"), body.get("justification", ""))
     except airlock.AirlockError as e:
         return error(e.status, e.code, e.message)
-    response = jsonify(release.to_dict())
+    response = jsonify(airlock.owner_view(release))
     response.status_code = 201
     return response
 
@@ -102,9 +102,10 @@ def download(submission_id, path):
 def get_provenance(submission_id):
     submission = _own(submission_id)
     broken = provenance.verify(submission.id)
+    disclosed = airlock.ever_released(submission.id)
     return jsonify(submission_id=submission.id, verified=broken is None,
                    broken=str(broken) if broken else None,
-                   records=[provenance.to_dict(r) for r in provenance.chain(submission.id)])
+                   records=[provenance.owner_view(r, disclosed) for r in provenance.chain(submission.id)])
 
 
 def download_response(user, submission, path, on_error):

@@ -242,7 +242,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("SECRETS_DIR", str, None, "Holds mlflow-key, which encrypts MLflow passwords in the database (0600). Keep "
       "it outside DATA_DIR in production; default DATA_DIR/secrets."),
     # The export airlock (gateway/airlock.py)
-    S("RELEASE_APPROVALS", int, 1, "Distinct reviewers who must approve an export before it leaves (2: a "
+    S("RELEASE_APPROVALS", int, 2, "Distinct reviewers who must approve an export file before it leaves (2: the "
       "two-person rule)."),
     S("RELEASE_DAYS", int, 30, "Days a released export stays downloadable."),
     S("EXPORT_RETENTION_DAYS", int, 90, "Days after its job ended that an unreleased export is deleted (warned "
@@ -251,9 +251,14 @@ SETTINGS: tuple[Setting, ...] = (
     # files (made by the job, read back into export/ when it ends); its stdout and stderr are cut.
     S("EXPORT_MAX_BYTES", int, 2 * 1024**3, "Largest export (bytes; default 2 GiB, a ResNet checkpoint and its "
       "results): /mnt/export holds no more, in the real job and the dry run; a job that fills it fails."),
-    S("EXPORT_MAX_FILES", int, 10_000, "Most files and folders in /mnt/export; a job that makes more fails."),
+    S("EXPORT_MAX_FILES", int, 10_000, "Most files and folders in /mnt/export (the real job's and the dry run's); "
+      "a job that makes more fails."),
     S("JOB_LOG_MAX_BYTES", int, 10 * 1024**2, "Bytes of a job's stdout and of its stderr kept (Slurm's .out and "
       ".err); the rest is dropped and counted in a last line."),
+    # What a job wrote is read once it ended (gateway/jobfiles.py), within bounds: past one, that
+    # submission fails with the reason (a dry run: dry_run_failed), the poll cycle goes on.
+    S("EXPORT_MAX_DEPTH", int, 16, "Deepest folder nesting an export may have."),
+    S("EXPORT_READ_SECONDS", float, 120.0, "Seconds the gateway may spend reading (hashing) one export."),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}

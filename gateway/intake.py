@@ -10,7 +10,6 @@ from datetime import timedelta
 from flask import current_app
 from werkzeug.datastructures import FileStorage
 
-from m2d.contract.states import Status
 from m2d.contract.validation import Limits, Refusal, check_upload_size, check_zip, unpack
 
 from . import lifecycle, provenance
@@ -72,11 +71,11 @@ def check_quota(user: User) -> None:
     """Refuse an upload past DAILY_SUBMISSIONS in any 24 hours (rolling), before
     the zip is checked or kept. Two uploads racing for the last slot may both
     pass: the quota bounds a leak, it is not an exact count. A submission whose
-    dry run failed does not count: it never touched the real data."""
+    dry run failed counts too: its dry run ran code the gateway then read
+    the outputs of, and a free retry is a retry without limit."""
     allowed = current_app.config["DAILY_SUBMISSIONS"]
     recent = [created for (created,) in db.session.query(Submission.created_at)
-              .filter(Submission.user_id == user.id, Submission.created_at > utcnow() - QUOTA_WINDOW,
-                      Submission.status != Status.DRY_RUN_FAILED)
+              .filter(Submission.user_id == user.id, Submission.created_at > utcnow() - QUOTA_WINDOW)
               .order_by(Submission.created_at.desc()).limit(allowed)]
     if len(recent) < allowed:
         return

@@ -1,5 +1,6 @@
 """Database models: the only truth about users, submissions and their emails."""
 import hashlib
+import json
 import secrets
 from datetime import datetime, timezone
 
@@ -119,10 +120,6 @@ class ApiToken(db.Model):
         return token
 
 
-# the dry run's export folder, beside export/; bound at /mnt/export in the dry run
-DRY_RUN_EXPORT_FOLDER = "export-dryrun"
-
-
 class Submission(db.Model):
     # the daily quota counts a user's recent uploads
     __table_args__ = (Index("ix_submission_user_id_created_at", "user_id", "created_at"),)
@@ -148,6 +145,9 @@ class Submission(db.Model):
     dry_run_exit_code = db.Column(db.Integer)
     dry_run_reason = db.Column(db.String(255))
     dry_run_log = db.Column(db.Text)
+    # what it left in export-dryrun/, read once when it ended (gateway.jobfiles):
+    # JSON, a list of {path, size, text}; the API never opens the folder
+    dry_run_files = db.Column(db.Text)
     # prepares that failed for a reason other than Slurm (gateway.alerts):
     # the sweep tries again after a growing pause, then the submission fails
     prepare_failures = db.Column(db.Integer, nullable=False, default=0, server_default="0")
@@ -208,26 +208,10 @@ class Submission(db.Model):
             line = line or headline(f["text"])
         return {"headline": line, "hint": hint(line, current_app.config["MLFLOW_PUBLIC_URL"])}
 
-    def dry_run_export(self):
-        """The files the dry run left in export-dryrun/: path, size, and the
-        text of small text files (all of it the researcher's to see)."""
-        from .storage import SubmissionFiles
-        folder = SubmissionFiles(self.id).root / DRY_RUN_EXPORT_FOLDER
-        found = []
-        try:
-            paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-        except OSError:
-            return found
-        for path in paths[:200]:
-            size = path.stat().st_size
-            text = None
-            if size <= 64 * 1024:
-                try:
-                    text = path.read_text()
-                except (OSError, UnicodeDecodeError):
-                    pass
-            found.append({"path": path.relative_to(folder).as_posix(), "size": size, "text": text})
-        return found
+    def dry_run_export(self) -> list[dict]:
+        """The files the dry run left in export-dryrun/ (path, size, the text of
+        small text files), as read when it ended; [] before that."""
+        return json.loads(self.dry_run_files) if self.dry_run_files else []
 
 
 class Event(db.Model):
@@ -342,6 +326,8 @@ class Export(db.Model):
     submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), primary_key=True)
     manifest_at = db.Column(db.DateTime)
     total_bytes = db.Column(db.BigInteger)
+    # why it could not be read (too many files, too deep, too slow): then no file is listed
+    error = db.Column(db.Text)
     warned_at = db.Column(db.DateTime)  # retention: "deleted in 7 days"
     purged_at = db.Column(db.DateTime)
 
@@ -357,9 +343,12 @@ class ExportFile(db.Model):
     path = db.Column(db.String(1024), nullable=False)  # relative, "/"-separated
     size = db.Column(db.BigInteger, nullable=False)
     sha256 = db.Column(db.String(64))  # None: the gateway could not read it (never released)
+    # why it can never be released (unreadable, a name too long to keep); None: it can
+    note = db.Column(db.String(255))
 
     def to_dict(self, released=False):
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "released": released}
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, "released": released,
+                "note": self.note}
 
 
 class ReleaseRequest(db.Model):

@@ -78,6 +78,26 @@ def to_dict(row: ProvenanceRecord) -> dict:
             "prev_hash": row.prev_hash, "hash": row.hash}
 
 
+def owner_view(row: ProvenanceRecord, disclosed: set[str]) -> dict:
+    """A link as the submission's owner sees it: the names, sizes and hashes of
+    export files reviewers have not released are left out (counted), the way
+    gateway.airlock.overview shows the export. The hashes still chain: the
+    gateway verifies them on the whole rows."""
+    shown = to_dict(row)
+    payload = shown["payload"]
+    if not isinstance(payload, dict):
+        return shown
+    hidden = "path" in payload and payload["path"] not in disclosed
+    for key in ("files", "paths", "skipped"):
+        if isinstance(payload.get(key), list):
+            payload[key] = f"{len(payload[key])} (names shown to reviewers until released)"
+    if hidden:
+        payload["path"] = "(shown to reviewers until released)"
+        for key in ("sha256", "manifest_sha256"):
+            payload.pop(key, None)
+    return shown
+
+
 @dataclass
 class Broken:
     submission_id: int

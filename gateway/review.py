@@ -31,16 +31,12 @@ def _export_of(submission):
 @login_required
 def request_release(submission_id):
     submission = Submission.of(current_user, submission_id) or abort(404)
-    paths = request.form.getlist("path") or None
-    if paths is None and request.form.get("all") != "1":
-        flash("Tick the files to release, or 'all files'.", "error")
+    try:  # every file not yet requested: the owner does not see their names (gateway.airlock)
+        release = airlock.request_release(current_user, submission, None, request.form.get("justification", ""))
+    except airlock.AirlockError as e:
+        flash(e.message, "error")
     else:
-        try:
-            release = airlock.request_release(current_user, submission, paths, request.form.get("justification", ""))
-        except airlock.AirlockError as e:
-            flash(e.message, "error")
-        else:
-            flash(f"Release request {release.id} sent to the reviewers. You will get an email with their decision.")
+        flash(f"Release request {release.id} sent to the reviewers. You will get an email with their decision.")
     return redirect(url_for("submissions.detail", submission_id=submission_id) + "#export")
 
 

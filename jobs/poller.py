@@ -13,7 +13,7 @@ from datetime import timedelta, timezone
 from flask import current_app
 from sqlalchemy import and_, func, or_, update
 
-from gateway import accounts, airlock, alerts, metrics, provenance, queue
+from gateway import accounts, airlock, alerts, jobfiles, metrics, provenance, queue
 from gateway.adapters import slurm
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError
 from gateway.adapters.slurm import JobInfo, Scheduler, SlurmError
@@ -22,10 +22,9 @@ from gateway.adapters.slurm.reasons import explain
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import AccountEmail, Email, Submission, User, utcnow
-from gateway.storage import SubmissionFiles
 from m2d.contract.states import Status
 
-from .jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_path, size_text
+from .jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_name, size_text
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,12 @@ def poll_once(scheduler: Scheduler | None = None) -> int:
             infos = {}
         for submission in active:
             info = infos.get(_job_id(submission))
-            if info is not None and _apply(submission, info):
-                moved += 1
+            try:
+                if info is not None and _apply(submission, info):
+                    moved += 1
+            except Exception:  # noqa: BLE001 - one submission never stops the cycle for the others
+                db.session.rollback()
+                log.exception("submission %s: its job's end could not be recorded; next cycle again", submission.id)
         waiting = [s for s in active if s.status in WAITING
                    and not ((info := infos.get(_job_id(s))) and (info.started or info.finished))]
         if waiting:
@@ -183,10 +186,14 @@ def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
 def count_relay_refusals(submission_id: int, job_id: str, dry_run: bool) -> None:
     """Add what the job's relay refused (its stats file, written as it stopped)
     to m2d_relay_refusals_total; once, by the poll that recorded the job's end."""
-    path = log_path(SubmissionFiles(submission_id).logs, job_id, "relay.json", dry_run=dry_run)
+    found = jobfiles.read_tail(submission_id, jobfiles.LOGS, log_name(job_id, "relay.json", dry_run=dry_run),
+                               RELAY_STATS_BYTES)
     try:
-        refused = int(json.loads(path.read_text())["refused"])
-    except (OSError, ValueError, KeyError, TypeError):
+        data, size = found
+        if size > RELAY_STATS_BYTES:
+            return
+        refused = int(json.loads(data)["refused"])
+    except (TypeError, ValueError, KeyError):
         return  # no relay ran (a job that never started), or it was killed before writing
     if refused > 0:
         metrics.RELAY_REFUSALS.inc(refused, kind="dry_run" if dry_run else "real")
@@ -230,14 +237,11 @@ def _failure_reason(info: JobInfo, explained: dict[str, str]) -> str:
 def stderr_tail(submission: Submission) -> str:
     """The last lines the job wrote to stderr, capped for an email."""
     cfg = current_app.config
-    path = log_path(SubmissionFiles(submission.id).logs, submission.slurm_job_id, "err")
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - cfg["STDERR_TAIL_BYTES"]))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
+    found = jobfiles.read_tail(submission.id, jobfiles.LOGS, log_name(submission.slurm_job_id, "err"),
+                               cfg["STDERR_TAIL_BYTES"])
+    if found is None:
         return "(no stderr was written)"
+    text = jobfiles.text_of(found[0])
     lines = text.splitlines()[-cfg["STDERR_TAIL_LINES"]:]
     return "\n".join(lines)
 
@@ -251,37 +255,56 @@ DRY_RUN_EXPLAINED = EXPLAINED | {
 
 def _dry_run_outcome(submission: Submission, info: JobInfo) -> tuple[Status, dict]:
     log_text = dry_run_log(submission.id, info.job_id)
-    if info.state == "COMPLETED" and info.exit_code == 0:
-        return Status.DRY_RUN_PASSED, {"dry_run_exit_code": 0, "dry_run_reason": "COMPLETED",
-                                       "dry_run_log": log_text}
+    files, unreadable = dry_run_files(submission.id)
+    kept = {"dry_run_log": log_text, "dry_run_files": json.dumps(files)}
     if info.state == "CANCELLED":
         return Status.CANCELLED, {"dry_run_exit_code": info.exit_code, "dry_run_reason": "CANCELLED",
-                                  "dry_run_log": log_text, "reason": "CANCELLED during the dry run"}
-    reason = _failure_reason(info, DRY_RUN_EXPLAINED)
+                                  "reason": "CANCELLED during the dry run", **kept}
+    if info.state == "COMPLETED" and info.exit_code == 0 and not unreadable:
+        return Status.DRY_RUN_PASSED, {"dry_run_exit_code": 0, "dry_run_reason": "COMPLETED", **kept}
+    # the real job would leave the same export: it fails here, on the twin
+    reason = f"EXPORT_REFUSED: {unreadable}" if unreadable else _failure_reason(info, DRY_RUN_EXPLAINED)
     # No real data was involved: the whole log goes to the researcher.
-    return Status.DRY_RUN_FAILED, {"dry_run_exit_code": info.exit_code, "dry_run_reason": reason,
-                                   "dry_run_log": log_text, "exit_code": info.exit_code,
-                                   "reason": f"dry run {reason}"[:255], "error": log_text}
+    return Status.DRY_RUN_FAILED, {"dry_run_exit_code": info.exit_code, "dry_run_reason": reason[:255],
+                                   "exit_code": info.exit_code, "reason": f"dry run {reason}"[:255],
+                                   "error": log_text, **kept}
+
+
+# what the page and the API show of the dry run's export (it ran on the twin: all of it)
+DRY_RUN_PREVIEW_BYTES = 64 * 1024  # the text of each file up to this size
+DRY_RUN_PREVIEW_TOTAL = 1024 * 1024  # and of all of them together
+RELAY_STATS_BYTES = 64 * 1024
+
+
+def dry_run_files(submission_id: int) -> tuple[list[dict], str | None]:
+    """What the dry run left in export-dryrun/, read once now that it ended:
+    [{path, size, text}], and why it could not be read within the bounds (None: it could)."""
+    bounds = jobfiles.Bounds.from_config(current_app.config)
+    try:
+        listing = jobfiles.scan(submission_id, jobfiles.DRY_RUN_EXPORT, bounds, hashes=False,
+                                previews=DRY_RUN_PREVIEW_BYTES, preview_total=DRY_RUN_PREVIEW_TOTAL)
+    except jobfiles.Refused as e:
+        return [], e.reason
+    files = [{"path": f.path, "size": f.size, "text": f.text} for f in listing.files]
+    files += [{"path": name, "size": None, "text": None, "skipped": why} for name, why in listing.skipped]
+    return sorted(files, key=lambda f: f["path"]), None
 
 
 def dry_run_log(submission_id: int, job_id: str) -> str:
     """The dry run's stdout, then its stderr: all of each up to DRY_RUN_LOG_BYTES
     (then its end). It ran on the synthetic twin, so nothing in it is hidden."""
     cap = current_app.config["DRY_RUN_LOG_BYTES"]
-    logs = SubmissionFiles(submission_id).logs
     parts = []
     for stream, name in (("out", "stdout"), ("err", "stderr")):
-        path = log_path(logs, job_id, stream, dry_run=True)
-        try:
-            with open(path, "rb") as f:
-                size = f.seek(0, 2)
-                f.seek(max(0, size - cap))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
+        file_name = log_name(job_id, stream, dry_run=True)
+        found = jobfiles.read_tail(submission_id, jobfiles.LOGS, file_name, cap)
+        if found is None:
             size, text = 0, f"(no {name} was written)"
+        else:
+            size, text = found[1], jobfiles.text_of(found[0])
         if size > cap:
             text = f"[... the first {size - cap} bytes left out ...]\n" + text
-        parts.append(f"---- {name} ({path.name})\n{text.rstrip()}")
+        parts.append(f"---- {name} ({file_name})\n{text.rstrip()}")
     return "\n".join(parts) + "\n"
 
 

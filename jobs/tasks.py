@@ -20,7 +20,7 @@ from flask import current_app, has_app_context
 from rq import get_current_job
 from sqlalchemy import select, update
 
-from gateway import accounts, airlock, alerts, create_app, intake, metrics, provenance
+from gateway import accounts, airlock, alerts, create_app, intake, jobfiles, metrics, provenance
 from gateway import images as image_store
 from gateway.adapters import slurm
 from gateway.adapters.apptainer import BuildError, Image, ImageBuilder, NoSpace
@@ -31,7 +31,7 @@ from gateway.adapters.slurm.reasons import refusal
 from gateway.config import required
 from gateway.extensions import db
 from gateway.lifecycle import advance
-from gateway.models import DRY_RUN_EXPORT_FOLDER, Build, Submission, User, utcnow
+from gateway.models import Build, Submission, User, utcnow
 from gateway.storage import SubmissionFiles, job_gid, write_private
 from m2d.contract import twin
 from m2d.contract.states import DRY_RUN_ACTIVE, Status
@@ -437,7 +437,7 @@ def _twin(version: str) -> Path:
 
 def _dry_run_export(files: SubmissionFiles) -> Path:
     """export-dryrun/, beside export/ and like it: the job writes it (group)."""
-    path = files.root / DRY_RUN_EXPORT_FOLDER
+    path = files.root / jobfiles.DRY_RUN_EXPORT
     path.mkdir(exist_ok=True)
     os.chown(path, -1, job_gid())
     path.chmod(0o2770)

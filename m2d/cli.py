@@ -217,22 +217,27 @@ def logs(args) -> int:
 
 def export(args) -> int:
     listing = _client().export(args.id)
-    if not listing["files"]:
+    if listing.get("error"):
+        return _done(args, listing, f"submission {args.id}: the export could not be read: {listing['error']}")
+    if not listing.get("file_count"):
         state = "was purged" if listing.get("purged") else ("has no files" if listing["ended"] else "has not ended yet")
         return _done(args, listing, f"submission {args.id}: the export {state}")
-    lines = [f"submission {args.id}: {len(listing['files'])} export file(s)"]
+    # names, sizes and hashes of the files reviewers have not released are theirs alone
+    lines = [f"submission {args.id}: {listing['file_count']} export file(s), {listing['total_bytes']} bytes; "
+             f"{listing['requested']} requested, {len(listing['files'])} released"]
     for f in listing["files"]:
-        lines.append(f"  {'released' if f['released'] else 'held    '}  {f['size']:>12}  {f['sha256']}  {f['path']}")
+        lines.append(f"  {'released' if f['released'] else 'expired '}  {f['size']:>12}  {f['sha256']}  {f['path']}")
     for r in listing["requests"]:
-        lines.append(f"  release request {r['id']}: {r['status']} ({r['created_at']})")
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(r.get("counts", {}).items()))
+        lines.append(f"  release request {r['id']}: {r['status']} ({counts}; {r['created_at']})")
     return _done(args, listing, "\n".join(lines))
 
 
 def release(args) -> int:
-    request = _client().release(args.id, args.paths, args.justification)
-    paths = ", ".join(item["path"] for item in request.get("files", [])) or "all files"
-    text = (f"release request {request['id']} for submission {args.id} ({paths}): {request['status']}.\n"
-            f"A reviewer decides; you get an email. Then: m2d download {args.id} PATH")
+    request = _client().release(args.id, args.justification)
+    count = sum(request.get("counts", {}).values())
+    text = (f"release request {request['id']} for submission {args.id} ({count} file(s)): {request['status']}.\n"
+            f"Reviewers decide; you get an email. Then: m2d download {args.id} PATH")
     return _done(args, request, text)
 
 
@@ -399,13 +404,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("logs", logs, "show a submission's logs: the dry run's whole log, the real run's tail")
     sub.add_argument("id", type=int, metavar="ID")
 
-    sub = command("export", export, "list a submission's export files: size, sha256, released or not")
+    sub = command("export", export, "a submission's export: how many files, and those reviewers released")
     sub.add_argument("id", type=int, metavar="ID")
 
-    sub = command("release", release, "ask reviewers to release export files (all when no PATH)")
+    sub = command("release", release, "ask reviewers to release the export's files (those not yet requested)")
     sub.add_argument("id", type=int, metavar="ID")
-    sub.add_argument("paths", nargs="*", metavar="PATH", help="export files, as m2d export lists them")
-    sub.add_argument("--justification", required=True, help="what the files are and what you will do with them")
+    sub.add_argument("--justification", required=True,
+                     help="which files you need, what they are and what you will do with them")
 
     sub = command("download", download, "download a released file, resuming a partial one; checks its sha256")
     sub.add_argument("id", type=int, metavar="ID")

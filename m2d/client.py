@@ -73,9 +73,11 @@ class Client:
     def export(self, submission_id: int) -> dict:
         return self._call("GET", f"/submissions/{submission_id}/export")
 
-    def release(self, submission_id: int, paths: list[str] | None, justification: str) -> dict:
+    def release(self, submission_id: int, justification: str) -> dict:
+        """Ask reviewers to release every export file not yet requested (the
+        owner does not see their names before; the justification says which are needed)."""
         return self._call("POST", f"/submissions/{submission_id}/release-requests",
-                          json={"paths": paths or None, "justification": justification})
+                          json={"justification": justification})
 
     def provenance(self, submission_id: int) -> dict:
         return self._call("GET", f"/submissions/{submission_id}/provenance")
@@ -86,8 +88,8 @@ class Client:
         (the bad file kept as out + ".bad") when the bytes differ."""
         listed = {f["path"]: f for f in self.export(submission_id)["files"]}
         if path not in listed:
-            raise ApiError("unknown_path", f"Submission {submission_id} has no export file {path!r}; "
-                           f"m2d export {submission_id} lists them.", 404)
+            raise ApiError("not_released", f"Submission {submission_id} has no released file {path!r}; "
+                           f"m2d export {submission_id} lists the released ones.", 404)
         expected = listed[path]
         out = Path(out)
         have = out.stat().st_size if out.is_file() else 0

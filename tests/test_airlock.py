@@ -63,19 +63,41 @@ def reviewers(local_app):
     return found
 
 
-def _request(client, user, submission_id, paths=None, justification="the trained model, for a paper"):
+def _request(client, user, submission_id, justification="the trained model, for a paper", **body):
     return client.post(f"/api/v1/submissions/{submission_id}/release-requests", headers=_token(user),
-                       json={"paths": paths, "justification": justification})
+                       json={"justification": justification, **body})
 
 
-def test_the_export_lists_each_file_with_its_size_and_sha256_once_the_job_ended(client, alice):
+def _approve(request, reviewers, paths=None):
+    """Both reviewers approve (RELEASE_APPROVALS is 2 by default)."""
+    for reviewer in reviewers:
+        airlock.decide(request, reviewer, "approve", paths=paths)
+
+
+def test_the_owner_sees_only_how_many_files_and_bytes_until_reviewers_release_them(client, alice, reviewers):
     submission = _ended_with_export(alice, {"result.txt": RESULT, "sub/metrics.json": b"{}"})
-    answer = client.get(f"/api/v1/submissions/{submission.id}/export", headers=_token(alice)).json
-    assert answer["files"] == [
-        {"path": "result.txt", "size": len(RESULT), "sha256": hashlib.sha256(RESULT).hexdigest(),
-         "released": False},
-        {"path": "sub/metrics.json", "size": 2, "sha256": hashlib.sha256(b"{}").hexdigest(), "released": False}]
-    assert answer["requests"] == []
+    url = f"/api/v1/submissions/{submission.id}/export"
+    answer = client.get(url, headers=_token(alice))
+    assert answer.json["file_count"] == 2 and answer.json["total_bytes"] == len(RESULT) + 2
+    assert answer.json["files"] == [] and answer.json["requests"] == []
+    hidden = ("result.txt", "metrics.json", hashlib.sha256(RESULT).hexdigest(), hashlib.sha256(b"{}").hexdigest())
+    assert not any(word in answer.get_data(as_text=True) for word in hidden)
+    # the manifest has them all, for the reviewers
+    assert [(f.path, f.sha256) for f in airlock.manifest(submission).files] == [
+        ("result.txt", hashlib.sha256(RESULT).hexdigest()), ("sub/metrics.json", hashlib.sha256(b"{}").hexdigest())]
+
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    _approve(request, reviewers, paths=["result.txt"])
+    airlock.decide(request, reviewers[0], "reject", "not needed", paths=["sub/metrics.json"])
+    answer = client.get(url, headers=_token(alice))
+    assert answer.json["files"] == [{"path": "result.txt", "size": len(RESULT), "released": True, "note": None,
+                                     "sha256": hashlib.sha256(RESULT).hexdigest()}]
+    assert "metrics.json" not in answer.get_data(as_text=True)
+    assert answer.json["requests"][0]["counts"] == {"released": 1, "rejected": 1}
+    assert answer.json["requests"][0]["comments"][0]["comment"] == "not needed"
+    provenance_answer = client.get(f"/api/v1/submissions/{submission.id}/provenance", headers=_token(alice))
+    assert provenance_answer.json["verified"] and "result.txt" in provenance_answer.get_data(as_text=True)
+    assert not any(word in provenance_answer.get_data(as_text=True) for word in hidden[1::2])
 
 
 def test_a_running_submission_has_no_manifest_and_cannot_request(client, alice):
@@ -89,19 +111,26 @@ def test_a_request_is_pending_and_the_download_is_403_until_reviewed(client, ali
     submission = _ended_with_export(alice)
     response = _request(client, alice, submission.id)
     assert response.status_code == 201 and response.json["status"] == "pending"
-    assert [f["path"] for f in response.json["files"]] == ["result.txt"]
-    download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
-    assert download.status_code == 403 and download.json["error"] == "not_released"
+    assert response.json["counts"] == {"pending": 1} and response.json["files"] == []
+    held = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
+    assert held.status_code == 404 and held.json["error"] == "not_released"
+    # a name that is not there answers the same: which names exist is the reviewers' to know
+    missing = client.get(f"/api/v1/submissions/{submission.id}/export/no-such.txt", headers=_token(alice))
+    assert (missing.status_code, missing.json["error"]) == (404, "not_released")
+    assert missing.json["message"].replace("no-such.txt", "result.txt") == held.json["message"]
     # every reviewer is owed the "request received" email
     owed = Email.query.filter_by(submission_id=submission.id, kind="release_requested").all()
     assert sorted(e.recipient for e in owed) == ["rita@example.org", "rolf@example.org"]
 
 
-def test_a_request_needs_a_justification_and_known_paths(client, alice):
+def test_a_request_needs_a_justification_and_names_no_paths(client, alice):
+    """Naming paths is refused whether they exist or not: an answer that told
+    would be a name oracle."""
     submission = _ended_with_export(alice)
     assert _request(client, alice, submission.id, justification=" ").json["error"] == "justification_required"
-    response = _request(client, alice, submission.id, paths=["../../etc/passwd"])
-    assert response.status_code == 400 and response.json["error"] == "unknown_path"
+    for paths in (["../../etc/passwd"], ["result.txt"]):
+        response = _request(client, alice, submission.id, paths=paths)
+        assert response.status_code == 400 and response.json["error"] == "paths_hidden"
 
 
 def test_two_person_rule_one_approval_is_not_enough_and_own_approval_is_refused(
@@ -128,6 +157,31 @@ def test_two_person_rule_one_approval_is_not_enough_and_own_approval_is_refused(
     assert {"release_decided", "download_ready"} <= kinds
 
 
+def test_two_reviewers_release_a_file_by_default(client, local_app, alice, reviewers):
+    """RELEASE_APPROVALS is 2 unless an admin lowers it: the two-person rule is the promise."""
+    assert local_app.config["RELEASE_APPROVALS"] == 2
+    submission = _ended_with_export(alice)
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    airlock.decide(request, reviewers[0], "approve")
+    assert request.status == "pending" and request.items[0].status == "pending"
+    airlock.decide(request, reviewers[1], "approve")
+    assert request.status == "released"
+
+
+def test_the_decision_email_names_only_released_files_and_gives_every_comment(client, alice, reviewers):
+    from jobs.mail import render
+
+    submission = _ended_with_export(alice, {"result.txt": RESULT, "secret-name.csv": b"1\n"})
+    request = airlock.get_request(_request(client, alice, submission.id).json["id"])
+    _approve(request, reviewers, paths=["result.txt"])
+    airlock.decide(request, reviewers[0], "reject", "row-level data", paths=["secret-name.csv"])
+    email = Email.query.filter_by(submission_id=submission.id, kind="release_decided", recipient="").one()
+    subject, body = render(email)
+    assert subject.endswith("partly released")
+    assert "result.txt: released" in body and "1 file(s) not released" in body and "rejected: row-level data" in body
+    assert "secret-name" not in body
+
+
 def test_a_user_who_is_not_a_reviewer_cannot_decide(client, alice, bob):
     submission = _ended_with_export(alice)
     request = airlock.get_request(_request(client, alice, submission.id).json["id"])
@@ -144,18 +198,19 @@ def test_a_rejected_file_never_downloads_nor_can_be_requested_again(client, alic
     airlock.decide(request, reviewers[0], "reject", "row-level data")
     assert request.status == "rejected"
     download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
-    assert download.status_code == 403 and "rejected" in download.json["message"]
-    assert _request(client, alice, submission.id, paths=["result.txt"]).status_code == 409
+    assert download.status_code == 404 and download.json["error"] == "not_released"
+    again = _request(client, alice, submission.id)
+    assert again.status_code == 409 and again.json["error"] == "nothing_to_release"
 
 
 def test_a_file_changed_after_the_manifest_is_never_released(client, alice, reviewers):
     submission = _ended_with_export(alice)
     request = airlock.get_request(_request(client, alice, submission.id).json["id"])
     (SubmissionFiles(submission.id).export / "result.txt").write_bytes(b"something else\n")
-    airlock.decide(request, reviewers[0], "approve")
+    _approve(request, reviewers)
     assert request.items[0].status == "changed" and request.status == "rejected"
     download = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt", headers=_token(alice))
-    assert download.status_code == 403
+    assert download.status_code == 404
 
 
 def test_another_users_id_is_404_on_every_airlock_url(client, alice, bob):
@@ -175,7 +230,7 @@ def test_another_users_id_is_404_on_every_airlock_url(client, alice, bob):
 
 def test_the_download_is_resumable_with_a_range(client, alice, reviewers):
     submission = _ended_with_export(alice)
-    airlock.decide(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers[0], "approve")
+    _approve(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers)
     response = client.get(f"/api/v1/submissions/{submission.id}/export/result.txt",
                           headers={**_token(alice), "Range": "bytes=9-"})
     assert response.status_code == 206 and response.data == RESULT[9:]
@@ -185,10 +240,11 @@ def test_the_download_is_resumable_with_a_range(client, alice, reviewers):
 
 def test_the_provenance_chain_verifies_and_a_changed_row_is_found(client, alice, reviewers):
     submission = _ended_with_export(alice)
-    airlock.decide(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers[0], "approve")
+    _approve(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers)
     answer = client.get(f"/api/v1/submissions/{submission.id}/provenance", headers=_token(alice)).json
     assert answer["verified"] is True
-    assert [r["kind"] for r in answer["records"]] == ["manifest", "release_requested", "review", "released"]
+    assert [r["kind"] for r in answer["records"]] == ["manifest", "release_requested", "review", "review",
+                                                      "released"]
     assert answer["records"][1]["prev_hash"] == answer["records"][0]["hash"]
     db.session.execute(text("UPDATE provenance_record SET payload = replace(payload, 'rita', 'mallory') "
                             "WHERE kind = 'review'"))
@@ -238,12 +294,16 @@ def test_the_review_pages_are_for_reviewers_only(client, alice, bob):
     assert client.get(f"/review/requests/{request_id}").status_code == 403
 
 
-def test_the_submission_page_lists_the_export_with_a_request_form(client, alice):
+def test_the_submission_page_counts_the_export_and_names_only_released_files(client, alice, reviewers):
     submission = _ended_with_export(alice)
     _log_in(client, alice)
     page = client.get(f"/submissions/{submission.id}").get_data(as_text=True)
-    assert "result.txt" in page and hashlib.sha256(RESULT).hexdigest() in page
+    assert "result.txt" not in page and hashlib.sha256(RESULT).hexdigest() not in page
+    assert "<strong>1</strong> file(s), 13 bytes" in page
     assert "Request release" in page and 'name="justification"' in page
+    _approve(airlock.get_request(_request(client, alice, submission.id).json["id"]), reviewers)
+    page = client.get(f"/submissions/{submission.id}").get_data(as_text=True)
+    assert "result.txt" in page and hashlib.sha256(RESULT).hexdigest() in page
 
 
 # ---------------------------------------------------------------- the real stack
@@ -276,30 +336,29 @@ def test_release_through_the_stack_with_two_reviewers(stack, iris_done, mlflow_u
     researcher, submission_id = iris_done
     first, second = _reviewer(stack, "rev-one"), _reviewer(stack, "rev-two")
     export = researcher.api("GET", f"/submissions/{submission_id}/export").json()
-    result = next(f for f in export["files"] if f["path"] == "result.txt")
-    assert result["released"] is False and len(result["sha256"]) == 64
+    # the owner sees how many files, not their names nor hashes, until reviewers release them
+    assert export["file_count"] == 1 and export["files"] == [] and export["total_bytes"] > 0
 
     response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
-                              json={"paths": ["result.txt"], "justification": "the iris model's accuracy"})
+                              json={"justification": "result.txt: the iris model's accuracy"})
     assert response.status_code == 201 and response.json()["status"] == "pending", response.text
     request_id = str(response.json()["id"])
     download = researcher.api("GET", f"/submissions/{submission_id}/export/result.txt")
-    assert download.status_code == 403 and download.json()["error"] == "not_released"
+    assert download.status_code == 404 and download.json()["error"] == "not_released"
 
-    # the two-person rule, set for this command as an admin would set it
-    stack.env["M2D_RELEASE_APPROVALS"] = "2"
-    try:
-        stack.flask("users", "grant-reviewer", researcher.address)  # reviewers never review their own
-        with pytest.raises(AssertionError, match="own"):
-            stack.flask("releases", "approve", request_id, "--reviewer", researcher.address)
-        stack.flask("releases", "approve", request_id, "--reviewer", first.address, "--comment", "ok")
-        assert researcher.api("GET", f"/submissions/{submission_id}/export/result.txt").status_code == 403
-        assert request_id in stack.flask("releases", "list")
-        stack.flask("releases", "approve", request_id, "--reviewer", second.address, "--comment", "ok too")
-    finally:
-        del stack.env["M2D_RELEASE_APPROVALS"]
+    # the two-person rule, the default
+    stack.flask("users", "grant-reviewer", researcher.address)  # reviewers never review their own
+    with pytest.raises(AssertionError, match="own"):
+        stack.flask("releases", "approve", request_id, "--reviewer", researcher.address)
+    stack.flask("releases", "approve", request_id, "--reviewer", first.address, "--comment", "ok")
+    assert researcher.api("GET", f"/submissions/{submission_id}/export/result.txt").status_code == 404
+    assert request_id in stack.flask("releases", "list")
+    stack.flask("releases", "approve", request_id, "--reviewer", second.address, "--comment", "ok too")
     download = researcher.api("GET", f"/submissions/{submission_id}/export/result.txt")
     assert download.status_code == 200, download.text
+    export = researcher.api("GET", f"/submissions/{submission_id}/export").json()
+    (result,) = export["files"]
+    assert result["path"] == "result.txt" and result["released"] is True
     assert hashlib.sha256(download.content).hexdigest() == result["sha256"]
     assert "attachment" in download.headers["Content-Disposition"]
 
@@ -354,12 +413,12 @@ def test_a_rejected_file_never_downloads_on_the_stack(stack, iris_runs):
     researcher, submission_id = iris_runs["rejected"]
     reviewer = _reviewer(stack, "rev-three")
     response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
-                              json={"paths": None, "justification": "all of it"})
+                              json={"justification": "all of it"})
     assert response.status_code == 201, response.text
     stack.flask("releases", "reject", str(response.json()["id"]), "--reviewer", reviewer.address,
                 "--comment", "no row-level data may leave")
     download = researcher.api("GET", f"/submissions/{submission_id}/export/result.txt")
-    assert download.status_code == 403 and "rejected" in download.json()["message"]
+    assert download.status_code == 404 and download.json()["error"] == "not_released"
     body = _wait_mails(stack, researcher.address, 1, subject="rejected")[-1].get_content()
     assert "no row-level data may leave" in body
 
@@ -463,12 +522,13 @@ def _m2d(env, cwd, *args):
 def test_m2d_export_release_download_and_provenance(stack, m2d_iris, tmp_path):
     researcher, submission_id, env = m2d_iris
     listing = json.loads(_m2d(env, tmp_path, "export", submission_id, "--json").stdout)
-    result = next(f for f in listing["files"] if f["path"] == "result.txt")
+    assert listing["file_count"] == 1 and listing["files"] == []
     shown = _m2d(env, tmp_path, "export", submission_id)
-    assert shown.returncode == 0 and result["sha256"] in shown.stdout and "held" in shown.stdout
+    assert shown.returncode == 0 and "1 export file(s)" in shown.stdout and "0 released" in shown.stdout
+    assert "result.txt" not in shown.stdout
 
     early = _m2d(env, tmp_path, "download", submission_id, "result.txt")
-    assert early.returncode == 1 and "is not released" in early.stderr, early.stderr
+    assert early.returncode == 1 and "no released file" in early.stderr, early.stderr
     assert not (tmp_path / "result.txt").exists()
 
     refused = _m2d(env, tmp_path, "release", submission_id, "--justification", " ")
@@ -476,10 +536,12 @@ def test_m2d_export_release_download_and_provenance(stack, m2d_iris, tmp_path):
     done = _m2d(env, tmp_path, "release", submission_id, "--justification", "the accuracy, for a paper", "--json")
     assert done.returncode == 0, done.stderr
     request = json.loads(done.stdout)
-    assert request["status"] == "pending" and [f["path"] for f in request["files"]] == ["result.txt"]
-    reviewer = _reviewer(stack, "m2d-reviewer")
-    stack.flask("releases", "approve", str(request["id"]), "--reviewer", reviewer.address)
-    assert "released" in _m2d(env, tmp_path, "export", submission_id).stdout
+    assert request["status"] == "pending" and request["counts"] == {"pending": 1} and request["files"] == []
+    for name in ("m2d-reviewer", "m2d-reviewer-2"):
+        stack.flask("releases", "approve", str(request["id"]), "--reviewer", _reviewer(stack, name).address)
+    shown = _m2d(env, tmp_path, "export", submission_id).stdout
+    assert "released" in shown and "result.txt" in shown
+    result = json.loads(_m2d(env, tmp_path, "export", submission_id, "--json").stdout)["files"][0]
 
     # an interrupted download: the first bytes are there, m2d asks for the rest (Range)
     out = tmp_path / "got" / "result.txt"
@@ -590,9 +652,11 @@ def exports_done(stack, plain_runs):
     model.bin is released."""
     researcher, submission_id = plain_runs["exports"]
     response = researcher.api("POST", f"/submissions/{submission_id}/release-requests",
-                              json={"paths": ["model.bin"], "justification": "the trained model"})
+                              json={"justification": "model.bin: the trained model"})
     assert response.status_code == 201, response.text
-    stack.flask("releases", "approve", str(response.json()["id"]), "--reviewer", _reviewer(stack, "rev-cut").address)
+    for name in ("rev-cut", "rev-cut-2"):
+        stack.flask("releases", "approve", str(response.json()["id"]), "--reviewer", _reviewer(stack, name).address,
+                    "--path", "model.bin")
     files = {f["path"]: f for f in researcher.api("GET", f"/submissions/{submission_id}/export").json()["files"]}
     assert files["model.bin"]["released"] and files["model.bin"]["size"] == 3 * 1024 * 1024
     return researcher, submission_id, files["model.bin"]

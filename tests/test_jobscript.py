@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway import weights
-from jobs.jobscript import log_path, render_job_script, write_job_script
+from jobs.jobscript import log_name, render_job_script, write_job_script
 from tests.helpers.batch import JOB_USER, TESTBED
 from tests.helpers.batch import run_job as _run_job
 from tests.helpers.batch import spec_for as _spec
@@ -85,8 +85,8 @@ def test_a_dry_run_differs_only_in_its_name_logs_binds_and_m2d_dry_run():
     assert argv[2:2 + len(sealing)] == real_argv[2:2 + len(sealing)] == sealing
     assert "--experiment-id 8 --experiment-name alice-3-dryrun \\\n  --experiment-alias alice-3" in dry
     assert "--experiment-alias" not in real
-    assert log_path(root, "5", "err", dry_run=True) == root / "dryrun-5.err"
-    assert log_path(root, "5", "err") == root / "slurm-5.err"
+    assert log_name("5", "err", dry_run=True) == "dryrun-5.err"
+    assert log_name("5", "err") == "slurm-5.err"
 
 
 def test_no_gpus_no_gres_and_no_partition_by_default():

@@ -75,13 +75,15 @@ def test_uploads_older_than_24_hours_do_not_count(client, dora, iris_zip):
     assert upload(client, headers, iris_zip).status_code == 201
 
 
-def test_submissions_whose_dry_run_failed_do_not_count(client, local_app, dora, iris_zip):
+def test_submissions_whose_dry_run_failed_count_against_the_quota(client, local_app, dora, iris_zip):
+    """A failed dry run is not free: the gateway read what it wrote, and a free
+    retry is a retry without limit (issue 21)."""
     user_id, headers = dora
-    local_app.config["DAILY_SUBMISSIONS"] = 2
-    earlier_uploads(user_id, *[timedelta(hours=h) for h in range(1, 6)], status="dry_run_failed")
-    earlier_uploads(user_id, timedelta(hours=1))
-    assert upload(client, headers, iris_zip).status_code == 201  # 1 counted + this one
-    assert upload(client, headers, iris_zip).status_code == 429
+    local_app.config["DAILY_SUBMISSIONS"] = 3
+    earlier_uploads(user_id, *[timedelta(hours=h) for h in range(1, 3)], status="dry_run_failed")
+    assert upload(client, headers, iris_zip).status_code == 201  # 2 failed dry runs + this one
+    refused = upload(client, headers, iris_zip)
+    assert refused.status_code == 429 and refused.json["error"] == "quota_exceeded"
 
 
 def test_the_quota_is_per_user_and_configurable(client, local_app, dora, iris_zip):

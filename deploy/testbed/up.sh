@@ -77,7 +77,8 @@ step smtp       "$here/smtp.sh" start "$TESTBED_DIR"
 step postgres   "$here/postgres.sh" "$TESTBED_DIR"
 # a CA and a localhost certificate for the tests through nginx with TLS
 step tls        "$here/tls.sh" "$TESTBED_DIR"
-step dataset    "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/clam"
+# readable by the job account alone (group m2d-data): the gateway never reads the data
+step dataset    "$here/dataset.sh" "$TESTBED_DIR"
 # the dry runs' synthetic twins, one per dataset version (m2d/contract/twin.py: the same
 # layout and CSV columns, a few cases): the default version's is made here, any
 # other by the gateway's account on first use

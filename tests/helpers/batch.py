@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from gateway.adapters.slurm.cli import CliScheduler
-from jobs.jobscript import RELAY_SOURCE, JobSpec, log_path, write_job_script
+from jobs.jobscript import RELAY_SOURCE, JobSpec, log_name, write_job_script
 
 TESTBED = Path(os.environ.get("M2D_TESTBED_DIR", "/opt/testbed"))
 APPTAINER = TESTBED / "apptainer" / "bin" / "apptainer"
@@ -72,6 +72,6 @@ def run_job(root: Path, main_py: str, **kw):
             break
         assert time.monotonic() < deadline, f"job {job} not finished: {info}"
         time.sleep(0.5)
-    out = log_path(spec.log_dir, job, "out", spec.dry_run).read_text()
-    err = log_path(spec.log_dir, job, "err", spec.dry_run).read_text()
+    out = (spec.log_dir / log_name(job, "out", spec.dry_run)).read_text()
+    err = (spec.log_dir / log_name(job, "err", spec.dry_run)).read_text()
     return info, out, err, spec
