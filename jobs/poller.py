@@ -207,8 +207,15 @@ EXPLAINED = {
 }
 
 
+def _filled_its_export(info: JobInfo) -> bool:
+    """The batch script's own verdict: /mnt/export reached its limit. It names the
+    cause, so it comes before the gateway's reading of what the full image held
+    (the image keeps a few dozen inodes over EXPORT_MAX_FILES)."""
+    return info.state == "FAILED" and info.exit_code == EXPORT_FULL_EXIT
+
+
 def _outcome(submission: Submission, info: JobInfo) -> tuple[Status, dict]:
-    if info.state != "CANCELLED" and (over := airlock.over_cap(submission.id)):
+    if info.state != "CANCELLED" and not _filled_its_export(info) and (over := airlock.over_cap(submission.id)):
         return Status.FAILED, {"exit_code": info.exit_code, "reason": over, "error": stderr_tail(submission)}
     if info.state == "COMPLETED" and info.exit_code == 0:
         return Status.COMPLETED, {"exit_code": 0, "reason": "COMPLETED"}
@@ -220,7 +227,7 @@ def _outcome(submission: Submission, info: JobInfo) -> tuple[Status, dict]:
 
 def _failure_reason(info: JobInfo, explained: dict[str, str]) -> str:
     """Slurm's state in words a researcher can act on."""
-    if info.state == "FAILED" and info.exit_code == EXPORT_FULL_EXIT:  # the batch script's own code
+    if _filled_its_export(info):
         cfg = current_app.config
         return (f"EXPORT_FULL: /mnt/export is over its limit of {size_text(cfg['EXPORT_MAX_BYTES'])} / "
                 f"{cfg['EXPORT_MAX_FILES']:,} files (exit code {EXPORT_FULL_EXIT}). Export only what you want "
@@ -263,7 +270,8 @@ def _dry_run_outcome(submission: Submission, info: JobInfo) -> tuple[Status, dic
     if info.state == "COMPLETED" and info.exit_code == 0 and not unreadable:
         return Status.DRY_RUN_PASSED, {"dry_run_exit_code": 0, "dry_run_reason": "COMPLETED", **kept}
     # the real job would leave the same export: it fails here, on the twin
-    reason = f"EXPORT_REFUSED: {unreadable}" if unreadable else _failure_reason(info, DRY_RUN_EXPLAINED)
+    refused = unreadable and not _filled_its_export(info)
+    reason = f"EXPORT_REFUSED: {unreadable}" if refused else _failure_reason(info, DRY_RUN_EXPLAINED)
     # No real data was involved: the whole log goes to the researcher.
     return Status.DRY_RUN_FAILED, {"dry_run_exit_code": info.exit_code, "dry_run_reason": reason[:255],
                                    "exit_code": info.exit_code, "reason": f"dry run {reason}"[:255],

@@ -88,6 +88,7 @@ def test_cancel_button_cancels_the_submission(stack, browser, logged_in, tmp_pat
     _upload(browser, stack, zip_folder(SAMPLES / "sleeps", tmp_path / "sleeps.zip"))
     submission_id = int(heading(browser, lambda text: text.startswith("Submission ")).split()[-1])
     browser.find_element(By.XPATH, "//button[text()='Cancel this submission']").click()
-    WebDriverWait(browser, 15).until(lambda d: "being cancelled" in d.find_element(By.TAG_NAME, "body").text)
+    WebDriverWait(browser, 15, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: "being cancelled" in d.find_element(By.TAG_NAME, "body").text)
     assert logged_in.wait_until(submission_id, {"cancelled", "completed", "failed"}, timeout=120)[
         "status"] == "cancelled"
