@@ -7,9 +7,11 @@
              submissions/<id>/             2750 group JOB_GROUP
                              upload.zip    0600 the zip as received
                              code/         2750 unpacked; bound read-only in the job
-                             export/       2770 bound at /mnt/export; leaves only on release
+                             export/       2770 /mnt/export's image is read back here when the job ends;
+                                                leaves only on release
                              logs/         2770 Slurm's stdout/stderr, written as the job account
-                             job/          2750 batch script, relay, the owner's MLflow login (0640)
+                             job/          2750 batch script, relay, the owner's MLflow login (0600,
+                                                the gateway's: the job gets it once from m2d-slurm)
 
 The gateway's account owns everything; the job account (JOB_USER, in
 JOB_GROUP) reads code and job, and writes export and logs, through the group.
