@@ -171,6 +171,41 @@ wait_until() {
 # (bash's /dev/tcp, so no iproute2 or netcat needed)
 port_busy() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
+# psql_admin ARGS...: psql as PostgreSQL's superuser (the local `postgres` account)
+psql_admin() { timeout 20 runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 "$@"; }
+
+# postgres_up: Debian's PostgreSQL answering: the cluster the machine already
+# runs, or the package's `main` cluster started without systemd
+# (pg_ctlcluster --skip-systemctl-redirect).
+postgres_up() {
+  apt_install postgresql
+  psql_admin -c 'SELECT 1' >/dev/null 2>&1 && return 0
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  [ -n "$version" ] || die "postgresql is installed but has no cluster in /etc/postgresql"
+  log "starting PostgreSQL $version main"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || die "pg_ctlcluster $version main start failed"
+  wait_until 30 "PostgreSQL to answer" psql_admin -c 'SELECT 1' || exit 1
+}
+
+# postgres_role ROLE PASSWORD ATTRIBUTES DATABASE...: a login role with this
+# password and these attributes ('' or e.g. CREATEDB), owning these databases,
+# made if missing (the cluster must answer: postgres.sh).
+postgres_role() {
+  local role=$1 password=$2 attributes=$3 database; shift 3
+  psql_admin -v role="$role" -v password="$password" <<SQL >/dev/null
+SELECT format('CREATE ROLE %I LOGIN', :'role')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \\gexec
+SELECT format('ALTER ROLE %I LOGIN $attributes PASSWORD %L', :'role', :'password') \\gexec
+SQL
+  for database in "$@"; do
+    psql_admin -v role="$role" -v db="$database" <<'SQL' >/dev/null
+SELECT format('CREATE DATABASE %I OWNER %I', :'db', :'role')
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db') \gexec
+SQL
+  done
+}
+
 # secret_file PATH: print a secret, generating it (mode 600) the first time
 secret_file() {
   local f=$1

@@ -47,9 +47,11 @@ def wait_for_file(path: Path, process: subprocess.Popen, what: str, log: Path) -
 
 
 class RelayProcesses:
-    """A relay (host side) and a shim (container side) as a job has them."""
+    """A relay (host side) and a shim (container side) as a job has them; without
+    the shim (``shim=False``), callers speak HTTP to the relay's socket themselves."""
 
-    def __init__(self, folder: Path, account, upstream: str, *extra_args, dry_run: bool = False):
+    def __init__(self, folder: Path, account, upstream: str, *extra_args, dry_run: bool = False,
+                 shim: bool = True):
         self.folder = folder
         self.job_dir = folder / "run"  # the per-job folder bound read-only into the container
         folder.mkdir()
@@ -70,6 +72,9 @@ class RelayProcesses:
              *extra_args],
             env=env, stderr=self.relay_log.open("w"))
         wait_for_file(folder / "relay.ready", self.relay, "relay", self.relay_log)
+        self.shim = None
+        if not shim:
+            return
         self.port = free_port()
         self.shim = subprocess.Popen(
             [RELAY_PYTHON, str(RELAY), "shim", "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.socket),
@@ -82,10 +87,11 @@ class RelayProcesses:
         return self.relay_log.read_text()
 
     def stop(self):
-        for process in (self.shim, self.relay):
+        processes = [process for process in (self.shim, self.relay) if process is not None]
+        for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in (self.shim, self.relay):
+        for process in processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
