@@ -25,12 +25,12 @@ The relays' share of MLflow is --upstream-rate calls a second each (the gateway 
 MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE; default: the relay's own, 2).
 """
 import argparse
-import http.client
 import json
 import os
 import random
-import socket
+import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -40,32 +40,9 @@ from pathlib import Path
 import requests
 
 from gateway.adapters.mlflow import MlflowAdmin
-from tests.helpers.relay import API, RelayProcesses
+from tests.helpers.relay import API, RelayProcesses, UnixHTTPConnection, call
 
 METRIC = "seq"
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP to a relay's Unix socket (the shim's job, done here without a container)."""
-
-    def __init__(self, path: str):
-        super().__init__("localhost", timeout=60)
-        self.socket_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
-
-
-def call(connection: http.client.HTTPConnection, method: str, path: str, body: dict | None = None) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    connection.request(method, API + path, body=data, headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    content = response.read()
-    if response.status != 200:
-        raise RuntimeError(f"{method} {path}: {response.status} {content[:300]!r}")
-    return json.loads(content or b"{}")
 
 
 def percentile(values, fraction):
@@ -91,6 +68,9 @@ class Job:
         self.errors: list[str] = []
 
     def work(self, start: float, stop: float) -> None:
+        """Create the run at once (as its relay starts: jobs start one after the other
+        on a cluster, and a login's first check on each MLflow worker is a full
+        password hash), then log one value a second from ``start``."""
         connection = UnixHTTPConnection(str(self.relay.socket))
         try:
             self.run_id = call(connection, "POST", "/runs/create",
@@ -127,15 +107,18 @@ def read_until(url, admin_auth, jobs: list[Job], stop: threading.Event, searches
             by_run = {job.run_id: job for job in jobs if job.run_id}
         started = time.time()
         page, token = [], None
-        while True:
-            query = {"experiment_ids": experiment_ids, "max_results": 1000, "run_view_type": "ACTIVE_ONLY"}
-            if token:
-                query["page_token"] = token
-            answer = session.post(f"{url}{API}/runs/search", json=query, timeout=60).json()
-            page += answer.get("runs", [])
-            token = answer.get("next_page_token")
-            if not token:
-                break
+        try:
+            while True:
+                query = {"experiment_ids": experiment_ids, "max_results": 1000, "run_view_type": "ACTIVE_ONLY"}
+                if token:
+                    query["page_token"] = token
+                answer = session.post(f"{url}{API}/runs/search", json=query, timeout=60).json()
+                page += answer.get("runs", [])
+                token = answer.get("next_page_token")
+                if not token:
+                    break
+        except requests.RequestException:
+            page = []  # a timed-out search counts with its time; the next one tries again
         now = time.time()
         searches.append(now - started)
         for run in page:
@@ -145,7 +128,7 @@ def read_until(url, admin_auth, jobs: list[Job], stop: threading.Event, searches
                 continue
             for step in range(int(latest) + 1):  # a relay sends a run's values in order
                 job.seen_at.setdefault(step, now)
-        stop.wait(0.2)
+        stop.wait(1.0)
 
 
 def browse(url, account, stop: threading.Event, timings: dict[str, list[float]]) -> None:
@@ -163,10 +146,13 @@ def browse(url, account, stop: threading.Event, timings: dict[str, list[float]])
     while not stop.is_set():
         for name, request in requests_made.items():
             started = time.time()
-            answer = request()
+            try:
+                status = request().status_code
+            except requests.RequestException as e:
+                status = type(e).__name__
             timings.setdefault(name, []).append(time.time() - started)
-            if answer.status_code != 200:
-                timings.setdefault("failed", []).append(answer.status_code)
+            if status != 200:
+                timings.setdefault("failed", []).append(status)
         stop.wait(1.0)
 
 
@@ -225,11 +211,13 @@ def capacity(url, accounts, seconds: float, clients: int = 32) -> dict[str, tupl
 
 
 def main():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the relays are stopped on the way out
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=60, help="how long each job logs (default 60)")
     parser.add_argument("--upstream-rate", type=float, default=2.0, help="each relay's calls a second to MLflow")
     parser.add_argument("--capacity-seconds", type=float, default=15, help="0: no capacity phase")
+    parser.add_argument("--start-interval", type=float, default=0.5, help="seconds between two jobs' starts")
     args = parser.parse_args()
     url = os.environ["M2D_MLFLOW_URL"].rstrip("/")
     admin_auth = (os.environ["M2D_MLFLOW_ADMIN_USERNAME"], os.environ["M2D_MLFLOW_ADMIN_PASSWORD"])
@@ -243,21 +231,25 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         relays = []
         try:
-            started = time.time()
+            # each job starts (its relay, its run) right after the one before; all log from `start`
+            start = time.time() + args.jobs * args.start_interval + 10
+            stop = start + args.seconds
+            jobs, workers = [], []
             for i, account in enumerate(accounts):
                 relays.append(RelayProcesses(Path(folder) / f"job{i}", account, url, "--upstream-rate",
                                              str(args.upstream_rate), "--stats-file", f"{folder}/job{i}.stats",
                                              shim=False))
-            print(f"{len(relays)} relays started in {time.time() - started:.0f} s")
-            jobs = [Job(account, relay) for account, relay in zip(accounts, relays)]
+                jobs.append(Job(account, relays[-1]))
+                workers.append(threading.Thread(target=jobs[-1].work, args=(start, stop)))
+                workers[-1].start()
+                time.sleep(args.start_interval)
+            print(f"{len(relays)} jobs started, {time.time() - start:+.0f} s from the common start "
+                  f"(load {os.getloadavg()[0]:.1f})")
             stop_reading, searches, ui = threading.Event(), [], {}
             reader = threading.Thread(target=read_until, args=(url, admin_auth, jobs, stop_reading, searches))
             browser_thread = threading.Thread(target=browse, args=(url, browser, stop_reading, ui))
-            start = time.time() + 2
-            stop = start + args.seconds
-            workers = [threading.Thread(target=job.work, args=(start, stop)) for job in jobs]
-            for thread in (*workers, reader, browser_thread):
-                thread.start()
+            reader.start()
+            browser_thread.start()
             loads = []
             while any(worker.is_alive() for worker in workers):
                 loads.append(os.getloadavg()[0])
@@ -293,7 +285,7 @@ def main():
         if name != "failed":
             print(f"  UI meanwhile, {name}: {summary(values)}")
     if ui.get("failed"):
-        print(f"  UI requests that failed: {len(ui['failed'])} ({sorted(set(ui['failed']))})")
+        print(f"  UI requests that failed: {len(ui['failed'])} ({sorted(set(map(str, ui['failed'])))})")
     for line in (problems + errors)[:20]:
         print(f"  PROBLEM {line}")
 

@@ -2,7 +2,9 @@
 container start them (singularity/relay.py, run by path): used by
 tests/test_relay.py and bench/relay.py."""
 
+import http.client
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -97,3 +99,27 @@ class RelayProcesses:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to a relay's socket, as the shim forwards a job's calls (without a container)."""
+
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=60)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def call(connection: http.client.HTTPConnection, method: str, path: str, body: dict | None = None) -> dict:
+    """One MLflow REST call (API + path) and its JSON answer; RuntimeError naming any other status."""
+    data = json.dumps(body).encode() if body is not None else None
+    connection.request(method, API + path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    content = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"{method} {path}: {response.status} {content[:300]!r}")
+    return json.loads(content or b"{}")
