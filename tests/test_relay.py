@@ -9,7 +9,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 import uuid
@@ -18,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
+import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -472,7 +472,10 @@ def test_creating_the_own_experiment_is_answered_it_exists_and_other_names_say_w
 # from MLflow's store and counted (units of the budget: tests/test_relay_budget.py).
 
 BUDGET = relay_module.DEFAULT_TEXT_BUDGET  # 1,000,000 bytes of text
-MLFLOW_STORE = Path(os.environ.get("M2D_TESTBED_DIR", "/opt/testbed")) / "mlflow" / "mlflow.db"
+# MLflow's tracking store: PostgreSQL as deploy/testbed/mlflow.sh runs it (up.sh writes its
+# URL into gateway.env), or the SQLite file of a testbed made before that
+MLFLOW_STORE = os.environ.get("M2D_TEST_MLFLOW_STORE_URL") or \
+    f"sqlite:///file:{Path(os.environ.get('M2D_TESTBED_DIR', '/opt/testbed')) / 'mlflow' / 'mlflow.db'}?mode=ro&uri=true"
 # Tags the relay itself puts on a run (not the job's bytes), and the run name's tag (counted as the name).
 RELAYS_OWN_TAGS = {"mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.runName"}
 
@@ -483,23 +486,27 @@ def utf8(*texts) -> int:
 
 def stored(run_ids):
     """(bytes of text, metric points) that MLflow holds from these runs, read back from
-    its store (the testbed's SQLite, read-only): run names, user ids, params, the job's
+    its store (MLFLOW_STORE): run names, user ids, params, the job's
     tags, each metric key once, every point. (Over REST, a metric's points take one
     call each, and MLflow's basic auth costs 300 ms a call.)"""
-    marks = ",".join("?" * len(run_ids))
-    with sqlite3.connect(f"file:{MLFLOW_STORE}?mode=ro", uri=True, timeout=30) as store:
+    engine = sqlalchemy.create_engine(MLFLOW_STORE, poolclass=sqlalchemy.pool.NullPool)
+
+    def size(column):  # in bytes of UTF-8
+        return f"octet_length({column})" if engine.dialect.name == "postgresql" else f"length(CAST({column} AS BLOB))"
+
+    own_tags = ",".join(repr(k) for k in sorted(RELAYS_OWN_TAGS))
+    with engine.connect() as store:
         def one(sql):
-            return store.execute(sql.format(marks=marks), run_ids).fetchone()[0] or 0
-        text = one("SELECT sum(length(CAST(name AS BLOB)) + length(CAST(user_id AS BLOB))) FROM runs "
-                   "WHERE run_uuid IN ({marks})")
-        text += one("SELECT sum(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))) FROM params "
-                    "WHERE run_uuid IN ({marks})")
-        text += one("SELECT sum(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))) FROM tags "
-                    f"WHERE run_uuid IN ({{marks}}) AND key NOT LIKE 'm2d.%' AND key NOT IN "
-                    f"({','.join(repr(k) for k in sorted(RELAYS_OWN_TAGS))})")
-        text += one("SELECT sum(length(CAST(key AS BLOB))) FROM (SELECT DISTINCT run_uuid, key FROM metrics "
-                    "WHERE run_uuid IN ({marks}))")
-        points = one("SELECT count(*) FROM metrics WHERE run_uuid IN ({marks})")
+            statement = sqlalchemy.text(sql).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+            return store.execute(statement, {"ids": list(run_ids)}).scalar() or 0
+        text = one(f"SELECT sum({size('name')} + {size('user_id')}) FROM runs WHERE run_uuid IN :ids")
+        text += one(f"SELECT sum({size('key')} + {size('value')}) FROM params WHERE run_uuid IN :ids")
+        text += one(f"SELECT sum({size('key')} + {size('value')}) FROM tags WHERE run_uuid IN :ids "
+                    f"AND key NOT LIKE 'm2d.%' AND key NOT IN ({own_tags})")
+        text += one(f"SELECT sum({size('key')}) FROM (SELECT DISTINCT run_uuid, key FROM metrics "
+                    "WHERE run_uuid IN :ids) AS keys")
+        points = one("SELECT count(*) FROM metrics WHERE run_uuid IN :ids")
+    engine.dispose()
     return text, points
 
 

@@ -101,6 +101,11 @@ PIP_EXTRA=$(existing "$(pip_config extra-index-url)")
 PIP_LINKS=$(existing "${PIP_FIND_LINKS:-$(pip_config find-links)}")
 PIP_CONSTRAINT_FILE=$(existing "$(pip_config constraint)")
 
+# PostgreSQL, unless a server started before it still runs on its SQLite file
+# (mlflow.sh stop, then start, moves it)
+MLFLOW_STORE_URL=postgresql+psycopg://mlflow:$(cat "$TESTBED_DIR/secrets/mlflow-postgres-password")@127.0.0.1:5432/mlflow
+[ -e "$TESTBED_DIR/mlflow/mlflow.db" ] && MLFLOW_STORE_URL="sqlite:///file:$TESTBED_DIR/mlflow/mlflow.db?mode=ro&uri=true"
+
 # The gateway's view of the testbed.  Mode 600: it holds the MLflow admin
 # password.
 put_file "$TESTBED_DIR/gateway.env" 600 <<EOF
@@ -130,6 +135,8 @@ export M2D_MAIL_DIR=$TESTBED_DIR/mail
 export M2D_SLURM_PARTITION=debug
 # tests make (and drop) their own databases with this role; SQLite stays the default
 export M2D_TEST_POSTGRES_URL=postgresql+psycopg://m2d_test:$(cat "$TESTBED_DIR/secrets/postgres-password")@127.0.0.1:5432/m2d_test
+# MLflow's tracking store, which tests read back what jobs stored from (deploy/testbed/mlflow.sh)
+export M2D_TEST_MLFLOW_STORE_URL="$MLFLOW_STORE_URL"
 export PATH="$TESTBED_DIR/apptainer/bin:\$PATH"
 EOF
 
