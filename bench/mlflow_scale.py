@@ -67,15 +67,17 @@ class Job:
         self.seen_at: dict[int, float] = {}  # value k first readable
         self.errors: list[str] = []
 
-    def work(self, start: float, stop: float) -> None:
+    def work(self, go: threading.Event, window: dict) -> None:
         """Create the run at once (as its relay starts: jobs start one after the other
         on a cluster, and a login's first check on each MLflow worker is a full
-        password hash), then log one value a second from ``start``."""
+        password hash), then, once every job is up, log one value a second."""
         connection = UnixHTTPConnection(str(self.relay.socket))
         try:
             self.run_id = call(connection, "POST", "/runs/create",
                                {"experiment_id": self.account.experiment_id, "run_name": "scale"})["run"]["info"]["run_id"]
-            next_at = start + random.random()  # jobs do not log in step
+            go.wait()
+            stop = window["stop"]
+            next_at = window["start"] + random.random()  # jobs do not log in step
             while next_at < stop:
                 time.sleep(max(0.0, next_at - time.time()))
                 step = len(self.sent)
@@ -231,20 +233,20 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         relays = []
         try:
-            # each job starts (its relay, its run) right after the one before; all log from `start`
-            start = time.time() + args.jobs * args.start_interval + 10
-            stop = start + args.seconds
-            jobs, workers = [], []
+            # each job starts (its relay, its run) right after the one before; all log once all are up
+            go, window, jobs, workers = threading.Event(), {}, [], []
+            started = time.time()
             for i, account in enumerate(accounts):
                 relays.append(RelayProcesses(Path(folder) / f"job{i}", account, url, "--upstream-rate",
                                              str(args.upstream_rate), "--stats-file", f"{folder}/job{i}.stats",
                                              shim=False))
                 jobs.append(Job(account, relays[-1]))
-                workers.append(threading.Thread(target=jobs[-1].work, args=(start, stop)))
+                workers.append(threading.Thread(target=jobs[-1].work, args=(go, window)))
                 workers[-1].start()
                 time.sleep(args.start_interval)
-            print(f"{len(relays)} jobs started, {time.time() - start:+.0f} s from the common start "
-                  f"(load {os.getloadavg()[0]:.1f})")
+            window.update(start=time.time() + 5, stop=time.time() + 5 + args.seconds)
+            go.set()
+            print(f"{len(relays)} jobs started in {time.time() - started:.0f} s (load {os.getloadavg()[0]:.1f})")
             stop_reading, searches, ui = threading.Event(), [], {}
             reader = threading.Thread(target=read_until, args=(url, admin_auth, jobs, stop_reading, searches))
             browser_thread = threading.Thread(target=browse, args=(url, browser, stop_reading, ui))
