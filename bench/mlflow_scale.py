@@ -18,8 +18,9 @@ the shim in the container forwards). Meanwhile:
 At the end the relays are stopped (they send what they hold) and every run's history is
 read back: every value must have arrived, once. Then, unless --capacity-seconds 0, 32
 clients (each another researcher) call runs/get as fast as MLflow answers, and then
-runs/log-batch, each counted after as long again to warm the workers' credential caches: the calls a second MLflow serves (issue 24 measured 2.2 runs/get a
-second before the credential cache).
+runs/log-batch, each counted after as long again (which warms the workers' credential
+caches): the calls a second MLflow serves (issue 24 measured 2.2 runs/get a second
+before the credential cache).
 
 The relays' share of MLflow is --upstream-rate calls a second each (the gateway gives
 MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE; default: the relay's own, 2).
