@@ -31,9 +31,9 @@ from sqlalchemy import func
 from m2d.contract.states import Status
 
 from . import queue
-from .errors import json_error
+from .core.models import Submission
 from .extensions import db
-from .models import Submission
+from .web.errors import json_error
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)

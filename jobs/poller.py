@@ -13,18 +13,18 @@ from datetime import timedelta, timezone
 from flask import current_app
 from sqlalchemy import and_, func, or_, update
 
-from gateway import accounts, airlock, alerts, jobfiles, metrics, provenance, queue
+from gateway import metrics, queue
 from gateway.adapters import slurm
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError
 from gateway.adapters.slurm import JobInfo, Scheduler, SlurmError
 from gateway.adapters.slurm.accounting import Limits
 from gateway.adapters.slurm.reasons import explain
+from gateway.core import accounts, airlock, alerts, jobfiles, provenance
+from gateway.core.jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_name, size_text
+from gateway.core.lifecycle import advance
+from gateway.core.models import AccountEmail, Email, Submission, User, utcnow
 from gateway.extensions import db
-from gateway.lifecycle import advance
-from gateway.models import AccountEmail, Email, Submission, User, utcnow
 from m2d.contract.states import Status
-
-from .jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_name, size_text
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def _sweep():
     # a prepare that died with its worker is started again (also the one that
     # submits the real job after a passed dry run); one still running holds
     # the submission's lock, so a second one returns at once; one that failed
-    # waits out its backoff (gateway.alerts)
+    # waits out its backoff (gateway.core.alerts)
     for submission in Submission.query.filter(
             or_(Submission.status.in_((Status.RECEIVED.value, Status.BUILDING.value,
                                        Status.DRY_RUN_PASSED.value)),

@@ -1,7 +1,7 @@
 """rq tasks. Each takes an id, loads the truth from the database, and can be
 retried without repeating its effect. The worker (jobs.worker) runs them inside
 the gateway app it built once; a move of a submission queues its own email
-(gateway.lifecycle)."""
+(gateway.core.lifecycle)."""
 from __future__ import annotations
 
 import fcntl
@@ -20,8 +20,7 @@ from flask import current_app, has_app_context
 from rq import get_current_job
 from sqlalchemy import select, update
 
-from gateway import accounts, airlock, alerts, create_app, intake, jobfiles, metrics, provenance
-from gateway import images as image_store
+from gateway import create_app, metrics
 from gateway.adapters import slurm
 from gateway.adapters.apptainer import BuildError, Image, ImageBuilder, NoSpace
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError, dry_run_experiment_name
@@ -29,16 +28,18 @@ from gateway.adapters.slurm import Scheduler, SlurmError, SlurmRefused
 from gateway.adapters.slurm.accounting import Limits
 from gateway.adapters.slurm.reasons import refusal
 from gateway.config import required
+from gateway.core import accounts, airlock, alerts, intake, jobfiles, provenance
+from gateway.core import images as image_store
+from gateway.core.jobscript import RELAY_SOURCE, JobSpec, job_name, write_job_script
+from gateway.core.lifecycle import advance
+from gateway.core.models import Build, Submission, User, utcnow
+from gateway.core.storage import SubmissionFiles, job_gid, write_private
 from gateway.extensions import db
-from gateway.lifecycle import advance
-from gateway.models import Build, Submission, User, utcnow
-from gateway.storage import SubmissionFiles, job_gid, write_private
 from m2d.contract import twin
 from m2d.contract.states import DRY_RUN_ACTIVE, Status
 from m2d.contract.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
 
 from . import mail, poller
-from .jobscript import RELAY_SOURCE, JobSpec, job_name, write_job_script
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,7 +71,7 @@ def prepare(submission_id: int) -> None:
 
     Slurm's and MLflow's errors are rq's to retry (``_hand_to_slurm``); any
     other failure (an unreadable file, a full disk) is recorded, and the
-    sweep tries again with a growing pause, then fails it (gateway.alerts)."""
+    sweep tries again with a growing pause, then fails it (gateway.core.alerts)."""
     try:
         _prepare(submission_id)
     except (SlurmError, MlflowError):

@@ -1,4 +1,4 @@
-"""Stuck submissions and failing prepares (gateway.alerts): the decisions, and
+"""Stuck submissions and failing prepares (gateway.core.alerts): the decisions, and
 their rows on a real (SQLite) database. The email itself, through the real
 workers and SMTP: tests/test_faults.py."""
 import uuid
@@ -6,12 +6,12 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from gateway import accounts, alerts, lifecycle
 from gateway.adapters.apptainer import NoSpace
 from gateway.adapters.slurm import SlurmError
 from gateway.config import ConfigError
+from gateway.core import accounts, alerts, lifecycle
+from gateway.core.models import Alert, Email, Submission
 from gateway.extensions import db
-from gateway.models import Alert, Email, Submission
 from jobs import mail, poller, tasks
 from m2d.contract.states import Status
 

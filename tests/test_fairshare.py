@@ -21,11 +21,11 @@ from gateway.adapters.slurm.accounting import (
     parse_sshare,
     parse_tres,
 )
-from gateway.adapters.slurm.cli import CliScheduler
+from gateway.adapters.slurm.cli_scheduler import CliScheduler
 from gateway.adapters.slurm.reasons import explain, refusal, refusal_code
 from gateway.config import from_environment
+from gateway.core.models import Submission, User
 from gateway.extensions import db
-from gateway.models import Submission, User
 
 from .helpers.client import m2d
 from .helpers.stack import SAMPLES, Stack, wait_for, zip_folder
@@ -400,8 +400,8 @@ def test_a_submission_over_the_queued_limit_fails_at_once_with_slurms_message(fa
 def test_a_stuck_alert_about_a_job_held_at_a_limit_says_why_it_waits(local_app):
     from datetime import timedelta
 
-    from gateway import alerts
-    from gateway.models import Alert, utcnow
+    from gateway.core import alerts
+    from gateway.core.models import Alert, utcnow
 
     user = User(email="ann@example.org", name="Ann")
     reason = "waiting: you have 1 job running, the limit is 1 (AssocMaxJobsLimit)"

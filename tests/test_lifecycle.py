@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from flask import render_template_string
 
-from gateway import accounts, lifecycle, provenance
 from gateway.adapters.slurm import JobInfo
 from gateway.adapters.smtp import MailError
+from gateway.core import accounts, lifecycle, provenance
+from gateway.core.models import Email, Event, Submission
+from gateway.core.storage import SubmissionFiles
 from gateway.extensions import db
-from gateway.models import Email, Event, Submission
-from gateway.storage import SubmissionFiles
 from jobs import mail, poller, tasks
 from m2d.contract.states import Status
 
@@ -125,7 +125,7 @@ def test_out_of_memory_says_so_and_names_the_limit(local_app):
 def test_a_full_export_says_so_and_names_the_limits(local_app):
     local_app.config.update(EXPORT_MAX_BYTES=2 * 1024**3, EXPORT_MAX_FILES=10_000)
     submission = _queued_submission()
-    poller._apply(submission, _info("FAILED", exit_code=95))  # jobs/jobscript.py's EXPORT_FULL_EXIT
+    poller._apply(submission, _info("FAILED", exit_code=95))  # gateway/core/jobscript.py's EXPORT_FULL_EXIT
     db.session.expire_all()
     assert submission.status == "failed" and submission.exit_code == 95
     assert submission.reason.startswith("EXPORT_FULL: /mnt/export is over its limit of 2 GiB / 10,000 files")
@@ -134,7 +134,7 @@ def test_a_full_export_says_so_and_names_the_limits(local_app):
 def test_a_job_stopped_at_its_time_limit_to_keep_its_export_is_a_timeout(local_app):
     local_app.config["SLURM_TIME"] = "02:00:00"
     submission = _queued_submission()
-    poller._apply(submission, _info("FAILED", exit_code=97))  # jobs/jobscript.py's TIME_UP_EXIT
+    poller._apply(submission, _info("FAILED", exit_code=97))  # gateway/core/jobscript.py's TIME_UP_EXIT
     db.session.expire_all()
     assert submission.status == "failed"
     assert submission.reason == "TIMEOUT: the job ran past its time limit of 02:00:00"

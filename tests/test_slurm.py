@@ -21,8 +21,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gateway.adapters.slurm import JobInfo, SlurmError, from_config, parse_sacct
-from gateway.adapters.slurm.cli import Batch, CliScheduler
-from gateway.adapters.slurm.library import PyslurmScheduler
+from gateway.adapters.slurm.cli_scheduler import Batch, CliScheduler
+from gateway.adapters.slurm.pyslurm_scheduler import PyslurmScheduler
 
 UTC = timezone.utc
 REPO = Path(__file__).resolve().parent.parent
@@ -227,7 +227,7 @@ def test_unknown_adapter_names_the_choices():
 
 def test_importing_the_adapter_does_not_import_pyslurm():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, gateway.adapters.slurm.cli; print('pyslurm' in sys.modules)"],
+        [sys.executable, "-c", "import sys, gateway.adapters.slurm.cli_scheduler; print('pyslurm' in sys.modules)"],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
 

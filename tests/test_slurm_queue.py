@@ -2,7 +2,7 @@
 queue position on a submission's page (no Slurm needed)."""
 import pytest
 
-from gateway.adapters.slurm.cli import parse_sacct_records, parse_squeue, queue_position
+from gateway.adapters.slurm.cli_scheduler import parse_sacct_records, parse_squeue, queue_position
 
 SQUEUE = """\
 41|m2d-7|RUNNING|None|1:02|vm|4294901700

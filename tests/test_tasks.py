@@ -12,13 +12,14 @@ import flask_migrate
 import pytest
 from werkzeug.datastructures import FileStorage
 
-from gateway import accounts, create_app, intake, lifecycle
+from gateway import create_app
 from gateway.adapters.apptainer import ImageBuilder
-from gateway.adapters.slurm.cli import CliScheduler
+from gateway.adapters.slurm.cli_scheduler import CliScheduler
 from gateway.config import from_environment
+from gateway.core import accounts, intake, lifecycle
+from gateway.core.models import Email, Submission
+from gateway.core.storage import SubmissionFiles
 from gateway.extensions import db
-from gateway.models import Email, Submission
-from gateway.storage import SubmissionFiles
 from jobs import mail, tasks
 from m2d.contract.states import Status
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import accounts, create_app, lifecycle
+from gateway import create_app
 from gateway.config import ConfigError
+from gateway.core import accounts, lifecycle
+from gateway.core.models import Submission, utcnow
 from gateway.extensions import db
-from gateway.models import Submission, utcnow
 from jobs import tasks
 from m2d.contract import sample_data, twin
 

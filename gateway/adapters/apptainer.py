@@ -57,7 +57,7 @@ from spython.main.base.command import init_command
 from m2d.contract.validation import normalise_requirements
 
 from ..config import required
-from ..templating import SINGULARITY_DIR, render
+from ..core.templating import SINGULARITY_DIR, render
 from .index_proxy import IndexProxy, parse_hosts
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from gateway import create_app
-from gateway.adapters.slurm.cli import CliScheduler
+from gateway.adapters.slurm.cli_scheduler import CliScheduler
 from gateway.config import from_environment
+from gateway.core.models import AccountEmail, Email, Submission
 from gateway.extensions import db
-from gateway.models import AccountEmail, Email, Submission
 from jobs.mail import message_id
 from m2d.contract.states import Status
 

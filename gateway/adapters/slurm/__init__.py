@@ -244,9 +244,9 @@ def from_config(cfg: Mapping[str, Any]) -> Scheduler:
     """The scheduler named by ``SLURM_ADAPTER`` ("cli" or "pyslurm")."""
     name = cfg["SLURM_ADAPTER"]
     if name == "cli":
-        from .cli import CliScheduler
+        from .cli_scheduler import CliScheduler
         return CliScheduler.from_config(cfg)
     if name == "pyslurm":
-        from .library import PyslurmScheduler
+        from .pyslurm_scheduler import PyslurmScheduler
         return PyslurmScheduler.from_config(cfg)
     raise ValueError(f"unknown Slurm adapter {name!r}: choose one of cli, pyslurm")

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import SACCT_TIME_FORMAT, SlurmError, check_account
-from .cli import Batch
+from .cli_scheduler import Batch
 
 NOTHING_NEW = "Nothing new added"
 SSHARE_FIELDS = ("Account", "User", "RawShares", "NormShares", "RawUsage", "EffectvUsage", "FairShare",

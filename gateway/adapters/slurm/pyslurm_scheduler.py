@@ -27,7 +27,7 @@ from . import (
     check_name,
     utc,
 )
-from .cli import PASSED_ENV
+from .cli_scheduler import PASSED_ENV
 from .reasons import refusal_code
 
 PYSLURM_MISSING = ("pyslurm is not installed: pip install pyslurm==<version "

@@ -12,8 +12,8 @@ from werkzeug.datastructures import FileStorage
 
 from m2d.contract.validation import Limits, Refusal, check_upload_size, check_zip, unpack
 
+from ..extensions import db
 from . import lifecycle, provenance
-from .extensions import db
 from .models import Submission, User, utcnow
 from .storage import SubmissionFiles, incoming_dir
 

@@ -1,4 +1,4 @@
-"""Web pages of the export airlock (the rules are gateway.airlock).
+"""Web pages of the export airlock (the rules are gateway.core.airlock).
 
 Reviewers: pending requests, each file with its hash and a preview, the code
 that produced them (the submission's zip, browsable), approve or reject per
@@ -8,9 +8,9 @@ page (templates/export_section.html), the request form, and downloads.
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
-from . import airlock, runs
-from .extensions import db
-from .models import ReleaseRequest, Submission
+from ..core import airlock, runs
+from ..core.models import ReleaseRequest, Submission
+from ..extensions import db
 
 bp = Blueprint("review", __name__)
 
@@ -31,7 +31,7 @@ def _export_of(submission):
 @login_required
 def request_release(submission_id):
     submission = Submission.of(current_user, submission_id) or abort(404)
-    try:  # every file not yet requested: the owner does not see their names (gateway.airlock)
+    try:  # every file not yet requested: the owner does not see their names (gateway.core.airlock)
         release = airlock.request_release(current_user, submission, None, request.form.get("justification", ""))
     except airlock.AirlockError as e:
         flash(e.message, "error")

@@ -14,11 +14,12 @@ from sqlalchemy.exc import IntegrityError
 
 from m2d.contract.states import IllegalTransition
 
-from . import lifecycle, queue
-from .adapters.mlflow import MlflowAdmin
-from .adapters.slurm import SlurmError
-from .adapters.slurm.accounting import SlurmAccounts
-from .extensions import db
+from .. import queue
+from ..adapters.mlflow import MlflowAdmin
+from ..adapters.slurm import SlurmError
+from ..adapters.slurm.accounting import SlurmAccounts
+from ..extensions import db
+from . import lifecycle
 from .models import AccountEmail, User, utcnow
 
 log = logging.getLogger(__name__)

@@ -7,13 +7,14 @@ from werkzeug.datastructures import FileStorage
 from m2d.contract.states import IllegalTransition, Status
 from m2d.contract.validation import Refusal
 
-from . import intake, lifecycle, pagination, runs, usage
-from .adapters.slurm import SlurmError
-from .adapters.slurm.cli import CliScheduler, queue_position
+from ..adapters.slurm import SlurmError
+from ..adapters.slurm.cli_scheduler import CliScheduler, queue_position
+from ..core import intake, lifecycle, runs, usage
+from ..core.models import ApiToken, Build, Email, Submission, utcnow
+from ..core.storage import SubmissionFiles
+from ..extensions import db
+from . import pagination
 from .api import mlflow_settings
-from .extensions import db
-from .models import ApiToken, Build, Email, Submission, utcnow
-from .storage import SubmissionFiles
 
 bp = Blueprint("submissions", __name__)
 PER_PAGE = 20

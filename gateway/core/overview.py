@@ -18,10 +18,10 @@ from sqlalchemy import func
 
 from m2d.contract.states import DRY_RUN_ACTIVE, Status
 
-from . import queue
-from .adapters.slurm import TERMINAL_STATES, SlurmError
-from .adapters.slurm.cli import CliScheduler
-from .extensions import db
+from .. import queue
+from ..adapters.slurm import TERMINAL_STATES, SlurmError
+from ..adapters.slurm.cli_scheduler import CliScheduler
+from ..extensions import db
 from .models import Submission
 
 # What Slurm may say of a job in each active state without anything being wrong.

@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 
 from flask import current_app
 
-from . import queue
-from .adapters.slurm import SlurmError
-from .adapters.slurm.accounting import Limits, SlurmAccounts
+from .. import queue
+from ..adapters.slurm import SlurmError
+from ..adapters.slurm.accounting import Limits, SlurmAccounts
 from .models import User
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import jinja2
 
-SINGULARITY_DIR = Path(__file__).resolve().parent.parent / "singularity"
-MAIL_DIR = Path(__file__).resolve().parent / "templates" / "mail"
+SINGULARITY_DIR = Path(__file__).resolve().parents[2] / "singularity"
+MAIL_DIR = Path(__file__).resolve().parents[1] / "templates" / "mail"
 
 
 def _directive(value: object) -> str:

@@ -18,10 +18,10 @@ from flask import Blueprint, current_app
 from redis import Redis
 from sqlalchemy import text
 
-from .adapters import slurm
-from .adapters.mlflow import MlflowAdmin
-from .adapters.smtp import Mailer
-from .extensions import db
+from ..adapters import slurm
+from ..adapters.mlflow import MlflowAdmin
+from ..adapters.smtp import Mailer
+from ..extensions import db
 
 bp = Blueprint("health", __name__)
 

@@ -9,12 +9,13 @@ from sqlalchemy.orm import contains_eager
 
 from m2d.contract.states import IllegalTransition, Status
 
-from . import accounts, alerts, lifecycle, pagination, usage
-from .adapters.mlflow import MlflowError
-from .adapters.slurm import SlurmError
-from .adapters.slurm.cli import CliScheduler
-from .extensions import db, login_manager
-from .models import Submission, User
+from ..adapters.mlflow import MlflowError
+from ..adapters.slurm import SlurmError
+from ..adapters.slurm.cli_scheduler import CliScheduler
+from ..core import accounts, alerts, lifecycle, usage
+from ..core.models import Submission, User
+from ..extensions import db, login_manager
+from . import pagination
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 PER_PAGE = 25

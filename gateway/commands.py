@@ -5,11 +5,11 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import accounts, airlock, images, overview, provenance, usage, weights
 from .adapters.mlflow import MlflowError
 from .adapters.slurm import SlurmError
+from .core import accounts, airlock, images, overview, provenance, usage, weights
+from .core.models import ApiToken, ReleaseRequest, User
 from .extensions import db
-from .models import ApiToken, ReleaseRequest, User
 
 users = AppGroup("users", help="Manage researcher and admin accounts.")
 tokens = AppGroup("tokens", help="Manage API tokens.")

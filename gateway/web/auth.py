@@ -6,10 +6,10 @@ from urllib.parse import urlsplit
 from flask import Blueprint, current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
-from . import accounts
+from ..core import accounts
+from ..core.models import ApiToken, User, utcnow
+from ..extensions import db, limiter, login_manager
 from .errors import json_error
-from .extensions import db, limiter, login_manager
-from .models import ApiToken, User, utcnow
 
 bp = Blueprint("auth", __name__)
 
