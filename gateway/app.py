@@ -54,12 +54,13 @@ def create_app(config=None):
             if db.engine.url.database:
                 os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
-    from . import commands, metrics
-    from .web import admin, api, auth, downloads, ops, review, submissions
+    from . import commands
+    from .web import account, admin, api, auth, downloads, exports, ops, review, submissions
     app.register_blueprint(ops.bp)
-    app.register_blueprint(metrics.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(submissions.bp)
+    app.register_blueprint(account.bp)
+    app.register_blueprint(exports.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(review.bp)
     app.register_blueprint(admin.bp)

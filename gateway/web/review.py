@@ -1,75 +1,36 @@
-"""Web pages of the export airlock (the rules are gateway.core.airlock).
-
-Reviewers: pending requests, each file with its hash and a preview, the code
-that produced them (the submission's zip, browsable), approve or reject per
-file with a comment. Researchers: the export section of their submission's
-page (templates/export_section.html), the request form, and downloads.
+"""The reviewers' pages of the export airlock (the rules are gateway.core.airlock):
+pending requests, each file with its hash and a preview, the code that produced
+them (the submission's zip, browsable), approve or reject per file with a
+comment. The owner's side (the request form, downloads): gateway.web.exports.
 """
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
-from flask_login import current_user, login_required
+from flask_login import current_user
 
 from ..core import airlock, runs
-from ..core.models import ReleaseRequest, Submission
+from ..core.models import ReleaseRequest
 from ..extensions import db
 
-bp = Blueprint("review", __name__)
+bp = Blueprint("review", __name__, url_prefix="/review")
 
-
-@bp.app_context_processor
-def export_helpers():
-    return {"export_of": _export_of}
-
-
-def _export_of(submission):
-    """For the submission page: the manifest (once the job ended) and the requests."""
-    return airlock.overview(submission)
-
-
-# ------------------------------------------------------------------ researchers
-
-@bp.post("/submissions/<int:submission_id>/release-requests")
-@login_required
-def request_release(submission_id):
-    submission = Submission.of(current_user, submission_id) or abort(404)
-    try:  # every file not yet requested: the owner does not see their names (gateway.core.airlock)
-        release = airlock.request_release(current_user, submission, None, request.form.get("justification", ""))
-    except airlock.AirlockError as e:
-        flash(e.message, "error")
-    else:
-        flash(f"Release request {release.id} sent to the reviewers. You will get an email with their decision.")
-    return redirect(url_for("submissions.detail", submission_id=submission_id) + "#export")
-
-
-@bp.get("/submissions/<int:submission_id>/export/<path:path>")
-@login_required
-def download(submission_id, path):
-    from .api import download_response
-
-    submission = Submission.of(current_user, submission_id) or abort(404)
-    return download_response(current_user, submission, path, lambda status, code, message: abort(status, message))
-
-
-# ------------------------------------------------------------------ reviewers
 
 @bp.before_request
 def reviewers_only():
-    if request.path.startswith("/review"):
-        if not current_user.is_authenticated:
-            return redirect(url_for("auth.login", next=request.path))
-        if not current_user.is_reviewer:
-            abort(403, "Only reviewers see release requests. An admin grants the role: "
-                       "flask --app gateway users grant-reviewer EMAIL")
+    if not current_user.is_authenticated:
+        return redirect(url_for("auth.login", next=request.path))
+    if not current_user.is_reviewer:
+        abort(403, "Only reviewers see release requests. An admin grants the role: "
+                   "flask --app gateway users grant-reviewer EMAIL")
     return None
 
 
-@bp.get("/review/")
+@bp.get("/")
 def pending():
     decided = (ReleaseRequest.query.filter(ReleaseRequest.status != "pending")
                .order_by(ReleaseRequest.id.desc()).limit(20).all())
     return render_template("review/index.html", pending=airlock.pending_requests(), decided=decided)
 
 
-@bp.get("/review/requests/<int:request_id>")
+@bp.get("/requests/<int:request_id>")
 def show(request_id):
     release = _request_or_404(request_id)
     previews = {item.id: airlock.preview(release.submission_id, item.file) for item in release.items}
@@ -79,7 +40,7 @@ def show(request_id):
                            or release.submission.user_id == current_user.id)
 
 
-@bp.post("/review/requests/<int:request_id>/decide")
+@bp.post("/requests/<int:request_id>/decide")
 def decide(request_id):
     release = _request_or_404(request_id)
     path = request.form.get("path")
@@ -93,14 +54,14 @@ def decide(request_id):
     return redirect(url_for("review.show", request_id=request_id))
 
 
-@bp.get("/review/submissions/<int:submission_id>/code")
+@bp.get("/submissions/<int:submission_id>/code")
 def code(submission_id):
     submission = _submission_or_404(submission_id)
     return render_template("review/code.html", submission=submission,
                            files=airlock.code_listing(submission_id), name=None, text=None)
 
 
-@bp.get("/review/submissions/<int:submission_id>/code/<path:name>")
+@bp.get("/submissions/<int:submission_id>/code/<path:name>")
 def code_file(submission_id, name):
     submission = _submission_or_404(submission_id)
     text = airlock.code_file(submission_id, name)
