@@ -103,7 +103,7 @@ SETTINGS: tuple[Setting, ...] = (
                             "running": "90000"},
       "Seconds a submission may stay in a status (`status=seconds`, a status left out: never) before the admins "
       "get one alert email and the admin pages flag it."),
-    # Upload limits (m2d.contract.validation.Limits)
+    # Upload limits (m2d.contract.validation.UploadLimits)
     S("MAX_ZIP_BYTES", int, 200 * 1024**2, "Largest upload (bytes)."),
     S("MAX_FILES", int, 2000, "Most files in one zip."),
     S("MAX_UNCOMPRESSED_BYTES", int, 2 * 1024**3, "Largest unpacked size of one zip (bytes)."),

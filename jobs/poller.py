@@ -17,7 +17,7 @@ from gateway import metrics, queue
 from gateway.adapters import slurm
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError
 from gateway.adapters.slurm import JobInfo, Scheduler, SlurmError
-from gateway.adapters.slurm.accounting import Limits
+from gateway.adapters.slurm.limits import AccountLimits
 from gateway.adapters.slurm.reasons import explain
 from gateway.core import accounts, airlock, alerts, jobfiles, provenance
 from gateway.core.jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_name, size_text
@@ -82,7 +82,7 @@ def _explain_waits(scheduler: Scheduler, waiting: list[Submission]) -> None:
     except SlurmError:  # the reasons are a courtesy: the moves above are done
         log.exception("squeue did not say why jobs wait")
         return
-    limits = Limits.from_config(current_app.config)
+    limits = AccountLimits.from_config(current_app.config)
     users = {s.user_id for s in waiting}
     running = dict(db.session.query(Submission.user_id, func.count()).filter(
         Submission.user_id.in_(users), Submission.status.in_(RUNNING)).group_by(Submission.user_id))

@@ -25,7 +25,7 @@ from gateway.adapters import slurm
 from gateway.adapters.apptainer import BuildError, Image, ImageBuilder, NoSpace
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError, dry_run_experiment_name
 from gateway.adapters.slurm import Scheduler, SlurmError, SlurmRefused
-from gateway.adapters.slurm.accounting import Limits
+from gateway.adapters.slurm.limits import AccountLimits
 from gateway.adapters.slurm.reasons import refusal
 from gateway.config import required
 from gateway.core import accounts, airlock, alerts, intake, jobfiles, provenance
@@ -168,7 +168,7 @@ def _hand_to_slurm(submission_id: int, files: SubmissionFiles, image: Image, old
     try:
         job_id = _submit(submission_id, files, image, dry_run=dry_run)
     except SlurmRefused as e:  # a limit of the researcher's account: trying again changes nothing
-        advance(submission_id, old, Status.FAILED, reason=refusal(e.stderr, Limits.from_config(current_app.config))[:255],
+        advance(submission_id, old, Status.FAILED, reason=refusal(e.stderr, AccountLimits.from_config(current_app.config))[:255],
                 error=e.stderr or str(e))
         return
     except (SlurmError, MlflowError) as e:

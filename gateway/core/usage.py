@@ -14,7 +14,8 @@ from flask import current_app
 
 from .. import queue
 from ..adapters.slurm import SlurmError
-from ..adapters.slurm.accounting import Limits, SlurmAccounts
+from ..adapters.slurm.accounting import SlurmAccounts
+from ..adapters.slurm.limits import AccountLimits
 from .models import User
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def report() -> dict[str, dict[str, int]]:
 
 
 def limits_dict() -> dict:
-    limits = Limits.from_config(current_app.config)
+    limits = AccountLimits.from_config(current_app.config)
     return {"max_running": limits.max_running, "max_queued": limits.max_queued,
             "gpu_minutes": limits.gpu_minutes, "max_wall": limits.max_wall}
 
