@@ -1,6 +1,7 @@
 """Templates for generated text files: one Jinja environment for all of them.
 
-    singularity/...    the environment image's definition file, the job's batch script
+    singularity/...    the job's batch script (the build's install script is the
+                       apptainer adapter's own)
     mail/...           emails (gateway/templates/mail; the first line is the subject)
 
 Web pages are Flask's own (gateway/templates, autoescaped); these are plain text,

@@ -11,8 +11,7 @@ from m2d.contract.states import IllegalTransition, Status
 
 from ..adapters.mlflow import MlflowError
 from ..adapters.slurm import SlurmError
-from ..adapters.slurm.cli_scheduler import CliScheduler
-from ..core import accounts, alerts, lifecycle, usage
+from ..core import accounts, alerts, lifecycle, scheduling, usage
 from ..core.models import Submission, User
 from ..extensions import db, login_manager
 from . import pagination
@@ -193,7 +192,7 @@ def _cancel(submission):
 @admin_required
 def cluster():
     prefix = f"{current_app.config['SLURM_JOB_PREFIX']}-"
-    scheduler = CliScheduler.from_config(current_app.config)
+    scheduler = scheduling.scheduler()
     error, queue, recent = None, [], []
     try:
         queue = scheduler.queue(prefix)
@@ -217,7 +216,7 @@ def cancel_job(job_id):
         _cancel(submission)
         return redirect(url_for("admin.cluster"))
     prefix = f"{current_app.config['SLURM_JOB_PREFIX']}-"
-    scheduler = CliScheduler.from_config(current_app.config)
+    scheduler = scheduling.scheduler()
     try:
         if not any(e.job_id == job_id for e in scheduler.queue(prefix)):
             abort(404)

@@ -25,9 +25,9 @@ from redis import Redis
 from sqlalchemy import text
 
 from .. import metrics
-from ..adapters import slurm
 from ..adapters.mlflow import MlflowAdmin
 from ..adapters.smtp import Mailer
+from ..core import scheduling
 from ..extensions import db
 from .errors import json_error
 
@@ -65,7 +65,7 @@ def checks(cfg: Mapping[str, Any], engine) -> dict[str, Callable[[float], str]]:
     return {
         "database": lambda timeout: _database(engine, timeout),
         "redis": lambda timeout: _redis(cfg["REDIS_URL"], timeout),
-        "slurm": lambda timeout: slurm.from_config(cfg).ping(timeout),
+        "slurm": lambda timeout: scheduling.scheduler(cfg).ping(timeout),
         "mlflow": lambda timeout: MlflowAdmin.from_config(cfg).ping(timeout),
         "smtp": lambda timeout: Mailer.from_config(cfg).ping(timeout),
         "disk": lambda timeout: _disk(cfg, timeout),

@@ -1,15 +1,14 @@
 """Web pages for researchers: their submissions, the upload form, a
 submission's story (updated live while it is active). Their account: gateway.web.account."""
-from flask import Blueprint, abort, current_app, flash, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from werkzeug.datastructures import FileStorage
 
 from m2d.contract.states import IllegalTransition, Status
 from m2d.contract.validation import Refusal
 
-from ..adapters.slurm import SlurmError
-from ..adapters.slurm.cli_scheduler import CliScheduler, queue_position
-from ..core import intake, lifecycle, runs
+from ..adapters.slurm import SlurmError, queue_position
+from ..core import intake, lifecycle, runs, scheduling
 from ..core.models import Build, Email, Submission
 from ..core.storage import SubmissionFiles
 from ..extensions import db
@@ -123,7 +122,7 @@ def _slurm_view(submission):
     if not submission.slurm_job_id or submission.state not in (Status.QUEUED, Status.RUNNING):
         return None
     try:
-        entries = CliScheduler.from_config(current_app.config).queue()
+        entries = scheduling.queue_view()
     except SlurmError as e:
         return {"error": str(e)}
     entry = next((e for e in entries if e.job_id == submission.slurm_job_id), None)

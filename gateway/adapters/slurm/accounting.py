@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from . import SACCT_TIME_FORMAT, SlurmError, check_account
+from . import SACCT_TIME_FORMAT, ErrorCounter, SlurmError, check_account
 from .cli_scheduler import Batch
 from .limits import GPU, AccountLimits
 
@@ -205,8 +205,8 @@ class SlurmAccounts:
         self.job_user, self.limits, self.cluster = job_user or None, limits, cluster
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> SlurmAccounts:
-        return cls(parent=cfg["SLURM_PARENT_ACCOUNT"], prefix=cfg["SLURM_ACCOUNT_PREFIX"], qos=cfg["SLURM_QOS"],
+    def from_config(cls, cfg: Mapping[str, Any], on_error: ErrorCounter | None = None) -> SlurmAccounts:
+        return cls(Batch(on_error=on_error), parent=cfg["SLURM_PARENT_ACCOUNT"], prefix=cfg["SLURM_ACCOUNT_PREFIX"], qos=cfg["SLURM_QOS"],
                    job_user=cfg.get("JOB_USER"), limits=AccountLimits.from_config(cfg))
 
     def name_for(self, username: str) -> str:
