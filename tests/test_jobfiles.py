@@ -291,7 +291,7 @@ def test_eacces_on_a_file_lists_it_unreadable_never_fails(ended, resolver):
 
 # Where code outside gateway/core/jobfiles.py may name a job's folders: to make them
 # (storage, the prepare) or to hand them to Slurm's batch script; never to read.
-ALLOWED = {("gateway/core/storage.py", "create"), ("jobs/tasks.py", "_submit"), ("jobs/tasks.py", "_dry_run_export")}
+ALLOWED = {("gateway/core/storage.py", "create"), ("gateway/core/workflow.py", "_submit"), ("gateway/core/workflow.py", "_dry_run_export")}
 JOB_FOLDER_ATTRIBUTES = {"export", "logs", "DRY_RUN_EXPORT", "EXPORT", "LOGS"}
 JOB_FOLDER_WORDS = ("export-dryrun", "/mnt/export")
 
