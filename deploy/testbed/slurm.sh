@@ -106,13 +106,15 @@ write_configs() {
   # (slurmd -C sees them all, and fewer would pin every node's jobs to the same
   # first cores) and a share of its memory, so the nodes' jobs together stay
   # within it.  Single-node mode: all of it, as before.
-  local nodes_n=1 node_lines="" gres_lines="" node ctld_name=$HOST per_node="" slurmd_timeout=300
+  local nodes_n=1 node_lines="" gres_lines="" node_partitions="" node ctld_name=$HOST per_node="" slurmd_timeout=300
   if multi_node; then
     nodes_n=$M2D_TESTBED_NODES per_node=-%n slurmd_timeout=30
     mem=$((mem / nodes_n))
     for node in $NODES; do
       node_lines+="NodeName=$node NodeAddr=$(node_addr "$node") CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:1 State=UNKNOWN"$'\n'
       gres_lines+="NodeName=$node Name=gpu Type=fake File=$DIR/dev/nvidia0"$'\n'
+      # a partition per node too, so a test can send its jobs to one node (M2D_SLURM_PARTITION)
+      node_partitions+="PartitionName=$node Nodes=$node MaxTime=INFINITE State=UP"$'\n'
     done
   else
     node_lines="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:1 State=UNKNOWN"$'\n'
@@ -205,6 +207,7 @@ Waittime=0
 # start queued batch jobs as soon as resources free up (default delay 3 s)
 SchedulerParameters=batch_sched_delay=0
 ${node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+${node_partitions%$'\n'}
 EOF
 
   # The fake GPU.  Slurm 22.05 drops a GPU without File= ("Removing file-less
