@@ -410,7 +410,10 @@ start_slurmd() {
   elif multi_node; then
     start_bg "$(pidfile "$name")" "$DIR/log/$name.out" nsenter --net="/run/netns/$(node_netns "$node")" \
       unshare --uts sh -c 'hostname "$1" && exec slurmd -D -N "$1" -f "$2"' sh "$node" "$SLURM_CONF"
-    log "$name started in $(node_netns "$node") (pid $(cat "$(pidfile "$name")"))"
+    # until nsenter, unshare and sh have exec'ed into slurmd, /proc/PID/exe is theirs
+    local pid i; pid=$(cat "$(pidfile "$name")")
+    for ((i = 0; i < 100; i++)); do running "$name" && break; alive "$pid" || break; sleep 0.05; done
+    log "$name started in $(node_netns "$node") (pid $pid)"
   else
     daemon slurmd slurmd -D -N "$node" -f "$SLURM_CONF"
     log "slurmd started (pid $(cat "$(pidfile slurmd)"))"
@@ -508,7 +511,7 @@ power() {
   fi
   pids=$(ip netns pids "$ns")
   for job in $(timeout 10 squeue -h -w "$node" -o %A 2>/dev/null); do
-    pids+=" $(cat /sys/fs/cgroup/freezer/slurm_"$node"/uid_*/job_"$job"/{,*/,*/*/}cgroup.procs 2>/dev/null | tr '\n' ' ')"
+    pids+=" $(cat /sys/fs/cgroup/freezer/slurm_"$node"/uid_*/job_"$job"/{,*/,*/*/}cgroup.procs 2>/dev/null | tr '\n' ' ' || true)"
   done
   # shellcheck disable=SC2086
   [ -z "${pids// }" ] || kill -KILL $pids 2>/dev/null || true
