@@ -64,6 +64,11 @@ testbed_settings() {
       [ -n "${!name+set}" ] || printf -v "$name" '%s' "$line"
     done < "$saved"
   fi
+  # a testbed made before this setting existed is a single-node one until
+  # it is remade (down.sh, then up.sh with M2D_TESTBED_NODES=2)
+  if [ -z "${M2D_TESTBED_NODES:-}" ] && [ ! -e "$saved" ] && [ -e "$TESTBED_DIR/slurm/etc/slurm.conf" ]; then
+    M2D_TESTBED_NODES=1
+  fi
   : "${M2D_TESTBED_NODES:=2}" "${M2D_TESTBED_BRIDGE:=m2d-br0}" "${M2D_TESTBED_SUBNET:=10.77.0}"
   : "${M2D_REDIS_PORT:=6380}" "${M2D_MLFLOW_PORT:=5001}" "${M2D_SMTP_PORT:=8025}"
   : "${M2D_MLFLOW_PROXY_PORTS:=15100-15199}"

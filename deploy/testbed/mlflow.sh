@@ -73,6 +73,12 @@ start() {
   ADMIN_PASSWORD=$(secret_file "$TESTBED_DIR/secrets/mlflow-admin-password")
   install_mlflow
   write_auth_ini
+  # started for the other mode (nodes or none): on the address this one needs
+  if pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB" >/dev/null \
+     && ! pid_alive "$PIDFILE" "$EXE_GLOB" "* --host $HOST *" >/dev/null; then
+    log "mlflow listens on another address than $HOST: restarting it"
+    stop
+  fi
   if pid=$(pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB"); then
     log "mlflow already running (pid $pid)"
   else

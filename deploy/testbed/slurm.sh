@@ -15,7 +15,7 @@
 # running on slurmd, slurmctld recovers its state at start, slurmdbd's records
 # are spooled by slurmctld meanwhile.  start-daemon waits until it answers.
 # slurm.sh power-off|power-on NODE [TESTBED_DIR] -- a namespaced node's power
-# cut and its return (tests/test_nodes.py).
+# cut and its return (tests/test_node_failure.py).
 #
 # Settings (lib.sh's testbed_settings): SLURM_CLUSTER_NAME, SLURMCTLD_PORT
 #   SLURMD_PORT SLURMDBD_PORT MYSQL_PORT (6817 6818 6819 3307: 3307 because a
@@ -198,7 +198,7 @@ KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=120
 # a node that stops answering is DOWN after this long, and its jobs end
-# NODE_FAIL (tests/test_nodes.py stops one): short on the namespaced nodes
+# NODE_FAIL (tests/test_node_failure.py stops one): short on the namespaced nodes
 SlurmdTimeout=$slurmd_timeout
 # a job on a node that fails is not started again: the gateway reports
 # NODE_FAIL (the job's export image was on that node's /tmp)
@@ -420,9 +420,13 @@ start_slurmd() {
   fi
 }
 any_slurmd_running() { local node; for node in $NODES; do running "$(slurmd_of "$node")" && return 0; done; return 1; }
+# every slurmd this folder started, of either mode (a mode change stops the old ones)
 stop_slurmds() {
-  local node name
-  for node in $NODES; do name=$(slurmd_of "$node"); stop_pid "$name" "$(pidfile "$name")" "${EXE[slurmd]}" '*' 15; done
+  local f name
+  for f in "$DIR"/pids/slurmd.pid "$DIR"/pids/slurmd-*.pid; do
+    [ -e "$f" ] || continue
+    name=$(basename "$f" .pid); stop_pid "$name" "$f" "${EXE[slurmd]}" '*' 15
+  done
 }
 
 node_state() { timeout 10 sinfo -h -n "$1" -o %T 2>/dev/null | head -1; }
@@ -492,7 +496,7 @@ one_daemon() {
   fi
 }
 
-# A namespaced node's power cut (tests/test_nodes.py): SIGKILL to its
+# A namespaced node's power cut (tests/test_node_failure.py): SIGKILL to its
 # slurmd, to everything in its network namespace, and to everything in the
 # cgroups of the jobs it runs (the containers have network namespaces of
 # their own, their cgroup is the job's); slurmctld finds out the way it would
