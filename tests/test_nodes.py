@@ -103,3 +103,23 @@ def test_cancelling_a_job_on_a_node_stops_it_there(node_stacks, tmp_path):
     result = someone.wait_until(submission_id, {"cancelled", "completed", "failed"}, timeout=120)
     assert result["status"] == "cancelled"
     assert [m["Subject"].split(": ", 1)[1] for m in someone.wait_for_mails(submission_id, 4)][-1] == "cancelled"
+
+
+def test_memory_and_cores_are_limited_per_node_by_that_nodes_cgroups(namespaces, tmp_path):
+    """A job over its --mem on either node ends OUT_OF_MEMORY, confined in that
+    node's own cgroups (slurm_NODE) to the cores it asked for."""
+    jobs = {}
+    for node in namespaces:
+        out = tmp_path / f"{node}.out"
+        script = ("grep -E ':(memory|cpuset):' /proc/self/cgroup; nproc; "
+                  "python3 -c 'x = bytearray(400 * 2**20); print(len(x))'")
+        submitted = nodes.sbatch(["--partition", node, "--mem=64M", "--cpus-per-task=1", f"--output={out}",
+                                  "--wrap", script])
+        jobs[node] = (submitted, out)
+    for node, (job_id, out) in jobs.items():
+        state = nodes.wait_job(job_id)
+        assert state == "OUT_OF_MEMORY", (node, state, out.read_text())
+        text = out.read_text()
+        assert f":memory:/slurm_{node}/uid_0/job_{job_id}/" in text and f":cpuset:/slurm_{node}/" in text, text
+        assert text.splitlines()[2] == "1", text  # nproc: one core of the node's
+        assert nodes.node_of(job_id) == node

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -81,3 +82,22 @@ def power(action, node):
     """deploy/testbed/slurm.sh power-off|power-on NODE: a node's power cut and return."""
     subprocess.run([str(REPO / "deploy" / "testbed" / "slurm.sh"), f"power-{action}", node,
                     os.environ["M2D_TESTBED_DIR"]], check=True, timeout=180)
+
+
+def sbatch(args):
+    """A plain job, submitted as root (the testbed's testacct): its id."""
+    done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def wait_job(job_id, timeout=120):
+    """The job's final state in sacct."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", str(job_id)], capture_output=True,
+                               text=True, timeout=30).stdout.strip().split(" ")[0]
+        if state and state not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not end within {timeout} s")
