@@ -134,7 +134,6 @@ $(multi_node && printf '%s\n' \
   "export M2D_TESTBED_NODE_NAMESPACES=$(for n in $(node_names); do printf '%s=%s,' "$n" "$(node_netns "$n")"; done | sed 's/,$//')" \
   "# the ports the nodes may reach beside MLflow's: the fault tests' MLflow proxies" \
   "export M2D_TESTBED_MLFLOW_PROXY_PORTS=$M2D_MLFLOW_PROXY_PORTS")
-export M2D_TESTBED_NODES=$M2D_TESTBED_NODES
 export M2D_SLURM_WRAPPER=$M2D_SLURM_WRAPPER
 export M2D_MLFLOW_ADMIN_USERNAME=admin
 export M2D_MLFLOW_ADMIN_PASSWORD=$(cat "$TESTBED_DIR/secrets/mlflow-admin-password")
