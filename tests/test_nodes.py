@@ -70,7 +70,7 @@ def test_jobs_run_on_each_node_sealed_with_mlflow_by_address_and_export_back(nod
     ids = {node: someone.submit(zip_path) for node, someone in people.items()}  # at once: both nodes busy
     job_url = os.environ["M2D_MLFLOW_JOB_URL"]
     for node, someone in people.items():
-        done = someone.wait_until(ids[node], {"completed", "failed", "build_failed"})
+        done = someone.wait_until(ids[node], {"completed", "failed", "build_failed", "dry_run_failed"})
         assert done["status"] == "completed", done
         assert nodes.node_of(done["slurm_job_id"]) == node
         folder = node_stacks[node].root / "data" / "submissions" / str(done["id"])
