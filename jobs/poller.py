@@ -202,6 +202,9 @@ EXPLAINED = {
     "OUT_OF_MEMORY": "OUT_OF_MEMORY: the job ran out of memory; its limit is {SLURM_MEM}. "
                      "Use smaller batches or images, or ask the admins for more",
     "TIMEOUT": "TIMEOUT: the job ran past its time limit of {SLURM_TIME}",
+    # (reason is 255 characters at most)
+    "NODE_FAIL": "NODE_FAIL: the compute node running the job failed. This is not a problem with your code: "
+                 "upload it again",
 }
 
 
