@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # mlflow.sh start|stop|install [TESTBED_DIR] -- the MLflow tracking server that jobs
-# log metrics to, on 127.0.0.1:5001, with basic auth: users see only their
+# log metrics to, on port M2D_MLFLOW_PORT (5001; all addresses when there
+# are compute nodes, else 127.0.0.1), with basic auth: users see only their
 # own experiments (default_permission = NO_PERMISSIONS).  Artifacts are not
 # served (privacy: models leave only through the export folder).
 #
@@ -31,15 +32,18 @@ set_testbed_dir "${1:-}"
 DIR=$TESTBED_DIR/mlflow
 # 3.18.0 needs an mlflow-skinny release that was never published
 MLFLOW_VERSION=3.17.2
+PORT=$M2D_MLFLOW_PORT   # lib.sh
+URL=http://127.0.0.1:$PORT
+# the compute nodes reach it by this host's address on their bridge (nodes.sh
+# lets them reach this port alone), the gateway on the loopback
 HOST=127.0.0.1
-PORT=${M2D_MLFLOW_PORT:-5001}
+! multi_node || HOST=0.0.0.0
 WORKERS=${M2D_MLFLOW_WORKERS:-4}
 DATABASE=${M2D_MLFLOW_DATABASE:-mlflow}
 AUTH_DATABASE=${DATABASE}_auth
 # the credential cache, MLflow's `authorization_function`
 AUTH_MODULE_DIR=$(realpath "$M2D_TESTBED_SRC/../mlflow")
 PSYCOPG_VERSION=3.3.9  # as the gateway's requirements.txt
-URL=http://$HOST:$PORT
 PIDFILE=$DIR/mlflow.pid
 LOGFILE=$DIR/mlflow.log
 VENV=$DIR/venv
@@ -120,6 +124,12 @@ start() {
   ADMIN_PASSWORD=$(secret_file "$TESTBED_DIR/secrets/mlflow-admin-password")
   install_mlflow
   postgres_stores
+  # started for the other mode (nodes or none): on the address this one needs
+  if pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB" >/dev/null \
+     && ! pid_alive "$PIDFILE" "$EXE_GLOB" "* --host $HOST *" >/dev/null; then
+    log "mlflow listens on another address than $HOST: restarting it"
+    stop
+  fi
   if pid=$(pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB"); then
     # a server started before PostgreSQL: it goes on with SQLite until restarted
     [ -s "$DIR/mlflow.db" ] && log "mlflow (pid $pid) still runs on SQLite: 'mlflow.sh stop' then 'start' moves it to PostgreSQL"
