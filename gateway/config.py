@@ -200,6 +200,11 @@ SETTINGS: tuple[Setting, ...] = (
       "default (the relay's own, singularity/relay.py; a unit test holds the two equal)."),
     S("MLFLOW_METRIC_BUDGET", int, 100_000, "Metric points one job may store in MLflow "
       "(each carries a value, a timestamp and a step: 24 bytes)."),
+    S("MLFLOW_FLAG_STEPS", int, 10_000, "A run whose metric has more distinct steps than this is flagged for "
+      "its reviewers (the relay's m2d.flag.per_case_metrics tag): a step per training case."),
+    S("MLFLOW_FLAG_KEYS", int, 1_000, "... a run with more distinct metric keys than this."),
+    S("MLFLOW_FLAG_NUMBERED_KEYS", int, 100, "... a run with more metric keys than this that differ only in a "
+      "number (loss_case_1, loss_case_2...): a key per training case."),
     S("MLFLOW_CALLS_PER_SECOND", float, 20.0, "Calls a second the site's MLflow serves for jobs' relays; each "
       "job gets MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE of them (log calls are batched, once a second)."),
     S("MLFLOW_JOBS_AT_ONCE", int, 10, "The most jobs running at once on the cluster (its GPU or job slots), "

@@ -1115,6 +1115,19 @@ def not_dumpable() -> None:
         raise SystemExit(f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(ctypes.get_errno())}")
 
 
+def load_identifiers(path: str | None) -> Identifiers | None:
+    """The identifier index; an index not built yet (the first job on a new dataset
+    version: the report job builds it) is said in the job's log, and nothing is checked."""
+    if not path:
+        return None
+    try:
+        return Identifiers(path)
+    except FileNotFoundError:
+        log("no identifier index yet: names and values logged to MLflow are not checked for the dataset's "
+            "identifiers in this job")
+        return None
+
+
 def serve(args) -> int:
     not_dumpable()
     username, password = read_credentials(args.password_file)
@@ -1127,7 +1140,7 @@ def serve(args) -> int:
                   run_tags=run_tags, budget=Budget(args.text_budget, args.metric_budget),
                   upstream_rate=TokenBucket(args.upstream_rate, args.upstream_burst),
                   upstream_wait=args.upstream_wait, user_id=username,
-                  identifiers=Identifiers(args.identifiers) if args.identifiers else None,
+                  identifiers=load_identifiers(args.identifiers),
                   per_case=PerCaseWatch(args.flag_steps, args.flag_keys, args.flag_numbered_keys))
     server = UnixRelayServer(args.socket, relay)
     stop = threading.Event()
