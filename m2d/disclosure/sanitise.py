@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import io
 import json
 import math
@@ -523,6 +524,39 @@ def sanitise(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTISSA_B
     partial.replace(target)
     summary["bytes"] = len(data)
     return summary
+
+
+MODEL_TYPES = ("pytorch-zip", "pytorch-legacy", "safetensors")  # the report's types this re-saves
+SANITISED_FOLDER = "sanitised"  # beside report.json: sanitised/<sha256 of the export file>.safetensors
+
+
+def check_model(source: Path, sha256: str, report_dir: Path, mantissa_bits: int = DEFAULT_MANTISSA_BITS
+                ) -> tuple[dict, dict | None]:
+    """What the report job adds for one model file of the export: the check
+    (``sanitise``: pass, or review when it cannot be re-saved) and the entry's
+    ``sanitised`` field (None then): the copy's name under ``report_dir``, its
+    sha256 and size, what rounding removed and changed, and the weights' sketch
+    that release differencing compares (DISCLOSURE-INTERFACE.md)."""
+    folder = Path(report_dir) / SANITISED_FOLDER
+    folder.mkdir(exist_ok=True)
+    name = f"{SANITISED_FOLDER}/{sha256}.safetensors"
+    try:
+        summary = sanitise(source, Path(report_dir) / name, mantissa_bits)
+    except Unsanitisable as e:
+        return {"name": "sanitise", "status": "review",
+                "reason": f"cannot be re-saved as plain tensors, so it would leave as it is: {e.reason}"}, None
+    with open(Path(report_dir) / name, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    sanitised = {"name": name, "sha256": digest, "size": summary["bytes"],
+                 **{k: summary[k] for k in ("format", "mantissa_bits", "tensors", "float_values", "max_abs_change",
+                                            "max_rel_change", "fraction_bits_removed", "left_out_count",
+                                            "integer_tensors", "sketch")}}
+    reason = (f"released as plain tensors (safetensors), floats rounded to {mantissa_bits} mantissa bits: "
+              f"{summary['fraction_bits_removed']:.0%} of its bits removed, no weight changed by more than "
+              f"{summary['max_rel_change']:.2%}")
+    if summary["left_out_count"]:
+        reason += f"; {summary['left_out_count']} values that are not tensors left out"
+    return {"name": "sanitise", "status": "pass", "reason": reason}, sanitised
 
 
 def main(argv: list[str] | None = None) -> int:
