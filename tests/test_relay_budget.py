@@ -1,5 +1,6 @@
 """The MLflow relay's budget and number checks as units (singularity/relay.py); the
 budget on the real stack, with the real mlflow client, is in tests/test_relay.py."""
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,24 @@ def test_the_batch_script_gives_the_relay_the_identifier_index_and_the_sites_per
 def test_a_missing_identifier_index_is_said_and_the_relay_runs_on(capsys, tmp_path):
     assert relay_module.load_identifiers(str(tmp_path / "none.json")) is None
     assert "no identifier index yet" in capsys.readouterr().err
+
+
+def test_the_runs_a_relay_flagged_reach_the_submissions_provenance_for_its_reviewers(local_app):
+    from gateway import lifecycle, provenance
+    from gateway.extensions import db
+    from gateway.storage import SubmissionFiles
+    from jobs.poller import count_relay_refusals
+    from tests.helpers.users import make_user
+
+    submission = lifecycle.create(make_user("alice@example.org"), "mine.zip")
+    db.session.commit()
+    logs = SubmissionFiles(submission.id).logs
+    logs.mkdir(parents=True)
+    (logs / "slurm-7.relay.json").write_text(json.dumps(
+        {"refused": 0, "undelivered": 0, "flags": {"abc123": "more than 100 metric keys that differ only in a number"}}))
+    (logs / "dryrun-8.relay.json").write_text(json.dumps({"refused": 0, "undelivered": 0, "flags": {"d": "x"}}))
+    count_relay_refusals(submission.id, "8", dry_run=True)  # the twin's data: nothing to flag
+    count_relay_refusals(submission.id, "7", dry_run=False)
+    db.session.commit()
+    assert provenance.latest(submission.id, "mlflow_flagged")["runs"] == {
+        "abc123": "more than 100 metric keys that differ only in a number"}
