@@ -36,8 +36,8 @@ from pathlib import Path
 
 from flask import current_app
 
-EXPORT, DRY_RUN_EXPORT, LOGS = "export", "export-dryrun", "logs"
-FOLDERS = (EXPORT, DRY_RUN_EXPORT, LOGS)
+EXPORT, DRY_RUN_EXPORT, LOGS, DISCLOSURE = "export", "export-dryrun", "logs", "disclosure"
+FOLDERS = (EXPORT, DRY_RUN_EXPORT, LOGS, DISCLOSURE)
 CHUNK = 1024 * 1024
 
 # openat2(2): linux/openat2.h

@@ -2,10 +2,12 @@
 container start them (singularity/relay.py, run by path): used by
 tests/test_relay.py and bench/relay.py."""
 
+import hashlib
 import http.client
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +34,21 @@ relay = _load(RELAY)  # the module a job runs by path, for tests of its parts
 # The shim runs on the container's python3 and the relay on the host's: any 3.9 or later.
 RELAY_PYTHON = os.environ.get("M2D_RELAY_PYTHON", sys.executable)
 API = "/api/2.0/mlflow"
+
+
+def identifier_index(path: Path, values: dict[str, str]) -> Path:
+    """An identifiers.json as m2d/disclosure's index writes it (keyed BLAKE2b of
+    each value and of its first word, lower-cased), for ``values``: value -> kind."""
+    salt = os.urandom(32)
+
+    def h(text: str) -> str:
+        return hashlib.blake2b(text.lower().encode(), key=salt, digest_size=16).hexdigest()
+
+    words = {value: re.findall(r"[A-Za-z0-9]+", value) for value in values}
+    path.write_text(json.dumps({"salt": salt.hex(), "max_words": max(map(len, words.values())),
+                                "values": {h(v): kind for v, kind in values.items()},
+                                "first_words": sorted({h(w[0]) for w in words.values()})}))
+    return path
 
 
 def free_port() -> int:
