@@ -62,6 +62,8 @@ def create_app(config=None):
     app.register_blueprint(review.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(downloads.bp)
+    from .web import disclosure
+    app.register_blueprint(disclosure.bp)
     cli.init_app(app)
     errors.init_app(app)
     _secure_headers(app)

@@ -1,4 +1,5 @@
-"""The one reader of what jobs wrote: a submission's export/, export-dryrun/ and logs/.
+"""The one reader of what jobs wrote: a submission's export/, export-dryrun/, logs/ and
+disclosure/ (the report job's report).
 
 Everything in those folders was written by the researcher's code (or by Slurm
 for it), so every name and every file type there is hostile: a folder swapped
@@ -36,8 +37,8 @@ from pathlib import Path
 
 from flask import current_app
 
-EXPORT, DRY_RUN_EXPORT, LOGS = "export", "export-dryrun", "logs"
-FOLDERS = (EXPORT, DRY_RUN_EXPORT, LOGS)
+EXPORT, DRY_RUN_EXPORT, LOGS, DISCLOSURE = "export", "export-dryrun", "logs", "disclosure"
+FOLDERS = (EXPORT, DRY_RUN_EXPORT, LOGS, DISCLOSURE)
 CHUNK = 1024 * 1024
 
 # openat2(2): linux/openat2.h

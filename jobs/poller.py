@@ -19,6 +19,7 @@ from gateway.adapters.mlflow import MlflowAdmin, MlflowError
 from gateway.adapters.slurm import JobInfo, Scheduler, SlurmError
 from gateway.adapters.slurm.accounting import Limits
 from gateway.adapters.slurm.reasons import explain
+from gateway.core import disclosure, disclosure_job
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import AccountEmail, Email, Submission, User, utcnow
@@ -62,6 +63,7 @@ def poll_once(scheduler: Scheduler | None = None) -> int:
                    and not ((info := infos.get(_job_id(s))) and (info.started or info.finished))]
         if waiting:
             _explain_waits(scheduler, waiting)
+    disclosure_job.poll()
     _sweep()
     metrics.POLL_SECONDS.observe(time.monotonic() - started)
     metrics.POLL_JOBS.observe(len(active))
@@ -131,7 +133,10 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
             count_relay_refusals(submission.id, info.job_id, dry_run=False)
             _record_job(submission, info, new)
             airlock.manifest(db.session.get(Submission, submission.id))
+            owed = disclosure.owe(submission)  # the report job of its export
             db.session.commit()
+            if owed:
+                queue.enqueue_disclosure(submission.id)
         moved |= ended
     return moved
 
@@ -340,6 +345,7 @@ def _sweep():
     for (email_id,) in db.session.query(AccountEmail.id).filter(
             AccountEmail.sent_at.is_(None), AccountEmail.created_at < cutoff):
         accounts.enqueue(email_id)
+    disclosure_job.sweep(cutoff)
     alerts.raise_stuck(now)
 
 

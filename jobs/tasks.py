@@ -29,6 +29,7 @@ from gateway.adapters.slurm import Scheduler, SlurmError, SlurmRefused
 from gateway.adapters.slurm.accounting import Limits
 from gateway.adapters.slurm.reasons import refusal
 from gateway.config import required
+from gateway.core import disclosure_job
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import Build, Submission, User, utcnow
@@ -280,6 +281,11 @@ def send_account_mail(email_id: int) -> bool:
 @in_app
 def poll() -> int:
     return poller.poll_once()
+
+
+@in_app
+def disclosure_report(submission_id: int) -> str | None:
+    return disclosure_job.submit(submission_id)
 
 
 @in_app

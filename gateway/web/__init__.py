@@ -1,0 +1,1 @@
+"""The Flask blueprints, one per area, and their view helpers."""
