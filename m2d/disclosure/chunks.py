@@ -39,7 +39,7 @@ def _entropy(data) -> float:
 def dataset_digests(data) -> list[int]:
     """The digests of ``data``'s chunks worth indexing."""
     out = []
-    for chunk in _chunker().cut_buf(data):
+    for chunk in _chunker().cut_buf(memoryview(data)):
         if chunk.length >= MIN_INDEXED and _entropy(chunk.data) >= MIN_ENTROPY:
             out.append(digest(chunk.data))
     return out
@@ -61,7 +61,7 @@ def find(data, keys: np.ndarray, refs: np.ndarray, tick=None) -> list[Match]:
         return []
     found: dict[int, list[int]] = {}
     digests, offsets, lengths = [], [], []
-    for i, chunk in enumerate(_chunker().cut_buf(data)):
+    for i, chunk in enumerate(_chunker().cut_buf(memoryview(data))):
         digests.append(digest(chunk.data))
         offsets.append(chunk.offset)
         lengths.append(chunk.length)

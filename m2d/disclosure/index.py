@@ -113,7 +113,7 @@ def build(dataset: str | os.PathLike, out: str | os.PathLike, jobs: int = 1, log
         order = np.argsort(np.array(keys, dtype=np.uint64), kind="stable")
         np.save(tmp / "chunks.npy", np.array(keys, dtype=np.uint64)[order])
         np.save(tmp / "chunk_refs.npy", np.array(refs, dtype=np.int32)[order])
-        np.save(tmp / "phash.npy", np.array(phashes, dtype=np.uint64))
+        np.save(tmp / "phash.npy", np.array([images.as_words(h) for h in phashes], dtype=np.uint64).reshape(-1, images.BITS // 64))
         np.save(tmp / "phash_refs.npy", np.array(phash_refs, dtype=np.int32))
         (tmp / "files.json").write_text(json.dumps(described))
         (tmp / "whole.json").write_text(json.dumps(whole))

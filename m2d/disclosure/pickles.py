@@ -43,6 +43,8 @@ STORAGE_DTYPES = {"DoubleStorage": "float64", "FloatStorage": "float32", "HalfSt
 
 def classify(name: str) -> str:
     """'plain', 'library' or 'code' for an import ``module.name`` a pickle makes."""
+    if name.startswith("__builtin__."):  # protocol 2 writes Python 2's name of builtins
+        name = "builtins." + name[len("__builtin__."):]
     module = name.rsplit(".", 1)[0]
     if name in PLAIN or (module == "torch" and (name.endswith("Storage") or name[6:] in TORCH_DTYPES)) \
             or module == "numpy.dtypes":

@@ -259,7 +259,7 @@ class Checker:
         if near:
             number, distance = near
             report.add("near-duplicate-image", "fail", f"{what} is a copy of {self.index.describe(number)}: perceptual "
-                                                       f"hash {distance} of 64 bits away (at most {images.NEAR})")
+                                                       f"hash {distance} of {images.BITS} bits away (at most {images.NEAR})")
 
     def _array(self, report: FileReport, data, at: str) -> None:
         arr = images.read_npy(data, self.limits.max_member_bytes)
@@ -367,7 +367,10 @@ class Checker:
                 member = _join(where, f"member {self._mask(info.filename)}")
                 body = read_member(info)
                 stored = info.compress_type == zipfile.ZIP_STORED
-                self._inspect(report, body, member, nesting + 1, scanned=stored)
+                if type_ == "pytorch-zip":  # tensors' bytes and data.pkl: read above as the model
+                    self._content(report, body, _at(member), stored)
+                else:
+                    self._inspect(report, body, member, nesting + 1, scanned=stored)
 
     def _tar(self, report: FileReport, data, where: str, nesting: int) -> None:
         with tarfile.open(fileobj=sniff.reader(data), mode="r:") as t:
