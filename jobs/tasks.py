@@ -33,7 +33,7 @@ from gateway.core import disclosure_job
 from gateway.extensions import db
 from gateway.lifecycle import advance
 from gateway.models import Build, Submission, User, utcnow
-from gateway.storage import SubmissionFiles, job_gid, write_private
+from gateway.storage import SubmissionFiles, job_gid, job_writable, write_private
 from m2d.contract import twin
 from m2d.contract.states import DRY_RUN_ACTIVE, Status
 from m2d.contract.validation import PYTHON_VERSION_FILE, Refusal, parse_python_version
@@ -443,11 +443,7 @@ def _twin(version: str) -> Path:
 
 def _dry_run_export(files: SubmissionFiles) -> Path:
     """export-dryrun/, beside export/ and like it: the job writes it (group)."""
-    path = files.root / jobfiles.DRY_RUN_EXPORT
-    path.mkdir(exist_ok=True)
-    os.chown(path, -1, job_gid())
-    path.chmod(0o2770)
-    return path
+    return job_writable(files.root / jobfiles.DRY_RUN_EXPORT)
 
 
 def _dry_run_experiment(user: User) -> str:

@@ -130,7 +130,7 @@ def local_app(tmp_path, database_url):
                               "SQLALCHEMY_DATABASE_URI": database_url,
                               "REDIS_URL": "redis://127.0.0.1:1/0",  # no Redis: enqueueing must not matter
                               "SLURM_ACCOUNTS": False,  # nor Slurm's accounting (tests/test_fairshare.py)
-                              # nor report jobs: tests/test_disclosure.py turns them on
+                              # nor report jobs: tests/test_disclosure_flow.py turns them on
                               "DISCLOSURE_REPORTS": False})
     with application.app_context():
         flask_migrate.upgrade()

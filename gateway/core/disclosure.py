@@ -109,7 +109,7 @@ def store(row: DisclosureReport, parsed: dict, raw: bytes, acro: bytes | None) -
     not name with its manifest sha256 is `fail`: it was not checked), the report,
     and its link of the chain. In the caller's transaction."""
     by_key = {(f["path"], f["sha256"]): f for f in parsed["files"]}
-    DisclosureFile.query.filter_by(submission_id=row.submission_id).delete()
+    _forget_verdicts(row)
     kept = []
     for export_file in ExportFile.query.filter_by(submission_id=row.submission_id).order_by(ExportFile.path):
         found = by_key.get((export_file.path, export_file.sha256)) if export_file.sha256 else None
@@ -139,11 +139,17 @@ def failed(row: DisclosureReport, why: str) -> None:
 def again(submission_id: int) -> DisclosureReport:
     """Owe the report anew (an admin's rerun): the verdicts go until it is in."""
     row = db.session.get(DisclosureReport, submission_id) or DisclosureReport(submission_id=submission_id)
-    DisclosureFile.query.filter_by(submission_id=submission_id).delete()
+    _forget_verdicts(row)
     row.status, row.slurm_job_id, row.error, row.report, row.acro = "owed", None, None, None, None
     row.requested_at, row.submitted_at, row.finished_at = utcnow(), None, None
     db.session.add(row)
     return row
+
+
+def _forget_verdicts(row: DisclosureReport) -> None:
+    DisclosureFile.query.filter_by(submission_id=row.submission_id).delete(synchronize_session=False)
+    if row in db.session:
+        db.session.expire(row, ["files"])
 
 
 # ------------------------------------------------------------------ reading it

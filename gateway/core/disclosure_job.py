@@ -34,7 +34,7 @@ from ..adapters.slurm import JobInfo, Scheduler, SlurmError
 from ..config import required
 from ..extensions import db
 from ..models import DisclosureReport, Submission, utcnow
-from ..storage import SubmissionFiles, job_gid, write_private
+from ..storage import SubmissionFiles, job_gid, job_writable, write_private
 from ..templating import render
 from . import disclosure
 
@@ -160,11 +160,7 @@ def _write_bytes(path: Path, data: bytes, gid: int) -> None:
 
 def report_folder(files: SubmissionFiles) -> Path:
     """disclosure/, beside export/: the report job writes it (group), the gateway reads it."""
-    path = files.root / jobfiles.DISCLOSURE
-    path.mkdir(exist_ok=True)
-    os.chown(path, -1, job_gid())
-    path.chmod(0o2770)
-    return path
+    return job_writable(files.root / jobfiles.DISCLOSURE)
 
 
 # ------------------------------------------------------------------ its end

@@ -98,7 +98,7 @@ class Stack:
                         # a loaded test machine may take seconds to run scontrol ping
                         M2D_HEALTH_TIMEOUT="10",
                         # released without a disclosure report: its report jobs are proven by
-                        # tests/test_disclosure.py's own stack (M2D_DISCLOSURE_REPORTS=1)
+                        # tests/test_disclosure_flow.py's own stack (M2D_DISCLOSURE_REPORTS=1)
                         M2D_DISCLOSURE_REPORTS="0",
                         HOME=pwd.getpwnam(GATEWAY_USER).pw_dir,  # apptainer's cache and config
                         PYTHONUNBUFFERED="1")

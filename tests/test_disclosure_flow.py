@@ -12,6 +12,7 @@ report made while the gateway cannot read the export at all."""
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import uuid
@@ -225,3 +226,178 @@ def test_the_review_page_shows_each_files_status_and_reasons(client, people, che
     assert report.status_code == 200 and json.loads(report.data)["version"] == 1
     _as(client, owner)
     assert client.get(f"/review/submissions/{checked.id}/disclosure.json").status_code == 403
+
+
+# ---------------------------------------------------------------- the real stack
+
+JOB_USER = os.environ.get("M2D_JOB_USER", "m2d-job")
+GATEWAY_USER = os.environ.get("M2D_USER", "m2d")
+# the job reads the dataset's case list and exports its ids beside a harmless result
+EXPORTING_IDS = """\
+import csv
+from pathlib import Path
+
+with open("/mnt/dataset/clam-details-case-extrainfo.csv", newline="") as f:
+    cases = list(csv.DictReader(f, delimiter=";"))
+out = Path("/mnt/export")
+(out / "result.txt").write_text("accuracy=0.9\\n")
+with open(out / "predictions.csv", "w") as f:
+    f.write("patient,case,score\\n")
+    for case in cases[:3]:
+        f.write(f"{case['Patient_Id']},{case['CaseName']},0.5\\n")
+print("exported", flush=True)
+"""
+
+
+def _as_gateway(*argv):
+    return subprocess.run(["setpriv", f"--reuid={GATEWAY_USER}", f"--regid={GATEWAY_USER}", "--init-groups", "--",
+                           *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def index_root():
+    """DISCLOSURE_INDEX_DIR as docs/admin.md says: the job account's, in the
+    dataset's group (which the gateway is not in), setgid."""
+    root = Path(f"/tmp/m2d-disclosure-index-{uuid.uuid4().hex[:8]}")
+    root.mkdir(mode=0o750)
+    group = Path(os.environ["M2D_DATASET_DIR"]).stat().st_gid
+    os.chown(root, pwd.getpwnam(JOB_USER).pw_uid, group)
+    root.chmod(0o2750)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reporting_stack(testbed, index_root):
+    running = Stack(M2D_DISCLOSURE_REPORTS="1", M2D_DISCLOSURE_INDEX_DIR=str(index_root),
+                    M2D_DATASET_VERSION=f"flow-{uuid.uuid4().hex[:6]}").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def exported(reporting_stack, tmp_path_factory):
+    stack = reporting_stack
+    owner = stack.researcher("exporter", dry_run=False)
+    reviewers = []
+    for name in ("rev-ann", "rev-ben"):
+        reviewer = stack.researcher(name)
+        stack.flask("users", "grant-reviewer", reviewer.address)
+        reviewers.append(reviewer)
+    zip_path = zip_folder(SAMPLES / "sleeps", tmp_path_factory.mktemp("disclosure") / "ids.zip",
+                          extra={"main.py": EXPORTING_IDS})
+    submission_id = owner.submit(zip_path)
+    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
+    report = wait_for(lambda: (r := reviewers[0].api("GET", f"/submissions/{submission_id}/disclosure").json())
+                      ["status"] in ("done", "failed") and r, 900, "the disclosure report")
+    return stack, owner, reviewers, submission_id, report
+
+
+def test_the_report_job_runs_on_slurm_and_reaches_the_api(exported, index_root):
+    stack, owner, _reviewers, submission_id, report = exported
+    assert report["status"] == "done", report
+    files = {f["path"]: f for f in report["files"]}
+    assert set(files) == {"result.txt", "predictions.csv"}
+    assert files["predictions.csv"]["status"] == "fail", files
+    assert any(c["name"] == "identifiers" and c["status"] == "fail" for c in files["predictions.csv"]["checks"])
+    assert files["result.txt"]["status"] in ("pass", "review"), files["result.txt"]
+    # the report job is Slurm's, named for the submission, and ran as the job account
+    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName,User,State", "-j", report["slurm_job_id"]],
+                           capture_output=True, text=True, timeout=30).stdout.split("\n")[0].split("|")
+    assert sacct[0].endswith(f"-{submission_id}-disclosure") and sacct[1:] == [JOB_USER, "COMPLETED"], sacct
+    # the owner: counts alone, no name, no reason
+    counts = owner.api("GET", f"/submissions/{submission_id}/disclosure")
+    assert counts.json()["summary"]["fail"] == 1 and "files" not in counts.json()
+    assert not any(word in counts.text for word in ("predictions", "result.txt", "identifier"))
+    # the fingerprint index was built once, on the data side, where the gateway cannot read
+    (version,) = [p for p in index_root.iterdir() if p.is_dir()]
+    assert (version / "version.json").is_file()
+    refused = _as_gateway("ls", str(version))
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+
+def test_a_fail_file_needs_two_overrides_on_the_stack(exported):
+    stack, owner, (ann, ben), submission_id, _report = exported
+    response = owner.api("POST", f"/submissions/{submission_id}/release-requests",
+                         json={"justification": "the accuracy, and the predictions for our paper"})
+    assert response.status_code == 201, response.text
+    request_id = str(response.json()["id"])
+    for reviewer in (ann, ben):
+        stack.flask("releases", "approve", request_id, "--reviewer", reviewer.address, "--path", "result.txt")
+    refused = stack.flask_result("releases", "approve", request_id, "--reviewer", ann.address,
+                                 "--path", "predictions.csv")
+    assert refused.returncode != 0 and "override" in refused.stderr, refused.stderr
+    stack.flask("releases", "override", request_id, "--reviewer", ann.address, "--path", "predictions.csv",
+                "--comment", "the case ids are the public sample's")
+    held = owner.api("GET", f"/submissions/{submission_id}/export/predictions.csv")
+    assert held.status_code == 404, "one override released a fail file"
+    stack.flask("releases", "override", request_id, "--reviewer", ben.address, "--path", "predictions.csv",
+                "--comment", "agreed, see the data use agreement")
+    download = owner.api("GET", f"/submissions/{submission_id}/export/predictions.csv")
+    assert download.status_code == 200, download.text
+    chain = owner.api("GET", f"/submissions/{submission_id}/provenance").json()
+    assert chain["verified"]
+    kinds = [r["kind"] for r in chain["records"]]
+    assert kinds.index("manifest") < kinds.index("disclosure_report") < kinds.index("disclosure_override")
+    overrides = [r["payload"] for r in chain["records"] if r["kind"] == "disclosure_override"]
+    assert [o["reviewer"] for o in overrides] == [ann.address, ben.address]
+    assert {o["comment"] for o in overrides} == {"the case ids are the public sample's",
+                                                 "agreed, see the data use agreement"}
+
+
+def test_the_report_comes_from_the_job_not_the_gateway(exported):
+    """The export made unreadable to the gateway's account: the report job, as
+    the job account, still checks it, and the gateway keeps its report."""
+    stack, _owner, (ann, _ben), submission_id, first = exported
+    export = Path(stack.env["M2D_DATA_DIR"]) / "submissions" / str(submission_id) / "export"
+    mode, owner_ids = export.stat().st_mode, (export.stat().st_uid, export.stat().st_gid)
+    job = pwd.getpwnam(JOB_USER)
+    os.chown(export, job.pw_uid, job.pw_gid)
+    export.chmod(0o700)
+    try:
+        assert _as_gateway("cat", str(export / "result.txt")).returncode != 0  # the gateway cannot read it
+        stack.flask("disclosure", "rerun", str(submission_id))
+        again = wait_for(lambda: (r := ann.api("GET", f"/submissions/{submission_id}/disclosure").json())
+                         ["status"] in ("done", "failed") and r["slurm_job_id"] != first["slurm_job_id"] and r,
+                         600, "the second report")
+    finally:
+        os.chown(export, *owner_ids)
+        export.chmod(mode & 0o7777)
+    assert again["status"] == "done", again
+    assert {f["path"]: f["status"] for f in again["files"]} == {f["path"]: f["status"] for f in first["files"]}
+
+
+def test_the_review_page_shows_each_files_status_and_reasons_in_chromium(exported, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    stack, owner, (ann, _ben), submission_id, _report = exported
+    password = "correct horse battery staple"
+    reviewer = stack.researcher("rev-cat", password=password)
+    stack.flask("users", "grant-reviewer", reviewer.address)
+    request_id = owner.api("GET", f"/submissions/{submission_id}/export").json()["requests"][0]["id"]
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.implicitly_wait(5)
+    try:
+        driver.get(f"{stack.url}/login")
+        driver.find_element(By.NAME, "email").send_keys(reviewer.address)
+        driver.find_element(By.NAME, "password").send_keys(password)
+        driver.find_element(By.CSS_SELECTOR, "main button[type=submit]").click()
+        wait_for(lambda: "/login" not in driver.current_url, 30, "the login")
+        driver.get(f"{stack.url}/review/requests/{request_id}")
+        items = {item.find_element(By.CSS_SELECTOR, "h3 code").text: item
+                 for item in driver.find_elements(By.CSS_SELECTOR, "article.release-item")}
+        assert items["predictions.csv"].find_element(By.CSS_SELECTOR, ".disclosure-status").text == "fail"
+        checks = items["predictions.csv"].find_element(By.CSS_SELECTOR, ".disclosure-checks").text
+        assert "identifiers: fail:" in checks and len(checks) > len("identifiers: fail: ")
+        assert items["result.txt"].find_element(By.CSS_SELECTOR, ".disclosure-status").text in ("pass", "review")
+        assert "Disclosure report: done" in driver.find_element(By.CSS_SELECTOR, ".disclosure-summary").text
+        driver.save_screenshot(str(tmp_path / "disclosure-review.png"))
+    finally:
+        driver.quit()
