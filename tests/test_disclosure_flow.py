@@ -148,6 +148,16 @@ def test_a_fail_file_is_released_only_after_two_written_overrides(client, people
     assert provenance.verify(checked.id) is None
 
 
+def test_two_overrides_are_needed_even_where_one_approval_releases(on, people, checked):
+    on.config["RELEASE_APPROVALS"] = 1
+    owner, (rita, rolf) = people
+    request = airlock.request_release(owner, checked, None, "all")
+    airlock.decide(request, rita, disclosure.OVERRIDE, "the ids are public", paths=["patients.csv"])
+    assert _items(request)["patients.csv"].status == "pending"
+    airlock.decide(request, rolf, disclosure.OVERRIDE, "agreed", paths=["patients.csv"])
+    assert _items(request)["patients.csv"].status == "released"
+
+
 def test_an_override_is_only_for_a_fail_file(people, checked):
     owner, (rita, _) = people
     request = airlock.request_release(owner, checked, None, "all")
