@@ -188,6 +188,18 @@ def test_a_report_that_names_other_bytes_fails_the_file(people):
     assert verdict.status == "fail" and verdict.check_list == [disclosure.NOT_IN_REPORT]
 
 
+def test_a_report_job_the_site_cannot_make_fails_the_report_with_the_setting_named(on, people):
+    from gateway.core import disclosure_job
+
+    owner, _ = people
+    submission = _ended(owner, {"result.txt": RESULT})
+    assert disclosure.owe(submission)
+    db.session.commit()
+    assert disclosure_job.submit(submission.id) is None
+    row = db.session.get(DisclosureReport, submission.id)
+    assert row.status == "failed" and "M2D_IMAGE_DIR" in row.error
+
+
 @pytest.mark.parametrize("raw", [b"not json", b"[]", b'{"version": 2, "files": []}',
                                  b'{"version": 1, "files": [{"path": "a", "sha256": "x", "status": "ok"}]}',
                                  b'{"version": 1, "files": [{"path": "a", "sha256": "x", "status": "pass",'

@@ -31,7 +31,7 @@ from .. import client_wheel, jobfiles, queue
 from ..adapters import slurm
 from ..adapters.apptainer import BuildError, ImageBuilder
 from ..adapters.slurm import JobInfo, Scheduler, SlurmError
-from ..config import required
+from ..config import ConfigError, required
 from ..extensions import db
 from ..models import DisclosureReport, Submission, utcnow
 from ..storage import SubmissionFiles, job_gid, job_writable, write_private
@@ -79,13 +79,18 @@ def submit(submission_id: int) -> str | None:
     submission = db.session.get(Submission, submission_id)
     try:
         image = ImageBuilder.from_config(cfg).ensure(requirements(), cfg["DEFAULT_PYTHON"])
-    except BuildError as e:
+    except (BuildError, ConfigError) as e:
         disclosure.failed(row, f"the checker's image could not be built: {e}")
         db.session.commit()
         return None
     files = SubmissionFiles(submission_id)
     wheel = client_wheel.build()
-    script = _write_job(submission, files, image.path, wheel.data)
+    try:
+        script = _write_job(submission, files, image.path, wheel.data)
+    except (ConfigError, ValueError) as e:  # the site's settings: no retry changes them
+        disclosure.failed(row, f"the report job could not be written: {e}")
+        db.session.commit()
+        return None
     batch_system = slurm.from_config(cfg)
     name = job_name(cfg["SLURM_JOB_PREFIX"], submission_id)
     job_id = batch_system.find(name, since=row.requested_at.replace(tzinfo=timezone.utc))
