@@ -55,7 +55,7 @@ def create_app(config=None):
                 os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
     from . import commands
-    from .web import account, admin, api, auth, downloads, exports, ops, review, submissions
+    from .web import account, admin, api, auth, disclosure, downloads, exports, ops, review, submissions
     app.register_blueprint(ops.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(submissions.bp)
@@ -65,6 +65,7 @@ def create_app(config=None):
     app.register_blueprint(review.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(downloads.bp)
+    app.register_blueprint(disclosure.bp)
     commands.init_app(app)
     errors.init_app(app)
     _secure_headers(app)

@@ -63,6 +63,12 @@ def _record_line(name: str, data: bytes) -> str:
     return f"{name},sha256={digest},{len(data)}"
 
 
+def extra_requirements(extra: str) -> list[str]:
+    """The requirements of one of m2d's extras (``pip install 'm2d[EXTRA]'``), from pyproject.toml."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return list(project.get("optional-dependencies", {}).get(extra, []))
+
+
 @functools.cache
 def build() -> Wheel:
     table = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -1,14 +1,15 @@
-"""Admin commands: ``flask --app gateway status|users|tokens|weights|releases|provenance|airlock|images|slurm ...``."""
+"""Admin commands: ``flask --app gateway status|users|tokens|weights|releases|disclosure|provenance|airlock|images|slurm ...``."""
 from pathlib import Path
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from . import queue
 from .adapters.mlflow import MlflowError
 from .adapters.slurm import SlurmError
-from .core import accounts, airlock, images, overview, provenance, scheduling, usage, weights
-from .core.models import ApiToken, ReleaseRequest, User
+from .core import accounts, airlock, disclosure, images, overview, provenance, scheduling, usage, weights
+from .core.models import ApiToken, ReleaseRequest, Submission, User
 from .extensions import db
 
 users = AppGroup("users", help="Manage researcher and admin accounts.")
@@ -207,6 +208,47 @@ def reject_release(request_id, reviewer, comment, paths):
     _decide(request_id, reviewer, "reject", comment, paths)
 
 
+@releases.command("override")
+@click.argument("request_id", type=int)
+@click.option("--reviewer", required=True, help="The reviewer's email.")
+@click.option("--comment", required=True, help="Why the file may leave although its disclosure report fails it.")
+@click.option("--path", "paths", multiple=True, help="Only this file of the request (repeatable).")
+def override_release(request_id, reviewer, comment, paths):
+    """Override the disclosure report's fail on files of release request ID (DISCLOSURE_OVERRIDES reviewers must)."""
+    _decide(request_id, reviewer, disclosure.OVERRIDE, comment, paths)
+
+
+disclosure_group = AppGroup("disclosure", help="Disclosure reports of exports (sealed report jobs).")
+
+
+@disclosure_group.command("show")
+@click.argument("submission_id", type=int)
+def show_disclosure(submission_id):
+    """Each export file's status and checks."""
+    submission = db.session.get(Submission, submission_id)
+    if submission is None:
+        raise click.ClickException(f"there is no submission {submission_id}")
+    view = disclosure.reviewer_view(submission)
+    click.echo(f"report {view['status']}{': ' + view['error'] if view['error'] else ''}; {view['summary']}")
+    for f in view["files"]:
+        click.echo(f"{f['status']}\t{f['path']}")
+        for check in f["checks"]:
+            click.echo(f"\t{check['name']}: {check['status']}: {check['reason']}")
+
+
+@disclosure_group.command("rerun")
+@click.argument("submission_id", type=int)
+def rerun_disclosure(submission_id):
+    """Run the submission's report job again (after a failed one, or a changed checker)."""
+    submission = db.session.get(Submission, submission_id)
+    if submission is None or not submission.state.terminal:
+        raise click.ClickException(f"submission {submission_id} does not exist or has not ended")
+    disclosure.again(submission_id)
+    db.session.commit()
+    queue.enqueue_disclosure(submission_id)
+    click.echo(f"submission {submission_id}: disclosure report owed again; the report job is queued")
+
+
 @provenance_group.command("verify")
 @click.argument("submission_id", type=int, required=False)
 def verify_provenance(submission_id):
@@ -290,6 +332,7 @@ def init_app(app):
     app.cli.add_command(status)
     app.cli.add_command(slurm_group)
     app.cli.add_command(releases)
+    app.cli.add_command(disclosure_group)
     app.cli.add_command(provenance_group)
     app.cli.add_command(airlock_group)
     app.cli.add_command(images_group)

@@ -275,6 +275,21 @@ SETTINGS: tuple[Setting, ...] = (
       "before, whose changed cells all moved by at most this much, is flagged for review."),
     S("EXPORT_MAX_DEPTH", int, 16, "Deepest folder nesting an export may have."),
     S("EXPORT_READ_SECONDS", float, 120.0, "Seconds the gateway may spend reading (hashing) one export."),
+    # Disclosure control (gateway/core/disclosure.py): a sealed job on the data side checks every export file
+    # (m2d/disclosure) before reviewers may release it; the gateway only reads the report it wrote.
+    S("DISCLOSURE_REPORTS", bool, True, "Every ended job's export gets a disclosure report (pass, review or fail per "
+      "file, with reasons) from a sealed Slurm job before any of its files can be released. Off: reviewers decide "
+      "on the file list alone."),
+    S("DISCLOSURE_INDEX_DIR", str, None, "The dataset's fingerprint index, one folder per DATASET_VERSION, built by "
+      "the report job on first use: owned by JOB_USER with a group the gateway is not in (the dataset's), setgid, "
+      "never readable by the gateway. Required with DISCLOSURE_REPORTS."),
+    S("DISCLOSURE_SECONDS", int, 1800, "Seconds the checker may spend on one export (it marks what it could not "
+      "finish `fail`); the report job's Slurm time limit is this plus 5 minutes."),
+    S("DISCLOSURE_MEM", str, "4G", "Memory of a report job (Slurm's notation)."),
+    S("DISCLOSURE_REPORT_MAX_BYTES", int, 16 * 1024**2, "Largest report (and SACRO results file) the gateway reads "
+      "back; a larger one is a failed report."),
+    S("DISCLOSURE_OVERRIDES", int, 2, "Distinct reviewers who must override a `fail` file, each with a written "
+      "reason, before it can be released."),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}

@@ -17,7 +17,7 @@ from gateway import metrics, queue
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError
 from gateway.adapters.slurm import JobInfo, Scheduler, SlurmError
 from gateway.adapters.slurm.reasons import explain
-from gateway.core import accounts, airlock, alerts, jobfiles, provenance, scheduling
+from gateway.core import accounts, airlock, alerts, disclosure, disclosure_job, jobfiles, provenance, scheduling
 from gateway.core.jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_name, size_text
 from gateway.core.lifecycle import advance
 from gateway.core.models import AccountEmail, Email, Submission, User, utcnow
@@ -60,6 +60,7 @@ def poll_once(scheduler: Scheduler | None = None) -> int:
                    and not ((info := infos.get(_job_id(s))) and (info.started or info.finished))]
         if waiting:
             _explain_waits(scheduler, waiting)
+    disclosure_job.poll()
     _sweep()
     metrics.POLL_SECONDS.observe(time.monotonic() - started)
     metrics.POLL_JOBS.observe(len(active))
@@ -129,7 +130,10 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
             count_relay_refusals(submission.id, info.job_id, dry_run=False)
             _record_job(submission, info, new)
             airlock.manifest(db.session.get(Submission, submission.id))
+            owed = disclosure.owe(submission)  # the report job of its export
             db.session.commit()
+            if owed:
+                queue.enqueue_disclosure(submission.id)
         moved |= ended
     return moved
 
@@ -347,6 +351,7 @@ def _sweep():
     for (email_id,) in db.session.query(AccountEmail.id).filter(
             AccountEmail.sent_at.is_(None), AccountEmail.created_at < cutoff):
         accounts.enqueue(email_id)
+    disclosure_job.sweep(cutoff)
     alerts.raise_stuck(now)
 
 

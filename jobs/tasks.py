@@ -14,7 +14,7 @@ from flask import has_app_context
 from rq import get_current_job
 
 from gateway import create_app
-from gateway.core import airlock, workflow
+from gateway.core import airlock, disclosure_job, workflow
 from gateway.core import images as image_store
 from gateway.extensions import db
 
@@ -73,6 +73,11 @@ def send_account_mail(email_id: int) -> bool:
 @in_app
 def poll() -> int:
     return poller.poll_once()
+
+
+@in_app
+def disclosure_report(submission_id: int) -> str | None:
+    return disclosure_job.submit(submission_id)
 
 
 @in_app

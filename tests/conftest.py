@@ -129,7 +129,9 @@ def local_app(tmp_path, database_url):
     application = create_app({"TESTING": True, "DATA_DIR": str(tmp_path / "data"),
                               "SQLALCHEMY_DATABASE_URI": database_url,
                               "REDIS_URL": "redis://127.0.0.1:1/0",  # no Redis: enqueueing must not matter
-                              "SLURM_ACCOUNTS": False})  # nor Slurm's accounting (tests/test_fairshare.py)
+                              "SLURM_ACCOUNTS": False,  # nor Slurm's accounting (tests/test_fairshare.py)
+                              # nor report jobs: tests/test_disclosure_flow.py turns them on
+                              "DISCLOSURE_REPORTS": False})
     with application.app_context():
         flask_migrate.upgrade()
         yield application

@@ -70,9 +70,9 @@ def test_a_missing_identifier_index_is_said_and_the_relay_runs_on(capsys, tmp_pa
 
 
 def test_the_runs_a_relay_flagged_reach_the_submissions_provenance_for_its_reviewers(local_app):
-    from gateway import lifecycle, provenance
+    from gateway.core import lifecycle, provenance
+    from gateway.core.storage import SubmissionFiles
     from gateway.extensions import db
-    from gateway.storage import SubmissionFiles
     from jobs.poller import count_relay_refusals
     from tests.helpers.users import make_user
 

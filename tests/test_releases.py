@@ -13,11 +13,10 @@ import json
 import numpy as np
 import pytest
 
-from gateway.core import airlock, lifecycle, provenance
-from gateway.core import releases
-from gateway.extensions import db
+from gateway.core import airlock, lifecycle, provenance, releases
 from gateway.core.models import ReleasedFile
 from gateway.core.storage import SubmissionFiles
+from gateway.extensions import db
 from m2d.contract.states import Status
 from m2d.disclosure import sanitise
 

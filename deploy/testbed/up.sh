@@ -84,6 +84,10 @@ step postgres   "$here/postgres.sh" "$TESTBED_DIR"
 step tls        "$here/tls.sh" "$TESTBED_DIR"
 # readable by the job account alone (group m2d-data): the gateway never reads the data
 step dataset    "$here/dataset.sh" "$TESTBED_DIR"
+# the dataset's fingerprint index (disclosure reports), one folder per version, built by
+# the report jobs: the job account's, in the dataset's group, never the gateway's
+step disclosure-index install -d -m 2750 -o "${M2D_JOB_USER:-m2d-job}" -g "${M2D_DATA_GROUP:-m2d-data}" \
+  "$TESTBED_DIR/disclosure-index"
 # the dry runs' synthetic twins, one per dataset version (m2d/contract/twin.py: the same
 # layout and CSV columns, a few cases): the default version's is made here, any
 # other by the gateway's account on first use
@@ -129,6 +133,7 @@ export M2D_BUILD_UV=$TESTBED_DIR/uv/current/bin/uv
 export M2D_BUILD_MKSQUASHFS_ARGS="-comp zstd -Xcompression-level 1"
 export M2D_DATASET_DIR=$TESTBED_DIR/clam
 export M2D_TWIN_DIR=$TESTBED_DIR/twins
+export M2D_DISCLOSURE_INDEX_DIR=$TESTBED_DIR/disclosure-index
 export M2D_MODELS_DIR=$TESTBED_DIR/models
 export M2D_REDIS_URL=redis://:$(cat "$TESTBED_DIR/secrets/redis-password")@127.0.0.1:$M2D_REDIS_PORT/0
 export M2D_MLFLOW_URL=http://127.0.0.1:$M2D_MLFLOW_PORT

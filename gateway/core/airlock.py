@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .. import queue
 from ..extensions import db
-from . import jobfiles, provenance, releases
+from . import disclosure, jobfiles, provenance, releases
 from .models import Email, Export, ExportFile, ReleaseItem, ReleaseRequest, Review, Submission, User, utcnow
 from .storage import SubmissionFiles
 
@@ -155,9 +155,10 @@ def overview(submission: Submission) -> dict:
     }
 
 
-def _requested_ids(submission_id: int) -> set[int]:
+def _requested_ids(submission_id: int, statuses: tuple[str, ...] | None = None) -> set[int]:
     return {file_id for (file_id,) in db.session.query(ReleaseItem.file_id).join(ReleaseRequest).filter(
-        ReleaseRequest.submission_id == submission_id, ReleaseItem.status.in_(("pending", "released", "rejected")))}
+        ReleaseRequest.submission_id == submission_id,
+        ReleaseItem.status.in_(statuses or ("pending", "released", "rejected")))}
 
 
 def owner_view(request: ReleaseRequest, disclosed: set[str] | None = None) -> dict:
@@ -181,8 +182,9 @@ def reviewers() -> list[User]:
 
 
 def request_release(user: User, submission: Submission, paths: list[str] | None,
-                    justification: str) -> ReleaseRequest:
-    """The owner asks for every file not yet requested to be released. Naming
+                    justification: str, again: bool = False) -> ReleaseRequest:
+    """The owner asks for every file not yet requested to be released (``again``:
+    also those reviewers rejected, with a new justification they read). Naming
     ``paths`` is refused: until reviewers release files the owner sees only how
     many there are, and an answer that said which names exist would tell them."""
     if paths is not None:
@@ -206,7 +208,7 @@ def request_release(user: User, submission: Submission, paths: list[str] | None,
     if export.error:
         raise AirlockError(409, "export_unreadable", f"The export of submission {submission.id} could not be "
                            f"read: {export.error}. Nothing of it can be released.")
-    taken = _requested_ids(submission.id)
+    taken = _requested_ids(submission.id, ("pending", "released") if again else None)
     chosen = [f for f in export.files if f.id not in taken and f.sha256]
     if not chosen:
         raise AirlockError(409, "nothing_to_release", "Every file of this export is already requested, "
@@ -217,7 +219,7 @@ def request_release(user: User, submission: Submission, paths: list[str] | None,
     for export_file in chosen:
         db.session.add(ReleaseItem(request_id=request.id, file_id=export_file.id))
     provenance.record(submission.id, "release_requested", request_id=request.id, by=user.email,
-                      paths=[f.path for f in chosen], justification=justification)
+                      paths=[f.path for f in chosen], justification=justification, **({"again": True} if again else {}))
     releases.flag_request(submission, chosen)
     for reviewer in reviewers():
         if reviewer.id != user.id:
@@ -241,9 +243,10 @@ def get_request(request_id: int) -> ReleaseRequest:
 
 def decide(request: ReleaseRequest, reviewer: User, decision: str, comment: str = "",
            paths: list[str] | None = None) -> ReleaseRequest:
-    """``reviewer`` approves or rejects ``paths`` (None: every pending file) of ``request``."""
-    if decision not in ("approve", "reject"):
-        raise AirlockError(400, "bad_decision", "Decide 'approve' or 'reject'.")
+    """``reviewer`` approves or rejects ``paths`` (None: every pending file) of ``request``, or
+    overrides a disclosure report's `fail` with ``comment`` as the reason (gateway.core.disclosure)."""
+    if decision not in ("approve", "reject", disclosure.OVERRIDE):
+        raise AirlockError(400, "bad_decision", "Decide 'approve', 'reject' or 'override' (a 'fail' file).")
     comment = (comment or "").strip()
     if not (reviewer.is_reviewer and reviewer.approved):
         raise AirlockError(403, "not_a_reviewer", f"{reviewer.email} is not a reviewer. An admin grants "
@@ -263,20 +266,23 @@ def decide(request: ReleaseRequest, reviewer: User, decision: str, comment: str 
         pending = [i for i in pending if i.file.path in paths]
     if not pending:
         raise AirlockError(409, "already_decided", f"Request {request.id} has no pending file to decide.")
+    if refused := disclosure.refusal(pending, decision, comment):
+        raise AirlockError(*refused)
     needed = current_app.config["RELEASE_APPROVALS"]
     for item in pending:
         if any(r.reviewer_id == reviewer.id for r in item.reviews):
             raise AirlockError(409, "already_reviewed", f"You already decided on '{item.file.path}'; "
                                "a release needs the approval of another reviewer.")
         db.session.add(Review(item_id=item.id, reviewer_id=reviewer.id, decision=decision, comment=comment))
-        provenance.record(request.submission_id, "review", request_id=request.id, path=item.file.path,
+        provenance.record(request.submission_id, "disclosure_override" if decision == disclosure.OVERRIDE
+                          else "review", request_id=request.id, path=item.file.path,
                           sha256=item.file.sha256, reviewer=reviewer.email, decision=decision,
                           comment=comment)
         db.session.flush()
         db.session.refresh(item)
         if decision == "reject":
             item.status = "rejected"
-        elif sum(r.decision == "approve" for r in item.reviews) >= needed:
+        elif disclosure.releasable(item, needed):
             _release(item)
     _settle(request)
     db.session.commit()
@@ -321,6 +327,7 @@ def _release(item: ReleaseItem) -> None:
                       until=item.expires_at,
                       zip_sha256=provenance.latest(submission_id, "upload").get("zip_sha256"),
                       slurm_job_id=job.get("slurm_job_id"), node=job.get("node"),
+                      disclosure=disclosure.status_of(item.file),
                       mlflow_experiment_id=runs.get("experiment_id"), mlflow_run_ids=runs.get("run_ids"))
 
 

@@ -413,6 +413,45 @@ class Review(db.Model):
                 "at": _iso(self.created_at)}
 
 
+# ------------------------------------------------------------------ disclosure control
+# (gateway.core.disclosure has the rules; the report is written by a sealed job)
+
+class DisclosureReport(db.Model):
+    """A submission's disclosure report: owed when its job ended with export
+    files -> submitted (the sealed report job's Slurm id) -> done | failed."""
+    submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), primary_key=True)
+    status = db.Column(db.String(20), nullable=False, default="owed", index=True)
+    slurm_job_id = db.Column(db.String(32))
+    checker_sha256 = db.Column(db.String(64))  # the m2d wheel the job ran
+    image_digest = db.Column(db.String(80))
+    index_version = db.Column(db.String(128))
+    error = db.Column(db.Text)  # why there is no report (the checker broke, its report was unreadable)
+    report = db.Column(db.Text)  # report.json as the job wrote it (bounded)
+    acro = db.Column(db.Text)  # the same in ACRO's results shape, for SACRO-Viewer
+    requested_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    submitted_at = db.Column(db.DateTime)
+    finished_at = db.Column(db.DateTime)
+
+    submission = db.relationship("Submission")
+    files = db.relationship("DisclosureFile", lazy="selectin", order_by="DisclosureFile.file_id")
+
+
+class DisclosureFile(db.Model):
+    """One manifest file's verdict: pass | review | fail, and its checks."""
+    file_id = db.Column(db.Integer, db.ForeignKey("export_file.id"), primary_key=True)
+    submission_id = db.Column(db.Integer, db.ForeignKey("disclosure_report.submission_id"), nullable=False,
+                              index=True)
+    status = db.Column(db.String(10), nullable=False)
+    type = db.Column(db.String(40))
+    checks = db.Column(db.Text, nullable=False, default="[]")  # [{name, status, reason}], JSON
+
+    file = db.relationship("ExportFile", lazy="joined")
+
+    @property
+    def check_list(self) -> list[dict]:
+        return json.loads(self.checks)
+
+
 class ProvenanceRecord(db.Model):
     """One link of a submission's hash chain (gateway.core.provenance): append-only."""
     __table_args__ = (UniqueConstraint("submission_id", "seq"),)

@@ -48,6 +48,14 @@ def write_private(path: Path, text: str, *, gid: int = -1) -> Path:
     return Path(path)
 
 
+def job_writable(path: Path) -> Path:
+    """A folder of a submission's that its jobs write (group) and the gateway reads: 2770."""
+    path.mkdir(exist_ok=True)
+    os.chown(path, -1, job_gid())
+    path.chmod(0o2770)
+    return path
+
+
 def secure_data_dir(root: Path) -> None:
     """DATA_DIR and its submissions folder: the job account may pass through
     to its own submission's folders, but list or read nothing."""

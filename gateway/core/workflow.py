@@ -39,7 +39,7 @@ from . import accounts, alerts, intake, jobfiles, provenance, scheduling
 from .jobscript import RELAY_SOURCE, JobSpec, job_name, write_job_script
 from .lifecycle import advance
 from .models import Build, Submission, User, utcnow
-from .storage import SubmissionFiles, job_gid, write_private
+from .storage import SubmissionFiles, job_gid, job_writable, write_private
 
 log = logging.getLogger(__name__)
 
@@ -400,11 +400,7 @@ def _twin(version: str) -> Path:
 
 def _dry_run_export(files: SubmissionFiles) -> Path:
     """export-dryrun/, beside export/ and like it: the job writes it (group)."""
-    path = files.root / jobfiles.DRY_RUN_EXPORT
-    path.mkdir(exist_ok=True)
-    os.chown(path, -1, job_gid())
-    path.chmod(0o2770)
-    return path
+    return job_writable(files.root / jobfiles.DRY_RUN_EXPORT)
 
 
 def _dry_run_experiment(user: User) -> str:

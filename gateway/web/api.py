@@ -84,7 +84,8 @@ def request_release(submission_id):
     submission = _own(submission_id)
     body = request.get_json(silent=True) or {}
     try:
-        release = airlock.request_release(g.user, submission, body.get("paths"), body.get("justification", ""))
+        release = airlock.request_release(g.user, submission, body.get("paths"), body.get("justification", ""),
+                                          again=body.get("again") is True)
     except airlock.AirlockError as e:
         return error(e.status, e.code, e.message)
     response = jsonify(airlock.owner_view(release))

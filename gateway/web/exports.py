@@ -27,7 +27,8 @@ def _export_of(submission):
 def request_release(submission_id):
     submission = Submission.of(current_user, submission_id) or abort(404)
     try:  # every file not yet requested: the owner does not see their names (gateway.core.airlock)
-        release = airlock.request_release(current_user, submission, None, request.form.get("justification", ""))
+        release = airlock.request_release(current_user, submission, None, request.form.get("justification", ""),
+                                          again=request.form.get("again") == "1")
     except airlock.AirlockError as e:
         flash(e.message, "error")
     else:

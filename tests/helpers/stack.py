@@ -109,6 +109,9 @@ class Stack:
                         M2D_SLURM_TIME="00:10:00",
                         # a loaded test machine may take seconds to run scontrol ping
                         M2D_HEALTH_TIMEOUT="10",
+                        # released without a disclosure report: its report jobs are proven by
+                        # tests/test_disclosure_flow.py's own stack (M2D_DISCLOSURE_REPORTS=1)
+                        M2D_DISCLOSURE_REPORTS="0",
                         HOME=pwd.getpwnam(GATEWAY_USER).pw_dir,  # apptainer's cache and config
                         PYTHONUNBUFFERED="1")
         self.env.update(settings)

@@ -1,0 +1,424 @@
+"""Disclosure reports in the airlock (issue 23, items 1 and 2): every export file's
+report comes from a sealed job on the data side, reviewers decide with it.
+
+The first part runs the rules on a local app: a report as the job writes it is
+kept per manifest file (gateway.core.disclosure.parse and store), the API answers
+reviewers in full and the owner with counts, a file without a report is never
+approved, a `fail` file needs two written overrides. The second part walks the
+proof on the real stack: a job exports files, its report job runs on Slurm with
+the real checker (m2d.disclosure), the report reaches the API and the review page,
+a `fail` file is refused without two overrides and released with them, and a
+report made while the gateway cannot read the export at all."""
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from gateway.core import airlock, disclosure, lifecycle, provenance
+from gateway.core.models import DisclosureReport
+from gateway.core.storage import SubmissionFiles
+from gateway.extensions import db
+from m2d.contract.states import Status
+
+from .helpers.stack import SAMPLES, Stack, wait_for, zip_folder
+from .helpers.users import fresh, log_in_session, make_user, token_header
+
+RESULT, PATIENTS = b"accuracy=0.9\n", b"patient,score\nP1,0.3\n"
+REASON = "holds 1 value of the identifier column Patient_Id (row 2, column 1)"
+
+
+def _ended(user, files):
+    submission = lifecycle.create(user, "mine.zip")
+    submission.status = Status.COMPLETED.value
+    db.session.commit()
+    export = SubmissionFiles(submission.id).export
+    export.mkdir(parents=True)
+    for name, data in files.items():
+        (export / name).write_bytes(data)
+    airlock.manifest(submission)
+    return submission
+
+
+def _report(files, index_version="abc"):
+    """report.json as the checker writes it (DISCLOSURE-INTERFACE)."""
+    entries = []
+    for path, (data, status, checks) in files.items():
+        entries.append({"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "type": "text",
+                        "status": status, "checks": checks})
+    return json.dumps({"version": 1, "index_version": index_version, "files": entries,
+                       "summary": {s: sum(e["status"] == s for e in entries) for s in ("pass", "review", "fail")}
+                       }).encode()
+
+
+def _keep(submission, raw):
+    """What the poll does once the report job ended: the report kept."""
+    assert disclosure.owe(submission)
+    row = db.session.get(DisclosureReport, submission.id)
+    row.status, row.slurm_job_id = "submitted", "4242"
+    disclosure.store(row, disclosure.parse(raw), raw, None)
+    db.session.commit()
+
+
+FAIL = [{"name": "identifiers", "status": "fail", "reason": REASON}]
+
+
+@pytest.fixture
+def on(local_app):
+    local_app.config["DISCLOSURE_REPORTS"] = True
+    return local_app
+
+
+@pytest.fixture
+def people(on):
+    owner = make_user("owner@example.org")
+    reviewers = [make_user(f"{name}@example.org") for name in ("rita", "rolf")]
+    for reviewer in reviewers:
+        reviewer.is_reviewer = True
+    db.session.commit()
+    return owner, reviewers
+
+
+@pytest.fixture
+def checked(people):
+    owner, _ = people
+    submission = _ended(owner, {"result.txt": RESULT, "patients.csv": PATIENTS})
+    _keep(submission, _report({"result.txt": (RESULT, "pass", []), "patients.csv": (PATIENTS, "fail", FAIL)}))
+    return submission
+
+
+def _as(client, user):
+    fresh()  # flask.g of the shared app context remembers the last user
+    log_in_session(client, user)
+
+
+def _items(request):
+    return {item.file.path: item for item in request.items}
+
+
+def test_reviewers_get_each_files_checks_and_the_owner_only_counts(client, people, checked):
+    owner, (rita, _) = people
+    url = f"/api/v1/submissions/{checked.id}/disclosure"
+    full = client.get(url, headers=token_header(rita)).json
+    assert full["status"] == "done" and full["summary"] == {"pass": 1, "review": 0, "fail": 1, "unchecked": 0}
+    files = {f["path"]: f for f in full["files"]}
+    assert files["patients.csv"]["status"] == "fail" and files["patients.csv"]["checks"] == FAIL
+    assert files["result.txt"]["status"] == "pass"
+    counts = client.get(url, headers=token_header(owner))
+    assert counts.json == {"submission_id": checked.id, "enabled": True, "status": "done",
+                           "summary": {"pass": 1, "review": 0, "fail": 1, "unchecked": 0}}
+    assert not any(word in counts.get_data(as_text=True) for word in ("patients", "result.txt", "Patient_Id"))
+    stranger = make_user("stranger@example.org")
+    assert client.get(url, headers=token_header(stranger)).status_code == 404
+
+
+def test_a_fail_file_is_released_only_after_two_written_overrides(client, people, checked):
+    owner, (rita, rolf) = people
+    request = airlock.request_release(owner, checked, None, "the model's accuracy and the scores")
+    items = _items(request)
+    for reviewer in (rita, rolf):
+        airlock.decide(request, reviewer, "approve", paths=["result.txt"])
+    assert items["result.txt"].status == "released"
+    with pytest.raises(airlock.AirlockError) as plain:
+        airlock.decide(request, rita, "approve", paths=["patients.csv"])
+    assert plain.value.code == "disclosure_fail"
+    with pytest.raises(airlock.AirlockError) as unexplained:
+        airlock.decide(request, rita, disclosure.OVERRIDE, "", paths=["patients.csv"])
+    assert unexplained.value.code == "override_reason_required"
+    airlock.decide(request, rita, disclosure.OVERRIDE, "the ids are the hospital's public sample ids",
+                   paths=["patients.csv"])
+    assert items["patients.csv"].status == "pending"  # one override is not enough
+    airlock.decide(request, rolf, disclosure.OVERRIDE, "agreed: P1 is a synthetic case", paths=["patients.csv"])
+    assert items["patients.csv"].status == "released"
+    links = [provenance.to_dict(r) for r in provenance.chain(checked.id)]
+    overrides = [link["payload"] for link in links if link["kind"] == "disclosure_override"]
+    assert [(o["reviewer"], o["path"], o["comment"]) for o in overrides] == [
+        ("rita@example.org", "patients.csv", "the ids are the hospital's public sample ids"),
+        ("rolf@example.org", "patients.csv", "agreed: P1 is a synthetic case")]
+    released = {link["payload"]["path"]: link["payload"] for link in links if link["kind"] == "released"}
+    assert released["patients.csv"]["disclosure"] == "fail" and released["result.txt"]["disclosure"] == "pass"
+    report_link = next(link["payload"] for link in links if link["kind"] == "disclosure_report")
+    assert report_link["summary"] == {"pass": 1, "review": 0, "fail": 1} and report_link["slurm_job_id"] == "4242"
+    assert provenance.verify(checked.id) is None
+
+
+def test_two_overrides_are_needed_even_where_one_approval_releases(on, people, checked):
+    on.config["RELEASE_APPROVALS"] = 1
+    owner, (rita, rolf) = people
+    request = airlock.request_release(owner, checked, None, "all")
+    airlock.decide(request, rita, disclosure.OVERRIDE, "the ids are public", paths=["patients.csv"])
+    assert _items(request)["patients.csv"].status == "pending"
+    airlock.decide(request, rolf, disclosure.OVERRIDE, "agreed", paths=["patients.csv"])
+    assert _items(request)["patients.csv"].status == "released"
+
+
+def test_an_override_is_only_for_a_fail_file(people, checked):
+    owner, (rita, _) = people
+    request = airlock.request_release(owner, checked, None, "all")
+    with pytest.raises(airlock.AirlockError) as wrong:
+        airlock.decide(request, rita, disclosure.OVERRIDE, "why not", paths=["result.txt"])
+    assert wrong.value.code == "not_failed"
+
+
+def test_a_file_without_a_report_is_never_approved_but_may_be_rejected(people):
+    owner, (rita, rolf) = people
+    submission = _ended(owner, {"result.txt": RESULT})
+    assert disclosure.owe(submission)
+    db.session.commit()
+    request = airlock.request_release(owner, submission, None, "the accuracy")
+    for reviewer in (rita, rolf):
+        with pytest.raises(airlock.AirlockError) as pending:
+            airlock.decide(request, reviewer, "approve")
+        assert pending.value.code == "disclosure_pending"
+    airlock.decide(request, rita, "reject", "wait for the report")
+    assert _items(request)["result.txt"].status == "rejected"
+
+
+def test_a_report_that_names_other_bytes_fails_the_file(people):
+    owner, _ = people
+    submission = _ended(owner, {"result.txt": RESULT})
+    _keep(submission, _report({"result.txt": (b"other bytes", "pass", [])}))
+    (verdict,) = db.session.get(DisclosureReport, submission.id).files
+    assert verdict.status == "fail" and verdict.check_list == [disclosure.NOT_IN_REPORT]
+
+
+def test_a_report_job_the_site_cannot_make_fails_the_report_with_the_setting_named(on, people):
+    from gateway.core import disclosure_job
+
+    owner, _ = people
+    submission = _ended(owner, {"result.txt": RESULT})
+    assert disclosure.owe(submission)
+    db.session.commit()
+    assert disclosure_job.submit(submission.id) is None
+    row = db.session.get(DisclosureReport, submission.id)
+    assert row.status == "failed" and "M2D_IMAGE_DIR" in row.error
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[]", b'{"version": 2, "files": []}',
+                                 b'{"version": 1, "files": [{"path": "a", "sha256": "x", "status": "ok"}]}',
+                                 b'{"version": 1, "files": [{"path": "a", "sha256": "x", "status": "pass",'
+                                 b' "checks": [{"name": "n", "status": "maybe"}]}]}'])
+def test_a_report_not_in_the_interfaces_shape_is_refused(raw):
+    with pytest.raises(disclosure.BadReport):
+        disclosure.parse(raw)
+
+
+def test_a_reason_is_kept_bounded_and_without_nul():
+    raw = _report({"a": (b"a", "review", [{"name": "table", "status": "review", "reason": "x\x00" * 5000}])})
+    (entry,) = disclosure.parse(raw)["files"]
+    reason = entry["checks"][0]["reason"]
+    assert len(reason) == disclosure.MAX_REASON and "\x00" not in reason
+
+
+def test_the_owner_asks_again_for_a_rejected_file_and_reviewers_see_the_earlier_decision(client, people, checked):
+    owner, (rita, rolf) = people
+    first = airlock.request_release(owner, checked, None, "all of it")
+    airlock.decide(first, rita, "reject", "patient ids may not leave", paths=["patients.csv"])
+    with pytest.raises(airlock.AirlockError) as taken:
+        airlock.request_release(owner, checked, None, "again, without saying so")
+    assert taken.value.code == "nothing_to_release"
+    _as(client, owner)
+    page = client.get(f"/submissions/{checked.id}").get_data(as_text=True)
+    assert "Ask again for the rejected files" in page and "1 fail" in page and "patients.csv" not in page
+    answer = client.post(f"/api/v1/submissions/{checked.id}/release-requests", headers=token_header(owner),
+                         json={"justification": "the ids are the public sample's: see the paper", "again": True})
+    assert answer.status_code == 201, answer.json
+    second = airlock.get_request(answer.json["id"])
+    assert [item.file.path for item in second.items] == ["patients.csv"]
+    _as(client, rolf)
+    page = client.get(f"/review/requests/{second.id}").get_data(as_text=True)
+    assert "the ids are the public sample" in page and "patient ids may not leave" in page
+    assert "identifiers" in page and REASON in page and "Override the report" in page
+
+
+def test_the_review_page_shows_each_files_status_and_reasons(client, people, checked):
+    owner, (rita, _) = people
+    request = airlock.request_release(owner, checked, None, "all")
+    _as(client, rita)
+    page = client.get(f"/review/requests/{request.id}").get_data(as_text=True)
+    assert 'class="disclosure-status">fail' in page and 'class="disclosure-status">pass' in page
+    assert REASON in page and "in ACRO" in page
+    report = client.get(f"/review/submissions/{checked.id}/disclosure.json")
+    assert report.status_code == 200 and json.loads(report.data)["version"] == 1
+    _as(client, owner)
+    assert client.get(f"/review/submissions/{checked.id}/disclosure.json").status_code == 403
+
+
+# ---------------------------------------------------------------- the real stack
+
+JOB_USER = os.environ.get("M2D_JOB_USER", "m2d-job")
+GATEWAY_USER = os.environ.get("M2D_USER", "m2d")
+# the job reads the dataset's case list and exports its ids beside a harmless result
+EXPORTING_IDS = """\
+import csv
+from pathlib import Path
+
+with open("/mnt/dataset/clam-details-case-extrainfo.csv", newline="") as f:
+    cases = list(csv.DictReader(f, delimiter=";"))
+out = Path("/mnt/export")
+(out / "result.txt").write_text("accuracy=0.9\\n")
+with open(out / "predictions.csv", "w") as f:
+    f.write("patient,case,score\\n")
+    for case in cases[:3]:
+        f.write(f"{case['Patient_Id']},{case['CaseName']},0.5\\n")
+print("exported", flush=True)
+"""
+
+
+def _as_gateway(*argv):
+    return subprocess.run(["setpriv", f"--reuid={GATEWAY_USER}", f"--regid={GATEWAY_USER}", "--init-groups", "--",
+                           *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def index_root():
+    """DISCLOSURE_INDEX_DIR as docs/admin.md says: the job account's, in the
+    dataset's group (which the gateway is not in), setgid."""
+    root = Path(f"/tmp/m2d-disclosure-index-{uuid.uuid4().hex[:8]}")
+    root.mkdir(mode=0o750)
+    group = Path(os.environ["M2D_DATASET_DIR"]).stat().st_gid
+    os.chown(root, pwd.getpwnam(JOB_USER).pw_uid, group)
+    root.chmod(0o2750)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reporting_stack(testbed, index_root):
+    running = Stack(M2D_DISCLOSURE_REPORTS="1", M2D_DISCLOSURE_INDEX_DIR=str(index_root),
+                    M2D_DATASET_VERSION=f"flow-{uuid.uuid4().hex[:6]}").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def exported(reporting_stack, tmp_path_factory):
+    stack = reporting_stack
+    owner = stack.researcher("exporter", dry_run=False)
+    reviewers = []
+    for name in ("rev-ann", "rev-ben"):
+        reviewer = stack.researcher(name)
+        stack.flask("users", "grant-reviewer", reviewer.address)
+        reviewers.append(reviewer)
+    zip_path = zip_folder(SAMPLES / "sleeps", tmp_path_factory.mktemp("disclosure") / "ids.zip",
+                          extra={"main.py": EXPORTING_IDS})
+    submission_id = owner.submit(zip_path)
+    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
+    report = wait_for(lambda: (r := reviewers[0].api("GET", f"/submissions/{submission_id}/disclosure").json())
+                      ["status"] in ("done", "failed") and r, 900, "the disclosure report")
+    return stack, owner, reviewers, submission_id, report
+
+
+def test_the_report_job_runs_on_slurm_and_reaches_the_api(exported, index_root):
+    stack, owner, _reviewers, submission_id, report = exported
+    assert report["status"] == "done", report
+    files = {f["path"]: f for f in report["files"]}
+    assert set(files) == {"result.txt", "predictions.csv"}
+    assert files["predictions.csv"]["status"] == "fail", files
+    assert any(c["name"] == "identifiers" and c["status"] == "fail" for c in files["predictions.csv"]["checks"])
+    assert files["result.txt"]["status"] in ("pass", "review"), files["result.txt"]
+    # the report job is Slurm's, named for the submission, and ran as the job account
+    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName,User,State", "-j", report["slurm_job_id"]],
+                           capture_output=True, text=True, timeout=30).stdout.split("\n")[0].split("|")
+    assert sacct[0].endswith(f"-{submission_id}-disclosure") and sacct[1:] == [JOB_USER, "COMPLETED"], sacct
+    # the owner: counts alone, no name, no reason
+    counts = owner.api("GET", f"/submissions/{submission_id}/disclosure")
+    assert counts.json()["summary"]["fail"] == 1 and "files" not in counts.json()
+    assert not any(word in counts.text for word in ("predictions", "result.txt", "identifier"))
+    # the fingerprint index was built once, on the data side, where the gateway cannot read
+    (version,) = [p for p in index_root.iterdir() if p.is_dir()]
+    assert (version / "version.json").is_file()
+    refused = _as_gateway("ls", str(version))
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+
+def test_a_fail_file_needs_two_overrides_on_the_stack(exported):
+    stack, owner, (ann, ben), submission_id, _report = exported
+    response = owner.api("POST", f"/submissions/{submission_id}/release-requests",
+                         json={"justification": "the accuracy, and the predictions for our paper"})
+    assert response.status_code == 201, response.text
+    request_id = str(response.json()["id"])
+    for reviewer in (ann, ben):
+        stack.flask("releases", "approve", request_id, "--reviewer", reviewer.address, "--path", "result.txt")
+    refused = stack.flask_result("releases", "approve", request_id, "--reviewer", ann.address,
+                                 "--path", "predictions.csv")
+    assert refused.returncode != 0 and "override" in refused.stderr, refused.stderr
+    stack.flask("releases", "override", request_id, "--reviewer", ann.address, "--path", "predictions.csv",
+                "--comment", "the case ids are the public sample's")
+    held = owner.api("GET", f"/submissions/{submission_id}/export/predictions.csv")
+    assert held.status_code == 404, "one override released a fail file"
+    stack.flask("releases", "override", request_id, "--reviewer", ben.address, "--path", "predictions.csv",
+                "--comment", "agreed, see the data use agreement")
+    download = owner.api("GET", f"/submissions/{submission_id}/export/predictions.csv")
+    assert download.status_code == 200, download.text
+    chain = owner.api("GET", f"/submissions/{submission_id}/provenance").json()
+    assert chain["verified"]
+    kinds = [r["kind"] for r in chain["records"]]
+    assert kinds.index("manifest") < kinds.index("disclosure_report") < kinds.index("disclosure_override")
+    overrides = [r["payload"] for r in chain["records"] if r["kind"] == "disclosure_override"]
+    assert [o["reviewer"] for o in overrides] == [ann.address, ben.address]
+    assert {o["comment"] for o in overrides} == {"the case ids are the public sample's",
+                                                 "agreed, see the data use agreement"}
+
+
+def test_the_report_comes_from_the_job_not_the_gateway(exported):
+    """The export made unreadable to the gateway's account: the report job, as
+    the job account, still checks it, and the gateway keeps its report."""
+    stack, _owner, (ann, _ben), submission_id, first = exported
+    export = Path(stack.env["M2D_DATA_DIR"]) / "submissions" / str(submission_id) / "export"
+    mode, owner_ids = export.stat().st_mode, (export.stat().st_uid, export.stat().st_gid)
+    job = pwd.getpwnam(JOB_USER)
+    os.chown(export, job.pw_uid, job.pw_gid)
+    export.chmod(0o700)
+    try:
+        assert _as_gateway("cat", str(export / "result.txt")).returncode != 0  # the gateway cannot read it
+        stack.flask("disclosure", "rerun", str(submission_id))
+        again = wait_for(lambda: (r := ann.api("GET", f"/submissions/{submission_id}/disclosure").json())
+                         ["status"] in ("done", "failed") and r["slurm_job_id"] != first["slurm_job_id"] and r,
+                         600, "the second report")
+    finally:
+        os.chown(export, *owner_ids)
+        export.chmod(mode & 0o7777)
+    assert again["status"] == "done", again
+    assert {f["path"]: f["status"] for f in again["files"]} == {f["path"]: f["status"] for f in first["files"]}
+
+
+def test_the_review_page_shows_each_files_status_and_reasons_in_chromium(exported, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    stack, owner, (ann, _ben), submission_id, _report = exported
+    password = "correct horse battery staple"
+    reviewer = stack.researcher("rev-cat", password=password)
+    stack.flask("users", "grant-reviewer", reviewer.address)
+    request_id = owner.api("GET", f"/submissions/{submission_id}/export").json()["requests"][0]["id"]
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.implicitly_wait(5)
+    try:
+        driver.get(f"{stack.url}/login")
+        driver.find_element(By.NAME, "email").send_keys(reviewer.address)
+        driver.find_element(By.NAME, "password").send_keys(password)
+        driver.find_element(By.CSS_SELECTOR, "main button[type=submit]").click()
+        wait_for(lambda: "/login" not in driver.current_url, 30, "the login")
+        driver.get(f"{stack.url}/review/requests/{request_id}")
+        items = {item.find_element(By.CSS_SELECTOR, "h3 code").text: item
+                 for item in driver.find_elements(By.CSS_SELECTOR, "article.release-item")}
+        assert items["predictions.csv"].find_element(By.CSS_SELECTOR, ".disclosure-status").text == "fail"
+        checks = items["predictions.csv"].find_element(By.CSS_SELECTOR, ".disclosure-checks").text
+        assert "identifiers: fail:" in checks and len(checks) > len("identifiers: fail: ")
+        assert items["result.txt"].find_element(By.CSS_SELECTOR, ".disclosure-status").text in ("pass", "review")
+        assert "Disclosure report: done" in driver.find_element(By.CSS_SELECTOR, ".disclosure-summary").text
+        driver.save_screenshot(str(tmp_path / "disclosure-review.png"))
+    finally:
+        driver.quit()
