@@ -95,6 +95,20 @@ def test_dataset_array_in_a_torch_checkpoint_fails(dataset, index_dir, tmp_path,
     assert "dataset file #" in reasons(entry, check_name)
 
 
+def test_part_of_a_dataset_file_at_an_odd_offset_is_found_by_its_chunks(dataset, index_dir, tmp_path):
+    """Not the whole file (no whole-file hash matches): the array's raw rows without the
+    NPY header, between random bytes, in a tensor of the checkpoint."""
+    import torch
+    rows = np.load(make.an_image(dataset)[1]).tobytes()[5000:35000]
+    payload = os.urandom(1001) + rows + os.urandom(999)
+    state_dict = make.resnet18_state_dict()
+    state_dict["fc.extra"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    make.save_clam_model(tmp_path / "model.tar", state_dict)
+    entry = only(check(index_dir, tmp_path))
+    assert status_of(entry, "dataset-content") == "fail"
+    assert "chunk(s)" in reasons(entry, "dataset-content") and "byte for byte" not in reasons(entry, "dataset-content")
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_dataset_png_resized_by_a_pixel_and_reencoded_fails(dataset, index_dir, tmp_path, fmt):
     make.resized_png(dataset, tmp_path / "figure.png", fmt)
