@@ -273,6 +273,18 @@ def test_identifiers_in_json_xlsx_pickle_and_names(dataset, index_dir, tmp_path)
     assert case["CaseName"] not in json.dumps([f["checks"] for f in report["files"]])
 
 
+def test_identifier_hidden_in_a_tensors_bytes_fails(dataset, index_dir, tmp_path):
+    import torch
+    case_path = make.rows(dataset, make.CASE_CSV)[3]["CasePath"].encode()
+    payload = bytearray(os.urandom(200_000))
+    payload[123_457:123_457 + len(case_path) + 2] = b"\0" + case_path + b"\0"
+    state_dict = make.resnet18_state_dict()
+    state_dict["fc.extra"] = torch.frombuffer(payload, dtype=torch.uint8)
+    make.save_clam_model(tmp_path / "model.tar", state_dict)
+    entry = only(check(index_dir, tmp_path))
+    assert status_of(entry, "identifiers") == "fail" and "a case path of the dataset at byte" in reasons(entry, "identifiers")
+
+
 def test_image_tensor_in_safetensors_fails_and_random_weights_do_not(dataset, index_dir, tmp_path):
     image = np.load(make.an_image(dataset)[1]).astype(np.float32)
     make.safetensors_file(tmp_path / "a.safetensors", {"w": np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32),
