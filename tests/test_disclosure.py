@@ -295,6 +295,22 @@ def test_image_tensor_in_safetensors_fails_and_random_weights_do_not(dataset, in
     assert b["status"] == "review" and "near-duplicate-image" not in [c["name"] for c in b["checks"] if c["status"] == "fail"]
 
 
+def test_files_built_to_break_the_checker_fail_alone(dataset, index_dir, tmp_path):
+    """Each fails on its own, the others are still checked, the report is written."""
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with open(tmp_path / "sparse.bin", "wb") as f:
+        f.truncate(3 << 30)  # 3 GiB of nothing, over the bound below
+    case = make.rows(dataset, make.CASE_CSV)[0]["CaseName"]
+    (tmp_path / "wide.csv").write_text("a,b\n1,2\n3," + "x" * 200_000 + f"\n{case},5\n")
+    make.confusion_matrix_csv(tmp_path / "z_confusion.csv")
+    report = check(index_dir, tmp_path, max_file_bytes=1 << 30)
+    by_path = {f["path"]: f for f in report["files"]}
+    assert by_path["deep.json"]["status"] in ("pass", "review", "fail")  # no crash; typed as text
+    assert status_of(by_path["sparse.bin"], "limits") == "fail"
+    assert status_of(by_path["wide.csv"], "identifiers") == "fail"
+    assert by_path["z_confusion.csv"]["status"] == "pass"
+
+
 def test_unknown_binary_is_reviewed_with_what_is_known(index_dir, tmp_path):
     (tmp_path / "blob.bin").write_bytes(os.urandom(5000))
     entry = only(check(index_dir, tmp_path))
