@@ -311,6 +311,33 @@ def test_files_built_to_break_the_checker_fail_alone(dataset, index_dir, tmp_pat
     assert by_path["z_confusion.csv"]["status"] == "pass"
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """A protobuf length-delimited field (lengths < 128 here)."""
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "onnx", "keras"])
+def test_other_model_formats_are_read_by_content(index_dir, tmp_path, fmt):
+    if fmt == "legacy":
+        import torch
+        torch.save({"w": torch.zeros(64, 3, 7, 7)}, tmp_path / "weights.bin", _use_new_zipfile_serialization=False)
+        expected = 64 * 3 * 7 * 7
+    elif fmt == "onnx":  # ModelProto{ir_version 8, producer, graph{initializer{dims 64, 3, 7, 7; name}}}
+        tensor = b"\x08\x40\x08\x03\x08\x07\x08\x07\x10\x01" + _field(8, b"conv1.weight")
+        (tmp_path / "model.bin").write_bytes(b"\x08\x08" + _field(2, b"pytorch") + _field(7, _field(5, tensor)))
+        expected = 64 * 3 * 7 * 7
+    else:
+        with zipfile.ZipFile(tmp_path / "model.bin", "w") as z:
+            z.writestr("config.json", "{}")
+            z.writestr("metadata.json", "{}")
+            z.writestr("model.weights.h5", b"\x89HDF\r\n\x1a\n" + bytes(40_000 - 8))
+        expected = 10_000
+    entry = only(check(index_dir, tmp_path))
+    assert entry["type"] == {"legacy": "pytorch-legacy", "onnx": "onnx", "keras": "keras"}[fmt]
+    assert f"{expected} parameters" in reasons(entry, "model-parameters"), entry
+    assert entry["status"] == "review"
+
+
 def test_unknown_binary_is_reviewed_with_what_is_known(index_dir, tmp_path):
     (tmp_path / "blob.bin").write_bytes(os.urandom(5000))
     entry = only(check(index_dir, tmp_path))
