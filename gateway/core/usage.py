@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 
 from flask import current_app
 
-from . import queue
-from .adapters.slurm import SlurmError
-from .adapters.slurm.accounting import Limits, SlurmAccounts
+from .. import queue
+from ..adapters.slurm import SlurmError
+from . import scheduling
 from .models import User
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,14 @@ def _cached(key: str, compute):
 
 def shares() -> dict[str, dict]:
     """sshare's view of every researcher's account: {account: Share.to_dict()}."""
-    slurm = SlurmAccounts.from_config(current_app.config)
+    slurm = scheduling.accounts()
     return _cached("shares", lambda: {name: share.to_dict() for name, share in slurm.shares().items()})
 
 
 def report() -> dict[str, dict[str, int]]:
     """sreport's minutes per account and TRES this period (rolled-up hours)."""
     def compute():
-        slurm = SlurmAccounts.from_config(current_app.config)
+        slurm = scheduling.accounts()
         found: dict[str, dict[str, int]] = {}
         for row in slurm.report(period_start()):
             if not row.user:  # the account's own row: the sum of its users
@@ -51,7 +51,7 @@ def report() -> dict[str, dict[str, int]]:
 
 
 def limits_dict() -> dict:
-    limits = Limits.from_config(current_app.config)
+    limits = scheduling.limits()
     return {"max_running": limits.max_running, "max_queued": limits.max_queued,
             "gpu_minutes": limits.gpu_minutes, "max_wall": limits.max_wall}
 
@@ -61,7 +61,7 @@ def for_user(user: User) -> dict:
     cfg = current_app.config
     if not cfg["SLURM_ACCOUNTS"] or not user.mlflow_username:
         return {"account": None, "limits": limits_dict(), "error": None, "usage": None}
-    account = SlurmAccounts.from_config(cfg).name_for(user.mlflow_username)
+    account = scheduling.accounts(cfg).name_for(user.mlflow_username)
     try:
         share = shares().get(account)
     except SlurmError as e:
@@ -74,7 +74,7 @@ def overview() -> dict:
     """Every approved researcher's account, usage and fair-share factor (the
     admins' page and ``flask slurm usage``)."""
     cfg = current_app.config
-    slurm = SlurmAccounts.from_config(cfg)
+    slurm = scheduling.accounts(cfg)
     error = None
     try:
         now, rolled = shares(), report()

@@ -5,11 +5,11 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import accounts, airlock, images, overview, provenance, usage, weights
 from .adapters.mlflow import MlflowError
 from .adapters.slurm import SlurmError
+from .core import accounts, airlock, images, overview, provenance, scheduling, usage, weights
+from .core.models import ApiToken, ReleaseRequest, User
 from .extensions import db
-from .models import ApiToken, ReleaseRequest, User
 
 users = AppGroup("users", help="Manage researcher and admin accounts.")
 tokens = AppGroup("tokens", help="Manage API tokens.")
@@ -270,9 +270,8 @@ def slurm_usage():
 def slurm_sync():
     """Give every approved researcher their Slurm account (made if missing) with
     the configured limits (disabled ones stay disabled); after changing M2D_SLURM_* limits."""
-    from .adapters.slurm.accounting import SlurmAccounts
 
-    slurm = SlurmAccounts.from_config(current_app.config)
+    slurm = scheduling.accounts()
     for user in User.query.filter(User.approved_at.isnot(None)).order_by(User.id):
         try:
             name = accounts.slurm_account(user)

@@ -18,10 +18,10 @@ from sqlalchemy import func
 
 from m2d.contract.states import DRY_RUN_ACTIVE, Status
 
-from . import queue
-from .adapters.slurm import TERMINAL_STATES, SlurmError
-from .adapters.slurm.cli import CliScheduler
-from .extensions import db
+from .. import queue
+from ..adapters.slurm import TERMINAL_STATES, SlurmError
+from ..extensions import db
+from . import scheduling
 from .models import Submission
 
 # What Slurm may say of a job in each active state without anything being wrong.
@@ -75,7 +75,7 @@ def _jobs(cfg: Mapping[str, Any], errors: list[str]) -> list[JobRow]:
     active = (Submission.query.filter(Submission.status.in_([s.value for s in ACTIVE]))
               .order_by(Submission.id).all())
     prefix = f"{cfg['SLURM_JOB_PREFIX']}-"
-    scheduler = CliScheduler.from_config(cfg)
+    scheduler = scheduling.scheduler(cfg)
     try:
         live = {entry.job_id: entry for entry in scheduler.queue(prefix)}
         ids = [job_id for s in active if (job_id := _job_of(s)) and job_id not in live]

@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.config import DEFAULTS
-from gateway.templating import SINGULARITY_DIR, render
+from gateway.core.templating import SINGULARITY_DIR, render
 
 __all__ = ["JobSpec", "render_job_script", "write_job_script", "job_name", "log_name", "RELAY_SOURCE",
            "EXPORT_FULL_EXIT", "TIME_UP_EXIT", "SLURM_WRAPPER", "export_image_kib", "export_inodes", "size_text"]
@@ -95,7 +95,7 @@ def job_name(prefix: str, submission_id: int, dry_run: bool = False) -> str:
 
 def log_name(job_id: str, stream: str, dry_run: bool = False) -> str:
     """The file in the submission's logs/ where Slurm writes a job's ``stream``
-    ("out" or "err"; the relay its "relay.json"); read through gateway.jobfiles."""
+    ("out" or "err"; the relay its "relay.json"); read through gateway.core.jobfiles."""
     return f"{DRY_RUN_LOG_PREFIX if dry_run else LOG_PREFIX}-{job_id}.{stream}"
 
 _TIME = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")

@@ -26,9 +26,9 @@ from sqlalchemy.exc import IntegrityError
 
 from m2d.contract.states import Status
 
-from . import queue
-from .config import ConfigError
-from .extensions import db
+from .. import queue
+from ..config import ConfigError
+from ..extensions import db
 from .lifecycle import advance
 from .models import Alert, Email, Submission, User, utcnow
 

@@ -6,7 +6,7 @@ from flask import Blueprint, Response, abort, render_template, request, url_for
 
 from m2d.contract import __version__
 
-from . import client_wheel
+from .. import client_wheel
 
 bp = Blueprint("downloads", __name__)
 

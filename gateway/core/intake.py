@@ -10,10 +10,10 @@ from datetime import timedelta
 from flask import current_app
 from werkzeug.datastructures import FileStorage
 
-from m2d.contract.validation import Limits, Refusal, check_upload_size, check_zip, unpack
+from m2d.contract.validation import Refusal, UploadLimits, check_upload_size, check_zip, unpack
 
+from ..extensions import db
 from . import lifecycle, provenance
-from .extensions import db
 from .models import Submission, User, utcnow
 from .storage import SubmissionFiles, incoming_dir
 
@@ -21,9 +21,9 @@ CHUNK = 1024 * 1024
 QUOTA_WINDOW = timedelta(hours=24)
 
 
-def limits() -> Limits:
+def limits() -> UploadLimits:
     cfg = current_app.config
-    return Limits(
+    return UploadLimits(
         max_zip_bytes=cfg["MAX_ZIP_BYTES"],
         max_files=cfg["MAX_FILES"],
         max_uncompressed_bytes=cfg["MAX_UNCOMPRESSED_BYTES"],

@@ -9,12 +9,12 @@ from sqlalchemy.orm import contains_eager
 
 from m2d.contract.states import IllegalTransition, Status
 
-from . import accounts, alerts, lifecycle, pagination, usage
-from .adapters.mlflow import MlflowError
-from .adapters.slurm import SlurmError
-from .adapters.slurm.cli import CliScheduler
-from .extensions import db, login_manager
-from .models import Submission, User
+from ..adapters.mlflow import MlflowError
+from ..adapters.slurm import SlurmError
+from ..core import accounts, alerts, lifecycle, scheduling, usage
+from ..core.models import Submission, User
+from ..extensions import db, login_manager
+from . import pagination
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 PER_PAGE = 25
@@ -192,7 +192,7 @@ def _cancel(submission):
 @admin_required
 def cluster():
     prefix = f"{current_app.config['SLURM_JOB_PREFIX']}-"
-    scheduler = CliScheduler.from_config(current_app.config)
+    scheduler = scheduling.scheduler()
     error, queue, recent = None, [], []
     try:
         queue = scheduler.queue(prefix)
@@ -216,7 +216,7 @@ def cancel_job(job_id):
         _cancel(submission)
         return redirect(url_for("admin.cluster"))
     prefix = f"{current_app.config['SLURM_JOB_PREFIX']}-"
-    scheduler = CliScheduler.from_config(current_app.config)
+    scheduler = scheduling.scheduler()
     try:
         if not any(e.job_id == job_id for e in scheduler.queue(prefix)):
             abort(404)

@@ -1,4 +1,7 @@
-"""/healthz: whether each part the gateway works with answers, and which does not.
+"""What operators and their monitoring ask of a running gateway: /healthz and
+/metrics (the counters behind it: gateway.metrics).
+
+/healthz: whether each part the gateway works with answers, and which does not.
 
 Every part is asked at once, each in its own thread with HEALTH_TIMEOUT
 seconds: a part that hangs (a firewalled port, a stuck slurmctld) costs the
@@ -8,22 +11,27 @@ A load balancer or monitoring polls it; tests/helpers/stack.py waits on it.
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import shutil
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app, request
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis import Redis
 from sqlalchemy import text
 
-from .adapters import slurm
-from .adapters.mlflow import MlflowAdmin
-from .adapters.smtp import Mailer
-from .extensions import db
+from .. import metrics
+from ..adapters.mlflow import MlflowAdmin
+from ..adapters.smtp import Mailer
+from ..core import scheduling
+from ..extensions import db
+from .errors import json_error
 
-bp = Blueprint("health", __name__)
+bp = Blueprint("ops", __name__)
 
 
 def _database(engine, timeout: float) -> str:
@@ -57,7 +65,7 @@ def checks(cfg: Mapping[str, Any], engine) -> dict[str, Callable[[float], str]]:
     return {
         "database": lambda timeout: _database(engine, timeout),
         "redis": lambda timeout: _redis(cfg["REDIS_URL"], timeout),
-        "slurm": lambda timeout: slurm.from_config(cfg).ping(timeout),
+        "slurm": lambda timeout: scheduling.scheduler(cfg).ping(timeout),
         "mlflow": lambda timeout: MlflowAdmin.from_config(cfg).ping(timeout),
         "smtp": lambda timeout: Mailer.from_config(cfg).ping(timeout),
         "disk": lambda timeout: _disk(cfg, timeout),
@@ -101,3 +109,24 @@ def _timed(check: Callable[[float], str], timeout: float) -> dict[str, Any]:
 def healthz():
     body = report(current_app.config, db.engine)
     return body, 200 if body["ok"] else 503
+
+
+def scrape_allowed() -> bool:
+    """With METRICS_TOKEN: whoever sends it. Without: this host only, and not
+    through a proxy (nginx on this host would make every client look local)."""
+    token = current_app.config["METRICS_TOKEN"]
+    if token:
+        return hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}")
+    try:
+        local = ipaddress.ip_address(request.remote_addr or "").is_loopback
+    except ValueError:
+        return False
+    return local and "X-Forwarded-For" not in request.headers
+
+
+@bp.get("/metrics")
+def scrape():
+    if not scrape_allowed():
+        return json_error(403, "forbidden", "/metrics answers this host's loopback only; from elsewhere, set "
+                          "M2D_METRICS_TOKEN and send it as 'Authorization: Bearer TOKEN'.")
+    return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)

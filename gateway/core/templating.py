@@ -1,6 +1,7 @@
 """Templates for generated text files: one Jinja environment for all of them.
 
-    singularity/...    the environment image's definition file, the job's batch script
+    singularity/...    the job's batch script (the build's install script is the
+                       apptainer adapter's own)
     mail/...           emails (gateway/templates/mail; the first line is the subject)
 
 Web pages are Flask's own (gateway/templates, autoescaped); these are plain text,
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import jinja2
 
-SINGULARITY_DIR = Path(__file__).resolve().parent.parent / "singularity"
-MAIL_DIR = Path(__file__).resolve().parent / "templates" / "mail"
+SINGULARITY_DIR = Path(__file__).resolve().parents[2] / "singularity"
+MAIL_DIR = Path(__file__).resolve().parents[1] / "templates" / "mail"
 
 
 def _directive(value: object) -> str:

@@ -25,7 +25,7 @@ from datetime import datetime
 
 from sqlalchemy import func, select, update
 
-from .extensions import db
+from ..extensions import db
 from .models import ProvenanceRecord, Submission, _iso, utcnow
 
 GENESIS = "0" * 64
@@ -81,7 +81,7 @@ def to_dict(row: ProvenanceRecord) -> dict:
 def owner_view(row: ProvenanceRecord, disclosed: set[str]) -> dict:
     """A link as the submission's owner sees it: the names, sizes and hashes of
     export files reviewers have not released are left out (counted), the way
-    gateway.airlock.overview shows the export. The hashes still chain: the
+    gateway.core.airlock.overview shows the export. The hashes still chain: the
     gateway verifies them on the whole rows."""
     shown = to_dict(row)
     payload = shown["payload"]

@@ -11,20 +11,22 @@ import os
 import re
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ...metrics import SLURM_ERRORS
 from . import (
     JOB_ID,
     SACCT_FIELDS,
     SACCT_TIME_FORMAT,
+    AccountingRecord,
+    ErrorCounter,
     JobInfo,
+    QueueEntry,
     Scheduler,
     SlurmError,
     SlurmRefused,
+    _uncounted,
     check_account,
     check_ids,
     check_name,
@@ -72,29 +74,6 @@ SQUEUE_FORMAT = "%i|%j|%T|%r|%M|%N|%Q"
 RECENT_FIELDS = ("JobIDRaw", "JobName", "State", "ExitCode", "Elapsed", "Start", "End", "NodeList")
 
 
-@dataclass(frozen=True)
-class QueueEntry:
-    job_id: str
-    name: str
-    state: str
-    reason: str
-    elapsed: str
-    nodelist: str
-    priority: int = 0
-
-
-@dataclass(frozen=True)
-class AccountingRecord:
-    job_id: str
-    name: str
-    state: str
-    exit_code: str
-    elapsed: str
-    start: str
-    end: str
-    nodelist: str
-
-
 def parse_squeue(stdout: str) -> list[QueueEntry]:
     """Rows of ``squeue -h -o SQUEUE_FORMAT``; a name may hold "|", so the
     fields are taken from both ends."""
@@ -126,17 +105,6 @@ def parse_sacct_records(stdout: str) -> list[AccountingRecord]:
     return sorted(records, key=lambda r: int(r.job_id), reverse=True)
 
 
-def queue_position(entries: Sequence[QueueEntry], job_id: str) -> int | None:
-    """Where ``job_id`` stands among the pending jobs (1: next to start), in
-    the order Slurm starts them: highest priority first, then oldest."""
-    pending = sorted((e for e in entries if e.state == "PENDING"),
-                     key=lambda e: (-e.priority, int(e.job_id)))
-    for position, entry in enumerate(pending, start=1):
-        if entry.job_id == job_id:
-            return position
-    return None
-
-
 # The environment the Slurm commands get.  Everything else in the gateway's
 # environment (secret keys, database URLs, MLflow admin password) stays out:
 # sbatch copies its own environment into the job (--export=ALL), and SBATCH_*
@@ -158,13 +126,15 @@ class Batch:
     binary is a SlurmError carrying the command and its stderr.
 
     ``job_user``: the account jobs run as; sbatch and scancel then go through
-    ``sudo -n WRAPPER submit|cancel`` (:meth:`as_job_user`), never directly."""
+    ``sudo -n WRAPPER submit|cancel`` (:meth:`as_job_user`), never directly.
+    ``on_error``: told the name of each command that failed (the gateway counts them)."""
 
     def __init__(self, bin_dir: str | os.PathLike | None = None,
                  env: Mapping[str, str] | None = None,
                  timeout: float = 30.0, job_user: str | None = None,
-                 wrapper: str = SLURM_WRAPPER) -> None:
+                 wrapper: str = SLURM_WRAPPER, on_error: ErrorCounter | None = None) -> None:
         self.bin_dir = Path(bin_dir) if bin_dir else None
+        self.on_error = on_error or _uncounted
         self.timeout = timeout
         self.job_user = job_user or None
         self.wrapper = wrapper
@@ -181,7 +151,7 @@ class Batch:
         try:
             return self._run(name, args, timeout or self.timeout)
         except SlurmError:
-            SLURM_ERRORS.inc(command=name)  # counted in the gateway's app only
+            self.on_error(name)
             raise
 
     def as_job_user(self, name: str, args: Sequence[str]) -> subprocess.CompletedProcess:
@@ -191,7 +161,7 @@ class Batch:
         try:
             return self._run(name, args, self.timeout, wrapped=True)
         except SlurmError:
-            SLURM_ERRORS.inc(command=name)
+            self.on_error(name)
             raise
 
     def _run(self, name: str, args: Sequence[str], timeout: float,
@@ -234,13 +204,14 @@ class CliScheduler(Scheduler):
     def __init__(self, bin_dir: str | os.PathLike | None = None,
                  env: Mapping[str, str] | None = None, timeout: float = 30.0,
                  batch: Batch | None = None, job_user: str | None = None,
-                 wrapper: str = SLURM_WRAPPER) -> None:
+                 wrapper: str = SLURM_WRAPPER, on_error: ErrorCounter | None = None) -> None:
         self.batch = batch or Batch(bin_dir=bin_dir, env=env, timeout=timeout, job_user=job_user,
-                                    wrapper=wrapper)
+                                    wrapper=wrapper, on_error=on_error)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> CliScheduler:
-        return cls(job_user=cfg.get("JOB_USER"), wrapper=cfg.get("SLURM_WRAPPER") or SLURM_WRAPPER)
+    def from_config(cls, cfg: Mapping[str, Any], on_error: ErrorCounter | None = None) -> CliScheduler:
+        return cls(job_user=cfg.get("JOB_USER"), wrapper=cfg.get("SLURM_WRAPPER") or SLURM_WRAPPER,
+                   on_error=on_error)
 
     def submit(self, script: Path, job_name: str, account: str | None = None) -> str:
         check_name(job_name)
@@ -337,8 +308,6 @@ class CliScheduler(Scheduler):
         return reasons
 
     def queue(self, name_prefix: str | None = None) -> list[QueueEntry]:
-        """Every job slurmctld holds (pending, running, just ended), or those
-        whose name starts with ``name_prefix``."""
         out = self.batch.run("squeue", ["-h", "-a", "-o", SQUEUE_FORMAT]).stdout
         try:
             entries = parse_squeue(out)
@@ -347,7 +316,6 @@ class CliScheduler(Scheduler):
         return [e for e in entries if not name_prefix or e.name.startswith(name_prefix)]
 
     def recent(self, name_prefix: str | None = None, hours: int = 24) -> list[AccountingRecord]:
-        """sacct's records of the jobs of the last ``hours``, newest first."""
         since = (datetime.now(timezone.utc) - timedelta(hours=hours)).strftime(SACCT_TIME_FORMAT)
         out = self.batch.run("sacct", ["-X", "-n", "-P", "-a", "-o", ",".join(RECENT_FIELDS),
                                        "-S", since, "-E", "now"]).stdout

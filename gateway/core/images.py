@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 
 from m2d.contract.states import TERMINAL
 
-from .adapters.apptainer import ImageBuilder
-from .extensions import db
+from ..adapters.apptainer import ImageBuilder
+from ..extensions import db
 from .models import Submission, utcnow
 
 log = logging.getLogger(__name__)

@@ -45,6 +45,6 @@ def init_app(app: Flask) -> None:
         if request.path.startswith(API_PREFIX):
             return json_error(exc.code, code, message)
         if exc.code >= 500:
-            from .extensions import db
+            from ..extensions import db
             db.session.rollback()  # the page loads the user: not in a failed transaction
         return render_template("error.html", title=exc.name, message=message), exc.code

@@ -1,15 +1,15 @@
-"""Sign-up, email verification, login and logout, password reset and
-change, and API token authentication."""
+"""Sign-up, email verification, login and logout, password reset, and API
+token authentication. Changing a password: gateway.web.account."""
 from functools import wraps
 from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
-from . import accounts
+from ..core import accounts
+from ..core.models import ApiToken, User, utcnow
+from ..extensions import db, limiter, login_manager
 from .errors import json_error
-from .extensions import db, limiter, login_manager
-from .models import ApiToken, User, utcnow
 
 bp = Blueprint("auth", __name__)
 
@@ -168,26 +168,6 @@ def reset(token):
                 return redirect(url_for("auth.login"))
         return render_template("reset.html"), 400
     return render_template("reset.html")
-
-
-@bp.post("/account/password")
-@login_required
-def change_password():
-    if not current_user.check_password(request.form.get("current", "")):
-        flash("Your current password is not right.", "error")
-    elif request.form.get("password", "") != request.form.get("confirm", ""):
-        flash("The two new passwords differ.", "error")
-    else:
-        try:
-            accounts.set_password(current_user, request.form.get("password", ""))
-        except accounts.AccountError as e:
-            flash(str(e), "error")
-        else:
-            # the stamp changed: every other session is over, this one goes on
-            session.clear()
-            login_user(current_user._get_current_object())
-            flash("Your password is changed. Other sessions are logged out.")
-    return redirect(url_for("submissions.account") + "#password")
 
 
 # ----------------------------------------------------------------- API tokens

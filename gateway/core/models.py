@@ -10,8 +10,8 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from m2d.contract.states import Status
 
-from . import secrets as sealed
-from .extensions import db
+from .. import secrets as sealed
+from ..extensions import db
 
 
 def utcnow():
@@ -24,7 +24,7 @@ class User(UserMixin, db.Model):
     name = db.Column(db.String(255), nullable=False)
     password_hash = db.Column(db.String(255))
     is_admin = db.Column(db.Boolean, nullable=False, default=False)
-    # may approve or reject the release of exported files (gateway.airlock)
+    # may approve or reject the release of exported files (gateway.core.airlock)
     is_reviewer = db.Column(db.Boolean, nullable=False, default=False, server_default="0")
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
     approved_at = db.Column(db.DateTime)
@@ -40,7 +40,7 @@ class User(UserMixin, db.Model):
     # an admin's exception: this researcher's submissions skip the dry run
     # (flask --app gateway users dry-run EMAIL --skip)
     skip_dry_run = db.Column(db.Boolean, nullable=False, default=False, server_default="0")
-    # the web portal's sign-up, approval and admin actions (gateway.accounts)
+    # the web portal's sign-up, approval and admin actions (gateway.core.accounts)
     affiliation = db.Column(db.String(200), nullable=False, default="", server_default="")
     intended_use = db.Column(db.Text, nullable=False, default="", server_default="")
     email_verified_at = db.Column(db.DateTime)
@@ -75,7 +75,7 @@ class User(UserMixin, db.Model):
 
     def get_id(self):
         # The session names the password too: changing it ends every other
-        # session and every "remember me" cookie (gateway.auth.load_user).
+        # session and every "remember me" cookie (gateway.web.auth.load_user).
         return f"{self.id}.{self.session_stamp}"
 
     @property
@@ -145,10 +145,10 @@ class Submission(db.Model):
     dry_run_exit_code = db.Column(db.Integer)
     dry_run_reason = db.Column(db.String(255))
     dry_run_log = db.Column(db.Text)
-    # what it left in export-dryrun/, read once when it ended (gateway.jobfiles):
+    # what it left in export-dryrun/, read once when it ended (gateway.core.jobfiles):
     # JSON, a list of {path, size, text}; the API never opens the folder
     dry_run_files = db.Column(db.Text)
-    # prepares that failed for a reason other than Slurm (gateway.alerts):
+    # prepares that failed for a reason other than Slurm (gateway.core.alerts):
     # the sweep tries again after a growing pause, then the submission fails
     prepare_failures = db.Column(db.Integer, nullable=False, default=0, server_default="0")
     prepare_failed_at = db.Column(db.DateTime)
@@ -244,7 +244,7 @@ class Email(Delivery, db.Model):
     status change, sent (once) by a worker.
 
     Status emails go to the submission's owner, one per kind. Airlock emails
-    (gateway.airlock) name what they are about in ``ref`` ("request-3") and
+    (gateway.core.airlock) name what they are about in ``ref`` ("request-3") and
     may go to someone else (``recipient``, a reviewer); both are "" otherwise,
     never NULL, so that the unique constraint guards every row."""
     __table_args__ = (UniqueConstraint("submission_id", "kind", "ref", "recipient",
@@ -256,7 +256,7 @@ class Email(Delivery, db.Model):
     ref = db.Column(db.String(64), nullable=False, default="", server_default="")
     recipient = db.Column(db.String(255), nullable=False, default="", server_default="")  # "": the owner
     release_request_id = db.Column(db.Integer, db.ForeignKey("release_request.id"))
-    alert_id = db.Column(db.Integer, db.ForeignKey("alert.id"))  # the admins' alerts (gateway.alerts)
+    alert_id = db.Column(db.Integer, db.ForeignKey("alert.id"))  # the admins' alerts (gateway.core.alerts)
 
     submission = db.relationship("Submission")
     event = db.relationship("Event")
@@ -283,7 +283,7 @@ class AccountEmail(Delivery, db.Model):
 
 
 class Alert(db.Model):
-    """Something the admins must look at (gateway.alerts): a submission stuck
+    """Something the admins must look at (gateway.core.alerts): a submission stuck
     in one status (``stuck``), or one whose prepare kept failing
     (``prepare_failed``). One per episode: the status and the moment the
     submission entered it (``since``, its updated_at then), so a second poller
@@ -318,7 +318,7 @@ class Build(db.Model):
 
 
 # ------------------------------------------------------------------ the airlock
-# (gateway.airlock has the rules; gateway.provenance the chain)
+# (gateway.core.airlock has the rules; gateway.core.provenance the chain)
 
 class Export(db.Model):
     """A submission's export folder once its job ended: when its manifest was
@@ -414,7 +414,7 @@ class Review(db.Model):
 
 
 class ProvenanceRecord(db.Model):
-    """One link of a submission's hash chain (gateway.provenance): append-only."""
+    """One link of a submission's hash chain (gateway.core.provenance): append-only."""
     __table_args__ = (UniqueConstraint("submission_id", "seq"),)
     id = db.Column(db.Integer, primary_key=True)
     submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), nullable=False, index=True)

@@ -1,24 +1,22 @@
 """Web pages for researchers: their submissions, the upload form, a
-submission's story (updated live while it is active), their account."""
-from flask import Blueprint, abort, current_app, flash, jsonify, redirect, render_template, request, url_for
+submission's story (updated live while it is active). Their account: gateway.web.account."""
+from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from werkzeug.datastructures import FileStorage
 
 from m2d.contract.states import IllegalTransition, Status
 from m2d.contract.validation import Refusal
 
-from . import intake, lifecycle, pagination, runs, usage
-from .adapters.slurm import SlurmError
-from .adapters.slurm.cli import CliScheduler, queue_position
-from .api import mlflow_settings
-from .extensions import db
-from .models import ApiToken, Build, Email, Submission, utcnow
-from .storage import SubmissionFiles
+from ..adapters.slurm import SlurmError, queue_position
+from ..core import intake, lifecycle, runs, scheduling
+from ..core.models import Build, Email, Submission
+from ..core.storage import SubmissionFiles
+from ..extensions import db
+from . import pagination
 
 bp = Blueprint("submissions", __name__)
 PER_PAGE = 20
 BUILD_LOG_LINES = 60
-TOKEN_NAME_MAX = 100
 
 
 @bp.route("/", methods=["GET", "POST"])
@@ -124,7 +122,7 @@ def _slurm_view(submission):
     if not submission.slurm_job_id or submission.state not in (Status.QUEUED, Status.RUNNING):
         return None
     try:
-        entries = CliScheduler.from_config(current_app.config).queue()
+        entries = scheduling.queue_view()
     except SlurmError as e:
         return {"error": str(e)}
     entry = next((e for e in entries if e.job_id == submission.slurm_job_id), None)
@@ -132,45 +130,3 @@ def _slurm_view(submission):
         return None
     return {"state": entry.state, "reason": entry.reason, "elapsed": entry.elapsed,
             "nodelist": entry.nodelist, "position": queue_position(entries, entry.job_id)}
-
-
-# --------------------------------------------------------------- account
-
-@bp.get("/account")
-@login_required
-def account():
-    return _account_page()
-
-
-@bp.post("/account/tokens")
-@login_required
-def create_token():
-    name = (request.form.get("name") or "").strip()
-    if not name or len(name) > TOKEN_NAME_MAX:
-        flash(f"Give the token a name of 1 to {TOKEN_NAME_MAX} characters, e.g. 'laptop'.", "error")
-        return _account_page(), 400
-    token = ApiToken.issue(current_user, name=name)
-    db.session.commit()
-    # shown in this answer only: never in a redirect, a cookie or a log
-    return _account_page(new_token=token, new_token_name=name), 201
-
-
-@bp.post("/account/tokens/<int:token_id>/revoke")
-@login_required
-def revoke_token(token_id):
-    token = ApiToken.query.filter_by(id=token_id, user_id=current_user.id).first() or abort(404)
-    if token.revoked_at is None:
-        token.revoked_at = utcnow()
-        db.session.commit()
-    flash(f"The token '{token.name or token.id}' is revoked: programs using it are refused now.")
-    return redirect(url_for("submissions.account") + "#tokens")
-
-
-def _account_page(**extra):
-    tokens = (ApiToken.query.filter_by(user_id=current_user.id)
-              .order_by(ApiToken.revoked_at.isnot(None), ApiToken.id.desc()).all())
-    response = current_app.make_response(render_template(
-        "account.html", mlflow=mlflow_settings(current_user), tokens=tokens, usage=usage.for_user(current_user),
-        **extra))
-    response.headers["Cache-Control"] = "no-store"  # credentials on the page
-    return response

@@ -5,11 +5,12 @@ from m2d.contract import __version__
 from m2d.contract.states import IllegalTransition
 from m2d.contract.validation import Refusal
 
-from . import airlock, intake, lifecycle, pagination, provenance, usage
+from ..core import airlock, intake, lifecycle, provenance, usage
+from ..core.models import Submission
+from ..extensions import csrf, db
+from . import pagination
 from .auth import token_required
 from .errors import json_error as error
-from .extensions import csrf, db
-from .models import Submission
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 csrf.exempt(bp)

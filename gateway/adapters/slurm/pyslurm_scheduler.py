@@ -10,24 +10,28 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ...metrics import SLURM_ERRORS
 from . import (
+    SACCT_TIME_FORMAT,
     TERMINAL_STATES,
+    AccountingRecord,
+    ErrorCounter,
     JobInfo,
+    QueueEntry,
     Scheduler,
     SlurmError,
     SlurmRefused,
+    _uncounted,
     base_state,
     check_account,
     check_ids,
     check_name,
     utc,
 )
-from .cli import PASSED_ENV
+from .cli_scheduler import PASSED_ENV
 from .reasons import refusal_code
 
 PYSLURM_MISSING = ("pyslurm is not installed: pip install pyslurm==<version "
@@ -65,6 +69,19 @@ def _from_epoch(value) -> datetime | None:
     return datetime.fromtimestamp(int(value), tz=timezone.utc)
 
 
+def _elapsed(seconds) -> str:
+    """Seconds as Slurm writes a duration: [D-]HH:MM:SS."""
+    days, rest = divmod(int(seconds or 0), 86400)
+    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{text}" if days else text
+
+
+def _when(epoch) -> str:
+    """An epoch time as sacct prints one (UTC, standard format), or Unknown."""
+    moment = _from_epoch(epoch)
+    return moment.strftime(SACCT_TIME_FORMAT) if moment else "Unknown"
+
+
 def job_info_from_pyslurm(job) -> JobInfo:
     """Map a ``pyslurm.db.Job`` to a JobInfo (its times are epoch seconds)."""
     state = base_state(str(job.state or ""))
@@ -85,8 +102,10 @@ class PyslurmScheduler(Scheduler):
     """
 
     def __init__(self, slurm_conf: str | os.PathLike | None = None,
-                 env: Mapping[str, str] | None = None, job_user: str | None = None) -> None:
+                 env: Mapping[str, str] | None = None, job_user: str | None = None,
+                 on_error: ErrorCounter | None = None) -> None:
         self.pyslurm = _import_pyslurm(slurm_conf)
+        self.on_error = on_error or _uncounted
         job_env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         job_env.update(env or {})
         self.job_env = job_env
@@ -95,14 +114,14 @@ class PyslurmScheduler(Scheduler):
         self.job_user = job_user or None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> PyslurmScheduler:
-        return cls(job_user=cfg.get("JOB_USER"))
+    def from_config(cls, cfg: Mapping[str, Any], on_error: ErrorCounter | None = None) -> PyslurmScheduler:
+        return cls(job_user=cfg.get("JOB_USER"), on_error=on_error)
 
     def _call(self, what: str, fn, *args):
         try:
             return fn(*args)
         except self.pyslurm.RPCError as e:
-            SLURM_ERRORS.inc(command=what)
+            self.on_error(what)
             raise SlurmError(f"pyslurm {what} failed: {e}", cmd=[what],
                              stderr=str(e)) from None
 
@@ -164,6 +183,28 @@ class PyslurmScheduler(Scheduler):
             return None
         newest = max(matches, key=lambda j: (j.submit_time, int(j.id)))
         return str(newest.id)
+
+    def queue(self, name_prefix: str | None = None) -> list[QueueEntry]:
+        live = self._call("Jobs.load", self.pyslurm.Jobs.load).values()
+        entries = [QueueEntry(job_id=str(j.id), name=str(j.name or ""), state=base_state(str(j.state or "")),
+                              reason=str(getattr(j, "state_reason", None) or ""),
+                              elapsed=_elapsed(getattr(j, "run_time", None)),
+                              nodelist=str(getattr(j, "nodelist", None) or ""),
+                              priority=int(getattr(j, "priority", None) or 0)) for j in live]
+        return sorted((e for e in entries if not name_prefix or e.name.startswith(name_prefix)),
+                      key=lambda e: int(e.job_id))
+
+    def recent(self, name_prefix: str | None = None, hours: int = 24) -> list[AccountingRecord]:
+        db = self.pyslurm.db
+        since = datetime.now(timezone.utc) - timedelta(hours=hours)
+        jobs = self._call("db.Jobs.load", db.Jobs.load, db.JobFilter(start_time=since))
+        records = [AccountingRecord(
+            job_id=str(j.id), name=str(j.name or ""), state=base_state(str(j.state or "")),
+            exit_code=f"{j.exit_code or 0}:{j.exit_code_signal or 0}",
+            elapsed=_elapsed(getattr(j, "elapsed_time", None)), start=_when(j.start_time), end=_when(j.end_time),
+            nodelist=str(getattr(j, "nodelist", None) or "")) for j in jobs]
+        return sorted((r for r in records if not name_prefix or r.name.startswith(name_prefix)),
+                      key=lambda r: int(r.job_id), reverse=True)
 
     def cancel(self, job_id: str) -> None:
         (job_id,) = check_ids([job_id])

@@ -19,8 +19,8 @@ from urllib.parse import quote
 from flask import current_app
 from markupsafe import Markup, escape
 
-from . import queue
-from .adapters.mlflow import MlflowAdmin, MlflowError
+from .. import queue
+from ..adapters.mlflow import MlflowAdmin, MlflowError
 
 MAX_RUNS = 10  # runs read and shown per submission
 MAX_METRICS = 30  # last values shown per run

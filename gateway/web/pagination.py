@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from flask import abort, request
 
-from .extensions import db
+from ..extensions import db
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path, PurePosixPath
 
-from .config import required
+from ..config import required
 
 
 class WeightsError(ValueError):

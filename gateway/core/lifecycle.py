@@ -15,8 +15,8 @@ from sqlalchemy import update
 
 from m2d.contract.states import EMAIL_FOR, IllegalTransition, Status, check
 
-from . import queue
-from .extensions import db
+from .. import queue
+from ..extensions import db
 from .models import Email, Event, Submission, User, utcnow
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The export airlock: nothing leaves /mnt/export without named reviewers,
-and everything that leaves is recorded (gateway.provenance).
+and everything that leaves is recorded (gateway.core.provenance).
 
     job ends -> manifest (path, size, sha256 of every regular file; taken once)
     -> the owner requests release of some files, with a justification
@@ -27,8 +27,9 @@ from flask import current_app
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from . import jobfiles, provenance, queue
-from .extensions import db
+from .. import queue
+from ..extensions import db
+from . import jobfiles, provenance
 from .models import Email, Export, ExportFile, ReleaseItem, ReleaseRequest, Review, Submission, User, utcnow
 from .storage import SubmissionFiles
 

@@ -14,11 +14,11 @@ from sqlalchemy.exc import IntegrityError
 
 from m2d.contract.states import IllegalTransition
 
-from . import lifecycle, queue
-from .adapters.mlflow import MlflowAdmin
-from .adapters.slurm import SlurmError
-from .adapters.slurm.accounting import SlurmAccounts
-from .extensions import db
+from .. import queue
+from ..adapters.mlflow import MlflowAdmin
+from ..adapters.slurm import SlurmError
+from ..extensions import db
+from . import lifecycle, scheduling
 from .models import AccountEmail, User, utcnow
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _slurm(user):
     """(the accounting adapter, the user's account name), or None when off."""
     if not current_app.config["SLURM_ACCOUNTS"]:
         return None
-    slurm = SlurmAccounts.from_config(current_app.config)
+    slurm = scheduling.accounts()
     return slurm, slurm.name_for(user.mlflow_username or mlflow_username_for(user))
 
 
