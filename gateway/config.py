@@ -200,6 +200,11 @@ SETTINGS: tuple[Setting, ...] = (
       "default (the relay's own, singularity/relay.py; a unit test holds the two equal)."),
     S("MLFLOW_METRIC_BUDGET", int, 100_000, "Metric points one job may store in MLflow "
       "(each carries a value, a timestamp and a step: 24 bytes)."),
+    S("MLFLOW_FLAG_STEPS", int, 10_000, "A run whose metric has more distinct steps than this is flagged for "
+      "its reviewers (the relay's m2d.flag.per_case_metrics tag): a step per training case."),
+    S("MLFLOW_FLAG_KEYS", int, 1_000, "... a run with more distinct metric keys than this."),
+    S("MLFLOW_FLAG_NUMBERED_KEYS", int, 100, "... a run with more metric keys than this that differ only in a "
+      "number (loss_case_1, loss_case_2...): a key per training case."),
     S("MLFLOW_CALLS_PER_SECOND", float, 20.0, "Calls a second the site's MLflow serves for jobs' relays; each "
       "job gets MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE of them (log calls are batched, once a second)."),
     S("MLFLOW_JOBS_AT_ONCE", int, 10, "The most jobs running at once on the cluster (its GPU or job slots), "
@@ -257,6 +262,17 @@ SETTINGS: tuple[Setting, ...] = (
       ".err); the rest is dropped and counted in a last line."),
     # What a job wrote is read once it ended (gateway/core/jobfiles.py), within bounds: past one, that
     # submission fails with the reason (a dry run: dry_run_failed), the poll cycle goes on.
+    # What leaves, and differencing across releases (gateway/core/releases.py)
+    S("RELEASE_SANITISED_MODELS", bool, True, "A released model file (PyTorch or safetensors, by content) leaves as "
+      "the copy the disclosure report job re-saved as plain tensors (safetensors, no pickled code) with its floats "
+      "rounded to RELEASE_MANTISSA_BITS bits of mantissa, which removes payloads hidden in the weights' low bits. "
+      "A model it cannot re-save is `review` and leaves as written. Off: every file leaves as the job wrote it."),
+    S("RELEASE_MANTISSA_BITS", int, 7, "Mantissa bits a sanitised model's floats keep, rounded to nearest "
+      "(7: bfloat16's precision; float32 has 23)."),
+    S("RELEASE_DIFF_MODEL", float, 0.02, "A model whose weights differ from one released to the same researcher "
+      "before by less than this (relative distance) is flagged for review: differencing across releases."),
+    S("RELEASE_DIFF_CELLS", int, 10, "A table with the header and shape of one released to the same researcher "
+      "before, whose changed cells all moved by at most this much, is flagged for review."),
     S("EXPORT_MAX_DEPTH", int, 16, "Deepest folder nesting an export may have."),
     S("EXPORT_READ_SECONDS", float, 120.0, "Seconds the gateway may spend reading (hashing) one export."),
 )

@@ -183,18 +183,24 @@ def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
 
 def count_relay_refusals(submission_id: int, job_id: str, dry_run: bool) -> None:
     """Add what the job's relay refused (its stats file, written as it stopped)
-    to m2d_relay_refusals_total; once, by the poll that recorded the job's end."""
+    to m2d_relay_refusals_total, and record the runs it flagged as logging
+    metrics per training case in the provenance (reviewers read them); once, by
+    the poll that recorded the job's end."""
     found = jobfiles.read_tail(submission_id, jobfiles.LOGS, log_name(job_id, "relay.json", dry_run=dry_run),
                                RELAY_STATS_BYTES)
     try:
         data, size = found
         if size > RELAY_STATS_BYTES:
             return
-        refused = int(json.loads(data)["refused"])
-    except (TypeError, ValueError, KeyError):
+        stats = json.loads(data)
+        refused, flags = int(stats["refused"]), stats.get("flags") or {}
+    except (TypeError, ValueError, KeyError, AttributeError):
         return  # no relay ran (a job that never started), or it was killed before writing
     if refused > 0:
         metrics.RELAY_REFUSALS.inc(refused, kind="dry_run" if dry_run else "real")
+    if flags and isinstance(flags, dict) and not dry_run:
+        provenance.record(submission_id, "mlflow_flagged", runs={str(run)[:64]: str(why)[:300]
+                                                                 for run, why in list(flags.items())[:100]})
 
 
 # Slurm's words, then ours: what a researcher can do about it.
@@ -202,6 +208,9 @@ EXPLAINED = {
     "OUT_OF_MEMORY": "OUT_OF_MEMORY: the job ran out of memory; its limit is {SLURM_MEM}. "
                      "Use smaller batches or images, or ask the admins for more",
     "TIMEOUT": "TIMEOUT: the job ran past its time limit of {SLURM_TIME}",
+    # (reason is 255 characters at most)
+    "NODE_FAIL": "NODE_FAIL: the compute node running the job failed. This is not a problem with your code: "
+                 "upload it again",
 }
 
 

@@ -43,6 +43,16 @@ and steps, no mlflow.* tags but the relay's), and a share of the site's MLflow i
 calls a second (--upstream-rate), so one job cannot starve the others. Refusals are
 400s that name the budget and what is left of it.
 
+Names and values are data too. With --identifiers (the dataset's identifier
+index, keyed hashes of its patient ids, case names and paths: m2d/disclosure's
+identifiers.json), a metric, param or tag key or value, or a run name, that holds
+one of them is refused (its words are hashed as the index's were; the refusal
+names the kind, never the value, as the job's stderr reaches its owner). Metrics
+logged per training case (more distinct steps of a key, more metric keys, or
+more keys of one numbered family such as loss_case_17 than --flag-* allow) are
+not refused but flagged: an m2d.flag.per_case_metrics tag on the run, which
+reviewers see, and the stats file's "flags".
+
 When MLflow stops answering mid-job, log calls are still taken (up to --max-pending)
 and sent once it answers again; every other call fails at once with a 400 that says
 so, and the job goes on unless its code lets that error through. Values still held
@@ -54,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import http.client
 import json
 import math
@@ -411,6 +422,79 @@ def single(params: dict, name: str, call: str):
     return values[0]
 
 
+class Identifiers:
+    """The dataset's identifier values as keyed hashes (m2d/disclosure/identifiers.py
+    writes them, BLAKE2b with the index's salt, lower-cased): a text holds one
+    when a span of its words (runs of ASCII letters and digits), separators as
+    written, hashes to one. The same matching as the report's, in the standard
+    library, since this file runs by path on the node."""
+
+    WORD = re.compile(r"[A-Za-z0-9]+")
+
+    def __init__(self, path: str):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        self.salt = bytes.fromhex(data["salt"])
+        self.values = {bytes.fromhex(h): kind for h, kind in data["values"].items()}
+        self.first_words = {bytes.fromhex(h) for h in data["first_words"]}
+        self.max_words = int(data["max_words"])
+
+    def _hash(self, text: str) -> bytes:
+        return hashlib.blake2b(text.lower().encode("utf-8", "surrogatepass"), key=self.salt, digest_size=16).digest()
+
+    def kind_in(self, text: str) -> str | None:
+        """What kind of identifier ``text`` holds ("a patient id"...), or None."""
+        words = [(m.start(), m.end()) for m in self.WORD.finditer(text)]
+        for i, (start, end) in enumerate(words):
+            if self._hash(text[start:end]) in self.first_words:
+                for n in range(min(self.max_words, len(words) - i), 0, -1):
+                    kind = self.values.get(self._hash(text[start:words[i + n - 1][1]]))
+                    if kind:
+                        return kind
+        return None
+
+
+FLAG_TAG = "m2d.flag.per_case_metrics"
+NUMBERS = re.compile(r"[0-9]+")
+
+
+class PerCaseWatch:
+    """Signs of metrics logged per training case, one run at a time: a key with
+    more distinct steps than ``steps``, more metric keys than ``keys``, or a
+    family of keys that differ only in their numbers (loss_case_1, loss_case_2...)
+    with more members than ``numbered``. Counts stop at the limit (the memory
+    held is bounded); the first sign found is the run's flag."""
+
+    def __init__(self, steps: int, keys: int, numbered: int):
+        self.steps_limit, self.keys_limit, self.numbered_limit = steps, keys, numbered
+        self.steps: dict[tuple[str, str], set] = {}  # (run, key) -> steps, up to the limit
+        self.families: dict[tuple[str, str], set] = {}  # (run, key with # for numbers) -> keys
+        self.flagged: dict[str, str] = {}  # run -> reason
+
+    def see(self, run: Run, metric: dict) -> str | None:
+        """The reason to flag ``run`` once this metric is logged, the first time only."""
+        if run.run_id in self.flagged:
+            return None
+        key = metric["key"]
+        reason = None
+        steps = self.steps.setdefault((run.run_id, key), set())
+        if len(steps) <= self.steps_limit:
+            steps.add(metric["step"])
+            if len(steps) > self.steps_limit:
+                reason = f"a metric logged at more than {self.steps_limit} distinct steps"
+        if len(run.metric_keys) > self.keys_limit:
+            reason = f"more than {self.keys_limit} distinct metric keys in one run"
+        family = self.families.setdefault((run.run_id, NUMBERS.sub("#", key)), set())
+        if NUMBERS.search(key) and len(family) <= self.numbered_limit:
+            family.add(key)
+            if len(family) > self.numbered_limit:
+                reason = f"more than {self.numbered_limit} metric keys that differ only in a number"
+        if reason:
+            self.flagged[run.run_id] = reason + " (metrics per training case?)"
+            return self.flagged[run.run_id]
+        return None
+
+
 class Relay:
     """The allow-list, the caps and the buffers: what `serve` does with one request,
     apart from HTTP itself."""
@@ -419,7 +503,8 @@ class Relay:
                  rate: TokenBucket, experiment_alias: str | None = None,
                  run_tags: dict[str, str] | None = None, budget: Budget | None = None,
                  upstream_rate: TokenBucket | None = None, upstream_wait: float = 10.0,
-                 user_id: str | None = None):
+                 user_id: str | None = None, identifiers: Identifiers | None = None,
+                 per_case: PerCaseWatch | None = None):
         self.upstream = upstream
         self.experiment_id = experiment_id
         self.experiment_name = experiment_name
@@ -434,6 +519,8 @@ class Relay:
         self.upstream_rate = upstream_rate or TokenBucket(DEFAULT_UPSTREAM_RATE, DEFAULT_UPSTREAM_BURST)
         self.upstream_wait = upstream_wait
         self.user_id = user_id  # the owner's MLflow user, as runs/create's user_id
+        self.identifiers = identifiers
+        self.per_case = per_case or PerCaseWatch(10_000, 1_000, 100)
         self.closing = False  # the job has ended: what is left is sent without waiting for the rate
         self.runs: dict[str, Run] = {}
         self.pending_count = 0
@@ -587,7 +674,7 @@ class Relay:
                 name = name or value
             elif key not in CLIENT_CONTEXT_TAGS:
                 job_tags.append(self.check_tag(tag))
-        name = check_run_name(name)
+        name = self.no_identifier("the run name", check_run_name(name))
         start_time = check_integer("start_time", params.get("start_time", int(time.time() * 1000)), minimum=0)
         cost = RUN_CREATE_BYTES + text_bytes(name) + sum(text_bytes(t["key"], t["value"]) for t in job_tags)
         self.budget.charge(cost)
@@ -616,7 +703,7 @@ class Relay:
         if params.get("end_time") is not None:
             request["end_time"] = check_integer("end_time", params["end_time"], minimum=0)
         if params.get("run_name") is not None:
-            request["run_name"] = check_run_name(params["run_name"])
+            request["run_name"] = self.no_identifier("the run name", check_run_name(params["run_name"]))
         self.budget.charge(RUN_UPDATE_BYTES + text_bytes(request.get("run_name", "")))
         return self.call_on_run(method, path, request)
 
@@ -661,21 +748,37 @@ class Relay:
 
     # -- log calls: validated, answered at once, sent in batches
 
+    def no_identifier(self, what: str, text: str) -> str:
+        """``text``, unless it holds an identifier of the dataset; the refusal names its kind, never it."""
+        kind = self.identifiers.kind_in(text) if self.identifiers and text else None
+        if kind:
+            raise invalid(f"{what} holds an identifier of the dataset ({kind}): names and values logged to "
+                          "MLflow leave the platform unreviewed, so they may not name patients, cases or "
+                          "images. Log aggregates (a loss, an AUC), never values per case")
+        return text
+
     def check_metric(self, metric) -> dict:
         if not isinstance(metric, dict):
             raise invalid("a metric must be a JSON object")
-        key = check_key("metric", metric.get("key"))
+        key = self.no_identifier("a metric key", check_key("metric", metric.get("key")))
+        value = check_double(f"metric {key!r} value", metric.get("value"))
+        if isinstance(value, float) and value.is_integer() and abs(value) < INT64:
+            self.no_identifier(f"metric {key!r}'s value", str(int(value)))  # a numeric id, logged as a number
         # Only what a metric is; links to models or datasets are dropped, as those APIs are closed.
-        return {"key": key,
-                "value": check_double(f"metric {key!r} value", metric.get("value")),
+        return {"key": key, "value": value,
                 "timestamp": check_integer(f"metric {key!r} timestamp", metric.get("timestamp"), minimum=0),
                 "step": check_integer(f"metric {key!r} step", metric.get("step", 0))}
 
     def check_param(self, param) -> dict:
-        return check_text_item("param", param, self.limits.param_value)
+        return self.no_identifiers_in("param", check_text_item("param", param, self.limits.param_value))
+
+    def no_identifiers_in(self, kind: str, item: dict) -> dict:
+        self.no_identifier(f"a {kind} key", item["key"])
+        self.no_identifier(f"{kind} {item['key']!r}'s value", item["value"])
+        return item
 
     def check_tag(self, tag) -> dict:
-        item = check_text_item("tag", tag, self.limits.tag_value)
+        item = self.no_identifiers_in("tag", check_text_item("tag", tag, self.limits.tag_value))
         if item["key"].startswith(PLATFORM_TAG_PREFIX):
             raise denied(f"tags named {PLATFORM_TAG_PREFIX}* are the platform's (which submission and job "
                          "made the run); choose another name")
@@ -746,6 +849,12 @@ class Relay:
             run.metric_keys |= new_metric_keys
             run.pending.extend(fresh)
             self.pending_count += len(fresh)
+            for kind, item, _ in fresh:
+                if kind == "metrics" and (reason := self.per_case.see(run, item)):
+                    flag = {"key": FLAG_TAG, "value": reason}  # the platform's tag: not the job's budget or caps
+                    run.pending.append(("tags", flag, len(json.dumps(flag))))
+                    self.pending_count += 1
+                    log(f"run {run.run_id} flagged for its reviewers: {reason}")
         return 200, "application/json", b"{}"
 
     # -- sending what was buffered
@@ -1006,6 +1115,19 @@ def not_dumpable() -> None:
         raise SystemExit(f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(ctypes.get_errno())}")
 
 
+def load_identifiers(path: str | None) -> Identifiers | None:
+    """The identifier index; an index not built yet (the first job on a new dataset
+    version: the report job builds it) is said in the job's log, and nothing is checked."""
+    if not path:
+        return None
+    try:
+        return Identifiers(path)
+    except FileNotFoundError:
+        log("no identifier index yet: names and values logged to MLflow are not checked for the dataset's "
+            "identifiers in this job")
+        return None
+
+
 def serve(args) -> int:
     not_dumpable()
     username, password = read_credentials(args.password_file)
@@ -1017,7 +1139,9 @@ def serve(args) -> int:
                   TokenBucket(args.rate, args.burst), experiment_alias=args.experiment_alias,
                   run_tags=run_tags, budget=Budget(args.text_budget, args.metric_budget),
                   upstream_rate=TokenBucket(args.upstream_rate, args.upstream_burst),
-                  upstream_wait=args.upstream_wait, user_id=username)
+                  upstream_wait=args.upstream_wait, user_id=username,
+                  identifiers=load_identifiers(args.identifiers),
+                  per_case=PerCaseWatch(args.flag_steps, args.flag_keys, args.flag_numbered_keys))
     server = UnixRelayServer(args.socket, relay)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1051,7 +1175,8 @@ def serve(args) -> int:
         pass
     if args.stats_file:  # in the job's log folder, beyond the job's code: its own output cannot forge it
         with open(args.stats_file, "w") as f:
-            json.dump({"refused": server.refusals, "undelivered": relay.pending_count}, f)
+            flags = {"flags": relay.per_case.flagged} if relay.per_case.flagged else {}
+            json.dump({"refused": server.refusals, "undelivered": relay.pending_count, **flags}, f)
     log(f"stopped; {server.refusals} calls refused; MLflow budget used: {relay.budget.used()}")
     return 0
 
@@ -1143,7 +1268,16 @@ def parse_args(argv=None):
     s.add_argument("--experiment-alias", help="a dry run: the owner's real experiment name, answered "
                    "with the experiment above (code that names it itself logs to the dry run's)")
     s.add_argument("--ready-file", help="created once the socket listens")
-    s.add_argument("--stats-file", help='written at exit: {"refused": N, "undelivered": N} (the gateway counts them)')
+    s.add_argument("--stats-file", help='written at exit: {"refused": N, "undelivered": N, "flags": {run: reason}} '
+                   "(the gateway counts them)")
+    s.add_argument("--identifiers", help="the dataset's identifier index (identifiers.json of m2d/disclosure's "
+                   "index, keyed hashes): keys, values and run names that hold one are refused")
+    s.add_argument("--flag-steps", type=int, default=10_000,
+                   help="flag a run (per-case metrics) with a metric at more distinct steps (default 10000)")
+    s.add_argument("--flag-keys", type=int, default=1_000,
+                   help="... with more distinct metric keys (default 1000)")
+    s.add_argument("--flag-numbered-keys", type=int, default=100,
+                   help="... with more keys that differ only in a number, e.g. loss_case_<n> (default 100)")
     s.add_argument("--run-tag", action="append", metavar="KEY=VALUE",
                    help=f"a tag put on every run created (repeatable; keys start with {PLATFORM_TAG_PREFIX})")
     s.add_argument("--max-param-value", type=int, default=6000, help="characters (default 6000)")

@@ -9,7 +9,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 import uuid
@@ -18,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
+import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from gateway.adapters.mlflow import MlflowAdmin
 from m2d import container, tracking
 
-from .helpers.relay import API, RELAY, RELAY_PYTHON, RelayProcesses, free_port, wait_for_file
+from .helpers.relay import API, RELAY, RELAY_PYTHON, RelayProcesses, free_port, identifier_index, wait_for_file
 from .helpers.relay import relay as relay_module
 
 
@@ -472,7 +472,10 @@ def test_creating_the_own_experiment_is_answered_it_exists_and_other_names_say_w
 # from MLflow's store and counted (units of the budget: tests/test_relay_budget.py).
 
 BUDGET = relay_module.DEFAULT_TEXT_BUDGET  # 1,000,000 bytes of text
-MLFLOW_STORE = Path(os.environ.get("M2D_TESTBED_DIR", "/opt/testbed")) / "mlflow" / "mlflow.db"
+# MLflow's tracking store: PostgreSQL as deploy/testbed/mlflow.sh runs it (up.sh writes its
+# URL into gateway.env), or the SQLite file of a testbed made before that
+MLFLOW_STORE = os.environ.get("M2D_TEST_MLFLOW_STORE_URL") or \
+    f"sqlite:///file:{Path(os.environ.get('M2D_TESTBED_DIR', '/opt/testbed')) / 'mlflow' / 'mlflow.db'}?mode=ro&uri=true"
 # Tags the relay itself puts on a run (not the job's bytes), and the run name's tag (counted as the name).
 RELAYS_OWN_TAGS = {"mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.runName"}
 
@@ -483,23 +486,27 @@ def utf8(*texts) -> int:
 
 def stored(run_ids):
     """(bytes of text, metric points) that MLflow holds from these runs, read back from
-    its store (the testbed's SQLite, read-only): run names, user ids, params, the job's
+    its store (MLFLOW_STORE): run names, user ids, params, the job's
     tags, each metric key once, every point. (Over REST, a metric's points take one
     call each, and MLflow's basic auth costs 300 ms a call.)"""
-    marks = ",".join("?" * len(run_ids))
-    with sqlite3.connect(f"file:{MLFLOW_STORE}?mode=ro", uri=True, timeout=30) as store:
+    engine = sqlalchemy.create_engine(MLFLOW_STORE, poolclass=sqlalchemy.pool.NullPool)
+
+    def size(column):  # in bytes of UTF-8
+        return f"octet_length({column})" if engine.dialect.name == "postgresql" else f"length(CAST({column} AS BLOB))"
+
+    own_tags = ",".join(repr(k) for k in sorted(RELAYS_OWN_TAGS))
+    with engine.connect() as store:
         def one(sql):
-            return store.execute(sql.format(marks=marks), run_ids).fetchone()[0] or 0
-        text = one("SELECT sum(length(CAST(name AS BLOB)) + length(CAST(user_id AS BLOB))) FROM runs "
-                   "WHERE run_uuid IN ({marks})")
-        text += one("SELECT sum(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))) FROM params "
-                    "WHERE run_uuid IN ({marks})")
-        text += one("SELECT sum(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))) FROM tags "
-                    f"WHERE run_uuid IN ({{marks}}) AND key NOT LIKE 'm2d.%' AND key NOT IN "
-                    f"({','.join(repr(k) for k in sorted(RELAYS_OWN_TAGS))})")
-        text += one("SELECT sum(length(CAST(key AS BLOB))) FROM (SELECT DISTINCT run_uuid, key FROM metrics "
-                    "WHERE run_uuid IN ({marks}))")
-        points = one("SELECT count(*) FROM metrics WHERE run_uuid IN ({marks})")
+            statement = sqlalchemy.text(sql).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+            return store.execute(statement, {"ids": list(run_ids)}).scalar() or 0
+        text = one(f"SELECT sum({size('name')} + {size('user_id')}) FROM runs WHERE run_uuid IN :ids")
+        text += one(f"SELECT sum({size('key')} + {size('value')}) FROM params WHERE run_uuid IN :ids")
+        text += one(f"SELECT sum({size('key')} + {size('value')}) FROM tags WHERE run_uuid IN :ids "
+                    f"AND key NOT LIKE 'm2d.%' AND key NOT IN ({own_tags})")
+        text += one(f"SELECT sum({size('key')}) FROM (SELECT DISTINCT run_uuid, key FROM metrics "
+                    "WHERE run_uuid IN :ids) AS keys")
+        points = one("SELECT count(*) FROM metrics WHERE run_uuid IN :ids")
+    engine.dispose()
     return text, points
 
 
@@ -774,3 +781,69 @@ def test_m2d_runs_relay_enforces_the_same_budget(owner, tmp_path):
             process.wait(timeout=60)
 
 
+
+
+IDENTIFIERS = {"P1047": "a patient id", "S12-A31": "a case name", "CLaM-sample/S12-A31/LCC/1.png": "an image path"}
+
+
+def test_keys_values_and_run_names_that_hold_an_identifier_of_the_dataset_are_refused(
+        start_relay, owner, tmp_path, mlflow_url, admin_auth):
+    """The relay reads the index's keyed hashes (never the values) and refuses, naming
+    only the kind: its refusals reach the owner in the job's stderr."""
+    index = identifier_index(tmp_path / "identifiers.json", IDENTIFIERS)
+    relay = start_relay(owner, "--identifiers", str(index))
+    client = MlflowClient(relay.url)
+    run_id = client.create_run(owner.experiment_id, run_name="baseline").info.run_id
+    hostile = [
+        lambda: client.log_metric(run_id, "loss_P1047", 0.3),
+        lambda: client.log_param(run_id, "worst_case", "s12-a31"),  # any case
+        lambda: client.set_tag(run_id, "hardest", "CLaM-sample/S12-A31/LCC/1.png"),
+        lambda: client.log_batch(run_id, metrics=[Metric("auc/S12-A31", 0.9, 0, 0)]),
+        lambda: client.create_run(owner.experiment_id, run_name="P1047 only"),
+        lambda: client.update_run(run_id, name="leave-out-S12-A31"),
+    ]
+    messages = [raises_within(20, call).message for call in hostile]
+    for message in messages:
+        assert "holds an identifier of the dataset" in message
+        assert not any(value.lower() in message.lower() for value in IDENTIFIERS)
+    # what is not an identifier goes through: a longer number, an id's neighbour, aggregates
+    client.log_metric(run_id, "loss", 0.25, step=1)
+    client.log_param(run_id, "cases", "P10470")
+    client.log_metric(run_id, "patient", 1047.0)  # this index holds no numeric id
+    client.set_terminated(run_id)
+    relay.stop()
+    stored = upstream_run(mlflow_url, admin_auth, run_id)
+    assert stored["metrics"] == {"loss": 0.25, "patient": 1047.0} and stored["params"] == {"cases": "P10470"}
+    assert not any(value.lower() in relay.log().lower() for value in IDENTIFIERS)
+
+
+def test_a_numeric_identifier_logged_as_a_metric_value_is_refused(start_relay, owner, tmp_path):
+    index = identifier_index(tmp_path / "identifiers.json", {"40213377": "a patient id"})
+    client = MlflowClient(start_relay(owner, "--identifiers", str(index)).url)
+    run_id = client.create_run(owner.experiment_id).info.run_id
+    assert "identifier" in raises_within(20, client.log_metric, run_id, "id", 40213377.0).message
+    client.log_metric(run_id, "id", 40213377.5)
+
+
+def test_metrics_logged_per_training_case_flag_the_run_for_its_reviewers(start_relay, owner, tmp_path, mlflow_url,
+                                                                        admin_auth):
+    stats = tmp_path / "slurm-1.relay.json"
+    relay = start_relay(owner, "--stats-file", str(stats), "--flag-steps", "50", "--flag-numbered-keys", "20")
+    client = MlflowClient(relay.url)
+    per_key = client.create_run(owner.experiment_id).info.run_id
+    per_step = client.create_run(owner.experiment_id).info.run_id
+    plain = client.create_run(owner.experiment_id).info.run_id
+    client.log_batch(per_key, metrics=[Metric(f"loss_case_{i}", 0.1, 0, 0) for i in range(30)])
+    client.log_batch(per_step, metrics=[Metric("case_loss", 0.1, 0, step) for step in range(60)])
+    client.log_batch(plain, metrics=[Metric(f"layer{i}.grad_norm", 1.0, 0, step) for i in range(4)
+                                     for step in range(40)])
+    # the flag is the platform's: the job can neither set nor delete it
+    assert "m2d.* are the platform's" in raises_within(10, client.set_tag, plain, "m2d.flag.per_case_metrics",
+                                                       "x").message
+    relay.stop()
+    tags = {run: upstream_run(mlflow_url, admin_auth, run)["tags"] for run in (per_key, per_step, plain)}
+    assert "differ only in a number" in tags[per_key]["m2d.flag.per_case_metrics"]
+    assert "more than 50 distinct steps" in tags[per_step]["m2d.flag.per_case_metrics"]
+    assert "m2d.flag.per_case_metrics" not in tags[plain]
+    flags = json.loads(stats.read_text())["flags"]
+    assert set(flags) == {per_key, per_step}

@@ -1,5 +1,6 @@
 """The MLflow relay's budget and number checks as units (singularity/relay.py); the
 budget on the real stack, with the real mlflow client, is in tests/test_relay.py."""
+import json
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,46 @@ def test_numbers_are_checked_as_mlflow_checks_them():
             check_double("v", bad)
 
 
+
+
+def test_the_batch_script_gives_the_relay_the_identifier_index_and_the_sites_per_case_limits():
+    root = Path("/srv/m2d")
+    spec = dict(submission_id=42, image=root / "env.sif", code_dir=root / "code", dataset_dir=root / "clam",
+                export_dir=root / "export", log_dir=root / "logs", relay=root / "job" / "relay.py",
+                credentials=root / "job" / "mlflow.credentials", mlflow_upstream="http://10.0.0.5:5001",
+                mlflow_url="http://mlflow.example:5000", experiment_id="7", experiment_name="alice")
+    script = render_job_script(JobSpec(**spec, identifiers=Path("/srv/index/v1/identifiers.json"),
+                                       mlflow_flag_steps=500, mlflow_flag_keys=60, mlflow_flag_numbered_keys=7))
+    assert "--identifiers /srv/index/v1/identifiers.json" in script
+    assert "--flag-steps 500 --flag-keys 60" in script and "--flag-numbered-keys 7" in script
+    assert "--identifiers" not in render_job_script(JobSpec(**spec))
+    serve = relay_module.parse_args(["serve", "--socket", "s", "--upstream", "http://x", "--password-file", "p",
+                                     "--experiment-id", "1", "--experiment-name", "e"])
+    assert (serve.flag_steps, serve.flag_keys, serve.flag_numbered_keys) == (
+        DEFAULTS["MLFLOW_FLAG_STEPS"], DEFAULTS["MLFLOW_FLAG_KEYS"], DEFAULTS["MLFLOW_FLAG_NUMBERED_KEYS"])
+
+
+def test_a_missing_identifier_index_is_said_and_the_relay_runs_on(capsys, tmp_path):
+    assert relay_module.load_identifiers(str(tmp_path / "none.json")) is None
+    assert "no identifier index yet" in capsys.readouterr().err
+
+
+def test_the_runs_a_relay_flagged_reach_the_submissions_provenance_for_its_reviewers(local_app):
+    from gateway import lifecycle, provenance
+    from gateway.extensions import db
+    from gateway.storage import SubmissionFiles
+    from jobs.poller import count_relay_refusals
+    from tests.helpers.users import make_user
+
+    submission = lifecycle.create(make_user("alice@example.org"), "mine.zip")
+    db.session.commit()
+    logs = SubmissionFiles(submission.id).logs
+    logs.mkdir(parents=True)
+    (logs / "slurm-7.relay.json").write_text(json.dumps(
+        {"refused": 0, "undelivered": 0, "flags": {"abc123": "more than 100 metric keys that differ only in a number"}}))
+    (logs / "dryrun-8.relay.json").write_text(json.dumps({"refused": 0, "undelivered": 0, "flags": {"d": "x"}}))
+    count_relay_refusals(submission.id, "8", dry_run=True)  # the twin's data: nothing to flag
+    count_relay_refusals(submission.id, "7", dry_run=False)
+    db.session.commit()
+    assert provenance.latest(submission.id, "mlflow_flagged")["runs"] == {
+        "abc123": "more than 100 metric keys that differ only in a number"}

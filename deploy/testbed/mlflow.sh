@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
 # mlflow.sh start|stop|install [TESTBED_DIR] -- the MLflow tracking server that jobs
-# log metrics to, on 127.0.0.1:5001, with basic auth: users see only their
+# log metrics to, on port M2D_MLFLOW_PORT (5001; all addresses when there
+# are compute nodes, else 127.0.0.1), with basic auth: users see only their
 # own experiments (default_permission = NO_PERMISSIONS).  Artifacts are not
 # served (privacy: models leave only through the export folder).
 #
+# Sized for a cluster's relays (docs/benchmarks.md, bench/mlflow_scale.py):
+# its tracking and auth stores in PostgreSQL (databases `mlflow` and
+# `mlflow_auth` of a role `mlflow`, password in
+# TESTBED_DIR/secrets/mlflow-postgres-password), M2D_MLFLOW_WORKERS worker
+# processes, and a verified-credential cache in front of basic auth's
+# password hash (deploy/mlflow/m2d_mlflow_auth.py).  A testbed whose MLflow
+# kept its stores in SQLite (TESTBED_DIR/mlflow/*.db, before this) has them
+# copied into PostgreSQL by the first start (users, passwords, experiments,
+# runs: the gateway's accounts keep working); the SQLite files stay, renamed
+# *.db.migrated.
+#
 # State in TESTBED_DIR/mlflow: its own venv (MLflow is not a gateway
-# dependency), the tracking and auth databases, the auth ini, pid and log.
-# The admin password is generated once into
-# TESTBED_DIR/secrets/mlflow-admin-password (mode 600).  install: the venv
-# alone (up.sh runs it beside the base images' builds; start does it too).
+# dependency), the auth ini, pid and log.  The admin password is generated
+# once into TESTBED_DIR/secrets/mlflow-admin-password (mode 600).  install:
+# the venv alone (up.sh runs it beside the base images' builds; start does it
+# too).
+#
+# env (a second instance beside the testbed's, e.g. to develop against):
+#   M2D_MLFLOW_PORT (5001), M2D_MLFLOW_WORKERS (4),
+#   M2D_MLFLOW_DATABASE (mlflow: the role and the databases NAME, NAME_auth)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ACTION=${1:-}; shift || true
@@ -16,9 +32,18 @@ set_testbed_dir "${1:-}"
 DIR=$TESTBED_DIR/mlflow
 # 3.18.0 needs an mlflow-skinny release that was never published
 MLFLOW_VERSION=3.17.2
+PORT=$M2D_MLFLOW_PORT   # lib.sh
+URL=http://127.0.0.1:$PORT
+# the compute nodes reach it by this host's address on their bridge (nodes.sh
+# lets them reach this port alone), the gateway on the loopback
 HOST=127.0.0.1
-PORT=5001
-URL=http://$HOST:$PORT
+! multi_node || HOST=0.0.0.0
+WORKERS=${M2D_MLFLOW_WORKERS:-4}
+DATABASE=${M2D_MLFLOW_DATABASE:-mlflow}
+AUTH_DATABASE=${DATABASE}_auth
+# the credential cache, MLflow's `authorization_function`
+AUTH_MODULE_DIR=$(realpath "$M2D_TESTBED_SRC/../mlflow")
+PSYCOPG_VERSION=3.3.9  # as the gateway's requirements.txt
 PIDFILE=$DIR/mlflow.pid
 LOGFILE=$DIR/mlflow.log
 VENV=$DIR/venv
@@ -26,17 +51,46 @@ EXE_GLOB='python3*'
 CMD_GLOB="* $VENV/bin/mlflow server *"
 
 install_mlflow() {
-  # the [auth] extra brings Flask-WTF, without which basic-auth cannot start
+  # the [auth] extra brings Flask-WTF, without which basic-auth cannot start;
+  # psycopg: PostgreSQL
   if "$VENV/bin/python" -c "import importlib.metadata as m, sys
-sys.exit(m.version('mlflow') != '$MLFLOW_VERSION' or not m.version('Flask-WTF'))" 2>/dev/null; then
+sys.exit(m.version('mlflow') != '$MLFLOW_VERSION' or not m.version('Flask-WTF')
+         or m.version('psycopg') != '$PSYCOPG_VERSION')" 2>/dev/null; then
     return 0
   fi
   log "installing mlflow[auth]==$MLFLOW_VERSION into $VENV (a minute or two)"
   if ! python3 -c 'import ensurepip' 2>/dev/null; then apt_install python3-venv; fi
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  pip_mlflow() { "$VENV/bin/pip" install -q --disable-pip-version-check "mlflow[auth]==$MLFLOW_VERSION" > "$DIR/pip.log" 2>&1; }
+  pip_mlflow() { "$VENV/bin/pip" install -q --disable-pip-version-check "mlflow[auth]==$MLFLOW_VERSION" \
+                   "psycopg[binary]==$PSYCOPG_VERSION" > "$DIR/pip.log" 2>&1; }
   retry "pip install mlflow[auth]==$MLFLOW_VERSION" pip_mlflow \
     || { tail -n 20 "$DIR/pip.log" >&2; die "pip install mlflow failed"; }
+}
+
+# postgres_stores: the role and its two databases; sets TRACKING_URI and AUTH_URI
+postgres_stores() {
+  local password base
+  password=$(secret_file "$TESTBED_DIR/secrets/mlflow-postgres-password")
+  postgres_up
+  postgres_role "$DATABASE" "$password" "" "$DATABASE" "$AUTH_DATABASE"
+  base="postgresql+psycopg://$DATABASE:$password@127.0.0.1:5432"
+  TRACKING_URI=$base/$DATABASE
+  AUTH_URI=$base/$AUTH_DATABASE
+}
+
+# migrate_sqlite: a testbed made before PostgreSQL: its SQLite stores copied
+# into the (empty) PostgreSQL ones, once; the server must be stopped.
+migrate_sqlite() {
+  local name uri
+  for name in mlflow basic_auth; do
+    [ -s "$DIR/$name.db" ] || continue
+    uri=$TRACKING_URI; [ "$name" = basic_auth ] && uri=$AUTH_URI
+    log "copying $DIR/$name.db into PostgreSQL (once)"
+    "$VENV/bin/python" "$AUTH_MODULE_DIR/sqlite_to_postgres.py" "$name" "sqlite:///$DIR/$name.db" \
+        >> "$DIR/migrate.log" 2>&1 <<<"$uri" \
+      || { tail -n 20 "$DIR/migrate.log" >&2; die "copying $DIR/$name.db into PostgreSQL failed"; }
+    mv "$DIR/$name.db" "$DIR/$name.db.migrated"
+  done
 }
 
 # write_auth_ini: the basic-auth app's config.  Keys as in the installed
@@ -54,11 +108,12 @@ print(u.find_spec("mlflow").submodule_search_locations[0] + "/server/auth/basic_
 # generated by deploy/testbed/mlflow.sh
 [mlflow]
 default_permission = NO_PERMISSIONS
-database_uri = sqlite:///$DIR/basic_auth.db
+database_uri = $AUTH_URI
 admin_username = admin
 # used only when the admin user is first created
 admin_password = $ADMIN_PASSWORD
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+# MLflow's own check, with a verified-credential cache in front (m2d_mlflow_auth.py)
+authorization_function = m2d_mlflow_auth:authenticate_request
 grant_default_workspace_access = false
 EOF
 }
@@ -68,25 +123,43 @@ start() {
   chmod 700 "$DIR"   # its databases hold every run and every password hash: root only
   ADMIN_PASSWORD=$(secret_file "$TESTBED_DIR/secrets/mlflow-admin-password")
   install_mlflow
-  write_auth_ini
+  postgres_stores
+  # started for the other mode (nodes or none): on the address this one needs
+  if pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB" >/dev/null \
+     && ! pid_alive "$PIDFILE" "$EXE_GLOB" "* --host $HOST *" >/dev/null; then
+    log "mlflow listens on another address than $HOST: restarting it"
+    stop
+  fi
   if pid=$(pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB"); then
+    # a server started before PostgreSQL: it goes on with SQLite until restarted
+    [ -s "$DIR/mlflow.db" ] && log "mlflow (pid $pid) still runs on SQLite: 'mlflow.sh stop' then 'start' moves it to PostgreSQL"
     log "mlflow already running (pid $pid)"
+    write_auth_ini
   else
     port_busy "$PORT" && die "port $PORT is already in use by another process"
+    migrate_sqlite
+    write_auth_ini
     local flask_secret
     flask_secret=$(secret_file "$TESTBED_DIR/secrets/mlflow-flask-secret-key")
     # MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: no background job runner
     # (scorer jobs), which we never use, on a small machine.
+    # The store's URI (it holds the database password) in the environment, which
+    # only root reads, not in the command line, which everyone does.
+    # Connections: each worker has a pool per store; 4 + 4 each keeps WORKERS x 16
+    # under PostgreSQL's 100 with room for the tests' own databases.
     start_bg "$PIDFILE" "$LOGFILE" env \
       MLFLOW_FLASK_SERVER_SECRET_KEY="$flask_secret" \
       MLFLOW_AUTH_CONFIG_PATH="$DIR/basic_auth.ini" \
       MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+      MLFLOW_BACKEND_STORE_URI="$TRACKING_URI" \
+      MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=4 MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=4 \
+      PYTHONPATH="$AUTH_MODULE_DIR" \
       "$VENV/bin/mlflow" server --app-name basic-auth \
-        --host "$HOST" --port "$PORT" --workers 2 \
-        --backend-store-uri "sqlite:///$DIR/mlflow.db" \
-        --no-serve-artifacts --default-artifact-root "$DIR/artifacts"
+        --host "$HOST" --port "$PORT" --workers "$WORKERS" \
+        --no-serve-artifacts --default-artifact-root "$DIR/artifacts" \
+        --uvicorn-opts "--no-access-log --timeout-worker-healthcheck 60 --timeout-keep-alive 30"
     WAIT_PID=$(cat "$PIDFILE") WAIT_LOG=$LOGFILE \
-      wait_until 120 "mlflow /health" curl -fsS "$URL/health"
+      wait_until 300 "mlflow /health" curl -fsS "$URL/health"
     log "mlflow started (pid $(cat "$PIDFILE")) on $URL"
   fi
   # The stored password must still be the admin's (it is only applied when

@@ -12,23 +12,8 @@ require_root
 ROLE=m2d_test
 PASSWORD=$(secret_file "$TESTBED_DIR/secrets/postgres-password")
 
-apt_install postgresql
-psql_admin() { timeout 20 runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 "$@"; }
-
-if ! psql_admin -c 'SELECT 1' >/dev/null 2>&1; then
-  version=$(ls /etc/postgresql | sort -V | tail -1)
-  [ -n "$version" ] || die "postgresql is installed but has no cluster in /etc/postgresql"
-  log "starting PostgreSQL $version main"
-  pg_ctlcluster --skip-systemctl-redirect "$version" main start || die "pg_ctlcluster $version main start failed"
-  wait_until 30 "PostgreSQL to answer" psql_admin -c 'SELECT 1' || exit 1
-fi
+postgres_up
 
 # password auth over TCP works with Debian's default pg_hba.conf (scram on
 # 127.0.0.1) and with a trust setup alike
-psql_admin -v role="$ROLE" -v password="$PASSWORD" <<'SQL' >/dev/null
-SELECT format('CREATE ROLE %I LOGIN CREATEDB', :'role')
- WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \gexec
-SELECT format('ALTER ROLE %I LOGIN CREATEDB PASSWORD %L', :'role', :'password') \gexec
-SELECT format('CREATE DATABASE %I OWNER %I', :'role', :'role')
- WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'role') \gexec
-SQL
+postgres_role "$ROLE" "$PASSWORD" CREATEDB "$ROLE"

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .. import queue
 from ..extensions import db
-from . import jobfiles, provenance
+from . import jobfiles, provenance, releases
 from .models import Email, Export, ExportFile, ReleaseItem, ReleaseRequest, Review, Submission, User, utcnow
 from .storage import SubmissionFiles
 
@@ -138,6 +138,7 @@ def overview(submission: Submission) -> dict:
     export = manifest(submission)
     files = export.files if export else []
     downloadable, disclosed = released_paths(submission.id), ever_released(submission.id)
+    given = releases.given(submission.id)  # a model leaves as its sanitised copy: that size and sha256
     requests = (ReleaseRequest.query.filter_by(submission_id=submission.id)
                 .order_by(ReleaseRequest.id).all())
     return {
@@ -148,7 +149,8 @@ def overview(submission: Submission) -> dict:
         "file_count": len(files),
         "total_bytes": sum(f.size for f in files),
         "requested": len(_requested_ids(submission.id)),
-        "files": [f.to_dict(released=f.path in downloadable) for f in files if f.path in disclosed],
+        "files": [{**f.to_dict(released=f.path in downloadable), **given.get(f.path, {})}
+                  for f in files if f.path in disclosed],
         "requests": [owner_view(r, disclosed) for r in requests],
     }
 
@@ -216,6 +218,7 @@ def request_release(user: User, submission: Submission, paths: list[str] | None,
         db.session.add(ReleaseItem(request_id=request.id, file_id=export_file.id))
     provenance.record(submission.id, "release_requested", request_id=request.id, by=user.email,
                       paths=[f.path for f in chosen], justification=justification)
+    releases.flag_request(submission, chosen)
     for reviewer in reviewers():
         if reviewer.id != user.id:
             _owe(submission.id, "release_requested", request, recipient=reviewer.email)
@@ -282,15 +285,17 @@ def decide(request: ReleaseRequest, reviewer: User, decision: str, comment: str 
 
 
 def _release(item: ReleaseItem) -> None:
-    """Copy the approved file out of the export, checking its bytes against the manifest."""
+    """Copy the approved file out of the export (a model: its sanitised copy,
+    gateway.core.releases), checking its bytes against the manifest (the report)."""
     submission_id = item.request.submission_id
     folder = released_dir(submission_id)
     folder.mkdir(exist_ok=True)
     folder.chmod(0o700)  # the gateway's alone: the job account cannot touch a released copy
     target = folder / str(item.id)
+    entry = releases.report_entry(submission_id, item.file)
+    source, name, expected, size = releases.released_source(item, entry)
     try:
-        digest = jobfiles.copy_out(submission_id, jobfiles.EXPORT, jobfiles.unescape(item.file.path), target,
-                                   limit=item.file.size)
+        digest = jobfiles.copy_out(submission_id, source, name, target, limit=size)
     except (OSError, jobfiles.Refused, ValueError) as e:
         target.unlink(missing_ok=True)
         item.status = "changed"
@@ -298,20 +303,22 @@ def _release(item: ReleaseItem) -> None:
         provenance.record(submission_id, "release_refused", request_id=item.request_id, path=item.file.path,
                           why=f"the file cannot be read any more: {why}")
         return
-    if digest != item.file.sha256:
+    if digest != expected:
         target.unlink(missing_ok=True)
         item.status = "changed"
         provenance.record(submission_id, "release_refused", request_id=item.request_id, path=item.file.path,
-                          why="its sha256 differs from the manifest's", sha256=digest,
-                          manifest_sha256=item.file.sha256)
+                          why=f"its sha256 differs from the {'manifest' if source == jobfiles.EXPORT else 'report'}'s",
+                          sha256=digest, manifest_sha256=expected)
         return
     now = utcnow()
     item.status, item.released_at = "released", now
     item.expires_at = now + timedelta(days=current_app.config["RELEASE_DAYS"])
     # what made the file, on its own link too: a released file's record names its job and runs
     job, runs = provenance.latest(submission_id, "job"), provenance.latest(submission_id, "mlflow")
+    releases.record(item, digest, target.stat().st_size, entry)
     provenance.record(submission_id, "released", request_id=item.request_id, path=item.file.path,
-                      sha256=item.file.sha256, until=item.expires_at,
+                      sha256=item.file.sha256, released_sha256=digest, sanitised=source != jobfiles.EXPORT,
+                      until=item.expires_at,
                       zip_sha256=provenance.latest(submission_id, "upload").get("zip_sha256"),
                       slurm_job_id=job.get("slurm_job_id"), node=job.get("node"),
                       mlflow_experiment_id=runs.get("experiment_id"), mlflow_run_ids=runs.get("run_ids"))

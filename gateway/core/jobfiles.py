@@ -37,8 +37,8 @@ from flask import current_app
 
 from m2d.contract.names import escape, unescape  # noqa: F401 (unescape: callers import it from here)
 
-EXPORT, DRY_RUN_EXPORT, LOGS = "export", "export-dryrun", "logs"
-FOLDERS = (EXPORT, DRY_RUN_EXPORT, LOGS)
+EXPORT, DRY_RUN_EXPORT, LOGS, DISCLOSURE = "export", "export-dryrun", "logs", "disclosure"
+FOLDERS = (EXPORT, DRY_RUN_EXPORT, LOGS, DISCLOSURE)
 CHUNK = 1024 * 1024
 
 # openat2(2): linux/openat2.h

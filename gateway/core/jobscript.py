@@ -142,6 +142,12 @@ class JobSpec:
     mlflow_text_budget: int = DEFAULTS["MLFLOW_TEXT_BUDGET"]
     mlflow_metric_budget: int = DEFAULTS["MLFLOW_METRIC_BUDGET"]
     mlflow_upstream_rate: float = DEFAULTS["MLFLOW_CALLS_PER_SECOND"] / DEFAULTS["MLFLOW_JOBS_AT_ONCE"]
+    # the dataset's identifier index (keyed hashes, data side): what the relay refuses in
+    # names and values; and when it flags a run's metrics as per training case
+    identifiers: Path | None = None
+    mlflow_flag_steps: int = DEFAULTS["MLFLOW_FLAG_STEPS"]
+    mlflow_flag_keys: int = DEFAULTS["MLFLOW_FLAG_KEYS"]
+    mlflow_flag_numbered_keys: int = DEFAULTS["MLFLOW_FLAG_NUMBERED_KEYS"]
     # What the job may leave behind, enforced while it writes.
     export_max_bytes: int = 2 * 1024**3
     export_max_files: int = 10_000
@@ -163,7 +169,7 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         for name in ("image", "code_dir", "dataset_dir", "export_dir",
-                     "log_dir", "relay", "credentials", "models_dir"):
+                     "log_dir", "relay", "credentials", "models_dir", "identifiers"):
             path = getattr(self, name)
             if path is None:
                 continue

@@ -428,3 +428,24 @@ class ProvenanceRecord(db.Model):
 
 def _iso(dt):
     return dt.replace(tzinfo=timezone.utc).isoformat() if dt else None
+
+
+class ReleasedFile(db.Model):
+    """Every file a researcher was given, kept after its copy is deleted: what
+    left (the released bytes' sha256: a model's sanitised copy), what it was
+    (its export file, type, the report's status and checks) and what a later
+    release is compared with (gateway/core/releases.py: a model's weight sketch,
+    a small table's cells)."""
+    id = db.Column(db.Integer, primary_key=True)
+    user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
+    submission_id = db.Column(db.Integer, db.ForeignKey("submission.id"), nullable=False)
+    item_id = db.Column(db.Integer, db.ForeignKey("release_item.id"), nullable=False, unique=True)
+    path = db.Column(db.String(1024), nullable=False)
+    size = db.Column(db.BigInteger, nullable=False)
+    sha256 = db.Column(db.String(64), nullable=False)  # the export file's, as the manifest has it
+    released_sha256 = db.Column(db.String(64), nullable=False)  # what the researcher got
+    released_size = db.Column(db.BigInteger, nullable=False)
+    kind = db.Column(db.String(40))  # the report's type by content (pytorch-zip, csv...), or None
+    report = db.Column(db.Text)  # the report's entry for the file (status, checks), JSON
+    sketch = db.Column(db.Text)  # what differencing compares, JSON
+    released_at = db.Column(db.DateTime, nullable=False, default=utcnow)

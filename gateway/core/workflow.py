@@ -298,6 +298,13 @@ def _record_build(submission_id: int, key: str, *, succeeded: bool, log: str,
     db.session.commit()
 
 
+def _identifier_index(cfg, version: str) -> Path | None:
+    """The dataset's identifier hashes for the relay (DISCLOSURE_INDEX_DIR/<version>/identifiers.json,
+    m2d/disclosure's index): on the data side, which the gateway cannot read, so named, never opened."""
+    root = cfg.get("DISCLOSURE_INDEX_DIR")
+    return Path(root) / version / "identifiers.json" if root else None
+
+
 def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: bool = False) -> str:
     """sbatch once: a retry after a crash finds the job it already made (the
     dry run's name is <prefix>-<id>-dry, the real job's <prefix>-<id>)."""
@@ -331,6 +338,9 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: b
         experiment_alias=user.mlflow_username if dry_run else None,
         mlflow_text_budget=cfg["MLFLOW_TEXT_BUDGET"], mlflow_metric_budget=cfg["MLFLOW_METRIC_BUDGET"],
         mlflow_upstream_rate=cfg["MLFLOW_CALLS_PER_SECOND"] / max(1, cfg["MLFLOW_JOBS_AT_ONCE"]),
+        identifiers=None if dry_run else _identifier_index(cfg, version),
+        mlflow_flag_steps=cfg["MLFLOW_FLAG_STEPS"], mlflow_flag_keys=cfg["MLFLOW_FLAG_KEYS"],
+        mlflow_flag_numbered_keys=cfg["MLFLOW_FLAG_NUMBERED_KEYS"],
         export_max_bytes=cfg["EXPORT_MAX_BYTES"], export_max_files=cfg["EXPORT_MAX_FILES"],
         log_max_bytes=cfg["JOB_LOG_MAX_BYTES"],
         # the job asks the wrapper for the login, as this (the gateway's) account

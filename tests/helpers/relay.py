@@ -2,8 +2,12 @@
 container start them (singularity/relay.py, run by path): used by
 tests/test_relay.py and bench/relay.py."""
 
+import hashlib
+import http.client
 import importlib.util
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +36,21 @@ RELAY_PYTHON = os.environ.get("M2D_RELAY_PYTHON", sys.executable)
 API = "/api/2.0/mlflow"
 
 
+def identifier_index(path: Path, values: dict[str, str]) -> Path:
+    """An identifiers.json as m2d/disclosure's index writes it (keyed BLAKE2b of
+    each value and of its first word, lower-cased), for ``values``: value -> kind."""
+    salt = os.urandom(32)
+
+    def h(text: str) -> str:
+        return hashlib.blake2b(text.lower().encode(), key=salt, digest_size=16).hexdigest()
+
+    words = {value: re.findall(r"[A-Za-z0-9]+", value) for value in values}
+    path.write_text(json.dumps({"salt": salt.hex(), "max_words": max(map(len, words.values())),
+                                "values": {h(v): kind for v, kind in values.items()},
+                                "first_words": sorted({h(w[0]) for w in words.values()})}))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,9 +66,11 @@ def wait_for_file(path: Path, process: subprocess.Popen, what: str, log: Path) -
 
 
 class RelayProcesses:
-    """A relay (host side) and a shim (container side) as a job has them."""
+    """A relay (host side) and a shim (container side) as a job has them; without
+    the shim (``shim=False``), callers speak HTTP to the relay's socket themselves."""
 
-    def __init__(self, folder: Path, account, upstream: str, *extra_args, dry_run: bool = False):
+    def __init__(self, folder: Path, account, upstream: str, *extra_args, dry_run: bool = False,
+                 shim: bool = True):
         self.folder = folder
         self.job_dir = folder / "run"  # the per-job folder bound read-only into the container
         folder.mkdir()
@@ -70,6 +91,9 @@ class RelayProcesses:
              *extra_args],
             env=env, stderr=self.relay_log.open("w"))
         wait_for_file(folder / "relay.ready", self.relay, "relay", self.relay_log)
+        self.shim = None
+        if not shim:
+            return
         self.port = free_port()
         self.shim = subprocess.Popen(
             [RELAY_PYTHON, str(RELAY), "shim", "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.socket),
@@ -82,12 +106,37 @@ class RelayProcesses:
         return self.relay_log.read_text()
 
     def stop(self):
-        for process in (self.shim, self.relay):
+        processes = [process for process in (self.shim, self.relay) if process is not None]
+        for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in (self.shim, self.relay):
+        for process in processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to a relay's socket, as the shim forwards a job's calls (without a container)."""
+
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=60)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def call(connection: http.client.HTTPConnection, method: str, path: str, body: dict | None = None) -> dict:
+    """One MLflow REST call (API + path) and its JSON answer; RuntimeError naming any other status."""
+    data = json.dumps(body).encode() if body is not None else None
+    connection.request(method, API + path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    content = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"{method} {path}: {response.status} {content[:300]!r}")
+    return json.loads(content or b"{}")

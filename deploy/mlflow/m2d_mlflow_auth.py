@@ -1,0 +1,103 @@
+"""MLflow's basic-auth check with a verified-credential cache in front of it.
+
+MLflow's basic-auth app (3.17) hashes the password (werkzeug's scrypt, about 250 ms
+of a CPU) on every request: a site whose every running job's relay calls once a
+second saturates on the hash alone, at a few calls a second. This module is the
+auth app's documented plug-in point, `authorization_function` in its ini:
+
+    authorization_function = m2d_mlflow_auth:authenticate_request
+
+on the MLflow server's PYTHONPATH (deploy/testbed/mlflow.sh puts it there). A
+request whose (user, password) MLflow's own check has accepted before, against the
+password hash the user has NOW, is accepted without hashing again; anything else
+goes to MLflow's own check (authenticate_request_basic_auth) unchanged. So:
+
+- the stored hash is read on every request (one indexed SELECT), and is part of the
+  cache key: a password changed or a user deleted, by any worker or straight in the
+  database, refuses the old password at once on every worker. (MLflow's own cache,
+  auth_cache_ttl_seconds, keys on the password alone and keeps an old password
+  valid on the other workers until its TTL ends; its TTL also re-hashes every
+  user's password on every worker each period.)
+- a wrong password, another user's password or an unknown user is a miss, and MLflow
+  refuses it as before; nothing is cached for a refusal.
+- the key is an HMAC under a key made at process start: the cache holds nothing a
+  password could be guessed from offline. It is bounded (M2D_MLFLOW_AUTH_CACHE_SIZE
+  entries, least recently used out) and an entry lives M2D_MLFLOW_AUTH_CACHE_SECONDS
+  (default 3600) at most.
+
+MLflow's UI hides its "change password" and "log out" items when the function is
+not its own; on this platform the gateway holds each researcher's MLflow password
+(it hands it to the job's relay), so a password changed in the UI would break that
+researcher's jobs: `flask --app gateway users approve EMAIL` sets a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+
+from flask import g, request
+from mlflow.server import auth
+from mlflow.server.auth.db.models import SqlUser
+from sqlalchemy import select
+from werkzeug.datastructures import Authorization
+
+CACHE_SIZE = int(os.environ.get("M2D_MLFLOW_AUTH_CACHE_SIZE", "10000"))
+CACHE_SECONDS = float(os.environ.get("M2D_MLFLOW_AUTH_CACHE_SECONDS", "3600"))
+
+_hmac_key = secrets.token_bytes(32)
+_verified: OrderedDict[bytes, float] = OrderedDict()  # key -> when MLflow accepted it (monotonic)
+_lock = threading.Lock()
+
+
+def stored_password_hash(username: str) -> str | None:
+    with auth.store.ManagedSessionMaker(read_only=True) as session:
+        return session.execute(
+            select(SqlUser.password_hash).where(SqlUser.username == username)).scalar_one_or_none()
+
+
+def cache_key(username: str, password: str, password_hash: str) -> bytes:
+    message = json.dumps([username, password, password_hash]).encode("utf-8", "surrogatepass")
+    return hmac.new(_hmac_key, message, hashlib.sha256).digest()
+
+
+def authenticate_request() -> Authorization | object:
+    """The request's Authorization when its basic-auth login is right, else
+    MLflow's own 401 answer (the contract of `authorization_function`).
+    MLflow asks up to three times per request (before it, whether the sender is
+    an admin, whose the request is): the first answer is kept for the others."""
+    if "m2d_authorization" not in g:
+        g.m2d_authorization = check_credentials()
+    return g.m2d_authorization
+
+
+def check_credentials() -> Authorization | object:
+    credentials = request.authorization
+    if credentials is None or credentials.type != "basic" or not credentials.username:
+        return auth.authenticate_request_basic_auth()
+    password_hash = stored_password_hash(credentials.username)
+    if password_hash is None:
+        return auth.authenticate_request_basic_auth()  # an unknown user: MLflow refuses
+    key = cache_key(credentials.username, credentials.password or "", password_hash)
+    now = time.monotonic()
+    with _lock:
+        accepted_at = _verified.get(key)
+        if accepted_at is not None and now - accepted_at < CACHE_SECONDS:
+            _verified.move_to_end(key)
+            return credentials
+    # MLflow's own check, the password hash and all; outside the lock, so that other
+    # credentials are checked meanwhile.
+    answer = auth.authenticate_request_basic_auth()
+    if isinstance(answer, Authorization):
+        with _lock:
+            _verified[key] = now
+            _verified.move_to_end(key)
+            while len(_verified) > CACHE_SIZE:
+                _verified.popitem(last=False)
+    return answer

@@ -1,0 +1,147 @@
+"""MLflow as deploy/testbed/mlflow.sh runs it for a cluster (several workers, PostgreSQL,
+the verified-credential cache of deploy/mlflow/m2d_mlflow_auth.py), against the real
+testbed server: a login accepted once is not a key to anything else. Each check is
+made on every worker: ``on_every_worker`` sends a request over enough fresh
+connections that each of the server's workers (4) answers some of them.
+
+    set -a; . /opt/testbed/gateway.env; set +a
+    .venv/bin/python -m pytest tests/test_mlflow_at_scale.py -p no:cacheprovider
+"""
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+
+from gateway.adapters.mlflow import MlflowAdmin
+
+from .helpers.relay import API, RelayProcesses, UnixHTTPConnection, call
+
+REQUESTS_PER_CHECK = 24  # fresh connections; the kernel spreads them over the workers
+
+
+@pytest.fixture(scope="module")
+def admin(mlflow_url, admin_auth):
+    return MlflowAdmin(mlflow_url, admin_auth.username, admin_auth.password, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def researchers(mlflow_url, admin_auth, admin):
+    """A factory of provisioned researchers, removed at the end."""
+    made, tag = [], uuid.uuid4().hex[:8]
+
+    def new(name):
+        made.append(admin.provision(f"m2d-scale-test-{tag}-{name}"))
+        return made[-1]
+
+    yield new
+    for account in made:
+        requests.delete(f"{mlflow_url}{API}/users/delete", json={"username": account.username},
+                        auth=admin_auth, timeout=30)
+        requests.post(f"{mlflow_url}{API}/experiments/delete", json={"experiment_id": account.experiment_id},
+                      auth=admin_auth, timeout=30)
+
+
+def on_every_worker(url, account_or_login, method="GET", path="/experiments/get-by-name", **kwargs):
+    """The status codes of REQUESTS_PER_CHECK requests, each on a fresh connection."""
+    login = ((account_or_login.username, account_or_login.password)
+             if hasattr(account_or_login, "password") else account_or_login)
+    codes = []
+    for _ in range(REQUESTS_PER_CHECK):
+        with requests.Session() as fresh:
+            codes.append(fresh.request(method, f"{url}{API}{path}", auth=login, timeout=60, **kwargs).status_code)
+    return codes
+
+
+def read_own_experiment(url, account):
+    return on_every_worker(url, account, params={"experiment_name": account.experiment_name})
+
+
+def test_a_cached_login_does_not_let_a_wrong_password_or_another_users_password_in(mlflow_url, researchers):
+    alice, bob = researchers("alice"), researchers("bob")
+    assert set(read_own_experiment(mlflow_url, alice)) == {200}  # cached on every worker now
+    params = {"experiment_name": alice.experiment_name}
+    assert set(on_every_worker(mlflow_url, (alice.username, alice.password + "x"), params=params)) == {401}
+    assert set(on_every_worker(mlflow_url, (alice.username, bob.password), params=params)) == {401}
+    assert set(on_every_worker(mlflow_url, (alice.username, ""), params=params)) == {401}
+    assert set(on_every_worker(mlflow_url, ("m2d-nobody-" + uuid.uuid4().hex[:6], alice.password),
+                               params=params)) == {401}
+
+
+def test_a_changed_password_is_refused_at_once_on_every_worker(mlflow_url, admin, researchers):
+    carol = researchers("carol")
+    assert set(read_own_experiment(mlflow_url, carol)) == {200}
+    renewed = admin.provision(carol.username)  # what `flask --app gateway users approve` does
+    assert renewed.password != carol.password
+    assert set(read_own_experiment(mlflow_url, carol)) == {401}
+    assert set(read_own_experiment(mlflow_url, renewed)) == {200}
+
+
+def test_a_deleted_user_is_refused_at_once_on_every_worker(mlflow_url, admin_auth, researchers):
+    dave = researchers("dave")
+    assert set(read_own_experiment(mlflow_url, dave)) == {200}
+    requests.delete(f"{mlflow_url}{API}/users/delete", json={"username": dave.username}, auth=admin_auth,
+                    timeout=30).raise_for_status()
+    assert set(read_own_experiment(mlflow_url, dave)) == {401}
+
+
+def test_a_cached_login_reads_and_writes_only_its_own_experiment(mlflow_url, researchers):
+    erin, frank = researchers("erin"), researchers("frank")
+    created = requests.post(f"{mlflow_url}{API}/runs/create", auth=(frank.username, frank.password), timeout=60,
+                            json={"experiment_id": frank.experiment_id}).json()
+    franks_run = created["run"]["info"]["run_id"]
+    assert set(read_own_experiment(mlflow_url, erin)) == {200}
+    assert set(on_every_worker(mlflow_url, erin, params={"run_id": franks_run}, path="/runs/get")) == {403}
+    batch = {"run_id": franks_run, "metrics": [{"key": "m", "value": 1, "timestamp": 0, "step": 0}]}
+    assert set(on_every_worker(mlflow_url, erin, "POST", "/runs/log-batch", json=batch)) == {403}
+    assert set(on_every_worker(mlflow_url, erin, "POST", "/runs/create",
+                               json={"experiment_id": frank.experiment_id})) == {403}
+
+
+def test_jobs_logging_at_once_through_their_relays_get_every_value_into_their_own_runs(
+        mlflow_url, admin_auth, researchers, tmp_path):
+    jobs, values = 8, 15
+    owners = [researchers(f"job{i}") for i in range(jobs)]
+    relays = [RelayProcesses(tmp_path / f"job{i}", owner, mlflow_url, "--stats-file", str(tmp_path / f"{i}.stats"),
+                             shim=False) for i, owner in enumerate(owners)]
+    run_ids = [None] * jobs
+
+    def job(i):
+        connection = UnixHTTPConnection(str(relays[i].socket))
+        run_ids[i] = call(connection, "POST", "/runs/create",
+                          {"experiment_id": owners[i].experiment_id})["run"]["info"]["run_id"]
+        for step in range(values):
+            call(connection, "POST", "/runs/log-metric", {"run_id": run_ids[i], "key": "loss", "value": i + step / 100,
+                                                          "step": step, "timestamp": int(time.time() * 1000)})
+            time.sleep(0.2)
+        connection.close()
+
+    try:
+        threads = [threading.Thread(target=job, args=(i,)) for i in range(jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # a job's relay touches no run of another job's owner
+        other = UnixHTTPConnection(str(relays[0].socket))
+        with pytest.raises(RuntimeError, match="403"):
+            call(other, "GET", f"/runs/get?run_id={run_ids[1]}")
+        with pytest.raises(RuntimeError, match="403"):
+            call(other, "POST", "/runs/log-metric", {"run_id": run_ids[1], "key": "loss", "value": -1, "step": 99,
+                                                     "timestamp": 0})
+        other.close()
+    finally:
+        for relay in relays:
+            relay.stop()  # each sends what it still holds
+    for i, run_id in enumerate(run_ids):
+        history = requests.get(f"{mlflow_url}{API}/metrics/get-history", auth=admin_auth, timeout=60,
+                               params={"run_id": run_id, "metric_key": "loss"}).json()["metrics"]
+        assert sorted((m["step"], m["value"]) for m in history) == [(step, i + step / 100) for step in range(values)]
+        run = requests.get(f"{mlflow_url}{API}/runs/get", params={"run_id": run_id}, auth=admin_auth,
+                           timeout=60).json()["run"]
+        assert run["info"]["experiment_id"] == owners[i].experiment_id
+        refused = 2 if i == 0 else 0  # the two calls on job 1's run above
+        assert json.loads((tmp_path / f"{i}.stats").read_text()) == {"refused": refused, "undelivered": 0}

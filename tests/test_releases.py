@@ -1,0 +1,184 @@
+"""What leaves and what each researcher was given (gateway/core/releases.py): a
+model leaves as the sanitised copy the report job made, every release is kept
+per researcher, and one that differs from an earlier release by a few cases'
+worth of data is flagged for review.
+
+On a local app (SQLite; PostgreSQL too, by conftest's marker): the test plays
+the report job's part on the data side as m2d/disclosure/sanitise.py does it
+(disclosure/report.json and its sanitised copies), and the gateway reads them
+through gateway.core.jobfiles as it reads everything a job wrote."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from gateway.core import airlock, lifecycle, provenance
+from gateway.core import releases
+from gateway.extensions import db
+from gateway.core.models import ReleasedFile
+from gateway.core.storage import SubmissionFiles
+from m2d.contract.states import Status
+from m2d.disclosure import sanitise
+
+from .helpers import checkpoints
+from .helpers.users import make_user
+
+pytestmark = pytest.mark.databases("sqlite", "postgresql")
+
+
+@pytest.fixture
+def alice(local_app):
+    return make_user("alice@example.org")
+
+
+@pytest.fixture
+def reviewers(local_app):
+    found = [make_user(f"{name}@example.org") for name in ("rita", "rolf")]
+    for user in found:
+        user.is_reviewer = True
+    db.session.commit()
+    return found
+
+
+def model(seed=0, noise=0.0, base_seed=None):
+    rng = np.random.default_rng(seed if base_seed is None else base_seed)
+    weights = {"conv.weight": rng.standard_normal((64, 32, 3, 3)).astype(np.float32),
+               "fc.bias": rng.standard_normal(10).astype(np.float32)}
+    if noise:
+        jitter = np.random.default_rng(seed + 1000)
+        weights = {k: (v + noise * jitter.standard_normal(v.shape)).astype(np.float32) for k, v in weights.items()}
+    return weights
+
+
+def ended_with_report(tmp_path, user, files: dict[str, bytes], sanitised=True):
+    """An ended submission whose export holds ``files``, and the report job's
+    output beside it: each model file's sanitise check and sanitised copy."""
+    submission = lifecycle.create(user, "mine.zip")
+    submission.status = Status.COMPLETED.value
+    db.session.commit()
+    root = SubmissionFiles(submission.id).root
+    (root / "export").mkdir(parents=True)
+    report_dir = root / "disclosure"
+    report_dir.mkdir()
+    entries = []
+    for name, data in files.items():
+        (root / "export" / name).write_bytes(data)
+        sha256 = hashlib.sha256(data).hexdigest()
+        entry = {"path": name, "size": len(data), "sha256": sha256, "type": "binary", "status": "pass", "checks": []}
+        if name.endswith(".pt") and sanitised:
+            check, copy = sanitise.check_model(root / "export" / name, sha256, report_dir)
+            entry.update(type="pytorch-zip", status=check["status"], checks=[check], sanitised=copy)
+        elif name.endswith(".csv"):
+            entry["type"] = "csv"
+        entries.append(entry)
+    (report_dir / "report.json").write_text(json.dumps({"version": 1, "files": entries}))
+    return submission
+
+
+def release_all(user, submission, reviewers):
+    request = airlock.request_release(user, submission, None, "for the paper")
+    for reviewer in reviewers:
+        airlock.decide(request, reviewer, "approve")
+    return request
+
+
+def zip_bytes(tmp_path, weights, name="m.pt"):
+    return checkpoints.torch_zip(weights, tmp_path / name).read_bytes()
+
+
+def test_a_released_model_is_its_sanitised_copy_which_the_owner_can_verify(tmp_path, client, alice, reviewers):
+    weights = model()
+    data = zip_bytes(tmp_path, weights)
+    submission = ended_with_report(tmp_path, alice, {"model.pt": data})
+    request = release_all(alice, submission, reviewers)
+    item = request.items[0]
+    assert item.status == "released"
+    copy = (airlock.released_dir(submission.id) / str(item.id)).read_bytes()
+    assert copy != data
+    released = sanitise.read_safetensors(copy)["conv.weight"].array
+    assert not (released.view(np.uint32) & 0xFFFF).any()  # the low 16 bits are gone
+    assert np.allclose(released, weights["conv.weight"], rtol=2**-8)
+    # the listing gives what the owner downloads, so m2d download's check holds
+    listed = airlock.overview(submission)["files"][0]
+    assert listed["sha256"] == hashlib.sha256(copy).hexdigest() and listed["size"] == len(copy)
+    assert listed["sanitised"] is True
+    row = ReleasedFile.query.one()
+    assert (row.user_id, row.sha256, row.released_sha256, row.kind) == (
+        alice.id, hashlib.sha256(data).hexdigest(), listed["sha256"], "pytorch-zip")
+    assert json.loads(row.report)["checks"][0]["name"] == "sanitise"
+    released_link = provenance.latest(submission.id, "released")
+    assert released_link["sanitised"] is True and released_link["released_sha256"] == listed["sha256"]
+
+
+def test_without_a_sanitised_copy_or_with_the_setting_off_a_model_leaves_as_written(
+        tmp_path, local_app, alice, reviewers):
+    data = zip_bytes(tmp_path, model())
+    unsanitised = ended_with_report(tmp_path, alice, {"model.pt": data}, sanitised=False)
+    item = release_all(alice, unsanitised, reviewers).items[0]
+    assert (airlock.released_dir(unsanitised.id) / str(item.id)).read_bytes() == data
+    local_app.config["RELEASE_SANITISED_MODELS"] = False
+    other = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model(seed=5))})
+    item = release_all(alice, other, reviewers).items[0]
+    assert (airlock.released_dir(other.id) / str(item.id)).read_bytes() == (
+        SubmissionFiles(other.id).export / "model.pt").read_bytes()
+
+
+def test_a_sanitised_copy_changed_after_the_report_is_never_released(tmp_path, local_app, alice, reviewers):
+    submission = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model())})
+    copy = next((SubmissionFiles(submission.id).root / "disclosure" / "sanitised").iterdir())
+    copy.write_bytes(copy.read_bytes()[:-4] + b"\x00\x00\x80\x3f")  # a weight put back after the report
+    item = release_all(alice, submission, reviewers).items[0]
+    assert item.status == "changed"
+    assert "differs from the report's" in provenance.latest(submission.id, "release_refused")["why"]
+    assert ReleasedFile.query.count() == 0
+
+
+def test_a_model_a_few_cases_away_from_one_released_before_is_flagged_and_others_are_not(
+        tmp_path, local_app, alice, reviewers):
+    first = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model(seed=1))})
+    release_all(alice, first, reviewers)
+    # trained again without one patient: the weights move a little
+    close = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model(seed=1, noise=0.002))})
+    airlock.request_release(alice, close, None, "the model without case 7")
+    reason = provenance.latest(close.id, "release_differencing")["files"]["model.pt"]
+    assert "its weights differ from those of 'model.pt' of submission" in reason and "RELEASE_DIFF_MODEL" in reason
+    # another training run (its own initialisation), the same bytes again, or another researcher: no flag
+    other = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model(seed=2))})
+    same = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model(seed=1))})  # another zip
+    bob = make_user("bob@example.org")
+    bobs = ended_with_report(tmp_path, bob, {"model.pt": zip_bytes(tmp_path, model(seed=1, noise=0.002))})
+    for submission in (other, same, bobs):
+        assert releases.flag_request(submission, airlock.manifest(submission).files) == {}
+
+
+def test_a_count_table_with_a_few_counts_changed_is_flagged_and_another_table_is_not(
+        tmp_path, local_app, alice, reviewers):
+    table = b"site,benign,malignant\nA,120,31\nB,98,27\n"
+    first = ended_with_report(tmp_path, alice, {"counts.csv": table})
+    release_all(alice, first, reviewers)
+    nudged = ended_with_report(tmp_path, alice, {"counts.csv": table.replace(b"31", b"30")})
+    flagged = releases.flag_request(nudged, airlock.manifest(nudged).files)
+    assert "1 cells changed by at most 1" in flagged["counts.csv"][0]["reason"]
+    assert flagged["counts.csv"][0]["status"] == "review"
+    relabelled = ended_with_report(tmp_path, alice, {"counts.csv": table.replace(b"B,", b"C,")})
+    far = ended_with_report(tmp_path, alice, {"counts.csv": table.replace(b"98", b"198")})
+    for submission in (relabelled, far):
+        assert releases.flag_request(submission, airlock.manifest(submission).files) == {}
+
+
+def test_a_file_of_another_type_is_compared_by_its_type_and_size(tmp_path, local_app, alice, reviewers):
+    first = ended_with_report(tmp_path, alice, {"weights.bin": bytes(1000)})
+    release_all(alice, first, reviewers)
+    again = ended_with_report(tmp_path, alice, {"weights.bin": bytes(999) + b"\x01"})
+    assert "type (binary) and size" in releases.flag_request(again, airlock.manifest(again).files)[
+        "weights.bin"][0]["reason"]
+    bigger = ended_with_report(tmp_path, alice, {"weights.bin": bytes(2000)})
+    assert releases.flag_request(bigger, airlock.manifest(bigger).files) == {}
+
+
+def test_model_distance_needs_the_same_architecture():
+    a = {"w": {"shape": [2], "norm": 1.0, "projection": [1.0, 0.0]}}
+    assert releases.model_distance(a, a) == 0
+    assert releases.model_distance(a, {"w": {"shape": [3], "norm": 1.0, "projection": [1.0, 0.0]}}) is None
+    assert releases.model_distance(a, {"v": a["w"]}) is None

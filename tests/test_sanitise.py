@@ -1,0 +1,201 @@
+"""The sanitised release of models (m2d/disclosure/sanitise.py): plain tensors,
+floats rounded to N mantissa bits, a pickle's code never run.
+
+The files are the bytes torch.save writes (tests/helpers/checkpoints.py writes
+them with numpy: the zip format and the legacy one); the sanitised copy is read
+back with the real safetensors package."""
+import collections
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file
+
+from m2d.disclosure import sanitise
+from tests.helpers import checkpoints
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dataset_image(tmp_path_factory) -> np.ndarray:
+    """One image of the testbed's synthetic dataset, made as the testbed makes it."""
+    dest = tmp_path_factory.mktemp("clam")
+    subprocess.run([sys.executable, str(REPO / "deploy/testbed/make_dataset.py"), str(dest), "--cases", "2"],
+                   check=True, capture_output=True)
+    png = sorted(dest.rglob("*.png"))[0]
+    return np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
+
+
+def hide(state: dict, payload: bytes) -> dict:
+    """Training code's trick (Song et al. 2017): the payload's bytes in the low 8
+    mantissa bits of the weights, one byte a weight, tensor after tensor."""
+    out, at = collections.OrderedDict(), 0
+    for name, array in state.items():
+        if array.dtype == np.float32 and at < len(payload):
+            raw = array.reshape(-1).view(np.uint32).copy()
+            n = min(raw.size, len(payload) - at)
+            chunk = np.frombuffer(payload[at:at + n], dtype=np.uint8).astype(np.uint32)
+            raw[:n] = (raw[:n] & np.uint32(0xFFFFFF00)) | chunk
+            array = raw.view(np.float32).reshape(array.shape)
+            at += n
+        out[name] = array
+    assert at == len(payload), "the model holds the whole payload"
+    return out
+
+
+def low_byte_payload(tensors: dict, names: list[str], length: int) -> np.ndarray:
+    """What the attacker reads back: the low 8 bits of each weight, in the same order."""
+    found = []
+    for name in names:
+        array = tensors[name]
+        if array.dtype == np.float32:
+            found.append((array.reshape(-1).view(np.uint32) & np.uint32(0xFF)).astype(np.uint8))
+    return np.concatenate(found)[:length]
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return 0.0  # a constant carries nothing of the other
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def bit_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((np.unpackbits(a) == np.unpackbits(b)).mean())
+
+
+def test_a_dataset_image_in_a_resnet18s_low_mantissa_bits_cannot_be_recovered_from_the_released_copy(
+        tmp_path, dataset_image):
+    image = dataset_image.reshape(-1)
+    state = hide(checkpoints.resnet18_state(), image.tobytes())
+    original = checkpoints.torch_zip(state, tmp_path / "model.tar")
+    names = list(state)
+    # the attack works on what the job wrote: the image comes back exactly
+    assert np.array_equal(low_byte_payload(state, names, image.size), image)
+
+    summary = sanitise.sanitise(original, tmp_path / "released.safetensors", mantissa_bits=7)
+    released = load_file(str(tmp_path / "released.safetensors"))  # the real safetensors package reads it
+    assert set(released) == set(names)
+    recovered = low_byte_payload(released, names, image.size)
+    # the low 16 bits of every float32 are gone: the attacker reads zeros...
+    assert not recovered.any()
+    # ...and the best they can do from what is left is chance: the low byte of the
+    # mantissa bits kept, and the bits against the image's bits
+    kept = np.concatenate([(released[n].reshape(-1).view(np.uint32) >> np.uint32(16)).astype(np.uint8)
+                           for n in names if released[n].dtype == np.float32])[:image.size]
+    assert abs(correlation(kept, image)) < 0.05
+    assert abs(bit_agreement(kept, image) - 0.5) < 0.05
+    # what was removed, and what it cost the model
+    assert summary["mantissa_bits"] == 7 and summary["format"] == "torch-zip"
+    assert summary["fraction_bits_removed"] > 0.49  # 16 of 32 bits of nearly every value
+    assert summary["max_rel_change"] <= 2 ** -8 + 1e-12  # round to nearest: half a unit in the last place kept
+    assert summary["integer_tensors"] == [n for n in names if n.endswith("num_batches_tracked")]
+    assert np.array_equal(released["layer1.0.bn1.num_batches_tracked"], state["layer1.0.bn1.num_batches_tracked"])
+
+
+def test_floats_are_rounded_to_nearest_not_truncated_and_nans_lose_their_payload():
+    values = np.array([1 + 2**-8 + 2**-12, 1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-7 + 2**-8 + 2**-20),
+                       np.inf, -np.inf, 0.0, 3.4028235e38], dtype=np.float32)
+    payload_nan = np.array([0x7FC0BEEF], dtype=np.uint32).view(np.float32)
+    tensor = sanitise.Tensor("F32", np.concatenate([values, payload_nan]))
+    rounded = sanitise.round_mantissa(tensor, 7).array
+    # 1 + 2^-8 + 2^-12 is past the halfway point between 1 and 1 + 2^-7: up (truncation would give 1)
+    assert rounded[0] == np.float32(1 + 2**-7)
+    assert rounded[1] == np.float32(1.0)  # a tie rounds to the even neighbour
+    assert rounded[2] == np.float32(1 + 2**-6)  # the other tie: up, to the even neighbour
+    assert rounded[3] == np.float32(-(1 + 2**-6))
+    assert rounded[4] == np.inf and rounded[5] == -np.inf and rounded[6] == 0
+    assert rounded[7] == np.inf  # past bfloat16's largest value, as bfloat16 rounds it
+    assert rounded[8:].view(np.uint32)[0] == 0x7FC00000  # one NaN, its payload gone
+    assert not (rounded[:4].view(np.uint32) & 0xFFFF).any()
+
+
+def test_bfloat16_and_float16_tensors_in_a_safetensors_file_are_rounded_in_their_own_dtype(tmp_path):
+    from safetensors.numpy import save_file
+    half = np.array([1 + 2**-10, 0.333], dtype=np.float16)
+    save_file({"h": half, "i": np.arange(5, dtype=np.int32)}, str(tmp_path / "in.safetensors"))
+    data = (tmp_path / "in.safetensors").read_bytes()
+    bf16 = {"b": sanitise.Tensor("BF16", np.array([0x3F81, 0x7FC1], dtype=np.uint16))}
+    (tmp_path / "bf.safetensors").write_bytes(sanitise.write_safetensors(bf16, {}))
+    assert sanitise.read_safetensors(data)["h"].array.dtype == np.float16
+
+    summary = sanitise.sanitise(tmp_path / "in.safetensors", tmp_path / "out.safetensors", mantissa_bits=7)
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert out["h"].dtype == np.float16 and out["h"][0] == np.float16(1.0)
+    assert np.array_equal(out["i"], np.arange(5))
+    assert summary["bits_removed"] == 2 * 3
+
+    sanitise.sanitise(tmp_path / "bf.safetensors", tmp_path / "bf-out.safetensors", mantissa_bits=3)
+    again = sanitise.read_safetensors((tmp_path / "bf-out.safetensors").read_bytes())["b"].array
+    assert list(again) == [0x3F80, 0x7FC0]  # 1 + 2^-7 at 3 bits is 1; the NaN canonical
+
+
+def test_a_legacy_torch_checkpoint_of_a_training_checkpoint_is_read_as_its_tensors(tmp_path):
+    state = checkpoints.resnet18_state(seed=3)
+    checkpoint = {"epoch": 2, "arch": "resnet18", "state_dict": state,
+                  "optimizer": {"state": {0: {"momentum_buffer": np.ones((4, 4), np.float32)}}}}
+    legacy = checkpoints.torch_legacy(checkpoint, tmp_path / "legacy.pth")
+    zipped = checkpoints.torch_zip(checkpoint, tmp_path / "zipped.pt")
+    for path in (legacy, zipped):
+        loaded = sanitise.load(path)
+        assert np.array_equal(loaded.tensors["state_dict.fc.weight"].array, state["fc.weight"])
+        assert loaded.tensors["optimizer.state.0.momentum_buffer"].array.shape == (4, 4)
+        assert sorted(loaded.left_out) == ["arch", "epoch"]  # plain tensors only
+    assert sanitise.load(legacy).source_format == "torch-legacy"
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_and_its_code_never_runs(tmp_path):
+    canary = tmp_path / "canary"
+    # the payload is real: a plain unpickling runs it
+    pickle.loads(pickle.dumps(checkpoints.CanaryPayload(canary)))
+    assert canary.exists()
+    canary.unlink()
+
+    hostile = checkpoints.torch_zip_with_code(tmp_path / "model.pt", canary)
+    with pytest.raises(sanitise.Unsanitisable, match="exec, which is not a tensor"):
+        sanitise.sanitise(hostile, tmp_path / "out.safetensors")
+    run = subprocess.run([sys.executable, "-m", "m2d.disclosure.sanitise", str(hostile),
+                          str(tmp_path / "out.safetensors"), "--summary", str(tmp_path / "summary.json")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 3, run.stderr
+    assert "cannot be re-saved as plain tensors" in run.stderr
+    assert '"status": "review"' in (tmp_path / "summary.json").read_text()
+    assert not canary.exists()
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("why, content", [
+    ("random bytes", bytes(range(256)) * 10),
+    ("a pickle of a plain object", pickle.dumps(collections.Counter(a=1), protocol=2)),
+    ("a zip that is not a checkpoint", None),
+])
+def test_what_is_not_a_model_file_is_unsanitisable(tmp_path, why, content):
+    path = tmp_path / "file"
+    if content is None:
+        import zipfile
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("notes.txt", "hello")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(sanitise.Unsanitisable):
+        sanitise.sanitise(path, tmp_path / "out")
+
+
+def test_a_tensor_view_past_its_storage_is_refused_before_it_is_read(tmp_path):
+    """as_strided reads whatever memory it is pointed at: the view is checked first."""
+    path = checkpoints.torch_zip({"w": np.zeros(4, np.float32)}, tmp_path / "m.pt")
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    # the tensor claims 4 x 1000 elements of its 4-element storage
+    members["archive/data.pkl"] = members["archive/data.pkl"].replace(b"K\x04\x85", b"M\xa0\x0f\x85")
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    with pytest.raises(sanitise.Unsanitisable, match="past the end of its storage"):
+        sanitise.load(path)
