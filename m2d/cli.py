@@ -10,6 +10,7 @@ main.py failed (`run` exits with main.py's own code); 2 for a wrong command line
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -285,6 +286,42 @@ def run(args) -> int:
     return result.exit_code
 
 
+def check_export(args) -> int:
+    """The disclosure report of a local export, against the twin's fingerprint index
+    (or --index): what reviewers' report would say. Exit 3 when a file fails."""
+    try:
+        from .disclosure import __main__ as disclosure
+        from .disclosure import index as disclosure_index
+        from .disclosure.report import write_json
+    except ImportError as e:
+        return _fail(args, "missing_extra", f"check-export needs the disclosure extra ({e.name} is missing): "
+                                            "pip install 'm2d[disclosure]'")
+    from . import local
+
+    index_dir = args.index
+    if index_dir is None:
+        version = twin.check_version(args.dataset_version or local.dataset_version())
+        dataset = args.dataset or twin.ensure(local.twin_dir(), version)
+        index_dir = local.cache_dir() / "disclosure-index" / (version if args.dataset is None else
+                                                              hashlib.sha256(str(Path(dataset).resolve()).encode())
+                                                              .hexdigest()[:16])
+        disclosure_index.build(dataset, index_dir, log=lambda text: print(f"m2d: {text}", file=sys.stderr))
+    report = disclosure.make_report(index_dir, args.source, args.train_count)
+    if args.out:
+        write_json(args.out, report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for f in report["files"]:
+            print(f"{f['status'].upper():7} {f['path']}  ({f['type']}, {f['size']} bytes)")
+            for c in f["checks"]:
+                if c["status"] != "pass":
+                    print(f"        {c['status']}: {c['name']}: {c['reason']}")
+        counts = report["summary"]
+        print(f"m2d: {counts['pass']} pass, {counts['review']} review, {counts['fail']} fail")
+    return disclosure.EXIT_FAIL if report["summary"]["fail"] else 0
+
+
 # --- output ----------------------------------------------------------------------
 
 
@@ -419,6 +456,20 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = command("provenance", provenance, "show a submission's hash-chained provenance; exit 1 if broken")
     sub.add_argument("id", type=int, metavar="ID")
+
+    sub = command("check-export", check_export, "check a local export as the platform's disclosure report "
+                  "would (needs m2d[disclosure]); exit 3 when a file fails",
+                  description="Run the platform's disclosure checks (dataset content, near-duplicate images, "
+                              "identifiers, tables, models) on an export folder, e.g. from m2d run on the twin, "
+                              "against the twin dataset's fingerprint index (built once, cached). Exit 0 when "
+                              "no file fails, 3 when one does.")
+    sub.add_argument("source", metavar="DIR", type=Path)
+    sub.add_argument("--index", type=Path, metavar="INDEX_DIR", help="a fingerprint index to check against "
+                     "(default: the twin's, or --dataset's, built on first use)")
+    sub.add_argument("--dataset", type=Path, help="index this dataset folder instead of the twin")
+    sub.add_argument("--dataset-version", metavar="VERSION", help="whose twin (default: as m2d run)")
+    sub.add_argument("--train-count", type=int, metavar="N", help="training cases (default: the index's)")
+    sub.add_argument("--out", type=Path, metavar="REPORT.json", help="also write the report here")
 
     sub = command("run", run, "run a submission locally, as the platform would (Apptainer or virtualenv)",
                   description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 SAMPLE_DATA_EXTRA = {"numpy", "PIL"}  # pyproject.toml's sample-data extra
+DISCLOSURE_EXTRA = {"numpy", "PIL", "imagehash", "pyfastcdc", "openpyxl", "safetensors"}  # m2d[disclosure]
 
 
 def module_name(path: Path) -> str:
@@ -70,6 +71,14 @@ def test_the_contract_imports_only_the_standard_library():
         return top(name) in STDLIB | extra or name.startswith("m2d.contract")
 
     assert broken(sources("m2d/contract"), allowed) == []
+
+
+def test_the_disclosure_checker_imports_only_its_extra_and_the_contract():
+    """It runs as the data side's report job and in `m2d check-export`: never the server's code."""
+    def allowed(path, name):
+        return top(name) in STDLIB | DISCLOSURE_EXTRA or name.startswith(("m2d.contract", "m2d.disclosure"))
+
+    assert broken(sources("m2d/disclosure"), allowed) == []
 
 
 def test_the_relay_imports_only_the_standard_library():

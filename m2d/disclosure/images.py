@@ -14,12 +14,15 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-# A 256-bit pHash: the 64-bit one cannot tell the synthetic CLaM images apart (different
-# images at distance 0); at 256 bits they are 18+ apart and a copy resized to half
-# and re-encoded as JPEG at quality 70 stays within 14.
-HASH_SIZE = 16
+# A 1024-bit pHash (imagehash's phash, hash_size 32: the lowest 32 x 32 DCT frequencies
+# of a 128 x 128 grey copy). The synthetic mammograms all share one smooth shape, which
+# is all a 64-bit pHash sees (different images at distance 0) and most of what a 256-bit
+# one sees (8 bits apart at 1024 x 1280); at 1024 bits different images are 170+ apart,
+# a copy resized by a pixel and re-encoded (PNG or JPEG 85) within 40, and a half-size
+# JPEG (quality 70) within 80 (bench/disclosure.py prints the margin for a dataset).
+HASH_SIZE = 32
 BITS = HASH_SIZE * HASH_SIZE
-NEAR = 16  # bits of 256: at most this far from a dataset image's pHash is a copy of it
+NEAR = 100  # bits of BITS: at most this far from a dataset image's pHash is a copy of it
 MIN_SIDE = 32  # smaller arrays are not images worth hashing
 MAX_FILE = 1 << 30  # an image file larger than this is not decoded (the file is reviewed)
 

@@ -28,14 +28,14 @@ import numpy as np
 from . import chunks, images, sniff
 from .identifiers import COLUMNS, IdentifierIndex
 
-FORMAT = 1
+FORMAT = 2  # 2: 1024-bit pHashes, identifier prefilter
 CSV_SEPARATORS = ";,\t"
 
 
 def version_key(dataset: Path) -> tuple[str, list[Path], int]:
     """The dataset's version: a hash over every file's relative path, size and
-    mtime (no content read), the index format and the chunk sizes."""
-    h = hashlib.sha256(f"format {FORMAT} chunks {chunks.AVG} {chunks.MIN} {chunks.MAX}\n".encode())
+    mtime (no content read), the index format, the chunk sizes and the pHash size."""
+    h = hashlib.sha256(f"format {FORMAT} chunks {chunks.AVG} {chunks.MIN} {chunks.MAX} phash {images.HASH_SIZE}\n".encode())
     files, total = [], 0
     for folder, dirs, names in os.walk(dataset):
         dirs.sort()

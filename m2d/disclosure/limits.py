@@ -13,7 +13,8 @@ class Limits:
     max_depth: int = 32  # folder depth of the export
     max_nesting: int = 4  # archive in archive in ...
     max_members: int = 10_000  # members of one archive
-    max_member_bytes: int = 2 * GiB  # one decompressed member or stream
+    max_file_bytes: int = 64 * GiB  # one export file (mapped, never read whole into memory)
+    max_member_bytes: int = 2 * GiB  # one decompressed member or stream (held in memory)
     max_unpacked_bytes: int = 16 * GiB  # all decompressed bytes of one report
     max_image_pixels: int = 200_000_000  # Pillow decodes nothing larger
     max_table_cells: int = 5_000_000  # CSV/XLSX cells read

@@ -177,15 +177,19 @@ class Checker:
             if not opened.st_size:
                 report.type = "empty"
                 return report
+            if opened.st_size > self.limits.max_file_bytes:
+                report.add("limits", "fail", f"over {self.limits.max_file_bytes} bytes: not checked")
+                return report
             with mmap.mmap(fd, opened.st_size, access=mmap.ACCESS_READ) as data:
-                report.sha256 = _sha256(data)
                 try:
-                    self.budget.tick()
+                    report.sha256 = _sha256(data, self.budget.tick)
                     report.type = self._inspect(report, data, "", 0, scanned=False)
                 except LimitExceeded as e:
                     report.add("limits", "fail", f"not fully checked: {e}")
                 except MemoryError:
                     report.add("limits", "fail", "not fully checked: out of memory")
+                except Exception as e:  # a hostile file must not stop the other files' checks
+                    report.add("limits", "fail", f"not fully checked: the checker failed on it ({type(e).__name__})")
         finally:
             os.close(fd)
         return report
@@ -209,7 +213,7 @@ class Checker:
         if sniff.is_text(type_):
             self._text(report, data, type_, at)
         elif not scanned:
-            for offset, kind in self.index.identifiers.find_in_binary(data)[:100]:
+            for offset, kind in self.index.identifiers.find_in_binary(data, tick=self.budget.tick)[:100]:
                 report.add("identifiers", "fail", f"{kind} of the dataset at byte {offset}{at}")
             report.ran.add("identifiers")
         if type_ in ("zip", "npz", "pytorch-zip", "keras", "xlsx", "tar", "gzip", "bz2", "xz"):
@@ -278,7 +282,9 @@ class Checker:
         if type_ == "csv":
             sheet = tables.read_csv(text, self.limits.max_table_cells)
             self._sheet(report, sheet, at)
-            return
+            if any(f.name == "identifiers" and f.status == "fail" for f in report.findings):
+                return
+            # not found in the cells read: the rest (past a cell bound or a malformed row) as text
         found = ids.find_in_text(text)
         if found:
             lines = _line_starts(text)
@@ -472,11 +478,13 @@ def _kind_of(info: os.stat_result) -> str:
     return "not a regular file"
 
 
-def _sha256(data) -> str:
+def _sha256(data, tick=None) -> str:
     h = hashlib.sha256()
-    view = memoryview(data)
-    for i in range(0, len(view), 1 << 24):
-        h.update(view[i:i + (1 << 24)])
+    with memoryview(data) as view:
+        for i in range(0, len(view), 1 << 24):
+            h.update(view[i:i + (1 << 24)])
+            if tick:
+                tick()
     return h.hexdigest()
 
 

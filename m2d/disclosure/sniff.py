@@ -52,7 +52,7 @@ def kind(data, name_hint: str = "") -> str:
             try:
                 json.loads(bytes(data[:64 << 20]))
                 return "json"
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 pass
         if _looks_like_csv(head):
             return "csv"

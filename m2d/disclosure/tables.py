@@ -47,11 +47,16 @@ def read_csv(text: str, max_cells: int) -> Sheet:
     except csv.Error:
         dialect = csv.excel
     rows, cells = [], 0
-    for row in csv.reader(io.StringIO(text), dialect):
+    reader = csv.reader(io.StringIO(text), dialect)
+    while cells <= max_cells:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:  # a field over csv's size limit, a NUL: the rest is searched as text only
+            break
         rows.append(row)
         cells += len(row)
-        if cells > max_cells:
-            break
     return Sheet("", rows)
 
 
