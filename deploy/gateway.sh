@@ -30,8 +30,13 @@ start() {
   set -a; source "$TESTBED_DIR/gateway.env"; set +a
   mkdir -p "$RUN"/{data,secrets,logs,pids}
   chmod 711 "$RUN"
-  # the service account's own: the database, uploads, exports, the key to MLflow passwords
-  chown -R "$GW_USER:$GW_USER" "$RUN/data" "$RUN/secrets"
+  # the service account's own: the database, uploads, the key to MLflow passwords. Never
+  # what is inside submissions/: its folders have group m2d-job (the job reads its code and
+  # batch script through it) and its export and logs hold the job account's files; a chown -R
+  # here gave every submission made before a restart group m2d, and their sbatch failed
+  # ("Unable to open file .../job/job.sbatch", issue 24)
+  find "$RUN/data" "$RUN/secrets" -path "$RUN/data/submissions/*" -prune -o ! -user "$GW_USER" \
+    -exec chown "$GW_USER:$GW_USER" {} +
   chmod 700 "$RUN/secrets"
   export HOME; HOME=$(getent passwd "$GW_USER" | cut -d: -f6)   # apptainer's cache and config
   export M2D_DATA_DIR=$RUN/data

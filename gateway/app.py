@@ -9,7 +9,7 @@ from flask import Flask, Request
 from . import config as configuration
 from . import errors, service_account
 from .extensions import csrf, db, limiter, login_manager, migrate
-from .storage import incoming_dir, secure_data_dir
+from .storage import incoming_dir, job_gid, secure_data_dir
 
 
 class DiskRequest(Request):
@@ -31,7 +31,10 @@ def create_app(config=None):
     app.request_class = DiskRequest
     cfg = configuration.load(app, config)
     service_account.switch_if_root(cfg["DATA_DIR"])  # an admin command run as root: before any file is written
-    secure_data_dir(Path(cfg["DATA_DIR"]))
+    try:
+        secure_data_dir(Path(cfg["DATA_DIR"]), job_gid(cfg["JOB_GROUP"]))
+    except KeyError:  # no such group on this machine (a developer's unit tests): uploads say so
+        secure_data_dir(Path(cfg["DATA_DIR"]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if cfg["PROXY_HOPS"]:
