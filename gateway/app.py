@@ -56,8 +56,9 @@ def create_app(config=None):
             if db.engine.url.database:
                 os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
-    from . import admin, api, auth, cli, downloads, health, metrics, review, submissions
+    from . import admin, api, auth, cli, downloads, events, health, metrics, review, submissions
     app.register_blueprint(health.bp)
+    app.register_blueprint(events.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(submissions.bp)

@@ -349,11 +349,15 @@ def _naive(moment):
 
 def main():
     from gateway import create_app
+
+    from . import events
     app = create_app()
     with app.app_context():
         alerts.thresholds(app.config)  # a bad M2D_STUCK_AFTER stops the poller at start
-        interval = app.config["POLL_INTERVAL"]
-        log.info("enqueueing a poll every %s s", interval)
+        # with Slurm's pushes the poll is the backstop, and the wait between polls checks what is pushed
+        watcher = events.Watcher() if events.enabled(app.config) else None
+        interval = app.config["PUSHED_POLL_INTERVAL" if watcher else "POLL_INTERVAL"]
+        log.info("enqueueing a poll every %s s%s", interval, ", checking pushed job events between" if watcher else "")
         purged = 0.0
         while True:
             try:
@@ -364,7 +368,10 @@ def main():
                     purged = time.monotonic()
             except Exception:  # noqa: BLE001 - Redis may come back
                 log.exception("could not enqueue the poll")
-            time.sleep(interval)
+            if watcher:
+                watcher.watch(interval)
+            else:
+                time.sleep(interval)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,15 @@ GATEWAY_USER = os.environ.get("M2D_USER", "m2d")
 AS_GATEWAY = ["setpriv", f"--reuid={GATEWAY_USER}", f"--regid={GATEWAY_USER}", "--init-groups", "--"]
 
 
+def events_dir():
+    """Where the testbed's Slurm hook finds the gateways to tell of job events (deploy/testbed/slurm.sh)."""
+    return Path(os.environ["M2D_TESTBED_DIR"]) / "slurm" / "events.d"
+
+
 class Stack:
-    def __init__(self, **settings):
-        """``settings``: extra M2D_* values (``M2D_SQLALCHEMY_DATABASE_URI``...)."""
+    def __init__(self, events=False, **settings):
+        """``settings``: extra M2D_* values (``M2D_SQLALCHEMY_DATABASE_URI``...);
+        ``events``: Slurm pushes this stack's job events (the testbed's hook)."""
         require_testbed()
         # under /tmp: the Apptainer wrapper shares /tmp with containers
         self.root = Path(tempfile.mkdtemp(prefix="m2d-test-", dir="/tmp"))
@@ -99,7 +105,10 @@ class Stack:
                         M2D_HEALTH_TIMEOUT="10",
                         HOME=pwd.getpwnam(GATEWAY_USER).pw_dir,  # apptainer's cache and config
                         PYTHONUNBUFFERED="1")
+        if events:
+            self.env["M2D_SLURM_EVENTS_TOKEN"] = uuid.uuid4().hex
         self.env.update(settings)
+        self.events_conf = events_dir() / f"{self.env['M2D_SLURM_JOB_PREFIX']}.curl" if events else None
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.procs = {}
@@ -108,6 +117,8 @@ class Stack:
 
     def start(self):
         self.flask("db", "upgrade")
+        if self.events_conf:
+            self.register_events()
         py = sys.executable
         # threads: a browser's idle preconnections would hold sync workers hostage
         self._spawn("web", [str(Path(py).parent / "gunicorn"), "--workers", "2", "--threads", "8", "--bind",
@@ -131,7 +142,20 @@ class Stack:
         self.procs = {}
         return self.start()
 
+    def register_events(self):
+        """Have the testbed's Slurm hook post this stack's job events to it."""
+        fd = os.open(self.events_conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'url = "{self.url}/slurm/events"\n'
+                    f'header = "Authorization: Bearer {self.env["M2D_SLURM_EVENTS_TOKEN"]}"\n')
+
+    def drop_events(self):
+        """Every push from now on is lost (the hook finds no gateway for these jobs)."""
+        self.events_conf.unlink(missing_ok=True)
+
     def stop(self):
+        if self.events_conf:
+            self.drop_events()
         self._stop_processes()
         if os.environ.get("M2D_KEEP_TEST_DATA") != "1":
             shutil.rmtree(self.root, ignore_errors=True)
