@@ -291,7 +291,9 @@ def test_eacces_on_a_file_lists_it_unreadable_never_fails(ended, resolver):
 
 # Where code outside gateway/jobfiles.py may name a job's folders: to make them
 # (storage, the prepare) or to hand them to Slurm's batch script; never to read.
-ALLOWED = {("gateway/storage.py", "create"), ("jobs/tasks.py", "_submit"), ("jobs/tasks.py", "_dry_run_export")}
+# folders: the folders themselves, to make and repair (group, mode), never what is in them
+ALLOWED = {("gateway/storage.py", "create"), ("gateway/storage.py", "folders"), ("jobs/tasks.py", "_submit"),
+           ("jobs/tasks.py", "_dry_run_export")}
 JOB_FOLDER_ATTRIBUTES = {"export", "logs", "DRY_RUN_EXPORT", "EXPORT", "LOGS"}
 JOB_FOLDER_WORDS = ("export-dryrun", "/mnt/export")
 
