@@ -55,6 +55,7 @@ def test_the_hook_returns_at_once_and_exits_0_while_the_gateway_hangs(tmp_path):
         _register(tmp_path, "m2dx", f"http://127.0.0.1:{hung.getsockname()[1]}/slurm/events")
         done = _run_hook(hook, SLURM_JOB_ID="42", SLURM_JOB_NAME="m2dx-7")  # timeout=10: a hang fails here
         assert done.returncode == 0 and done.stdout == "" and done.stderr == ""
+        assert not (tmp_path / "events.log").exists()  # returned while its post still waits: detached
         # the post ran detached and gave up on its own (curl --max-time), into the log
         logged = wait_for(lambda: (tmp_path / "events.log").is_file() and (tmp_path / "events.log").read_text(),
                           30, "the hook's post to time out")
