@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.notify [N] [--held H] [--paths push poll]
 
 For each path it starts a private gateway stack on a PostgreSQL database of its own:
-``push`` with Slurm's pushed job events (the testbed's PrologSlurmctld/EpilogSlurmctld
+``push`` with Slurm's pushed job events (the testbed's PrologSlurmctld and jobcomp/script
 hook, jobs/events.py) and the poll every PUSHED_POLL_INTERVAL (60 s) as the backstop;
 ``poll`` with the poll alone, every POLL_INTERVAL (10 s). It submits N short jobs
 (default 100; `sleep` 1-5 s, one CPU, no GPU, so two run at once on the testbed's node)

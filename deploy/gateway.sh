@@ -45,7 +45,7 @@ start() {
   # mlflow-key (made there on first use) opens the MLflow passwords in the database
   export M2D_SECRETS_DIR=$RUN/secrets
   # Slurm tells this gateway when its jobs start and end (deploy/libexec/m2d-slurm-event, the
-  # testbed's PrologSlurmctld/EpilogSlurmctld): its curl config in the hook's folder, named by
+  # testbed's PrologSlurmctld and jobcomp/script): its curl config in the hook's folder, named by
   # its job-name prefix; the poll, every PUSHED_POLL_INTERVAL, is the backstop
   local events_dir=${M2D_SLURM_EVENTS_DIR:-$TESTBED_DIR/slurm/events.d}
   if [ -d "$events_dir" ]; then

@@ -1,5 +1,5 @@
 """POST /slurm/events: Slurm says a job started or ended (deploy/libexec/m2d-slurm-event,
-run by slurmctld as PrologSlurmctld and EpilogSlurmctld).
+run by slurmctld as PrologSlurmctld and as the jobcomp/script plugin's script).
 
 The post carries a job id and nothing the gateway believes: the id goes on a
 Redis list (gateway.queue) and the poller's process asks sacct about that job

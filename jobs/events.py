@@ -1,7 +1,7 @@
 """Pushed job events: a job Slurm says changed is checked at once.
 
 slurmctld runs deploy/libexec/m2d-slurm-event when a job starts
-(PrologSlurmctld) and ends (EpilogSlurmctld); it posts the job id to the
+(PrologSlurmctld) and ends (jobcomp/script); it posts the job id to the
 gateway (gateway.events), which keeps it on a Redis list. The poller's own
 process waits on that list between its polls (``Watcher.watch``) and checks
 what arrives: one sacct call for the ids that are jobs of active submissions,

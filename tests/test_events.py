@@ -75,7 +75,7 @@ def test_the_hook_posts_only_to_the_gateway_whose_prefix_names_the_job_and_never
         for env in ({"SLURM_JOB_ID": "7; touch /tmp/x", "SLURM_JOB_NAME": "m2dx-1"},  # not an id: nothing
                     {"SLURM_JOB_NAME": "m2dx-1"},  # no id at all
                     {"SLURM_JOB_ID": "8", "SLURM_JOB_NAME": "other-1"},  # no gateway's job
-                    {"SLURM_JOB_ID": "9", "SLURM_JOB_NAME": "m2dx-12-dry"}):
+                    {"JOBID": "9", "JOBNAME": "m2dx-12-dry"}):  # jobcomp/script's names
             assert _run_hook(hook, **env).returncode == 0
         connection, _ = server.accept()
         with connection:
@@ -208,5 +208,6 @@ def test_lost_pushes_cost_time_not_a_state_the_poll_finds_every_change(testbed, 
 def test_the_testbeds_slurm_runs_the_hook_for_every_job(testbed):
     conf = Path(os.environ["M2D_TESTBED_DIR"]) / "slurm" / "etc" / "slurm.conf"
     settings = dict(line.split("=", 1) for line in conf.read_text().splitlines() if "=" in line and line[0] != "#")
-    assert settings["PrologSlurmctld"] == settings["EpilogSlurmctld"] == "/usr/local/libexec/m2d/m2d-slurm-event"
+    assert settings["PrologSlurmctld"] == settings["JobCompLoc"] == "/usr/local/libexec/m2d/m2d-slurm-event"
+    assert settings["JobCompType"] == "jobcomp/script" and "EpilogSlurmctld" not in settings
     assert Path(settings["PrologSlurmctld"]).stat().st_uid == 0

@@ -166,11 +166,15 @@ PriorityMaxAge=1-0
 PriorityDecayHalfLife=0
 PriorityUsageResetPeriod=$USAGE_RESET
 PriorityCalcPeriod=1
-JobCompType=jobcomp/none
 # The gateway hears at once when a job starts and ends (jobs/events.py); the
-# hook always exits 0 at once, so it never delays or fails a job
+# hook always exits 0 at once, so it never delays or fails a job. Ends come
+# from jobcomp/script, not EpilogSlurmctld: the next job would wait for a
+# periodic scheduling pass. A restart of slurmctld reads these (start() does it
+# when this file changes): 22.05 shows them after `scontrol reconfigure` but
+# does not run them.
 PrologSlurmctld=$EVENT_HOOK
-EpilogSlurmctld=$EVENT_HOOK
+JobCompType=jobcomp/script
+JobCompLoc=$EVENT_HOOK
 GresTypes=gpu
 MinJobAge=300
 # Room for a cluster-sized queue (bench/scale.py holds 20,000 jobs): the
