@@ -32,6 +32,7 @@ from flask import current_app
 
 log = logging.getLogger(__name__)
 
+
 def data_dir() -> Path:
     return Path(current_app.config["DATA_DIR"])
 

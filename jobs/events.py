@@ -62,10 +62,11 @@ def check(job_ids: list[str], scheduler: Scheduler | None = None) -> set[str]:
     except SlurmError as e:  # sacct down: checked again, then the poll's
         log.warning("sacct did not answer about pushed jobs %s: %s", sorted(ours), e)
         return settled
+    later = []  # the records of jobs' ends, after every move (and its e-mail) of this round
     for job_id, submission in ours.items():
         info = infos.get(job_id)
         try:
-            moved = info is not None and poller._apply(submission, info)
+            moved = info is not None and poller._apply(submission, info, later)
         except Exception:  # noqa: BLE001 - one job never stops the others; the poll tries again
             db.session.rollback()
             log.exception("submission %s: pushed job %s could not be recorded", submission.id, job_id)
@@ -74,6 +75,12 @@ def check(job_ids: list[str], scheduler: Scheduler | None = None) -> set[str]:
             settled.add(job_id)
             if moved:
                 metrics.SLURM_EVENTS.inc(outcome="moved")
+    for record in later:
+        try:
+            record()
+        except Exception:  # noqa: BLE001 - as the poll's: logged, the end itself is recorded
+            db.session.rollback()
+            log.exception("the end of a pushed job could not be fully recorded")
     return settled
 
 

@@ -113,10 +113,15 @@ def _job_id(submission: Submission) -> str:
     return submission.dry_run_job_id if submission.status in DRY_RUN_ACTIVE else submission.slurm_job_id
 
 
-def _apply(submission: Submission, info: JobInfo) -> bool:
-    """Follow Slurm's view of one job; True if the submission moved."""
+def _apply(submission: Submission, info: JobInfo, later: list | None = None) -> bool:
+    """Follow Slurm's view of one job; True if the submission moved. With
+    ``later``, the records of a job's end (MLflow's runs, the export's
+    manifest: seconds when MLflow is slow) are left there to run after the
+    other jobs' moves, so their e-mails do not wait (jobs.events)."""
+    if submission.status not in ACTIVE + DRY_RUN_ACTIVE:
+        return False  # moved on since it was loaded: a pushed event's check, or a poll beside this one
     if submission.status in DRY_RUN_ACTIVE:
-        return _apply_dry_run(submission, info)
+        return _apply_dry_run(submission, info, later)
     moved = False
     status = submission.state
     if status == Status.QUEUED and info.started:
@@ -128,10 +133,12 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
         new, fields = _outcome(submission, info)
         ended = advance(submission.id, status, new, at=_naive(info.end), detail=fields["reason"], **fields)
         if ended:
-            count_relay_refusals(submission.id, info.job_id, dry_run=False)
-            _record_job(submission, info, new)
-            airlock.manifest(db.session.get(Submission, submission.id))
-            db.session.commit()
+            def record():
+                count_relay_refusals(submission.id, info.job_id, dry_run=False)
+                _record_job(submission, info, new)
+                airlock.manifest(db.session.get(Submission, submission.id))
+                db.session.commit()
+            _now_or_later(record, later)
         moved |= ended
     return moved
 
@@ -161,7 +168,14 @@ def _record_job(submission: Submission, info: JobInfo, outcome: Status, dry_run:
     provenance.record(submission.id, f"{prefix}mlflow", **runs)
 
 
-def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
+def _now_or_later(record, later: list | None) -> None:
+    if later is None:
+        record()
+    else:
+        later.append(record)
+
+
+def _apply_dry_run(submission: Submission, info: JobInfo, later: list | None = None) -> bool:
     """The dry run's job: passed (exit 0) hands the real job to prepare."""
     moved = False
     status = submission.state
@@ -175,11 +189,14 @@ def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
         if advance(submission.id, status, new, at=_naive(info.end), detail=f"dry run: {fields['dry_run_reason']}",
                    **fields):
             moved = True
-            count_relay_refusals(submission.id, info.job_id, dry_run=True)
-            _record_job(submission, info, new, dry_run=True)
-            db.session.commit()
-            if new == Status.DRY_RUN_PASSED:
-                queue.enqueue_prepare(submission.id)  # the real job; the sweep if this is lost
+
+            def record():
+                count_relay_refusals(submission.id, info.job_id, dry_run=True)
+                _record_job(submission, info, new, dry_run=True)
+                db.session.commit()
+                if new == Status.DRY_RUN_PASSED:
+                    queue.enqueue_prepare(submission.id)  # the real job; the sweep if this is lost
+            _now_or_later(record, later)
     return moved
 
 
