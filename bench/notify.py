@@ -68,8 +68,8 @@ def summary(delays: list[float]) -> str:
 
 def queued_submissions(stack: Stack, address: str, job_ids: list[str | None]) -> list[int]:
     """One queued submission of ``address`` per job id (None: its id comes later), in the stack's database."""
+    from gateway.core.models import Submission, User, utcnow
     from gateway.extensions import db
-    from gateway.models import Submission, User, utcnow
     from m2d.contract.states import Status
     app = app_of(stack)
     with app.app_context():
@@ -88,8 +88,8 @@ def queued_submissions(stack: Stack, address: str, job_ids: list[str | None]) ->
 def record_jobs(stack: Stack, jobs: dict[int, str]) -> None:
     from sqlalchemy import update
 
+    from gateway.core.models import Submission
     from gateway.extensions import db
-    from gateway.models import Submission
     app = app_of(stack)
     with app.app_context():
         for sid, job_id in jobs.items():
@@ -101,8 +101,8 @@ def record_jobs(stack: Stack, jobs: dict[int, str]) -> None:
 
 def moments(stack: Stack, sids: list[int]) -> list[tuple[int, str, datetime]]:
     """(submission, status, Slurm's moment of it) of each started and ended event."""
+    from gateway.core.models import Event
     from gateway.extensions import db
-    from gateway.models import Event
     app = app_of(stack)
     with app.app_context():
         rows = db.session.query(Event.submission_id, Event.status, Event.at).filter(

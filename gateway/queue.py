@@ -136,7 +136,7 @@ def _waiting(q: Queue, job_id: str, statuses: tuple[str, ...]) -> bool:
 
 
 # ------------------------------------------------------- pushed job events
-# Slurm's hook posts a job id (gateway.events); the poller's process takes the
+# Slurm's hook posts a job id (gateway.web.events); the poller's process takes the
 # ids (jobs.events). A Redis list of ids, never states: what moves a
 # submission is what sacct then says about the job.
 EVENTS_BACKLOG = 100_000  # ids kept at most: a flood of pushes cannot fill Redis (the poll finds what is cut)

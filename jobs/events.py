@@ -2,7 +2,7 @@
 
 slurmctld runs deploy/libexec/m2d-slurm-event when a job starts
 (PrologSlurmctld) and ends (jobcomp/script); it posts the job id to the
-gateway (gateway.events), which keeps it on a Redis list. The poller's own
+gateway (gateway.web.events), which keeps it on a Redis list. The poller's own
 process waits on that list between its polls (``Watcher.watch``) and checks
 what arrives: one sacct call for the ids that are jobs of active submissions,
 then the very moves a poll makes (jobs.poller.apply). The push says only
@@ -27,8 +27,8 @@ from sqlalchemy import and_, or_
 from gateway import metrics, queue
 from gateway.adapters import slurm
 from gateway.adapters.slurm import Scheduler, SlurmError
+from gateway.core.models import Submission
 from gateway.extensions import db
-from gateway.models import Submission
 
 from . import poller
 

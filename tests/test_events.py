@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import accounts, lifecycle
-from gateway import events as receiver
 from gateway.adapters.slurm import JobInfo
+from gateway.core import accounts, lifecycle
+from gateway.core.models import Submission
 from gateway.extensions import db
-from gateway.models import Submission
+from gateway.web import events as receiver
 from jobs import events
 from m2d.contract.states import Status
 
