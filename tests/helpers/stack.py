@@ -518,6 +518,7 @@ class DocumentedStack(Stack):
         self.logs = self.run_dir / "logs"
         self.events_conf = events_dir() / f"{ours['M2D_SLURM_JOB_PREFIX']}.curl"
         self.env = {}
+        self.killed_groups = []
 
     def start(self):
         self._gateway_sh("start")
@@ -532,12 +533,19 @@ class DocumentedStack(Stack):
 
     def stop(self):
         self._gateway_sh("stop")
+        for group in self.killed_groups:  # what the killed processes left (rq's scheduler child)
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if os.environ.get("M2D_KEEP_TEST_DATA") != "1":
             shutil.rmtree(self.root, ignore_errors=True)
 
     def kill(self, name):
         """``kill -9`` of one of gateway.sh's processes (web, worker-build, worker-mail, poller)."""
-        os.kill(int((self.run_dir / "pids" / f"{name}.pid").read_text()), signal.SIGKILL)
+        pid = int((self.run_dir / "pids" / f"{name}.pid").read_text())
+        self.killed_groups.append(os.getpgid(pid))  # gateway.sh starts each in a session of its own
+        os.kill(pid, signal.SIGKILL)
 
     def _gateway_sh(self, action):
         done = subprocess.run([str(REPO / "deploy" / "gateway.sh"), action, str(self.root)], cwd=REPO,
