@@ -30,8 +30,13 @@ start() {
   set -a; source "$TESTBED_DIR/gateway.env"; set +a
   mkdir -p "$RUN"/{data,secrets,logs,pids}
   chmod 711 "$RUN"
-  # the service account's own: the database, uploads, exports, the key to MLflow passwords
-  chown -R "$GW_USER:$GW_USER" "$RUN/data" "$RUN/secrets"
+  # the service account's own: the database, uploads, the key to MLflow passwords. Never
+  # what is inside submissions/: its folders have group m2d-job (the job reads its code and
+  # batch script through it) and its export and logs hold the job account's files; a chown -R
+  # here gave every submission made before a restart group m2d, and their sbatch failed
+  # ("Unable to open file .../job/job.sbatch", issue 24)
+  find "$RUN/data" "$RUN/secrets" -path "$RUN/data/submissions/*" -prune -o ! -user "$GW_USER" \
+    -exec chown "$GW_USER:$GW_USER" {} +
   chmod 700 "$RUN/secrets"
   export HOME; HOME=$(getent passwd "$GW_USER" | cut -d: -f6)   # apptainer's cache and config
   export M2D_DATA_DIR=$RUN/data
@@ -39,6 +44,15 @@ start() {
   export M2D_PUBLIC_URL=http://127.0.0.1:$PORT
   # mlflow-key (made there on first use) opens the MLflow passwords in the database
   export M2D_SECRETS_DIR=$RUN/secrets
+  # Slurm tells this gateway when its jobs start and end (deploy/libexec/m2d-slurm-event, the
+  # testbed's PrologSlurmctld and jobcomp/script): its curl config in the hook's folder, named by
+  # its job-name prefix; the poll, every PUSHED_POLL_INTERVAL, is the backstop
+  local events_dir=${M2D_SLURM_EVENTS_DIR:-$TESTBED_DIR/slurm/events.d}
+  if [ -d "$events_dir" ]; then
+    export M2D_SLURM_EVENTS_TOKEN; M2D_SLURM_EVENTS_TOKEN=$(secret_file "$TESTBED_DIR/secrets/slurm-events-token")
+    printf 'url = "http://127.0.0.1:%s/slurm/events"\nheader = "Authorization: Bearer %s"\n' \
+      "$PORT" "$M2D_SLURM_EVENTS_TOKEN" | put_file "$events_dir/${M2D_SLURM_JOB_PREFIX:-m2d}.curl" 600
+  fi
   # what admin commands need besides gateway.env to act on this database
   printf 'export M2D_DATA_DIR=%q\nexport M2D_SECRET_KEY=%q\nexport M2D_PUBLIC_URL=%q\nexport M2D_SECRETS_DIR=%q\n' \
     "$M2D_DATA_DIR" "$M2D_SECRET_KEY" "$M2D_PUBLIC_URL" "$M2D_SECRETS_DIR" | put_file "$RUN/admin.env" 600
@@ -82,6 +96,8 @@ EOM
 
 stop() {
   local i name
+  [ ! -s "$TESTBED_DIR/gateway.env" ] || { set -a; source "$TESTBED_DIR/gateway.env"; set +a; }
+  rm -f "${M2D_SLURM_EVENTS_DIR:-$TESTBED_DIR/slurm/events.d}/${M2D_SLURM_JOB_PREFIX:-m2d}.curl"
   for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
     name=${SERVICES[$i]%%:*}
     stop_pid "$name" "$RUN/pids/$name.pid" 'python*' '*' 30 group

@@ -8,7 +8,7 @@ from flask import Flask, Request
 
 from . import config as configuration
 from . import service_account
-from .core.storage import incoming_dir, secure_data_dir
+from .core.storage import incoming_dir, job_gid, secure_data_dir
 from .extensions import csrf, db, limiter, login_manager, migrate
 from .web import errors
 
@@ -32,7 +32,10 @@ def create_app(config=None):
     app.request_class = DiskRequest
     cfg = configuration.load(app, config)
     service_account.switch_if_root(cfg["DATA_DIR"])  # an admin command run as root: before any file is written
-    secure_data_dir(Path(cfg["DATA_DIR"]))
+    try:
+        secure_data_dir(Path(cfg["DATA_DIR"]), job_gid(cfg["JOB_GROUP"]))
+    except KeyError:  # no such group on this machine (a developer's unit tests): uploads say so
+        secure_data_dir(Path(cfg["DATA_DIR"]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if cfg["PROXY_HOPS"]:
@@ -55,8 +58,9 @@ def create_app(config=None):
                 os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
     from . import commands
-    from .web import account, admin, api, auth, disclosure, downloads, exports, ops, review, submissions
+    from .web import account, admin, api, auth, disclosure, downloads, events, exports, ops, review, submissions
     app.register_blueprint(ops.bp)
+    app.register_blueprint(events.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(submissions.bp)
     app.register_blueprint(account.bp)

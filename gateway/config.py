@@ -91,6 +91,12 @@ SETTINGS: tuple[Setting, ...] = (
     S("QUEUE_NAMESPACE", str, "m2d", "Prefix of queue names, so two deployments (or a test run beside `make run`) "
       "do not eat each other's work."),
     S("POLL_INTERVAL", int, 10, "Seconds between the poller's sacct cycles."),
+    # Pushed job events (jobs.events): Slurm's PrologSlurmctld and jobcomp/script post a job id, the poll reconciles
+    S("SLURM_EVENTS_TOKEN", str, None, "The bearer token deploy/libexec/m2d-slurm-event sends to POST /slurm/events "
+      "when a job starts or ends (docs/admin.md, \"Pushed job events\"); the gateway then checks that job at once. "
+      "Empty: no pushes, the poll every POLL_INTERVAL alone."),
+    S("PUSHED_POLL_INTERVAL", int, 60, "Seconds between the poller's sacct cycles while Slurm pushes job events "
+      "(SLURM_EVENTS_TOKEN set): the backstop that finds what a lost push missed."),
     # Recovery and alerts (jobs.poller's sweep, gateway.core.alerts)
     S("SWEEP_AFTER", int, 60, "Seconds after which work the database owes but no queue holds (Redis lost it, a "
       "worker died) is queued again by the poller's sweep."),

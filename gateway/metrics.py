@@ -122,7 +122,11 @@ EMAIL_LAG_SECONDS = Histogram("email_lag_seconds", "From a submission's change o
                               (1, 5, 15, 60, 300, 900, 3600))
 RELAY_REFUSALS = Counter("relay_refusals", "MLflow calls the relay beside a job refused (artifacts, other "
                          "experiments, over a cap or the rate), counted when the job ends.", ("kind",))
-STORED = (RELAY_REFUSALS, JOBS_SUBMITTED, SLURM_ERRORS, EMAILS_SENT, EMAILS_FAILED, BUILDS, BUILD_SECONDS, POLL_SECONDS, POLL_JOBS,
+SLURM_EVENTS = Counter("slurm_events", "Job ids Slurm pushed (deploy/libexec/m2d-slurm-event), by what their check "
+                       "found: moved (a state change recorded), unchanged (nothing new within the rechecks: the "
+                       "poll's to find), other (not an active job of this gateway).", ("outcome",))
+STORED = (SLURM_EVENTS, RELAY_REFUSALS, JOBS_SUBMITTED,
+          SLURM_ERRORS, EMAILS_SENT, EMAILS_FAILED, BUILDS, BUILD_SECONDS, POLL_SECONDS, POLL_JOBS,
           EMAIL_LAG_SECONDS)
 
 

@@ -140,3 +140,37 @@ def _waiting(q: Queue, job_id: str, statuses: tuple[str, ...]) -> bool:
         "started": lambda: job_id in q.started_job_registry,
     }
     return where[status]() if status in where else True
+
+
+# ------------------------------------------------------- pushed job events
+# Slurm's hook posts a job id (gateway.web.events); the poller's process takes the
+# ids (jobs.events). A Redis list of ids, never states: what moves a
+# submission is what sacct then says about the job.
+EVENTS_BACKLOG = 100_000  # ids kept at most: a flood of pushes cannot fill Redis (the poll finds what is cut)
+EVENTS_BATCH = 1000  # ids taken at once
+
+
+def _events_key() -> str:
+    return f"{current_app.config['QUEUE_NAMESPACE']}-slurm-events"
+
+
+def push_job_event(job_id: str) -> None:
+    """Note that Slurm says job ``job_id`` changed (raises RedisError: the hook's post fails, the poll finds it)."""
+    pipe = connection().pipeline(transaction=False)
+    pipe.rpush(_events_key(), job_id)
+    pipe.ltrim(_events_key(), -EVENTS_BACKLOG, -1)
+    pipe.execute()
+
+
+def pushed_job_events(redis: Redis, wait: float) -> list[str]:
+    """The job ids pushed since the last call, waiting up to ``wait`` seconds for the first."""
+    key = _events_key()
+    if wait > 0:
+        first = redis.blpop([key], timeout=max(wait, 0.01))  # 0 would wait for ever
+        if first is None:
+            return []
+        ids = [first[1]]
+    else:
+        ids = []
+    ids += redis.lpop(key, EVENTS_BATCH) or []
+    return [job_id.decode() if isinstance(job_id, bytes) else job_id for job_id in ids]

@@ -112,10 +112,15 @@ def _job_id(submission: Submission) -> str:
     return submission.dry_run_job_id if submission.status in DRY_RUN_ACTIVE else submission.slurm_job_id
 
 
-def _apply(submission: Submission, info: JobInfo) -> bool:
-    """Follow Slurm's view of one job; True if the submission moved."""
+def _apply(submission: Submission, info: JobInfo, later: list | None = None) -> bool:
+    """Follow Slurm's view of one job; True if the submission moved. With
+    ``later``, the records of a job's end (MLflow's runs, the export's
+    manifest: seconds when MLflow is slow) are left there to run after the
+    other jobs' moves, so their e-mails do not wait (jobs.events)."""
+    if submission.status not in ACTIVE + DRY_RUN_ACTIVE:
+        return False  # moved on since it was loaded: a pushed event's check, or a poll beside this one
     if submission.status in DRY_RUN_ACTIVE:
-        return _apply_dry_run(submission, info)
+        return _apply_dry_run(submission, info, later)
     moved = False
     status = submission.state
     if status == Status.QUEUED and info.started:
@@ -127,13 +132,15 @@ def _apply(submission: Submission, info: JobInfo) -> bool:
         new, fields = _outcome(submission, info)
         ended = advance(submission.id, status, new, at=_naive(info.end), detail=fields["reason"], **fields)
         if ended:
-            count_relay_refusals(submission.id, info.job_id, dry_run=False)
-            _record_job(submission, info, new)
-            airlock.manifest(db.session.get(Submission, submission.id))
-            owed = disclosure.owe(submission)  # the report job of its export
-            db.session.commit()
-            if owed:
-                queue.enqueue_disclosure(submission.id)
+            def record():
+                count_relay_refusals(submission.id, info.job_id, dry_run=False)
+                _record_job(submission, info, new)
+                airlock.manifest(db.session.get(Submission, submission.id))
+                owed = disclosure.owe(submission)  # the report job of its export
+                db.session.commit()
+                if owed:
+                    queue.enqueue_disclosure(submission.id)
+            _now_or_later(record, later)
         moved |= ended
     return moved
 
@@ -163,7 +170,14 @@ def _record_job(submission: Submission, info: JobInfo, outcome: Status, dry_run:
     provenance.record(submission.id, f"{prefix}mlflow", **runs)
 
 
-def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
+def _now_or_later(record, later: list | None) -> None:
+    if later is None:
+        record()
+    else:
+        later.append(record)
+
+
+def _apply_dry_run(submission: Submission, info: JobInfo, later: list | None = None) -> bool:
     """The dry run's job: passed (exit 0) hands the real job to prepare."""
     moved = False
     status = submission.state
@@ -177,11 +191,14 @@ def _apply_dry_run(submission: Submission, info: JobInfo) -> bool:
         if advance(submission.id, status, new, at=_naive(info.end), detail=f"dry run: {fields['dry_run_reason']}",
                    **fields):
             moved = True
-            count_relay_refusals(submission.id, info.job_id, dry_run=True)
-            _record_job(submission, info, new, dry_run=True)
-            db.session.commit()
-            if new == Status.DRY_RUN_PASSED:
-                queue.enqueue_prepare(submission.id)  # the real job; the sweep if this is lost
+
+            def record():
+                count_relay_refusals(submission.id, info.job_id, dry_run=True)
+                _record_job(submission, info, new, dry_run=True)
+                db.session.commit()
+                if new == Status.DRY_RUN_PASSED:
+                    queue.enqueue_prepare(submission.id)  # the real job; the sweep if this is lost
+            _now_or_later(record, later)
     return moved
 
 
@@ -361,11 +378,15 @@ def _naive(moment):
 
 def main():
     from gateway import create_app
+
+    from . import events
     app = create_app()
     with app.app_context():
         alerts.thresholds(app.config)  # a bad M2D_STUCK_AFTER stops the poller at start
-        interval = app.config["POLL_INTERVAL"]
-        log.info("enqueueing a poll every %s s", interval)
+        # with Slurm's pushes the poll is the backstop, and the wait between polls checks what is pushed
+        watcher = events.Watcher() if events.enabled(app.config) else None
+        interval = app.config["PUSHED_POLL_INTERVAL" if watcher else "POLL_INTERVAL"]
+        log.info("enqueueing a poll every %s s%s", interval, ", checking pushed job events between" if watcher else "")
         purged = 0.0
         while True:
             try:
@@ -376,7 +397,10 @@ def main():
                     purged = time.monotonic()
             except Exception:  # noqa: BLE001 - Redis may come back
                 log.exception("could not enqueue the poll")
-            time.sleep(interval)
+            if watcher:
+                watcher.watch(interval)
+            else:
+                time.sleep(interval)
 
 
 if __name__ == "__main__":

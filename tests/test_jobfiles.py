@@ -291,8 +291,9 @@ def test_eacces_on_a_file_lists_it_unreadable_never_fails(ended, resolver):
 
 # Where code outside gateway/core/jobfiles.py may name a job's folders: to make them
 # (storage, the prepare) or to hand them to Slurm's batch script; never to read.
-ALLOWED = {("gateway/core/storage.py", "create"), ("gateway/core/workflow.py", "_submit"),
-           ("gateway/core/workflow.py", "_dry_run_export"),
+# folders: the folders themselves, to make and repair (group, mode), never what is in them
+ALLOWED = {("gateway/core/storage.py", "create"), ("gateway/core/storage.py", "folders"),
+           ("gateway/core/workflow.py", "_submit"), ("gateway/core/workflow.py", "_dry_run_export"),
            ("gateway/core/disclosure_job.py", "_write_job")}  # the report job's binds: export ro, logs
 JOB_FOLDER_ATTRIBUTES = {"export", "logs", "DRY_RUN_EXPORT", "EXPORT", "LOGS", "DISCLOSURE"}
 JOB_FOLDER_WORDS = ("export-dryrun", "/mnt/export")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from flask import render_template_string
 
-from gateway.adapters.slurm import JobInfo
+from gateway.adapters.slurm import JobInfo, SlurmError
 from gateway.adapters.smtp import MailError
 from gateway.core import accounts, lifecycle, provenance, scheduling, workflow
 from gateway.core.models import Email, Event, Submission
@@ -390,9 +390,35 @@ def test_a_cancel_arriving_while_the_real_job_is_sbatched_scancels_it(local_app,
     submission = db.session.get(Submission, sid)
     assert submission.status == "cancelled" and submission.slurm_job_id == "99"  # recorded, for the record
     assert slurm.submitted == ["99"] and slurm.cancelled == ["99"]  # the job it made is gone
-    assert [e.status for e in submission.events][-2:] == ["queued", "cancelled"]
+    # never queued: Slurm's job was never the submission's
+    assert [e.status for e in submission.events][-2:] == ["dry_run_passed", "cancelled"]
     tasks.cancel(sid)  # rq's retry: nothing left to look for
     assert slurm.cancelled == ["99"]
+
+
+def test_a_passed_dry_runs_submission_is_queued_only_once_slurm_has_its_job(local_app, monkeypatch):
+    sid, slurm = _passed_dry_run(monkeypatch)
+    seen = []
+
+    def sbatch(submission_id, files, image, dry_run=False):
+        seen.append((workflow._status(submission_id), Email.query.filter_by(submission_id=sid, kind="queued").count()))
+        if len(seen) == 1:
+            raise SlurmError("sbatch: error: Unable to open file .../job/job.sbatch")
+        return "100"
+
+    monkeypatch.setattr(workflow, "_submit", sbatch)
+    monkeypatch.setattr(tasks, "get_current_job", lambda: type("RqJob", (), {"retries_left": 2})())
+    with pytest.raises(SlurmError):  # rq tries again later
+        tasks.prepare(sid)
+    db.session.expire_all()
+    assert db.session.get(Submission, sid).status == "dry_run_passed"  # not queued: Slurm has nothing
+    tasks.prepare(sid)  # rq's retry
+    db.session.expire_all()
+    submission = db.session.get(Submission, sid)
+    assert seen == [(Status.DRY_RUN_PASSED, 0), (Status.DRY_RUN_PASSED, 0)]
+    assert submission.status == "queued" and submission.slurm_job_id == "100"
+    assert Email.query.filter_by(submission_id=sid, kind="queued").count() == 1
+    assert [e.status for e in submission.events].count("queued") == 1
 
 
 def test_a_cancel_before_the_real_jobs_claim_means_no_real_job_at_all(local_app, monkeypatch):

@@ -1,8 +1,10 @@
 """The prepare task run directly (no workers listening), against the real
 builder and Slurm: retries never make a second job, and a job Slurm refuses
 ends as failed with Slurm's own words."""
+import grp
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -154,3 +156,18 @@ def test_upload_is_kept_when_redis_is_down(isolated_app, tmp_path):
     sid = _received(tmp_path)  # no exception: the poller's sweep hands it on later
     assert db.session.get(Submission, sid).status == "received"
     assert SubmissionFiles(sid).upload.exists()
+
+
+def test_folders_that_lost_their_group_get_it_back_before_sbatch(isolated_app, tmp_path):
+    """What `gateway.sh start` did to every submission on a restart (issue 24):
+    `chown -R m2d:m2d`; the job account could then not read its batch script."""
+    sid = _received(tmp_path, "sleeps")
+    files = SubmissionFiles(sid)
+    subprocess.run(["chown", "-R", "m2d:m2d", str(files.root)], check=True, timeout=30)
+    image = ImageBuilder.from_config(isolated_app.config).ensure((files.code / "requirements.txt").read_text())
+    job_id = workflow._submit(sid, files, image, dry_run=True)  # sbatch reads job/dryrun.sbatch as m2d-job
+    try:
+        for path in (files.root, files.code, files.job, files.export, files.logs, files.code / "main.py"):
+            assert path.stat().st_gid == grp.getgrnam("m2d-job").gr_gid, path
+    finally:
+        CliScheduler().cancel(job_id)

@@ -94,16 +94,13 @@ def _prepare(submission_id: int, retries_left: bool) -> None:
 
 
 def _after_dry_run(submission_id: int, files: SubmissionFiles, retries_left: bool) -> None:
-    """The dry run passed: the real job goes to Slurm, in the image it used.
-
-    The move to queued is claimed *before* sbatch (conditional on
-    dry_run_passed), so a cancel either wins that move (no real job is ever
-    submitted) or finds the submission queued, and then the job id is recorded
-    only while it is still queued; a cancel that came between makes this
-    scancel the job it just made (``_record_real_job``)."""
-    if _status(submission_id) == Status.DRY_RUN_PASSED and not advance(
-            submission_id, Status.DRY_RUN_PASSED, Status.QUEUED,
-            detail="the dry run passed: the real job goes to Slurm"):
+    """The dry run passed: the real job goes to Slurm, in the image it used,
+    and the submission is queued only once Slurm has it (the move records its
+    id). A cancel meanwhile wins the move from dry_run_passed: the job this
+    made is then scancelled (``_hand_to_slurm``), or, if this prepare died
+    after sbatch, found by its name (``cancel``)."""
+    old = _status(submission_id)  # queued without a job id: claimed by a prepare of an older version
+    if old != Status.DRY_RUN_PASSED and not _real_job_claimed(db.session.get(Submission, submission_id)):
         return  # cancelled meanwhile: no real job
     images = ImageBuilder.from_config(current_app.config)
     try:  # the image of the dry run, cached (rebuilt only if an admin removed it)
@@ -111,12 +108,11 @@ def _after_dry_run(submission_id: int, files: SubmissionFiles, retries_left: boo
     except NoSpace:
         raise
     except BuildError as e:
-        advance(submission_id, Status.QUEUED, Status.FAILED,
-                reason="environment build failed", error=e.for_user)
+        advance(submission_id, old, Status.FAILED, reason="environment build failed", error=e.for_user)
         return
-    if _status(submission_id) != Status.QUEUED:
+    if _status(submission_id) != old:
         return  # cancelled while the image was checked
-    _hand_to_slurm(submission_id, files, image, Status.QUEUED, False, retries_left)
+    _hand_to_slurm(submission_id, files, image, old, False, retries_left)
 
 
 def _real_job_claimed(submission: Submission) -> bool:
@@ -166,7 +162,7 @@ def _hand_to_slurm(submission_id: int, files: SubmissionFiles, image: Image, old
     if dry_run:
         moved = advance(submission_id, old, Status.DRY_RUN_QUEUED, dry_run_job_id=job_id,
                         detail=f"dry run: Slurm job {job_id}")
-    elif old == Status.QUEUED:  # after the dry run: queued was claimed before sbatch
+    elif old == Status.QUEUED:  # claimed before sbatch by an older version
         moved = _record_real_job(submission_id, job_id)
     else:
         moved = advance(submission_id, old, Status.QUEUED, slurm_job_id=job_id,
@@ -352,6 +348,7 @@ def _submit(submission_id: int, files: SubmissionFiles, image: Image, dry_run: b
     if existing:
         log.info("submission %s already has Slurm job %s (%s)", submission_id, existing, spec.job_name)
         return existing
+    files.repair()  # whatever changed their group since the upload, the job account reads them now
     # What the job account reads (group): the relay.  The owner's MLflow login
     # is the gateway's alone: the job gets it through the wrapper, which
     # hands each job its own (deploy/libexec/m2d-slurm credential).

@@ -10,6 +10,7 @@ import email.policy
 import os
 import pwd
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -86,9 +87,15 @@ GATEWAY_USER = os.environ.get("M2D_USER", "m2d")
 AS_GATEWAY = ["setpriv", f"--reuid={GATEWAY_USER}", f"--regid={GATEWAY_USER}", "--init-groups", "--"]
 
 
+def events_dir():
+    """Where the testbed's Slurm hook finds the gateways to tell of job events (deploy/testbed/slurm.sh)."""
+    return Path(os.environ["M2D_TESTBED_DIR"]) / "slurm" / "events.d"
+
+
 class Stack:
-    def __init__(self, **settings):
-        """``settings``: extra M2D_* values (``M2D_SQLALCHEMY_DATABASE_URI``...)."""
+    def __init__(self, events=False, **settings):
+        """``settings``: extra M2D_* values (``M2D_SQLALCHEMY_DATABASE_URI``...);
+        ``events``: Slurm pushes this stack's job events (the testbed's hook)."""
         require_testbed()
         # under /tmp: the Apptainer wrapper shares /tmp with containers
         self.root = Path(tempfile.mkdtemp(prefix="m2d-test-", dir="/tmp"))
@@ -114,7 +121,10 @@ class Stack:
                         M2D_DISCLOSURE_REPORTS="0",
                         HOME=pwd.getpwnam(GATEWAY_USER).pw_dir,  # apptainer's cache and config
                         PYTHONUNBUFFERED="1")
+        if events:
+            self.env["M2D_SLURM_EVENTS_TOKEN"] = uuid.uuid4().hex
         self.env.update(settings)
+        self.events_conf = events_dir() / f"{self.env['M2D_SLURM_JOB_PREFIX']}.curl" if events else None
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.procs = {}
@@ -123,6 +133,8 @@ class Stack:
 
     def start(self):
         self.flask("db", "upgrade")
+        if self.events_conf:
+            self.register_events()
         py = sys.executable
         # threads: a browser's idle preconnections would hold sync workers hostage
         self._spawn("web", [str(Path(py).parent / "gunicorn"), "--workers", "2", "--threads", "8", "--bind",
@@ -146,7 +158,20 @@ class Stack:
         self.procs = {}
         return self.start()
 
+    def register_events(self):
+        """Have the testbed's Slurm hook post this stack's job events to it."""
+        fd = os.open(self.events_conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'url = "{self.url}/slurm/events"\n'
+                    f'header = "Authorization: Bearer {self.env["M2D_SLURM_EVENTS_TOKEN"]}"\n')
+
+    def drop_events(self):
+        """Every push from now on is lost (the hook finds no gateway for these jobs)."""
+        self.events_conf.unlink(missing_ok=True)
+
     def stop(self):
+        if self.events_conf:
+            self.drop_events()
         self._stop_processes()
         if os.environ.get("M2D_KEEP_TEST_DATA") != "1":
             shutil.rmtree(self.root, ignore_errors=True)
@@ -467,3 +492,67 @@ def job_zip(tmp_path, seconds, name="job.zip"):
     code = ("import os, time\nprint('working', flush=True)\n"
             f"time.sleep(1 if os.environ.get('M2D_DRY_RUN') else {seconds})\nprint('done', flush=True)\n")
     return zip_folder(SAMPLES / "sleeps", tmp_path / name, extra={"main.py": code})
+
+
+# ---------------------------------------------------- the documented way
+
+class DocumentedStack(Stack):
+    """The gateway as `make run` starts it: ``deploy/gateway.sh start`` on a
+    testbed folder of its own, whose gateway.env is the testbed's with a queue
+    namespace, a job prefix and a web port of its own; Slurm pushes its job
+    events (the testbed's hook). ``restart()`` is `make run` again: what still
+    runs is kept, what died is started."""
+
+    def __init__(self, **settings):
+        require_testbed()
+        self.root = Path(tempfile.mkdtemp(prefix="m2d-documented-", dir="/tmp"))
+        self.root.chmod(0o711)  # the gateway's account passes to its folders
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        tag = uuid.uuid4().hex[:6]
+        ours = {"M2D_QUEUE_NAMESPACE": f"m2d-documented-{tag}", "M2D_SLURM_JOB_PREFIX": f"m2ddoc{tag}",
+                "M2D_SLURM_EVENTS_DIR": str(events_dir()), "M2D_PUSHED_POLL_INTERVAL": "10",
+                "M2D_SLURM_MEM": "2G", "M2D_SLURM_TIME": "00:10:00"} | settings
+        testbed_env = (Path(os.environ["M2D_TESTBED_DIR"]) / "gateway.env").read_text()
+        fd = os.open(self.root / "gateway.env", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(testbed_env + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in ours.items()))
+        self.run_dir = self.root / "gateway"
+        self.logs = self.run_dir / "logs"
+        self.events_conf = events_dir() / f"{ours['M2D_SLURM_JOB_PREFIX']}.curl"
+        self.env = {}
+        self.killed_groups = []
+
+    def start(self):
+        self._gateway_sh("start")
+        # what an admin sources to run admin commands (gateway.sh's own words)
+        env = subprocess.run(["bash", "-c", f'set -a; . {self.root}/gateway.env; . {self.run_dir}/admin.env; env -0'],
+                             capture_output=True, check=True, timeout=30).stdout.decode()
+        self.env = dict(line.split("=", 1) for line in env.split("\0") if "=" in line)
+        return self
+
+    def restart(self):
+        return self.start()
+
+    def stop(self):
+        self._gateway_sh("stop")
+        for group in self.killed_groups:  # what the killed processes left (rq's scheduler child)
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if os.environ.get("M2D_KEEP_TEST_DATA") != "1":
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def kill(self, name):
+        """``kill -9`` of one of gateway.sh's processes (web, worker-build, worker-mail, poller)."""
+        pid = int((self.run_dir / "pids" / f"{name}.pid").read_text())
+        self.killed_groups.append(os.getpgid(pid))  # gateway.sh starts each in a session of its own
+        os.kill(pid, signal.SIGKILL)
+
+    def _gateway_sh(self, action):
+        done = subprocess.run([str(REPO / "deploy" / "gateway.sh"), action, str(self.root)], cwd=REPO,
+                              env=dict(os.environ, M2D_PORT=str(self.port)), capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise AssertionError(f"gateway.sh {action} failed:\n{done.stdout}\n{done.stderr}")
