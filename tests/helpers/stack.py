@@ -19,6 +19,7 @@ import time
 import urllib.parse
 import uuid
 import zipfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import requests
@@ -100,6 +101,9 @@ class Stack:
                         HOME=pwd.getpwnam(GATEWAY_USER).pw_dir,  # apptainer's cache and config
                         PYTHONUNBUFFERED="1")
         self.env.update(settings)
+        # the SMTP sink names each message by its UTC arrival (deploy/testbed/smtp_sink.py):
+        # older names are other sessions' mail, never this stack's
+        self.mail_since = (datetime.now(timezone.utc) - timedelta(seconds=5)).strftime("%Y%m%dT%H%M%S.%fZ")
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.procs = {}
@@ -271,9 +275,13 @@ class Stack:
 
     # ------------------------------------------------------------------ mail
     def mails(self):
-        """Every message the SMTP sink received, in arrival order."""
-        return [email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-                for path in sorted(Path(self.env["M2D_MAIL_DIR"]).glob("*.eml"))]
+        """Every message the SMTP sink received since this stack began, in
+        arrival order. The testbed's sink is shared by every session (and each
+        xdist worker): a message file never changes once there, so each is read
+        once, and other sessions' older ones not at all."""
+        names = sorted(name for name in os.listdir(self.env["M2D_MAIL_DIR"])
+                       if name.endswith(".eml") and name >= self.mail_since)
+        return [_mail(Path(self.env["M2D_MAIL_DIR"]) / name) for name in names]
 
     def mails_to(self, address):
         """Messages the SMTP sink received for ``address``, in arrival order."""
@@ -321,6 +329,16 @@ class Researcher:
 
     def me(self):
         return self.api("GET", "/me").json()
+
+
+_parsed_mails = {}
+
+
+def _mail(path):
+    """The message in ``path``, parsed once (the sink writes each file whole, once)."""
+    if path not in _parsed_mails:
+        _parsed_mails[path] = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    return _parsed_mails[path]
 
 
 def _children(pid):
