@@ -58,10 +58,13 @@ def pytest_collection_modifyitems(items):
 
 
 def _shares_a_fixture(item):
-    """Whether ``item`` uses a fixture made once for its module (or class)."""
+    """Whether ``item`` uses a fixture made once for its module (or class), or a
+    session-wide one its module defines (test_m2d_cli's virtualenv cache): made
+    once per worker, so its tests had better meet on one."""
     info = getattr(item, "_fixtureinfo", None)
     return info is not None and any(
-        definitions[-1].scope in SHARED_SCOPES for definitions in info.name2fixturedefs.values())
+        fixture.scope in SHARED_SCOPES or (fixture.scope == "session" and fixture.func.__module__ == item.module.__name__)
+        for fixture in (definitions[-1] for definitions in info.name2fixturedefs.values()))
 
 
 def _longest_first(items):
