@@ -123,7 +123,8 @@ class Stack:
         self._spawn("poller", [py, "-m", "jobs.poller"])
         self.health = "no answer"
         try:
-            wait_for(self._healthy, 90, "the gateway to answer /healthz")
+            # xdist's workers start their stacks at once, on a machine others share: minutes, seen
+            wait_for(self._healthy, 300, "the gateway to answer /healthz")
         except AssertionError as e:
             raise AssertionError(f"{e}; it said: {self.health}") from None
         return self
