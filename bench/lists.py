@@ -18,8 +18,8 @@ from pathlib import Path
 import flask_migrate
 
 from gateway import create_app
+from gateway.core.models import ApiToken, Submission, User, utcnow
 from gateway.extensions import db
-from gateway.models import ApiToken, Submission, User, utcnow
 from m2d.contract.states import Status
 
 USERS = 100

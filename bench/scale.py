@@ -184,8 +184,8 @@ def poll_app(folder: Path, ids: list[str]):
     import flask_migrate
 
     from gateway import create_app
+    from gateway.core.models import Submission, User, utcnow
     from gateway.extensions import db
-    from gateway.models import Submission, User, utcnow
     from m2d.contract.states import Status
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -235,7 +235,7 @@ def median(clocks, attribute):
 
 
 def real(sizes: list[int], loops: int, repeat: int) -> None:
-    from gateway.adapters.slurm.cli import CliScheduler
+    from gateway.adapters.slurm.cli_scheduler import CliScheduler
 
     job_user = os.environ.get("M2D_JOB_USER", "m2d-job")
     scheduler = CliScheduler(timeout=600, job_user=job_user)

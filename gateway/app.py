@@ -7,9 +7,10 @@ from pathlib import Path
 from flask import Flask, Request
 
 from . import config as configuration
-from . import errors, service_account
+from . import service_account
+from .core.storage import incoming_dir, secure_data_dir
 from .extensions import csrf, db, limiter, login_manager, migrate
-from .storage import incoming_dir, secure_data_dir
+from .web import errors
 
 
 class DiskRequest(Request):
@@ -17,7 +18,7 @@ class DiskRequest(Request):
     (Werkzeug keeps bodies under 500 KB in memory by default): an anonymous
     one (O_TMPFILE), so a worker killed mid-upload leaves nothing behind, and
     one that can be linked into place (no O_EXCL, unlike tempfile's), so the
-    kept upload is the parser's own copy, written once (gateway.intake)."""
+    kept upload is the parser's own copy, written once (gateway.core.intake)."""
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         try:
@@ -53,16 +54,18 @@ def create_app(config=None):
             if db.engine.url.database:
                 os.chmod(db.engine.url.database, 0o600)  # SQLite gives its WAL files the same mode
 
-    from . import admin, api, auth, cli, downloads, health, metrics, review, submissions
-    app.register_blueprint(health.bp)
-    app.register_blueprint(metrics.bp)
+    from . import commands
+    from .web import account, admin, api, auth, downloads, exports, ops, review, submissions
+    app.register_blueprint(ops.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(submissions.bp)
+    app.register_blueprint(account.bp)
+    app.register_blueprint(exports.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(review.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(downloads.bp)
-    cli.init_app(app)
+    commands.init_app(app)
     errors.init_app(app)
     _secure_headers(app)
     app.context_processor(admin.navigation)

@@ -91,7 +91,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("QUEUE_NAMESPACE", str, "m2d", "Prefix of queue names, so two deployments (or a test run beside `make run`) "
       "do not eat each other's work."),
     S("POLL_INTERVAL", int, 10, "Seconds between the poller's sacct cycles."),
-    # Recovery and alerts (jobs.poller's sweep, gateway.alerts)
+    # Recovery and alerts (jobs.poller's sweep, gateway.core.alerts)
     S("SWEEP_AFTER", int, 60, "Seconds after which work the database owes but no queue holds (Redis lost it, a "
       "worker died) is queued again by the poller's sweep."),
     S("PREPARE_ATTEMPTS", int, 5, "Times a prepare (build, sbatch) that fails for a reason other than Slurm (an "
@@ -103,7 +103,7 @@ SETTINGS: tuple[Setting, ...] = (
                             "running": "90000"},
       "Seconds a submission may stay in a status (`status=seconds`, a status left out: never) before the admins "
       "get one alert email and the admin pages flag it."),
-    # Upload limits (m2d.contract.validation.Limits)
+    # Upload limits (m2d.contract.validation.UploadLimits)
     S("MAX_ZIP_BYTES", int, 200 * 1024**2, "Largest upload (bytes)."),
     S("MAX_FILES", int, 2000, "Most files in one zip."),
     S("MAX_UNCOMPRESSED_BYTES", int, 2 * 1024**3, "Largest unpacked size of one zip (bytes)."),
@@ -230,7 +230,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("LOGIN_LIMIT_ADDRESS", str, "20 per minute", "Wrong passwords per client address."),
     S("SIGNUP_LIMIT", str, "10 per hour", "Sign-ups per address and per email."),
     S("RESET_LIMIT", str, "5 per hour", "Password-reset requests per address and per email."),
-    # Operations: /healthz and /metrics (gateway/health.py, gateway/metrics.py)
+    # Operations: /healthz and /metrics (gateway/web/ops.py, gateway/metrics.py)
     S("HEALTH_TIMEOUT", float, 3.0, "Seconds /healthz waits for each part (database, Redis, Slurm, MLflow, SMTP, "
       "disk); one that does not answer in time is reported down."),
     S("HEALTH_MIN_FREE_MB", int, 1024, "Free space DATA_DIR and IMAGE_DIR must have, or /healthz reports the disk "
@@ -241,7 +241,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("DAILY_SUBMISSIONS", int, 20, "Uploads per researcher in any 24 hours (each run can carry something out)."),
     S("SECRETS_DIR", str, None, "Holds mlflow-key, which encrypts MLflow passwords in the database (0600). Keep "
       "it outside DATA_DIR in production; default DATA_DIR/secrets."),
-    # The export airlock (gateway/airlock.py)
+    # The export airlock (gateway/core/airlock.py)
     S("RELEASE_APPROVALS", int, 2, "Distinct reviewers who must approve an export file before it leaves (2: the "
       "two-person rule)."),
     S("RELEASE_DAYS", int, 30, "Days a released export stays downloadable."),
@@ -255,7 +255,7 @@ SETTINGS: tuple[Setting, ...] = (
       "a job that makes more fails."),
     S("JOB_LOG_MAX_BYTES", int, 10 * 1024**2, "Bytes of a job's stdout and of its stderr kept (Slurm's .out and "
       ".err); the rest is dropped and counted in a last line."),
-    # What a job wrote is read once it ended (gateway/jobfiles.py), within bounds: past one, that
+    # What a job wrote is read once it ended (gateway/core/jobfiles.py), within bounds: past one, that
     # submission fails with the reason (a dry run: dry_run_failed), the poll cycle goes on.
     S("EXPORT_MAX_DEPTH", int, 16, "Deepest folder nesting an export may have."),
     S("EXPORT_READ_SECONDS", float, 120.0, "Seconds the gateway may spend reading (hashing) one export."),

@@ -18,6 +18,6 @@ db = SQLAlchemy(metadata=MetaData(naming_convention={
 migrate = Migrate()
 login_manager = LoginManager()
 csrf = CSRFProtect()
-# Limits are declared on the views (gateway.auth); storage from the app's
+# Limits are declared on the views (gateway.web.auth); storage from the app's
 # RATELIMIT_STORAGE_URI (gateway.config).
 limiter = Limiter(key_func=get_remote_address, default_limits=[])

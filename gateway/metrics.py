@@ -1,4 +1,4 @@
-"""/metrics in Prometheus' text format, and the counters behind it.
+"""The counters behind /metrics (served by gateway.web.ops), in Prometheus' text format.
 
 The work is spread over processes: gunicorn's workers, the rq workers'
 forked children (one per task, gone when it ends) and the poller. A counter
@@ -15,15 +15,13 @@ restart.
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
-from flask import Blueprint, Response, current_app, has_app_context, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from flask import current_app, has_app_context
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis import Redis, RedisError
 from sqlalchemy import func
@@ -31,12 +29,10 @@ from sqlalchemy import func
 from m2d.contract.states import Status
 
 from . import queue
-from .errors import json_error
+from .core.models import Submission
 from .extensions import db
-from .models import Submission
 
 log = logging.getLogger(__name__)
-bp = Blueprint("metrics", __name__)
 PREFIX = "m2d_"
 
 
@@ -186,24 +182,8 @@ class GatewayCollector:
         yield from (depth, failed, workers)
 
 
-def allowed() -> bool:
-    """With METRICS_TOKEN: whoever sends it. Without: this host only, and not
-    through a proxy (nginx on this host would make every client look local)."""
-    token = current_app.config["METRICS_TOKEN"]
-    if token:
-        return hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}")
-    try:
-        local = ipaddress.ip_address(request.remote_addr or "").is_loopback
-    except ValueError:
-        return False
-    return local and "X-Forwarded-For" not in request.headers
-
-
-@bp.get("/metrics")
-def scrape():
-    if not allowed():
-        return json_error(403, "forbidden", "/metrics answers this host's loopback only; from elsewhere, set "
-                          "M2D_METRICS_TOKEN and send it as 'Authorization: Bearer TOKEN'.")
+def exposition() -> bytes:
+    """Every counter and gauge, as one scrape of /metrics answers them."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(*_store()))
-    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    return generate_latest(registry)

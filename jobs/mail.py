@@ -13,12 +13,13 @@ from email.utils import format_datetime
 from flask import current_app
 from sqlalchemy import or_, update
 
-from gateway import accounts, metrics
+from gateway import metrics
 from gateway.adapters.smtp import Mailer
-from gateway.airlock import deletion_due
+from gateway.core import accounts
+from gateway.core.airlock import deletion_due
+from gateway.core.models import AccountEmail, Email, Export, utcnow
+from gateway.core.templating import render as render_template
 from gateway.extensions import db
-from gateway.models import AccountEmail, Email, Export, utcnow
-from gateway.templating import render as render_template
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def render(email: Email) -> tuple[str, str]:
     """Subject and body for an owed email (template's first line is the subject)."""
     submission = email.submission
     public = current_app.config["PUBLIC_URL"].rstrip("/")
-    # airlock emails (gateway.airlock) have no event: their moment is their row's
+    # airlock emails (gateway.core.airlock) have no event: their moment is their row's
     when = email.event.at if email.event else email.created_at
     text = render_template(
         f"mail/{email.kind}.txt",

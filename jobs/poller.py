@@ -13,18 +13,16 @@ from datetime import timedelta, timezone
 from flask import current_app
 from sqlalchemy import and_, func, or_, update
 
-from gateway import accounts, airlock, alerts, jobfiles, metrics, provenance, queue
-from gateway.adapters import slurm
+from gateway import metrics, queue
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError
 from gateway.adapters.slurm import JobInfo, Scheduler, SlurmError
-from gateway.adapters.slurm.accounting import Limits
 from gateway.adapters.slurm.reasons import explain
+from gateway.core import accounts, airlock, alerts, jobfiles, provenance, scheduling
+from gateway.core.jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_name, size_text
+from gateway.core.lifecycle import advance
+from gateway.core.models import AccountEmail, Email, Submission, User, utcnow
 from gateway.extensions import db
-from gateway.lifecycle import advance
-from gateway.models import AccountEmail, Email, Submission, User, utcnow
 from m2d.contract.states import Status
-
-from .jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_name, size_text
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +40,7 @@ def poll_once(scheduler: Scheduler | None = None) -> int:
         and_(Submission.status.in_(DRY_RUN_ACTIVE), Submission.dry_run_job_id.isnot(None)))).all()
     moved = 0
     if active:
-        scheduler = scheduler or slurm.from_config(current_app.config)
+        scheduler = scheduler or scheduling.scheduler()
         try:
             infos = scheduler.statuses([_job_id(s) for s in active])
         except SlurmError as e:
@@ -82,7 +80,7 @@ def _explain_waits(scheduler: Scheduler, waiting: list[Submission]) -> None:
     except SlurmError:  # the reasons are a courtesy: the moves above are done
         log.exception("squeue did not say why jobs wait")
         return
-    limits = Limits.from_config(current_app.config)
+    limits = scheduling.limits()
     users = {s.user_id for s in waiting}
     running = dict(db.session.query(Submission.user_id, func.count()).filter(
         Submission.user_id.in_(users), Submission.status.in_(RUNNING)).group_by(Submission.user_id))
@@ -204,6 +202,9 @@ EXPLAINED = {
     "OUT_OF_MEMORY": "OUT_OF_MEMORY: the job ran out of memory; its limit is {SLURM_MEM}. "
                      "Use smaller batches or images, or ask the admins for more",
     "TIMEOUT": "TIMEOUT: the job ran past its time limit of {SLURM_TIME}",
+    # (reason is 255 characters at most)
+    "NODE_FAIL": "NODE_FAIL: the compute node running the job failed. This is not a problem with your code: "
+                 "upload it again",
 }
 
 
@@ -325,7 +326,7 @@ def _sweep():
     # a prepare that died with its worker is started again (also the one that
     # submits the real job after a passed dry run); one still running holds
     # the submission's lock, so a second one returns at once; one that failed
-    # waits out its backoff (gateway.alerts)
+    # waits out its backoff (gateway.core.alerts)
     for submission in Submission.query.filter(
             or_(Submission.status.in_((Status.RECEIVED.value, Status.BUILDING.value,
                                        Status.DRY_RUN_PASSED.value)),

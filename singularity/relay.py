@@ -236,7 +236,7 @@ class Upstream:
 # ---------------------------------------------------------------- the policy
 
 
-class Limits:
+class RelayLimits:
     def __init__(self, args):
         self.param_value = args.max_param_value
         self.tag_value = args.max_tag_value
@@ -415,7 +415,7 @@ class Relay:
     """The allow-list, the caps and the buffers: what `serve` does with one request,
     apart from HTTP itself."""
 
-    def __init__(self, upstream: Upstream, experiment_id: str, experiment_name: str, limits: Limits,
+    def __init__(self, upstream: Upstream, experiment_id: str, experiment_name: str, limits: RelayLimits,
                  rate: TokenBucket, experiment_alias: str | None = None,
                  run_tags: dict[str, str] | None = None, budget: Budget | None = None,
                  upstream_rate: TokenBucket | None = None, upstream_wait: float = 10.0,
@@ -1013,7 +1013,7 @@ def serve(args) -> int:
     # MLflow's own tags on every run: the relay's values, whatever the job's client sent
     run_tags = {"mlflow.user": username, "mlflow.source.type": "JOB", "mlflow.source.name": "main.py"}
     run_tags.update(tag.split("=", 1) for tag in args.run_tag or ())
-    relay = Relay(upstream, args.experiment_id, args.experiment_name, Limits(args),
+    relay = Relay(upstream, args.experiment_id, args.experiment_name, RelayLimits(args),
                   TokenBucket(args.rate, args.burst), experiment_alias=args.experiment_alias,
                   run_tags=run_tags, budget=Budget(args.text_budget, args.metric_budget),
                   upstream_rate=TokenBucket(args.upstream_rate, args.upstream_burst),

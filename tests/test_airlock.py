@@ -16,10 +16,10 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from gateway import airlock, lifecycle, provenance
+from gateway.core import airlock, lifecycle, provenance
+from gateway.core.models import Email, Submission
+from gateway.core.storage import SubmissionFiles
 from gateway.extensions import db
-from gateway.models import Email, Submission
-from gateway.storage import SubmissionFiles
 from m2d.contract.states import Status
 
 from .helpers.stack import SAMPLES, wait_for, zip_folder

@@ -1,4 +1,4 @@
-"""Stuck submissions and failing prepares (gateway.alerts): the decisions, and
+"""Stuck submissions and failing prepares (gateway.core.alerts): the decisions, and
 their rows on a real (SQLite) database. The email itself, through the real
 workers and SMTP: tests/test_faults.py."""
 import uuid
@@ -6,12 +6,12 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from gateway import accounts, alerts, lifecycle
 from gateway.adapters.apptainer import NoSpace
 from gateway.adapters.slurm import SlurmError
 from gateway.config import ConfigError
+from gateway.core import accounts, alerts, lifecycle, workflow
+from gateway.core.models import Alert, Email, Submission
 from gateway.extensions import db
-from gateway.models import Alert, Email, Submission
 from jobs import mail, poller, tasks
 from m2d.contract.states import Status
 
@@ -126,10 +126,10 @@ def test_a_prepare_failing_for_another_reason_than_slurm_is_retried_with_backoff
     admin = _admin()
     sid = _submission()
 
-    def broken(submission_id):
+    def broken(submission_id, retries_left):
         raise PermissionError(13, "Permission denied", "/srv/m2d/data/submissions/1/code/requirements.txt")
 
-    monkeypatch.setattr(tasks, "_prepare", broken)
+    monkeypatch.setattr(workflow, "_prepare", broken)
     tasks.prepare(sid)  # recorded, not raised: the sweep owns the retry
     submission = db.session.get(Submission, sid)
     db.session.refresh(submission)
@@ -211,7 +211,7 @@ def test_a_build_stopped_by_a_full_disk_is_a_failed_prepare_not_a_failed_build(l
     def full(submission_id, files):
         raise NoSpace("no space left in the image folder /srv/m2d/images: an administrator frees space")
 
-    monkeypatch.setattr(tasks, "_build", full)
+    monkeypatch.setattr(workflow, "_build", full)
     tasks.prepare(sid)
     submission = db.session.get(Submission, sid)
     db.session.refresh(submission)

@@ -8,7 +8,7 @@ import pytest
 from werkzeug.datastructures import FileStorage
 from werkzeug.test import encode_multipart
 
-from gateway import lifecycle
+from gateway.core import lifecycle
 from gateway.extensions import db
 
 from .helpers import zips

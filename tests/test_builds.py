@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway import create_app, images
+from gateway import create_app
 from gateway.adapters.apptainer import PROXY_PORT
 from gateway.config import from_environment
+from gateway.core import images
+from gateway.core.models import Build, Submission
 from gateway.extensions import db
-from gateway.models import Build, Submission
 from tests.helpers.stack import GATEWAY_USER, Stack
 
 OLD_STACK = {

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 import pytest
 import requests
 
-from gateway.adapters.slurm.cli import CliScheduler
+from gateway.adapters.slurm.cli_scheduler import CliScheduler
 from m2d.contract import twin
 
 from .helpers.client import m2d_as as m2d

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from gateway.core.models import Build, Submission
 from gateway.extensions import db
-from gateway.models import Build, Submission
 from m2d.contract import twin
 
 from .helpers.invariants import STATUS_MAILS

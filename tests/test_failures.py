@@ -1,4 +1,4 @@
-"""A failed job's headline and what to change (gateway/failures.py), on real
+"""A failed job's headline and what to change (gateway/core/failures.py), on real
 stderr: mlflow-skinny 2.11.3 and 3.17.2 clients and Pythons 3.9 and 3.11, as
 captured (tests/data/tracebacks), and inside a dry run's log as the poller
 stores it (stdout, then stderr, the relay's lines after the traceback)."""
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.failures import HEADLINE_MAX, headline, hint
+from gateway.core.failures import HEADLINE_MAX, headline, hint
 
 TRACEBACKS = Path(__file__).parent / "data" / "tracebacks"
 URL = "http://mlflow.example.org:5001"

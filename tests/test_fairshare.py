@@ -14,18 +14,18 @@ import pytest
 from gateway import create_app
 from gateway.adapters.slurm import TERMINAL_STATES, SlurmError, SlurmRefused, base_state
 from gateway.adapters.slurm.accounting import (
-    Limits,
     SlurmAccounts,
     parse_associations,
     parse_sreport,
     parse_sshare,
     parse_tres,
 )
-from gateway.adapters.slurm.cli import CliScheduler
+from gateway.adapters.slurm.cli_scheduler import CliScheduler
+from gateway.adapters.slurm.limits import AccountLimits
 from gateway.adapters.slurm.reasons import explain, refusal, refusal_code
 from gateway.config import from_environment
+from gateway.core.models import Submission, User
 from gateway.extensions import db
-from gateway.models import Submission, User
 
 from .helpers.client import m2d
 from .helpers.stack import SAMPLES, Stack, wait_for, zip_folder
@@ -91,9 +91,9 @@ def test_sreport_rows_become_minutes_per_account_and_tres():
 
 
 def test_limits_from_configuration_become_sacctmgr_words_and_zero_means_none():
-    limits = Limits.from_config({"SLURM_MAX_RUNNING": 2, "SLURM_MAX_QUEUED": 0, "SLURM_GPU_MINUTES": 600,
+    limits = AccountLimits.from_config({"SLURM_MAX_RUNNING": 2, "SLURM_MAX_QUEUED": 0, "SLURM_GPU_MINUTES": 600,
                                  "SLURM_MAX_WALL": ""})
-    assert limits == Limits(max_running=2, gpu_minutes=600)
+    assert limits == AccountLimits(max_running=2, gpu_minutes=600)
     assert limits.settings() == ["MaxJobs=2", "MaxSubmitJobs=-1", "GrpTRESMins=gres/gpu=600", "MaxWall=-1"]
     assert limits.settings_for_add() == ["MaxJobs=2", "GrpTRESMins=gres/gpu=600"]
 
@@ -113,7 +113,7 @@ class RecordingBatch:
 
 def test_ensure_adds_the_account_and_the_job_user_once():
     batch = RecordingBatch()
-    slurm = SlurmAccounts(batch, job_user="m2d-job", limits=Limits(max_running=1))
+    slurm = SlurmAccounts(batch, job_user="m2d-job", limits=AccountLimits(max_running=1))
     assert slurm.ensure("m2d-ann-3")
     adds = [c for c in batch.calls if "add" in c]
     assert adds[0][4:7] == ["add", "account", "m2d-ann-3"] and "parent=m2d" in adds[0] and "MaxJobs=1" in adds[0]
@@ -149,11 +149,11 @@ def test_account_names_are_checked_before_they_reach_a_command_line():
     ("", None),
 ])
 def test_slurms_reason_codes_in_a_researchers_words(code, words):
-    assert explain(code, Limits(max_running=2, gpu_minutes=600), running=2) == words
+    assert explain(code, AccountLimits(max_running=2, gpu_minutes=600), running=2) == words
 
 
 def test_a_disabled_accounts_limit_of_zero_says_the_account_is_disabled():
-    assert explain("AssocMaxJobsLimit", Limits(max_running=1), running=0, disabled=True) == \
+    assert explain("AssocMaxJobsLimit", AccountLimits(max_running=1), running=0, disabled=True) == \
         "waiting: your account is disabled; no job of yours starts (AssocMaxJobsLimit)"
     assert explain("AssocMaxJobsLimit", running=1) == \
         "waiting: you have 1 job running, that is your limit (AssocMaxJobsLimit)"
@@ -161,7 +161,7 @@ def test_a_disabled_accounts_limit_of_zero_says_the_account_is_disabled():
 
 def test_an_sbatch_refused_for_a_limit_is_told_from_other_failures():
     assert refusal_code(REFUSED) == "AssocMaxSubmitJobLimit"
-    assert refusal(REFUSED, Limits(max_queued=3)) == \
+    assert refusal(REFUSED, AccountLimits(max_queued=3)) == \
         "Slurm refused the job: you have 3 jobs running or waiting, the limit is 3 (AssocMaxSubmitJobLimit)"
     assert refusal_code("sbatch: error: Batch job submission failed: Invalid account or account/partition "
                         "combination specified") == "InvalidAccount"
@@ -400,8 +400,8 @@ def test_a_submission_over_the_queued_limit_fails_at_once_with_slurms_message(fa
 def test_a_stuck_alert_about_a_job_held_at_a_limit_says_why_it_waits(local_app):
     from datetime import timedelta
 
-    from gateway import alerts
-    from gateway.models import Alert, utcnow
+    from gateway.core import alerts
+    from gateway.core.models import Alert, utcnow
 
     user = User(email="ann@example.org", name="Ann")
     reason = "waiting: you have 1 job running, the limit is 1 (AssocMaxJobsLimit)"

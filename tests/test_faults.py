@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway.storage import SubmissionFiles
+from gateway.core.storage import SubmissionFiles
 
 from .helpers import invariants
 from .helpers.stack import SAMPLES, PrivateStack, free_port, job_zip, wait_for, zip_folder

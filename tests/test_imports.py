@@ -1,8 +1,13 @@
 """Which package may import which, read from the source (every import
 statement, at any depth, so a lazy import inside a function counts too):
 
-    jobs -> gateway -> m2d.contract      m2d -> m2d.contract
+    jobs -> gateway.core, gateway's plumbing -> gateway.adapters -> m2d.contract
+    gateway.web (only gateway.app registers it) -> gateway.core
+    m2d -> m2d.contract
     bench -> gateway, jobs, tests.helpers    tests.helpers -> anything but a test module
+
+The adapters stand alone: the standard library, their own libraries and
+m2d.contract; what the gateway counts of their work it passes in.
 
 m2d.contract is what the gateway and the researcher's client share: the
 standard library only (sample_data also numpy and Pillow, the sample-data
@@ -55,7 +60,7 @@ def broken(paths, allowed) -> list[str]:
 
 
 def test_relative_imports_resolve_to_the_modules_they_name():
-    assert {"gateway.extensions", "gateway.storage", "gateway.config", "gateway.admin"} <= imports(REPO / "gateway" / "app.py")
+    assert {"gateway.extensions", "gateway.core.storage", "gateway.config", "gateway.web.admin"} <= imports(REPO / "gateway" / "app.py")
     assert "m2d.archive" in imports(REPO / "m2d" / "local.py")
 
 
@@ -95,3 +100,53 @@ def test_no_module_imports_a_test_module(folder):
             folder == "bench" and top(name) == "tests" and not name.startswith("tests.helpers"))
 
     assert broken(sources(folder), allowed) == []
+
+
+# what the web app and the workers are made of, which an adapter must not need
+SERVER_FRAMEWORKS = {"flask", "flask_login", "flask_wtf", "flask_limiter", "flask_migrate", "flask_sqlalchemy",
+                     "sqlalchemy", "rq", "redis", "prometheus_client"}
+
+
+def adapter_may_import(path, name) -> bool:
+    if top(name) in {"gateway", "jobs", "tests", "bench", "m2d"}:
+        return name.startswith("gateway.adapters") or name == "m2d.contract" or name.startswith("m2d.contract.")
+    return top(name) not in SERVER_FRAMEWORKS
+
+
+def core_may_import(path, name) -> bool:
+    return not name.startswith("gateway.web") and top(name) != "jobs"
+
+
+def test_the_adapters_stand_alone():
+    assert broken(sources("gateway/adapters"), adapter_may_import) == []
+
+
+def test_the_core_imports_neither_the_web_nor_the_workers():
+    assert broken(sources("gateway/core"), core_may_import) == []
+
+
+def test_only_the_app_factory_imports_the_web():
+    """Workers, commands and the core never need a page; the factory registers the blueprints."""
+    outside = [p for p in sources("gateway", "jobs") if "web" not in p.relative_to(REPO).parts
+               and p != REPO / "gateway" / "app.py"]
+    assert broken(outside, lambda path, name: not name.startswith("gateway.web")) == []
+
+
+def test_a_wrong_import_is_named(tmp_path, monkeypatch):
+    """The checks read what they are meant to: an adapter that imports the
+    gateway's counters or Flask, and a core module that imports a page or a
+    task, are each named."""
+    adapter = tmp_path / "gateway" / "adapters" / "slurm" / "bad.py"
+    core = tmp_path / "gateway" / "core" / "bad.py"
+    for folder in (adapter.parent, core.parent, tmp_path / "gateway" / "web", tmp_path / "jobs"):
+        folder.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "gateway" / "metrics.py").write_text("")
+    (tmp_path / "gateway" / "web" / "ops.py").write_text("")
+    adapter.write_text("from ...metrics import SLURM_ERRORS\nimport flask\nfrom . import cli_scheduler\n")
+    core.write_text("def lazy():\n    from ..web import ops\n    from jobs import tasks\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert broken([adapter], adapter_may_import) == ["gateway/adapters/slurm/bad.py imports flask",
+                                                     "gateway/adapters/slurm/bad.py imports gateway.metrics"]
+    assert broken([core], core_may_import) == ["gateway/core/bad.py imports gateway.web",
+                                               "gateway/core/bad.py imports gateway.web.ops",
+                                               "gateway/core/bad.py imports jobs"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.adapters.slurm.cli import SLURM_WRAPPER
+from gateway.adapters.slurm.cli_scheduler import SLURM_WRAPPER
 from tests.helpers.batch import GATEWAY_USER, JOB_USER, TESTBED
 from tests.helpers.batch import for_the_job as _for_the_job
 from tests.helpers.batch import run_job as _run_job
@@ -190,7 +190,7 @@ def test_the_gateway_cannot_run_slurm_as_the_job_account_but_through_the_wrapper
 
 @pytest.fixture
 def submission(job_root):
-    """A submission folder as gateway.storage makes it, with a batch script
+    """A submission folder as gateway.core.storage makes it, with a batch script
     and credentials of the gateway's; returns its job folder."""
     root = job_root / "data"
     for path in (root, root / "submissions"):
@@ -289,7 +289,7 @@ def test_a_job_gets_its_own_owners_credentials_and_no_other(job_root):
     """Job A's code, out of its container, as the job account (every job runs
     as it): B's login file is the gateway's alone; the wrapper hands A its own
     login once, and a job made by the job account itself gets none."""
-    from gateway.adapters.slurm.cli import CliScheduler
+    from gateway.adapters.slurm.cli_scheduler import CliScheduler
     root = job_root / "data"
     for path in (root, root / "submissions"):
         path.mkdir()
@@ -378,7 +378,7 @@ def test_a_million_files_through_the_gateway_fail_on_the_limit_and_every_poll_go
 def test_the_relay_holding_a_login_is_closed_to_other_processes_of_the_job_account(job_root):
     """Every job's relay runs as the job account: another job's process (the
     same uid) must not read its memory, environment or open files."""
-    from jobs.jobscript import RELAY_SOURCE
+    from gateway.core.jobscript import RELAY_SOURCE
     folder = job_root / "relay"
     folder.mkdir()
     shutil.chown(folder, user=JOB_USER)

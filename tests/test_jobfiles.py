@@ -1,4 +1,4 @@
-"""gateway/jobfiles.py, the one reader of what jobs wrote (issue 21): no symlink
+"""gateway/core/jobfiles.py, the one reader of what jobs wrote (issue 21): no symlink
 followed at any depth, names as bytes shown escaped, FIFOs and devices never
 opened for reading, a bounded walk that fails one submission, never the cycle.
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import airlock, jobfiles, lifecycle
+from gateway.core import airlock, jobfiles, lifecycle
+from gateway.core.models import Submission
+from gateway.core.storage import SubmissionFiles
 from gateway.extensions import db
-from gateway.models import Submission
-from gateway.storage import SubmissionFiles
 from m2d.contract.states import Status
 
 from .helpers.users import make_user as _user
@@ -289,9 +289,9 @@ def test_eacces_on_a_file_lists_it_unreadable_never_fails(ended, resolver):
 
 # ------------------------------------------------------------------ one reader
 
-# Where code outside gateway/jobfiles.py may name a job's folders: to make them
+# Where code outside gateway/core/jobfiles.py may name a job's folders: to make them
 # (storage, the prepare) or to hand them to Slurm's batch script; never to read.
-ALLOWED = {("gateway/storage.py", "create"), ("jobs/tasks.py", "_submit"), ("jobs/tasks.py", "_dry_run_export")}
+ALLOWED = {("gateway/core/storage.py", "create"), ("gateway/core/workflow.py", "_submit"), ("gateway/core/workflow.py", "_dry_run_export")}
 JOB_FOLDER_ATTRIBUTES = {"export", "logs", "DRY_RUN_EXPORT", "EXPORT", "LOGS"}
 JOB_FOLDER_WORDS = ("export-dryrun", "/mnt/export")
 
@@ -323,18 +323,18 @@ def _uses(path: Path):
 
 
 def test_nothing_but_jobfiles_opens_what_jobs_wrote():
-    """Every reference to export/, export-dryrun/ or logs/ outside gateway/jobfiles.py
+    """Every reference to export/, export-dryrun/ or logs/ outside gateway/core/jobfiles.py
     is in a function that makes the folders or hands them to the batch script;
     reading goes through jobfiles (by submission, folder and name)."""
     found = set()
     for path in sorted([*REPO.glob("gateway/**/*.py"), *REPO.glob("jobs/*.py")]):
         rel = path.relative_to(REPO).as_posix()
-        if rel in ("gateway/jobfiles.py", "jobs/jobscript.py") or "/migrations/" in rel:
+        if rel in ("gateway/core/jobfiles.py", "gateway/core/jobscript.py") or "/migrations/" in rel:
             continue  # the batch script's template values name the folders the job writes
         for function, what in _uses(path):
             found.add((rel, function, what))
     strays = sorted(f for f in found if (f[0], f[1]) not in ALLOWED)
-    assert strays == [], "read what jobs wrote only through gateway.jobfiles: " + repr(strays)
+    assert strays == [], "read what jobs wrote only through gateway.core.jobfiles: " + repr(strays)
 
 
 def test_the_one_reader_check_finds_a_stray_read(tmp_path):

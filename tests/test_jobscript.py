@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import weights
-from jobs.jobscript import log_name, render_job_script, write_job_script
+from gateway.core import weights
+from gateway.core.jobscript import log_name, render_job_script, write_job_script
 from tests.helpers.batch import JOB_USER, TESTBED
 from tests.helpers.batch import run_job as _run_job
 from tests.helpers.batch import spec_for as _spec

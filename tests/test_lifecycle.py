@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from flask import render_template_string
 
-from gateway import accounts, lifecycle, provenance
 from gateway.adapters.slurm import JobInfo
 from gateway.adapters.smtp import MailError
+from gateway.core import accounts, lifecycle, provenance, scheduling, workflow
+from gateway.core.models import Email, Event, Submission
+from gateway.core.storage import SubmissionFiles
 from gateway.extensions import db
-from gateway.models import Email, Event, Submission
-from gateway.storage import SubmissionFiles
 from jobs import mail, poller, tasks
 from m2d.contract.states import Status
 
@@ -125,7 +125,7 @@ def test_out_of_memory_says_so_and_names_the_limit(local_app):
 def test_a_full_export_says_so_and_names_the_limits(local_app):
     local_app.config.update(EXPORT_MAX_BYTES=2 * 1024**3, EXPORT_MAX_FILES=10_000)
     submission = _queued_submission()
-    poller._apply(submission, _info("FAILED", exit_code=95))  # jobs/jobscript.py's EXPORT_FULL_EXIT
+    poller._apply(submission, _info("FAILED", exit_code=95))  # gateway/core/jobscript.py's EXPORT_FULL_EXIT
     db.session.expire_all()
     assert submission.status == "failed" and submission.exit_code == 95
     assert submission.reason.startswith("EXPORT_FULL: /mnt/export is over its limit of 2 GiB / 10,000 files")
@@ -134,7 +134,7 @@ def test_a_full_export_says_so_and_names_the_limits(local_app):
 def test_a_job_stopped_at_its_time_limit_to_keep_its_export_is_a_timeout(local_app):
     local_app.config["SLURM_TIME"] = "02:00:00"
     submission = _queued_submission()
-    poller._apply(submission, _info("FAILED", exit_code=97))  # jobs/jobscript.py's TIME_UP_EXIT
+    poller._apply(submission, _info("FAILED", exit_code=97))  # gateway/core/jobscript.py's TIME_UP_EXIT
     db.session.expire_all()
     assert submission.status == "failed"
     assert submission.reason == "TIMEOUT: the job ran past its time limit of 02:00:00"
@@ -367,8 +367,8 @@ def _passed_dry_run(monkeypatch):
             return self.named.get(name)
 
     slurm = Slurm()
-    monkeypatch.setattr(tasks.ImageBuilder, "from_config", lambda config: Images())
-    monkeypatch.setattr(tasks, "scheduler", lambda: slurm)
+    monkeypatch.setattr(workflow.ImageBuilder, "from_config", lambda config: Images())
+    monkeypatch.setattr(scheduling, "scheduler", lambda: slurm)
     return submission.id, slurm
 
 
@@ -378,13 +378,13 @@ def test_a_cancel_arriving_while_the_real_job_is_sbatched_scancels_it(local_app,
     def sbatch(submission_id, files, image, dry_run=False):
         # the researcher's cancel lands inside sbatch: it ends the submission,
         # and leaves the job to the prepare that holds it (rq retries its lookup)
-        with pytest.raises(tasks.SubmissionBusy):
+        with pytest.raises(workflow.SubmissionBusy):
             tasks.cancel(submission_id)
         slurm.submitted.append("99")
         slurm.named[f"m2d-{submission_id}"] = "99"
         return "99"
 
-    monkeypatch.setattr(tasks, "_submit", sbatch)
+    monkeypatch.setattr(workflow, "_submit", sbatch)
     tasks.prepare(sid)
     db.session.expire_all()
     submission = db.session.get(Submission, sid)
@@ -397,7 +397,7 @@ def test_a_cancel_arriving_while_the_real_job_is_sbatched_scancels_it(local_app,
 
 def test_a_cancel_before_the_real_jobs_claim_means_no_real_job_at_all(local_app, monkeypatch):
     sid, slurm = _passed_dry_run(monkeypatch)
-    monkeypatch.setattr(tasks, "_submit", lambda *a, **k: pytest.fail("sbatch for a cancelled submission"))
+    monkeypatch.setattr(workflow, "_submit", lambda *a, **k: pytest.fail("sbatch for a cancelled submission"))
     tasks.cancel(sid)
     tasks.prepare(sid)  # the poller's hand-on, after the cancel won
     db.session.expire_all()
@@ -407,7 +407,7 @@ def test_a_cancel_before_the_real_jobs_claim_means_no_real_job_at_all(local_app,
 def test_a_prepare_that_died_after_the_claim_resumes_and_records_the_job(local_app, monkeypatch):
     sid, slurm = _passed_dry_run(monkeypatch)
     lifecycle.advance(sid, Status.DRY_RUN_PASSED, Status.QUEUED)  # claimed, then the worker died
-    monkeypatch.setattr(tasks, "_submit", lambda *a, **k: "100")  # finds (or makes) the job by name
+    monkeypatch.setattr(workflow, "_submit", lambda *a, **k: "100")  # finds (or makes) the job by name
     tasks.prepare(sid)
     db.session.expire_all()
     submission = db.session.get(Submission, sid)

@@ -180,7 +180,7 @@ def test_run_without_a_dataset_uses_the_dry_runs_twin_with_m2d_dry_run_set(tmp_p
     assert shown["dataset"] == str(cached) and shown["dataset_version"] == twin.DEFAULT_VERSION
     dry_run, digest = (tmp_path / "export" / "probe.txt").read_text().splitlines()
     assert dry_run == "1"
-    # the twin the gateway's dry run binds (jobs.tasks._twin: the same call, the same parameters)
+    # the twin the gateway's dry run binds (gateway.core.workflow._twin: the same call, the same parameters)
     gateways = twin.ensure(tmp_path / "gateway-twins", twin.DEFAULT_VERSION)
     assert digest == hashlib.sha256((gateways / sample_data.IMAGE_CSV).read_bytes()).hexdigest()
     assert sorted(p.relative_to(cached) for p in cached.rglob("*")) == sorted(

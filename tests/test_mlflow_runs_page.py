@@ -1,4 +1,4 @@
-"""The submission's page shows the MLflow runs its jobs made (gateway/runs.py),
+"""The submission's page shows the MLflow runs its jobs made (gateway/core/runs.py),
 on the real stack: a real job logs through the relay, the page (the stack's
 app, through Flask's test client) shows the dry run's and the real run's last
 values, a chart of each metric logged per step and a link into MLflow's UI,
@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from gateway import queue, runs
+from gateway import queue
+from gateway.core import runs
+from gateway.core.models import Submission, User
 from gateway.extensions import db
-from gateway.models import Submission, User
 
 from .helpers.stack import SAMPLES, zip_folder
 

@@ -4,10 +4,10 @@ still produces each email exactly once, "started" before "finished"."""
 import subprocess
 import threading
 
-from gateway import lifecycle
-from gateway.adapters.slurm.cli import CliScheduler
+from gateway.adapters.slurm.cli_scheduler import CliScheduler
+from gateway.core import lifecycle
+from gateway.core.models import Event, User
 from gateway.extensions import db
-from gateway.models import Event, User
 from jobs import mail, poller
 from m2d.contract.states import Status
 

@@ -23,8 +23,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway import create_app
 from gateway.config import from_environment
+from gateway.core.models import ExportFile, User
 from gateway.extensions import db
-from gateway.models import ExportFile, User
 
 from .helpers.stack import SAMPLES, Stack, wait_for, zip_folder
 

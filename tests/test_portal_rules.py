@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway import accounts, lifecycle
+from gateway.core import accounts, lifecycle
+from gateway.core.models import AccountEmail, ApiToken, Submission, User, utcnow
 from gateway.extensions import db
-from gateway.models import AccountEmail, ApiToken, Submission, User, utcnow
 from jobs import mail
 
 from .helpers.users import PASSWORD, csrf, fresh, log_in, make_user, post
@@ -51,7 +51,7 @@ def provisioned(monkeypatch):
         def provision(self, username, **_):
             return SimpleNamespace(username=username, password="mlflow-secret-1", experiment_id="7",
                                    experiment_name=username, dry_run_experiment_id="8")
-    monkeypatch.setattr("gateway.accounts.MlflowAdmin.from_config", lambda cfg: FakeAdmin())
+    monkeypatch.setattr("gateway.core.accounts.MlflowAdmin.from_config", lambda cfg: FakeAdmin())
 
 
 # ------------------------------------------------------------------ sign-up

@@ -6,9 +6,9 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from gateway import accounts
+from gateway.core import accounts
+from gateway.core.models import ApiToken, Submission, User, utcnow
 from gateway.extensions import db
-from gateway.models import ApiToken, Submission, User, utcnow
 
 from .helpers.stack import SAMPLES, zip_folder
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import DEFAULTS
-from jobs.jobscript import JobSpec, render_job_script
+from gateway.core.jobscript import JobSpec, render_job_script
 
 from .helpers.relay import relay as relay_module
 

@@ -10,7 +10,7 @@ import pytest
 
 from .helpers.relay import relay
 
-Limits, Refused, Relay, TokenBucket, parse_args = relay.Limits, relay.Refused, relay.Relay, relay.TokenBucket, relay.parse_args
+RelayLimits, Refused, Relay, TokenBucket, parse_args = relay.RelayLimits, relay.Refused, relay.Relay, relay.TokenBucket, relay.parse_args
 
 API = relay.API
 REAL, REAL_ID = "alice", "7"
@@ -35,9 +35,9 @@ def make_relay(dry_run: bool):
                        "--experiment-id", "x", "--experiment-name", "x"])
     upstream = RecordingUpstream()
     if dry_run:
-        relay = Relay(upstream, DRY_ID, DRY, Limits(args), TokenBucket(1000, 1000), experiment_alias=REAL)
+        relay = Relay(upstream, DRY_ID, DRY, RelayLimits(args), TokenBucket(1000, 1000), experiment_alias=REAL)
     else:
-        relay = Relay(upstream, REAL_ID, REAL, Limits(args), TokenBucket(1000, 1000))
+        relay = Relay(upstream, REAL_ID, REAL, RelayLimits(args), TokenBucket(1000, 1000))
     return relay, upstream
 
 

@@ -1,9 +1,9 @@
-"""The MLflow runs on a submission's page (gateway/runs.py): the chart is the
+"""The MLflow runs on a submission's page (gateway/core/runs.py): the chart is the
 gateway's own numbers, bounded, with job-written text escaped; links only to
 runs MLflow named. The real stack's page: tests/test_mlflow_runs_page.py."""
 import re
 
-from gateway import runs
+from gateway.core import runs
 
 PUBLIC = "http://mlflow.example.org:5001"
 RUN_ID = "0123456789abcdef0123456789abcdef"

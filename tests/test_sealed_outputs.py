@@ -1,5 +1,5 @@
 """Issue 21's proofs on the real stack: what a job writes is read by the gateway
-once, after the job ended, through gateway/jobfiles.py alone, and the gateway
+once, after the job ended, through gateway/core/jobfiles.py alone, and the gateway
 account cannot read the dataset at all.
 
 - The symlink race that won before (a dry run swapping folders for symlinks to
@@ -22,8 +22,8 @@ from urllib.parse import quote
 
 import requests
 
+from gateway.core.models import Export, ExportFile
 from gateway.extensions import db
-from gateway.models import Export, ExportFile
 
 from .helpers.stack import AS_GATEWAY, SAMPLES, wait_for, zip_folder
 

@@ -7,9 +7,10 @@ import flask_migrate
 import pytest
 from sqlalchemy import text
 
-from gateway import accounts, create_app, secrets
+from gateway import create_app, secrets
+from gateway.core import accounts
+from gateway.core.models import ApiToken, User, utcnow
 from gateway.extensions import db
-from gateway.models import ApiToken, User, utcnow
 
 PASSWORD = "plain-mlflow-password-0123456789"
 # the migration that encrypts, and the one before it (later ones may follow)

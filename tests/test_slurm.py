@@ -21,8 +21,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gateway.adapters.slurm import JobInfo, SlurmError, from_config, parse_sacct
-from gateway.adapters.slurm.cli import Batch, CliScheduler
-from gateway.adapters.slurm.library import PyslurmScheduler
+from gateway.adapters.slurm.cli_scheduler import Batch, CliScheduler
+from gateway.adapters.slurm.pyslurm_scheduler import PyslurmScheduler
 
 UTC = timezone.utc
 REPO = Path(__file__).resolve().parent.parent
@@ -151,6 +151,18 @@ def test_missing_binary_is_a_slurm_error():
     assert err.value.cmd[0] == "/nonexistent/sacct"
 
 
+def test_each_failed_command_is_told_to_the_counter_passed_in(tmp_path):
+    failed = []
+    _fake_bin(tmp_path, "squeue", "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1")
+    with pytest.raises(SlurmError, match="cannot run sacct"):
+        CliScheduler(bin_dir="/nonexistent", on_error=failed.append).statuses(["1"])
+    with pytest.raises(SlurmError, match="Unable to contact"):
+        CliScheduler(bin_dir=tmp_path, on_error=failed.append).queue()
+    assert failed == ["sacct", "squeue"]
+    assert from_config({"SLURM_ADAPTER": "cli"}, on_error=failed.append).batch.on_error == failed.append
+    CliScheduler(bin_dir="/nonexistent").batch.on_error("sacct")  # nothing passed in: nothing counted, no error
+
+
 def test_command_timeout_is_a_slurm_error(tmp_path):
     _fake_bin(tmp_path, "sacct", "sleep 10")
     t0 = time.monotonic()
@@ -227,7 +239,7 @@ def test_unknown_adapter_names_the_choices():
 
 def test_importing_the_adapter_does_not_import_pyslurm():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, gateway.adapters.slurm.cli; print('pyslurm' in sys.modules)"],
+        [sys.executable, "-c", "import sys, gateway.adapters.slurm.cli_scheduler; print('pyslurm' in sys.modules)"],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
 
@@ -368,6 +380,31 @@ def test_pyslurm_submit_find_and_cancel(monkeypatch, tmp_path):
     assert calls[-1] == ("cancel", 21)
     with pytest.raises(SlurmError, match="Invalid job id"):
         sched.cancel("13")
+
+
+def test_pyslurm_has_the_queue_and_the_recent_jobs_of_the_interface(monkeypatch):
+    t0 = int(datetime(2026, 11, 27, 3, 0, tzinfo=UTC).timestamp())
+    calls = []
+    live = [types.SimpleNamespace(id=31, name="m2d-3", state="PENDING", state_reason="Priority", run_time=0,
+                                  nodelist=None, priority=9),
+            types.SimpleNamespace(id=30, name="m2d-2", state="RUNNING", state_reason="None", run_time=3725,
+                                  nodelist="gpu01", priority=5),
+            types.SimpleNamespace(id=32, name="other", state="RUNNING", state_reason="None", run_time=90061,
+                                  nodelist="gpu02", priority=1)]
+    monkeypatch.setitem(sys.modules, "pyslurm", _fake_pyslurm([
+        _db_job(20, "COMPLETED", 0, 0, t0, t0 + 65, name="m2d-1", nodelist="gpu01"),
+        _db_job(21, "FAILED", 3, 0, t0, t0 + 2, name="m2d-2"),
+        _db_job(22, "COMPLETED", name="other"),
+    ], calls, live_jobs=live))
+    sched = from_config({"SLURM_ADAPTER": "pyslurm"})
+    queue = sched.queue("m2d-")
+    assert [(e.job_id, e.state, e.reason, e.elapsed, e.nodelist, e.priority) for e in queue] == [
+        ("30", "RUNNING", "None", "01:02:05", "gpu01", 5), ("31", "PENDING", "Priority", "00:00:00", "", 9)]
+    assert [e.elapsed for e in sched.queue()] == ["01:02:05", "00:00:00", "1-01:01:01"]
+    recent = sched.recent("m2d-")
+    assert [(r.job_id, r.state, r.exit_code) for r in recent] == [("21", "FAILED", "3:0"), ("20", "COMPLETED", "0:0")]
+    assert (recent[1].start, recent[1].end, recent[1].nodelist) == ("2026-11-27T03:00:00", "2026-11-27T03:01:05", "gpu01")
+    assert calls[-1][0] == "db.Jobs.load" and "start_time" in calls[-1][1]
 
 
 # ================================================================ the real cluster

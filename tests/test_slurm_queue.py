@@ -2,7 +2,8 @@
 queue position on a submission's page (no Slurm needed)."""
 import pytest
 
-from gateway.adapters.slurm.cli import parse_sacct_records, parse_squeue, queue_position
+from gateway.adapters.slurm import queue_position
+from gateway.adapters.slurm.cli_scheduler import parse_sacct_records, parse_squeue
 
 SQUEUE = """\
 41|m2d-7|RUNNING|None|1:02|vm|4294901700
@@ -41,3 +42,27 @@ def test_sacct_records_newest_first():
     assert [r.job_id for r in records] == ["12", "9"]
     assert records[0].state == "CANCELLED by 0" and records[0].exit_code == "0:15"
     assert records[1].start == "2026-12-01T10:00:00" and records[1].nodelist == "vm"
+
+
+def test_a_submission_page_asks_squeue_once_per_queue_view_period(local_app, monkeypatch):
+    """The live submission page polls every few seconds per viewer: squeue runs
+    once per QUEUE_VIEW_SECONDS for them all (per process), not once per view."""
+    from gateway.core import scheduling
+
+    asked, now = [], [1000.0]
+
+    class Scheduler:
+        def queue(self):
+            asked.append(now[0])
+            return parse_squeue(SQUEUE)
+
+    monkeypatch.setattr(scheduling, "scheduler", lambda: Scheduler())
+    monkeypatch.setattr(scheduling.time, "monotonic", lambda: now[0])
+    with local_app.app_context():
+        assert [e.job_id for e in scheduling.queue_view()] == ["41", "42", "43", "44"]
+        now[0] += scheduling.QUEUE_VIEW_SECONDS - 1
+        scheduling.queue_view()
+        assert asked == [1000.0]
+        now[0] += 2
+        scheduling.queue_view()
+        assert len(asked) == 2

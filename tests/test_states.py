@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.templating import MAIL_DIR
+from gateway.core.templating import MAIL_DIR
 from m2d.contract.states import EMAIL_FOR, TERMINAL, TRANSITIONS, IllegalTransition, Status, check
 
 

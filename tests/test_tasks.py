@@ -12,13 +12,14 @@ import flask_migrate
 import pytest
 from werkzeug.datastructures import FileStorage
 
-from gateway import accounts, create_app, intake, lifecycle
+from gateway import create_app
 from gateway.adapters.apptainer import ImageBuilder
-from gateway.adapters.slurm.cli import CliScheduler
+from gateway.adapters.slurm.cli_scheduler import CliScheduler
 from gateway.config import from_environment
+from gateway.core import accounts, intake, lifecycle, workflow
+from gateway.core.models import Email, Submission
+from gateway.core.storage import SubmissionFiles
 from gateway.extensions import db
-from gateway.models import Email, Submission
-from gateway.storage import SubmissionFiles
 from jobs import mail, tasks
 from m2d.contract.states import Status
 
@@ -59,7 +60,7 @@ def test_retried_prepare_after_a_crash_finds_its_job_instead_of_submitting_again
     submission.status = "building"
     db.session.commit()
     image = ImageBuilder.from_config(isolated_app.config).ensure((SubmissionFiles(sid).code / "requirements.txt").read_text())
-    first = tasks._submit(sid, SubmissionFiles(sid), image, dry_run=True)  # the dry run goes first
+    first = workflow._submit(sid, SubmissionFiles(sid), image, dry_run=True)  # the dry run goes first
 
     tasks.prepare(sid)  # the retry
     db.session.expire_all()
@@ -81,7 +82,7 @@ def _real_job_sbatched_then_the_worker_died(app, sid):
     assert lifecycle.advance(sid, Status.DRY_RUN_PASSED, Status.QUEUED)  # the claim
     files = SubmissionFiles(sid)
     image = ImageBuilder.from_config(app.config).ensure((files.code / "requirements.txt").read_text())
-    return tasks._submit(sid, files, image)
+    return workflow._submit(sid, files, image)
 
 
 def _slurm_state(job_id):

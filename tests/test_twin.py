@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import accounts, create_app, lifecycle
+from gateway import create_app
 from gateway.config import ConfigError
+from gateway.core import accounts, lifecycle, workflow
+from gateway.core.models import Submission, utcnow
 from gateway.extensions import db
-from gateway.models import Submission, utcnow
-from jobs import tasks
 from m2d.contract import sample_data, twin
 
 
@@ -143,12 +143,12 @@ def _submission():
 def test_a_submission_records_the_dataset_version_it_first_ran_on_and_keeps_it(local_app, tmp_path):
     local_app.config.update(DATASET_VERSION="2026-03", TWIN_DIR=str(tmp_path / "twins"))
     submission = _submission()
-    assert tasks._dataset_version(submission) == "2026-03"
-    assert tasks._twin("2026-03") == tmp_path / "twins" / "2026-03"
+    assert workflow._dataset_version(submission) == "2026-03"
+    assert workflow._twin("2026-03") == tmp_path / "twins" / "2026-03"
     assert sample_data.is_complete(tmp_path / "twins" / "2026-03")  # made on first use
     local_app.config["DATASET_VERSION"] = "2026-04"  # the admins moved on between its dry run and real run
     db.session.expire_all()
-    assert tasks._dataset_version(db.session.get(Submission, submission.id)) == "2026-03"
+    assert workflow._dataset_version(db.session.get(Submission, submission.id)) == "2026-03"
     assert db.session.get(Submission, submission.id).to_dict()["dataset_version"] == "2026-03"
 
 
@@ -191,4 +191,4 @@ def test_where_the_gateway_may_not_read_the_dataset_it_uses_the_twin_the_admins_
         raise PermissionError(13, "Permission denied", str(Path(root) / sample_data.CASE_CSV))
 
     monkeypatch.setattr(sample_data, "counts", refused)
-    assert tasks._twin("5") == made and _files(made) == before  # used as it is, not made again
+    assert workflow._twin("5") == made and _files(made) == before  # used as it is, not made again

@@ -7,11 +7,11 @@ import zipfile
 
 import pytest
 
-from m2d.contract.validation import Checked, Limits, Refusal, check_upload_size, check_zip, normalise_requirements, unpack
+from m2d.contract.validation import Checked, Refusal, UploadLimits, check_upload_size, check_zip, normalise_requirements, unpack
 from tests.helpers import zips
 
 
-def refusal(path, limits=Limits()) -> Refusal:
+def refusal(path, limits=UploadLimits()) -> Refusal:
     with pytest.raises(Refusal) as caught:
         check_zip(path, limits)
     return caught.value
@@ -94,7 +94,7 @@ def test_oversized_zip_is_refused_before_it_is_read(tmp_path):
 
 def test_padded_zip_over_a_configured_limit_is_too_large(tmp_path):
     path = zips.make_padded_zip(tmp_path / "s.zip", 2 * 1024**2)
-    assert refusal(path, Limits(max_zip_bytes=1024**2)).code == "too_large"
+    assert refusal(path, UploadLimits(max_zip_bytes=1024**2)).code == "too_large"
 
 
 def test_too_many_files_is_refused(tmp_path):
@@ -367,7 +367,7 @@ def test_python_version_file_picks_the_python(tmp_path, text, python):
 
 def test_without_python_version_the_default_python(tmp_path):
     assert check_zip(zips.make_valid_zip(tmp_path / "s.zip")).python == "3.11"
-    assert check_zip(zips.make_valid_zip(tmp_path / "s.zip"), Limits(default_python="3.13")).python == "3.13"
+    assert check_zip(zips.make_valid_zip(tmp_path / "s.zip"), UploadLimits(default_python="3.13")).python == "3.13"
 
 
 def test_unsupported_python_is_refused_with_the_supported_list(tmp_path):
@@ -375,7 +375,7 @@ def test_unsupported_python_is_refused_with_the_supported_list(tmp_path):
     refused = refusal(path)
     assert refused.code == "unsupported_python"
     assert "Python 3.8" in refused.message and "Supported versions: 3.9, 3.11, 3.13" in refused.message
-    assert check_zip(path, Limits(pythons=("3.8", "3.11"))).python == "3.8"  # the supported set is a setting
+    assert check_zip(path, UploadLimits(pythons=("3.8", "3.11"))).python == "3.8"  # the supported set is a setting
 
 
 @pytest.mark.parametrize("text", ["", "# nothing\n", "pypy3.9", "system", "3"])

@@ -1,4 +1,4 @@
-"""The model cache admins fill for jobs without network (gateway/weights.py)."""
+"""The model cache admins fill for jobs without network (gateway/core/weights.py)."""
 import pytest
 
 

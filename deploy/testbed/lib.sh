@@ -22,11 +22,75 @@ log() {
 die() { log "ERROR: $*"; exit 1; }
 require_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
 
-# set_testbed_dir [DIR]: resolve and export TESTBED_DIR
+# set_testbed_dir [DIR]: resolve and export TESTBED_DIR, and the testbed's
+# settings (testbed_settings)
 set_testbed_dir() {
   TESTBED_DIR="$(realpath -m "${1:-${M2D_TESTBED_DIR:-/opt/testbed}}")"
   export TESTBED_DIR
+  testbed_settings
 }
+
+# The testbed's settings, in one place.  The environment wins; else what up.sh
+# last used for this folder (TESTBED_DIR/testbed.env, written by up.sh, so
+# that down.sh and each part's script see the same cluster); else the default.
+#   M2D_TESTBED_NODES   compute nodes: 2 or more is a cluster (each node a
+#                       slurmd in a network and UTS namespace of its own, on a
+#                       private bridge: nodes.sh); 1 is the single-node mode
+#                       (slurmd on this host, for small machines)
+#   M2D_TESTBED_BRIDGE  the nodes' bridge (also the prefix of their
+#                       namespaces, NAME-node1...), M2D_TESTBED_SUBNET its /24
+#                       (first three octets): this host .1, node I .(10+I)
+#   M2D_REDIS_PORT M2D_MLFLOW_PORT M2D_SMTP_PORT  the gateway host's services
+#   M2D_MLFLOW_PROXY_PORTS  ports the nodes may reach beside MLflow's, for the
+#                       fault tests' MLflow proxies (tests/helpers/stack.py)
+#   SLURM_CLUSTER_NAME SLURMCTLD_PORT SLURMD_PORT SLURMDBD_PORT MYSQL_PORT
+#   SLURM_FIRST_JOB_ID  a second testbed on the same machine starts its job ids
+#                       elsewhere: the credential claims (/run/m2d-credentials,
+#                       accounts.sh) are named by job id alone
+#   SLURM_LINK_ETC      1: /etc/slurm/slurm.conf points at this testbed's
+#   M2D_SLURM_WRAPPER   where accounts.sh installs deploy/libexec/m2d-slurm
+#   M2D_SUDOERS_FILE    where accounts.sh writes the sudo rules
+# A second testbed beside a running one (development) sets them all apart,
+# e.g. deploy/testbed/second.env.
+TESTBED_SETTINGS=(M2D_TESTBED_NODES M2D_TESTBED_BRIDGE M2D_TESTBED_SUBNET M2D_REDIS_PORT
+  M2D_MLFLOW_PORT M2D_SMTP_PORT M2D_MLFLOW_PROXY_PORTS SLURM_CLUSTER_NAME SLURMCTLD_PORT SLURMD_PORT
+  SLURMDBD_PORT MYSQL_PORT SLURM_FIRST_JOB_ID SLURM_LINK_ETC M2D_SLURM_WRAPPER M2D_SUDOERS_FILE)
+testbed_settings() {
+  local name saved=$TESTBED_DIR/testbed.env line
+  if [ -r "$saved" ]; then
+    while IFS='=' read -r name line; do   # NAME=VALUE lines, no shell
+      case "$name" in ''|'#'*) continue ;; esac
+      [[ " ${TESTBED_SETTINGS[*]} " == *" $name "* ]] || continue
+      [ -n "${!name+set}" ] || printf -v "$name" '%s' "$line"
+    done < "$saved"
+  fi
+  # a testbed made before this setting existed is a single-node one until
+  # it is remade (down.sh, then up.sh with M2D_TESTBED_NODES=2)
+  if [ -z "${M2D_TESTBED_NODES:-}" ] && [ ! -e "$saved" ] && [ -e "$TESTBED_DIR/slurm/etc/slurm.conf" ]; then
+    M2D_TESTBED_NODES=1
+  fi
+  : "${M2D_TESTBED_NODES:=2}" "${M2D_TESTBED_BRIDGE:=m2d-br0}" "${M2D_TESTBED_SUBNET:=10.77.0}"
+  : "${M2D_REDIS_PORT:=6380}" "${M2D_MLFLOW_PORT:=5001}" "${M2D_SMTP_PORT:=8025}"
+  : "${M2D_MLFLOW_PROXY_PORTS:=15100-15199}"
+  : "${SLURM_CLUSTER_NAME:=testbed}" "${SLURMCTLD_PORT:=6817}" "${SLURMD_PORT:=6818}"
+  : "${SLURMDBD_PORT:=6819}" "${MYSQL_PORT:=3307}" "${SLURM_FIRST_JOB_ID:=1}" "${SLURM_LINK_ETC:=1}"
+  : "${M2D_SLURM_WRAPPER:=/usr/local/libexec/m2d/m2d-slurm}" "${M2D_SUDOERS_FILE:=/etc/sudoers.d/m2d}"
+  for name in "${TESTBED_SETTINGS[@]}"; do export "${name?}"; done
+  case "$M2D_TESTBED_NODES" in [1-9]|[1-9][0-9]) ;; *) die "M2D_TESTBED_NODES must be 1 to 99, not '$M2D_TESTBED_NODES'" ;; esac
+  GATEWAY_ADDR=$M2D_TESTBED_SUBNET.1   # this host on the nodes' bridge
+}
+# save_testbed_settings: what this run used, for the next script on this folder
+save_testbed_settings() {
+  local name
+  for name in "${TESTBED_SETTINGS[@]}"; do printf '%s=%s\n' "$name" "${!name}"; done \
+    | put_file "$TESTBED_DIR/testbed.env"
+}
+# multi_node: is this testbed a cluster of namespaced nodes?
+multi_node() { [ "$M2D_TESTBED_NODES" -ge 2 ]; }
+# node_names: node1 node2 ...; node_netns NODE; node_addr NODE
+node_names() { local i; for ((i = 1; i <= M2D_TESTBED_NODES; i++)); do echo "node$i"; done; }
+node_netns() { echo "$M2D_TESTBED_BRIDGE-$1"; }
+node_addr() { echo "$M2D_TESTBED_SUBNET.$((10 + ${1#node}))"; }
 
 # retry WHAT CMD...: run a download (apt-get, debootstrap, pip) up to
 # M2D_DOWNLOAD_TRIES times (3), M2D_DOWNLOAD_PAUSE seconds apart (15): a mirror

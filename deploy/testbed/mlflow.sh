@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # mlflow.sh start|stop|install [TESTBED_DIR] -- the MLflow tracking server that jobs
-# log metrics to, on 127.0.0.1:5001, with basic auth: users see only their
+# log metrics to, on port M2D_MLFLOW_PORT (5001; all addresses when there
+# are compute nodes, else 127.0.0.1), with basic auth: users see only their
 # own experiments (default_permission = NO_PERMISSIONS).  Artifacts are not
 # served (privacy: models leave only through the export folder).
 #
@@ -16,9 +17,12 @@ set_testbed_dir "${1:-}"
 DIR=$TESTBED_DIR/mlflow
 # 3.18.0 needs an mlflow-skinny release that was never published
 MLFLOW_VERSION=3.17.2
+PORT=$M2D_MLFLOW_PORT   # lib.sh
+URL=http://127.0.0.1:$PORT
+# the compute nodes reach it by this host's address on their bridge (nodes.sh
+# lets them reach this port alone), the gateway on the loopback
 HOST=127.0.0.1
-PORT=5001
-URL=http://$HOST:$PORT
+! multi_node || HOST=0.0.0.0
 PIDFILE=$DIR/mlflow.pid
 LOGFILE=$DIR/mlflow.log
 VENV=$DIR/venv
@@ -69,6 +73,12 @@ start() {
   ADMIN_PASSWORD=$(secret_file "$TESTBED_DIR/secrets/mlflow-admin-password")
   install_mlflow
   write_auth_ini
+  # started for the other mode (nodes or none): on the address this one needs
+  if pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB" >/dev/null \
+     && ! pid_alive "$PIDFILE" "$EXE_GLOB" "* --host $HOST *" >/dev/null; then
+    log "mlflow listens on another address than $HOST: restarting it"
+    stop
+  fi
   if pid=$(pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB"); then
     log "mlflow already running (pid $pid)"
   else

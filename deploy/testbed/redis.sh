@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # redis.sh start|stop [TESTBED_DIR] -- the testbed's own Redis for the rq
-# queues, on 127.0.0.1:6380, with a password.  Whoever can write to the
+# queues, on 127.0.0.1:M2D_REDIS_PORT (6380), with a password.  Whoever can write to the
 # queues hands work to the root-run workers, so it never shares the
 # machine's Redis (often an unauthenticated one on 6379, which is left
 # alone).  It runs as the `redis` system user (Debian's package makes it) and
@@ -13,7 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ACTION=${1:-}; shift || true
 set_testbed_dir "${1:-}"
 DIR=$TESTBED_DIR/redis
-PORT=6380
+PORT=$M2D_REDIS_PORT   # lib.sh
 CONF=$DIR/redis.conf
 PIDFILE=$DIR/redis.pid
 RUN_AS=redis

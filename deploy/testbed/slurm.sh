@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# slurm.sh start|stop [TESTBED_DIR] -- a private single-node Slurm cluster with
-# job accounting (munged + MariaDB + slurmdbd + slurmctld + slurmd) on a
-# Debian 12 machine without systemd.  One node with one fake GPU, partition
-# `debug`; `sacct` works.  State, configs and logs live in TESTBED_DIR/slurm.
+# slurm.sh start|stop [TESTBED_DIR] -- a private Slurm cluster with job
+# accounting (munged + MariaDB + slurmdbd + slurmctld + slurmds) on a Debian
+# 12 machine without systemd.  M2D_TESTBED_NODES (lib.sh) compute nodes,
+# node1..nodeN, each a slurmd in network and UTS namespaces of its own
+# (nodes.sh makes the network), or with M2D_TESTBED_NODES=1 this host as the
+# one node; each node has one fake GPU; partition `debug` has them all;
+# `sacct` works.  State, configs and logs live in TESTBED_DIR/slurm.
 #
 # start is idempotent: daemons that are already running (by our PID files)
 # are left alone.  stop stops only the daemons that start started.
@@ -11,35 +14,44 @@
 # daemon alone, for the fault tests (tests/test_slurm_faults.py): jobs keep
 # running on slurmd, slurmctld recovers its state at start, slurmdbd's records
 # are spooled by slurmctld meanwhile.  start-daemon waits until it answers.
+# slurm.sh power-off|power-on NODE [TESTBED_DIR] -- a namespaced node's power
+# cut and its return (tests/test_node_failure.py).
 #
-# env knobs: SLURM_CLUSTER_NAME (testbed), SLURMCTLD_PORT SLURMD_PORT
-#   SLURMDBD_PORT MYSQL_PORT (6817 6818 6819 3307: 3307 because a system
-#   MariaDB may already own 3306), SLURM_WAIT_S (120), SLURM_LINK_ETC (1:
-#   symlink /etc/slurm/slurm.conf so plain sbatch/sacct work without
-#   SLURM_CONF), M2D_JOB_USER (m2d-job: gets an association in testacct),
-#   M2D_USER (m2d: the gateway, coordinator of the parent account),
-#   M2D_SLURM_PARENT_ACCOUNT (m2d: parent of the researchers' m2d-<user>
-#   accounts), M2D_SLURM_QOS (m2d: their QOS), SLURM_USAGE_RESET (MONTHLY:
-#   when fair-share usage and GPU-minute budgets start again).
+# Settings (lib.sh's testbed_settings): SLURM_CLUSTER_NAME, SLURMCTLD_PORT
+#   SLURMD_PORT SLURMDBD_PORT MYSQL_PORT (6817 6818 6819 3307: 3307 because a
+#   system MariaDB may already own 3306), SLURM_FIRST_JOB_ID, SLURM_LINK_ETC
+#   (1: symlink /etc/slurm/slurm.conf so plain sbatch/sacct work without
+#   SLURM_CONF).  env: SLURM_WAIT_S (120), M2D_JOB_USER (m2d-job: gets an
+#   association in testacct), M2D_USER (m2d: the gateway, coordinator of the
+#   parent account), M2D_SLURM_PARENT_ACCOUNT (m2d: parent of the
+#   researchers' m2d-<user> accounts), M2D_SLURM_QOS (m2d: their QOS),
+#   SLURM_USAGE_RESET (MONTHLY: when fair-share usage and GPU-minute budgets
+#   start again).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ACTION=${1:-}; shift || true
 DAEMON=
-case "$ACTION" in *-daemon) DAEMON=${1:-}; shift || true ;; esac
+case "$ACTION" in *-daemon|power-*) DAEMON=${1:-}; shift || true ;; esac
 set_testbed_dir "${1:-}"
 DIR=$TESTBED_DIR/slurm
-CLUSTER=${SLURM_CLUSTER_NAME:-testbed}
-CTLD_PORT=${SLURMCTLD_PORT:-6817}
-SLURMD_PORT=${SLURMD_PORT:-6818}
-DBD_PORT=${SLURMDBD_PORT:-6819}
-MYSQL_PORT=${MYSQL_PORT:-3307}
+CLUSTER=$SLURM_CLUSTER_NAME   # these from lib.sh's testbed_settings
+CTLD_PORT=$SLURMCTLD_PORT
+DBD_PORT=$SLURMDBD_PORT
 WAIT_S=${SLURM_WAIT_S:-120}
 JOB_USER=${M2D_JOB_USER:-m2d-job}   # made by accounts.sh
 GW_USER=${M2D_USER:-m2d}            # made by accounts.sh
 PARENT_ACCOUNT=${M2D_SLURM_PARENT_ACCOUNT:-m2d}
 QOS=${M2D_SLURM_QOS:-m2d}
 USAGE_RESET=${SLURM_USAGE_RESET:-MONTHLY}
-NODE=$(hostname -s)
+HOST=$(hostname -s)
+# the compute nodes: this host itself (single-node mode), or node1..nodeN,
+# each a slurmd in namespaces of its own (nodes.sh), reaching slurmctld at
+# this host's address on the bridge
+if multi_node; then
+  NODES=$(node_names | tr '\n' ' '); CTLD_ADDR=$GATEWAY_ADDR
+else
+  NODES=$HOST; CTLD_ADDR=127.0.0.1
+fi
 MUNGE_SOCK=$DIR/munge/run/munge.socket.2
 MYSQL_SOCK=$DIR/mysql/mysqld.sock
 export SLURM_CONF=$DIR/etc/slurm.conf
@@ -52,7 +64,10 @@ declare -A EXE=(
   [slurmd]='@(slurmd|slurmd-wlm)'
 )
 pidfile() { echo "$DIR/pids/$1.pid"; }
-running() { pid_alive "$(pidfile "$1")" "${EXE[$1]}" >/dev/null; }
+exe_of() { echo "${EXE[${1%%-*}]}"; }   # slurmd-node1 is a slurmd
+running() { pid_alive "$(pidfile "$1")" "$(exe_of "$1")" >/dev/null; }
+# slurmd_of NODE: the daemon's name here (its pid file, log)
+slurmd_of() { if multi_node; then echo "slurmd-$1"; else echo slurmd; fi; }
 # daemon NAME CMD...: start one daemon in the background, logging to log/NAME.out
 daemon() {
   local name=$1; shift
@@ -64,7 +79,7 @@ need_free_port() {
   local port
   case "$1" in
     mariadbd) port=$MYSQL_PORT ;; slurmdbd) port=$DBD_PORT ;;
-    slurmctld) port=$CTLD_PORT ;; slurmd) port=$SLURMD_PORT ;; *) return 0 ;;
+    slurmctld) port=$CTLD_PORT ;; slurmd) port=$SLURMD_PORT ;; *) return 0 ;;  # (a node's slurmd: its own namespace)
   esac
   ! port_busy "$port" || die "port $port (for $1) is already in use by another process"
 }
@@ -87,12 +102,30 @@ write_configs() {
     for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
     print v["CPUs"], v["Boards"], v["SocketsPerBoard"], v["CoresPerSocket"], v["ThreadsPerCore"], v["RealMemory"] }')
   mem=$(( mem > 2048 ? mem - 1024 : mem ))
+  # Namespaced nodes share this machine: each advertises all of its cores
+  # (slurmd -C sees them all, and fewer would pin every node's jobs to the same
+  # first cores) and a share of its memory, so the nodes' jobs together stay
+  # within it.  Single-node mode: all of it, as before.
+  local nodes_n=1 node_lines="" gres_lines="" node_partitions="" node ctld_name=$HOST per_node="" slurmd_timeout=300
+  if multi_node; then
+    nodes_n=$M2D_TESTBED_NODES per_node=-%n slurmd_timeout=30
+    mem=$((mem / nodes_n))
+    for node in $NODES; do
+      node_lines+="NodeName=$node NodeAddr=$(node_addr "$node") CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:1 State=UNKNOWN"$'\n'
+      gres_lines+="NodeName=$node Name=gpu Type=fake File=$DIR/dev/nvidia0"$'\n'
+      # a partition per node too, so a test can send its jobs to one node (M2D_SLURM_PARTITION)
+      node_partitions+="PartitionName=$node Nodes=$node MaxTime=INFINITE State=UP"$'\n'
+    done
+  else
+    node_lines="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:1 State=UNKNOWN"$'\n'
+    gres_lines="NodeName=$HOST Name=gpu Type=fake File=$DIR/dev/nvidia0"$'\n'
+  fi
 
   FILE_CHANGED=0
   put_file "$DIR/etc/slurm.conf" <<EOF
 # generated by deploy/testbed/slurm.sh
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$ctld_name($CTLD_ADDR)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
@@ -101,11 +134,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCK
 StateSaveLocation=$DIR/state/slurmctld
-SlurmdSpoolDir=$DIR/state/slurmd
+SlurmdSpoolDir=$DIR/state/slurmd$per_node
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd$per_node.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd$per_node.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # Jobs are sealed in cgroups (cgroup.conf): memory (RAM + swap) and cores
@@ -154,6 +187,7 @@ PriorityCalcPeriod=1
 JobCompType=jobcomp/none
 GresTypes=gpu
 MinJobAge=300
+FirstJobId=$SLURM_FIRST_JOB_ID
 # Room for a cluster-sized queue (bench/scale.py holds 20,000 jobs): the
 # default 10,000 counts pending, running and recently ended (MinJobAge) jobs
 # together, and sbatch is refused past it.  Only a slurmctld restart reads
@@ -163,12 +197,17 @@ MaxJobCount=50000
 KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=120
-SlurmdTimeout=300
+# a node that stops answering is DOWN after this long, and its jobs end
+# NODE_FAIL (tests/test_node_failure.py stops one): short on the namespaced nodes
+SlurmdTimeout=$slurmd_timeout
+# a job on a node that fails is not started again: the gateway reports
+# NODE_FAIL (the job's export image was on that node's /tmp)
+JobRequeue=0
 Waittime=0
 # start queued batch jobs as soon as resources free up (default delay 3 s)
 SchedulerParameters=batch_sched_delay=0
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:1 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+${node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+${node_partitions%$'\n'}
 EOF
 
   # The fake GPU.  Slurm 22.05 drops a GPU without File= ("Removing file-less
@@ -178,7 +217,7 @@ EOF
   [ "$(readlink "$DIR/dev/nvidia0")" = /dev/null ] || ln -sfn /dev/null "$DIR/dev/nvidia0"
   put_file "$DIR/etc/gres.conf" <<EOF
 AutoDetect=off
-NodeName=$NODE Name=gpu Type=fake File=$DIR/dev/nvidia0
+${gres_lines%$'\n'}
 EOF
 
   # Read by slurmd and every slurmstepd (next to slurm.conf).  This VM mounts
@@ -201,7 +240,7 @@ EOF
 # generated by deploy/testbed/slurm.sh
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCK
-DbdHost=$NODE
+DbdHost=$HOST
 DbdAddr=127.0.0.1
 DbdPort=$DBD_PORT
 SlurmUser=root
@@ -218,7 +257,7 @@ EOF
   # put_file rewrites a config only when it changed, so a re-run touches nothing
   CONF_CHANGED=$FILE_CHANGED
 
-  if [ "${SLURM_LINK_ETC:-1}" = 1 ]; then
+  if [ "$SLURM_LINK_ETC" = 1 ]; then
     mkdir -p /etc/slurm
     if [ -L /etc/slurm/slurm.conf ] || [ ! -e /etc/slurm/slurm.conf ]; then
       [ "$(readlink /etc/slurm/slurm.conf)" = "$SLURM_CONF" ] \
@@ -234,6 +273,9 @@ start() {
   apt_install munge mariadb-server slurmctld slurmd slurm-client slurmdbd slurm-wlm-mysql-plugin
 
   mkdir -p "$DIR"/{etc,log,run,pids,state/slurmctld,state/slurmd,munge/run,munge/lib,munge/log,mysql}
+  local node
+  for node in $NODES; do mkdir -p "$DIR/state/slurmd-$node"; done
+  ! multi_node || "$M2D_TESTBED_SRC/nodes.sh" start "$TESTBED_DIR"
   chmod 755 "$DIR" "$DIR"/{etc,log,run,pids,state,munge,mysql}
   chown -R munge:munge "$DIR/munge"
   chmod 700 "$DIR/munge/lib" "$DIR/munge/log"; chmod 755 "$DIR/munge/run"
@@ -331,9 +373,9 @@ EOF
   # the old settings until they end.  Takes a few seconds.
   local want have
   want=$(conf_sha); have=$(cat "$DIR/run/conf.sha" 2>/dev/null || true)
-  if [ "$want" != "$have" ] && { running slurmctld || running slurmd; }; then
+  if [ "$want" != "$have" ] && { running slurmctld || any_slurmd_running; }; then
     log "configuration differs from the one slurmctld/slurmd started with: restarting them"
-    stop_pid slurmd "$(pidfile slurmd)" "${EXE[slurmd]}" '*' 15
+    stop_slurmds
     stop_pid slurmctld "$(pidfile slurmctld)" "${EXE[slurmctld]}" '*' 15
   fi
 
@@ -346,15 +388,8 @@ EOF
     wait_daemon 60 slurmctld scontrol ping
   fi
 
-  # ---- slurmd
-  if running slurmd; then
-    log "slurmd already running (pid $(cat "$(pidfile slurmd)"))"
-  else
-    daemon slurmd slurmd -D -N "$NODE" -f "$SLURM_CONF"
-    log "slurmd started (pid $(cat "$(pidfile slurmd)"))"
-  fi
-
-  wait_node_ready
+  for node in $NODES; do start_slurmd "$node"; done
+  for node in $NODES; do wait_node_ready "$node"; done
   echo "$want" > "$DIR/run/conf.sha"
   log "cluster $CLUSTER ready (SLURM_CONF=$SLURM_CONF)"
 }
@@ -362,14 +397,47 @@ EOF
 # the configuration files slurmctld and slurmd read at start
 conf_sha() { cat "$DIR"/etc/{slurm,cgroup,gres}.conf | sha256sum | cut -c1-64; }
 
-node_state() { timeout 10 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1; }
+# start_slurmd NODE: its slurmd, on a namespaced node in that node's network
+# namespace and a UTS namespace of its own whose hostname is the node's name
+# (Slurm's tools on the node, e.g. `scontrol pidinfo`, find their slurmd by
+# hostname).  nsenter, not `ip netns exec`, which also mounts a /sys of its
+# own and so hides the cgroup mounts (slurmd: "cgroup namespace 'freezer' not
+# mounted").  nsenter, unshare and sh each exec the next: the pid is slurmd's.
+start_slurmd() {
+  local node=$1 name; name=$(slurmd_of "$1")
+  if running "$name"; then
+    log "$name already running (pid $(cat "$(pidfile "$name")"))"
+  elif multi_node; then
+    start_bg "$(pidfile "$name")" "$DIR/log/$name.out" nsenter --net="/run/netns/$(node_netns "$node")" \
+      unshare --uts sh -c 'hostname "$1" && exec slurmd -D -N "$1" -f "$2"' sh "$node" "$SLURM_CONF"
+    # until nsenter, unshare and sh have exec'ed into slurmd, /proc/PID/exe is theirs
+    local pid i; pid=$(cat "$(pidfile "$name")")
+    for ((i = 0; i < 100; i++)); do running "$name" && break; alive "$pid" || break; sleep 0.05; done
+    log "$name started in $(node_netns "$node") (pid $pid)"
+  else
+    daemon slurmd slurmd -D -N "$node" -f "$SLURM_CONF"
+    log "slurmd started (pid $(cat "$(pidfile slurmd)"))"
+  fi
+}
+any_slurmd_running() { local node; for node in $NODES; do running "$(slurmd_of "$node")" && return 0; done; return 1; }
+# every slurmd this folder started, of either mode (a mode change stops the old ones)
+stop_slurmds() {
+  local f name
+  for f in "$DIR"/pids/slurmd.pid "$DIR"/pids/slurmd-*.pid; do
+    [ -e "$f" ] || continue
+    name=$(basename "$f" .pid); stop_pid "$name" "$f" "${EXE[slurmd]}" '*' 15
+  done
+}
 
+node_state() { timeout 10 sinfo -h -n "$1" -o %T 2>/dev/null | head -1; }
+
+# wait_node_ready NODE
 wait_node_ready() {
-  local end=$((SECONDS + WAIT_S)) st
+  local NODE=$1 end=$((SECONDS + WAIT_S)) st name; name=$(slurmd_of "$1")
   while ((SECONDS < end)); do
-    running slurmd || { tail -n 20 "$DIR/log/slurmd.out" >&2; die "slurmd exited; see $DIR/log/"; }
+    running "$name" || { tail -n 20 "$DIR/log/$name.out" >&2; die "$name exited; see $DIR/log/"; }
     running slurmctld || { tail -n 20 "$DIR/log/slurmctld.out" >&2; die "slurmctld exited; see $DIR/log/"; }
-    st=$(node_state)
+    st=$(node_state "$NODE")
     case "$st" in
       idle|mixed|allocated) return 0 ;;
       drain*|down*)  # left over from an earlier run: put it back in service
@@ -378,7 +446,7 @@ wait_node_ready() {
     sleep 0.2
   done
   timeout 10 sinfo -R >&2 || true
-  die "node $NODE not ready after ${WAIT_S}s (state '$(node_state)'); see $DIR/log/"
+  die "node $NODE not ready after ${WAIT_S}s (state '$(node_state "$NODE")'); see $DIR/log/"
 }
 
 stop() {
@@ -397,8 +465,9 @@ stop() {
       done
     fi
   fi
+  stop_slurmds
   local name grace
-  for name in slurmd slurmctld slurmdbd mariadbd munged; do
+  for name in slurmctld slurmdbd mariadbd munged; do
     grace=15; [ $name = mariadbd ] && grace=60
     stop_pid "$name" "$(pidfile "$name")" "${EXE[$name]}" '*' "$grace"
   done
@@ -427,9 +496,38 @@ one_daemon() {
   fi
 }
 
+# A namespaced node's power cut (tests/test_node_failure.py): SIGKILL to its
+# slurmd, to everything in its network namespace, and to everything in the
+# cgroups of the jobs it runs (the containers have network namespaces of
+# their own, their cgroup is the job's); slurmctld finds out the way it would
+# on a site, when the node stops answering (SlurmdTimeout), and its jobs end
+# NODE_FAIL.  power-on starts its slurmd again and waits for the node.
+power() {
+  require_root
+  multi_node || die "power-off/power-on need the namespaced nodes (M2D_TESTBED_NODES >= 2)"
+  [[ " $NODES " == *" $DAEMON "* ]] || die "no node '$DAEMON' (nodes: $NODES)"
+  local node=$DAEMON ns pids job
+  ns=$(node_netns "$node")
+  if [ "$ACTION" = power-on ]; then
+    start_slurmd "$node"
+    wait_node_ready "$node"
+    return 0
+  fi
+  pids=$(ip netns pids "$ns")
+  for job in $(timeout 10 squeue -h -w "$node" -o %A 2>/dev/null); do
+    pids+=" $(cat /sys/fs/cgroup/freezer/slurm_"$node"/uid_*/job_"$job"/{,*/,*/*/}cgroup.procs 2>/dev/null | tr '\n' ' ' || true)"
+  done
+  # shellcheck disable=SC2086
+  [ -z "${pids// }" ] || kill -KILL $pids 2>/dev/null || true
+  rm -f "$(pidfile "$(slurmd_of "$node")")"
+  log "$node powered off (killed: ${pids:-nothing})"
+}
+
 case "$ACTION" in
   start) start ;;
   stop) stop ;;
   stop-daemon|start-daemon) one_daemon ;;
-  *) echo "usage: $0 start|stop [TESTBED_DIR] | stop-daemon|start-daemon slurmctld|slurmdbd [TESTBED_DIR]" >&2; exit 2 ;;
+  power-off|power-on) power ;;
+  *) echo "usage: $0 start|stop [TESTBED_DIR] | stop-daemon|start-daemon slurmctld|slurmdbd [TESTBED_DIR]" \
+       "| power-off|power-on NODE [TESTBED_DIR]" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # smtp.sh start|stop [TESTBED_DIR] -- the SMTP sink (smtp_sink.py) on
-# 127.0.0.1:8025; every message lands as a .eml file in TESTBED_DIR/mail.
+# 127.0.0.1:M2D_SMTP_PORT (8025); every message lands as a .eml file in TESTBED_DIR/mail.
 # Its pid file and log are in TESTBED_DIR/smtp, so the mail folder holds
 # messages only.  The interpreter is $M2D_PYTHON (default python3); it needs
 # aiosmtpd, which is in the project's requirements.txt, so the Makefile
@@ -12,7 +12,7 @@ set_testbed_dir "${1:-}"
 DIR=$TESTBED_DIR/smtp
 MAIL_DIR=$TESTBED_DIR/mail
 HOST=127.0.0.1
-PORT=8025
+PORT=$M2D_SMTP_PORT   # lib.sh
 PYTHON=${M2D_PYTHON:-python3}
 PIDFILE=$DIR/smtp.pid
 LOGFILE=$DIR/smtp.log

@@ -9,7 +9,10 @@
 #
 # env: M2D_TESTBED_DIR (default /opt/testbed; the argument wins),
 #      M2D_PYTHON (python3; needs aiosmtpd, numpy and pillow: the project's
-#      .venv/bin/python).  Stop it all with down.sh.
+#      .venv/bin/python), M2D_TESTBED_NODES (2: two compute nodes, each a
+#      slurmd in namespaces of its own; 1: this host is the one node) and the
+#      other settings in lib.sh's testbed_settings, kept in
+#      TESTBED_DIR/testbed.env for the next run.  Stop it all with down.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 set_testbed_dir "${1:-}"
@@ -17,6 +20,8 @@ PYTHON=${M2D_PYTHON:-python3}
 export M2D_PYTHON=$PYTHON
 require_root
 mkdir -p "$TESTBED_DIR"
+# the settings this folder's cluster is made with (lib.sh), for down.sh and the rest
+save_testbed_settings
 
 TIMINGS=()
 # step NAME CMD...: run one part, timed
@@ -60,7 +65,7 @@ trap stop_bg EXIT
 here=$M2D_TESTBED_SRC
 step_bg mlflow-venv "$here/mlflow.sh" install "$TESTBED_DIR"
 step accounts   "$here/accounts.sh" "$TESTBED_DIR"
-step slurm      "$here/slurm.sh" start "$TESTBED_DIR"
+step slurm      "$here/slurm.sh" start "$TESTBED_DIR"   # (and nodes.sh: the nodes' network)
 step apptainer  "$here/apptainer.sh" "$TESTBED_DIR"
 step_bg base-image "$here/base-image.sh" "$TESTBED_DIR"
 # the other Pythons a .python-version may ask for (bullseye's, trixie's)
@@ -120,12 +125,20 @@ export M2D_BUILD_MKSQUASHFS_ARGS="-comp zstd -Xcompression-level 1"
 export M2D_DATASET_DIR=$TESTBED_DIR/clam
 export M2D_TWIN_DIR=$TESTBED_DIR/twins
 export M2D_MODELS_DIR=$TESTBED_DIR/models
-export M2D_REDIS_URL=redis://:$(cat "$TESTBED_DIR/secrets/redis-password")@127.0.0.1:6380/0
-export M2D_MLFLOW_URL=http://127.0.0.1:5001
+export M2D_REDIS_URL=redis://:$(cat "$TESTBED_DIR/secrets/redis-password")@127.0.0.1:$M2D_REDIS_PORT/0
+export M2D_MLFLOW_URL=http://127.0.0.1:$M2D_MLFLOW_PORT
+$(multi_node && printf '%s\n' \
+  "# the compute nodes reach MLflow by this host's address on their bridge" \
+  "export M2D_MLFLOW_JOB_URL=http://$GATEWAY_ADDR:$M2D_MLFLOW_PORT" \
+  "# node=network namespace, for the tests that look at a node from inside" \
+  "export M2D_TESTBED_NODE_NAMESPACES=$(for n in $(node_names); do printf '%s=%s,' "$n" "$(node_netns "$n")"; done | sed 's/,$//')" \
+  "# the ports the nodes may reach beside MLflow's: the fault tests' MLflow proxies" \
+  "export M2D_TESTBED_MLFLOW_PROXY_PORTS=$M2D_MLFLOW_PROXY_PORTS")
+export M2D_SLURM_WRAPPER=$M2D_SLURM_WRAPPER
 export M2D_MLFLOW_ADMIN_USERNAME=admin
 export M2D_MLFLOW_ADMIN_PASSWORD=$(cat "$TESTBED_DIR/secrets/mlflow-admin-password")
 export M2D_SMTP_HOST=127.0.0.1
-export M2D_SMTP_PORT=8025
+export M2D_SMTP_PORT=$M2D_SMTP_PORT
 export M2D_MAIL_DIR=$TESTBED_DIR/mail
 export M2D_SLURM_PARTITION=debug
 # tests make (and drop) their own databases with this role; SQLite stays the default

@@ -51,18 +51,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from spython.main import get_client
 from spython.main.base.command import init_command
 
 from m2d.contract.validation import normalise_requirements
 
-from ..config import required
-from ..templating import SINGULARITY_DIR, render
 from .index_proxy import IndexProxy, parse_hosts
 
 log = logging.getLogger(__name__)
 
-INSTALL_TEMPLATE = "singularity/install.sh.j2"
+# The files a build puts into the image: run by path, never imported.
+SINGULARITY_DIR = Path(__file__).resolve().parents[2] / "singularity"
+INSTALL_TEMPLATE = "install.sh.j2"
 BYTECODE_SCRIPT = SINGULARITY_DIR / "bytecode.py"
 CA_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -194,11 +195,23 @@ def _cached_digest(path: Path) -> str:
 ENVIRONMENT_RECORD = "/opt/venv/m2d-environment"
 
 
+# install.sh.j2 is shell: every value goes through ``q`` (shell-quoted)
+_scripts = jinja2.Environment(loader=jinja2.FileSystemLoader(SINGULARITY_DIR), undefined=jinja2.StrictUndefined,
+                              autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+_scripts.filters["q"] = lambda value: shlex.quote(str(value))
+
+
+def _required(cfg: Mapping[str, Any], key: str) -> Any:
+    if not cfg.get(key):
+        raise ValueError(f"Set M2D_{key}: {key} has no default (see docs/configuration.md)")
+    return cfg[key]
+
+
 def render_install_script(*, base_digest: str, key: str, python: str, timeout: int,
                           pip: PipSources = PipSources(), uv: bool = False) -> str:
     """The script that installs the requirements (at BUILD_IN_CONTAINER/requirements.txt),
     with uv (bound at UV_IN_BUILD) when ``uv``, else with pip."""
-    return render(INSTALL_TEMPLATE, base_digest=base_digest, key=key, python=python, ca_bundle=CA_IN_IMAGE,
+    return _scripts.get_template(INSTALL_TEMPLATE).render(base_digest=base_digest, key=key, python=python, ca_bundle=CA_IN_IMAGE,
                   timeout=timeout, pip_options=" ".join(shlex.quote(o) for o in pip.options()),
                   cache=PIP_CACHE_IN_BUILD if pip.cache_dir else "", uv=UV_IN_BUILD if uv else "",
                   bytecode=f"{BUILD_IN_CONTAINER}/{BYTECODE_SCRIPT.name}",
@@ -307,7 +320,7 @@ class ImageBuilder:
         pip = PipSources(index_url=cfg["PIP_INDEX_URL"], extra_index_urls=tuple(cfg["PIP_EXTRA_INDEX_URLS"]),
                          find_links=tuple(cfg["PIP_FIND_LINKS"]), constraint=cfg["PIP_CONSTRAINT"],
                          cache_dir=cfg["PIP_CACHE_DIR"])
-        return cls(required(cfg, "IMAGE_DIR"), required(cfg, "BASE_IMAGE"), apptainer=cfg["APPTAINER"],
+        return cls(_required(cfg, "IMAGE_DIR"), _required(cfg, "BASE_IMAGE"), apptainer=cfg["APPTAINER"],
                    bind_ca=cfg["BUILD_BIND_CA"] or None, timeout=cfg["BUILD_TIMEOUT"],
                    default_python=cfg["DEFAULT_PYTHON"], base_images=cfg["BASE_IMAGES"], pip=pip,
                    mksquashfs=cfg["MKSQUASHFS"], mksquashfs_args=cfg["BUILD_MKSQUASHFS_ARGS"], uv=cfg["BUILD_UV"],

@@ -1,7 +1,7 @@
 """The life of a submission, written down once.
 
 Every part of the system (workers, poller, web pages, API, emails) moves a
-submission only along TRANSITIONS; ``gateway.lifecycle.advance`` enforces it.
+submission only along TRANSITIONS; ``gateway.core.lifecycle.advance`` enforces it.
 """
 from enum import Enum
 
@@ -35,7 +35,7 @@ TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.BUILD_FAILED, Stat
 DRY_RUN_ACTIVE = frozenset({Status.DRY_RUN_QUEUED, Status.DRY_RUN_RUNNING})
 
 TRANSITIONS = {
-    # failed: its prepare kept failing before the build began (gateway.alerts)
+    # failed: its prepare kept failing before the build began (gateway.core.alerts)
     Status.RECEIVED: {Status.BUILDING, Status.FAILED, Status.CANCELLED},
     # failed: Slurm refused the job (bad partition, limits), so it never queued
     # queued: dry runs are off (globally or for this researcher); dry_run_queued:

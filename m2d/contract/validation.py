@@ -32,7 +32,7 @@ FLAG_COMPRESSED_PATCH = 0x20
 
 
 @dataclass(frozen=True)
-class Limits:
+class UploadLimits:
     max_zip_bytes: int = 200 * 1024**2
     max_files: int = 2000  # entries in the archive, folders included: each costs a mkdir
     max_uncompressed_bytes: int = 2 * 1024**3
@@ -72,7 +72,7 @@ class Checked:
     python: str = "3.11"  # major.minor, from .python-version or the default
 
 
-def check_upload_size(size: int, limits: Limits = Limits()) -> None:
+def check_upload_size(size: int, limits: UploadLimits = UploadLimits()) -> None:
     if size > limits.max_zip_bytes:
         raise Refusal(
             "too_large",
@@ -82,7 +82,7 @@ def check_upload_size(size: int, limits: Limits = Limits()) -> None:
         )
 
 
-def check_zip(path, limits: Limits = Limits()) -> Checked:
+def check_zip(path, limits: UploadLimits = UploadLimits()) -> Checked:
     check_upload_size(os.path.getsize(path), limits)
     try:
         archive = zipfile.ZipFile(path)
@@ -253,7 +253,7 @@ def _check_paths(entries: list[zipfile.ZipInfo]) -> set[str]:
     return files
 
 
-def _check_sizes(entries: list[zipfile.ZipInfo], limits: Limits) -> int:
+def _check_sizes(entries: list[zipfile.ZipInfo], limits: UploadLimits) -> int:
     """Total uncompressed size, as the central directory declares it."""
     uncompressed = sum(entry.file_size for entry in entries)
     compressed = sum(entry.compress_size for entry in entries)
@@ -335,7 +335,7 @@ PYTHON_VERSION_FILE = ".python-version"
 _PYTHON_VERSION = re.compile(r"(?:c?python[-@]?)?(3)\.(\d+)(?:\.\d+)?", re.IGNORECASE)
 
 
-def parse_python_version(text: str, limits: Limits = Limits()) -> str:
+def parse_python_version(text: str, limits: UploadLimits = UploadLimits()) -> str:
     """The major.minor a .python-version asks for, if a base image has it.
 
     Its first line that is not blank or a comment counts (pyenv may list more;
@@ -359,7 +359,7 @@ def parse_python_version(text: str, limits: Limits = Limits()) -> str:
     return version
 
 
-def _read_python_version(archive: zipfile.ZipFile, limits: Limits) -> str:
+def _read_python_version(archive: zipfile.ZipFile, limits: UploadLimits) -> str:
     entry = next(e for e in archive.infolist() if "/".join(_parts(e.filename)) == PYTHON_VERSION_FILE)
     if entry.file_size > 1024:
         raise Refusal("bad_python_version", f"{PYTHON_VERSION_FILE} is {entry.file_size} bytes; it should "
@@ -375,7 +375,7 @@ def _read_python_version(archive: zipfile.ZipFile, limits: Limits) -> str:
 # --- requirements.txt ------------------------------------------------------------
 
 
-def _read_requirements(archive: zipfile.ZipFile, limits: Limits) -> str:
+def _read_requirements(archive: zipfile.ZipFile, limits: UploadLimits) -> str:
     entry = next(e for e in archive.infolist() if "/".join(_parts(e.filename)) == "requirements.txt")
     if entry.file_size > limits.max_requirements_bytes:
         raise Refusal(

@@ -8,8 +8,8 @@ import shutil
 import time
 from pathlib import Path
 
-from gateway.adapters.slurm.cli import CliScheduler
-from jobs.jobscript import RELAY_SOURCE, JobSpec, log_name, write_job_script
+from gateway.adapters.slurm.cli_scheduler import CliScheduler
+from gateway.core.jobscript import RELAY_SOURCE, JobSpec, log_name, write_job_script
 
 TESTBED = Path(os.environ.get("M2D_TESTBED_DIR", "/opt/testbed"))
 APPTAINER = TESTBED / "apptainer" / "bin" / "apptainer"
@@ -37,7 +37,7 @@ def spec_for(root: Path, **kw) -> JobSpec:
 
 
 def for_the_job(path: Path, mode: int) -> None:
-    """As gateway.storage gives a submission's folders: group of the job account."""
+    """As gateway.core.storage gives a submission's folders: group of the job account."""
     path.mkdir(parents=True, exist_ok=True)
     shutil.chown(path, group=JOB_USER)
     path.chmod(mode)

@@ -18,10 +18,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from gateway import create_app
-from gateway.adapters.slurm.cli import CliScheduler
+from gateway.adapters import slurm
 from gateway.config import from_environment
+from gateway.core.models import AccountEmail, Email, Submission
 from gateway.extensions import db
-from gateway.models import AccountEmail, Email, Submission
 from jobs.mail import message_id
 from m2d.contract.states import Status
 
@@ -109,7 +109,7 @@ def judge(stack, expected: dict[int, str]) -> Verdict:
 
 def _judge_slurm(stack, app, rows, problems):
     prefix = f"{app.config['SLURM_JOB_PREFIX']}-"
-    scheduler = CliScheduler.from_config(app.config)
+    scheduler = slurm.from_config(app.config)
     jobs = {r.job_id: r.name for r in scheduler.recent(prefix)}
     jobs.update({e.job_id: e.name for e in scheduler.queue(prefix)})
     per_name = Counter(jobs.values())

@@ -9,6 +9,7 @@ import email
 import email.policy
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -51,10 +52,21 @@ def wait_for(predicate, timeout, what, interval=0.5):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(within=None):
+    """A port nothing listens on; ``within`` "LOW-HIGH": one of those (free on every address)."""
+    if not within:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    low, high = (int(n) for n in within.split("-"))
+    for port in random.sample(range(low, high + 1), high + 1 - low):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {within}")
 
 
 def zip_folder(folder, dest, extra=None):
@@ -423,16 +435,22 @@ class PrivateStack(Stack):
             "--requirepass", password, "--save", "", "--appendonly", "no",
             "--dir", str(self.services_dir / "redis")], redis_port, self.services_dir / "redis.log")
         mail_dir = self.services_dir / "mail"
-        mlflow_port, mlflow = free_port(), urllib.parse.urlsplit(os.environ["M2D_MLFLOW_URL"])
+        mlflow = urllib.parse.urlsplit(os.environ["M2D_MLFLOW_URL"])
+        # the jobs' relays reach the proxy the way they reach MLflow: on compute nodes
+        # of their own (the testbed's namespaced nodes), by this host's address on a
+        # port the nodes may reach
+        job_host = urllib.parse.urlsplit(os.environ.get("M2D_MLFLOW_JOB_URL") or os.environ["M2D_MLFLOW_URL"]).hostname
+        mlflow_port = free_port(os.environ.get("M2D_TESTBED_MLFLOW_PROXY_PORTS"))
         self.mlflow = Service("mlflow-proxy", [
             sys.executable, str(REPO / "tests" / "helpers" / "tcp_proxy.py"), "--listen", str(mlflow_port),
-            "--to", f"{mlflow.hostname}:{mlflow.port or 80}"], mlflow_port, self.services_dir / "mlflow-proxy.log")
+            "--to", f"{mlflow.hostname}:{mlflow.port or 80}", "--host", "127.0.0.1" if job_host == "127.0.0.1" else ""],
+            mlflow_port, self.services_dir / "mlflow-proxy.log")
         self.smtp = Service("smtp", [sys.executable, str(REPO / "deploy" / "testbed" / "smtp_sink.py"),
                                      "--dir", str(mail_dir), "--host", "127.0.0.1", "--port", str(smtp_port)],
                             smtp_port, self.services_dir / "smtp.log")
         defaults = {"M2D_REDIS_URL": f"redis://:{password}@127.0.0.1:{redis_port}/0",
                     "M2D_SMTP_HOST": "127.0.0.1", "M2D_SMTP_PORT": str(smtp_port), "M2D_MAIL_DIR": str(mail_dir),
-                    "M2D_MLFLOW_JOB_URL": f"http://127.0.0.1:{mlflow_port}",
+                    "M2D_MLFLOW_JOB_URL": f"http://{job_host}:{mlflow_port}",
                     "M2D_SWEEP_AFTER": "5", "M2D_SMTP_TIMEOUT": "10", "M2D_MAIL_CLAIM_SECONDS": "20"}
         super().__init__(**(defaults | settings))
 

@@ -2,7 +2,10 @@
 private stack's jobs (their relays reach MLflow through it, M2D_MLFLOW_JOB_URL)
 while the testbed's shared MLflow server keeps running for everyone else.
 
-    python tests/helpers/tcp_proxy.py --listen PORT --to HOST:PORT
+    python tests/helpers/tcp_proxy.py --listen PORT --to HOST:PORT [--host ADDRESS]
+
+(--host "" listens on every address: the compute nodes reach it by this host's
+address on their bridge, on a port the testbed lets them reach.)
 
 Stopping the process closes every connection through it at once, as a
 server that died would; new ones are refused until it is started again.
@@ -37,9 +40,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", type=int, required=True)
     parser.add_argument("--to", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
     host, _, port = args.to.rpartition(":")
-    listener = socket.create_server(("127.0.0.1", args.listen))
+    listener = socket.create_server((args.host, args.listen))
     while True:
         client, _ = listener.accept()
         threading.Thread(target=serve, args=(client, (host, int(port))), daemon=True).start()

@@ -5,9 +5,9 @@ import re
 
 from flask import g
 
-from gateway import accounts
+from gateway.core import accounts
+from gateway.core.models import ApiToken, utcnow
 from gateway.extensions import db
-from gateway.models import ApiToken, utcnow
 
 PASSWORD = "correct horse battery staple"
 

@@ -1,10 +1,17 @@
 """The Slurm adapter: the only code in the gateway that talks to Slurm.
 
 Two halves behind one interface, as Open OnDemand's ood_core splits its
-adapters: :mod:`.cli` runs Slurm's command-line tools (the default) and
-:mod:`.library` uses pyslurm's API.  Above them, everything works with values:
-job ids and :class:`JobInfo`; every failure is a :class:`SlurmError` carrying
-the command and its stderr.  :func:`from_config` builds the configured one.
+adapters: :mod:`.cli_scheduler` runs Slurm's command-line tools (the default)
+and :mod:`.pyslurm_scheduler` uses pyslurm's API.  Above them, everything works
+with values: job ids, :class:`JobInfo`, :class:`QueueEntry`,
+:class:`AccountingRecord`; every failure is a :class:`SlurmError` carrying the
+command and its stderr.  :func:`from_config` builds the configured one, and is
+the only way callers get one.  :mod:`.accounting` (sacctmgr, sshare, sreport)
+serves both halves; :mod:`.reasons` puts Slurm's reason codes into words.
+
+The package imports only the standard library (pyslurm in its own half): what
+the gateway counts, it passes in (``on_error``, called with the name of each
+command that failed).
 
 Slurm 22.05 facts this package is built around (deploy/testbed/README.md):
 
@@ -23,13 +30,14 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JobInfo", "Scheduler", "SlurmError", "SlurmRefused", "TERMINAL_STATES", "from_config", "parse_sacct"]
+__all__ = ["AccountingRecord", "JobInfo", "QueueEntry", "Scheduler", "SlurmError", "SlurmRefused", "TERMINAL_STATES",
+           "from_config", "parse_sacct", "queue_position"]
 
 # Base job states as sacct prints them.  A job in a terminal state never
 # changes again; every other state may still move on.
@@ -95,6 +103,52 @@ class JobInfo:
     @property
     def finished(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A job slurmctld holds, as squeue shows it (the admins' cluster view,
+    a submission's place in the queue)."""
+    job_id: str
+    name: str
+    state: str
+    reason: str
+    elapsed: str
+    nodelist: str
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class AccountingRecord:
+    """A recent job, as sacct's accounting database records it."""
+    job_id: str
+    name: str
+    state: str
+    exit_code: str
+    elapsed: str
+    start: str
+    end: str
+    nodelist: str
+
+
+def queue_position(entries: Sequence[QueueEntry], job_id: str) -> int | None:
+    """Where ``job_id`` stands among the pending jobs (1: next to start), in
+    the order Slurm starts them: highest priority first, then oldest."""
+    pending = sorted((e for e in entries if e.state == "PENDING"),
+                     key=lambda e: (-e.priority, int(e.job_id)))
+    for position, entry in enumerate(pending, start=1):
+        if entry.job_id == job_id:
+            return position
+    return None
+
+
+# What the gateway counts of the adapter's work: called with the name of each
+# Slurm command (or pyslurm call) that failed or timed out.
+ErrorCounter = Callable[[str], None]
+
+
+def _uncounted(command: str) -> None:
+    pass
 
 
 # ---------------------------------------------------------------- parsing
@@ -233,6 +287,16 @@ class Scheduler(ABC):
         """Cancel a job; cancelling a job that has already ended is not an error."""
 
     @abstractmethod
+    def queue(self, name_prefix: str | None = None) -> list[QueueEntry]:
+        """Every job slurmctld holds (pending, running, just ended), or those
+        whose name starts with ``name_prefix``."""
+
+    @abstractmethod
+    def recent(self, name_prefix: str | None = None, hours: int = 24) -> list[AccountingRecord]:
+        """The accounting database's records of the jobs of the last ``hours``
+        (or those whose name starts with ``name_prefix``), newest first."""
+
+    @abstractmethod
     def ping(self, timeout: float) -> str:
         """Whether slurmctld answers within ``timeout`` seconds: what it said,
         or SlurmError (the gateway's /healthz)."""
@@ -240,13 +304,14 @@ class Scheduler(ABC):
 
 # ---------------------------------------------------------------- factory
 
-def from_config(cfg: Mapping[str, Any]) -> Scheduler:
-    """The scheduler named by ``SLURM_ADAPTER`` ("cli" or "pyslurm")."""
+def from_config(cfg: Mapping[str, Any], on_error: ErrorCounter | None = None) -> Scheduler:
+    """The scheduler named by ``SLURM_ADAPTER`` ("cli" or "pyslurm"); ``on_error``
+    counts each command that failed."""
     name = cfg["SLURM_ADAPTER"]
     if name == "cli":
-        from .cli import CliScheduler
-        return CliScheduler.from_config(cfg)
+        from .cli_scheduler import CliScheduler
+        return CliScheduler.from_config(cfg, on_error)
     if name == "pyslurm":
-        from .library import PyslurmScheduler
-        return PyslurmScheduler.from_config(cfg)
+        from .pyslurm_scheduler import PyslurmScheduler
+        return PyslurmScheduler.from_config(cfg, on_error)
     raise ValueError(f"unknown Slurm adapter {name!r}: choose one of cli, pyslurm")

@@ -33,41 +33,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from . import SACCT_TIME_FORMAT, SlurmError, check_account
-from .cli import Batch
+from . import SACCT_TIME_FORMAT, ErrorCounter, SlurmError, check_account
+from .cli_scheduler import Batch
+from .limits import GPU, AccountLimits
 
 NOTHING_NEW = "Nothing new added"
 SSHARE_FIELDS = ("Account", "User", "RawShares", "NormShares", "RawUsage", "EffectvUsage", "FairShare",
                  "GrpTRESMins", "GrpTRESRaw")
 ASSOC_FIELDS = ("Account", "User", "ParentName", "MaxJobs", "MaxSubmit", "GrpTRESMins", "MaxWall", "QOS")
-GPU = "gres/gpu"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """An account's limits, in the gateway's words; None (or 0 from the
-    configuration) is "no limit"."""
-    max_running: int | None = None  # MaxJobs
-    max_queued: int | None = None  # MaxSubmitJobs: running and waiting together
-    gpu_minutes: int | None = None  # GrpTRESMins=gres/gpu=N, per usage period
-    max_wall: str | None = None  # MaxWall, Slurm's time notation
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> Limits:
-        return cls(max_running=cfg["SLURM_MAX_RUNNING"] or None, max_queued=cfg["SLURM_MAX_QUEUED"] or None,
-                   gpu_minutes=cfg["SLURM_GPU_MINUTES"] or None, max_wall=cfg["SLURM_MAX_WALL"] or None)
-
-    def settings(self) -> list[str]:
-        """sacctmgr's ``set`` words; -1 clears a limit Slurm holds."""
-        def value(v):
-            return -1 if v is None else v
-        return [f"MaxJobs={value(self.max_running)}", f"MaxSubmitJobs={value(self.max_queued)}",
-                f"GrpTRESMins={GPU}={value(self.gpu_minutes)}", f"MaxWall={value(self.max_wall)}"]
-
-    def settings_for_add(self) -> list[str]:
-        """The limits a new account starts with (none given: none held)."""
-        return [word for word, v in zip(self.settings(), (self.max_running, self.max_queued, self.gpu_minutes,
-                                                          self.max_wall)) if v is not None]
 
 
 # Disabling stops an account's jobs from starting and new ones from being
@@ -225,16 +198,16 @@ class SlurmAccounts:
     """
 
     def __init__(self, batch: Batch | None = None, *, parent: str = "m2d", prefix: str = "m2d-",
-                 qos: str = "", job_user: str | None = None, limits: Limits = Limits(),
+                 qos: str = "", job_user: str | None = None, limits: AccountLimits = AccountLimits(),
                  cluster: str = "") -> None:
         self.batch = batch or Batch()
         self.parent, self.prefix, self.qos = check_account(parent), prefix, qos
         self.job_user, self.limits, self.cluster = job_user or None, limits, cluster
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> SlurmAccounts:
-        return cls(parent=cfg["SLURM_PARENT_ACCOUNT"], prefix=cfg["SLURM_ACCOUNT_PREFIX"], qos=cfg["SLURM_QOS"],
-                   job_user=cfg.get("JOB_USER"), limits=Limits.from_config(cfg))
+    def from_config(cls, cfg: Mapping[str, Any], on_error: ErrorCounter | None = None) -> SlurmAccounts:
+        return cls(Batch(on_error=on_error), parent=cfg["SLURM_PARENT_ACCOUNT"], prefix=cfg["SLURM_ACCOUNT_PREFIX"], qos=cfg["SLURM_QOS"],
+                   job_user=cfg.get("JOB_USER"), limits=AccountLimits.from_config(cfg))
 
     def name_for(self, username: str) -> str:
         """The account of the gateway user ``username`` (``m2d-<user>``)."""
@@ -297,7 +270,7 @@ class SlurmAccounts:
             if NOTHING_NEW not in (e.stderr + str(e)):  # made meanwhile by another worker
                 raise
 
-    def set_limits(self, account: str, limits: Limits | None = None) -> None:
+    def set_limits(self, account: str, limits: AccountLimits | None = None) -> None:
         """The account's (and its job user's) limits: the configured ones,
         which also lifts a disable."""
         self._modify(account, (limits or self.limits).settings())

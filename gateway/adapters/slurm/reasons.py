@@ -9,13 +9,8 @@ stays at the end in parentheses, for whoever asks an admin.
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # accounting builds on cli, which uses this module
-    from .accounting import Limits
-
-NO_LIMITS = SimpleNamespace(max_running=None, max_queued=None, gpu_minutes=None, max_wall=None)
+from .limits import AccountLimits
 
 __all__ = ["explain", "refusal", "refusal_code"]
 
@@ -28,28 +23,28 @@ def _limit(n: int | None, unit: str = "") -> str:
     return f"the limit is {n}{unit}" if n is not None else "that is your limit"
 
 
-def _running(limits: Limits, running: int | None) -> str:
+def _running(limits: AccountLimits, running: int | None) -> str:
     return f"waiting: you have {_count(running, 'job', 'jobs')} running, {_limit(limits.max_running)}"
 
 
-def _queued(limits: Limits, running: int | None) -> str:
+def _queued(limits: AccountLimits, running: int | None) -> str:
     return (f"you have {_count(limits.max_queued, 'job', 'jobs') if limits.max_queued else 'as many jobs as you may'}"
             f" running or waiting, {_limit(limits.max_queued)}")
 
 
-def _gpu_minutes(limits: Limits, running: int | None) -> str:
+def _gpu_minutes(limits: AccountLimits, running: int | None) -> str:
     budget = f" of {limits.gpu_minutes} GPU minutes" if limits.gpu_minutes is not None else ""
     return (f"waiting: you have used your budget{budget} for this period; it starts when the budget is "
             "renewed or an admin raises it")
 
 
-def _gpu_run_minutes(limits: Limits, running: int | None) -> str:
+def _gpu_run_minutes(limits: AccountLimits, running: int | None) -> str:
     budget = f" of {limits.gpu_minutes} GPU minutes" if limits.gpu_minutes is not None else ""
     return (f"waiting: your running jobs, with this one, could use more than your budget{budget} for this "
             "period; it starts when one of them ends")
 
 
-def _wall(limits: Limits, running: int | None) -> str:
+def _wall(limits: AccountLimits, running: int | None) -> str:
     most = f" ({limits.max_wall})" if limits.max_wall else ""
     return (f"waiting: its time limit is longer than a job of yours may run{most}; it will not start: cancel it "
             "and ask an admin")
@@ -93,14 +88,14 @@ _WORDS = {
 _DISABLED = {"AssocMaxJobsLimit", "AssocMaxSubmitJobLimit"}
 
 
-def explain(code: str | None, limits: Limits | None = None, running: int | None = None,
+def explain(code: str | None, limits: AccountLimits | None = None, running: int | None = None,
             disabled: bool = False) -> str | None:
     """A pending job's reason code in words; None when Slurm gives none.
 
     ``limits``: the account's (the configured ones); ``running``: how many
     of the researcher's jobs run now; ``disabled``: the account is disabled,
     which Slurm shows as a limit of 0."""
-    limits = limits or NO_LIMITS
+    limits = limits or AccountLimits()
     code = (code or "").strip().strip("()")
     if code in ("", "None"):
         return None
@@ -137,9 +132,9 @@ def refusal_code(stderr: str) -> str | None:
     return ""
 
 
-def refusal(stderr: str, limits: Limits | None = None) -> str:
+def refusal(stderr: str, limits: AccountLimits | None = None) -> str:
     """What a researcher reads when sbatch refused their job for a policy."""
-    limits = limits or NO_LIMITS
+    limits = limits or AccountLimits()
     code = refusal_code(stderr) or ""
     if code == "AssocMaxSubmitJobLimit":
         return f"Slurm refused the job: {_queued(limits, None)} ({code})"
