@@ -25,8 +25,12 @@ JOB_CPUS = 1  # the stacks' SLURM_CPUS (gateway/config.py's default)
 
 def slurm_nodes():
     """[(node, CPUs, GPUs)] of the default partition's nodes, each once."""
-    listing = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%G"], capture_output=True, text=True,
-                             timeout=60, check=True).stdout
+    return parse_sinfo(subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%G"], capture_output=True, text=True,
+                                      timeout=60, check=True).stdout)
+
+
+def parse_sinfo(listing):
+    """``sinfo -h -N -o %N|%c|%G``: a node shows once per partition it is in."""
     nodes = {}
     for line in listing.split():
         name, cpus, gres = line.split("|")
