@@ -39,11 +39,24 @@ stop:
 	deploy/gateway.sh stop $(TESTBED_DIR)
 	deploy/testbed/down.sh $(TESTBED_DIR)
 
+# The suite in two parts (docs/testing.md). First in parallel: pytest-xdist
+# workers, each a session with a private gateway stack, as many as Slurm's job
+# slots make worth it (tests/helpers/workers.py; TEST_WORKERS=N to choose, 0 for
+# none). Then the Slurm fault tests (marker `last`: they stop the shared
+# slurmctld and slurmdbd) alone. Both parts run; either failing fails make.
+# Exit status 5 is "no test selected" (TESTS without fault tests, or only them).
+TEST_WORKERS ?=
 test: testbed
-	set -a && . $(ENV) && set +a && $(PY) -m pytest -q $(TESTS)
+	@set -a && . $(ENV) && set +a && \
+	workers=$(or $(TEST_WORKERS),$$($(PY) -m tests.helpers.workers)) && \
+	echo "make test: $$workers parallel workers, then the Slurm fault tests alone" && \
+	{ $(PY) -m pytest -q -m "not last" -n $$workers --dist loadgroup $(TESTS); parallel=$$?; \
+	  $(PY) -m pytest -q -m last $(TESTS); alone=$$?; \
+	  for status in $$parallel $$alone; do [ $$status = 0 ] || [ $$status = 5 ] || exit $$status; done; }
 
+# two workers: the unit tests are CPU-bound, and most of their time was setup
 unit: venv
-	$(PY) -m pytest -q -m "not integration" $(TESTS)
+	$(PY) -m pytest -q -m "not integration" -n 2 $(TESTS)
 
 lint: venv
 	$(PY) -m ruff check .

@@ -27,10 +27,11 @@ class Postgres:
         conninfo = self.base.set(drivername="postgresql").render_as_string(hide_password=False)
         return psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
 
-    def create(self):
+    def create(self, template=None):
+        """A new database (a copy of ``template``, one of ours, if given); its name."""
         name = f"m2d_test_{uuid.uuid4().hex[:12]}"
         with self._admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         self.created.append(name)
         return name
 

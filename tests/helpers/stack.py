@@ -21,6 +21,7 @@ import time
 import urllib.parse
 import uuid
 import zipfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import requests
@@ -125,6 +126,9 @@ class Stack:
             self.env["M2D_SLURM_EVENTS_TOKEN"] = uuid.uuid4().hex
         self.env.update(settings)
         self.events_conf = events_dir() / f"{self.env['M2D_SLURM_JOB_PREFIX']}.curl" if events else None
+        # the SMTP sink names each message by its UTC arrival (deploy/testbed/smtp_sink.py):
+        # older names are other sessions' mail, never this stack's
+        self.mail_since = (datetime.now(timezone.utc) - timedelta(seconds=5)).strftime("%Y%m%dT%H%M%S.%fZ")
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.procs = {}
@@ -146,7 +150,8 @@ class Stack:
         self._spawn("poller", [py, "-m", "jobs.poller"])
         self.health = "no answer"
         try:
-            wait_for(self._healthy, 90, "the gateway to answer /healthz")
+            # xdist's workers start their stacks at once, on a machine others share: minutes, seen
+            wait_for(self._healthy, 300, "the gateway to answer /healthz")
         except AssertionError as e:
             raise AssertionError(f"{e}; it said: {self.health}") from None
         return self
@@ -311,9 +316,13 @@ class Stack:
 
     # ------------------------------------------------------------------ mail
     def mails(self):
-        """Every message the SMTP sink received, in arrival order."""
-        return [email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-                for path in sorted(Path(self.env["M2D_MAIL_DIR"]).glob("*.eml"))]
+        """Every message the SMTP sink received since this stack began, in
+        arrival order. The testbed's sink is shared by every session (and each
+        xdist worker): a message file never changes once there, so each is read
+        once, and other sessions' older ones not at all."""
+        names = sorted(name for name in os.listdir(self.env["M2D_MAIL_DIR"])
+                       if name.endswith(".eml") and name >= self.mail_since)
+        return [_mail(Path(self.env["M2D_MAIL_DIR"]) / name) for name in names]
 
     def mails_to(self, address):
         """Messages the SMTP sink received for ``address``, in arrival order."""
@@ -361,6 +370,16 @@ class Researcher:
 
     def me(self):
         return self.api("GET", "/me").json()
+
+
+_parsed_mails = {}
+
+
+def _mail(path):
+    """The message in ``path``, parsed once (the sink writes each file whole, once)."""
+    if path not in _parsed_mails:
+        _parsed_mails[path] = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    return _parsed_mails[path]
 
 
 def _children(pid):

@@ -1,0 +1,20 @@
+"""make test's worker count (tests/helpers/workers.py): from Slurm's nodes, each
+counted once whatever partitions it is in, bounded by cores and memory."""
+from .helpers.workers import parse_sinfo, workers
+
+GIB = 1024**3
+
+
+def test_each_node_counts_once_with_its_cpus_and_gpus():
+    listing = ("node1|2|gpu:fake:1\nnode2|2|gpu:fake:1\nnode1|2|gpu:fake:1\nnode2|2|gpu:fake:1\n"
+               "big|8|gpu:a100:2(S:0),gpu:v100:1\ncpu|4|(null)\n")
+    assert parse_sinfo(listing) == [("node1", 2, 1), ("node2", 2, 1), ("big", 8, 3), ("cpu", 4, 0)]
+
+
+def test_two_workers_per_cpu_slot_within_the_cores_and_the_memory():
+    one_node, two_nodes = [("vm", 2, 1)], [("node1", 2, 1), ("node2", 2, 1)]
+    assert workers(one_node, cores=2, memory=16 * GIB) == 4
+    assert workers(two_nodes, cores=2, memory=16 * GIB) == 6  # three per core
+    assert workers(two_nodes, cores=8, memory=16 * GIB) == 8
+    assert workers(two_nodes, cores=8, memory=6 * GIB) == 3  # 2 GiB a worker
+    assert workers([], cores=2, memory=16 * GIB) == 2  # no Slurm answered: the floor
