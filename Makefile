@@ -45,10 +45,13 @@ stop:
 # none). Then the Slurm fault tests (marker `last`: they stop the shared
 # slurmctld and slurmdbd) alone. Both parts run; either failing fails make.
 # Exit status 5 is "no test selected" (TESTS without fault tests, or only them).
-TEST_WORKERS ?=
+# TEST_WORKERS: 0 (the default) runs one stack; `auto` asks tests/helpers/workers.py.
+# Parallel stacks are not the default yet: two workers on this 2-core testbed gave
+# failures that each test alone does not (test_web: 5 passed alone), not yet explained.
+TEST_WORKERS ?= 0
 test: testbed
 	@set -a && . $(ENV) && set +a && \
-	workers=$(or $(TEST_WORKERS),$$($(PY) -m tests.helpers.workers)) && \
+	workers=$(TEST_WORKERS) && { [ "$$workers" != auto ] || workers=$$($(PY) -m tests.helpers.workers); } && \
 	echo "make test: $$workers parallel workers, then the Slurm fault tests alone" && \
 	{ $(PY) -m pytest -q -m "not last" -n $$workers --dist loadgroup $(TESTS); parallel=$$?; \
 	  $(PY) -m pytest -q -m last $(TESTS); alone=$$?; \
