@@ -434,6 +434,21 @@ def test_a_lock_file_root_made_does_not_lock_the_gateway_account_out(testbed, im
     assert done.stdout.strip() == "locked", done.stderr
 
 
+def test_folders_root_makes_in_the_store_go_to_its_owner(testbed, image_dir):
+    # A test or an admin's command as root made the store's first lock: the
+    # locks folder was root's 0755 and every later build of the gateway's
+    # account failed with EACCES on a new key's lock file.
+    shutil.chown(image_dir, "m2d", "m2d")
+    with ImageBuilder(image_dir, testbed["base"])._lock("r" * 64):
+        pass
+    assert {path.owner() for path in (image_dir / "locks", image_dir / "locks" / f"{'r' * 64}.lock")} == {"m2d"}
+    code = (f"from gateway.adapters.apptainer import ImageBuilder\n"
+            f"with ImageBuilder({str(image_dir)!r}, {str(testbed['base'])!r})._lock({'n' * 64!r}): print('locked')")
+    done = subprocess.run(["setpriv", "--reuid=m2d", "--regid=m2d", "--init-groups", "--", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "locked", done.stderr
+
+
 def test_concurrent_ensure_builds_once(builder):
     start = threading.Barrier(2)
     results, errors = [], []

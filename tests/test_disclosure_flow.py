@@ -190,6 +190,7 @@ def test_a_report_that_names_other_bytes_fails_the_file(people):
 def test_a_report_job_the_site_cannot_make_fails_the_report_with_the_setting_named(on, people):
     from gateway.core import disclosure_job
 
+    on.config["IMAGE_DIR"] = None  # a site without an image folder (the testbed's env names one)
     owner, _ = people
     submission = _ended(owner, {"result.txt": RESULT})
     assert disclosure.owe(submission)

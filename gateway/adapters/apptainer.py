@@ -242,7 +242,18 @@ def _merged_output_command(apptainer: str, shim_dir: Path) -> Path:
             tmp.write_text(script)
             tmp.chmod(0o755)
             os.replace(tmp, shim)
+            _give_to_store_owner(shim_dir, shim_dir.parent)
+            _give_to_store_owner(shim, shim_dir.parent)
     return shim
+
+
+def _give_to_store_owner(path: Path, store: Path) -> None:
+    """What root (an admin's command, a test run as root) makes in the image
+    store goes to the store's owner, the gateway's account: a lock folder or
+    scratch folder left root's would lock the gateway's builds out for good."""
+    if os.geteuid() == 0:
+        owner = store.stat()
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
 
 
 def _spython_client(command: Path):
@@ -397,6 +408,8 @@ class ImageBuilder:
         locks = self.image_dir / "locks"
         locks.mkdir(parents=True, exist_ok=True)
         fd = os.open(locks / f"{key}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+        for made in (locks, locks / f"{key}.lock"):
+            _give_to_store_owner(made, self.image_dir)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
@@ -416,6 +429,7 @@ class ImageBuilder:
 
         scratch = self.image_dir / ".build"
         scratch.mkdir(parents=True, exist_ok=True)
+        _give_to_store_owner(scratch, self.image_dir)
         # We hold this key's lock, so a folder left for it can only be from a
         # build that was killed.
         for stale in scratch.glob(f"{key}-*"):
@@ -466,6 +480,8 @@ class ImageBuilder:
             os.replace(partial, path)
             built = True
             mark_used(path)
+            for made in (path, used_marker(path)):
+                _give_to_store_owner(made, self.image_dir)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise NoSpace(f"no space left in the image folder {self.image_dir}: an administrator frees space",
@@ -642,6 +658,7 @@ def _discard(folder: Path, trash: Path) -> None:
     also removes what an earlier one left (an rq work horse ends with
     os._exit, which does not wait for threads; other processes do)."""
     trash.mkdir(exist_ok=True)
+    _give_to_store_owner(trash, trash.parent)
     try:
         os.replace(folder, trash / folder.name)
     except OSError:
