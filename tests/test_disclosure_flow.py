@@ -15,6 +15,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -324,8 +325,13 @@ def test_the_report_job_runs_on_slurm_and_reaches_the_api(exported, index_root):
     assert any(c["name"] == "identifiers" and c["status"] == "fail" for c in files["predictions.csv"]["checks"])
     assert files["result.txt"]["status"] in ("pass", "review"), files["result.txt"]
     # the report job is Slurm's, named for the submission, and ran as the job account
-    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName,User,State", "-j", report["slurm_job_id"]],
-                           capture_output=True, text=True, timeout=30).stdout.split("\n")[0].split("|")
+    deadline = time.monotonic() + 60
+    while True:  # slurmdbd names a young job's record "allocation" for a while (the adapter's find says more)
+        sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName,User,State", "-j", report["slurm_job_id"]],
+                               capture_output=True, text=True, timeout=30).stdout.split("\n")[0].split("|")
+        if sacct[0] not in ("", "allocation") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert sacct[0].endswith(f"-{submission_id}-disclosure") and sacct[1:] == [JOB_USER, "COMPLETED"], sacct
     # the owner: counts alone, no name, no reason
     counts = owner.api("GET", f"/submissions/{submission_id}/disclosure")

@@ -52,6 +52,21 @@ table inet $TABLE {
 EOF
 }
 
+# A node resolves its own name and the others' as a site's DNS would: sudo on
+# a node (the job's credential hand-over) looks its host name up, and without
+# an answer it warns on stderr and waits for the resolver on every call.
+HOSTS_MARK="# m2d-testbed node"
+hosts_file() {
+  local node kept
+  kept=$(grep -v -- "$HOSTS_MARK" /etc/hosts || true)
+  {
+    printf '%s\n' "$kept"
+    for node in $(node_names); do printf '%s\t%s\t%s\n' "$(node_addr "$node")" "$node" "$HOSTS_MARK"; done
+  } > /etc/hosts.m2d-testbed
+  cat /etc/hosts.m2d-testbed > /etc/hosts  # in place: /etc/hosts may be a bind mount
+  rm -f /etc/hosts.m2d-testbed
+}
+
 start() {
   require_root
   multi_node || { log "single-node mode (M2D_TESTBED_NODES=1): no node network"; return 0; }
@@ -76,6 +91,7 @@ start() {
     ip -n "$ns" link set eth0 up
     log "$node: namespace $ns, $addr"
   done
+  hosts_file
   firewall
   log "nodes reach $GATEWAY_ADDR on ports $SLURMCTLD_PORT (slurmctld), $M2D_MLFLOW_PORT (MLflow), $M2D_MLFLOW_PROXY_PORTS (test proxies) only"
 }
@@ -93,6 +109,10 @@ stop() {
     ip netns del "$ns"   # its veth goes with it
   done
   ! ip link show "$BR" >/dev/null 2>&1 || ip link del "$BR"
+  if grep -q -- "$HOSTS_MARK" /etc/hosts; then
+    grep -v -- "$HOSTS_MARK" /etc/hosts > /etc/hosts.m2d-testbed || true
+    cat /etc/hosts.m2d-testbed > /etc/hosts && rm -f /etc/hosts.m2d-testbed
+  fi
   ! nft list table inet "$TABLE" >/dev/null 2>&1 || nft delete table inet "$TABLE"
 }
 
