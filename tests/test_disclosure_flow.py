@@ -250,6 +250,31 @@ def test_the_review_page_shows_each_files_status_and_reasons(client, people, che
     assert client.get(f"/review/submissions/{checked.id}/disclosure.json").status_code == 403
 
 
+def test_the_report_job_sanitises_models_as_the_release_settings_say(on, people, tmp_path):
+    """RELEASE_SANITISED_MODELS on: the job's checker writes the sanitised copies
+    (--sanitise-bits RELEASE_MANTISSA_BITS); off: none, and nothing else sanitises."""
+    import io
+    import zipfile
+
+    from gateway.core import disclosure_job
+
+    owner, _ = people
+    submission = _ended(owner, {"model.pt": b"weights"})
+    on.config.update(DISCLOSURE_INDEX_DIR=str(tmp_path / "index"), DATASET_DIR=str(tmp_path / "dataset"),
+                     RELEASE_MANTISSA_BITS=5)
+    empty_wheel = io.BytesIO()
+    zipfile.ZipFile(empty_wheel, "w").close()
+    files = SubmissionFiles(submission.id)
+    files.job.mkdir(parents=True, exist_ok=True)
+    for setting, wanted in ((True, "--sanitise-bits 5 \\\n"), (False, None)):
+        on.config["RELEASE_SANITISED_MODELS"] = setting
+        script = disclosure_job._write_job(submission, files, Path("/i.sif"), empty_wheel.getvalue()).read_text()
+        report_line = script[script.index("m2d.disclosure report"):script.index("|| status=$?")]
+        assert ("--sanitise-bits" in report_line) is setting, report_line
+        if wanted:
+            assert wanted in report_line
+
+
 # ---------------------------------------------------------------- the real stack
 
 JOB_USER = os.environ.get("M2D_JOB_USER", "m2d-job")
