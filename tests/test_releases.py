@@ -152,6 +152,19 @@ def test_a_model_file_without_a_sanitised_copy_leaves_as_written_only_where_its_
     assert released_link["leaves"] == "as written" and released_link["sanitised"] is False
 
 
+def test_past_the_reviewers_check_a_model_without_a_copy_still_never_leaves_as_written(
+        tmp_path, local_app, alice, reviewers, monkeypatch):
+    """The copy-out checks again (the report may have been run again between two
+    approvals): with decide's check out of the way, nothing leaves either."""
+    data = zip_bytes(tmp_path, model())
+    unreported = ended_with_report(tmp_path, alice, {"model.pt": data}, sanitised="unreported")
+    monkeypatch.setattr(releases, "refusal", lambda items: None)
+    item = release_all(alice, unreported, reviewers).items[0]
+    assert item.status == "changed" and ReleasedFile.query.count() == 0
+    assert not (airlock.released_dir(unreported.id) / str(item.id)).exists()
+    assert "without a sanitised copy" in provenance.latest(unreported.id, "release_refused")["why"]
+
+
 def test_the_review_page_says_which_bytes_leave_for_each_file(tmp_path, client, local_app, alice, reviewers):
     from .helpers.users import fresh, log_in_session
 
