@@ -289,6 +289,14 @@ def test_the_report_job_leaves_a_resnet18_with_a_dataset_image_in_its_low_bits_o
                                for n in names if released[n].dtype == np.float32])[:image.size]
         assert abs(correlation(kept, image)) < 0.05 and abs(bit_agreement(kept, image) - 0.5) < 0.05
         assert np.allclose(released["fc.weight"], state["fc.weight"].numpy(), rtol=2**-8, atol=0)
+        # the largest change of a weight, per float tensor: in the entry, the largest five in the reason
+        changes = copy["tensor_changes"]
+        assert set(changes) == {n for n in names if not n.endswith("num_batches_tracked")}
+        for name, (absolute, relative) in changes.items():
+            delta = np.abs(released[name].astype(np.float64) - state[name].numpy().astype(np.float64))
+            assert absolute == pytest.approx(float(delta.max())) and 0 < relative <= 2 ** -8 + 1e-12
+        top = max(changes, key=lambda n: changes[n][0])
+        assert f"largest change of a weight: {top} " in check["reason"] and "other tensors changed less" in check["reason"]
 
 
 def test_a_checkpoint_with_a_pickled_os_system_is_reviewed_without_a_copy_and_never_run(
