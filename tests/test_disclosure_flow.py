@@ -251,6 +251,31 @@ def test_the_review_page_shows_each_files_status_and_reasons(client, people, che
     assert client.get(f"/review/submissions/{checked.id}/disclosure.json").status_code == 403
 
 
+def test_the_report_job_sanitises_models_as_the_release_settings_say(on, people, tmp_path):
+    """RELEASE_SANITISED_MODELS on: the job's checker writes the sanitised copies
+    (--sanitise-bits RELEASE_MANTISSA_BITS); off: none, and nothing else sanitises."""
+    import io
+    import zipfile
+
+    from gateway.core import disclosure_job
+
+    owner, _ = people
+    submission = _ended(owner, {"model.pt": b"weights"})
+    on.config.update(DISCLOSURE_INDEX_DIR=str(tmp_path / "index"), DATASET_DIR=str(tmp_path / "dataset"),
+                     RELEASE_MANTISSA_BITS=5)
+    empty_wheel = io.BytesIO()
+    zipfile.ZipFile(empty_wheel, "w").close()
+    files = SubmissionFiles(submission.id)
+    files.job.mkdir(parents=True, exist_ok=True)
+    for setting, wanted in ((True, "--sanitise-bits 5 \\\n"), (False, None)):
+        on.config["RELEASE_SANITISED_MODELS"] = setting
+        script = disclosure_job._write_job(submission, files, Path("/i.sif"), empty_wheel.getvalue()).read_text()
+        report_line = script[script.index("m2d.disclosure report"):script.index("|| status=$?")]
+        assert ("--sanitise-bits" in report_line) is setting, report_line
+        if wanted:
+            assert wanted in report_line
+
+
 # ---------------------------------------------------------------- the real stack
 
 JOB_USER = os.environ.get("M2D_JOB_USER", "m2d-job")
@@ -393,6 +418,75 @@ def test_the_report_comes_from_the_job_not_the_gateway(exported):
         export.chmod(mode & 0o7777)
     assert again["status"] == "done", again
     assert {f["path"]: f["status"] for f in again["files"]} == {f["path"]: f["status"] for f in first["files"]}
+
+
+def test_a_released_model_is_the_report_jobs_sanitised_copy_on_the_stack(reporting_stack, tmp_path):
+    """A job writes model.pt whose low mantissa bits carry a payload; the report job
+    (Slurm, Apptainer) re-saves it; two reviewers approve; the owner downloads the
+    sanitised copy the report names, never the bytes the job wrote."""
+    import base64
+
+    import numpy as np
+    from safetensors.numpy import load as load_safetensors
+
+    from .helpers import checkpoints
+
+    stack = reporting_stack
+    owner = stack.researcher("modeller", dry_run=False)
+    reviewers = []
+    for name in ("rev-dan", "rev-eve"):
+        reviewer = stack.researcher(name)
+        stack.flask("users", "grant-reviewer", reviewer.address)
+        reviewers.append(reviewer)
+    rng = np.random.default_rng(7)
+    weights = {"conv.weight": (rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float32),
+               "fc.bias": rng.standard_normal(10).astype(np.float32)}
+    payload = rng.integers(0, 256, weights["conv.weight"].size, dtype=np.uint8)
+    raw = weights["conv.weight"].reshape(-1).view(np.uint32)
+    weights["conv.weight"] = ((raw & np.uint32(0xFFFFFF00)) | payload).view(np.float32).reshape(32, 16, 3, 3)
+    written = checkpoints.torch_zip(weights, tmp_path / "model.pt").read_bytes()
+    main = ("import base64\nfrom pathlib import Path\n"
+            f"Path('/mnt/export/model.pt').write_bytes(base64.b64decode({base64.b64encode(written).decode()!r}))\n"
+            "print('exported', flush=True)\n")
+    zip_path = zip_folder(SAMPLES / "sleeps", tmp_path / "model.zip", extra={"main.py": main})
+    submission_id = owner.submit(zip_path)
+    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
+    report = wait_for(lambda: (r := reviewers[0].api("GET", f"/submissions/{submission_id}/disclosure").json())
+                      ["status"] in ("done", "failed") and r, 900, "the disclosure report")
+    assert report["status"] == "done", report
+    (entry,) = report["files"]
+    assert entry["path"] == "model.pt" and entry["status"] != "fail", entry
+    sanitise_check = next(c for c in entry["checks"] if c["name"] == "sanitise")
+    assert sanitise_check["status"] == "pass" and "7 mantissa bits" in sanitise_check["reason"], sanitise_check
+    # the report job wrote the copy beside its report, as the job account
+    folder = Path(stack.env["M2D_DATA_DIR"]) / "submissions" / str(submission_id) / "disclosure"
+    (named,) = [f for f in json.loads((folder / "report.json").read_text())["files"] if f["path"] == "model.pt"]
+    copy = named["sanitised"]
+    assert copy["name"] == f"sanitised/{hashlib.sha256(written).hexdigest()}.safetensors"
+    assert pwd.getpwuid((folder / copy["name"]).stat().st_uid).pw_name == JOB_USER
+
+    response = owner.api("POST", f"/submissions/{submission_id}/release-requests",
+                         json={"justification": "the trained model for the paper"})
+    assert response.status_code == 201, response.text
+    request_id = str(response.json()["id"])
+    held = owner.api("GET", f"/submissions/{submission_id}/export/model.pt")
+    assert held.status_code == 404
+    for reviewer in reviewers:
+        stack.flask("releases", "approve", request_id, "--reviewer", reviewer.address, "--path", "model.pt")
+    download = owner.api("GET", f"/submissions/{submission_id}/export/model.pt")
+    assert download.status_code == 200, download.text
+    released = download.content
+    assert released != written
+    assert hashlib.sha256(released).hexdigest() == copy["sha256"] and len(released) == copy["size"]
+    listed = owner.api("GET", f"/submissions/{submission_id}/export").json()["files"]
+    assert [(f["path"], f["sha256"], f["sanitised"]) for f in listed] == [("model.pt", copy["sha256"], True)]
+    tensors = load_safetensors(released)  # plain tensors: the real safetensors package reads them
+    assert {k: (v.shape, v.dtype) for k, v in tensors.items()} == {k: (v.shape, v.dtype) for k, v in weights.items()}
+    low = (tensors["conv.weight"].reshape(-1).view(np.uint32) & np.uint32(0xFF)).astype(np.uint8)
+    assert not low.any() and not np.array_equal(low, payload)
+    chain = owner.api("GET", f"/submissions/{submission_id}/provenance").json()
+    (link,) = [r["payload"] for r in chain["records"] if r["kind"] == "released"]
+    assert link["leaves"] == "sanitised copy" and link["released_sha256"] == copy["sha256"]
 
 
 def test_the_review_page_shows_each_files_status_and_reasons_in_chromium(exported, tmp_path):

@@ -52,7 +52,9 @@ def model(seed=0, noise=0.0, base_seed=None):
 
 def ended_with_report(tmp_path, user, files: dict[str, bytes], sanitised=True):
     """An ended submission whose export holds ``files``, and the report job's
-    output beside it: each model file's sanitise check and sanitised copy."""
+    output beside it: each model file's sanitise check and sanitised copy
+    (``sanitised`` False: a report that did not type it; "unreported": typed a
+    model but neither copied nor checked; "review": the check says it could not be)."""
     submission = lifecycle.create(user, "mine.zip")
     submission.status = Status.COMPLETED.value
     db.session.commit()
@@ -65,7 +67,11 @@ def ended_with_report(tmp_path, user, files: dict[str, bytes], sanitised=True):
         (root / "export" / name).write_bytes(data)
         sha256 = hashlib.sha256(data).hexdigest()
         entry = {"path": name, "size": len(data), "sha256": sha256, "type": "binary", "status": "pass", "checks": []}
-        if name.endswith(".pt") and sanitised:
+        if name.endswith(".pt") and sanitised == "unreported":
+            entry.update(type="pytorch-zip")
+        elif name.endswith(".pt") and sanitised == "review":
+            entry.update(type="pytorch-zip", status="review", checks=[UNSANITISABLE])
+        elif name.endswith(".pt") and sanitised:
             check, copy = sanitise.check_model(root / "export" / name, sha256, report_dir)
             entry.update(type="pytorch-zip", status=check["status"], checks=[check], sanitised=copy)
         elif name.endswith(".csv"):
@@ -73,6 +79,10 @@ def ended_with_report(tmp_path, user, files: dict[str, bytes], sanitised=True):
         entries.append(entry)
     (report_dir / "report.json").write_text(json.dumps({"version": 1, "files": entries}))
     return submission
+
+
+UNSANITISABLE = {"name": "sanitise", "status": "review", "reason": "cannot be re-saved as plain tensors, so it "
+                 "would leave as it is: the pickle names posix.system, which is not a tensor"}
 
 
 def release_all(user, submission, reviewers):
@@ -121,6 +131,67 @@ def test_without_a_sanitised_copy_or_with_the_setting_off_a_model_leaves_as_writ
     item = release_all(alice, other, reviewers).items[0]
     assert (airlock.released_dir(other.id) / str(item.id)).read_bytes() == (
         SubmissionFiles(other.id).export / "model.pt").read_bytes()
+
+
+def test_a_model_file_without_a_sanitised_copy_leaves_as_written_only_where_its_report_says_why(
+        tmp_path, local_app, alice, reviewers):
+    data = zip_bytes(tmp_path, model())
+    unreported = ended_with_report(tmp_path, alice, {"model.pt": data}, sanitised="unreported")
+    request = airlock.request_release(alice, unreported, None, "for the paper")
+    with pytest.raises(airlock.AirlockError) as refused:
+        airlock.decide(request, reviewers[0], "approve")
+    assert refused.value.code == "no_sanitised_copy" and "model.pt" in refused.value.message
+    airlock.decide(request, reviewers[0], "reject", "it would leave with its low bits")  # a rejection needs none
+    assert request.items[0].status == "rejected" and ReleasedFile.query.count() == 0
+
+    reviewed = ended_with_report(tmp_path, alice, {"model.pt": data}, sanitised="review")
+    item = release_all(alice, reviewed, reviewers).items[0]
+    assert item.status == "released"
+    assert (airlock.released_dir(reviewed.id) / str(item.id)).read_bytes() == data
+    released_link = provenance.latest(reviewed.id, "released")
+    assert released_link["leaves"] == "as written" and released_link["sanitised"] is False
+
+
+def test_past_the_reviewers_check_a_model_without_a_copy_still_never_leaves_as_written(
+        tmp_path, local_app, alice, reviewers, monkeypatch):
+    """The copy-out checks again (the report may have been run again between two
+    approvals): with decide's check out of the way, nothing leaves either."""
+    data = zip_bytes(tmp_path, model())
+    unreported = ended_with_report(tmp_path, alice, {"model.pt": data}, sanitised="unreported")
+    monkeypatch.setattr(releases, "refusal", lambda items: None)
+    item = release_all(alice, unreported, reviewers).items[0]
+    assert item.status == "changed" and ReleasedFile.query.count() == 0
+    assert not (airlock.released_dir(unreported.id) / str(item.id)).exists()
+    assert "without a sanitised copy" in provenance.latest(unreported.id, "release_refused")["why"]
+
+
+def test_the_review_page_says_which_bytes_leave_for_each_file(tmp_path, client, local_app, alice, reviewers):
+    from .helpers.users import fresh, log_in_session
+
+    table = b"site,benign,malignant\nA,120,31\n"
+    copied = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model()), "counts.csv": table})
+    unreported = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model(seed=3))},
+                                   sanitised="unreported")
+    reviewed = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model(seed=4))},
+                                 sanitised="review")
+    pages, urls = {}, {}
+    for name, submission in (("copied", copied), ("unreported", unreported), ("reviewed", reviewed)):
+        urls[name] = f"/review/requests/{airlock.request_release(alice, submission, None, 'for the paper').id}"
+        fresh()
+        log_in_session(client, reviewers[0])
+        pages[name] = client.get(urls[name]).get_data(as_text=True)
+    items = {part.split("</code>", 1)[0].rsplit(">", 1)[-1]: part
+             for part in pages["copied"].split('<article class="release-item">')[1:]}
+    model_part, table_part = items["model.pt"], items["counts.csv"]
+    assert 'Leaves as: <strong class="leaves-as">sanitised copy</strong>' in model_part
+    assert "floats rounded to 7 mantissa bits" in model_part
+    assert 'Leaves as: <strong class="leaves-as">as written</strong>' in table_part
+    assert "Cannot leave: a pytorch-zip model file without a sanitised copy" in pages["unreported"]
+    assert 'Leaves as: <strong class="leaves-as">as written</strong>' in pages["reviewed"]
+    assert "could not re-save as plain tensors" in pages["reviewed"] and "posix.system" in pages["reviewed"]
+    local_app.config["RELEASE_SANITISED_MODELS"] = False
+    page = client.get(urls["copied"]).get_data(as_text=True)
+    assert "sanitised copy</strong>" not in page and "RELEASE_SANITISED_MODELS is off" in page
 
 
 def test_a_sanitised_copy_changed_after_the_report_is_never_released(tmp_path, local_app, alice, reviewers):

@@ -5,9 +5,12 @@ The files are the bytes torch.save writes (tests/helpers/checkpoints.py writes
 them with numpy: the zip format and the legacy one); the sanitised copy is read
 back with the real safetensors package."""
 import collections
+import hashlib
+import json
 import pickle
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +202,135 @@ def test_a_tensor_view_past_its_storage_is_refused_before_it_is_read(tmp_path):
             zf.writestr(name, data)
     with pytest.raises(sanitise.Unsanitisable, match="past the end of its storage"):
         sanitise.load(path)
+
+
+# --- in the report job: m2d.disclosure report --sanitise-bits N ---------------------------
+
+
+@pytest.fixture(scope="module")
+def index_dir(dataset_image, tmp_path_factory) -> Path:
+    """The fingerprint index of the same synthetic dataset (the report job's)."""
+    dataset = tmp_path_factory.mktemp("clam-for-index")
+    subprocess.run([sys.executable, str(REPO / "deploy/testbed/make_dataset.py"), str(dataset), "--cases", "2"],
+                   check=True, capture_output=True)
+    out = tmp_path_factory.mktemp("index") / "idx"
+    subprocess.run([sys.executable, "-m", "m2d.disclosure", "index", "--dataset", str(dataset), "--out", str(out)],
+                   check=True, capture_output=True, cwd=REPO)
+    return out
+
+
+def torch_resnet18(image: bytes):
+    """A ResNet-18-shaped state dict made with torch itself (torchvision's names and
+    shapes), the image's bytes in the low 8 mantissa bits of its float32 weights."""
+    import torch
+    torch.manual_seed(0)
+    state = collections.OrderedDict()
+    for name, shape in checkpoints.RESNET18:
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(100, dtype=torch.int64)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            state[name] = torch.randn(shape, dtype=torch.float32) * (2 / fan_in) ** 0.5
+    hidden = hide({k: v.numpy() for k, v in state.items()}, image)
+    return collections.OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in hidden.items())
+
+
+class SystemCall:
+    """A checkpoint's payload: unpickling it calls os.system."""
+
+    def __init__(self, canary: Path):
+        self.canary = canary
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.canary}",))
+
+
+def run_report(index_dir: Path, export: Path, report_dir: Path, *extra: str) -> dict:
+    run = subprocess.run([sys.executable, "-m", "m2d.disclosure", "report", "--index", str(index_dir),
+                          "--export", str(export), "--out", str(report_dir / "report.json"), *extra],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode in (0, 3), run.stderr
+    return {f["path"]: f for f in json.loads((report_dir / "report.json").read_text())["files"]}
+
+
+def test_the_report_job_leaves_a_resnet18_with_a_dataset_image_in_its_low_bits_only_as_a_sanitised_copy(
+        tmp_path, dataset_image, index_dir):
+    import torch
+    image = dataset_image.reshape(-1)
+    state = torch_resnet18(image.tobytes())
+    export, report_dir = tmp_path / "export", tmp_path / "report"
+    export.mkdir()
+    report_dir.mkdir()
+    torch.save(state, export / "model.pt")
+    torch.save(state, export / "legacy.bin", _use_new_zipfile_serialization=False)  # by content, not suffix
+    names = list(state)
+    # what the job wrote gives the image back exactly, as torch loads it
+    written = torch.load(export / "model.pt", weights_only=True)
+    assert np.array_equal(low_byte_payload({k: v.numpy() for k, v in written.items()}, names, image.size), image)
+
+    files = run_report(index_dir, export, report_dir, "--sanitise-bits", "7")
+    for path in ("model.pt", "legacy.bin"):
+        entry = files[path]
+        check = next(c for c in entry["checks"] if c["name"] == "sanitise")
+        assert check["status"] == "pass" and "rounded to 7 mantissa bits" in check["reason"], check
+        copy = entry["sanitised"]
+        assert copy["name"] == f"sanitised/{entry['sha256']}.safetensors" and copy["mantissa_bits"] == 7
+        data = (report_dir / copy["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == copy["sha256"] and len(data) == copy["size"]
+        # plain tensors that safetensors loads: the same names, shapes and dtypes as torch's state dict
+        released = load_file(str(report_dir / copy["name"]))
+        assert {k: (v.shape, v.dtype) for k, v in released.items()} == {
+            k: (tuple(v.shape), v.numpy().dtype) for k, v in state.items()}
+        # the attacker's extraction from the copy: not the image
+        recovered = low_byte_payload(released, names, image.size)
+        assert not np.array_equal(recovered, image) and not recovered.any()
+        kept = np.concatenate([(released[n].reshape(-1).view(np.uint32) >> np.uint32(16)).astype(np.uint8)
+                               for n in names if released[n].dtype == np.float32])[:image.size]
+        assert abs(correlation(kept, image)) < 0.05 and abs(bit_agreement(kept, image) - 0.5) < 0.05
+        assert np.allclose(released["fc.weight"], state["fc.weight"].numpy(), rtol=2**-8, atol=0)
+        # the largest change of a weight, per float tensor: in the entry, the largest five in the reason
+        changes = copy["tensor_changes"]
+        assert set(changes) == {n for n in names if not n.endswith("num_batches_tracked")}
+        for name, (absolute, relative) in changes.items():
+            delta = np.abs(released[name].astype(np.float64) - state[name].numpy().astype(np.float64))
+            assert absolute == pytest.approx(float(delta.max())) and 0 < relative <= 2 ** -8 + 1e-12
+        top = max(changes, key=lambda n: changes[n][0])
+        assert f"largest change of a weight: {top} " in check["reason"] and "other tensors changed less" in check["reason"]
+
+
+def test_a_checkpoint_with_a_pickled_os_system_is_reviewed_without_a_copy_and_never_run(
+        tmp_path, index_dir):
+    import torch
+    canary = tmp_path / "canary"
+    export, report_dir = tmp_path / "export", tmp_path / "report"
+    export.mkdir()
+    report_dir.mkdir()
+    state = collections.OrderedDict((name, torch.zeros(shape)) for name, shape in checkpoints.RESNET18[:3])
+    state["hook"] = SystemCall(canary)
+    torch.save(state, export / "weights.dat")
+    with zipfile.ZipFile(export / "bundle.zip", "w") as bundle:  # a model inside an archive: never re-saved
+        bundle.write(export / "weights.dat", "inner.pt")
+    canary.unlink(missing_ok=True)
+
+    files = run_report(index_dir, export, report_dir, "--sanitise-bits", "7")
+    entry = files["weights.dat"]
+    assert entry["type"] == "pytorch-zip"
+    check = next(c for c in entry["checks"] if c["name"] == "sanitise")
+    assert check["status"] == "review" and "cannot be re-saved as plain tensors" in check["reason"], check
+    assert "posix.system" in check["reason"] or "os.system" in check["reason"], check["reason"]
+    assert entry["status"] != "pass" and "sanitised" not in entry
+    assert not (report_dir / "sanitised" / f"{entry['sha256']}.safetensors").exists()
+    assert not canary.exists()
+    assert "sanitised" not in files["bundle.zip"] and not any(c["name"] == "sanitise"
+                                                              for c in files["bundle.zip"]["checks"])
+
+
+def test_without_sanitise_bits_the_report_makes_no_copy(tmp_path, index_dir):
+    export, report_dir = tmp_path / "export", tmp_path / "report"
+    export.mkdir()
+    report_dir.mkdir()
+    checkpoints.torch_zip(checkpoints.resnet18_state(), export / "model.pt")
+    entry = run_report(index_dir, export, report_dir)["model.pt"]
+    assert "sanitised" not in entry and not any(c["name"] == "sanitise" for c in entry["checks"])
+    assert not (report_dir / "sanitised").exists()

@@ -268,6 +268,8 @@ def decide(request: ReleaseRequest, reviewer: User, decision: str, comment: str 
         raise AirlockError(409, "already_decided", f"Request {request.id} has no pending file to decide.")
     if refused := disclosure.refusal(pending, decision, comment):
         raise AirlockError(*refused)
+    if decision != "reject" and (refused := releases.refusal(pending)):
+        raise AirlockError(*refused)
     needed = current_app.config["RELEASE_APPROVALS"]
     for item in pending:
         if any(r.reviewer_id == reviewer.id for r in item.reviews):
@@ -299,6 +301,12 @@ def _release(item: ReleaseItem) -> None:
     folder.chmod(0o700)  # the gateway's alone: the job account cannot touch a released copy
     target = folder / str(item.id)
     entry = releases.report_entry(submission_id, item.file)
+    plan = releases.leaving(entry)
+    if plan.refused:  # decide refuses first; the report was run again in between
+        item.status = "changed"
+        provenance.record(submission_id, "release_refused", request_id=item.request_id, path=item.file.path,
+                          why=plan.refused)
+        return
     source, name, expected, size = releases.released_source(item, entry)
     try:
         digest = jobfiles.copy_out(submission_id, source, name, target, limit=size)
@@ -324,6 +332,7 @@ def _release(item: ReleaseItem) -> None:
     releases.record(item, digest, target.stat().st_size, entry)
     provenance.record(submission_id, "released", request_id=item.request_id, path=item.file.path,
                       sha256=item.file.sha256, released_sha256=digest, sanitised=source != jobfiles.EXPORT,
+                      leaves=releases.SANITISED if source != jobfiles.EXPORT else releases.AS_WRITTEN,
                       until=item.expires_at,
                       zip_sha256=provenance.latest(submission_id, "upload").get("zip_sha256"),
                       slurm_job_id=job.get("slurm_job_id"), node=job.get("node"),

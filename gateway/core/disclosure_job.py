@@ -10,7 +10,11 @@ gateway serves unpacked read-only beside its batch script. The dataset's
 fingerprint index lives in DISCLOSURE_INDEX_DIR/<dataset version>, which the
 job account reads and the gateway cannot. The report comes back as
 disclosure/report.json, read by gateway.core.jobfiles once sacct says the job ended
-(``poll``); gateway.core.disclosure keeps it.
+(``poll``); gateway.core.disclosure keeps it. With RELEASE_SANITISED_MODELS on,
+the job also writes each model file's sanitised copy (--sanitise-bits
+RELEASE_MANTISSA_BITS) beside it, disclosure/sanitised/: the gateway never
+reads the export to sanitise, the copy comes only from this job
+(gateway.core.releases releases it).
 
     owed --submit (rq, build queue)--> submitted --poll--> done | failed
 """
@@ -128,7 +132,8 @@ def _write_job(submission: Submission, files: SubmissionFiles, image: Path, whee
         dataset_bind=f"{dataset}:/mnt/dataset:ro", index_root_bind=f"{index_root}:{INDEX_ROOT_MOUNT}",
         index_in_container=f"{INDEX_ROOT_MOUNT}/{version}", index_lock=index_root / f".{version}.lock",
         index_bind=f"{index_root / version}:/mnt/index:ro", export_bind=f"{files.export}:/mnt/export:ro",
-        report_dir=report_dir, report_bind=f"{report_dir}:/mnt/report", max_seconds=seconds)
+        report_dir=report_dir, report_bind=f"{report_dir}:/mnt/report", max_seconds=seconds,
+        sanitise_bits=cfg["RELEASE_MANTISSA_BITS"] if cfg["RELEASE_SANITISED_MODELS"] else None)
     path = files.job / SCRIPT_NAME
     tmp = path.with_name(path.name + ".tmp")
     write_private(tmp, text, gid=job_gid())  # sbatch reads it as the job account (group); nobody writes it

@@ -1,9 +1,13 @@
 """What leaves, what each researcher was given, and differencing across releases.
 
-    reviewers release a file -> ``released_source``: a model file leaves as the
-        sanitised copy the report job made on the data side (plain tensors, low
-        mantissa bits rounded away: m2d/disclosure/sanitise.py) when
-        RELEASE_SANITISED_MODELS is on; any other file as the job wrote it
+    reviewers release a file -> ``leaving`` / ``released_source``: a model file
+        leaves as the sanitised copy the report job made on the data side (plain
+        tensors, low mantissa bits rounded away: m2d/disclosure/sanitise.py) when
+        RELEASE_SANITISED_MODELS is on; a model file (by the report's type) without
+        one leaves as written only where the report's `sanitise` check is `review`
+        (reviewers saw why it could not be re-saved), and is refused otherwise;
+        any other file leaves as the job wrote it. The gateway never sanitises
+        anything itself: the copy comes only from the report job
     -> ``record``: a released_file row per researcher, kept for good: the hash of
         what left, the file's report entry, and what later releases are compared with
         (a model's weight sketch, a small table's cells)
@@ -26,6 +30,7 @@ import io
 import json
 import math
 import re
+from dataclasses import dataclass
 
 from flask import current_app
 
@@ -40,24 +45,33 @@ TABLE_SUFFIXES = (".csv", ".tsv")
 SIZE_CLASS = 0.01  # files of a type without a finer comparison: sizes within 1 % are "the same size"
 _SANITISED_NAME = re.compile(r"sanitised/[0-9a-f]{64}\.safetensors")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# the report's types of a model file (m2d/disclosure/report.py's MODEL_TYPES): with
+# RELEASE_SANITISED_MODELS on, each leaves as its sanitised copy or by a reviewed decision
+MODEL_TYPES = frozenset({"pytorch-zip", "pytorch-legacy", "safetensors", "onnx", "hdf5", "keras"})
+SANITISED, AS_WRITTEN = "sanitised copy", "as written"
 
 
 # ------------------------------------------------------------------ the report's entry
 
 def report_entry(submission_id: int, export_file: ExportFile) -> dict | None:
     """The report job's entry for ``export_file`` (same path and sha256), or None."""
+    return report_entries(submission_id).get((export_file.path, export_file.sha256))
+
+
+def report_entries(submission_id: int) -> dict[tuple[str, str], dict]:
+    """{(path, sha256): entry} of the report job's report.json (empty without one)."""
     data = jobfiles.read_head(submission_id, jobfiles.DISCLOSURE, REPORT_NAME, REPORT_MAX_BYTES + 1)
     if not data or len(data) > REPORT_MAX_BYTES:
-        return None
+        return {}
     try:
         files = json.loads(data).get("files")
     except (ValueError, AttributeError):
-        return None
+        return {}
+    found = {}
     for entry in files if isinstance(files, list) else []:
-        if isinstance(entry, dict) and entry.get("path") == export_file.path \
-                and entry.get("sha256") == export_file.sha256:
-            return entry
-    return None
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str):
+            found.setdefault((entry["path"], entry["sha256"]), entry)
+    return found
 
 
 def _sanitised(entry: dict | None) -> dict | None:
@@ -72,12 +86,70 @@ def _sanitised(entry: dict | None) -> dict | None:
 
 # ------------------------------------------------------------------ what leaves
 
+@dataclass(frozen=True)
+class Leaving:
+    """Which bytes leave for a file (``leaves``: SANITISED or AS_WRITTEN) and
+    why; ``refused``: why nothing may leave for it (then ``leaves`` is moot)."""
+    leaves: str
+    why: str
+    refused: str | None = None
+
+    @property
+    def sanitised(self) -> bool:
+        return self.leaves == SANITISED
+
+
+def leaving(entry: dict | None) -> Leaving:
+    """What leaves for a file whose report entry is ``entry`` (None: no report names it)."""
+    if not current_app.config["RELEASE_SANITISED_MODELS"]:
+        return Leaving(AS_WRITTEN, "RELEASE_SANITISED_MODELS is off: every file leaves as the job wrote it")
+    copy = _sanitised(entry)
+    if copy is not None:
+        bits = copy.get("mantissa_bits")
+        return Leaving(SANITISED, "the report job's copy: plain tensors (safetensors, no pickled code), floats "
+                                  f"rounded to {bits if isinstance(bits, int) else '?'} mantissa bits, "
+                                  f"sha256 {copy['sha256']}")
+    kind = entry.get("type") if entry else None
+    if kind not in MODEL_TYPES:
+        return Leaving(AS_WRITTEN, "not a model file by its report" if entry else "no report names it")
+    checks = entry.get("checks") if isinstance(entry.get("checks"), list) else []
+    check = next((c for c in checks if isinstance(c, dict) and c.get("name") == "sanitise"), None)
+    if check is not None and check.get("status") == "review":
+        return Leaving(AS_WRITTEN, f"a {kind} model file the report job could not re-save as plain tensors; "
+                                   f"it leaves as the job wrote it only by the reviewers' decision: "
+                                   f"{str(check.get('reason') or '')[:300]}")
+    return Leaving(AS_WRITTEN, "", refused=(
+        f"a {kind} model file without a sanitised copy, and its report does not say why (no `sanitise` check "
+        "in review): it would leave as written, low bits and pickle included. An admin runs its report "
+        "again (its job re-saves it, RELEASE_SANITISED_MODELS), or reviewers reject it"))
+
+
 def released_source(item: ReleaseItem, entry: dict | None) -> tuple[str, bytes, str, int]:
-    """(jobfiles folder, name, sha256 it must have, its size) of what leaves for ``item``."""
-    copy = _sanitised(entry) if current_app.config["RELEASE_SANITISED_MODELS"] else None
+    """(jobfiles folder, name, sha256 it must have, its size) of what leaves for
+    ``item``; ValueError when nothing may (``leaving``'s refusal)."""
+    plan = leaving(entry)
+    if plan.refused:
+        raise ValueError(plan.refused)
+    copy = _sanitised(entry) if plan.sanitised else None
     if copy is not None:
         return jobfiles.DISCLOSURE, copy["name"].encode(), copy["sha256"], copy["size"]
     return jobfiles.EXPORT, jobfiles.unescape(item.file.path), item.file.sha256, item.file.size
+
+
+def leaving_for(submission_id: int, items) -> dict[int, Leaving]:
+    """{item id: Leaving} of release items of one submission (the review page)."""
+    entries = report_entries(submission_id)
+    return {item.id: leaving(entries.get((item.file.path, item.file.sha256))) for item in items}
+
+
+def refusal(items) -> tuple[int, str, str] | None:
+    """Why the release items may not be approved (status, code, message): a model
+    file that would leave as written without the reviewers having seen why."""
+    for item in items:
+        plan = leaving(report_entry(item.request.submission_id, item.file))
+        if plan.refused:
+            return (409, "no_sanitised_copy", f"'{item.file.path}' is {plan.refused}.")
+    return None
 
 
 def record(item: ReleaseItem, released_sha256: str, released_size: int, entry: dict | None) -> ReleasedFile:

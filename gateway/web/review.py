@@ -6,7 +6,7 @@ comment. The owner's side (the request form, downloads): gateway.web.exports.
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from ..core import airlock, runs
+from ..core import airlock, releases, runs
 from ..core.models import ReleaseRequest
 from ..extensions import db
 
@@ -35,6 +35,7 @@ def show(request_id):
     release = _request_or_404(request_id)
     previews = {item.id: airlock.preview(release.submission_id, item.file) for item in release.items}
     return render_template("review/request.html", release=release, previews=previews,
+                           leaving=releases.leaving_for(release.submission_id, release.items),
                            mlflow=runs.for_submission(release.submission),
                            mine=release.requester_id == current_user.id
                            or release.submission.user_id == current_user.id)

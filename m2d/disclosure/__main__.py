@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--train-count", type=int, help="training cases (default: the index's Split=train count)")
     report.add_argument("--acro-out", help="also write ACRO's results.json shape here (SACRO-Viewer)")
     report.add_argument("--max-seconds", type=float, default=Limits.seconds)
+    report.add_argument("--sanitise-bits", type=int, metavar="N",
+                        help="also re-save each top-level model file as plain tensors, floats rounded to N "
+                             "mantissa bits, into OUT's folder (sanitised/<sha256>.safetensors): the copy that "
+                             "is released in its place (off when not given)")
     args = parser.parse_args(argv)
     try:
         if args.command == "index":
@@ -36,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             if not index_module.build(args.dataset, args.out, jobs=args.jobs):
                 print(f"index: {args.out} is up to date")
             return 0
-        data = make_report(args.index, args.export, args.train_count, replace(Limits(), seconds=args.max_seconds))
+        data = make_report(args.index, args.export, args.train_count, replace(Limits(), seconds=args.max_seconds),
+                           args.sanitise_bits, os.path.dirname(os.path.abspath(args.out)))
         from .report import acro_results, write_json
         write_json(args.out, data)
         if args.acro_out:
@@ -48,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def make_report(index_dir, export, train_count: int | None = None, limits: Limits = Limits()) -> dict:
+def make_report(index_dir, export, train_count: int | None = None, limits: Limits = Limits(),
+                sanitise_bits: int | None = None, report_dir=None) -> dict:
     from .index import Index
     from .report import Checker
-    return Checker(Index.load(index_dir), limits, train_count).run(export)
+    return Checker(Index.load(index_dir), limits, train_count, sanitise_bits=sanitise_bits,
+                   report_dir=report_dir).run(export)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@ dataset-content (whole files and content-defined chunks, also after
 decompression), near-duplicate-image, identifiers, table, model checks, and
 unknown-format for what none of them understands. Archives (zip, npz, tar,
 gzip/bz2/xz, PyTorch's zip, XLSX, Keras) are opened member by member, within
-limits.Limits. A reason never holds dataset content or an identifier value:
+limits.Limits. With ``sanitise_bits`` (``--sanitise-bits N``) each top-level model
+file (by content) is also re-saved as plain tensors, floats rounded to N
+mantissa bits, into the report folder (sanitise.check_model): its entry
+names the copy (``sanitised``) that leaves in its place, and its ``sanitise``
+check says what was done, or is ``review`` with why it cannot be (then the
+file would leave as written). A model inside an archive is never re-saved:
+only top-level files are released as copies. A reason never holds dataset content or an identifier value:
 dataset files are named by number and type, identifiers by kind and place,
 and an export name or header that holds an identifier is shown with it masked.
 """
@@ -32,7 +38,7 @@ import numpy as np
 
 from m2d.contract.names import escape
 
-from . import chunks, images, models, pickles, sniff, tables
+from . import chunks, images, models, pickles, sanitise, sniff, tables
 from .index import Index
 from .limits import Budget, LimitExceeded, Limits
 
@@ -60,6 +66,7 @@ class FileReport:
     type: str = "binary"
     findings: list[Finding] = field(default_factory=list)
     ran: set[str] = field(default_factory=set)
+    sanitised: dict | None = None  # the sanitised copy that leaves in its place (sanitise.check_model)
 
     def add(self, name: str, status: str, reason: str) -> None:
         self.ran.add(name)
@@ -78,8 +85,11 @@ class FileReport:
             reason = "; ".join(reasons[:MAX_REASONS]) + (f"; and {more} more" if more > 0 else "")
             checks.append({"name": name, "status": worst, "reason": reason})
         status = max((c["status"] for c in checks), key=ORDER.get, default="pass")
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "type": self.type,
-                "status": status, "checks": checks}
+        entry = {"path": self.path, "size": self.size, "sha256": self.sha256, "type": self.type,
+                 "status": status, "checks": checks}
+        if self.sanitised is not None:
+            entry["sanitised"] = self.sanitised
+        return entry
 
 
 PASS_REASONS = {
@@ -95,8 +105,12 @@ PASS_REASONS = {
 
 class Checker:
     def __init__(self, index: Index, limits: Limits = Limits(), train_count: int | None = None,
-                 params_per_case: float = PARAMS_PER_CASE):
+                 params_per_case: float = PARAMS_PER_CASE, sanitise_bits: int | None = None,
+                 report_dir: str | os.PathLike | None = None):
+        if sanitise_bits is not None and (report_dir is None or not 1 <= sanitise_bits <= 52):
+            raise ValueError("--sanitise-bits: 1 to 52, and a report folder to write the copies to")
         self.index, self.limits, self.budget = index, limits, Budget(limits)
+        self.sanitise_bits, self.report_dir = sanitise_bits, Path(report_dir) if report_dir else None
         self.train_count = train_count if train_count is not None else int(index.version.get("train_cases") or 0)
         self.params_per_case = params_per_case
         self.row_counts = index.row_counts()
@@ -184,6 +198,8 @@ class Checker:
                 try:
                     report.sha256 = _sha256(data, self.budget.tick)
                     report.type = self._inspect(report, data, "", 0, scanned=False)
+                    if self.sanitise_bits is not None and report.type in MODEL_TYPES:
+                        self._sanitise(report, fd)
                 except LimitExceeded as e:
                     report.add("limits", "fail", f"not fully checked: {e}")
                 except MemoryError:
@@ -193,6 +209,21 @@ class Checker:
         finally:
             os.close(fd)
         return report
+
+    def _sanitise(self, report: FileReport, fd: int) -> None:
+        """The released copy of a model file (the fd opened beneath the export,
+        read again through /proc: no path is followed twice)."""
+        self.budget.tick()
+        try:
+            check, report.sanitised = sanitise.check_model(Path(f"/proc/self/fd/{fd}"), report.sha256,
+                                                           self.report_dir, self.sanitise_bits)
+        except MemoryError:
+            check = {"status": "review", "reason": "cannot be re-saved as plain tensors, so it would leave as it "
+                                                   "is: out of memory"}
+        except Exception as e:  # noqa: BLE001 - a hostile file must not stop the report
+            check = {"status": "review", "reason": "cannot be re-saved as plain tensors, so it would leave as it "
+                                                   f"is: the sanitiser failed on it ({type(e).__name__})"}
+        report.add("sanitise", check["status"], check["reason"])
 
     def _check_name(self, report: FileReport, rel: bytes) -> None:
         found = self.index.identifiers.find_in_text(rel.decode("utf-8", "surrogateescape"))

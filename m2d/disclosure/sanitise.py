@@ -26,7 +26,8 @@ Anything else (another global, a tensor subclass, an unknown format) raises
 ``Unsanitisable``: the report makes the file ``review``.
 
 The summary (JSON, also printed) says what was done: tensors, floats rounded,
-bits removed, the largest absolute and relative change of a weight, what was
+bits removed, the largest absolute and relative change of a weight (overall and per
+tensor: tensor_changes; the largest five in the check's reason), what was
 left out (non-tensor values: strings, numbers), and a sketch of the weights (a
 fixed random projection per tensor) that release differencing compares
 (gateway: a release whose weights differ from an earlier one's by less than
@@ -488,7 +489,8 @@ def sanitise(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTISSA_B
     summary = {"format": loaded.source_format, "mantissa_bits": mantissa_bits, "tensors": len(loaded.tensors),
                "float_values": 0, "integer_values": 0, "bits_total": 0, "bits_removed": 0,
                "max_abs_change": 0.0, "max_rel_change": 0.0, "integer_tensors": [],
-               "left_out": loaded.left_out[:100], "left_out_count": len(loaded.left_out), "sketch": {}}
+               "left_out": loaded.left_out[:100], "left_out_count": len(loaded.left_out), "sketch": {},
+               "tensor_changes": {}}  # per float tensor: [largest absolute, largest relative change]
     for name, tensor in loaded.tensors.items():
         rounded = round_mantissa(tensor, min(mantissa_bits, DTYPES[tensor.dtype][1][0])
                                  if DTYPES[tensor.dtype][1] else mantissa_bits)
@@ -505,12 +507,14 @@ def sanitise(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTISSA_B
         finite = np.isfinite(before) & np.isfinite(after)
         if finite.any():
             change = np.abs(after[finite] - before[finite])
-            summary["max_abs_change"] = max(summary["max_abs_change"], float(change.max()))
+            largest_abs, largest_rel = float(change.max()), 0.0
+            summary["max_abs_change"] = max(summary["max_abs_change"], largest_abs)
             scale = np.abs(before[finite])
             nonzero = scale > 0
             if nonzero.any():
-                summary["max_rel_change"] = max(summary["max_rel_change"],
-                                                float((change[nonzero] / scale[nonzero]).max()))
+                largest_rel = float((change[nonzero] / scale[nonzero]).max())
+                summary["max_rel_change"] = max(summary["max_rel_change"], largest_rel)
+            summary["tensor_changes"][name] = [largest_abs, largest_rel]
         summary["sketch"][name] = {"shape": list(tensor.array.shape), "norm": float(np.linalg.norm(
             np.nan_to_num(after, nan=0.0, posinf=0.0, neginf=0.0))), "projection": sketch(after)}
     summary["fraction_bits_removed"] = summary["bits_removed"] / summary["bits_total"] if summary["bits_total"] else 0
@@ -527,6 +531,7 @@ def sanitise(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTISSA_B
 
 
 MODEL_TYPES = ("pytorch-zip", "pytorch-legacy", "safetensors")  # the report's types this re-saves
+REASON_TENSORS = 5  # tensors named in the sanitise check's reason (a reason is kept up to 2000 characters)
 SANITISED_FOLDER = "sanitised"  # beside report.json: sanitised/<sha256 of the export file>.safetensors
 
 
@@ -550,10 +555,16 @@ def check_model(source: Path, sha256: str, report_dir: Path, mantissa_bits: int 
     sanitised = {"name": name, "sha256": digest, "size": summary["bytes"],
                  **{k: summary[k] for k in ("format", "mantissa_bits", "tensors", "float_values", "max_abs_change",
                                             "max_rel_change", "fraction_bits_removed", "left_out_count",
-                                            "integer_tensors", "sketch")}}
+                                            "integer_tensors", "sketch", "tensor_changes")}}
     reason = (f"released as plain tensors (safetensors), floats rounded to {mantissa_bits} mantissa bits: "
               f"{summary['fraction_bits_removed']:.0%} of its bits removed, no weight changed by more than "
               f"{summary['max_rel_change']:.2%}")
+    moved = sorted(summary["tensor_changes"].items(), key=lambda kv: -kv[1][0])[:REASON_TENSORS]
+    if moved:  # the largest absolute change of a weight, tensor by tensor (all of them: the entry's tensor_changes)
+        reason += "; largest change of a weight: " + ", ".join(
+            f"{name[:60]} {absolute:.3g} ({relative:.2%})" for name, (absolute, relative) in moved)
+        if len(summary["tensor_changes"]) > REASON_TENSORS:
+            reason += f"; {len(summary['tensor_changes']) - REASON_TENSORS} other tensors changed less"
     if summary["left_out_count"]:
         reason += f"; {summary['left_out_count']} values that are not tensors left out"
     return {"name": "sanitise", "status": "pass", "reason": reason}, sanitised
