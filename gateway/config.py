@@ -294,6 +294,17 @@ SETTINGS: tuple[Setting, ...] = (
     S("DISCLOSURE_MEM", str, "4G", "Memory of a report job (Slurm's notation)."),
     S("DISCLOSURE_REPORT_MAX_BYTES", int, 16 * 1024**2, "Largest report (and SACRO results file) the gateway reads "
       "back; a larger one is a failed report."),
+    S("DISCLOSURE_MIA_SECONDS", int, 600, "Seconds a submission's prediction entry point (m2d.toml's [disclosure] "
+      "predict) may take, in its own image, to predict the membership attack's images; past it the membership check "
+      "is `review`. Part of the report job's Slurm time limit."),
+    S("DISCLOSURE_MIA_MAX_IMAGES", int, 500, "Images of each split (train: members, test: non-members) the "
+      "membership attack asks predict about, the same ones every time (chosen by a hash of the image path)."),
+    S("DISCLOSURE_MIA_FAIL_AUC", float, 0.8, "A model file whose loss-threshold membership attack reaches an AUC "
+      "above this fails its `membership` check."),
+    S("DISCLOSURE_MIA_REVIEW_AUC", float, 0.6, "Above this AUC (and up to DISCLOSURE_MIA_FAIL_AUC) the `membership` "
+      "check is `review`; at most this, `pass`."),
+    S("DISCLOSURE_MIA_MIN_CASES", int, 20, "Fewest distinct cases on each side (train, test) for a membership "
+      "attack to count; fewer: `review`, saying so."),
     S("DISCLOSURE_OVERRIDES", int, 2, "Distinct reviewers who must override a `fail` file, each with a written "
       "reason, before it can be released."),
 )

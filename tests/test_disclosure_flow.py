@@ -276,6 +276,54 @@ def test_the_report_job_sanitises_models_as_the_release_settings_say(on, people,
             assert wanted in report_line
 
 
+def test_the_report_job_runs_predict_in_the_submissions_image_only_when_declared(on, people, tmp_path):
+    """m2d.toml declares predict: the job plans in the checker's image, runs predict
+    in the submission's image (code, dataset, export read-only; scratch alone
+    writable; no network; timeout) and hands both to the report step. Without
+    one: no membership step and no check; an image that cannot be had: a review."""
+    import io
+    import zipfile
+
+    from gateway.core import disclosure_job
+
+    owner, _ = people
+    submission = _ended(owner, {"model.pt": b"weights"})
+    on.config.update(DISCLOSURE_INDEX_DIR=str(tmp_path / "index"), DATASET_DIR=str(tmp_path / "dataset"),
+                     DISCLOSURE_MIA_SECONDS=77, DISCLOSURE_MIA_MAX_IMAGES=9, DISCLOSURE_MIA_FAIL_AUC=0.85,
+                     DISCLOSURE_MIA_MIN_CASES=3)
+    empty_wheel = io.BytesIO()
+    zipfile.ZipFile(empty_wheel, "w").close()
+    files = SubmissionFiles(submission.id)
+    files.job.mkdir(parents=True, exist_ok=True)
+    files.code.mkdir(parents=True, exist_ok=True)
+
+    def script(membership):
+        return disclosure_job._write_job(submission, files, Path("/i.sif"), empty_wheel.getvalue(),
+                                         membership).read_text()
+
+    plain = script(None)
+    assert "membership" not in plain and "--mia-" not in plain
+    (files.code / "m2d.toml").write_text('[disclosure]\npredict = "net.model:predict"\n')
+    assert disclosure_job.predict_entry(files) == "net.model:predict"
+    text = script(("net.model:predict", Path("/images/env-abc.sif"), None))
+    step = text[text.index("timeout --kill-after=10 77"):text.index("|| mia_exit=$?")]
+    assert "/images/env-abc.sif" in step and "--entry net.model:predict" in step
+    assert "--containall --cleanenv --no-privs --net --network none" in step
+    for bind in (f"{files.code}:/code:ro", f"{files.export}:/mnt/export:ro", f"{tmp_path / 'dataset'}:/mnt/dataset:ro",
+                 '"$mia_dir/plan:/mnt/plan:ro"', '"$mia_dir/scratch:/mnt/scratch"'):
+        assert f"--bind {bind}" in step, bind
+    assert "/i.sif" not in step.replace("env-abc.sif", "")  # predict never runs in the checker's image
+    assert "membership-plan --dataset /mnt/dataset --max-images 9" in text
+    report_line = text[text.index("m2d.disclosure report"):text.index("|| status=$?")]
+    assert "--membership-plan /mnt/membership/plan/plan.json" in report_line
+    assert "--mia-fail-auc 0.85 --mia-review-auc 0.6" in report_line and "--mia-min-cases 3" in report_line
+    minutes = -(-(on.config["DISCLOSURE_SECONDS"] + 77 + disclosure_job.GRACE_SECONDS) // 60)
+    assert f"#SBATCH --time={minutes}\n" in text  # the checker's, predict's and the grace, in minutes
+    missing = script(("net.model:predict", None, "the submission's image could not be had (BuildError)"))
+    assert "timeout --kill-after" not in missing
+    assert "--membership-error 'the submission'\"'\"'s image could not be had (BuildError)'" in missing
+
+
 # ---------------------------------------------------------------- the real stack
 
 JOB_USER = os.environ.get("M2D_JOB_USER", "m2d-job")

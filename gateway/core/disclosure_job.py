@@ -31,6 +31,8 @@ from pathlib import Path
 from flask import current_app
 from sqlalchemy import update
 
+from m2d.contract.validation import M2D_TOML, Refusal, parse_m2d_toml
+
 from .. import client_wheel, queue
 from ..adapters.apptainer import BuildError, ImageBuilder
 from ..adapters.slurm import JobInfo, Scheduler, SlurmError
@@ -87,9 +89,10 @@ def submit(submission_id: int) -> str | None:
         db.session.commit()
         return None
     files = SubmissionFiles(submission_id)
+    membership = _membership_image(files)
     wheel = client_wheel.build()
     try:
-        script = _write_job(submission, files, image.path, wheel.data)
+        script = _write_job(submission, files, image.path, wheel.data, membership)
     except (ConfigError, ValueError) as e:  # the site's settings: no retry changes them
         disclosure.failed(row, f"the report job could not be written: {e}")
         db.session.commit()
@@ -112,18 +115,50 @@ def submit(submission_id: int) -> str | None:
     return job_id
 
 
-def _write_job(submission: Submission, files: SubmissionFiles, image: Path, wheel: bytes) -> Path:
+def predict_entry(files: SubmissionFiles) -> str | None:
+    """The prediction entry point the submission's m2d.toml declares (checked at
+    upload; read again here, the gateway's own copy of the code), or None."""
+    path = files.code / M2D_TOML
+    if not path.is_file() or path.is_symlink():
+        return None
+    return parse_m2d_toml(path.read_text(encoding="utf-8", errors="replace"))
+
+
+def _membership_image(files: SubmissionFiles) -> tuple[str, Path | None, str | None] | None:
+    """(entry point, the submission's own image, None) when it declares a predict;
+    (entry, None, why not) when that image cannot be had; None without one."""
+    from .workflow import python_of  # (workflow imports the lifecycle that owes reports)
+    try:
+        entry = predict_entry(files)
+    except Refusal as e:  # the rules changed since the upload
+        return "?", None, f"its m2d.toml cannot be used: {e.message}"
+    if entry is None:
+        return None
+    cfg = current_app.config
+    try:  # the image the real job ran in, cached since (rebuilt only if an admin removed it)
+        image = ImageBuilder.from_config(cfg).ensure((files.code / "requirements.txt").read_text(), python_of(files))
+    except (BuildError, ConfigError, ValueError, OSError) as e:
+        return entry, None, f"the submission's image could not be had ({type(e).__name__})"
+    return entry, image.path, None
+
+
+def _write_job(submission: Submission, files: SubmissionFiles, image: Path, wheel: bytes,
+               membership: tuple[str, Path | None, str | None] | None = None) -> Path:
     cfg = current_app.config
     version = submission.dataset_version or cfg["DATASET_VERSION"]
     index_root = Path(required(cfg, "DISCLOSURE_INDEX_DIR"))
     dataset = Path(required(cfg, "DATASET_DIR"))
     report_dir = report_folder(files)
     checker = _unpack(wheel, files.job / "checker")
-    for path in (index_root, dataset, files.export, report_dir, checker, files.logs):
+    for path in (index_root, dataset, files.export, report_dir, checker, files.logs, files.code):
         if not _SAFE_PATH.fullmatch(str(path)):  # apptainer's --bind splits on ":" and ","
             raise ValueError(f"{path}: use letters, digits and _ . / + - only")
+    entry, mia_image, mia_error = membership or (None, None, None)
+    if mia_image is not None and not _SAFE_PATH.fullmatch(str(mia_image)):
+        mia_image, mia_error = None, "the submission's image path cannot be bound"
     seconds = cfg["DISCLOSURE_SECONDS"]
-    minutes = -(-(seconds + GRACE_SECONDS) // 60)
+    mia_seconds = cfg["DISCLOSURE_MIA_SECONDS"] if mia_image else 0
+    minutes = -(-(seconds + mia_seconds + GRACE_SECONDS) // 60)
     text = render(
         TEMPLATE, submission_id=submission.id, job_name=job_name(cfg["SLURM_JOB_PREFIX"], submission.id),
         log_dir=files.logs, time=str(minutes), mem=cfg["DISCLOSURE_MEM"], cpus=cfg["SLURM_CPUS"],
@@ -133,7 +168,11 @@ def _write_job(submission: Submission, files: SubmissionFiles, image: Path, whee
         index_in_container=f"{INDEX_ROOT_MOUNT}/{version}", index_lock=index_root / f".{version}.lock",
         index_bind=f"{index_root / version}:/mnt/index:ro", export_bind=f"{files.export}:/mnt/export:ro",
         report_dir=report_dir, report_bind=f"{report_dir}:/mnt/report", max_seconds=seconds,
-        sanitise_bits=cfg["RELEASE_MANTISSA_BITS"] if cfg["RELEASE_SANITISED_MODELS"] else None)
+        sanitise_bits=cfg["RELEASE_MANTISSA_BITS"] if cfg["RELEASE_SANITISED_MODELS"] else None,
+        membership=mia_image is not None, mia_error=mia_error, mia_entry=entry, mia_image=mia_image,
+        code_bind=f"{files.code}:/code:ro", mia_seconds=mia_seconds, mia_max_images=cfg["DISCLOSURE_MIA_MAX_IMAGES"],
+        mia_fail_auc=cfg["DISCLOSURE_MIA_FAIL_AUC"], mia_review_auc=cfg["DISCLOSURE_MIA_REVIEW_AUC"],
+        mia_min_cases=cfg["DISCLOSURE_MIA_MIN_CASES"])
     path = files.job / SCRIPT_NAME
     tmp = path.with_name(path.name + ".tmp")
     write_private(tmp, text, gid=job_gid())  # sbatch reads it as the job account (group); nobody writes it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import tomllib
 import zipfile
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ class Refusal(Exception):
     Codes: not_a_zip, too_large, too_many_files, absolute_path, parent_path, symlink,
     encrypted, unsupported_compression, duplicate_path, too_big_uncompressed,
     compression_ratio, missing_main, missing_requirements, nested_folder,
-    bad_requirements.
+    bad_requirements, bad_m2d_toml.
     """
 
     def __init__(self, code: str, message: str):
@@ -70,6 +71,7 @@ class Checked:
     uncompressed_bytes: int
     requirements: str  # requirements.txt as text
     python: str = "3.11"  # major.minor, from .python-version or the default
+    predict: str | None = None  # m2d.toml's [disclosure] predict, "module:function"
 
 
 def check_upload_size(size: int, limits: UploadLimits = UploadLimits()) -> None:
@@ -104,8 +106,10 @@ def check_zip(path, limits: UploadLimits = UploadLimits()) -> Checked:
         _check_layout(files)
         requirements = _read_requirements(archive, limits)
         python = _read_python_version(archive, limits) if PYTHON_VERSION_FILE in files else limits.default_python
+        predict = _read_m2d_toml(archive) if M2D_TOML in files else None
     _check_requirements(requirements)
-    return Checked(files=len(files), uncompressed_bytes=uncompressed, requirements=requirements, python=python)
+    return Checked(files=len(files), uncompressed_bytes=uncompressed, requirements=requirements, python=python,
+                   predict=predict)
 
 
 def normalise_requirements(text: str) -> str:
@@ -370,6 +374,63 @@ def _read_python_version(archive: zipfile.ZipFile, limits: UploadLimits) -> str:
         raise Refusal("not_a_zip", f"Your zip is damaged: {PYTHON_VERSION_FILE} cannot be read from it. "
                       "Zip your project again.") from e
     return parse_python_version(text, limits)
+
+
+# --- m2d.toml ------------------------------------------------------------------
+# [disclosure]
+# predict = "main:predict"
+# The prediction entry point the disclosure report's membership inference calls:
+# predict(export_dir, images) -> probabilities of malignant (docs/researchers.md).
+
+M2D_TOML = "m2d.toml"
+MAX_M2D_TOML_BYTES = 16 * 1024
+_M2D_TOML_HOW = ('Write it as:\n[disclosure]\npredict = "main:predict"\n(a module at your zip\'s root, then a '
+                 "colon, then the function's name), or delete m2d.toml.")
+_ENTRY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_m2d_toml(text: str) -> str | None:
+    """m2d.toml's prediction entry point ("module:function"), or None when it
+    declares none. A Refusal names the key that is wrong."""
+    how = _M2D_TOML_HOW
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise Refusal("bad_m2d_toml", f"{M2D_TOML} is not valid TOML ({e}). {how}") from None
+    unknown = sorted(set(data) - {"disclosure"})
+    if unknown:
+        raise Refusal("bad_m2d_toml", f"{M2D_TOML} has the unknown table or key {unknown[0]!r}. {how}")
+    section = data.get("disclosure")
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise Refusal("bad_m2d_toml", f"{M2D_TOML}: 'disclosure' must be a table. {how}")
+    unknown = sorted(set(section) - {"predict"})
+    if unknown:
+        raise Refusal("bad_m2d_toml", f"{M2D_TOML}: [disclosure] has the unknown key {unknown[0]!r}. {how}")
+    entry = section.get("predict")
+    if entry is None:
+        return None
+    if not isinstance(entry, str) or not _ENTRY.fullmatch(entry):
+        raise Refusal("bad_m2d_toml", f"{M2D_TOML}: [disclosure] predict is {str(entry)[:60]!r}, not "
+                      f"'module:function'. {how}")
+    return entry
+
+
+def _read_m2d_toml(archive: zipfile.ZipFile) -> str | None:
+    entry = next(e for e in archive.infolist() if "/".join(_parts(e.filename)) == M2D_TOML)
+    if entry.file_size > MAX_M2D_TOML_BYTES:
+        raise Refusal("bad_m2d_toml", f"{M2D_TOML} is {entry.file_size} bytes; the limit is {MAX_M2D_TOML_BYTES}. "
+                      f"{_M2D_TOML_HOW}")
+    try:
+        raw = archive.read(entry)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise Refusal("not_a_zip", f"Your zip is damaged: {M2D_TOML} cannot be read from it. "
+                      "Zip your project again.") from e
+    try:
+        return parse_m2d_toml(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Refusal("bad_m2d_toml", f"{M2D_TOML} is not UTF-8 text. {_M2D_TOML_HOW}") from None
 
 
 # --- requirements.txt ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""python -m m2d.disclosure index|report: see m2d/disclosure/__init__.py and docs/disclosure.md.
+"""python -m m2d.disclosure index|report|membership-plan|membership: see m2d/disclosure/__init__.py and docs/disclosure.md.
 
 Exit codes: 0 done (report: no file fails); 3 the report was written and some
 file fails; 2 a usage error; 1 the checker broke (no report written).
@@ -34,15 +34,43 @@ def main(argv: list[str] | None = None) -> int:
                         help="also re-save each top-level model file as plain tensors, floats rounded to N "
                              "mantissa bits, into OUT's folder (sanitised/<sha256>.safetensors): the copy that "
                              "is released in its place (off when not given)")
+    report.add_argument("--membership-plan", metavar="PLAN.json",
+                        help="the membership plan (membership-plan): add a membership check to the model files")
+    report.add_argument("--membership", metavar="OUT.json", help="what the membership step's predict wrote")
+    report.add_argument("--membership-exit", default="", help="the membership step's exit code (124: timed out)")
+    report.add_argument("--membership-error", help="why no membership step ran (a review reason)")
+    report.add_argument("--membership-seconds", type=int, help="the membership step's time limit, for the reason")
+    report.add_argument("--mia-fail-auc", type=float, default=0.8)
+    report.add_argument("--mia-review-auc", type=float, default=0.6)
+    report.add_argument("--mia-min-cases", type=int, default=20)
+    plan = commands.add_parser("membership-plan", help="choose the images a membership attack asks predict about")
+    plan.add_argument("--dataset", required=True)
+    plan.add_argument("--max-images", type=int, required=True, help="per split")
+    plan.add_argument("--out", required=True)
+    member = commands.add_parser("membership", help="call the submission's predict on the plan's images "
+                                                    "(runs in the submission's image: standard library only)")
+    member.add_argument("--plan", required=True)
+    member.add_argument("--code", required=True)
+    member.add_argument("--entry", required=True, help="module:function")
+    member.add_argument("--export", required=True)
+    member.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
+        if args.command == "membership":
+            from . import membership
+            return membership.predict(args.plan, args.code, args.entry, args.export, args.out)
+        if args.command == "membership-plan":
+            from . import membership
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(membership.plan(args.dataset, args.max_images), f)
+            return 0
         if args.command == "index":
             from . import index as index_module
             if not index_module.build(args.dataset, args.out, jobs=args.jobs):
                 print(f"index: {args.out} is up to date")
             return 0
         data = make_report(args.index, args.export, args.train_count, replace(Limits(), seconds=args.max_seconds),
-                           args.sanitise_bits, os.path.dirname(os.path.abspath(args.out)))
+                           args.sanitise_bits, os.path.dirname(os.path.abspath(args.out)), _membership(args))
         from .report import acro_results, write_json
         write_json(args.out, data)
         if args.acro_out:
@@ -54,12 +82,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _membership(args) -> tuple[str, str] | None:
+    """The membership check's (status, reason), or None when the submission declares no predict."""
+    from . import membership
+    if args.membership_error:
+        result = {"error": args.membership_error}
+    elif args.membership_plan:
+        exit_code = int(args.membership_exit) if args.membership_exit.strip().lstrip("-").isdigit() else None
+        try:
+            plan = membership.load_plan(args.membership_plan)
+        except (OSError, ValueError) as e:
+            result = {"error": f"its plan (the images to ask about) could not be made ({type(e).__name__})"}
+        else:
+            result = membership.run(plan, membership.read_bounded(args.membership) if args.membership else None,
+                                    exit_code, args.membership_seconds)
+    else:
+        return None
+    return membership.status(result, args.mia_fail_auc, args.mia_review_auc, args.mia_min_cases)
+
+
 def make_report(index_dir, export, train_count: int | None = None, limits: Limits = Limits(),
-                sanitise_bits: int | None = None, report_dir=None) -> dict:
+                sanitise_bits: int | None = None, report_dir=None, membership: tuple[str, str] | None = None) -> dict:
     from .index import Index
     from .report import Checker
     return Checker(Index.load(index_dir), limits, train_count, sanitise_bits=sanitise_bits,
-                   report_dir=report_dir).run(export)
+                   report_dir=report_dir, membership=membership).run(export)
 
 
 if __name__ == "__main__":

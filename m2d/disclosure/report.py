@@ -106,7 +106,8 @@ PASS_REASONS = {
 class Checker:
     def __init__(self, index: Index, limits: Limits = Limits(), train_count: int | None = None,
                  params_per_case: float = PARAMS_PER_CASE, sanitise_bits: int | None = None,
-                 report_dir: str | os.PathLike | None = None):
+                 report_dir: str | os.PathLike | None = None, membership: tuple[str, str] | None = None):
+        self.membership = membership  # the membership check's (status, reason): membership.status
         if sanitise_bits is not None and (report_dir is None or not 1 <= sanitise_bits <= 52):
             raise ValueError("--sanitise-bits: 1 to 52, and a report folder to write the copies to")
         self.index, self.limits, self.budget = index, limits, Budget(limits)
@@ -124,10 +125,22 @@ class Checker:
             self._walk(root, b"", 0, files)
         finally:
             os.close(root)
+        if self.membership is not None:
+            self._membership(files)
         listed = [f.as_dict() for f in sorted(files, key=lambda f: f.path)]
         summary = {s: sum(1 for f in listed if f["status"] == s) for s in ORDER}
         return {"version": VERSION, "index_version": self.index.version["index_version"], "files": listed,
                 "summary": summary}
+
+    def _membership(self, files: list[FileReport]) -> None:
+        """The membership check on each top-level model file (what predict loads),
+        or, with none, on every top-level file: predict loaded its model from the
+        export, whatever its format (a JSON of remembered labels is a model too)."""
+        top = [f for f in files if "/" not in f.path and f.type not in ("folder", "unreadable", "empty")]
+        targets = [f for f in top if f.type in MODEL_TYPES or f.type == "pickle"] or top
+        status, reason = self.membership
+        for f in targets:
+            f.add("membership", status, reason)
 
     def _walk(self, dir_fd: int, prefix: bytes, depth: int, files: list[FileReport]) -> None:
         names = sorted(_names(dir_fd))

@@ -6,6 +6,10 @@ and logs to MLflow: train loss and accuracy per epoch, test AUC, F1, accuracy
 and Cohen's kappa. The trained model goes to /mnt/export/model.tar: MLflow keeps
 no artifacts on the platform, so the export folder is the only way out.
 
+`predict` below is the prediction entry point m2d.toml declares: the disclosure
+report calls it after the job, with the export folder and image paths, to test
+whether the model gives its training cases away (docs/researchers.md).
+
 Plain PyTorch: the ResNet-18 is written out below (same layer names as
 torchvision's, so its ImageNet weights load). It starts from those weights when
 a file resnet18-*.pth is in $TORCH_HOME/hub/checkpoints (jobs cannot download),
@@ -223,6 +227,32 @@ def main():
                 "state_dict": model.state_dict()}, EXPORT / "model.tar")
     (EXPORT / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print("saved", EXPORT / "model.tar")
+
+
+# --- the prediction entry point (m2d.toml) ----------------------------------------
+
+
+@torch.no_grad()
+def predict(export_dir, images):
+    """The saved model's probability of malignant for each image path (m2d.toml's
+    [disclosure] predict): the disclosure report's membership test calls this with
+    the export folder the job wrote and images of both splits. CPU only."""
+    saved = torch.load(Path(export_dir) / "model.tar", map_location="cpu", weights_only=True)
+    width, height = saved["input_size"]
+    model = ResNet18()
+    model.fc = nn.Linear(512, len(saved["classes"]))
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    malignant = saved["classes"].index("malignant")
+    probabilities = []
+    for start in range(0, len(images), BATCH_SIZE):
+        batch = []
+        for path in images[start:start + BATCH_SIZE]:
+            image = Image.open(path).convert("L").resize((width, height), Image.BILINEAR)
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+            batch.append(torch.stack([(pixels - m) / s for m, s in zip(MEAN, STD)]))
+        probabilities += model(torch.stack(batch)).softmax(1)[:, malignant].tolist()
+    return probabilities
 
 
 if __name__ == "__main__":

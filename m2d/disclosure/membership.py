@@ -1,0 +1,271 @@
+"""Membership inference on a submission's model: a loss-threshold attack (issue 23, Models).
+
+Standard library only: ``predict`` below runs in the submission's own image,
+which may lack numpy. Three steps of the sealed report job
+(singularity/disclosure.sbatch.j2), each in its own container:
+
+1. ``plan`` (the checker's image, trusted): which images are asked about, from
+   clam-details-image.csv: per split at most ``max_images``, chosen
+   deterministically (by a hash of the image path), with their label and case.
+2. ``predict`` (the submission's image: the researcher's code, hostile): imports
+   the entry point m2d.toml declares, calls ``predict(export_dir, images)`` and
+   writes what it returned to scratch. It sees the plan's paths, never labels
+   it could not read itself; no network; the export read-only.
+3. ``evaluate`` (the checker's image, trusted, in the report step): reads that
+   output with bounds (size, types, length) and computes everything from the
+   plan it made itself: each image's binary cross-entropy against CaseLabel,
+   the attack's AUC (train = members, test = non-members, lower loss = member,
+   by rank with ties averaged), the held-out metric (test AUC and accuracy at
+   0.5), the training cases whose loss lies furthest below the test losses'
+   median. The researcher's code never computes its own verdict: it could only
+   lie through its predictions, which is what is being tested anyway.
+
+``status`` turns a result into the ``membership`` check: AUC above the fail
+threshold fails, above the review threshold is reviewed, too few cases on a
+side or no usable predictions are reviewed (never passed).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import json
+import math
+import os
+import sys
+import traceback
+
+PLAN_VERSION = 1
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # what predict may write; more is not read
+MAX_ERROR_CHARS = 300
+WORST = 5  # training cases named in the reason
+EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] for the loss
+LABELS = {"benign": 0, "malignant": 1}
+IMAGE_CSV = "clam-details-image.csv"
+
+
+class BadOutput(ValueError):
+    """What predict wrote cannot be used: the check is review, with this as the reason."""
+
+
+# --- 1. the plan (trusted) -----------------------------------------------------------
+
+
+def plan(dataset: str, max_images: int, mount: str = "/mnt/dataset") -> dict:
+    """The images to predict: per split at most ``max_images``, the same ones on
+    every run (ordered by the sha256 of their path), with label and case."""
+    with open(os.path.join(dataset, IMAGE_CSV), newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter=";"))
+    chosen = []
+    for split in ("train", "test"):
+        rows_of = [r for r in rows if r.get("Split") == split and r.get("CaseLabel") in LABELS and r.get("ImagePath")]
+        rows_of.sort(key=lambda r: hashlib.sha256(r["ImagePath"].encode()).hexdigest())
+        for r in rows_of[:max_images]:
+            chosen.append({"path": f"{mount.rstrip('/')}/{r['ImagePath']}", "split": split,
+                           "label": LABELS[r["CaseLabel"]], "case": r.get("CaseName") or r["ImagePath"]})
+    return {"version": PLAN_VERSION, "images": chosen}
+
+
+# --- 2. predict (the researcher's code) -------------------------------------------------
+
+
+def predict(plan_path: str, code: str, entry: str, export: str, out: str) -> int:
+    """Call the entry point on the plan's images; write ``{"predictions": [...]}``
+    or ``{"error": "..."}`` to ``out``. 0 when it returned, 1 when it raised."""
+    with open(plan_path, encoding="utf-8") as f:
+        images = [item["path"] for item in json.load(f)["images"]]
+    try:
+        module_name, function_name = entry.split(":")
+        sys.path.insert(0, code)
+        function = getattr(importlib.import_module(module_name), function_name)
+        returned = function(export, list(images))
+        values = [_plain(v) for v in returned]
+        text = json.dumps({"predictions": values})
+        status = 0
+    except BaseException as e:  # noqa: BLE001 - whatever the code raises (SystemExit too) is the answer
+        last = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+        where = f" (at {os.path.basename(last[0].filename)}:{last[0].lineno})" if last else ""
+        text = json.dumps({"error": f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS] + where})
+        status = 1
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    return status
+
+
+def _plain(value):
+    """A number as JSON can carry it (numpy scalars, 0-d tensors), else its type name."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else repr(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return type(value).__name__
+    return number if math.isfinite(number) else repr(number)
+
+
+# --- 3. evaluate (trusted) --------------------------------------------------------------
+
+
+def read_predictions(raw: bytes | None, expected: int) -> list[float]:
+    """The predictions in what the predict step wrote, checked: a JSON object
+    with a list of ``expected`` numbers in [0, 1]. BadOutput says why not."""
+    if raw is None:
+        raise BadOutput("the prediction step wrote nothing")
+    if len(raw) > MAX_OUTPUT_BYTES:
+        raise BadOutput(f"the prediction step wrote more than {MAX_OUTPUT_BYTES} bytes")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=lambda c: c)  # NaN, Infinity: strings, refused below
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BadOutput(f"the prediction step's output is not JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise BadOutput("the prediction step's output is not a JSON object")
+    if "error" in data:
+        error = data["error"] if isinstance(data["error"], str) else type(data["error"]).__name__
+        raise BadOutput(f"predict raised {_clean(error)}")
+    values = data.get("predictions")
+    if not isinstance(values, list):
+        raise BadOutput("predict returned no list")
+    if len(values) != expected:
+        raise BadOutput(f"predict returned {len(values)} values for {expected} images")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise BadOutput(f"predict's value {i + 1} is not a number ({_clean(repr(v))[:40]})")
+        if not 0.0 <= v <= 1.0:
+            raise BadOutput(f"predict's value {i + 1} is {v:g}, not a probability in [0, 1]")
+    return [float(v) for v in values]
+
+
+def _clean(text: str) -> str:
+    """The code's own words, fit for a reason: printable, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:MAX_ERROR_CHARS]
+
+
+def loss(p: float, label: int) -> float:
+    """Binary cross-entropy of probability ``p`` (of malignant) against ``label``."""
+    p = min(max(p, EPS), 1.0 - EPS)
+    return -math.log(p) if label == 1 else -math.log(1.0 - p)
+
+
+def auc(positives: list[float], negatives: list[float]) -> float:
+    """P(a positive scores above a negative), ties counting half: the
+    Mann-Whitney U by ranks (ties get their average rank)."""
+    if not positives or not negatives:
+        raise ValueError("an AUC needs both sides")
+    scored = sorted([(s, 1) for s in positives] + [(s, 0) for s in negatives])
+    rank_sum, i = 0.0, 0
+    while i < len(scored):
+        j = i
+        while j < len(scored) and scored[j][0] == scored[i][0]:
+            j += 1
+        average = (i + 1 + j) / 2  # ranks i+1 .. j
+        rank_sum += average * sum(1 for k in range(i, j) if scored[k][1])
+        i = j
+    n_pos, n_neg = len(positives), len(negatives)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def evaluate(the_plan: dict, predictions: list[float]) -> dict:
+    """The attack and the held-out metric from the plan and the predictions."""
+    images = the_plan["images"]
+    losses = [loss(p, item["label"]) for p, item in zip(predictions, images)]
+    train = [(item, l_) for item, l_ in zip(images, losses) if item["split"] == "train"]
+    test = [(item, l_, p) for item, l_, p in zip(images, losses, predictions) if item["split"] == "test"]
+    result = {"members": len(train), "non_members": len(test),
+              "member_cases": len({item["case"] for item, _ in train}),
+              "non_member_cases": len({item["case"] for item, _, _ in test})}
+    if not train or not test:
+        return result
+    # a member is told by a low loss: its score is -loss
+    result["auc"] = auc([-l_ for _, l_ in train], [-l_ for _, l_, _ in test])
+    test_labels = [item["label"] for item, _, _ in test]
+    result["test_accuracy"] = sum((p >= 0.5) == (y == 1) for (_, _, p), y in zip(test, test_labels)) / len(test)
+    if 0 < sum(test_labels) < len(test_labels):
+        result["test_auc"] = auc([p for (_, _, p), y in zip(test, test_labels) if y == 1],
+                                 [p for (_, _, p), y in zip(test, test_labels) if y == 0])
+    median = _median([l_ for _, l_, _ in test])
+    below: dict[str, float] = {}
+    for item, l_ in train:
+        margin = median - l_
+        if margin > 0:
+            below[item["case"]] = max(margin, below.get(item["case"], 0.0))
+    result["worst_cases"] = [case for case, _ in sorted(below.items(), key=lambda kv: (-kv[1], kv[0]))[:WORST]]
+    result["test_median_loss"] = median
+    return result
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def run(the_plan: dict, raw: bytes | None, exit_code: int | None, seconds: int | None = None) -> dict:
+    """The result the report step keeps: ``evaluate``'s, or ``{"error": why}``."""
+    if exit_code in (124, 137):
+        return {"error": f"predict did not finish within its time limit{f' of {seconds} s' if seconds else ''}"}
+    try:
+        predictions = read_predictions(raw, len(the_plan["images"]))
+    except BadOutput as e:
+        if exit_code not in (None, 0, 1):
+            return {"error": f"the prediction step ended with exit code {exit_code}: {e}"}
+        return {"error": str(e)}
+    return evaluate(the_plan, predictions)
+
+
+# --- the check --------------------------------------------------------------------------
+
+
+def status(result: dict, fail_auc: float, review_auc: float, min_cases: int) -> tuple[str, str]:
+    """The ``membership`` check of a model file: (status, reason). The reason
+    names the worst training cases: reviewers read it, owners get counts only."""
+    if "error" in result:
+        return "review", f"membership inference not done: {result['error']}; a reviewer judges the model without it"
+    counts = (f"{result['members']} member images ({result['member_cases']} cases, Split=train) and "
+              f"{result['non_members']} non-member images ({result['non_member_cases']} cases, Split=test)")
+    if min(result["member_cases"], result["non_member_cases"]) < min_cases or "auc" not in result:
+        return "review", f"too few cases for a membership attack: {counts}, at least {min_cases} cases a side needed"
+    held_out = f"held-out accuracy at 0.5 {result['test_accuracy']:.3f}"
+    if "test_auc" in result:
+        held_out = f"held-out AUC {result['test_auc']:.3f}, " + held_out
+    worst = ", ".join(result.get("worst_cases") or []) or "none below the test losses' median"
+    value = result["auc"]
+    if value > fail_auc:
+        verdict, word = "fail", f"above {fail_auc:g}: the model tells its training cases apart"
+    elif value > review_auc:
+        verdict, word = "review", f"above {review_auc:g}"
+    else:
+        verdict, word = "pass", f"at most {review_auc:g}"
+    return verdict, (f"loss-threshold attack AUC {value:.3f} ({word}); {held_out}; {counts}; training cases "
+                     f"furthest below the test losses' median: {worst}")
+
+
+def load_plan(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("version") != PLAN_VERSION or not isinstance(data.get("images"), list):
+        raise ValueError(f"{path}: not a membership plan")
+    return data
+
+
+def read_bounded(path: str) -> bytes | None:
+    """At most MAX_OUTPUT_BYTES + 1 bytes of what the predict step wrote, never following a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        import stat
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, left = [], MAX_OUTPUT_BYTES + 1
+        while left > 0:
+            block = os.read(fd, min(left, 1 << 20))
+            if not block:
+                break
+            chunks.append(block)
+            left -= len(block)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
