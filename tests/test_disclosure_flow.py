@@ -366,7 +366,8 @@ def index_root():
 @pytest.fixture(scope="module")
 def reporting_stack(testbed, index_root):
     running = Stack(M2D_DISCLOSURE_REPORTS="1", M2D_DISCLOSURE_INDEX_DIR=str(index_root),
-                    M2D_DATASET_VERSION=f"flow-{uuid.uuid4().hex[:6]}").start()
+                    M2D_DATASET_VERSION=f"flow-{uuid.uuid4().hex[:6]}",
+                    M2D_DISCLOSURE_MIA_MIN_CASES="2").start()  # the testbed's CLaM: 8 train, 2 test cases
     yield running
     running.stop()
 
@@ -535,6 +536,63 @@ def test_a_released_model_is_the_report_jobs_sanitised_copy_on_the_stack(reporti
     chain = owner.api("GET", f"/submissions/{submission_id}/provenance").json()
     (link,) = [r["payload"] for r in chain["records"] if r["kind"] == "released"]
     assert link["leaves"] == "sanitised copy" and link["released_sha256"] == copy["sha256"]
+
+
+# the job remembers each training image's label (by a hash of its path: no identifier
+# leaves in the file) and its predict answers from memory: a perfect member
+MEMORISING_JOB = """\
+import csv, hashlib, json
+
+
+def main():
+    with open("/mnt/dataset/clam-details-image.csv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter=";"))
+    seen = {hashlib.sha256(("/mnt/dataset/" + r["ImagePath"]).encode()).hexdigest():
+            float(r["CaseLabel"] == "malignant") for r in rows if r["Split"] == "train"}
+    with open("/mnt/export/memory.json", "w") as f:
+        json.dump(seen, f)
+    print("remembered", len(seen), flush=True)
+
+
+def predict(export_dir, images):
+    with open(export_dir + "/memory.json") as f:
+        seen = json.load(f)
+    return [seen.get(hashlib.sha256(path.encode()).hexdigest(), 0.5) for path in images]
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_memorising_predict_fails_its_model_on_the_stack(reporting_stack, tmp_path):
+    """m2d.toml declares predict; the report job on Slurm runs it in the submission's
+    image (Apptainer, sealed), and the checker's attack tells members apart: the
+    exported model fails its membership check. Reviewers read the AUC and the worst
+    cases; the owner gets counts."""
+    stack = reporting_stack
+    owner = stack.researcher("memoriser", dry_run=False)
+    reviewer = stack.researcher("rev-mia")
+    stack.flask("users", "grant-reviewer", reviewer.address)
+    zip_path = zip_folder(SAMPLES / "sleeps", tmp_path / "memory.zip",
+                          extra={"main.py": MEMORISING_JOB, "m2d.toml": '[disclosure]\npredict = "main:predict"\n'})
+    submission_id = owner.submit(zip_path)
+    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
+    report = wait_for(lambda: (r := reviewer.api("GET", f"/submissions/{submission_id}/disclosure").json())
+                      ["status"] in ("done", "failed") and r, 900, "the disclosure report")
+    assert report["status"] == "done", report
+    (entry,) = report["files"]
+    assert entry["path"] == "memory.json" and entry["status"] == "fail", entry
+    (check,) = [c for c in entry["checks"] if c["name"] == "membership"]
+    assert check["status"] == "fail", check
+    auc = float(check["reason"].split("attack AUC ")[1].split(" ")[0])
+    assert auc > 0.8, check
+    assert "(8 cases, Split=train)" in check["reason"] and "(2 cases, Split=test)" in check["reason"], check
+    assert "furthest below the test losses' median: S" in check["reason"], check
+    assert [c["name"] for c in entry["checks"] if c["status"] == "fail"] == ["membership"], entry
+    counts = owner.api("GET", f"/submissions/{submission_id}/disclosure")
+    assert counts.json()["summary"]["fail"] == 1 and "files" not in counts.json()
+    assert "membership" not in counts.text and "S1-A1" not in counts.text
 
 
 def test_the_review_page_shows_each_files_status_and_reasons_in_chromium(exported, tmp_path):

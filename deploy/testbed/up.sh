@@ -134,6 +134,8 @@ export M2D_BUILD_MKSQUASHFS_ARGS="-comp zstd -Xcompression-level 1"
 export M2D_DATASET_DIR=$TESTBED_DIR/clam
 export M2D_TWIN_DIR=$TESTBED_DIR/twins
 export M2D_DISCLOSURE_INDEX_DIR=$TESTBED_DIR/disclosure-index
+# the synthetic CLaM has 8 training and 2 test cases: a membership attack counts from 2 a side here
+export M2D_DISCLOSURE_MIA_MIN_CASES=2
 export M2D_MODELS_DIR=$TESTBED_DIR/models
 export M2D_REDIS_URL=redis://:$(cat "$TESTBED_DIR/secrets/redis-password")@127.0.0.1:$M2D_REDIS_PORT/0
 export M2D_MLFLOW_URL=http://127.0.0.1:$M2D_MLFLOW_PORT
