@@ -341,13 +341,15 @@ def _fail(args, code: str, message: str, prefix: str = "m2d: ") -> int:
 def _checked_dict(path, checked: archive.Checked) -> dict:
     return {"zip": str(path), "ok": True, "files": checked.files,
             "uncompressed_bytes": checked.uncompressed_bytes,
-            "requirements": archive.requirement_lines(checked)}
+            "requirements": archive.requirement_lines(checked), "predict": checked.predict}
 
 
 def _checked_text(path, checked: archive.Checked) -> str:
     requirements = ", ".join(archive.requirement_lines(checked)) or "(none)"
+    predict = (f"m2d.toml's predict {checked.predict} (the disclosure report's membership test calls it)"
+               if checked.predict else "no predict entry point (m2d.toml): reviewers get no membership test")
     return (f"OK: the platform would accept {path}: {checked.files} files, "
-            f"{checked.uncompressed_bytes} bytes unpacked; requirements: {requirements}")
+            f"{checked.uncompressed_bytes} bytes unpacked; requirements: {requirements}; {predict}")
 
 
 def _summary(submission: dict) -> str:

@@ -98,6 +98,17 @@ def test_check_accepts_a_good_zip_and_lists_its_requirements(tmp_zip, tmp_path):
     assert summary["ok"] and summary["files"] == 7 and summary["requirements"] == ["numpy==2.3.4", "mlflow-skinny"]
 
 
+def test_check_names_the_predict_entry_point_m2d_toml_declares(tmp_path):
+    import zipfile
+    path = tmp_path / "s.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("main.py", "def predict(export_dir, images):\n    return [0.5] * len(images)\n")
+        z.writestr("requirements.txt", "")
+        z.writestr("m2d.toml", '[disclosure]\npredict = "main:predict"\n')
+    assert json.loads(m2d("check", path, "--json", cwd=tmp_path).stdout)["predict"] == "main:predict"
+    assert "m2d.toml's predict main:predict" in m2d("check", path, cwd=tmp_path).stdout
+
+
 def test_zip_puts_the_files_at_the_root_leaves_out_junk_and_passes_the_check(tmp_path):
     project = tmp_path / "my-model"
     files = {
