@@ -21,7 +21,10 @@ AS_GATEWAY=(setpriv "--reuid=$GW_USER" "--regid=$GW_USER" --init-groups --)
 SERVICES=(
   "web:$REPO/.venv/bin/gunicorn --workers 2 --threads 8 --bind 127.0.0.1:$PORT --timeout 300 gateway:create_app()"
   "worker-build:$PY -m jobs.worker build"
-  "worker-mail:$PY -m jobs.worker mail poll"
+  "worker-mail:$PY -m jobs.worker mail"
+  # its own worker: a poll cycle over thousands of active jobs must not hold back
+  # the e-mail a pushed event owes
+  "worker-poll:$PY -m jobs.worker poll"
   "poller:$PY -m jobs.poller"
 )
 

@@ -112,7 +112,7 @@ def test_workers_and_the_poller_killed_mid_task_lose_nothing_and_double_nothing(
     plain.wait_until(long, "running", timeout=300)
 
     # the poll cycle mid-way (sacct, the moves, the sweep); then the poller's clock
-    os.kill(private.horse_running("worker-mail", "poll"), 9)
+    os.kill(private.horse_running("worker-poll", "poll"), 9)
     private.kill("poller")
     time.sleep(2)
     private.respawn("poller")

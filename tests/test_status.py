@@ -36,11 +36,11 @@ def test_status_shows_each_job_beside_slurms_view_and_flags_where_they_disagree(
     row = row_of(agreeing, job_id)
     assert row.startswith(" ") and str(submission_id) in row and "running" in row and "RUNNING" in row
     assert "running 1" in agreeing.splitlines()[0]
-    assert "Workers alive: 3" in agreeing  # two build workers, one for mail and polls
+    assert "Workers alive: 4" in agreeing  # two build workers, one for mail, one for polls
     assert "build " in agreeing and "waiting" in agreeing
 
     # Slurm moves on without the gateway: no poller, no poll worker
-    for name in ("poller", "worker-mail"):
+    for name in ("poller", "worker-poll"):
         os.killpg(stack.procs[name].pid, signal.SIGTERM)
         stack.procs[name].wait(timeout=60)
     slurm("scancel", job_id)
@@ -57,6 +57,6 @@ def test_status_shows_each_job_beside_slurms_view_and_flags_where_they_disagree(
         stray_row = row_of(flagged, stray)
         assert stray_row.startswith("!") and "the gateway has it as no submission of its own" in stray_row
         assert "2 not agreeing" in flagged
-        assert "Workers alive: 2" in flagged
+        assert "Workers alive: 3" in flagged
     finally:
         slurm("scancel", stray)

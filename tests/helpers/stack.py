@@ -146,7 +146,8 @@ class Stack:
         # two build workers, so simultaneous submissions really build at once
         self._spawn("worker-build-1", [py, "-m", "jobs.worker", "build"])
         self._spawn("worker-build-2", [py, "-m", "jobs.worker", "build"])
-        self._spawn("worker-mail", [py, "-m", "jobs.worker", "mail", "poll"])
+        self._spawn("worker-mail", [py, "-m", "jobs.worker", "mail"])
+        self._spawn("worker-poll", [py, "-m", "jobs.worker", "poll"])
         self._spawn("poller", [py, "-m", "jobs.poller"])
         self.health = "no answer"
         try:
@@ -564,7 +565,7 @@ class DocumentedStack(Stack):
             shutil.rmtree(self.root, ignore_errors=True)
 
     def kill(self, name):
-        """``kill -9`` of one of gateway.sh's processes (web, worker-build, worker-mail, poller)."""
+        """``kill -9`` of one of gateway.sh's processes (web, worker-build, worker-mail, worker-poll, poller)."""
         pid = int((self.run_dir / "pids" / f"{name}.pid").read_text())
         self.killed_groups.append(os.getpgid(pid))  # gateway.sh starts each in a session of its own
         os.kill(pid, signal.SIGKILL)
