@@ -313,6 +313,7 @@ def test_the_report_job_runs_predict_in_the_submissions_image_only_when_declared
                  '"$mia_dir/plan:/mnt/plan:ro"', '"$mia_dir/scratch:/mnt/scratch"'):
         assert f"--bind {bind}" in step, bind
     assert "/i.sif" not in step.replace("env-abc.sif", "")  # predict never runs in the checker's image
+    assert step.rstrip().endswith("--out /mnt/scratch/membership.json >/dev/null 2>&1 \\")  # prints into no log
     assert "membership-plan --dataset /mnt/dataset --max-images 9" in text
     report_line = text[text.index("m2d.disclosure report"):text.index("|| status=$?")]
     assert "--membership-plan /mnt/membership/plan/plan.json" in report_line
