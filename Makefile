@@ -45,10 +45,8 @@ stop:
 # none). Then the Slurm fault tests (marker `last`: they stop the shared
 # slurmctld and slurmdbd) alone. Both parts run; either failing fails make.
 # Exit status 5 is "no test selected" (TESTS without fault tests, or only them).
-# TEST_WORKERS: 0 (the default) runs one stack; `auto` asks tests/helpers/workers.py.
-# Parallel stacks are not the default yet: two workers on this 2-core testbed gave
-# failures that each test alone does not (test_web: 5 passed alone), not yet explained.
-TEST_WORKERS ?= 0
+# TEST_WORKERS: `auto` (the default) asks tests/helpers/workers.py; 0 runs one stack.
+TEST_WORKERS ?= auto
 test: testbed
 	@set -a && . $(ENV) && set +a && \
 	workers=$(TEST_WORKERS) && { [ "$$workers" != auto ] || workers=$$($(PY) -m tests.helpers.workers); } && \

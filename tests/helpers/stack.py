@@ -93,6 +93,12 @@ def events_dir():
     return Path(os.environ["M2D_TESTBED_DIR"]) / "slurm" / "events.d"
 
 
+def mail_cutoff() -> str:
+    """The SMTP sink names each message by its UTC arrival (deploy/testbed/smtp_sink.py):
+    names older than a stack's start are other sessions' mail, never that stack's."""
+    return (datetime.now(timezone.utc) - timedelta(seconds=5)).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
 class Stack:
     def __init__(self, events=False, **settings):
         """``settings``: extra M2D_* values (``M2D_SQLALCHEMY_DATABASE_URI``...);
@@ -126,9 +132,7 @@ class Stack:
             self.env["M2D_SLURM_EVENTS_TOKEN"] = uuid.uuid4().hex
         self.env.update(settings)
         self.events_conf = events_dir() / f"{self.env['M2D_SLURM_JOB_PREFIX']}.curl" if events else None
-        # the SMTP sink names each message by its UTC arrival (deploy/testbed/smtp_sink.py):
-        # older names are other sessions' mail, never this stack's
-        self.mail_since = (datetime.now(timezone.utc) - timedelta(seconds=5)).strftime("%Y%m%dT%H%M%S.%fZ")
+        self.mail_since = mail_cutoff()
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.procs = {}
@@ -541,6 +545,7 @@ class DocumentedStack(Stack):
         self.logs = self.run_dir / "logs"
         self.events_conf = events_dir() / f"{ours['M2D_SLURM_JOB_PREFIX']}.curl"
         self.env = {}
+        self.mail_since = mail_cutoff()
         self.killed_groups = []
 
     def start(self):
