@@ -630,3 +630,27 @@ def test_the_review_page_shows_each_files_status_and_reasons_in_chromium(exporte
         driver.save_screenshot(str(tmp_path / "disclosure-review.png"))
     finally:
         driver.quit()
+
+
+def test_the_clam_samples_trained_model_is_not_failed_and_gets_its_membership_test_and_copy(
+        reporting_stack, tmp_path):
+    """The hospital's own sample, two epochs on the data: a `fail` on its model.tar
+    or metrics.json would be a false positive every honest researcher meets. The
+    model gets the membership test through the sample's m2d.toml predict (run in
+    the sample's own image) and a sanitised copy."""
+    stack = reporting_stack
+    owner = stack.researcher("clam-owner", dry_run=False)
+    reviewer = stack.researcher("clam-reviewer")
+    stack.flask("users", "grant-reviewer", reviewer.address)
+    submission_id = owner.submit(zip_folder(SAMPLES / "clam", tmp_path / "clam.zip"))
+    done = owner.wait_until(submission_id, {"completed", "failed", "build_failed"}, timeout=1800)
+    assert done["status"] == "completed", (done["reason"], done["error"])
+    report = wait_for(lambda: (r := reviewer.api("GET", f"/submissions/{submission_id}/disclosure").json())
+                      ["status"] in ("done", "failed") and r, 900, "the CLaM sample's disclosure report")
+    assert report["status"] == "done", report
+    files = {f["path"]: f for f in report["files"]}
+    assert set(files) == {"model.tar", "metrics.json"}, files
+    assert all(f["status"] in ("pass", "review") for f in files.values()), files
+    checks = {c["name"]: c for c in files["model.tar"]["checks"]}
+    assert checks["sanitise"]["status"] == "pass", checks
+    assert checks["membership"]["status"] in ("pass", "review") and "AUC" in checks["membership"]["reason"], checks
