@@ -16,6 +16,7 @@ from m2d.contract.validation import Refusal, check_zip, parse_m2d_toml
 from m2d.disclosure import membership
 from m2d.disclosure.index import Index
 from m2d.disclosure.report import Checker
+from tests.helpers.disclosure_exports import fingerprint_index, synthetic_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 FAIL_AUC, REVIEW_AUC = 0.8, 0.6
@@ -23,18 +24,12 @@ FAIL_AUC, REVIEW_AUC = 0.8, 0.6
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("membership") / "clam"
-    subprocess.run([sys.executable, str(REPO / "deploy/testbed/make_dataset.py"), str(dest), "--cases", "10"],
-                   check=True, capture_output=True)
-    return dest
+    return synthetic_dataset(tmp_path_factory.mktemp("membership") / "clam")
 
 
 @pytest.fixture(scope="module")
 def index_dir(dataset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("index") / "idx"
-    subprocess.run([sys.executable, "-m", "m2d.disclosure", "index", "--dataset", str(dataset), "--out", str(out)],
-                   check=True, capture_output=True, cwd=REPO)
-    return out
+    return fingerprint_index(dataset, tmp_path_factory.mktemp("index") / "idx")
 
 
 @pytest.fixture(scope="module")

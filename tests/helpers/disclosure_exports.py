@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,6 +15,21 @@ import numpy as np
 from PIL import Image
 
 CASE_CSV, IMAGE_CSV = "clam-details-case-extrainfo.csv", "clam-details-image.csv"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def synthetic_dataset(dest: Path, cases: int = 10) -> Path:
+    """A synthetic CLaM of ``cases`` cases at ``dest`` (deploy/testbed/make_dataset.py)."""
+    subprocess.run([sys.executable, str(REPO / "deploy/testbed/make_dataset.py"), str(dest), "--cases", str(cases)],
+                   check=True, capture_output=True)
+    return dest
+
+
+def fingerprint_index(dataset: Path, out: Path) -> Path:
+    """The checker's fingerprint index of ``dataset`` at ``out``."""
+    subprocess.run([sys.executable, "-m", "m2d.disclosure", "index", "--dataset", str(dataset), "--out", str(out)],
+                   check=True, capture_output=True, cwd=REPO)
+    return out
 
 
 def rows(dataset: Path, name: str = IMAGE_CSV) -> list[dict[str, str]]:
