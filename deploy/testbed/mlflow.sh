@@ -68,11 +68,25 @@ sys.exit(m.version('mlflow') != '$MLFLOW_VERSION' or not m.version('Flask-WTF')
 }
 
 # postgres_stores: the role and its two databases; sets TRACKING_URI and AUTH_URI
+# The stores belong to this testbed folder (its secrets, its admin password):
+# PostgreSQL outlives an `rm -rf` of the folder, and a new folder's admin
+# password would not open the old auth store. Databases found without this
+# folder's mark, while no server of this folder runs, are dropped and made anew.
+STORES_MARK=$DIR/postgres-stores
 postgres_stores() {
-  local password base
+  local password base db
   password=$(secret_file "$TESTBED_DIR/secrets/mlflow-postgres-password")
   postgres_up
+  if [ ! -e "$STORES_MARK" ] && ! pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB" >/dev/null; then
+    for db in "$DATABASE" "$AUTH_DATABASE"; do
+      if [ -n "$(psql_admin -tA -v db="$db" <<<"SELECT 1 FROM pg_database WHERE datname = :'db'")" ]; then
+        log "database $db is an earlier testbed folder's: dropped, made anew"
+        psql_admin -v db="$db" <<<"SELECT format('DROP DATABASE %I WITH (FORCE)', :'db') \\gexec" >/dev/null
+      fi
+    done
+  fi
   postgres_role "$DATABASE" "$password" "" "$DATABASE" "$AUTH_DATABASE"
+  touch "$STORES_MARK"
   base="postgresql+psycopg://$DATABASE:$password@127.0.0.1:5432"
   TRACKING_URI=$base/$DATABASE
   AUTH_URI=$base/$AUTH_DATABASE
