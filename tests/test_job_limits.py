@@ -23,6 +23,7 @@ from tests.helpers.batch import for_the_job as _for_the_job
 from tests.helpers.batch import run_job as _run_job
 
 SUDOERS = Path("/etc/sudoers.d/m2d")
+CLAIM_DIR = Path("/run/m2d-credentials")  # deploy/testbed/accounts.sh: the wrapper's claims, node-local
 
 
 @pytest.fixture
@@ -285,6 +286,13 @@ def _submission(root: Path, number: int, login: str) -> Path:
     return sub
 
 
+def _wait_finished(sched, job: str) -> None:
+    deadline = time.monotonic() + 120
+    while not ((info := sched.statuses([job]).get(job)) and info.finished):
+        assert time.monotonic() < deadline, f"job {job} not finished: {info}"
+        time.sleep(0.5)
+
+
 def test_a_job_gets_its_own_owners_credentials_and_no_other(job_root):
     """Job A's code, out of its container, as the job account (every job runs
     as it): B's login file is the gateway's alone; the wrapper hands A its own
@@ -305,14 +313,25 @@ def test_a_job_gets_its_own_owners_credentials_and_no_other(job_root):
     script.chmod(0o750)
     shutil.chown(script, user=GATEWAY_USER)
     sched = CliScheduler(env={"SLURM_CONF": os.environ["SLURM_CONF"]}, job_user=JOB_USER)
+    # Claims an earlier controller's jobs left under the ids this job may get: a
+    # controller that lost its state counts from 1 again (a fresh testbed on a
+    # machine that kept /run did), and its job 9 is not the old job 9.
+    last = max([int(j) for j in subprocess.run(["sacct", "-a", "-X", "-n", "-o", "JobIDRaw", "-S", "2000-01-01"],
+                                               capture_output=True, text=True, timeout=60).stdout.split()
+                if j.isdigit()] or [0])
+    earlier = [CLAIM_DIR / f"{n}.{old}" for n in range(last + 1, last + 400) for old in ("0", "2000-01-01T00:00:00.0")]
+    for claim in earlier:
+        claim.mkdir(mode=0o700, exist_ok=True)
     # through the gateway's own sudo rule (no legacy rule), as the gateway submits
-    proc = _as_gateway(["sudo", "-n", SLURM_WRAPPER, "submit", str(script), "m2dtest-1"])
-    assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.strip()
-    deadline = time.monotonic() + 120
-    while not ((info := sched.statuses([job]).get(job)) and info.finished):
-        assert time.monotonic() < deadline, f"job {job} not finished: {info}"
-        time.sleep(0.5)
+    try:
+        proc = _as_gateway(["sudo", "-n", SLURM_WRAPPER, "submit", str(script), "m2dtest-1"])
+        assert proc.returncode == 0, proc.stderr
+        job = proc.stdout.strip()
+        assert int(job) < last + 400, "more jobs than claims made: the test's guess of the next ids was short"
+        _wait_finished(sched, job)
+    finally:
+        for claim in earlier:
+            claim.rmdir()
     text = (out / f"a-{job}.out").read_text()
     lines = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
     assert "Permission denied" in lines["B"] and "bob" not in text, text
