@@ -86,7 +86,10 @@ def power(action, node):
 
 def sbatch(args):
     """A plain job, submitted as root (the testbed's testacct): its id."""
-    done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, timeout=60)
+    # --chdir: the job's folder is otherwise the submitter's, and an xdist worker's may be a
+    # test's tmp folder already gone (slurmstepd then writes an error into the output)
+    done = subprocess.run(["sbatch", "--parsable", "--chdir=/tmp", *args], capture_output=True, text=True,
+                          timeout=60, cwd="/")
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
 
