@@ -348,10 +348,18 @@ def test_disabling_a_researcher_stops_their_waiting_jobs_from_starting(fair_stac
     for job_id in job_ids[1:]:  # queued behind the running one: never started, though it ended
         state, _start, node = jobs[job_id]
         assert state.startswith("CANCELLED") and node is None, jobs
-    # an sbatch of its account now is refused by Slurm itself
-    refused = subprocess.run(["sudo", "-n", "-u", "m2d-job", "sbatch", f"--account={account}", "-o", "/dev/null",
-                              "--wrap", "true"], capture_output=True, text=True, timeout=60, cwd="/tmp")
-    assert refused.returncode != 0 and "AssocMaxSubmitJobLimit" in refused.stderr, refused.stderr
+    # an sbatch of its account now is refused by Slurm itself, once slurmdbd's
+    # association update has reached slurmctld (a moment, longer on a loaded machine)
+    def refused_by_slurm():
+        tried = subprocess.run(["sudo", "-n", "-u", "m2d-job", "sbatch", "--parsable", f"--account={account}",
+                                "-o", "/dev/null", "--wrap", "true"], capture_output=True, text=True, timeout=60,
+                               cwd="/tmp")
+        if tried.returncode == 0:
+            slurm("scancel", tried.stdout.strip().split(";")[0])
+            return False
+        return tried
+    refused = wait_for(refused_by_slurm, 60, "Slurm to refuse the disabled account's jobs", interval=2)
+    assert "AssocMaxSubmitJobLimit" in refused.stderr, refused.stderr
     # the gateway recorded the end of each (the researcher cannot look: disabled)
     with create_app(from_environment(fair_stack.env)).app_context():
         def statuses():
