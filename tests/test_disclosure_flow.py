@@ -364,6 +364,19 @@ def index_root():
     shutil.rmtree(root, ignore_errors=True)
 
 
+def _reviewer(stack, name, **settings):
+    """A new researcher of ``stack`` made a reviewer, as an admin does."""
+    reviewer = stack.researcher(name, **settings)
+    stack.flask("users", "grant-reviewer", reviewer.address)
+    return reviewer
+
+
+def _finished_report(reviewer, submission_id):
+    """The submission's disclosure report once it is done or failed, as a reviewer reads it."""
+    return wait_for(lambda: (r := reviewer.api("GET", f"/submissions/{submission_id}/disclosure").json())
+                    ["status"] in ("done", "failed") and r, 900, f"submission {submission_id}'s disclosure report")
+
+
 @pytest.fixture(scope="module")
 def reporting_stack(testbed, index_root):
     running = Stack(M2D_DISCLOSURE_REPORTS="1", M2D_DISCLOSURE_INDEX_DIR=str(index_root),
@@ -377,17 +390,12 @@ def reporting_stack(testbed, index_root):
 def exported(reporting_stack, tmp_path_factory):
     stack = reporting_stack
     owner = stack.researcher("exporter", dry_run=False)
-    reviewers = []
-    for name in ("rev-ann", "rev-ben"):
-        reviewer = stack.researcher(name)
-        stack.flask("users", "grant-reviewer", reviewer.address)
-        reviewers.append(reviewer)
+    reviewers = [_reviewer(stack, name) for name in ("rev-ann", "rev-ben")]
     zip_path = zip_folder(SAMPLES / "sleeps", tmp_path_factory.mktemp("disclosure") / "ids.zip",
                           extra={"main.py": EXPORTING_IDS})
     submission_id = owner.submit(zip_path)
     assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
-    report = wait_for(lambda: (r := reviewers[0].api("GET", f"/submissions/{submission_id}/disclosure").json())
-                      ["status"] in ("done", "failed") and r, 900, "the disclosure report")
+    report = _finished_report(reviewers[0], submission_id)
     return stack, owner, reviewers, submission_id, report
 
 
@@ -483,11 +491,7 @@ def test_a_released_model_is_the_report_jobs_sanitised_copy_on_the_stack(reporti
 
     stack = reporting_stack
     owner = stack.researcher("modeller", dry_run=False)
-    reviewers = []
-    for name in ("rev-dan", "rev-eve"):
-        reviewer = stack.researcher(name)
-        stack.flask("users", "grant-reviewer", reviewer.address)
-        reviewers.append(reviewer)
+    reviewers = [_reviewer(stack, name) for name in ("rev-dan", "rev-eve")]
     rng = np.random.default_rng(7)
     weights = {"conv.weight": (rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float32),
                "fc.bias": rng.standard_normal(10).astype(np.float32)}
@@ -501,8 +505,7 @@ def test_a_released_model_is_the_report_jobs_sanitised_copy_on_the_stack(reporti
     zip_path = zip_folder(SAMPLES / "sleeps", tmp_path / "model.zip", extra={"main.py": main})
     submission_id = owner.submit(zip_path)
     assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
-    report = wait_for(lambda: (r := reviewers[0].api("GET", f"/submissions/{submission_id}/disclosure").json())
-                      ["status"] in ("done", "failed") and r, 900, "the disclosure report")
+    report = _finished_report(reviewers[0], submission_id)
     assert report["status"] == "done", report
     (entry,) = report["files"]
     assert entry["path"] == "model.pt" and entry["status"] != "fail", entry
@@ -573,14 +576,12 @@ def test_a_memorising_predict_fails_its_model_on_the_stack(reporting_stack, tmp_
     cases; the owner gets counts."""
     stack = reporting_stack
     owner = stack.researcher("memoriser", dry_run=False)
-    reviewer = stack.researcher("rev-mia")
-    stack.flask("users", "grant-reviewer", reviewer.address)
+    reviewer = _reviewer(stack, "rev-mia")
     zip_path = zip_folder(SAMPLES / "sleeps", tmp_path / "memory.zip",
                           extra={"main.py": MEMORISING_JOB, "m2d.toml": '[disclosure]\npredict = "main:predict"\n'})
     submission_id = owner.submit(zip_path)
     assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
-    report = wait_for(lambda: (r := reviewer.api("GET", f"/submissions/{submission_id}/disclosure").json())
-                      ["status"] in ("done", "failed") and r, 900, "the disclosure report")
+    report = _finished_report(reviewer, submission_id)
     assert report["status"] == "done", report
     (entry,) = report["files"]
     assert entry["path"] == "memory.json" and entry["status"] == "fail", entry
@@ -603,8 +604,7 @@ def test_the_review_page_shows_each_files_status_and_reasons_in_chromium(exporte
 
     stack, owner, (ann, _ben), submission_id, _report = exported
     password = "correct horse battery staple"
-    reviewer = stack.researcher("rev-cat", password=password)
-    stack.flask("users", "grant-reviewer", reviewer.address)
+    reviewer = _reviewer(stack, "rev-cat", password=password)
     request_id = owner.api("GET", f"/submissions/{submission_id}/export").json()["requests"][0]["id"]
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
@@ -640,13 +640,11 @@ def test_the_clam_samples_trained_model_is_not_failed_and_gets_its_membership_te
     the sample's own image) and a sanitised copy."""
     stack = reporting_stack
     owner = stack.researcher("clam-owner", dry_run=False)
-    reviewer = stack.researcher("clam-reviewer")
-    stack.flask("users", "grant-reviewer", reviewer.address)
+    reviewer = _reviewer(stack, "clam-reviewer")
     submission_id = owner.submit(zip_folder(SAMPLES / "clam", tmp_path / "clam.zip"))
     done = owner.wait_until(submission_id, {"completed", "failed", "build_failed"}, timeout=1800)
     assert done["status"] == "completed", (done["reason"], done["error"])
-    report = wait_for(lambda: (r := reviewer.api("GET", f"/submissions/{submission_id}/disclosure").json())
-                      ["status"] in ("done", "failed") and r, 900, "the CLaM sample's disclosure report")
+    report = _finished_report(reviewer, submission_id)
     assert report["status"] == "done", report
     files = {f["path"]: f for f in report["files"]}
     assert set(files) == {"model.tar", "metrics.json"}, files
