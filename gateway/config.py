@@ -305,6 +305,9 @@ SETTINGS: tuple[Setting, ...] = (
       "check is `review`; at most this, `pass`."),
     S("DISCLOSURE_MIA_MIN_CASES", int, 20, "Fewest distinct cases on each side (train, test) for a membership "
       "attack to count; fewer: `review`, saying so."),
+    S("DISCLOSURE_SANITISED_MAX_AUC_DROP", float, 0.05, "A model file that leaves as its sanitised (rounded) copy, "
+      "where the submission declares predict: the copy's held-out AUC may lie this much below the original's; "
+      "further below (or predict failing on the copy) makes its `sanitised-metric` check `review`."),
     S("DISCLOSURE_OVERRIDES", int, 2, "Distinct reviewers who must override a `fail` file, each with a written "
       "reason, before it can be released."),
 )

@@ -306,20 +306,37 @@ def test_the_report_job_runs_predict_in_the_submissions_image_only_when_declared
     (files.code / "m2d.toml").write_text('[disclosure]\npredict = "net.model:predict"\n')
     assert disclosure_job.predict_entry(files) == "net.model:predict"
     text = script(("net.model:predict", Path("/images/env-abc.sif"), None))
-    step = text[text.index("timeout --kill-after=10 77"):text.index("|| mia_exit=$?")]
+    step = text[text.index("predict() {"):text.index("\n}\n", text.index("predict() {"))]
+    assert "timeout --kill-after=10 77" in step
     assert "/images/env-abc.sif" in step and "--entry net.model:predict" in step
     assert "--containall --cleanenv --no-privs --net --network none" in step
-    for bind in (f"{files.code}:/code:ro", f"{files.export}:/mnt/export:ro", f"{tmp_path / 'dataset'}:/mnt/dataset:ro",
-                 '"$mia_dir/plan:/mnt/plan:ro"', '"$mia_dir/scratch:/mnt/scratch"'):
+    for bind in (f"{files.code}:/code:ro", f"{tmp_path / 'dataset'}:/mnt/dataset:ro",
+                 '"$mia_dir/plan:/mnt/plan:ro"', '"$scratch:/mnt/scratch"'):
         assert f"--bind {bind}" in step, bind
     assert "/i.sif" not in step.replace("env-abc.sif", "")  # predict never runs in the checker's image
-    assert step.rstrip().endswith("--out /mnt/scratch/membership.json >/dev/null 2>&1 \\")  # prints into no log
+    assert "--out /mnt/scratch/membership.json >/dev/null 2>&1\n" in step  # prints into no log
+    assert f'predict "$mia_dir/scratch" {files.export}:/mnt/export:ro || mia_exit=$?' in text
+    # again on the export as it would be released: the rounded view as /mnt/export, the export read-only
+    # beside it, a scratch folder of its own
+    assert ("rounded-view --export /mnt/export --view /mnt/rounded/view --link-to /mnt/original "
+            f"\\\n      --sanitise-bits {on.config['RELEASE_MANTISSA_BITS']} ") in text
+    assert (f'predict "$mia_dir/scratch-rounded" "$mia_dir/rounded/view:/mnt/export:ro" '
+            f'{files.export}:/mnt/original:ro') in text
     assert "membership-plan --dataset /mnt/dataset --max-images 9" in text
     report_line = text[text.index("m2d.disclosure report"):text.index("|| status=$?")]
     assert "--membership-plan /mnt/membership/plan/plan.json" in report_line
     assert "--mia-fail-auc 0.85 --mia-review-auc 0.6" in report_line and "--mia-min-cases 3" in report_line
+    assert "--rounded-view /mnt/membership/rounded/view.json" in report_line
+    assert '--rounded-exit "$rounded_exit"' in report_line and "--sanitised-max-auc-drop 0.05" in report_line
+    minutes = -(-(on.config["DISCLOSURE_SECONDS"] + 2 * 77 + disclosure_job.GRACE_SECONDS) // 60)
+    assert f"#SBATCH --time={minutes}\n" in text  # the checker's, predict's twice and the grace, in minutes
+    syntax = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    on.config.update(RELEASE_SANITISED_MODELS=False)  # no copies: predict once
+    unsanitised = script(("net.model:predict", Path("/images/env-abc.sif"), None))
+    assert "rounded-view" not in unsanitised and "--rounded-" not in unsanitised
     minutes = -(-(on.config["DISCLOSURE_SECONDS"] + 77 + disclosure_job.GRACE_SECONDS) // 60)
-    assert f"#SBATCH --time={minutes}\n" in text  # the checker's, predict's and the grace, in minutes
+    assert f"#SBATCH --time={minutes}\n" in unsanitised
     missing = script(("net.model:predict", None, "the submission's image could not be had (BuildError)"))
     assert "timeout --kill-after" not in missing
     assert "--membership-error 'the submission'\"'\"'s image could not be had (BuildError)'" in missing
@@ -637,7 +654,9 @@ def test_the_clam_samples_trained_model_is_not_failed_and_gets_its_membership_te
     """The hospital's own sample, two epochs on the data: a `fail` on its model.tar
     or metrics.json would be a false positive every honest researcher meets. The
     model gets the membership test through the sample's m2d.toml predict (run in
-    the sample's own image) and a sanitised copy."""
+    the sample's own image) and a sanitised copy, and the same predict, run again
+    on the export with model.tar rounded as its copy is, gives the released
+    model's held-out metric beside the original's."""
     stack = reporting_stack
     owner = stack.researcher("clam-owner", dry_run=False)
     reviewer = _reviewer(stack, "clam-reviewer")
@@ -652,3 +671,16 @@ def test_the_clam_samples_trained_model_is_not_failed_and_gets_its_membership_te
     checks = {c["name"]: c for c in files["model.tar"]["checks"]}
     assert checks["sanitise"]["status"] == "pass", checks
     assert checks["membership"]["status"] in ("pass", "review") and "AUC" in checks["membership"]["reason"], checks
+    # predict loaded the rounded model.tar (torch.load, unchanged code) and answered: both metrics are numbers
+    metric = checks["sanitised-metric"]
+    assert metric["status"] in ("pass", "review"), metric
+    assert "as written" in metric["reason"] and "rounded" in metric["reason"], metric
+    assert "predict failed" not in metric["reason"] and "not compared" not in metric["reason"], metric
+    folder = Path(stack.env["M2D_DATA_DIR"]) / "submissions" / str(submission_id) / "disclosure"
+    (named,) = [f for f in json.loads((folder / "report.json").read_text())["files"] if f["path"] == "model.tar"]
+    held_out = named["sanitised"]["held_out"]
+    for side in ("original", "rounded"):
+        assert isinstance(held_out[side]["accuracy"], float) and held_out[side]["images"] > 0, held_out
+    assert held_out["accuracy_drop"] == pytest.approx(held_out["original"]["accuracy"]
+                                                      - held_out["rounded"]["accuracy"]), held_out
+    assert held_out["max_auc_drop"] == 0.05

@@ -3,6 +3,7 @@ m2d.toml declares predict(export_dir, images); the report job calls it in the
 submission's image and the checker turns its answers into a loss-threshold attack
 (m2d/disclosure/membership.py). The rules here; the stack's proof is
 tests/test_disclosure_flow.py::test_a_memorising_predict_fails_its_model_on_the_stack."""
+import hashlib
 import json
 import math
 import subprocess
@@ -273,6 +274,164 @@ def test_the_report_cli_runs_the_attack_from_the_plan_and_the_output(dataset, in
     assert done.returncode == 0, done.stderr
     (check,) = [c for c in json.loads(out.read_text())["files"][0]["checks"] if c["name"] == "membership"]
     assert check["status"] == "review" and "plan" in check["reason"]
+
+
+# --- the rounded (released) model's held-out metric beside the original's --------------------
+
+MAX_DROP = 0.05
+
+
+def _held(test_auc, accuracy=0.75, **more):
+    return {"auc": 0.5, "members": 30, "non_members": 20, "member_cases": 8, "non_member_cases": 8,
+            "test_accuracy": accuracy, "worst_cases": [], **({"test_auc": test_auc} if test_auc is not None else {}),
+            **more}
+
+
+@pytest.mark.parametrize("before, after, wanted", [
+    (0.80, 0.80, "pass"), (0.80, 0.76, "pass"), (0.80, 0.75, "pass"), (0.80, 0.85, "pass"),
+    (0.80, 0.7499, "review"), (0.80, 0.50, "review"),
+])
+def test_the_rounded_copys_held_out_auc_within_the_sites_drop_passes_else_review(before, after, wanted):
+    status, reason, held_out = membership.compare(_held(before), _held(after, 0.70), MAX_DROP)
+    assert status == wanted, reason
+    assert held_out["original"] == {"auc": before, "accuracy": 0.75, "images": 20}
+    assert held_out["rounded"] == {"auc": after, "accuracy": 0.70, "images": 20}
+    assert held_out["auc_drop"] == pytest.approx(before - after)
+    assert held_out["accuracy_drop"] == pytest.approx(0.05) and held_out["max_auc_drop"] == MAX_DROP
+    assert f"held-out AUC {before:.3f} as written, {after:.3f} rounded" in reason
+    assert "accuracy at 0.5 0.750 as written, 0.700 rounded" in reason
+    if wanted == "review":
+        assert "the released (rounded) model is worse on the held-out cases" in reason
+
+
+def test_with_one_label_among_the_held_out_images_accuracy_is_compared():
+    status, reason, held_out = membership.compare(_held(None, 0.9), _held(None, 0.8), MAX_DROP)
+    assert status == "review" and held_out["auc_drop"] is None and "accuracy compared" in reason
+    assert held_out["accuracy_drop"] == pytest.approx(0.1) and "held-out AUC undefined as written" in reason
+    assert membership.compare(_held(None, 0.9), _held(None, 0.9), MAX_DROP)[0] == "pass"
+
+
+def test_predict_failing_on_the_rounded_copy_or_on_the_original_is_review_never_pass():
+    status, reason, held_out = membership.compare(_held(0.8), {"error": "predict raised KeyError: 'w'"}, MAX_DROP)
+    assert status == "review" and "predict failed on the rounded copy" in reason and "KeyError" in reason
+    assert held_out["original"]["auc"] == 0.8 and held_out["rounded"]["auc"] is None
+    status, reason, _ = membership.compare({"error": "predict did not finish"}, _held(0.8), MAX_DROP)
+    assert status == "review" and "not compared" in reason and "did not finish" in reason
+
+
+def test_the_check_goes_on_files_that_leave_as_their_copy_and_only_for_the_bytes_predict_saw(index_dir, tmp_path):
+    import numpy as np
+
+    from tests.helpers import checkpoints
+    export = tmp_path / "export"
+    export.mkdir()
+    model = checkpoints.torch_zip({"w": np.ones((2, 2), np.float32)}, export / "model.pt")
+    checkpoints.torch_zip({"w": np.zeros((2, 2), np.float32)}, export / "other.pt")
+    (export / "metrics.json").write_text('{"auc": 0.7}')
+    held_out = {"original": {"auc": 0.8}, "rounded": {"auc": 0.79}}
+    asked = {"model.pt": hashlib.sha256(model.read_bytes()).hexdigest(), "other.pt": "0" * 64}
+    report = Checker(Index.load(index_dir), sanitise_bits=7, report_dir=tmp_path,
+                     sanitised_metric=("pass", "within 0.05", held_out, asked)).run(export)
+    files = {f["path"]: f for f in report["files"]}
+    assert {"name": "sanitised-metric", "status": "pass", "reason": "within 0.05"} in files["model.pt"]["checks"]
+    assert files["model.pt"]["sanitised"]["held_out"] == held_out
+    (other,) = [c for c in files["other.pt"]["checks"] if c["name"] == "sanitised-metric"]
+    assert other["status"] == "review" and "not asked about this file's rounded copy" in other["reason"]
+    assert "held_out" not in files["other.pt"]["sanitised"]
+    assert not any(c["name"] == "sanitised-metric" for c in files["metrics.json"]["checks"])
+    names = [c["name"] for c in files["model.pt"]["checks"]]  # beside the sanitise line, wherever it is shown
+    assert names[names.index("sanitise") + 1] == "sanitised-metric"
+
+
+ROUNDING_SENSITIVE = """\
+import json, os
+import torch
+
+def predict(export_dir, images):
+    saved = torch.load(os.path.join(export_dir, "model.pt"), weights_only=True)
+    classes = json.load(open(os.path.join(export_dir, "meta", "classes.json")))
+    assert classes == ["benign", "malignant"], classes
+    scores = saved["scores"].tolist()
+    if BREAKS_WHEN_ROUNDED and len(set(scores)) == 1:
+        raise ValueError("the model lost its weights")
+    return [scores[i] for i in range(len(images))]
+"""
+
+
+def _job_as_the_report_job_runs_it(tmp_path, dataset, index_dir, scores, breaks=False) -> dict:
+    """The report job's steps without apptainer: plan, predict, rounded-view,
+    predict on the view, report; the model file's entry."""
+    import torch
+    the_plan = membership.plan(str(dataset), 100, mount=str(dataset))
+    export, code = tmp_path / "export", tmp_path / "code"
+    (export / "meta").mkdir(parents=True)
+    code.mkdir()
+    (export / "meta" / "classes.json").write_text('["benign", "malignant"]')
+    torch.save({"scores": torch.tensor([scores(item) for item in the_plan["images"]], dtype=torch.float32)},
+               export / "model.pt")
+    (code / "main.py").write_text(ROUNDING_SENSITIVE.replace("BREAKS_WHEN_ROUNDED", str(breaks)))
+    (tmp_path / "plan.json").write_text(json.dumps(the_plan))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "m2d.disclosure", *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    def predict(export_dir, scratch):
+        scratch.mkdir()
+        return run("membership", "--plan", tmp_path / "plan.json", "--code", code, "--entry", "main:predict",
+                   "--export", export_dir, "--out", scratch / "membership.json").returncode
+
+    assert predict(export, tmp_path / "scratch") == 0
+    (tmp_path / "rounded" / "view").mkdir(parents=True)
+    made = run("rounded-view", "--export", export, "--view", tmp_path / "rounded" / "view", "--link-to", export,
+               "--sanitise-bits", 7, "--manifest", tmp_path / "rounded" / "view.json")
+    assert made.returncode == 0, made.stderr
+    rounded_exit = predict(tmp_path / "rounded" / "view", tmp_path / "scratch-rounded")
+    (tmp_path / "report").mkdir()
+    done = run("report", "--index", index_dir, "--export", export, "--out", tmp_path / "report" / "report.json",
+               "--sanitise-bits", 7, "--membership-plan", tmp_path / "plan.json",
+               "--membership", tmp_path / "scratch" / "membership.json", "--membership-exit", 0,
+               "--rounded-view", tmp_path / "rounded" / "view.json",
+               "--rounded-membership", tmp_path / "scratch-rounded" / "membership.json",
+               "--rounded-exit", rounded_exit, "--sanitised-max-auc-drop", MAX_DROP, "--mia-min-cases", 2,
+               "--acro-out", tmp_path / "report" / "acro.json")
+    assert done.returncode in (0, 3), done.stderr
+    files = {f["path"]: f for f in json.loads((tmp_path / "report" / "report.json").read_text())["files"]}
+    view = json.loads((tmp_path / "rounded" / "view.json").read_text())
+    assert view["rounded"] == {"model.pt": files["model.pt"]["sha256"]}
+    assert (tmp_path / "rounded" / "view" / "meta").is_dir()  # folders are folders, files links to the export
+    assert (tmp_path / "rounded" / "view" / "meta" / "classes.json").readlink() == export / "meta" / "classes.json"
+    return files["model.pt"]
+
+
+def test_a_model_that_rounding_keeps_passes_with_both_metrics_in_the_report(tmp_path, dataset, index_dir):
+    entry = _job_as_the_report_job_runs_it(tmp_path, dataset, index_dir,
+                                           lambda item: 0.8 if item["label"] else 0.2)
+    (check,) = [c for c in entry["checks"] if c["name"] == "sanitised-metric"]
+    assert check["status"] == "pass", check
+    held_out = entry["sanitised"]["held_out"]
+    assert held_out["original"]["accuracy"] == held_out["rounded"]["accuracy"] == 1.0
+    assert held_out["accuracy_drop"] == 0 and held_out["max_auc_drop"] == MAX_DROP
+    assert "held-out accuracy at 0.5 1.000 as written, 1.000 rounded" in check["reason"]
+
+
+def test_a_model_whose_skill_lies_in_the_low_bits_is_reviewed_as_worse_when_released(tmp_path, dataset, index_dir):
+    """Its held-out answers differ only below the 7th mantissa bit: rounded, they are all alike."""
+    entry = _job_as_the_report_job_runs_it(tmp_path, dataset, index_dir,
+                                           lambda item: 0.5 + (1e-6 if item["label"] else -1e-6))
+    (check,) = [c for c in entry["checks"] if c["name"] == "sanitised-metric"]
+    assert check["status"] == "review" and "the released (rounded) model is worse" in check["reason"], check
+    held_out = entry["sanitised"]["held_out"]
+    assert held_out["original"]["accuracy"] == 1.0 and held_out["rounded"]["accuracy"] < 1.0
+    assert entry["status"] != "pass"
+
+
+def test_predict_failing_on_the_rounded_model_is_reviewed(tmp_path, dataset, index_dir):
+    entry = _job_as_the_report_job_runs_it(tmp_path, dataset, index_dir,
+                                           lambda item: 0.5 + (1e-6 if item["label"] else -1e-6), breaks=True)
+    (check,) = [c for c in entry["checks"] if c["name"] == "sanitised-metric"]
+    assert check["status"] == "review", check
+    assert "predict failed on the rounded copy" in check["reason"] and "lost its weights" in check["reason"]
 
 
 # --- m2d.toml at upload ----------------------------------------------------------------------

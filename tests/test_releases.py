@@ -50,11 +50,12 @@ def model(seed=0, noise=0.0, base_seed=None):
     return weights
 
 
-def ended_with_report(tmp_path, user, files: dict[str, bytes], sanitised=True):
+def ended_with_report(tmp_path, user, files: dict[str, bytes], sanitised=True, held_out=None):
     """An ended submission whose export holds ``files``, and the report job's
     output beside it: each model file's sanitise check and sanitised copy
     (``sanitised`` False: a report that did not type it; "unreported": typed a
-    model but neither copied nor checked; "review": the check says it could not be)."""
+    model but neither copied nor checked; "review": the check says it could not be;
+    ``held_out``: the copy's held-out metric beside the original's, as predict gave them)."""
     submission = lifecycle.create(user, "mine.zip")
     submission.status = Status.COMPLETED.value
     db.session.commit()
@@ -74,6 +75,8 @@ def ended_with_report(tmp_path, user, files: dict[str, bytes], sanitised=True):
         elif name.endswith(".pt") and sanitised:
             check, copy = sanitise.check_model(root / "export" / name, sha256, report_dir)
             entry.update(type="pytorch-zip", status=check["status"], checks=[check], sanitised=copy)
+            if held_out is not None:
+                copy["held_out"] = held_out
         elif name.endswith(".csv"):
             entry["type"] = "csv"
         entries.append(entry)
@@ -192,6 +195,29 @@ def test_the_review_page_says_which_bytes_leave_for_each_file(tmp_path, client, 
     local_app.config["RELEASE_SANITISED_MODELS"] = False
     page = client.get(urls["copied"]).get_data(as_text=True)
     assert "sanitised copy</strong>" not in page and "RELEASE_SANITISED_MODELS is off" in page
+
+
+def test_the_review_page_shows_the_released_models_held_out_metric_beside_the_originals(
+        tmp_path, client, alice, reviewers):
+    from .helpers.users import fresh, log_in_session
+
+    held_out = {"original": {"auc": 0.8125, "accuracy": 0.75, "images": 40},
+                "rounded": {"auc": 0.8, "accuracy": 0.725, "images": 40},
+                "auc_drop": 0.0125, "accuracy_drop": 0.025, "max_auc_drop": 0.05}
+    measured = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model())}, held_out=held_out)
+    unmeasured = ended_with_report(tmp_path, alice, {"model.pt": zip_bytes(tmp_path, model(seed=2))},
+                                   held_out={"original": {"auc": None}, "rounded": {"auc": "0.9"}})
+    pages = {}
+    for name, submission in (("measured", measured), ("unmeasured", unmeasured)):
+        url = f"/review/requests/{airlock.request_release(alice, submission, None, 'for the paper').id}"
+        fresh()
+        log_in_session(client, reviewers[0])
+        pages[name] = client.get(url).get_data(as_text=True)
+    leaves = pages["measured"][pages["measured"].index('<p class="leaves'):]
+    leaves = leaves[:leaves.index("</p>")]
+    assert "held-out AUC 0.812 as written, 0.800 as released, held-out accuracy 0.750 as written, " \
+           "0.725 as released" in leaves
+    assert "held-out" not in pages["unmeasured"]  # only numbers are shown
 
 
 def test_a_sanitised_copy_changed_after_the_report_is_never_released(tmp_path, local_app, alice, reviewers):

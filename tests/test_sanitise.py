@@ -204,6 +204,73 @@ def test_a_tensor_view_past_its_storage_is_refused_before_it_is_read(tmp_path):
         sanitise.load(path)
 
 
+# --- the rounded model in its own format (what predict loads for the held-out metric) -----
+
+
+def _torch_tensors(value, prefix: str = "") -> dict:
+    """A loaded checkpoint's tensors by the copy's flattened names."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    found = {}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else []
+    for key, child in items:
+        found.update(_torch_tensors(child, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+@pytest.mark.parametrize("fmt", ["torch-zip", "torch-legacy", "safetensors"])
+def test_the_rounded_model_in_its_own_format_loads_as_before_and_holds_the_released_copys_numbers(tmp_path, fmt):
+    """torch.load (weights_only, and mmap for the zip) reads it as it read the
+    original: the pickle, its strings and shared storages kept; its tensors
+    are the sanitised copy's, value for value, dtype for dtype."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    weights = torch.randn(6, 5) * 3
+    state = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(7),
+             "half": torch.randn(5).half(), "brain": torch.randn(5).bfloat16(), "all": weights,
+             "rows": weights[2:4]}  # a view sharing the storage of "all"
+    source = tmp_path / "model.tar"
+    if fmt == "safetensors":
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(source))
+    else:
+        torch.save({"classes": ["benign", "malignant"], "input_size": [64, 80], "state_dict": state}, source,
+                   _use_new_zipfile_serialization=fmt == "torch-zip")
+    rounded = tmp_path / "view" / "model.tar"
+    rounded.parent.mkdir()
+    assert sanitise.write_rounded(source, rounded, 7) == fmt
+    sanitise.sanitise(source, tmp_path / "copy.safetensors", 7)
+    copy = load_torch(str(tmp_path / "copy.safetensors"))
+    if fmt == "safetensors":
+        loaded = load_torch(str(rounded))
+    else:
+        saved = torch.load(rounded, weights_only=True)
+        assert saved["classes"] == ["benign", "malignant"] and saved["input_size"] == [64, 80]
+        loaded = _torch_tensors(saved)
+        rows = saved["state_dict"]["rows"]
+        assert rows.untyped_storage().data_ptr() == saved["state_dict"]["all"].untyped_storage().data_ptr()
+        if fmt == "torch-zip":
+            assert torch.equal(_torch_tensors(torch.load(rounded, weights_only=True, mmap=True))["state_dict.all"],
+                               loaded["state_dict.all"])
+    assert sorted(loaded) == sorted(copy)
+    for name, tensor in copy.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    original = torch.load(source, weights_only=True)["state_dict"]["all"] if fmt != "safetensors" else weights
+    changed = loaded["state_dict.all" if fmt != "safetensors" else "all"]
+    assert not torch.equal(changed, original) and torch.allclose(changed, original, rtol=2**-7)
+
+
+def test_the_rounded_model_is_refused_where_the_copy_is_and_nothing_is_left(tmp_path):
+    canary = tmp_path / "canary"
+    hostile = checkpoints.torch_zip_with_code(tmp_path / "model.pt", canary)
+    with pytest.raises(sanitise.Unsanitisable, match="exec, which is not a tensor"):
+        sanitise.write_rounded(hostile, tmp_path / "rounded.pt")
+    assert not canary.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
 # --- in the report job: m2d.disclosure report --sanitise-bits N ---------------------------
 
 

@@ -14,7 +14,10 @@ disclosure/report.json, read by gateway.core.jobfiles once sacct says the job en
 the job also writes each model file's sanitised copy (--sanitise-bits
 RELEASE_MANTISSA_BITS) beside it, disclosure/sanitised/: the gateway never
 reads the export to sanitise, the copy comes only from this job
-(gateway.core.releases releases it).
+(gateway.core.releases releases it). Where the submission declares predict,
+the job also asks it about the export as it would be released (each model file
+rounded as its copy is) and the report keeps the rounded model's held-out
+metric beside the original's (the sanitised-metric check).
 
     owed --submit (rq, build queue)--> submitted --poll--> done | failed
 """
@@ -157,8 +160,10 @@ def _write_job(submission: Submission, files: SubmissionFiles, image: Path, whee
     if mia_image is not None and not _SAFE_PATH.fullmatch(str(mia_image)):
         mia_image, mia_error = None, "the submission's image path cannot be bound"
     seconds = cfg["DISCLOSURE_SECONDS"]
+    sanitise_bits = cfg["RELEASE_MANTISSA_BITS"] if cfg["RELEASE_SANITISED_MODELS"] else None
     mia_seconds = cfg["DISCLOSURE_MIA_SECONDS"] if mia_image else 0
-    minutes = -(-(seconds + mia_seconds + GRACE_SECONDS) // 60)
+    predict_runs = 2 if sanitise_bits else 1  # with sanitised copies, again on the rounded export
+    minutes = -(-(seconds + predict_runs * mia_seconds + GRACE_SECONDS) // 60)
     text = render(
         TEMPLATE, submission_id=submission.id, job_name=job_name(cfg["SLURM_JOB_PREFIX"], submission.id),
         log_dir=files.logs, time=str(minutes), mem=cfg["DISCLOSURE_MEM"], cpus=cfg["SLURM_CPUS"],
@@ -168,7 +173,8 @@ def _write_job(submission: Submission, files: SubmissionFiles, image: Path, whee
         index_in_container=f"{INDEX_ROOT_MOUNT}/{version}", index_lock=index_root / f".{version}.lock",
         index_bind=f"{index_root / version}:/mnt/index:ro", export_bind=f"{files.export}:/mnt/export:ro",
         report_dir=report_dir, report_bind=f"{report_dir}:/mnt/report", max_seconds=seconds,
-        sanitise_bits=cfg["RELEASE_MANTISSA_BITS"] if cfg["RELEASE_SANITISED_MODELS"] else None,
+        sanitise_bits=sanitise_bits, original_bind=f"{files.export}:/mnt/original:ro",
+        sanitised_max_auc_drop=cfg["DISCLOSURE_SANITISED_MAX_AUC_DROP"],
         membership=mia_image is not None, mia_error=mia_error, mia_entry=entry, mia_image=mia_image,
         code_bind=f"{files.code}:/code:ro", mia_seconds=mia_seconds, mia_max_images=cfg["DISCLOSURE_MIA_MAX_IMAGES"],
         mia_fail_auc=cfg["DISCLOSURE_MIA_FAIL_AUC"], mia_review_auc=cfg["DISCLOSURE_MIA_REVIEW_AUC"],

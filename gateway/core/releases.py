@@ -84,6 +84,21 @@ def _sanitised(entry: dict | None) -> dict | None:
     return found
 
 
+def _held_out(copy: dict) -> str:
+    """The rounded copy's held-out metric beside the original's, as the report
+    job measured them through the submission's predict ('' where it did not)."""
+    found = copy.get("held_out")
+    if not isinstance(found, dict):
+        return ""
+    shown = []
+    for key, name in (("auc", "AUC"), ("accuracy", "accuracy")):
+        before, after = (found.get(side, {}).get(key) if isinstance(found.get(side), dict) else None
+                         for side in ("original", "rounded"))
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after)):
+            shown.append(f"held-out {name} {before:.3f} as written, {after:.3f} as released")
+    return f"; {', '.join(shown)}" if shown else ""
+
+
 # ------------------------------------------------------------------ what leaves
 
 @dataclass(frozen=True)
@@ -108,7 +123,7 @@ def leaving(entry: dict | None) -> Leaving:
         bits = copy.get("mantissa_bits")
         return Leaving(SANITISED, "the report job's copy: plain tensors (safetensors, no pickled code), floats "
                                   f"rounded to {bits if isinstance(bits, int) else '?'} mantissa bits, "
-                                  f"sha256 {copy['sha256']}")
+                                  f"sha256 {copy['sha256']}{_held_out(copy)}")
     kind = entry.get("type") if entry else None
     if kind not in MODEL_TYPES:
         return Leaving(AS_WRITTEN, "not a model file by its report" if entry else "no report names it")

@@ -241,6 +241,48 @@ def status(result: dict, fail_auc: float, review_auc: float, min_cases: int) -> 
                      f"furthest below the test losses' median: {worst}")
 
 
+def compare(original: dict, rounded: dict, max_auc_drop: float) -> tuple[str, str, dict]:
+    """The ``sanitised-metric`` check of a model file that leaves as its rounded
+    copy: (status, reason, held_out). ``original`` and ``rounded`` are ``run``'s
+    results of predict on the export as written and on its rounded view
+    (rounded.py). Pass when the copy's held-out AUC lies within ``max_auc_drop``
+    of the original's (their accuracy at 0.5 where the held-out images have one
+    label only); review when it is worse than that, so reviewers know the
+    released model is, or when either could not be measured."""
+    held_out = {"original": _held_out(original), "rounded": _held_out(rounded), "max_auc_drop": max_auc_drop}
+    if "error" in original:
+        return "review", ("the held-out metric of the rounded copy is not compared: the model as written was not "
+                          f"measured ({original['error']})"), held_out
+    if "error" in rounded:
+        return "review", (f"predict failed on the rounded copy, so the released model's held-out metric is "
+                          f"unknown: {rounded['error']}"), held_out
+    if "test_accuracy" not in original or "test_accuracy" not in rounded:
+        return "review", "no held-out images to measure the rounded copy on", held_out
+    for metric in ("auc", "accuracy"):
+        before, after = held_out["original"][metric], held_out["rounded"][metric]
+        held_out[f"{metric}_drop"] = None if before is None or after is None else before - after
+    compared = "auc" if held_out["auc_drop"] is not None else "accuracy"
+    drop = held_out[f"{compared}_drop"]
+    words = {"auc": "AUC", "accuracy": "accuracy at 0.5"}
+    both = "; ".join(f"held-out {words[m]} {_number(held_out['original'][m])} as written, "
+                     f"{_number(held_out['rounded'][m])} rounded" for m in ("auc", "accuracy"))
+    if compared == "accuracy":
+        both += " (one label among the held-out images: accuracy compared)"
+    if drop > max_auc_drop + 1e-9:  # (0.8 - 0.75 is 0.05000000000000004 in floats)
+        return "review", (f"the released (rounded) model is worse on the held-out cases: {words[compared]} "
+                          f"{drop:.3f} lower, more than {max_auc_drop:g}; {both}"), held_out
+    return "pass", f"the rounded copy keeps the held-out metric within {max_auc_drop:g}: {both}", held_out
+
+
+def _held_out(result: dict) -> dict:
+    return {"auc": result.get("test_auc"), "accuracy": result.get("test_accuracy"),
+            "images": result.get("non_members")}
+
+
+def _number(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
 def load_plan(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)

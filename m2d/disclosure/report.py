@@ -106,8 +106,12 @@ PASS_REASONS = {
 class Checker:
     def __init__(self, index: Index, limits: Limits = Limits(), train_count: int | None = None,
                  params_per_case: float = PARAMS_PER_CASE, sanitise_bits: int | None = None,
-                 report_dir: str | os.PathLike | None = None, membership: tuple[str, str] | None = None):
+                 report_dir: str | os.PathLike | None = None, membership: tuple[str, str] | None = None,
+                 sanitised_metric: tuple[str, str, dict, dict | None] | None = None):
         self.membership = membership  # the membership check's (status, reason): membership.status
+        # the sanitised-metric check's (status, reason, held_out: membership.compare) and the rounded
+        # view's {path: sha256} predict was asked about (rounded.py; None: no view was made)
+        self.sanitised_metric = sanitised_metric
         if sanitise_bits is not None and (report_dir is None or not 1 <= sanitise_bits <= 52):
             raise ValueError("--sanitise-bits: 1 to 52, and a report folder to write the copies to")
         self.index, self.limits, self.budget = index, limits, Budget(limits)
@@ -127,6 +131,8 @@ class Checker:
             os.close(root)
         if self.membership is not None:
             self._membership(files)
+        if self.sanitised_metric is not None:
+            self._sanitised_metric(files)
         listed = [f.as_dict() for f in sorted(files, key=lambda f: f.path)]
         summary = {s: sum(1 for f in listed if f["status"] == s) for s in ORDER}
         return {"version": VERSION, "index_version": self.index.version["index_version"], "files": listed,
@@ -141,6 +147,23 @@ class Checker:
         status, reason = self.membership
         for f in targets:
             f.add("membership", status, reason)
+
+    def _sanitised_metric(self, files: list[FileReport]) -> None:
+        """The sanitised-metric check on each file that leaves as its sanitised copy:
+        the held-out metric of predict on the rounded view beside the original's,
+        kept in its ``sanitised.held_out`` too; review where the view predict was
+        asked about did not hold this file's bytes rounded."""
+        status, reason, held_out, rounded = self.sanitised_metric
+        for f in files:
+            if f.sanitised is None:
+                continue
+            if rounded is not None and rounded.get(f.path) != f.sha256:
+                f.add("sanitised-metric", "review", "predict was not asked about this file's rounded copy (the "
+                                                    "rounded view holds other bytes or none for it): the released "
+                                                    "model's held-out metric is unknown")
+                continue
+            f.add("sanitised-metric", status, reason)
+            f.sanitised["held_out"] = held_out
 
     def _walk(self, dir_fd: int, prefix: bytes, depth: int, files: list[FileReport]) -> None:
         names = sorted(_names(dir_fd))

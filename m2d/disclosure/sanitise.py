@@ -148,7 +148,9 @@ def sketch(values: np.ndarray) -> list[float]:
 
 # ------------------------------------------------------------------ safetensors
 
-def read_safetensors(data: bytes) -> dict[str, Tensor]:
+def read_safetensors(data: bytes, layout: list | None = None) -> dict[str, Tensor]:
+    """Its tensors; ``layout``, when given, gets (dtype, byte offset in ``data``,
+    elements) of each (write_rounded rounds them in place)."""
     if len(data) < 8:
         raise Unsanitisable("too short for a safetensors file")
     (length,) = struct.unpack("<Q", data[:8])
@@ -178,6 +180,8 @@ def read_safetensors(data: bytes) -> dict[str, Tensor]:
             raise Unsanitisable(f"tensor {name[:80]!r}'s data offsets do not fit its shape or the file")
         array = np.frombuffer(body[begin:end], dtype=DTYPES[dtype][0]).reshape(shape).copy()
         tensors[name] = Tensor(dtype, array)
+        if layout is not None:
+            layout.append((dtype, 8 + length + begin, count))
     return tensors
 
 
@@ -311,8 +315,10 @@ def _unpickle(stream: io.BytesIO, storages, deferred: bool = False) -> object:
         raise Unsanitisable(f"its pickle is not a plain state dict: {str(e)[:200] or type(e).__name__}") from None
 
 
-def read_torch_zip(path: Path, max_bytes: int) -> object:
-    """torch.save's zip format: <archive>/data.pkl, <archive>/data/<key> raw storages."""
+def read_torch_zip(path: Path, max_bytes: int, storages: dict | None = None) -> object:
+    """torch.save's zip format: <archive>/data.pkl, <archive>/data/<key> raw storages.
+    ``storages``, when given, gets each storage the pickle uses: its zip member's
+    name -> _Storage (write_rounded rounds them)."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -342,15 +348,18 @@ def read_torch_zip(path: Path, max_bytes: int) -> object:
                 if len(raw) % width or (isinstance(numel, int) and len(raw) // width < numel):
                     raise Unsanitisable(f"storage {key[:40]!r} is shorter than it claims")
                 loaded[key] = _Storage(kind.dtype, np.frombuffer(raw, dtype=DTYPES[kind.dtype][0]))
+                if storages is not None:
+                    storages[info.filename] = loaded[key]
             return loaded[key]
 
         return _unpickle(io.BytesIO(archive.read(names[f"{root}/data.pkl"])), storage)
 
 
-def read_torch_legacy(data: bytes) -> object:
+def read_torch_legacy(data: bytes, layout: list | None = None) -> object:
     """torch.save(..., _use_new_zipfile_serialization=False): four pickles
     (magic number, protocol, system info, the object), the storage keys,
-    then each storage as a little-endian u64 count and its raw elements."""
+    then each storage as a little-endian u64 count and its raw elements.
+    ``layout``, when given, gets (dtype, byte offset, elements) of each storage."""
     stream = io.BytesIO(data)
     try:
         magic, protocol, info = (_unpickle(stream, None) for _ in range(3))
@@ -393,10 +402,13 @@ def read_torch_legacy(data: bytes) -> object:
         width = np.dtype(DTYPES[dtype][0]).itemsize
         if count > MAX_ELEMENTS:
             raise Unsanitisable("a storage with a bad size")
+        offset = stream.tell()
         raw = stream.read(count * width)
         if len(raw) != count * width:
             raise Unsanitisable("its storages end early")
         made.array = np.frombuffer(raw, dtype=DTYPES[dtype][0])
+        if layout is not None:
+            layout.append((dtype, offset, count))
     for part, key, offset, size in views:
         root = wanted[key][1].array
         if offset < 0 or size < 0 or offset + size > root.size:
@@ -433,20 +445,27 @@ class Result:
     left_out: list[str] = field(default_factory=list)  # names of non-tensor values
 
 
-def load(path: Path, max_bytes: int = 16 * 1024**3) -> Result:
-    """The tensors of a model file, by its content (not its name); Unsanitisable otherwise."""
+def load(path: Path, max_bytes: int = 16 * 1024**3, found: dict | None = None) -> Result:
+    """The tensors of a model file, by its content (not its name); Unsanitisable otherwise.
+    ``found``, when given, gets where its numbers lie (write_rounded): "members" (a
+    torch zip's storage members: name -> _Storage), or "layout" ([(dtype, byte
+    offset, elements)]) and "data" (the file's bytes)."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
-        return _flattened("torch-zip", read_torch_zip(path, max_bytes))
+        members = found.setdefault("members", {}) if found is not None else None
+        return _flattened("torch-zip", read_torch_zip(path, max_bytes, members))
     size = path.stat().st_size
     if size > max_bytes:
         raise Unsanitisable(f"larger than {max_bytes:,} bytes")
     data = path.read_bytes()
+    layout = None
+    if found is not None:
+        found["data"], layout = data, found.setdefault("layout", [])
     if len(head) >= 9 and head[8:9] == b"{":
-        return Result("safetensors", read_safetensors(data))
+        return Result("safetensors", read_safetensors(data, layout))
     if head[:1] == b"\x80":
-        return _flattened("torch-legacy", read_torch_legacy(data))
+        return _flattened("torch-legacy", read_torch_legacy(data, layout))
     raise Unsanitisable("not a PyTorch checkpoint or a safetensors file (by its content)")
 
 
@@ -492,8 +511,7 @@ def sanitise(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTISSA_B
                "left_out": loaded.left_out[:100], "left_out_count": len(loaded.left_out), "sketch": {},
                "tensor_changes": {}}  # per float tensor: [largest absolute, largest relative change]
     for name, tensor in loaded.tensors.items():
-        rounded = round_mantissa(tensor, min(mantissa_bits, DTYPES[tensor.dtype][1][0])
-                                 if DTYPES[tensor.dtype][1] else mantissa_bits)
+        rounded = _rounded(tensor, mantissa_bits)
         out[name] = rounded
         summary["bits_total"] += tensor.array.size * tensor.array.itemsize * 8
         before, after = as_float64(tensor), as_float64(rounded)
@@ -528,6 +546,56 @@ def sanitise(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTISSA_B
     partial.replace(target)
     summary["bytes"] = len(data)
     return summary
+
+
+def _rounded(tensor: Tensor, mantissa_bits: int) -> Tensor:
+    """round_mantissa at ``mantissa_bits``, or the dtype's own mantissa where it has fewer."""
+    kind = DTYPES[tensor.dtype][1]
+    return round_mantissa(tensor, min(mantissa_bits, kind[0]) if kind else mantissa_bits)
+
+
+ZIP_ALIGNMENT = 64  # torch.save aligns each member's data so (torch.load(mmap=True) maps it)
+
+
+def write_rounded(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTISSA_BITS) -> str:
+    """``source`` in its own format, every float rounded as ``sanitise`` rounds it,
+    all else as it is (the pickle, names, layout): what the researcher's predict
+    loads in place of the released copy, which it could not load (safetensors),
+    to measure the rounded model's held-out metric (rounded.py). Its tensors are
+    the copy's, value for value, and it is refused (Unsanitisable, nothing
+    written) exactly when the copy is. Its pickle is kept, never run here: only
+    predict loads it, sealed. The source's format ("torch-zip", ...)."""
+    if not 1 <= mantissa_bits <= 52:
+        raise ValueError("mantissa bits: 1 to 52")
+    found: dict = {}
+    loaded = load(Path(source), found=found)
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        if "members" in found:  # a torch zip: its members again, each storage rounded
+            with zipfile.ZipFile(source) as archive, open(partial, "wb") as out, \
+                    zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as rewritten:
+                for info in archive.infolist():
+                    body = archive.read(info)
+                    storage = found["members"].get(info.filename)
+                    if storage is not None:
+                        body = _rounded(Tensor(storage.dtype, storage.array), mantissa_bits).array.tobytes()
+                    member = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                    padding = -(out.tell() + 30 + len(member.filename.encode("utf-8")) + 4) % ZIP_ALIGNMENT
+                    member.extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding  # as torch pads
+                    rewritten.writestr(member, body)
+        else:  # safetensors, torch's legacy format: each tensor's or storage's bytes rounded in place
+            data = bytearray(found["data"])
+            for dtype, offset, count in found["layout"]:
+                width = np.dtype(DTYPES[dtype][0]).itemsize
+                array = np.frombuffer(bytes(data[offset:offset + count * width]), dtype=DTYPES[dtype][0])
+                data[offset:offset + count * width] = _rounded(Tensor(dtype, array), mantissa_bits).array.tobytes()
+            partial.write_bytes(data)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(target)
+    return loaded.source_format
 
 
 MODEL_TYPES = ("pytorch-zip", "pytorch-legacy", "safetensors")  # the report's types this re-saves
