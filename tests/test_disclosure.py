@@ -189,6 +189,78 @@ def test_report_cli_writes_the_interface_json_and_acro_shape_and_exits_3_on_fail
                 "comments", "exception"} <= set(r) for r in results.values())
 
 
+# What ACRO's own loader requires of a results.json: acro 1.0.2 (PyPI), acro/record.py
+# load_records(path), read there (the package and its pandas, statsmodels, matplotlib,
+# rdflib are too heavy for requirements.txt). It opens PATH/results.json; refuses a
+# "version" other than its own __version__; for each output of "results" reads uid, status,
+# type, properties, fair, command, summary, comments, exception, timestamp, "outcome" (a
+# dict for pandas.DataFrame.from_dict) and "files" (at least one, each a name and an "sdc"
+# dict, files[0]'s sdc kept); and reads every file name ending ".csv" with pandas.read_csv
+# from beside results.json (the rest stay names). SACRO-Viewer (AI-SDC/SACRO-Viewer,
+# sacro/models.py ACROOutputs, sacro/versioning.py) takes the folder's one ACRO json,
+# asks for "version" and "results", at least one file with a "name" per output, a version
+# of at least 0.4, and shows the status from the summary's first "; " part.
+ACRO_RECORD_KEYS = {"uid", "status", "type", "properties", "fair", "command", "summary", "outcome", "comments",
+                    "exception", "timestamp", "files"}
+
+
+def load_as_acro_does(folder: Path) -> dict[str, dict]:
+    """acro 1.0.2's load_records (above), step by step without pandas: {uid: record}."""
+    import csv
+    data = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    assert data["version"] == "1.0.2"  # load_records: ValueError("error loading output") otherwise
+    records = {}
+    for key, val in data["results"].items():
+        assert ACRO_RECORD_KEYS <= set(val), ACRO_RECORD_KEYS - set(val)
+        assert isinstance(val["outcome"], dict) and all(isinstance(c, (dict, list)) for c in val["outcome"].values())
+        assert isinstance(val["files"], list) and val["files"], key  # sdcs[0]
+        assert all(isinstance(f["name"], str) and isinstance(f["sdc"], dict) for f in val["files"])
+        for f in val["files"]:
+            if os.path.splitext(f["name"])[1] == ".csv":  # load_output: pandas.read_csv(PATH/name)
+                with open(folder / f["name"], newline="", encoding="utf-8") as table:
+                    rows = list(csv.reader(table))
+                assert rows and rows[0], f"{f['name']}: pandas finds no columns"
+                assert all(len(row) <= len(rows[0]) for row in rows), f"{f['name']}: a row longer than its header"
+        assert val["status"] in ("pass", "review", "fail") and isinstance(val["comments"], list)
+        # SACRO-Viewer: the status it shows is the summary's first part
+        assert val["summary"].split("; ")[0] == val["status"]
+        records[key] = val
+    major, minor, *_ = data["version"].split(".")
+    assert (int(major), int(minor)) >= (0, 4)  # SACRO-Viewer's ACRO_SUPPORTED_VERSION 0.4.x
+    return records
+
+
+def test_the_acro_results_file_loads_as_acros_own_loader_and_sacro_viewer_read_it(dataset, index_dir, tmp_path):
+    """--acro-out written as results.json beside the export's files (the folder a reviewer
+    opens, as ACRO's own output folder is) is read by acro 1.0.2's load_records: every
+    file an output, its verdict the status, each check's reason a comment."""
+    from m2d.disclosure import report as report_module
+    from tests.helpers import checkpoints
+    bundle = tmp_path / "outputs"
+    (bundle / "tables").mkdir(parents=True)
+    make.confusion_matrix_csv(bundle / "tables" / "confusion.csv")
+    make.ids_in_results_csv(dataset, bundle / "results.csv")
+    (bundle / "metrics.json").write_text('{"auc": 0.71}')
+    checkpoints.torch_zip({"w": np.ones((3, 3), np.float32)}, bundle / "model.pt")
+    (bundle / "empty.txt").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-m", "m2d.disclosure", "report", "--index", str(index_dir), "--export",
+                           str(bundle), "--out", str(tmp_path / "report.json"), "--acro-out",
+                           str(tmp_path / "results.json")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    (tmp_path / "results.json").rename(bundle / "results.json")
+    records = load_as_acro_does(bundle)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report_module.ACRO_VERSION == "1.0.2"
+    by_file = {r["files"][0]["name"]: r for r in records.values()}
+    assert set(by_file) == {f["path"] for f in report["files"]} == {
+        "tables/confusion.csv", "results.csv", "metrics.json", "model.pt", "empty.txt"}
+    for entry in report["files"]:
+        record = by_file[entry["path"]]
+        assert record["status"] == entry["status"] and record["type"] == "custom"
+        assert record["comments"] == [f"{c['name']}: {c['status']}: {c['reason']}" for c in entry["checks"]]
+    assert by_file["results.csv"]["status"] == "fail"
+
+
 def test_check_export_on_the_researchers_side(dataset, index_dir, tmp_path):
     make.per_case_predictions(dataset, tmp_path / "predictions.csv")
     done = subprocess.run([sys.executable, "-m", "m2d", "check-export", str(tmp_path), "--index", str(index_dir)],

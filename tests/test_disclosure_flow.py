@@ -247,8 +247,14 @@ def test_the_review_page_shows_each_files_status_and_reasons(client, people, che
     assert REASON in page and "in ACRO" in page
     report = client.get(f"/review/submissions/{checked.id}/disclosure.json")
     assert report.status_code == 200 and json.loads(report.data)["version"] == 1
+    db.session.get(DisclosureReport, checked.id).acro = '{"version": "1.0.2", "results": {}}'
+    db.session.commit()
+    acro = client.get(f"/review/submissions/{checked.id}/acro.json")  # the page's "in ACRO's shape" link
+    assert acro.status_code == 200 and json.loads(acro.data)["version"] == "1.0.2"
+    assert acro.headers["Content-Disposition"] == "attachment; filename=results.json"  # the name ACRO's loader opens
     _as(client, owner)
     assert client.get(f"/review/submissions/{checked.id}/disclosure.json").status_code == 403
+    assert client.get(f"/review/submissions/{checked.id}/acro.json").status_code == 403
 
 
 def test_the_report_job_sanitises_models_as_the_release_settings_say(on, people, tmp_path):

@@ -4,7 +4,8 @@
                                               and checks; the owner: how many files have each status
     GET /review/submissions/<id>/disclosure.json, .../acro.json
                                               reviewers: the report as the job wrote it, and in
-                                              ACRO's results shape (SACRO-Viewer opens it)
+                                              ACRO's results shape, as results.json (ACRO's
+                                              loader and SACRO-Viewer open it: docs/disclosure.md)
 The review page shows each file's verdict and offers the override of a `fail`;
 the owner's page the counts and, after a rejection, the request to ask again.
 """
@@ -57,7 +58,8 @@ def _raw(submission_id, column):
     text = getattr(row, column) if row else None
     if text is None:
         abort(404, f"Submission {submission_id} has no disclosure report of that kind.")
-    name = f"submission-{submission_id}-{'results' if column == 'acro' else 'disclosure'}.json"
+    # ACRO's loader (acro.record.load_records) opens FOLDER/results.json and nothing else
+    name = "results.json" if column == "acro" else f"submission-{submission_id}-disclosure.json"
     return Response(text, mimetype="application/json",
                     headers={"Content-Disposition": f"attachment; filename={name}"})
 
