@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from m2d.disclosure import index as disclosure_index
+from m2d.disclosure import tables
 from m2d.disclosure.index import Index
 from m2d.disclosure.limits import Limits
 from m2d.disclosure.report import Checker
@@ -162,6 +163,47 @@ def test_dominated_total_is_reviewed(index_dir, tmp_path):
     (tmp_path / "costs.csv").write_text("site,cost\na,950.5\nb,30.25\nc,20.75\ntotal,1001.5\n")
     entry = only(check(index_dir, tmp_path))
     assert "dominated by their largest parts" in reasons(entry, "table")
+
+
+ACRO_ORACLE = json.loads((REPO / "tests/data/acro/oracle.json").read_text())
+ACRO_RULES = {"NKCheck": tables.NK, "PPercentCheck": tables.PRATIO}
+
+
+def _table_of(index_dir: Path, tmp_path: Path, text: str) -> dict:
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "table.csv").write_text(text)
+    return only(check(index_dir, export))
+
+
+@pytest.mark.parametrize("case", sorted(ACRO_ORACLE["magnitudes"]))
+def test_dominance_and_p_ratio_agree_with_acros_own_verdicts(index_dir, tmp_path, case):
+    """ACRO 1.0.2 judged a cell of these contributions (tests/data/acro/make_oracle.py ran
+    acro.crosstab(..., aggfunc="sum") with its defaults: N=2, K=90 %, p-ratio 10 %); the
+    exported table that shows them and their total gets the same rules broken. (ACRO also
+    counts the contributors of a cell against its threshold: an exported table of
+    magnitudes does not show them.) Magnitudes are the contributions / 8: exact ratios,
+    and not whole numbers, so the column is one of magnitudes, not of counts."""
+    expected = ACRO_ORACLE["magnitudes"][case]
+    assert ACRO_ORACLE["acro"] == "1.0.2"
+    values = [v / 8 for v in expected["contributions"]]
+    lines = ["contributor,amount"] + [f"c{i},{v}" for i, v in enumerate(values)] + [f"Total,{sum(values)}"]
+    entry = _table_of(index_dir, tmp_path, "\n".join(lines) + "\n")
+    found = reasons(entry, "table")
+    ours = {rule for rule in (tables.NK, tables.PRATIO) if tables.RULES[rule] in found}
+    if tables.RULES[tables.NEGATIVE] in found:
+        ours |= {tables.NK, tables.PRATIO}  # ACRO: "Dominance not defined when negative value are present"
+    theirs = {ACRO_RULES[flag] for flag in expected["flags"] if flag in ACRO_RULES}
+    assert ours == theirs, (expected, found)
+    assert status_of(entry, "table") == ("review" if theirs else "pass")
+
+
+@pytest.mark.parametrize("count", sorted(ACRO_ORACLE["counts"], key=int))
+def test_the_count_threshold_agrees_with_acros_own_verdict(index_dir, tmp_path, count):
+    """A frequency cell of ACRO's crosstab with this many records, and our table showing it."""
+    flagged = "MinimumThresholdCheck" in ACRO_ORACLE["counts"][count]
+    entry = _table_of(index_dir, tmp_path, f"group,n\na,{count}\n")
+    assert status_of(entry, "table") == ("review" if flagged else "pass"), reasons(entry, "table")
 
 
 # --- the CLI, as the report job and the researcher run it ----------------------------------

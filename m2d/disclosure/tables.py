@@ -3,7 +3,7 @@
 ACRO's rules with its default parameters (acro/default.yaml): a frequency cell
 below ``THRESHOLD`` (10) or zero is `review`; a magnitude cell whose
 contributions fail the N-K dominance rule (the largest ``NK_N`` = 2 make up
-more than ``NK_K`` = 90 % of the total) or the p-ratio rule (what is left after
+``NK_K`` = 90 % of the total or more) or the p-ratio rule (what is left after
 the two largest is less than ``P_RATIO`` = 10 % of the largest) is `review`.
 An exported table carries no per-record contributions, so dominance and
 p-ratio are applied where the table itself shows a total and its parts (a row
@@ -169,32 +169,47 @@ def check(sheet: Sheet, row_counts: dict[str, int], cell_name) -> list[tuple[str
         out.append(("review", f"{len(thin)} magnitude cell(s) of groups of fewer than {THRESHOLD}: {_some(thin)}"))
 
     # dominance and p-ratio of a shown total and its parts
-    dominated = []
+    dominated: dict[str, list[str]] = {}  # rule -> cells
     total_rows = [i for i, r in enumerate(body) if TOTAL_LABEL.match(r[0].strip())]
     for t in total_rows[:1]:
         for j in magnitude_cols:
             parts = [_number(r[j]) for i, r in enumerate(body) if i != t and r[j].strip()]
-            if _dominated(_number(body[t][j]), parts):
-                dominated.append(cell_name(base + t, j))
+            for rule in dominance(_number(body[t][j]), parts):
+                dominated.setdefault(rule, []).append(cell_name(base + t, j))
     total_cols = [j for j in range(width) if TOTAL_LABEL.match(header[j].strip())]
     for j in total_cols[:1]:
         for i, r in enumerate(body):
             parts = [_number(r[k]) for k in magnitude_cols if k != j and r[k].strip()]
-            if j in magnitude_cols and _dominated(_number(r[j]), parts):
-                dominated.append(cell_name(base + i, j))
-    if dominated:
-        out.append(("review", f"{len(dominated)} total(s) dominated by their largest parts (N={NK_N}, K={NK_K:.0%} "
-                              f"or p-ratio {P_RATIO:.0%}): {_some(dominated)}"))
+            for rule in dominance(_number(r[j]), parts) if j in magnitude_cols else ():
+                dominated.setdefault(rule, []).append(cell_name(base + i, j))
+    for rule, cells in dominated.items():
+        out.append(("review", f"{len(cells)} total(s) {RULES[rule]}: {_some(cells)}"))
     return out
 
 
-def _dominated(total: float | None, parts: list[float | None]) -> bool:
-    parts = sorted((p for p in parts if p is not None and p >= 0), reverse=True)
+NK, PRATIO, NEGATIVE = "N-K", "p-ratio", "negative"
+RULES = {NK: f"dominated by their largest parts (N={NK_N}, K={NK_K:.0%})",
+         PRATIO: f"whose parts beside the two largest are less than {P_RATIO:.0%} of the largest (p-ratio)",
+         NEGATIVE: "with a negative part: dominance is not defined (ACRO reviews it)"}
+
+
+def dominance(total: float | None, parts: list[float | None]) -> list[str]:
+    """The rules a total and its parts break, as ACRO's (acro 1.0.2, sdcchecks.py
+    check_nk_dominance and check_ppercent_dominance) on a cell of those contributions:
+    N-K where the N largest make up K or more of the total; p-ratio where what is
+    left beside the two largest is below P of the largest; a negative part: neither
+    is defined, reviewed (tests/test_disclosure.py compares them with ACRO's own)."""
+    parts = sorted((p for p in parts if p is not None), reverse=True)
     if total is None or total <= 0 or not parts:
-        return False
-    top = sum(parts[:NK_N])
-    rest = total - parts[0] - (parts[1] if len(parts) > 1 else 0)
-    return top > NK_K * total or rest < P_RATIO * parts[0]
+        return []
+    if parts[-1] < 0:
+        return [NEGATIVE]
+    broken = []
+    if sum(parts[:NK_N]) >= NK_K * total:
+        broken.append(NK)
+    if total - sum(parts[:2]) < P_RATIO * parts[0]:
+        broken.append(PRATIO)
+    return broken
 
 
 def _some(names: list[str], most: int = 8) -> str:
