@@ -329,6 +329,21 @@ def test_one_researchers_five_jobs_do_not_keep_anothers_waiting(fair_stack, slee
     assert cpu.keys() == {account_a, account_b} and cpu[account_a] > cpu[account_b] > 0, cpu
 
 
+def refused_by_slurm(account):
+    """sbatch's error when Slurm refuses a job of ``account``, once slurmdbd's association
+    update has reached slurmctld (a moment after sacctmgr, longer on a loaded machine;
+    up to a minute); a job it accepted before that is cancelled at once."""
+    def tried():
+        done = subprocess.run(["sudo", "-n", "-u", "m2d-job", "sbatch", "--parsable", "--hold",
+                               f"--account={account}", "-o", "/dev/null", "--wrap", "true"],
+                              capture_output=True, text=True, timeout=60, cwd="/tmp")
+        if done.returncode == 0:
+            slurm("scancel", done.stdout.strip().split(";")[0])
+            return False
+        return done.stderr
+    return wait_for(tried, 60, f"Slurm to refuse jobs of {account}", interval=2)
+
+
 def test_disabling_a_researcher_stops_their_waiting_jobs_from_starting(fair_stack, sleeper_zip):
     a = fair_stack.researcher("fair-off")
     account = account_of(a)
@@ -348,18 +363,8 @@ def test_disabling_a_researcher_stops_their_waiting_jobs_from_starting(fair_stac
     for job_id in job_ids[1:]:  # queued behind the running one: never started, though it ended
         state, _start, node = jobs[job_id]
         assert state.startswith("CANCELLED") and node is None, jobs
-    # an sbatch of its account now is refused by Slurm itself, once slurmdbd's
-    # association update has reached slurmctld (a moment, longer on a loaded machine)
-    def refused_by_slurm():
-        tried = subprocess.run(["sudo", "-n", "-u", "m2d-job", "sbatch", "--parsable", f"--account={account}",
-                                "-o", "/dev/null", "--wrap", "true"], capture_output=True, text=True, timeout=60,
-                               cwd="/tmp")
-        if tried.returncode == 0:
-            slurm("scancel", tried.stdout.strip().split(";")[0])
-            return False
-        return tried
-    refused = wait_for(refused_by_slurm, 60, "Slurm to refuse the disabled account's jobs", interval=2)
-    assert "AssocMaxSubmitJobLimit" in refused.stderr, refused.stderr
+    # an sbatch of its account now is refused by Slurm itself
+    assert "AssocMaxSubmitJobLimit" in refused_by_slurm(account), association_rows(account)
     # the gateway recorded the end of each (the researcher cannot look: disabled)
     with create_app(from_environment(fair_stack.env)).app_context():
         def statuses():
@@ -394,6 +399,7 @@ def test_a_submission_over_the_queued_limit_fails_at_once_with_slurms_message(fa
     slurm("sacctmgr", "-i", "modify", "account", "where", f"name={account}", "set", "MaxSubmitJobs=1")
     first = a.submit(sleeper_zip.with_name("long.zip"))
     a.wait_until(first, "running", timeout=600)
+    refused_by_slurm(account)  # the limit has reached slurmctld
     second = a.wait_until(a.submit(sleeper_zip), {"queued", "running", "completed", "failed", "cancelled"},
                           timeout=600)
     assert second["status"] == "failed" and second["slurm_job_id"] is None, second

@@ -18,7 +18,7 @@ import requests
 
 from gateway.adapters.mlflow import MlflowAdmin
 
-from .helpers.relay import API, RelayProcesses, UnixHTTPConnection, call
+from .helpers.relay import API, RelayProcesses, UnixHTTPConnection, call, stop_all
 
 REQUESTS_PER_CHECK = 24  # fresh connections; the kernel spreads them over the workers
 
@@ -134,8 +134,7 @@ def test_jobs_logging_at_once_through_their_relays_get_every_value_into_their_ow
                                                      "timestamp": 0})
         other.close()
     finally:
-        for relay in relays:
-            relay.stop()  # each sends what it still holds
+        stop_all(relays)  # each sends what it still holds
     for i, run_id in enumerate(run_ids):
         history = requests.get(f"{mlflow_url}{API}/metrics/get-history", auth=admin_auth, timeout=60,
                                params={"run_id": run_id, "metric_key": "loss"}).json()["metrics"]
@@ -145,3 +144,34 @@ def test_jobs_logging_at_once_through_their_relays_get_every_value_into_their_ow
         assert run["info"]["experiment_id"] == owners[i].experiment_id
         refused = 2 if i == 0 else 0  # the two calls on job 1's run above
         assert json.loads((tmp_path / f"{i}.stats").read_text()) == {"refused": refused, "undelivered": 0}
+
+
+def test_many_log_batches_at_once_are_all_answered(mlflow_url, researchers):
+    """MLflow's log_batch opens a second database session inside its first; a worker
+    running more of them at once than its pool holds waited on itself until the pool's
+    timeout and failed them all (m2d_mlflow_auth.requests_within_pool). 96 at once over
+    fresh connections are about 24 per worker, three times its pool."""
+    grace = researchers("grace")
+    assert set(read_own_experiment(mlflow_url, grace)) == {200}  # every worker knows the login
+    login = (grace.username, grace.password)
+    runs = [requests.post(f"{mlflow_url}{API}/runs/create", auth=login, timeout=60,
+                          json={"experiment_id": grace.experiment_id}).json()["run"]["info"]["run_id"]
+            for _ in range(8)]
+    at_once = 96
+    start = threading.Barrier(at_once)
+    codes = [None] * at_once
+
+    def log_batch(i):
+        batch = {"run_id": runs[i % len(runs)],
+                 "metrics": [{"key": f"m{k}", "value": i, "timestamp": 0, "step": i} for k in range(3)],
+                 "params": [{"key": f"p{i}", "value": "v"}], "tags": [{"key": f"t{i}", "value": "v"}]}
+        with requests.Session() as fresh:
+            start.wait()
+            codes[i] = fresh.post(f"{mlflow_url}{API}/runs/log-batch", json=batch, auth=login, timeout=300).status_code
+
+    threads = [threading.Thread(target=log_batch, args=(i,)) for i in range(at_once)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [200] * at_once

@@ -25,6 +25,17 @@ goes to MLflow's own check (authenticate_request_basic_auth) unchanged. So:
   entries, least recently used out) and an entry lives M2D_MLFLOW_AUTH_CACHE_SECONDS
   (default 3600) at most.
 
+The same module keeps each worker's requests within its database pool
+(``requests_within_pool``): MLflow's tracking store opens a second session while
+the first is open (``log_batch`` holds the run's and asks for one per params,
+metrics, tags), and each worker runs up to 40 requests at once (anyio's thread
+pool) on a pool of a few connections: under a cluster's relays every connection
+was held by an outer session waiting for an inner one, and MLflow answered nothing
+until the pool's timeout, again and again ("idle in transaction" in PostgreSQL).
+At most M2D_MLFLOW_REQUESTS_AT_ONCE requests (default 4) run in a worker at once;
+deploy/testbed/mlflow.sh sizes each store's pool to twice that, so an outer and an
+inner session always find their connections. The rest wait in line, holding none.
+
 MLflow's UI hides its "change password" and "log out" items when the function is
 not its own; on this platform the gateway holds each researcher's MLflow password
 (it hands it to the job's relay), so a password changed in the UI would break that
@@ -43,13 +54,14 @@ import time
 from collections import OrderedDict
 
 from flask import g, request
-from mlflow.server import auth
+from mlflow.server import app, auth
 from mlflow.server.auth.db.models import SqlUser
 from sqlalchemy import select
 from werkzeug.datastructures import Authorization
 
 CACHE_SIZE = int(os.environ.get("M2D_MLFLOW_AUTH_CACHE_SIZE", "10000"))
 CACHE_SECONDS = float(os.environ.get("M2D_MLFLOW_AUTH_CACHE_SECONDS", "3600"))
+REQUESTS_AT_ONCE = int(os.environ.get("M2D_MLFLOW_REQUESTS_AT_ONCE", "4"))
 
 _hmac_key = secrets.token_bytes(32)
 _verified: OrderedDict[bytes, float] = OrderedDict()  # key -> when MLflow accepted it (monotonic)
@@ -101,3 +113,22 @@ def check_credentials() -> Authorization | object:
             while len(_verified) > CACHE_SIZE:
                 _verified.popitem(last=False)
     return answer
+
+
+def requests_within_pool(wsgi_app, at_once: int):
+    """``wsgi_app`` running at most ``at_once`` requests at a time; the others wait."""
+    slots = threading.BoundedSemaphore(at_once)
+
+    def limited(environ, start_response):
+        with slots:
+            return wsgi_app(environ, start_response)
+
+    limited.m2d_requests_at_once = at_once
+    return limited
+
+
+# MLflow imports this module on a worker's first authenticated request (it resolves
+# `authorization_function` lazily): the requests already running then are not held
+# back (at worst they wait for the pool's timeout once); every later one is.
+if not hasattr(app.wsgi_app, "m2d_requests_at_once"):
+    app.wsgi_app = requests_within_pool(app.wsgi_app, REQUESTS_AT_ONCE)

@@ -39,12 +39,19 @@ URL=http://127.0.0.1:$PORT
 HOST=127.0.0.1
 ! multi_node || HOST=0.0.0.0
 WORKERS=${M2D_MLFLOW_WORKERS:-4}
+# requests a worker runs at once (m2d_mlflow_auth.py); each store's pool is twice
+# that (an outer and an inner session each): WORKERS x 2 stores x 2 x 4 = 64
+# connections at most, under PostgreSQL's 100 with room for the tests' own databases
+REQUESTS_AT_ONCE=${M2D_MLFLOW_REQUESTS_AT_ONCE:-4}
 DATABASE=${M2D_MLFLOW_DATABASE:-mlflow}
 AUTH_DATABASE=${DATABASE}_auth
 # the credential cache, MLflow's `authorization_function`
 AUTH_MODULE_DIR=$(realpath "$M2D_TESTBED_SRC/../mlflow")
 PSYCOPG_VERSION=3.3.9  # as the gateway's requirements.txt
 PIDFILE=$DIR/mlflow.pid
+# what the running server was started with (settings, the plug-in's code): a
+# server started otherwise is restarted
+STARTED_WITH=$DIR/started-with
 LOGFILE=$DIR/mlflow.log
 VENV=$DIR/venv
 EXE_GLOB='python3*'
@@ -138,10 +145,11 @@ start() {
   ADMIN_PASSWORD=$(secret_file "$TESTBED_DIR/secrets/mlflow-admin-password")
   install_mlflow
   postgres_stores
-  # started for the other mode (nodes or none): on the address this one needs
+  # started otherwise: for the other mode (nodes or none: the address), with
+  # other settings, or with another version of our plug-in
   if pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB" >/dev/null \
-     && ! pid_alive "$PIDFILE" "$EXE_GLOB" "* --host $HOST *" >/dev/null; then
-    log "mlflow listens on another address than $HOST: restarting it"
+     && [ "$(cat "$STARTED_WITH" 2>/dev/null)" != "$(launch_settings)" ]; then
+    log "mlflow runs with other settings ($(head -n1 "$STARTED_WITH" 2>/dev/null)) or another m2d_mlflow_auth.py: restarting it"
     stop
   fi
   if pid=$(pid_alive "$PIDFILE" "$EXE_GLOB" "$CMD_GLOB"); then
@@ -159,14 +167,15 @@ start() {
     # (scorer jobs), which we never use, on a small machine.
     # The store's URI (it holds the database password) in the environment, which
     # only root reads, not in the command line, which everyone does.
-    # Connections: each worker has a pool per store; 4 + 4 each keeps WORKERS x 16
-    # under PostgreSQL's 100 with room for the tests' own databases.
+    launch_settings > "$STARTED_WITH"
     start_bg "$PIDFILE" "$LOGFILE" env \
       MLFLOW_FLASK_SERVER_SECRET_KEY="$flask_secret" \
       MLFLOW_AUTH_CONFIG_PATH="$DIR/basic_auth.ini" \
       MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
       MLFLOW_BACKEND_STORE_URI="$TRACKING_URI" \
-      MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=4 MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=4 \
+      MLFLOW_SQLALCHEMYSTORE_POOL_SIZE="$REQUESTS_AT_ONCE" \
+      MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW="$REQUESTS_AT_ONCE" \
+      M2D_MLFLOW_REQUESTS_AT_ONCE="$REQUESTS_AT_ONCE" \
       PYTHONPATH="$AUTH_MODULE_DIR" \
       "$VENV/bin/mlflow" server --app-name basic-auth \
         --host "$HOST" --port "$PORT" --workers "$WORKERS" \
@@ -181,6 +190,18 @@ start() {
   curl -fsS -o /dev/null -u "admin:$ADMIN_PASSWORD" \
       "$URL/api/2.0/mlflow/users/get?username=admin" \
     || die "mlflow admin login failed: $DIR/basic_auth.db and $TESTBED_DIR/secrets/mlflow-admin-password disagree"
+  # One request after the other on fresh connections, which the kernel spreads
+  # over the workers: each loads m2d_mlflow_auth (and its request limit) before
+  # the relays' requests come at once.
+  local i
+  for ((i = 0; i < 6 * WORKERS; i++)); do
+    curl -fsS -o /dev/null -u "admin:$ADMIN_PASSWORD" "$URL/api/2.0/mlflow/users/get?username=admin" || true
+  done
+}
+
+launch_settings() {
+  echo "workers=$WORKERS requests_at_once=$REQUESTS_AT_ONCE host=$HOST port=$PORT"
+  sha256sum "$AUTH_MODULE_DIR/m2d_mlflow_auth.py" | cut -c1-64
 }
 
 stop() {

@@ -65,12 +65,10 @@ trap stop_bg EXIT
 here=$M2D_TESTBED_SRC
 step_bg mlflow-venv "$here/mlflow.sh" install "$TESTBED_DIR"
 step accounts   "$here/accounts.sh" "$TESTBED_DIR"
+# Apptainer, then the base images (3.11, and the other Pythons a .python-version
+# may ask for: bullseye's 3.9, trixie's 3.13), beside Slurm's install
+step_bg images  "$here/images.sh" "$TESTBED_DIR"
 step slurm      "$here/slurm.sh" start "$TESTBED_DIR"   # (and nodes.sh: the nodes' network)
-step apptainer  "$here/apptainer.sh" "$TESTBED_DIR"
-step_bg base-image "$here/base-image.sh" "$TESTBED_DIR"
-# the other Pythons a .python-version may ask for (bullseye's, trixie's)
-step_bg base-3.9   "$here/base-image.sh" "$TESTBED_DIR" 3.9
-step_bg base-3.13  "$here/base-image.sh" "$TESTBED_DIR" 3.13
 # uv, which builds install with (bound into the base images, not in them)
 step uv         "$here/uv.sh" "$TESTBED_DIR"
 # pip's and uv's cache, shared by every build of every test stack
@@ -96,9 +94,9 @@ step twin       "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/twins" --twin
 # the model cache admins fill (flask --app gateway weights add): the gateway
 # writes it, every job reads it
 step models     install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/models"
-wait_bg base-image base-3.9 base-3.13
+wait_bg images
 # the gateway's account builds environment images (unprivileged, --fakeroot)
-step images     chown -R "${M2D_USER:-m2d}:${M2D_USER:-m2d}" "$TESTBED_DIR/images"
+step images-owner chown -R "${M2D_USER:-m2d}:${M2D_USER:-m2d}" "$TESTBED_DIR/images"
 
 # This machine's pip sources (wheelhouse, local index, constraints), handed
 # to builds through the gateway's settings; local indexes that are missing

@@ -105,17 +105,27 @@ class RelayProcesses:
     def log(self) -> str:
         return self.relay_log.read_text()
 
+    def processes(self) -> list[subprocess.Popen]:
+        return [process for process in (self.shim, self.relay) if process is not None]
+
     def stop(self):
-        processes = [process for process in (self.shim, self.relay) if process is not None]
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all([self])
+
+
+def stop_all(relays: list[RelayProcesses], timeout: float = 30) -> None:
+    """Every relay (and shim) told to stop at once, each then sending what it holds;
+    those still running after ``timeout`` seconds in all are killed."""
+    processes = [process for relay in relays for process in relay.processes()]
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
