@@ -231,6 +231,22 @@ def test_the_membership_check_goes_on_top_level_model_files(index_dir, tmp_path)
     assert not any(c["name"] == "membership" for c in files["inner/copy.pt"]["checks"])
 
 
+def test_an_archive_holding_a_model_is_a_model_file_for_the_membership_check(index_dir, tmp_path):
+    import numpy as np
+
+    from tests.helpers import checkpoints
+    export = tmp_path / "export"
+    export.mkdir()
+    model = checkpoints.torch_zip({"w": np.zeros((2, 2), np.float32)}, tmp_path / "model.pt")
+    with zipfile.ZipFile(export / "models.zip", "w") as archive:
+        archive.write(model, "model.pt")
+    (export / "metrics.json").write_text('{"auc": 0.7}')
+    report = Checker(Index.load(index_dir), membership=("review", "AUC 0.7")).run(export)
+    files = {f["path"]: f for f in report["files"]}
+    assert {"name": "membership", "status": "review", "reason": "AUC 0.7"} in files["models.zip"]["checks"]
+    assert not any(c["name"] == "membership" for c in files["metrics.json"]["checks"])
+
+
 def test_without_a_model_file_every_top_level_file_gets_the_check(index_dir, tmp_path):
     export = tmp_path / "export"
     export.mkdir()
