@@ -22,7 +22,10 @@ which may lack numpy. Three steps of the sealed report job
 
 ``status`` turns a result into the ``membership`` check: AUC above the fail
 threshold fails, above the review threshold is reviewed, too few cases on a
-side or no usable predictions are reviewed (never passed).
+side or no usable predictions are reviewed (never passed). Where predict also
+ran on the export as released (rounded.py: the model rounded as its sanitised
+copy is), the attack is run on those predictions too, and both AUCs are kept
+(``attack``): the copy is what leaves, the original is what was trained.
 """
 from __future__ import annotations
 
@@ -217,9 +220,21 @@ def run(the_plan: dict, raw: bytes | None, exit_code: int | None, seconds: int |
 # --- the check --------------------------------------------------------------------------
 
 
-def status(result: dict, fail_auc: float, review_auc: float, min_cases: int) -> tuple[str, str]:
+def status(result: dict, fail_auc: float, review_auc: float, min_cases: int,
+           rounded: dict | None = None) -> tuple[str, str]:
     """The ``membership`` check of a model file: (status, reason). The reason
-    names the worst training cases: reviewers read it, owners get counts only."""
+    names the worst training cases: reviewers read it, owners get counts only.
+    ``rounded``: ``run``'s result of predict on the export as released (the
+    rounded view), whose attack AUC the reason gives beside the original's.
+
+    The status follows the larger of the two AUCs. The copy is what leaves,
+    so its AUC is the risk that matters, but predict is the researcher's code
+    and may tell the rounded view from the original (zeroed low bits) and
+    answer differently there; rounding 16 of 24 mantissa bits does not undo
+    memorisation, so a copy that scores far lower than its original means
+    predict behaves differently, not that the copy forgot. Taking the larger
+    keeps such a predict from lowering the verdict, and costs an honest model
+    nothing (its two AUCs agree)."""
     if "error" in result:
         return "review", f"membership inference not done: {result['error']}; a reviewer judges the model without it"
     counts = (f"{result['members']} member images ({result['member_cases']} cases, Split=train) and "
@@ -230,15 +245,33 @@ def status(result: dict, fail_auc: float, review_auc: float, min_cases: int) -> 
     if "test_auc" in result:
         held_out = f"held-out AUC {result['test_auc']:.3f}, " + held_out
     worst = ", ".join(result.get("worst_cases") or []) or "none below the test losses' median"
-    value = result["auc"]
+    value, on_copy = result["auc"], ""
+    if rounded is not None and "auc" in rounded:
+        value = max(value, rounded["auc"])
+        on_copy = (f"; on the released (rounded) copy AUC {rounded['auc']:.3f} (the status follows the larger "
+                   f"of the two)")
+    elif rounded is not None:
+        on_copy = f"; not measured on the released (rounded) copy: {rounded.get('error', 'no AUC')}"
     if value > fail_auc:
         verdict, word = "fail", f"above {fail_auc:g}: the model tells its training cases apart"
     elif value > review_auc:
         verdict, word = "review", f"above {review_auc:g}"
     else:
         verdict, word = "pass", f"at most {review_auc:g}"
-    return verdict, (f"loss-threshold attack AUC {value:.3f} ({word}); {held_out}; {counts}; training cases "
-                     f"furthest below the test losses' median: {worst}")
+    return verdict, (f"loss-threshold attack AUC {result['auc']:.3f} as written{on_copy} ({word}); {held_out}; "
+                     f"{counts}; training cases furthest below the test losses' median: {worst}")
+
+
+def attack(original: dict, rounded: dict | None) -> dict:
+    """The attack's numbers on the model as written and, where predict ran on
+    the export as released, on its rounded copy: the report entry's
+    ``membership`` field (reviewers read both; the status is ``status``'s)."""
+    def numbers(result: dict) -> dict:
+        if "error" in result:
+            return {"error": result["error"]}
+        return {k: result[k] for k in ("auc", "members", "non_members", "member_cases", "non_member_cases")
+                if k in result}
+    return {"original": numbers(original), "rounded": None if rounded is None else numbers(rounded)}
 
 
 def compare(original: dict, rounded: dict, max_auc_drop: float) -> tuple[str, str, dict]:

@@ -70,6 +70,7 @@ class FileReport:
     ran: set[str] = field(default_factory=set)
     sanitised: dict | None = None  # the sanitised copy that leaves in its place (sanitise.check_model)
     model_members: list[str] = field(default_factory=list)  # where a model lies inside it (an archive)
+    attack: dict | None = None  # the membership attack's AUC on the original and the rounded copy
 
     def add(self, name: str, status: str, reason: str) -> None:
         self.ran.add(name)
@@ -92,6 +93,8 @@ class FileReport:
                  "status": status, "checks": checks}
         if self.sanitised is not None:
             entry["sanitised"] = self.sanitised
+        if self.attack is not None:
+            entry["membership"] = self.attack
         if self.model_members:  # the release code treats it as a model file: a copy, a review, or refused
             entry["model_members"] = len(self.model_members)
         return entry
@@ -111,9 +114,11 @@ PASS_REASONS = {
 class Checker:
     def __init__(self, index: Index, limits: Limits = Limits(), train_count: int | None = None,
                  params_per_case: float = PARAMS_PER_CASE, sanitise_bits: int | None = None,
-                 report_dir: str | os.PathLike | None = None, membership: tuple[str, str] | None = None,
+                 report_dir: str | os.PathLike | None = None, membership: tuple | None = None,
                  sanitised_metric: tuple[str, str, dict, dict | None] | None = None):
-        self.membership = membership  # the membership check's (status, reason): membership.status
+        # the membership check's (status, reason) (membership.status) and, optionally, the attack's
+        # numbers on the original and the rounded copy (membership.attack), kept in the entry
+        self.membership = membership
         # the sanitised-metric check's (status, reason, held_out: membership.compare) and the rounded
         # view's {path: sha256} predict was asked about (rounded.py; None: no view was made)
         self.sanitised_metric = sanitised_metric
@@ -149,9 +154,11 @@ class Checker:
         export, whatever its format (a JSON of remembered labels is a model too)."""
         top = [f for f in files if "/" not in f.path and f.type not in ("folder", "unreadable", "empty")]
         targets = [f for f in top if f.type in MODEL_TYPES or f.type == "pickle" or f.model_members] or top
-        status, reason = self.membership
+        status, reason, *numbers = self.membership
         for f in targets:
             f.add("membership", status, reason)
+            if numbers:
+                f.attack = numbers[0]
 
     def _sanitised_metric(self, files: list[FileReport]) -> None:
         """The sanitised-metric check on each file that leaves as its sanitised copy:
