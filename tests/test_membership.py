@@ -55,6 +55,28 @@ def test_auc_is_by_rank_with_ties_counting_half():
         membership.auc([], [1])
 
 
+SACROML_ORACLE = json.loads((REPO / "tests/data/sacroml/oracle.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(SACROML_ORACLE["cases"]))
+def test_the_attack_auc_is_sacromls_on_the_same_predictions(case):
+    """sacroml 2.0.1's metrics.get_metrics scored the loss-threshold attack on these very
+    records (tests/data/sacroml/make_oracle.py ran it; sacroml is not a test dependency)."""
+    found = SACROML_ORACLE["cases"][case]
+    records = found["records"]
+    the_plan = {"images": [{"path": f"/d/{i}.png", "split": "train" if r["member"] else "test",
+                            "label": r["label"], "case": f"C{i}"} for i, r in enumerate(records)]}
+    result = membership.evaluate(the_plan, [r["p"] for r in records])
+    assert result["auc"] == pytest.approx(found["loss_threshold"]["AUC"], abs=1e-8)  # sacroml rounds to 8 places
+    # SACRO-ML's worst-case attack (a forest learning what marks members, on held-out records) is
+    # another attack: it sees the memorising model and nothing where there is nothing, as ours does
+    worst = found["worst_case"]["mean_AUC"]
+    if case == "memorising":
+        assert result["auc"] > FAIL_AUC and worst > FAIL_AUC
+    if case == "no signal":
+        assert result["auc"] <= REVIEW_AUC and worst <= REVIEW_AUC
+
+
 def test_loss_is_binary_cross_entropy_clipped():
     assert membership.loss(0.9, 1) == pytest.approx(-math.log(0.9))
     assert membership.loss(0.9, 0) == pytest.approx(-math.log(0.1))

@@ -15,9 +15,10 @@ which may lack numpy. Three steps of the sealed report job
    output with bounds (size, types, length) and computes everything from the
    plan it made itself: each image's binary cross-entropy against CaseLabel,
    the attack's AUC (train = members, test = non-members, lower loss = member,
-   by rank with ties averaged), the held-out metric (test AUC and accuracy at
-   0.5), the training cases whose loss lies furthest below the test losses'
-   median. The researcher's code never computes its own verdict: it could only
+   ranked by the probability of the true label, which the loss's clip does not
+   tie; ties averaged: sacroml's metric on the same scores), the held-out
+   metric (test AUC and accuracy at 0.5), the training cases whose loss lies
+   furthest below the test losses' median. The researcher's code never computes its own verdict: it could only
    lie through its predictions, which is what is being tested anyway.
 
 ``status`` turns a result into the ``membership`` check: AUC above the fail
@@ -180,8 +181,13 @@ def evaluate(the_plan: dict, predictions: list[float]) -> dict:
               "non_member_cases": len({item["case"] for item, _, _ in test})}
     if not train or not test:
         return result
-    # a member is told by a low loss: its score is -loss
-    result["auc"] = auc([-l_ for _, l_ in train], [-l_ for _, l_, _ in test])
+    # a member is told by a low loss. Scored by the probability given to the true label, which
+    # orders records as the loss does but without its clip (EPS): p = 0 and p = 1e-9 of a
+    # malignant image are told apart, as SACRO-ML's loss (1 - that probability) tells them
+    # (tests/data/sacroml/oracle.json: its AUC on the same predictions, equal to ours)
+    truth = [p if item["label"] == 1 else 1.0 - p for item, p in zip(images, predictions)]
+    result["auc"] = auc([t for t, item in zip(truth, images) if item["split"] == "train"],
+                        [t for t, item in zip(truth, images) if item["split"] == "test"])
     test_labels = [item["label"] for item, _, _ in test]
     result["test_accuracy"] = sum((p >= 0.5) == (y == 1) for (_, _, p), y in zip(test, test_labels)) / len(test)
     if 0 < sum(test_labels) < len(test_labels):
