@@ -9,6 +9,7 @@ proof on the real stack: a job exports files, its report job runs on Slurm with
 the real checker (m2d.disclosure), the report reaches the API and the review page,
 a `fail` file is refused without two overrides and released with them, and a
 report made while the gateway cannot read the export at all."""
+import base64
 import hashlib
 import json
 import os
@@ -501,12 +502,29 @@ def test_the_report_comes_from_the_job_not_the_gateway(exported):
     assert {f["path"]: f["status"] for f in again["files"]} == {f["path"]: f["status"] for f in first["files"]}
 
 
+def _one_file_exported_and_reported(owner, reviewer, tmp_path, name: str, written: bytes):
+    """A job that writes ``written`` to /mnt/export/NAME, run to its report:
+    (submission id, the API's entry, its sanitise check, the entry in the report
+    job's own report.json, with the sanitised copy it names)."""
+    main = ("import base64\nfrom pathlib import Path\n"
+            f"Path('/mnt/export/{name}').write_bytes(base64.b64decode({base64.b64encode(written).decode()!r}))\n"
+            "print('exported', flush=True)\n")
+    submission_id = owner.submit(zip_folder(SAMPLES / "sleeps", tmp_path / "job.zip", extra={"main.py": main}))
+    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
+    report = _finished_report(reviewer, submission_id)
+    assert report["status"] == "done", report
+    (entry,) = report["files"]
+    assert entry["path"] == name and entry["status"] != "fail", entry
+    check = next(c for c in entry["checks"] if c["name"] == "sanitise")
+    folder = Path(owner.stack.env["M2D_DATA_DIR"]) / "submissions" / str(submission_id) / "disclosure"
+    (named,) = [f for f in json.loads((folder / "report.json").read_text())["files"] if f["path"] == name]
+    return submission_id, entry, check, named
+
+
 def test_a_released_model_is_the_report_jobs_sanitised_copy_on_the_stack(reporting_stack, tmp_path):
     """A job writes model.pt whose low mantissa bits carry a payload; the report job
     (Slurm, Apptainer) re-saves it; two reviewers approve; the owner downloads the
     sanitised copy the report names, never the bytes the job wrote."""
-    import base64
-
     import numpy as np
     from safetensors.numpy import load as load_safetensors
 
@@ -522,21 +540,11 @@ def test_a_released_model_is_the_report_jobs_sanitised_copy_on_the_stack(reporti
     raw = weights["conv.weight"].reshape(-1).view(np.uint32)
     weights["conv.weight"] = ((raw & np.uint32(0xFFFFFF00)) | payload).view(np.float32).reshape(32, 16, 3, 3)
     written = checkpoints.torch_zip(weights, tmp_path / "model.pt").read_bytes()
-    main = ("import base64\nfrom pathlib import Path\n"
-            f"Path('/mnt/export/model.pt').write_bytes(base64.b64decode({base64.b64encode(written).decode()!r}))\n"
-            "print('exported', flush=True)\n")
-    zip_path = zip_folder(SAMPLES / "sleeps", tmp_path / "model.zip", extra={"main.py": main})
-    submission_id = owner.submit(zip_path)
-    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
-    report = _finished_report(reviewers[0], submission_id)
-    assert report["status"] == "done", report
-    (entry,) = report["files"]
-    assert entry["path"] == "model.pt" and entry["status"] != "fail", entry
-    sanitise_check = next(c for c in entry["checks"] if c["name"] == "sanitise")
+    submission_id, _entry, sanitise_check, named = _one_file_exported_and_reported(
+        owner, reviewers[0], tmp_path, "model.pt", written)
     assert sanitise_check["status"] == "pass" and "7 mantissa bits" in sanitise_check["reason"], sanitise_check
     # the report job wrote the copy beside its report, as the job account
     folder = Path(stack.env["M2D_DATA_DIR"]) / "submissions" / str(submission_id) / "disclosure"
-    (named,) = [f for f in json.loads((folder / "report.json").read_text())["files"] if f["path"] == "model.pt"]
     copy = named["sanitised"]
     assert copy["name"] == f"sanitised/{hashlib.sha256(written).hexdigest()}.safetensors"
     assert pwd.getpwuid((folder / copy["name"]).stat().st_uid).pw_name == JOB_USER
@@ -560,6 +568,59 @@ def test_a_released_model_is_the_report_jobs_sanitised_copy_on_the_stack(reporti
     assert {k: (v.shape, v.dtype) for k, v in tensors.items()} == {k: (v.shape, v.dtype) for k, v in weights.items()}
     low = (tensors["conv.weight"].reshape(-1).view(np.uint32) & np.uint32(0xFF)).astype(np.uint8)
     assert not low.any() and not np.array_equal(low, payload)
+    chain = owner.api("GET", f"/submissions/{submission_id}/provenance").json()
+    (link,) = [r["payload"] for r in chain["records"] if r["kind"] == "released"]
+    assert link["leaves"] == "sanitised copy" and link["released_sha256"] == copy["sha256"]
+
+
+def test_a_model_inside_a_zip_leaves_only_in_the_report_jobs_sanitised_copy_on_the_stack(reporting_stack, tmp_path):
+    """A job writes models.zip holding a model.pt whose low mantissa bits carry a
+    payload, and a README; the report job (Slurm, Apptainer) writes a copy of the
+    zip with that member re-saved; two reviewers approve; the owner downloads the
+    copy: the same members, the README as written, the payload gone."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from safetensors.numpy import load as load_safetensors
+
+    from .helpers import checkpoints
+
+    stack = reporting_stack
+    owner = stack.researcher("zipper", dry_run=False)
+    reviewers = [_reviewer(stack, name) for name in ("rev-zed", "rev-zoe")]
+    rng = np.random.default_rng(8)
+    weights = {"conv.weight": (rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float32)}
+    payload = rng.integers(0, 256, weights["conv.weight"].size, dtype=np.uint8)
+    raw = weights["conv.weight"].reshape(-1).view(np.uint32)
+    weights["conv.weight"] = ((raw & np.uint32(0xFFFFFF00)) | payload).view(np.float32).reshape(32, 16, 3, 3)
+    bundle = io.BytesIO()
+    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("weights/model.pt", checkpoints.torch_zip(weights, tmp_path / "model.pt").read_bytes())
+        archive.writestr("README.txt", "two epochs")
+    written = bundle.getvalue()
+    submission_id, _entry, check, named = _one_file_exported_and_reported(
+        owner, reviewers[0], tmp_path, "models.zip", written)
+    assert check["status"] == "pass" and "member 'weights/model.pt'" in check["reason"], check
+    copy = named["sanitised"]
+    assert copy["name"] == f"sanitised/{hashlib.sha256(written).hexdigest()}.zip" and named["model_members"] == 1
+
+    response = owner.api("POST", f"/submissions/{submission_id}/release-requests",
+                         json={"justification": "the trained model for the paper"})
+    assert response.status_code == 201, response.text
+    for reviewer in reviewers:
+        stack.flask("releases", "approve", str(response.json()["id"]), "--reviewer", reviewer.address,
+                    "--path", "models.zip")
+    download = owner.api("GET", f"/submissions/{submission_id}/export/models.zip")
+    assert download.status_code == 200, download.text
+    released = download.content
+    assert released != written and hashlib.sha256(released).hexdigest() == copy["sha256"]
+    with zipfile.ZipFile(io.BytesIO(released)) as archive:
+        assert archive.namelist() == ["weights/model.pt", "README.txt"]
+        assert archive.read("README.txt") == b"two epochs"
+        tensors = load_safetensors(archive.read("weights/model.pt"))
+    low = (tensors["conv.weight"].reshape(-1).view(np.uint32) & np.uint32(0xFF)).astype(np.uint8)
+    assert not low.any() and np.allclose(tensors["conv.weight"], weights["conv.weight"], rtol=2**-8)
     chain = owner.api("GET", f"/submissions/{submission_id}/provenance").json()
     (link,) = [r["payload"] for r in chain["records"] if r["kind"] == "released"]
     assert link["leaves"] == "sanitised copy" and link["released_sha256"] == copy["sha256"]
@@ -690,3 +751,7 @@ def test_the_clam_samples_trained_model_is_not_failed_and_gets_its_membership_te
     assert held_out["accuracy_drop"] == pytest.approx(held_out["original"]["accuracy"]
                                                       - held_out["rounded"]["accuracy"]), held_out
     assert held_out["max_auc_drop"] == 0.05
+    # the attack on what leaves: predict's answers on the rounded model.tar, beside the original's
+    attack = named["membership"]
+    assert all(isinstance(attack[side].get("auc"), float) for side in ("original", "rounded")), attack
+    assert "on the released (rounded) copy AUC" in checks["membership"]["reason"], checks["membership"]

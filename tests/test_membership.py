@@ -55,6 +55,28 @@ def test_auc_is_by_rank_with_ties_counting_half():
         membership.auc([], [1])
 
 
+SACROML_ORACLE = json.loads((REPO / "tests/data/sacroml/oracle.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(SACROML_ORACLE["cases"]))
+def test_the_attack_auc_is_sacromls_on_the_same_predictions(case):
+    """sacroml 2.0.1's metrics.get_metrics scored the loss-threshold attack on these very
+    records (tests/data/sacroml/make_oracle.py ran it; sacroml is not a test dependency)."""
+    found = SACROML_ORACLE["cases"][case]
+    records = found["records"]
+    the_plan = {"images": [{"path": f"/d/{i}.png", "split": "train" if r["member"] else "test",
+                            "label": r["label"], "case": f"C{i}"} for i, r in enumerate(records)]}
+    result = membership.evaluate(the_plan, [r["p"] for r in records])
+    assert result["auc"] == pytest.approx(found["loss_threshold"]["AUC"], abs=1e-8)  # sacroml rounds to 8 places
+    # SACRO-ML's worst-case attack (a forest learning what marks members, on held-out records) is
+    # another attack: it sees the memorising model and nothing where there is nothing, as ours does
+    worst = found["worst_case"]["mean_AUC"]
+    if case == "memorising":
+        assert result["auc"] > FAIL_AUC and worst > FAIL_AUC
+    if case == "no signal":
+        assert result["auc"] <= REVIEW_AUC and worst <= REVIEW_AUC
+
+
 def test_loss_is_binary_cross_entropy_clipped():
     assert membership.loss(0.9, 1) == pytest.approx(-math.log(0.9))
     assert membership.loss(0.9, 0) == pytest.approx(-math.log(0.1))
@@ -129,6 +151,30 @@ def test_too_few_cases_on_a_side_is_review_saying_so():
     assert membership.status(_result(0.99, non_member_cases=2), FAIL_AUC, REVIEW_AUC, 2)[0] == "fail"
     no_side = {"members": 4, "non_members": 0, "member_cases": 2, "non_member_cases": 0}
     assert membership.status(no_side, FAIL_AUC, REVIEW_AUC, 0)[0] == "review"
+
+
+@pytest.mark.parametrize("original, copy, wanted", [
+    (0.55, 0.85, "fail"),  # what leaves tells its training cases apart: it fails whatever the original scored
+    (0.9, 0.5, "fail"),  # a predict that answers differently on the rounded view cannot lower the verdict
+    (0.7, 0.65, "review"), (0.5, 0.55, "pass"),
+])
+def test_the_attack_on_the_released_copy_is_reported_beside_the_originals_and_the_larger_decides(
+        original, copy, wanted):
+    status, reason = membership.status(_result(original), FAIL_AUC, REVIEW_AUC, 2, rounded=_result(copy))
+    assert status == wanted
+    assert f"AUC {original:.3f} as written; on the released (rounded) copy AUC {copy:.3f}" in reason
+    assert membership.attack(_result(original), _result(copy)) == {
+        "original": {"auc": original, "members": 30, "non_members": 20, "member_cases": 8, "non_member_cases": 8},
+        "rounded": {"auc": copy, "members": 30, "non_members": 20, "member_cases": 8, "non_member_cases": 8}}
+
+
+def test_predict_failing_on_the_released_copy_leaves_the_originals_verdict_and_says_so():
+    failed = {"error": "predict raised ValueError: the model lost its weights"}
+    status, reason = membership.status(_result(0.85), FAIL_AUC, REVIEW_AUC, 2, rounded=failed)
+    assert status == "fail" and "not measured on the released (rounded) copy: predict raised ValueError" in reason
+    assert membership.status(_result(0.5), FAIL_AUC, REVIEW_AUC, 2, rounded=failed)[0] == "pass"
+    assert membership.attack(_result(0.85), failed)["rounded"] == failed
+    assert membership.attack(_result(0.85), None)["rounded"] is None
 
 
 def test_an_error_is_review_never_pass():
@@ -231,6 +277,22 @@ def test_the_membership_check_goes_on_top_level_model_files(index_dir, tmp_path)
     assert not any(c["name"] == "membership" for c in files["inner/copy.pt"]["checks"])
 
 
+def test_an_archive_holding_a_model_is_a_model_file_for_the_membership_check(index_dir, tmp_path):
+    import numpy as np
+
+    from tests.helpers import checkpoints
+    export = tmp_path / "export"
+    export.mkdir()
+    model = checkpoints.torch_zip({"w": np.zeros((2, 2), np.float32)}, tmp_path / "model.pt")
+    with zipfile.ZipFile(export / "models.zip", "w") as archive:
+        archive.write(model, "model.pt")
+    (export / "metrics.json").write_text('{"auc": 0.7}')
+    report = Checker(Index.load(index_dir), membership=("review", "AUC 0.7")).run(export)
+    files = {f["path"]: f for f in report["files"]}
+    assert {"name": "membership", "status": "review", "reason": "AUC 0.7"} in files["models.zip"]["checks"]
+    assert not any(c["name"] == "membership" for c in files["metrics.json"]["checks"])
+
+
 def test_without_a_model_file_every_top_level_file_gets_the_check(index_dir, tmp_path):
     export = tmp_path / "export"
     export.mkdir()
@@ -267,6 +329,24 @@ def test_the_report_cli_runs_the_attack_from_the_plan_and_the_output(dataset, in
     (entry,) = json.loads(out.read_text())["files"]
     (check,) = [c for c in entry["checks"] if c["name"] == "membership"]
     assert check["status"] == "fail" and "AUC 1.000" in check["reason"], check
+    members = sum(1 for i in mounted["images"] if i["split"] == "train")
+    assert entry["membership"] == {"original": {"auc": 1.0, "members": members,
+                                                "non_members": len(mounted["images"]) - members, "member_cases": 8,
+                                                "non_member_cases": 2}, "rounded": None}
+    # no model file to round (the job's view rounded nothing, predict did not run again): what leaves is
+    # what predict saw, so there is no second attack, and nothing says it failed
+    (tmp_path / "view.json").write_text(json.dumps({"version": 1, "mantissa_bits": 7, "rounded": {},
+                                                    "as_written": {}}))
+    done = subprocess.run([sys.executable, "-m", "m2d.disclosure", "report", "--index", str(index_dir),
+                           "--export", str(export), "--out", str(out), "--sanitise-bits", "7",
+                           "--membership-plan", str(tmp_path / "plan.json"),
+                           "--membership", str(tmp_path / "membership.json"), "--membership-exit", "0",
+                           "--rounded-view", str(tmp_path / "view.json"), "--rounded-exit", "skipped",
+                           "--mia-min-cases", "2"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    (entry,) = json.loads(out.read_text())["files"]
+    (check,) = [c for c in entry["checks"] if c["name"] == "membership"]
+    assert "rounded" not in check["reason"] and entry["membership"]["rounded"] is None, check
     # a plan that could not be made: review, and still a report
     done = subprocess.run([sys.executable, "-m", "m2d.disclosure", "report", "--index", str(index_dir),
                            "--export", str(export), "--out", str(out), "--membership-plan", str(tmp_path / "none"),
@@ -413,6 +493,20 @@ def test_a_model_that_rounding_keeps_passes_with_both_metrics_in_the_report(tmp_
     assert held_out["original"]["accuracy"] == held_out["rounded"]["accuracy"] == 1.0
     assert held_out["accuracy_drop"] == 0 and held_out["max_auc_drop"] == MAX_DROP
     assert "held-out accuracy at 0.5 1.000 as written, 1.000 rounded" in check["reason"]
+
+
+def test_the_report_keeps_the_attack_on_the_original_and_on_the_released_copy(tmp_path, dataset, index_dir):
+    """A model that remembers its training cases (confident and right on them only):
+    rounding keeps that, so the attack on what leaves finds them as well."""
+    entry = _job_as_the_report_job_runs_it(
+        tmp_path, dataset, index_dir,
+        lambda item: (0.99 if item["label"] else 0.01) if item["split"] == "train" else 0.5)
+    (check,) = [c for c in entry["checks"] if c["name"] == "membership"]
+    assert check["status"] == "fail", check
+    assert "AUC 1.000 as written; on the released (rounded) copy AUC 1.000" in check["reason"]
+    attack = entry["membership"]
+    assert attack["original"]["auc"] == attack["rounded"]["auc"] == 1.0
+    assert attack["rounded"]["members"] == attack["original"]["members"] > 0
 
 
 def test_a_model_whose_skill_lies_in_the_low_bits_is_reviewed_as_worse_when_released(tmp_path, dataset, index_dir):

@@ -8,7 +8,9 @@ the report job's part on the data side as m2d/disclosure/sanitise.py does it
 (disclosure/report.json and its sanitised copies), and the gateway reads them
 through gateway.core.jobfiles as it reads everything a job wrote."""
 import hashlib
+import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from gateway.core.models import ReleasedFile
 from gateway.core.storage import SubmissionFiles
 from gateway.extensions import db
 from m2d.contract.states import Status
-from m2d.disclosure import sanitise
+from m2d.disclosure import archives, sanitise
 
 from .helpers import checkpoints
 from .helpers.users import make_user
@@ -77,6 +79,11 @@ def ended_with_report(tmp_path, user, files: dict[str, bytes], sanitised=True, h
             entry.update(type="pytorch-zip", status=check["status"], checks=[check], sanitised=copy)
             if held_out is not None:
                 copy["held_out"] = held_out
+        elif name.endswith(".zip") and sanitised == "unreported":
+            entry.update(type="zip", model_members=1)
+        elif name.endswith(".zip") and sanitised:
+            check, copy = archives.check_archive(root / "export" / name, sha256, report_dir, 7)
+            entry.update(type="zip", status=check["status"], checks=[check], sanitised=copy, model_members=1)
         elif name.endswith(".csv"):
             entry["type"] = "csv"
         entries.append(entry)
@@ -153,6 +160,32 @@ def test_a_model_file_without_a_sanitised_copy_leaves_as_written_only_where_its_
     assert (airlock.released_dir(reviewed.id) / str(item.id)).read_bytes() == data
     released_link = provenance.latest(reviewed.id, "released")
     assert released_link["leaves"] == "as written" and released_link["sanitised"] is False
+
+
+def test_an_archive_holding_a_model_leaves_as_its_sanitised_copy_or_not_at_all(tmp_path, local_app, alice,
+                                                                               reviewers):
+    weights = model()
+    bundle = tmp_path / "models.zip"
+    with zipfile.ZipFile(bundle, "w") as archive:
+        archive.writestr("model.pt", zip_bytes(tmp_path, weights))
+        archive.writestr("README.txt", "trained for two epochs")
+    data = bundle.read_bytes()
+    submission = ended_with_report(tmp_path, alice, {"models.zip": data})
+    item = release_all(alice, submission, reviewers).items[0]
+    copy = (airlock.released_dir(submission.id) / str(item.id)).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(copy)) as archive:
+        assert archive.namelist() == ["model.pt", "README.txt"]
+        released = sanitise.read_safetensors(archive.read("model.pt"))["conv.weight"].array
+        assert archive.read("README.txt") == b"trained for two epochs"
+    assert not (released.view(np.uint32) & 0xFFFF).any() and np.allclose(released, weights["conv.weight"], rtol=2**-8)
+    assert airlock.overview(submission)["files"][0]["sha256"] == hashlib.sha256(copy).hexdigest()
+    assert provenance.latest(submission.id, "released")["sanitised"] is True
+
+    unreported = ended_with_report(tmp_path, alice, {"models.zip": data}, sanitised="unreported")
+    request = airlock.request_release(alice, unreported, None, "for the paper")
+    with pytest.raises(airlock.AirlockError) as refused:
+        airlock.decide(request, reviewers[0], "approve")
+    assert refused.value.code == "no_sanitised_copy" and "zip holding a model file" in refused.value.message
 
 
 def test_past_the_reviewers_check_a_model_without_a_copy_still_never_leaves_as_written(

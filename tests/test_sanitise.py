@@ -6,10 +6,12 @@ them with numpy: the zip format and the legacy one); the sanitised copy is read
 back with the real safetensors package."""
 import collections
 import hashlib
+import io
 import json
 import pickle
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -389,8 +391,13 @@ def test_a_checkpoint_with_a_pickled_os_system_is_reviewed_without_a_copy_and_ne
     assert entry["status"] != "pass" and "sanitised" not in entry
     assert not (report_dir / "sanitised" / f"{entry['sha256']}.safetensors").exists()
     assert not canary.exists()
-    assert "sanitised" not in files["bundle.zip"] and not any(c["name"] == "sanitise"
-                                                              for c in files["bundle.zip"]["checks"])
+    # the same checkpoint inside a zip: the archive cannot leave as a copy either, and says which member
+    bundle = files["bundle.zip"]
+    (check,) = [c for c in bundle["checks"] if c["name"] == "sanitise"]
+    assert check["status"] == "review" and "member 'inner.pt'" in check["reason"], check
+    assert "system" in check["reason"] and "the archive would leave as it is" in check["reason"]
+    assert "sanitised" not in bundle and bundle["model_members"] == 1
+    assert not list((report_dir / "sanitised").glob(f"{bundle['sha256']}.*"))
 
 
 def test_without_sanitise_bits_the_report_makes_no_copy(tmp_path, index_dir):
@@ -401,3 +408,151 @@ def test_without_sanitise_bits_the_report_makes_no_copy(tmp_path, index_dir):
     entry = run_report(index_dir, export, report_dir)["model.pt"]
     assert "sanitised" not in entry and not any(c["name"] == "sanitise" for c in entry["checks"])
     assert not (report_dir / "sanitised").exists()
+
+
+# --- a model inside an archive (m2d/disclosure/archives.py) -------------------------------
+
+
+def _archive(kind: str, path: Path, members: dict[str, bytes]) -> Path:
+    """``members`` in a zip, a tar or a gzip'd tar, in that order."""
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, body in members.items():
+                archive.writestr(name, body)
+        return path
+    with tarfile.open(path, "w:gz" if kind == "tar.gz" else "w") as archive:
+        for name, body in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            archive.addfile(info, io.BytesIO(body))
+    return path
+
+
+def _members(data: bytes) -> dict[str, bytes]:
+    """An archive's members, in order (zip, tar, or a tar in gzip)."""
+    if data[:2] == b"PK":
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return {name: archive.read(name) for name in archive.namelist()}
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
+
+
+@pytest.mark.parametrize("kind, suffix", [("zip", "zip"), ("tar", "tar"), ("tar.gz", "gz")])
+def test_a_resnet18_inside_an_archive_leaves_only_in_a_copy_whose_member_lost_the_payload(
+        tmp_path, dataset_image, index_dir, kind, suffix):
+    import torch
+    image = dataset_image.reshape(-1)
+    state = torch_resnet18(image.tobytes())
+    names = list(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    legacy = io.BytesIO()
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    inner = tmp_path / "inner.zip"  # an archive inside the archive, holding a model too
+    _archive("zip", inner, {"legacy.bin": legacy.getvalue(), "notes.txt": b"epoch 2"})
+    notes = tmp_path / "notes.zip"  # and one holding none: copied as it is
+    _archive("zip", notes, {"notes.txt": b"nothing here"})
+    members = {"README.txt": b"two epochs", "weights/model.pt": buffer.getvalue(), "inner.zip": inner.read_bytes(),
+               "notes.zip": notes.read_bytes()}
+    export, report_dir = tmp_path / "export", tmp_path / "report"
+    export.mkdir()
+    report_dir.mkdir()
+    _archive(kind, export / f"models.{kind}", members)
+    _archive(kind, export / f"plain.{kind}", {"README.txt": b"no model in here"})
+
+    files = run_report(index_dir, export, report_dir, "--sanitise-bits", "7")
+    entry = files[f"models.{kind}"]
+    (check,) = [c for c in entry["checks"] if c["name"] == "sanitise"]
+    assert check["status"] == "pass", check
+    assert "2 model member(s)" in check["reason"] and "member 'weights/model.pt'" in check["reason"]
+    assert "member 'legacy.bin' of member 'inner.zip'" in check["reason"]
+    copy = entry["sanitised"]
+    assert entry["model_members"] == 2 and copy["name"] == f"sanitised/{entry['sha256']}.{suffix}"
+    data = (report_dir / copy["name"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == copy["sha256"] and len(data) == copy["size"]
+    released = _members(data)
+    # the same members in the same order; what is not a model, byte for byte
+    assert list(released) == list(members)
+    assert released["README.txt"] == members["README.txt"] and released["notes.zip"] == members["notes.zip"]
+    copies = {"weights/model.pt": load_safetensors(released["weights/model.pt"]),
+              "inner.zip::legacy.bin": load_safetensors(_members(released["inner.zip"])["legacy.bin"])}
+    assert _members(released["inner.zip"])["notes.txt"] == b"epoch 2"
+    for member, tensors in copies.items():
+        assert {k: (v.shape, v.dtype) for k, v in tensors.items()} == {
+            k: (tuple(v.shape), v.numpy().dtype) for k, v in state.items()}
+        # the attacker's extraction from the copy's member: not the image
+        recovered = low_byte_payload(tensors, names, image.size)
+        assert not recovered.any()
+        kept = np.concatenate([(tensors[n].reshape(-1).view(np.uint32) >> np.uint32(16)).astype(np.uint8)
+                               for n in names if tensors[n].dtype == np.float32])[:image.size]
+        assert abs(correlation(kept, image)) < 0.05 and abs(bit_agreement(kept, image) - 0.5) < 0.05
+        assert np.allclose(tensors["fc.weight"], state["fc.weight"].numpy(), rtol=2**-8, atol=0)
+        key = f"(the gzip stream)::{member}" if kind == "tar.gz" else member  # the member's path in the copy
+        assert copy["members"][key]["tensors"] == len(names)
+        assert f"{key}::fc.weight" in copy["sketch"] and f"{key}::fc.weight" in copy["tensor_changes"]
+    assert copy["tensors"] == 2 * len(names) and copy["max_rel_change"] <= 2 ** -8 + 1e-12
+    # an archive without a model is no model: it leaves as written, with no sanitise check
+    plain = files[f"plain.{kind}"]
+    assert "sanitised" not in plain and "model_members" not in plain
+    assert not any(c["name"] == "sanitise" for c in plain["checks"])
+
+
+def load_safetensors(data: bytes) -> dict:
+    from safetensors.numpy import load
+    return load(data)
+
+
+def test_an_archive_is_rewritten_within_its_bounds_or_reviewed_naming_where(tmp_path):
+    from m2d.disclosure import archives
+    from m2d.disclosure.limits import Limits
+    model = checkpoints.torch_zip({"w": np.ones(8, np.float32)}, tmp_path / "m.pt").read_bytes()
+    many = _archive("zip", tmp_path / "many.zip", {f"m{i}.pt": model for i in range(5)}).read_bytes()
+    with pytest.raises(archives.MemberUnsanitisable, match="more than 4 members"):
+        archives.sanitise_archive(many, tmp_path / "copy.zip", 7, Limits(max_members=4))
+    with pytest.raises(archives.MemberUnsanitisable, match="unpacks to more than 100 bytes") as big:
+        archives.sanitise_archive(many, tmp_path / "copy.zip", 7, Limits(max_member_bytes=100))
+    assert big.value.member == ["m0.pt"]
+    with pytest.raises(archives.MemberUnsanitisable, match="archive unpacks to more than"):
+        archives.sanitise_archive(many, tmp_path / "copy.zip", 7, Limits(max_unpacked_bytes=3 * len(model)))
+    nested = many
+    for depth in range(3):
+        nested = _archive("zip", tmp_path / f"n{depth}.zip", {f"level{depth}.zip": nested}).read_bytes()
+    with pytest.raises(archives.MemberUnsanitisable, match="nested deeper than 3") as deep:
+        archives.sanitise_archive(nested, tmp_path / "copy.zip", 7, Limits(max_nesting=3))
+    assert deep.value.member == ["level2.zip", "level1.zip", "level0.zip"]
+    assert archives.sanitise_archive(nested, tmp_path / "deep.zip", 7)["tensors"] == 5  # within the default 4
+    # an ONNX or Keras model member cannot be re-saved; an archive with no model gets no copy
+    onnx = _archive("zip", tmp_path / "onnx.zip", {"m.onnx": b"\x08\x07\x12\x07pytorch" + bytes(64)}).read_bytes()
+    with pytest.raises(archives.MemberUnsanitisable, match="onnx model"):
+        archives.sanitise_archive(onnx, tmp_path / "copy.zip", 7)
+    text = _archive("zip", tmp_path / "text.zip", {"a.txt": b"hello"}).read_bytes()
+    with pytest.raises(archives.MemberUnsanitisable, match="no PyTorch or safetensors model"):
+        archives.sanitise_archive(text, tmp_path / "copy.zip", 7)
+    assert not list(tmp_path.glob("copy.zip*"))  # nothing is left behind by a refusal
+
+
+def test_the_rounded_view_holds_an_archive_with_its_model_rounded_in_its_own_format(tmp_path):
+    """What predict loads for the sanitised-metric check: the member torch.load reads,
+    with the copy's numbers."""
+    import torch
+
+    from m2d.disclosure import archives, rounded
+    state = {k: torch.from_numpy(v) for k, v in checkpoints.resnet18_state().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    export, view = tmp_path / "export", tmp_path / "view"
+    export.mkdir()
+    view.mkdir()
+    _archive("tar", export / "models.tar", {"model.pt": buffer.getvalue(), "README.txt": b"hi"})
+    _archive("zip", export / "notes.zip", {"a.txt": b"no model"})
+    manifest = rounded.make_view(export, view, "/mnt/original", 7)
+    assert manifest["rounded"] == {"models.tar": hashlib.sha256((export / "models.tar").read_bytes()).hexdigest()}
+    assert (view / "notes.zip").readlink() == Path("/mnt/original/notes.zip")
+    members = _members((view / "models.tar").read_bytes())
+    assert members["README.txt"] == b"hi"
+    loaded = torch.load(io.BytesIO(members["model.pt"]), weights_only=True)
+    archives.sanitise_archive((export / "models.tar").read_bytes(), tmp_path / "copy.tar", 7)
+    copy = load_safetensors(_members((tmp_path / "copy.tar").read_bytes())["model.pt"])
+    for name, tensor in loaded.items():
+        assert np.array_equal(tensor.numpy(), copy[name]), name
+    assert not np.array_equal(loaded["fc.weight"].numpy(), state["fc.weight"].numpy())

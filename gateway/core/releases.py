@@ -43,7 +43,8 @@ REPORT_MAX_BYTES = 16 * 1024**2
 TABLE_MAX_BYTES = 64 * 1024  # a table's cells are kept and compared up to this size (the review page's preview)
 TABLE_SUFFIXES = (".csv", ".tsv")
 SIZE_CLASS = 0.01  # files of a type without a finer comparison: sizes within 1 % are "the same size"
-_SANITISED_NAME = re.compile(r"sanitised/[0-9a-f]{64}\.safetensors")
+# a model file's copy is safetensors; an archive's that holds one is the archive again (archives.py)
+_SANITISED_NAME = re.compile(r"sanitised/[0-9a-f]{64}\.(?:safetensors|zip|tar|gz|bz2|xz)")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # the report's types of a model file (m2d/disclosure/report.py's MODEL_TYPES): with
 # RELEASE_SANITISED_MODELS on, each leaves as its sanitised copy or by a reviewed decision
@@ -82,6 +83,13 @@ def _sanitised(entry: dict | None) -> dict | None:
             or not _HEX64.fullmatch(found["sha256"]) or not isinstance(found.get("size"), int):
         return None
     return found
+
+
+def _holds_models(entry: dict | None) -> bool:
+    """Whether the report found model files inside this file (an archive: its
+    ``model_members``): it leaves as a copy or by a reviewed decision, as a model does."""
+    found = entry.get("model_members") if entry else None
+    return isinstance(found, int) and not isinstance(found, bool) and found > 0
 
 
 def _held_out(copy: dict) -> str:
@@ -125,8 +133,10 @@ def leaving(entry: dict | None) -> Leaving:
                                   f"rounded to {bits if isinstance(bits, int) else '?'} mantissa bits, "
                                   f"sha256 {copy['sha256']}{_held_out(copy)}")
     kind = entry.get("type") if entry else None
-    if kind not in MODEL_TYPES:
+    if kind not in MODEL_TYPES and not _holds_models(entry):
         return Leaving(AS_WRITTEN, "not a model file by its report" if entry else "no report names it")
+    if kind not in MODEL_TYPES:
+        kind = f"{kind} holding a"
     checks = entry.get("checks") if isinstance(entry.get("checks"), list) else []
     check = next((c for c in checks if isinstance(c, dict) and c.get("name") == "sanitise"), None)
     if check is not None and check.get("status") == "review":

@@ -92,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"index: {args.out} is up to date")
             return 0
         result = _membership_result(args)
-        status = None if result is None else membership_status(result, args)
+        rounded = _rounded_result(args, result)
+        # the attack on what leaves: only where the view rounded something (else it is the original again)
+        status = None if result is None else membership_status(result, args, rounded[0] if rounded and rounded[1]
+                                                               else None)
         data = make_report(args.index, args.export, args.train_count, replace(Limits(), seconds=args.max_seconds),
                            args.sanitise_bits, os.path.dirname(os.path.abspath(args.out)), status,
-                           _sanitised_metric(args, result))
+                           _sanitised_metric(args, result, rounded))
         from .report import acro_results, write_json
         write_json(args.out, data)
         if args.acro_out:
@@ -122,15 +125,30 @@ def _membership_result(args) -> dict | None:
                           _exit_code(args.membership_exit), args.membership_seconds)
 
 
-def membership_status(result: dict, args) -> tuple[str, str]:
+def membership_status(result: dict, args, rounded: dict | None = None) -> tuple[str, str, dict]:
+    """The membership check's (status, reason, the attack's numbers on the
+    original and on the rounded copy: membership.attack)."""
     from . import membership
-    return membership.status(result, args.mia_fail_auc, args.mia_review_auc, args.mia_min_cases)
+    return (*membership.status(result, args.mia_fail_auc, args.mia_review_auc, args.mia_min_cases, rounded),
+            membership.attack(result, rounded))
 
 
-def _sanitised_metric(args, original: dict | None) -> tuple[str, str, dict, dict | None] | None:
-    """The sanitised-metric check's (status, reason, held_out, the rounded view's
-    {path: sha256}), or None where there is none: no predict declared, no
-    sanitised copies made (no --sanitise-bits), no --rounded-view asked for."""
+def _sanitised_metric(args, original: dict | None, rounded: tuple[dict, dict | None] | None
+                      ) -> tuple[str, str, dict, dict | None] | None:
+    """The sanitised-metric check's (status, reason, held_out, the rounded
+    view's {path: sha256}), or None where there is none (_rounded_result)."""
+    from . import membership
+    if rounded is None:
+        return None
+    copy, view = rounded
+    return (*membership.compare(original, copy, args.sanitised_max_auc_drop), view)
+
+
+def _rounded_result(args, original: dict | None) -> tuple[dict, dict | None] | None:
+    """``membership.run``'s result of predict on the rounded view (the export as
+    released) and the view's {path: sha256} (None: not made); None where there
+    is none: no predict declared, no sanitised copies made (no
+    --sanitise-bits), no --rounded-view asked for."""
     from . import membership, rounded
     if original is None or args.sanitise_bits is None or not args.rounded_view:
         return None
@@ -152,7 +170,7 @@ def _sanitised_metric(args, original: dict | None) -> tuple[str, str, dict, dict
         copy = membership.run(membership.load_plan(args.membership_plan),
                               membership.read_bounded(args.rounded_membership) if args.rounded_membership else None,
                               _exit_code(args.rounded_exit), args.membership_seconds)
-    return (*membership.compare(original, copy, args.sanitised_max_auc_drop), view)
+    return copy, view
 
 
 def _exit_code(text: str) -> int | None:
@@ -160,7 +178,7 @@ def _exit_code(text: str) -> int | None:
 
 
 def make_report(index_dir, export, train_count: int | None = None, limits: Limits = Limits(),
-                sanitise_bits: int | None = None, report_dir=None, membership: tuple[str, str] | None = None,
+                sanitise_bits: int | None = None, report_dir=None, membership: tuple | None = None,
                 sanitised_metric: tuple[str, str, dict, dict | None] | None = None) -> dict:
     from .index import Index
     from .report import Checker

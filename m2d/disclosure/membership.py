@@ -15,14 +15,18 @@ which may lack numpy. Three steps of the sealed report job
    output with bounds (size, types, length) and computes everything from the
    plan it made itself: each image's binary cross-entropy against CaseLabel,
    the attack's AUC (train = members, test = non-members, lower loss = member,
-   by rank with ties averaged), the held-out metric (test AUC and accuracy at
-   0.5), the training cases whose loss lies furthest below the test losses'
-   median. The researcher's code never computes its own verdict: it could only
+   ranked by the probability of the true label, which the loss's clip does not
+   tie; ties averaged: sacroml's metric on the same scores), the held-out
+   metric (test AUC and accuracy at 0.5), the training cases whose loss lies
+   furthest below the test losses' median. The researcher's code never computes its own verdict: it could only
    lie through its predictions, which is what is being tested anyway.
 
 ``status`` turns a result into the ``membership`` check: AUC above the fail
 threshold fails, above the review threshold is reviewed, too few cases on a
-side or no usable predictions are reviewed (never passed).
+side or no usable predictions are reviewed (never passed). Where predict also
+ran on the export as released (rounded.py: the model rounded as its sanitised
+copy is), the attack is run on those predictions too, and both AUCs are kept
+(``attack``): the copy is what leaves, the original is what was trained.
 """
 from __future__ import annotations
 
@@ -177,8 +181,13 @@ def evaluate(the_plan: dict, predictions: list[float]) -> dict:
               "non_member_cases": len({item["case"] for item, _, _ in test})}
     if not train or not test:
         return result
-    # a member is told by a low loss: its score is -loss
-    result["auc"] = auc([-l_ for _, l_ in train], [-l_ for _, l_, _ in test])
+    # a member is told by a low loss. Scored by the probability given to the true label, which
+    # orders records as the loss does but without its clip (EPS): p = 0 and p = 1e-9 of a
+    # malignant image are told apart, as SACRO-ML's loss (1 - that probability) tells them
+    # (tests/data/sacroml/oracle.json: its AUC on the same predictions, equal to ours)
+    truth = [p if item["label"] == 1 else 1.0 - p for item, p in zip(images, predictions)]
+    result["auc"] = auc([t for t, item in zip(truth, images) if item["split"] == "train"],
+                        [t for t, item in zip(truth, images) if item["split"] == "test"])
     test_labels = [item["label"] for item, _, _ in test]
     result["test_accuracy"] = sum((p >= 0.5) == (y == 1) for (_, _, p), y in zip(test, test_labels)) / len(test)
     if 0 < sum(test_labels) < len(test_labels):
@@ -217,9 +226,21 @@ def run(the_plan: dict, raw: bytes | None, exit_code: int | None, seconds: int |
 # --- the check --------------------------------------------------------------------------
 
 
-def status(result: dict, fail_auc: float, review_auc: float, min_cases: int) -> tuple[str, str]:
+def status(result: dict, fail_auc: float, review_auc: float, min_cases: int,
+           rounded: dict | None = None) -> tuple[str, str]:
     """The ``membership`` check of a model file: (status, reason). The reason
-    names the worst training cases: reviewers read it, owners get counts only."""
+    names the worst training cases: reviewers read it, owners get counts only.
+    ``rounded``: ``run``'s result of predict on the export as released (the
+    rounded view), whose attack AUC the reason gives beside the original's.
+
+    The status follows the larger of the two AUCs. The copy is what leaves,
+    so its AUC is the risk that matters, but predict is the researcher's code
+    and may tell the rounded view from the original (zeroed low bits) and
+    answer differently there; rounding 16 of 24 mantissa bits does not undo
+    memorisation, so a copy that scores far lower than its original means
+    predict behaves differently, not that the copy forgot. Taking the larger
+    keeps such a predict from lowering the verdict, and costs an honest model
+    nothing (its two AUCs agree)."""
     if "error" in result:
         return "review", f"membership inference not done: {result['error']}; a reviewer judges the model without it"
     counts = (f"{result['members']} member images ({result['member_cases']} cases, Split=train) and "
@@ -230,15 +251,33 @@ def status(result: dict, fail_auc: float, review_auc: float, min_cases: int) -> 
     if "test_auc" in result:
         held_out = f"held-out AUC {result['test_auc']:.3f}, " + held_out
     worst = ", ".join(result.get("worst_cases") or []) or "none below the test losses' median"
-    value = result["auc"]
+    value, on_copy = result["auc"], ""
+    if rounded is not None and "auc" in rounded:
+        value = max(value, rounded["auc"])
+        on_copy = (f"; on the released (rounded) copy AUC {rounded['auc']:.3f} (the status follows the larger "
+                   f"of the two)")
+    elif rounded is not None:
+        on_copy = f"; not measured on the released (rounded) copy: {rounded.get('error', 'no AUC')}"
     if value > fail_auc:
         verdict, word = "fail", f"above {fail_auc:g}: the model tells its training cases apart"
     elif value > review_auc:
         verdict, word = "review", f"above {review_auc:g}"
     else:
         verdict, word = "pass", f"at most {review_auc:g}"
-    return verdict, (f"loss-threshold attack AUC {value:.3f} ({word}); {held_out}; {counts}; training cases "
-                     f"furthest below the test losses' median: {worst}")
+    return verdict, (f"loss-threshold attack AUC {result['auc']:.3f} as written{on_copy} ({word}); {held_out}; "
+                     f"{counts}; training cases furthest below the test losses' median: {worst}")
+
+
+def attack(original: dict, rounded: dict | None) -> dict:
+    """The attack's numbers on the model as written and, where predict ran on
+    the export as released, on its rounded copy: the report entry's
+    ``membership`` field (reviewers read both; the status is ``status``'s)."""
+    def numbers(result: dict) -> dict:
+        if "error" in result:
+            return {"error": result["error"]}
+        return {k: result[k] for k in ("auc", "members", "non_members", "member_cases", "non_member_cases")
+                if k in result}
+    return {"original": numbers(original), "rounded": None if rounded is None else numbers(rounded)}
 
 
 def compare(original: dict, rounded: dict, max_auc_drop: float) -> tuple[str, str, dict]:

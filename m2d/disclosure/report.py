@@ -11,8 +11,10 @@ file (by content) is also re-saved as plain tensors, floats rounded to N
 mantissa bits, into the report folder (sanitise.check_model): its entry
 names the copy (``sanitised``) that leaves in its place, and its ``sanitise``
 check says what was done, or is ``review`` with why it cannot be (then the
-file would leave as written). A model inside an archive is never re-saved:
-only top-level files are released as copies. A reason never holds dataset content or an identifier value:
+file would leave as written). A top-level archive that holds such a model (zip,
+npz, tar, or a gzip/bz2/xz stream: archives.py) gets a copy too, with each
+model member re-saved the same way under its own name and every other member
+copied, or is ``review`` naming the member that cannot be. A reason never holds dataset content or an identifier value:
 dataset files are named by number and type, identifiers by kind and place,
 and an export name or header that holds an identifier is shown with it masked.
 """
@@ -38,7 +40,7 @@ import numpy as np
 
 from m2d.contract.names import escape
 
-from . import chunks, images, models, pickles, sanitise, sniff, tables
+from . import archives, chunks, images, models, pickles, sanitise, sniff, tables
 from .index import Index
 from .limits import Budget, LimitExceeded, Limits
 
@@ -67,6 +69,8 @@ class FileReport:
     findings: list[Finding] = field(default_factory=list)
     ran: set[str] = field(default_factory=set)
     sanitised: dict | None = None  # the sanitised copy that leaves in its place (sanitise.check_model)
+    model_members: list[str] = field(default_factory=list)  # where a model lies inside it (an archive)
+    attack: dict | None = None  # the membership attack's AUC on the original and the rounded copy
 
     def add(self, name: str, status: str, reason: str) -> None:
         self.ran.add(name)
@@ -89,6 +93,10 @@ class FileReport:
                  "status": status, "checks": checks}
         if self.sanitised is not None:
             entry["sanitised"] = self.sanitised
+        if self.attack is not None:
+            entry["membership"] = self.attack
+        if self.model_members:  # the release code treats it as a model file: a copy, a review, or refused
+            entry["model_members"] = len(self.model_members)
         return entry
 
 
@@ -106,9 +114,11 @@ PASS_REASONS = {
 class Checker:
     def __init__(self, index: Index, limits: Limits = Limits(), train_count: int | None = None,
                  params_per_case: float = PARAMS_PER_CASE, sanitise_bits: int | None = None,
-                 report_dir: str | os.PathLike | None = None, membership: tuple[str, str] | None = None,
+                 report_dir: str | os.PathLike | None = None, membership: tuple | None = None,
                  sanitised_metric: tuple[str, str, dict, dict | None] | None = None):
-        self.membership = membership  # the membership check's (status, reason): membership.status
+        # the membership check's (status, reason) (membership.status) and, optionally, the attack's
+        # numbers on the original and the rounded copy (membership.attack), kept in the entry
+        self.membership = membership
         # the sanitised-metric check's (status, reason, held_out: membership.compare) and the rounded
         # view's {path: sha256} predict was asked about (rounded.py; None: no view was made)
         self.sanitised_metric = sanitised_metric
@@ -143,10 +153,12 @@ class Checker:
         or, with none, on every top-level file: predict loaded its model from the
         export, whatever its format (a JSON of remembered labels is a model too)."""
         top = [f for f in files if "/" not in f.path and f.type not in ("folder", "unreadable", "empty")]
-        targets = [f for f in top if f.type in MODEL_TYPES or f.type == "pickle"] or top
-        status, reason = self.membership
+        targets = [f for f in top if f.type in MODEL_TYPES or f.type == "pickle" or f.model_members] or top
+        status, reason, *numbers = self.membership
         for f in targets:
             f.add("membership", status, reason)
+            if numbers:
+                f.attack = numbers[0]
 
     def _sanitised_metric(self, files: list[FileReport]) -> None:
         """The sanitised-metric check on each file that leaves as its sanitised copy:
@@ -236,6 +248,8 @@ class Checker:
                     report.type = self._inspect(report, data, "", 0, scanned=False)
                     if self.sanitise_bits is not None and report.type in MODEL_TYPES:
                         self._sanitise(report, fd)
+                    elif self.sanitise_bits is not None and report.model_members:
+                        self._sanitise_archive(report, fd)
                 except LimitExceeded as e:
                     report.add("limits", "fail", f"not fully checked: {e}")
                 except MemoryError:
@@ -259,7 +273,36 @@ class Checker:
         except Exception as e:  # noqa: BLE001 - a hostile file must not stop the report
             check = {"status": "review", "reason": "cannot be re-saved as plain tensors, so it would leave as it "
                                                    f"is: the sanitiser failed on it ({type(e).__name__})"}
-        report.add("sanitise", check["status"], check["reason"])
+        report.add("sanitise", check["status"], self._masked(check["reason"]))
+
+    def _sanitise_archive(self, report: FileReport, fd: int) -> None:
+        """The released copy of an archive that holds a model (archives.py)."""
+        self.budget.tick()
+        if report.type not in archives.ARCHIVE_TYPES:
+            report.add("sanitise", "review", f"a model inside a {report.type} ({report.model_members[0]}) is not "
+                                             "re-saved: it would leave as it is")
+            return
+        try:
+            check, report.sanitised = archives.check_archive(
+                Path(f"/proc/self/fd/{fd}"), report.sha256, self.report_dir, self.sanitise_bits, self.limits,
+                self.budget.tick, lambda name: self._mask(name, 60))
+        except LimitExceeded:
+            raise
+        except MemoryError:
+            check = {"status": "review", "reason": "a model inside it cannot be re-saved as plain tensors, so the "
+                                                   "archive would leave as it is: out of memory"}
+        except Exception as e:  # noqa: BLE001 - a hostile archive must not stop the report
+            check = {"status": "review", "reason": "a model inside it cannot be re-saved as plain tensors, so the "
+                                                   f"archive would leave as it is: the sanitiser failed on it "
+                                                   f"({type(e).__name__})"}
+        report.add("sanitise", check["status"], self._masked(check["reason"]))
+
+    def _masked(self, text: str) -> str:
+        """A reason with any identifier value of the dataset in it masked (a pickle's
+        names, a member's name: the export's own words)."""
+        for f in sorted(self.index.identifiers.find_in_text(text), key=lambda f: -f.start):
+            text = text[:f.start] + "[identifier]" + text[f.end:]
+        return text
 
     def _check_name(self, report: FileReport, rel: bytes) -> None:
         found = self.index.identifiers.find_in_text(rel.decode("utf-8", "surrogateescape"))
@@ -274,6 +317,8 @@ class Checker:
         at = f" in {where}" if where else ""
         type_ = sniff.kind(data)
         self.budget.tick()
+        if where and type_ in MODEL_TYPES:
+            report.model_members.append(where)
         self._content(report, data, at, scanned)
         if type_ in IMAGE_TYPES or type_ == "npy":
             self._image(report, data, type_, at)
@@ -384,9 +429,7 @@ class Checker:
     def _mask(self, text: str, most: int = 40) -> str:
         """An export's own text (a header, a member's name) fit for a reason: identifier
         values masked, escaped, shortened."""
-        for f in sorted(self.index.identifiers.find_in_text(text), key=lambda f: -f.start):
-            text = text[:f.start] + "[identifier]" + text[f.end:]
-        shown = escape(text.encode("utf-8", "surrogateescape"))
+        shown = escape(self._masked(text).encode("utf-8", "surrogateescape"))
         return repr(shown[:most] + ("..." if len(shown) > most else ""))
 
     # --- containers ------------------------------------------------------------------

@@ -14,8 +14,13 @@ predict step mounts the export read-only); folders are real folders, so a
 predict that walks the export finds what it found there. The membership step
 then compares the two runs' held-out metrics (membership.compare).
 
+An archive that holds such a model (archives.py: zip, tar, a compressed
+stream of one) is written again with each model member rounded in its own
+format and every other member copied, as its sanitised copy is made.
+
 Trusted (the checker's image, the export read-only): it decides which files are
-rounded by their content, as the report does (sanitise.MODEL_TYPES), and writes
+rounded by their content, as the report does (sanitise.MODEL_TYPES, and
+archives.ARCHIVE_TYPES holding one), and writes
 the manifest the report step matches against its own entries: each rounded
 file's path (escaped as the report names it) with the sha256 of the bytes it
 was rounded from, and why any model file could not be rounded (it is then
@@ -31,7 +36,7 @@ from pathlib import Path
 
 from m2d.contract.names import escape
 
-from . import sanitise, sniff
+from . import archives, sanitise, sniff
 from .limits import Limits
 
 VERSION = 1
@@ -73,31 +78,38 @@ def _fill(dir_fd: int, prefix: bytes, view: Path, link_to: str, bits: int, limit
             finally:
                 os.close(fd)
         elif stat.S_ISREG(info.st_mode):
-            if not _round(dir_fd, name, escape(rel), here, bits, manifest):
+            if not _round(dir_fd, name, escape(rel), here, bits, manifest, limits):
                 here.symlink_to(f"{link_to}/{os.fsdecode(rel)}")
         # a symlink, FIFO, device or socket is left out: the report fails it, and predict met it as written
 
 
-def _round(dir_fd: int, name: bytes, path: str, target: Path, bits: int, manifest: dict) -> bool:
-    """Write the file rounded at ``target`` when it is a model file that can be; whether it was."""
+def _round(dir_fd: int, name: bytes, path: str, target: Path, bits: int, manifest: dict,
+           limits: Limits = Limits()) -> bool:
+    """Write the file rounded at ``target`` when it is a model file that can be,
+    or an archive holding one; whether it was."""
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
         size = os.fstat(fd).st_size
         if not size:
             return False
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
-            if sniff.kind(data) not in sanitise.MODEL_TYPES:
+            kind = sniff.kind(data)
+            if kind not in sanitise.MODEL_TYPES and kind not in archives.ARCHIVE_TYPES:
                 return False
             digest = hashlib.sha256(data).hexdigest()
-        try:  # through the fd: no path is followed twice
-            sanitise.write_rounded(Path(f"/proc/self/fd/{fd}"), target, bits)
-        except sanitise.Unsanitisable as e:
-            manifest["as_written"][path] = e.reason
-            return False
-        except Exception as e:  # noqa: BLE001 - a hostile file must not stop the view (as in the report)
-            manifest["as_written"][path] = f"the rounding failed on it ({type(e).__name__})"
-            target.unlink(missing_ok=True)
-            return False
+            try:
+                if kind in archives.ARCHIVE_TYPES:
+                    if not archives.write_rounded_archive(data, target, bits, limits):
+                        return False  # no model inside: linked as written
+                else:  # through the fd: no path is followed twice
+                    sanitise.write_rounded(Path(f"/proc/self/fd/{fd}"), target, bits)
+            except sanitise.Unsanitisable as e:
+                manifest["as_written"][path] = e.reason
+                return False
+            except Exception as e:  # noqa: BLE001 - a hostile file must not stop the view (as in the report)
+                manifest["as_written"][path] = f"the rounding failed on it ({type(e).__name__})"
+                target.unlink(missing_ok=True)
+                return False
         manifest["rounded"][path] = digest
         return True
     finally:

@@ -315,7 +315,7 @@ def _unpickle(stream: io.BytesIO, storages, deferred: bool = False) -> object:
         raise Unsanitisable(f"its pickle is not a plain state dict: {str(e)[:200] or type(e).__name__}") from None
 
 
-def read_torch_zip(path: Path, max_bytes: int, storages: dict | None = None) -> object:
+def read_torch_zip(path: Path | io.BytesIO, max_bytes: int, storages: dict | None = None) -> object:
     """torch.save's zip format: <archive>/data.pkl, <archive>/data/<key> raw storages.
     ``storages``, when given, gets each storage the pickle uses: its zip member's
     name -> _Storage (write_rounded rounds them)."""
@@ -445,20 +445,27 @@ class Result:
     left_out: list[str] = field(default_factory=list)  # names of non-tensor values
 
 
-def load(path: Path, max_bytes: int = 16 * 1024**3, found: dict | None = None) -> Result:
-    """The tensors of a model file, by its content (not its name); Unsanitisable otherwise.
+def load(source: Path | bytes, max_bytes: int = 16 * 1024**3, found: dict | None = None) -> Result:
+    """The tensors of a model file (its path, or its bytes: a member of an
+    archive, archives.py), by its content (not its name); Unsanitisable otherwise.
     ``found``, when given, gets where its numbers lie (write_rounded): "members" (a
     torch zip's storage members: name -> _Storage), or "layout" ([(dtype, byte
     offset, elements)]) and "data" (the file's bytes)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
+    in_memory = isinstance(source, (bytes, bytearray))
+    if in_memory:
+        head = bytes(source[:16])
+    else:
+        source = Path(source)
+        with open(source, "rb") as f:
+            head = f.read(16)
     if head[:4] == b"PK\x03\x04":
         members = found.setdefault("members", {}) if found is not None else None
-        return _flattened("torch-zip", read_torch_zip(path, max_bytes, members))
-    size = path.stat().st_size
+        return _flattened("torch-zip", read_torch_zip(io.BytesIO(source) if in_memory else source, max_bytes,
+                                                      members))
+    size = len(source) if in_memory else source.stat().st_size
     if size > max_bytes:
         raise Unsanitisable(f"larger than {max_bytes:,} bytes")
-    data = path.read_bytes()
+    data = bytes(source) if in_memory else source.read_bytes()
     layout = None
     if found is not None:
         found["data"], layout = data, found.setdefault("layout", [])
@@ -501,9 +508,20 @@ def _flattened(source_format: str, value) -> Result:
 def sanitise(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTISSA_BITS) -> dict:
     """Write ``source``'s tensors to ``target`` as safetensors, floats rounded;
     the summary. Unsanitisable when it cannot (nothing is written then)."""
+    data, summary = sanitised_bytes(Path(source), mantissa_bits)
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+    return summary
+
+
+def sanitised_bytes(source: Path | bytes, mantissa_bits: int = DEFAULT_MANTISSA_BITS) -> tuple[bytes, dict]:
+    """``sanitise``'s safetensors bytes of ``source`` (a path, or a model's bytes)
+    and its summary; Unsanitisable when it cannot be re-saved."""
     if not 1 <= mantissa_bits <= 52:
         raise ValueError("mantissa bits: 1 to 52")
-    loaded = load(Path(source))
+    loaded = load(source)
     out: dict[str, Tensor] = {}
     summary = {"format": loaded.source_format, "mantissa_bits": mantissa_bits, "tensors": len(loaded.tensors),
                "float_values": 0, "integer_values": 0, "bits_total": 0, "bits_removed": 0,
@@ -540,12 +558,8 @@ def sanitise(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTISSA_B
     metadata = {"m2d.sanitised": f"floats rounded to {mantissa_bits} mantissa bits; plain tensors only",
                 "m2d.source_format": loaded.source_format}
     data = write_safetensors(out, metadata)
-    target = Path(target)
-    partial = target.with_name(target.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(target)
     summary["bytes"] = len(data)
-    return summary
+    return data, summary
 
 
 def _rounded(tensor: Tensor, mantissa_bits: int) -> Tensor:
@@ -567,34 +581,49 @@ def write_rounded(source: Path, target: Path, mantissa_bits: int = DEFAULT_MANTI
     predict loads it, sealed. The source's format ("torch-zip", ...)."""
     if not 1 <= mantissa_bits <= 52:
         raise ValueError("mantissa bits: 1 to 52")
-    found: dict = {}
-    loaded = load(Path(source), found=found)
     target = Path(target)
     partial = target.with_name(target.name + ".partial")
     try:
-        if "members" in found:  # a torch zip: its members again, each storage rounded
-            with zipfile.ZipFile(source) as archive, open(partial, "wb") as out, \
-                    zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as rewritten:
-                for info in archive.infolist():
-                    body = archive.read(info)
-                    storage = found["members"].get(info.filename)
-                    if storage is not None:
-                        body = _rounded(Tensor(storage.dtype, storage.array), mantissa_bits).array.tobytes()
-                    member = zipfile.ZipInfo(info.filename, date_time=info.date_time)
-                    padding = -(out.tell() + 30 + len(member.filename.encode("utf-8")) + 4) % ZIP_ALIGNMENT
-                    member.extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding  # as torch pads
-                    rewritten.writestr(member, body)
-        else:  # safetensors, torch's legacy format: each tensor's or storage's bytes rounded in place
-            data = bytearray(found["data"])
-            for dtype, offset, count in found["layout"]:
-                width = np.dtype(DTYPES[dtype][0]).itemsize
-                array = np.frombuffer(bytes(data[offset:offset + count * width]), dtype=DTYPES[dtype][0])
-                data[offset:offset + count * width] = _rounded(Tensor(dtype, array), mantissa_bits).array.tobytes()
-            partial.write_bytes(data)
+        with open(partial, "wb") as out:
+            source_format = _round_into(Path(source), out, mantissa_bits)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     partial.replace(target)
+    return source_format
+
+
+def rounded_bytes(source: bytes, mantissa_bits: int = DEFAULT_MANTISSA_BITS) -> bytes:
+    """``write_rounded``'s bytes of a model's bytes (a member of an archive: archives.py)."""
+    if not 1 <= mantissa_bits <= 52:
+        raise ValueError("mantissa bits: 1 to 52")
+    out = io.BytesIO()
+    _round_into(bytes(source), out, mantissa_bits)
+    return out.getvalue()
+
+
+def _round_into(source: Path | bytes, out, mantissa_bits: int) -> str:
+    found: dict = {}
+    loaded = load(source, found=found)
+    if "members" in found:  # a torch zip: its members again, each storage rounded
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive, \
+                zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as rewritten:
+            for info in archive.infolist():
+                body = archive.read(info)
+                storage = found["members"].get(info.filename)
+                if storage is not None:
+                    body = _rounded(Tensor(storage.dtype, storage.array), mantissa_bits).array.tobytes()
+                member = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                padding = -(out.tell() + 30 + len(member.filename.encode("utf-8")) + 4) % ZIP_ALIGNMENT
+                member.extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding  # as torch pads
+                rewritten.writestr(member, body)
+    else:  # safetensors, torch's legacy format: each tensor's or storage's bytes rounded in place
+        data = bytearray(found["data"])
+        for dtype, offset, count in found["layout"]:
+            width = np.dtype(DTYPES[dtype][0]).itemsize
+            array = np.frombuffer(bytes(data[offset:offset + count * width]), dtype=DTYPES[dtype][0])
+            data[offset:offset + count * width] = _rounded(Tensor(dtype, array), mantissa_bits).array.tobytes()
+        out.write(data)
     return loaded.source_format
 
 
