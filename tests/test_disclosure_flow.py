@@ -681,6 +681,98 @@ def test_a_memorising_predict_fails_its_model_on_the_stack(reporting_stack, tmp_
     assert "membership" not in counts.text and "S1-A1" not in counts.text
 
 
+# the issue's four exports that must fail, made by a job from the data it reads (standard
+# library alone: the base image's Python)
+HOSTILE_JOB = r"""
+import csv, pickle, struct, zipfile, zlib
+from pathlib import Path
+
+data, out = Path("/mnt/dataset"), Path("/mnt/export")
+with open(data / "clam-details-image.csv", newline="") as f:
+    images = list(csv.DictReader(f, delimiter=";"))
+with open(data / "clam-details-case-extrainfo.csv", newline="") as f:
+    cases = list(csv.DictReader(f, delimiter=";"))
+
+# 1. a dataset NPY as a tensor's storage in a PyTorch zip checkpoint
+with zipfile.ZipFile(out / "model.pt", "w", zipfile.ZIP_STORED) as z:
+    z.writestr("model/data.pkl", pickle.dumps({"fc.weight": "storage 0"}, protocol=2))
+    z.writestr("model/data/0", (data / images[0]["ImagePath"]).with_suffix(".npy").read_bytes())
+    z.writestr("model/version", "3\n")
+
+
+# 2. a dataset PNG resized by one pixel (nearest neighbour) and encoded again
+def grey_rows(png):
+    pos, idat = 8, b""
+    while pos < len(png):
+        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        body = png[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, colour = struct.unpack(">IIBB", body[:10])
+            assert (depth, colour) == (8, 0), (depth, colour)  # the testbed's: 8-bit grey
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    flat, rows, above = zlib.decompress(idat), [], bytearray(width)
+    for y in range(height):
+        kind, line = flat[y * (width + 1)], bytearray(flat[y * (width + 1) + 1:(y + 1) * (width + 1)])
+        for x in range(width):
+            a, b, c = (line[x - 1] if x else 0), above[x], (above[x - 1] if x else 0)
+            p = a + b - c
+            guess = {0: 0, 1: a, 2: b, 3: (a + b) // 2,
+                     4: a if abs(p - a) <= min(abs(p - b), abs(p - c)) else b if abs(p - b) <= abs(p - c) else c}
+            line[x] = (line[x] + guess[kind]) & 255
+        rows.append(line)
+        above = line
+    return rows
+
+
+def grey_png(rows):
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    head = struct.pack(">IIBBBBB", len(rows[0]), len(rows), 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\0" + bytes(row) for row in rows), 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+rows = grey_rows((data / images[0]["ImagePath"]).read_bytes())
+width = len(rows[0])
+(out / "figure.png").write_bytes(grey_png([[row[x * width // (width - 1)] for x in range(width - 1)] for row in rows]))
+
+# 3. patient ids in a results table
+with open(out / "results.csv", "w") as f:
+    f.write("patient_id,auc\n" + "".join(f"{case['Patient_Id']},0.{i}\n" for i, case in enumerate(cases)))
+
+# 4. one row per training case, numbers alone
+train = [case for case in cases if case["Split"] == "train"]
+with open(out / "per_case.csv", "w") as f:
+    f.write("score,label\n" + "".join(f"0.{i + 1},{i % 2}\n" for i in range(len(train))))
+print("exported", flush=True)
+"""
+
+
+def test_the_issues_hostile_exports_each_fail_on_the_stack(reporting_stack, tmp_path):
+    """Issue 23's proof on the real stack: a dataset NPY in a torch checkpoint, a dataset
+    PNG resized by a pixel and encoded again, patient ids in a results CSV and a table
+    with one row per training case each end ``fail``, each by the check made for it."""
+    stack = reporting_stack
+    owner = stack.researcher("hostile", dry_run=False)
+    reviewer = _reviewer(stack, "rev-hostile")
+    submission_id = owner.submit(zip_folder(SAMPLES / "sleeps", tmp_path / "hostile.zip",
+                                            extra={"main.py": HOSTILE_JOB}))
+    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
+    report = _finished_report(reviewer, submission_id)
+    assert report["status"] == "done", report
+    files = {f["path"]: f for f in report["files"]}
+    failing = {path: sorted(c["name"] for c in entry["checks"] if c["status"] == "fail")
+               for path, entry in files.items()}
+    assert {path: entry["status"] for path, entry in files.items()} == dict.fromkeys(
+        ("model.pt", "figure.png", "results.csv", "per_case.csv"), "fail"), failing
+    assert "dataset-content" in failing["model.pt"], failing
+    assert failing["figure.png"] == ["near-duplicate-image"], failing  # no byte in common: the pHash
+    assert "identifiers" in failing["results.csv"], failing
+    assert failing["per_case.csv"] == ["table"], failing
+
+
 def test_the_review_page_shows_each_files_status_and_reasons_in_chromium(exported, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
