@@ -401,6 +401,17 @@ def _finished_report(reviewer, submission_id):
                     ["status"] in ("done", "failed") and r, 900, f"submission {submission_id}'s disclosure report")
 
 
+def _run_to_its_report(owner, reviewer, zip_path, timeout=900):
+    """``zip_path`` submitted by ``owner``, run to completion, and its report job done:
+    (submission id, the report as ``reviewer`` reads it)."""
+    submission_id = owner.submit(zip_path)
+    done = owner.wait_until(submission_id, {"completed", "failed", "build_failed"}, timeout=timeout)
+    assert done["status"] == "completed", (done["reason"], done["error"])
+    report = _finished_report(reviewer, submission_id)
+    assert report["status"] == "done", report
+    return submission_id, report
+
+
 @pytest.fixture(scope="module")
 def reporting_stack(testbed, index_root):
     running = Stack(M2D_DISCLOSURE_REPORTS="1", M2D_DISCLOSURE_INDEX_DIR=str(index_root),
@@ -417,9 +428,7 @@ def exported(reporting_stack, tmp_path_factory):
     reviewers = [_reviewer(stack, name) for name in ("rev-ann", "rev-ben")]
     zip_path = zip_folder(SAMPLES / "sleeps", tmp_path_factory.mktemp("disclosure") / "ids.zip",
                           extra={"main.py": EXPORTING_IDS})
-    submission_id = owner.submit(zip_path)
-    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
-    report = _finished_report(reviewers[0], submission_id)
+    submission_id, report = _run_to_its_report(owner, reviewers[0], zip_path)
     return stack, owner, reviewers, submission_id, report
 
 
@@ -509,10 +518,8 @@ def _one_file_exported_and_reported(owner, reviewer, tmp_path, name: str, writte
     main = ("import base64\nfrom pathlib import Path\n"
             f"Path('/mnt/export/{name}').write_bytes(base64.b64decode({base64.b64encode(written).decode()!r}))\n"
             "print('exported', flush=True)\n")
-    submission_id = owner.submit(zip_folder(SAMPLES / "sleeps", tmp_path / "job.zip", extra={"main.py": main}))
-    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
-    report = _finished_report(reviewer, submission_id)
-    assert report["status"] == "done", report
+    submission_id, report = _run_to_its_report(
+        owner, reviewer, zip_folder(SAMPLES / "sleeps", tmp_path / "job.zip", extra={"main.py": main}))
     (entry,) = report["files"]
     assert entry["path"] == name and entry["status"] != "fail", entry
     check = next(c for c in entry["checks"] if c["name"] == "sanitise")
@@ -663,10 +670,7 @@ def test_a_memorising_predict_fails_its_model_on_the_stack(reporting_stack, tmp_
     reviewer = _reviewer(stack, "rev-mia")
     zip_path = zip_folder(SAMPLES / "sleeps", tmp_path / "memory.zip",
                           extra={"main.py": MEMORISING_JOB, "m2d.toml": '[disclosure]\npredict = "main:predict"\n'})
-    submission_id = owner.submit(zip_path)
-    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
-    report = _finished_report(reviewer, submission_id)
-    assert report["status"] == "done", report
+    submission_id, report = _run_to_its_report(owner, reviewer, zip_path)
     (entry,) = report["files"]
     assert entry["path"] == "memory.json" and entry["status"] == "fail", entry
     (check,) = [c for c in entry["checks"] if c["name"] == "membership"]
@@ -757,11 +761,8 @@ def test_the_issues_hostile_exports_each_fail_on_the_stack(reporting_stack, tmp_
     stack = reporting_stack
     owner = stack.researcher("hostile", dry_run=False)
     reviewer = _reviewer(stack, "rev-hostile")
-    submission_id = owner.submit(zip_folder(SAMPLES / "sleeps", tmp_path / "hostile.zip",
-                                            extra={"main.py": HOSTILE_JOB}))
-    assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
-    report = _finished_report(reviewer, submission_id)
-    assert report["status"] == "done", report
+    _submission_id, report = _run_to_its_report(
+        owner, reviewer, zip_folder(SAMPLES / "sleeps", tmp_path / "hostile.zip", extra={"main.py": HOSTILE_JOB}))
     files = {f["path"]: f for f in report["files"]}
     failing = {path: sorted(c["name"] for c in entry["checks"] if c["status"] == "fail")
                for path, entry in files.items()}
@@ -819,11 +820,8 @@ def test_the_clam_samples_trained_model_is_not_failed_and_gets_its_membership_te
     stack = reporting_stack
     owner = stack.researcher("clam-owner", dry_run=False)
     reviewer = _reviewer(stack, "clam-reviewer")
-    submission_id = owner.submit(zip_folder(SAMPLES / "clam", tmp_path / "clam.zip"))
-    done = owner.wait_until(submission_id, {"completed", "failed", "build_failed"}, timeout=1800)
-    assert done["status"] == "completed", (done["reason"], done["error"])
-    report = _finished_report(reviewer, submission_id)
-    assert report["status"] == "done", report
+    submission_id, report = _run_to_its_report(owner, reviewer, zip_folder(SAMPLES / "clam", tmp_path / "clam.zip"),
+                                               timeout=1800)
     files = {f["path"]: f for f in report["files"]}
     assert set(files) == {"model.tar", "metrics.json"}, files
     assert all(f["status"] in ("pass", "review") for f in files.values()), files

@@ -183,6 +183,7 @@ start() {
         --uvicorn-opts "--no-access-log --timeout-worker-healthcheck 60 --timeout-keep-alive 30"
     WAIT_PID=$(cat "$PIDFILE") WAIT_LOG=$LOGFILE \
       wait_until 300 "mlflow /health" curl -fsS "$URL/health"
+    load_the_plugin_on_each_worker
     log "mlflow started (pid $(cat "$PIDFILE")) on $URL"
   fi
   # The stored password must still be the admin's (it is only applied when
@@ -190,9 +191,12 @@ start() {
   curl -fsS -o /dev/null -u "admin:$ADMIN_PASSWORD" \
       "$URL/api/2.0/mlflow/users/get?username=admin" \
     || die "mlflow admin login failed: $DIR/basic_auth.db and $TESTBED_DIR/secrets/mlflow-admin-password disagree"
-  # One request after the other on fresh connections, which the kernel spreads
-  # over the workers: each loads m2d_mlflow_auth (and its request limit) before
-  # the relays' requests come at once.
+}
+
+# One request after the other on fresh connections, which the kernel spreads over
+# a new server's workers: each loads m2d_mlflow_auth (and its request limit) before
+# the relays' requests come at once.
+load_the_plugin_on_each_worker() {
   local i
   for ((i = 0; i < 6 * WORKERS; i++)); do
     curl -fsS -o /dev/null -u "admin:$ADMIN_PASSWORD" "$URL/api/2.0/mlflow/users/get?username=admin" || true
