@@ -16,7 +16,7 @@ import uuid
 import pytest
 import requests
 
-from gateway.adapters.mlflow import MlflowAdmin
+from gateway.adapters.mlflow import REVOKE_PERMISSION, MlflowAdmin
 
 from .helpers.relay import API, RelayProcesses, UnixHTTPConnection, call, stop_all
 
@@ -99,6 +99,23 @@ def test_a_cached_login_reads_and_writes_only_its_own_experiment(mlflow_url, res
     assert set(on_every_worker(mlflow_url, erin, "POST", "/runs/log-batch", json=batch)) == {403}
     assert set(on_every_worker(mlflow_url, erin, "POST", "/runs/create",
                                json={"experiment_id": frank.experiment_id})) == {403}
+
+
+def test_a_runs_remembered_experiment_is_no_remembered_permission(mlflow_url, admin_auth, researchers):
+    """The plug-in remembers which experiment a run is in (MLflow loads the whole
+    run to learn it on every call), never whether a login may write there: another
+    login is refused on the remembered run, and a grant taken away refuses its owner
+    at once, on every worker."""
+    grace, heidi = researchers("grace"), researchers("heidi")
+    run_id = requests.post(f"{mlflow_url}{API}/runs/create", auth=(grace.username, grace.password), timeout=60,
+                           json={"experiment_id": grace.experiment_id}).json()["run"]["info"]["run_id"]
+    batch = {"run_id": run_id, "metrics": [{"key": "m", "value": 1, "timestamp": 0, "step": 0}]}
+    assert set(on_every_worker(mlflow_url, grace, "POST", "/runs/log-batch", json=batch)) == {200}  # remembered
+    assert set(on_every_worker(mlflow_url, heidi, "POST", "/runs/log-batch", json=batch)) == {403}
+    requests.post(f"{mlflow_url}{REVOKE_PERMISSION}", auth=admin_auth, timeout=30,
+                  json={"username": grace.username, "resource_type": "experiment",
+                        "resource_id": grace.experiment_id}).raise_for_status()
+    assert set(on_every_worker(mlflow_url, grace, "POST", "/runs/log-batch", json=batch)) == {403}
 
 
 def test_jobs_logging_at_once_through_their_relays_get_every_value_into_their_own_runs(

@@ -36,6 +36,14 @@ At most M2D_MLFLOW_REQUESTS_AT_ONCE requests (default 4) run in a worker at once
 deploy/testbed/mlflow.sh sizes each store's pool to twice that, so an outer and an
 inner session always find their connections. The rest wait in line, holding none.
 
+It also remembers each run's experiment for the permission check of a call on the run
+(``remembering_run_requirement``): MLflow's check loads the whole run (its params, tags
+and latest metrics: more with every value logged) on every `log-batch` only to learn
+the experiment, about a fifth of a relay's call. A run never moves to another
+experiment, so the answer for a run found once stays right; the grants themselves are
+read on every request as before, so a permission taken away holds at once. A run not
+found is not remembered (MLflow refuses it, and asks again next time).
+
 MLflow's UI hides its "change password" and "log out" items when the function is
 not its own; on this platform the gateway holds each researcher's MLflow password
 (it hands it to the job's relay), so a password changed in the UI would break that
@@ -60,6 +68,7 @@ from sqlalchemy import select
 from werkzeug.datastructures import Authorization
 
 CACHE_SIZE = int(os.environ.get("M2D_MLFLOW_AUTH_CACHE_SIZE", "10000"))
+RUNS_REMEMBERED = int(os.environ.get("M2D_MLFLOW_RUNS_REMEMBERED", "100000"))
 CACHE_SECONDS = float(os.environ.get("M2D_MLFLOW_AUTH_CACHE_SECONDS", "3600"))
 REQUESTS_AT_ONCE = int(os.environ.get("M2D_MLFLOW_REQUESTS_AT_ONCE", "4"))
 
@@ -127,8 +136,38 @@ def requests_within_pool(wsgi_app, at_once: int):
     return limited
 
 
+def remembering_run_requirement(run_requirement, size: int):
+    """MLflow's ``_run_requirement(run_id, action)`` (the experiment a call on the run
+    is checked against, and what it needs there), asked once per run and action."""
+    remembered: OrderedDict[tuple, tuple] = OrderedDict()
+    lock = threading.Lock()
+
+    def remembering(run_id, action):
+        key = (run_id, action)
+        with lock:
+            answer = remembered.get(key)
+            if answer is not None:
+                remembered.move_to_end(key)
+        if answer is None:
+            answer = run_requirement(run_id, action)
+            if answer is None:
+                return None
+            with lock:
+                remembered[key] = answer
+                while len(remembered) > size:
+                    remembered.popitem(last=False)
+        anchor, requirements = answer
+        return anchor, list(requirements)  # a copy: MLflow's caller may change its list
+
+    remembering.m2d_remembers = True
+    return remembering
+
+
 # MLflow imports this module on a worker's first authenticated request (it resolves
 # `authorization_function` lazily): the requests already running then are not held
 # back (at worst they wait for the pool's timeout once); every later one is.
 if not hasattr(app.wsgi_app, "m2d_requests_at_once"):
     app.wsgi_app = requests_within_pool(app.wsgi_app, REQUESTS_AT_ONCE)
+# MLflow versions without this helper keep their own check (slower, as right).
+if hasattr(auth, "_run_requirement") and not getattr(auth._run_requirement, "m2d_remembers", False):
+    auth._run_requirement = remembering_run_requirement(auth._run_requirement, RUNS_REMEMBERED)
