@@ -37,8 +37,9 @@ def create_user(email, name, password, admin, approve, reviewer):
         try:
             accounts.approve(user)
         except (MlflowError, SlurmError) as e:
+            service = "MLflow" if isinstance(e, MlflowError) else "Slurm's accounting (sacctmgr)"
             raise click.ClickException(f"created {user.email}, but approval failed: {e}. "
-                                       f"Run 'users approve {user.email}' once MLflow answers.")
+                                       f"Run 'users approve {user.email}' once {service} answers.")
     click.echo(f"created {user.email} (id {user.id}){' approved' if user.approved else ''}")
 
 

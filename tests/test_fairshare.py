@@ -123,6 +123,33 @@ def test_ensure_adds_the_account_and_the_job_user_once():
     assert len(existing.calls) == 1  # one query before each sbatch, nothing added
 
 
+class LaggingBatch(RecordingBatch):
+    """slurmdbd saying a just-added account does not exist, ``misses`` times."""
+
+    def __init__(self, misses):
+        super().__init__()
+        self.misses = misses
+
+    def run(self, name, args):
+        if "user" in args and "add" in args and self.misses:
+            self.calls.append([name, *args])
+            self.misses -= 1
+            raise SlurmError("sacctmgr failed (exit 1)", cmd=[name, *args], returncode=1,
+                             stderr=" This account 'm2d-ann-3' doesn't exist.\n")
+        return super().run(name, args)
+
+
+def test_the_job_user_is_added_once_slurmdbd_shows_the_new_account(monkeypatch):
+    monkeypatch.setattr("gateway.adapters.slurm.accounting.time.sleep", lambda seconds: None)
+    batch = LaggingBatch(misses=2)
+    assert SlurmAccounts(batch, job_user="m2d-job").ensure("m2d-ann-3")
+    assert sum("user" in c for c in batch.calls if "add" in c) == 3
+    never = LaggingBatch(misses=99)
+    with pytest.raises(SlurmError, match="exit 1"):
+        SlurmAccounts(never, job_user="m2d-job").ensure("m2d-ann-3")
+    assert sum("user" in c for c in never.calls if "add" in c) == 5
+
+
 def test_account_names_are_checked_before_they_reach_a_command_line():
     slurm = SlurmAccounts(RecordingBatch())
     assert slurm.name_for("Ann-3") == "m2d-ann-3"

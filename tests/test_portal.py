@@ -23,9 +23,10 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway import create_app
 from gateway.config import from_environment
-from gateway.core.models import ExportFile, User
+from gateway.core.models import User
 from gateway.extensions import db
 
+from .helpers.manifest import reviewers_manifest
 from .helpers.stack import SAMPLES, Stack, wait_for, zip_folder
 
 PASSWORD = "correct horse battery staple"
@@ -347,8 +348,7 @@ def test_a_release_is_requested_reviewed_by_two_and_downloaded_in_the_browser(tw
     assert owner.wait_until(submission_id, {"completed", "failed", "build_failed"})["status"] == "completed"
     # the manifest, as the reviewers have it (the gateway's database)
     with create_app(from_environment(stack.env)).app_context():
-        manifest = {f.path: {"sha256": f.sha256, "size": f.size}
-                    for f in ExportFile.query.filter_by(submission_id=submission_id)}
+        manifest = {path: {"sha256": f.sha256, "size": f.size} for path, f in reviewers_manifest(submission_id).items()}
     assert set(manifest) == {"metrics.json", "model.bin", "predictions.csv"}
 
     # the researcher sees how many files, not which; asks for them, saying which two she needs

@@ -11,10 +11,11 @@ def test_each_node_counts_once_with_its_cpus_and_gpus():
     assert parse_sinfo(listing) == [("node1", 2, 1), ("node2", 2, 1), ("big", 8, 3), ("cpu", 4, 0)]
 
 
-def test_two_workers_per_cpu_slot_within_one_per_core_and_the_memory():
+def test_two_workers_per_cpu_slot_within_two_per_core_and_the_memory():
     one_node, two_nodes = [("vm", 2, 1)], [("node1", 2, 1), ("node2", 2, 1)]
-    assert workers(one_node, cores=2, memory=16 * GIB) == 2  # one per core
-    assert workers(two_nodes, cores=2, memory=16 * GIB) == 2
-    assert workers(two_nodes, cores=8, memory=16 * GIB) == 8
+    assert workers(one_node, cores=2, memory=16 * GIB) == 4  # two per slot, two per core
+    assert workers(two_nodes, cores=1, memory=16 * GIB) == 2  # two per core
+    assert workers(two_nodes, cores=2, memory=16 * GIB) == 4
+    assert workers(two_nodes, cores=8, memory=16 * GIB) == 8  # two per slot
     assert workers(two_nodes, cores=8, memory=6 * GIB) == 3  # 2 GiB a worker
     assert workers([], cores=2, memory=16 * GIB) == 2  # no Slurm answered: the floor

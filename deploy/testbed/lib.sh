@@ -40,6 +40,9 @@ set_testbed_dir() {
 #   M2D_TESTBED_BRIDGE  the nodes' bridge (also the prefix of their
 #                       namespaces, NAME-node1...), M2D_TESTBED_SUBNET its /24
 #                       (first three octets): this host .1, node I .(10+I)
+#   M2D_TESTBED_GPUS    fake GPUs per node (2): a real job takes one, so this
+#                       many real jobs run at once on a node (the suite's stacks
+#                       queued behind one)
 #   M2D_REDIS_PORT M2D_MLFLOW_PORT M2D_SMTP_PORT  the gateway host's services
 #   M2D_MLFLOW_PROXY_PORTS  ports the nodes may reach beside MLflow's, for the
 #                       fault tests' MLflow proxies (tests/helpers/stack.py)
@@ -52,7 +55,7 @@ set_testbed_dir() {
 #   M2D_SUDOERS_FILE    where accounts.sh writes the sudo rules
 # A second testbed beside a running one (development) sets them all apart,
 # e.g. deploy/testbed/second.env.
-TESTBED_SETTINGS=(M2D_TESTBED_NODES M2D_TESTBED_BRIDGE M2D_TESTBED_SUBNET M2D_REDIS_PORT
+TESTBED_SETTINGS=(M2D_TESTBED_NODES M2D_TESTBED_GPUS M2D_TESTBED_BRIDGE M2D_TESTBED_SUBNET M2D_REDIS_PORT
   M2D_MLFLOW_PORT M2D_SMTP_PORT M2D_MLFLOW_PROXY_PORTS SLURM_CLUSTER_NAME SLURMCTLD_PORT SLURMD_PORT
   SLURMDBD_PORT MYSQL_PORT SLURM_FIRST_JOB_ID SLURM_LINK_ETC M2D_SLURM_WRAPPER M2D_SUDOERS_FILE)
 testbed_settings() {
@@ -69,7 +72,7 @@ testbed_settings() {
   if [ -z "${M2D_TESTBED_NODES:-}" ] && [ ! -e "$saved" ] && [ -e "$TESTBED_DIR/slurm/etc/slurm.conf" ]; then
     M2D_TESTBED_NODES=1
   fi
-  : "${M2D_TESTBED_NODES:=2}" "${M2D_TESTBED_BRIDGE:=m2d-br0}" "${M2D_TESTBED_SUBNET:=10.77.0}"
+  : "${M2D_TESTBED_NODES:=2}" "${M2D_TESTBED_GPUS:=2}" "${M2D_TESTBED_BRIDGE:=m2d-br0}" "${M2D_TESTBED_SUBNET:=10.77.0}"
   : "${M2D_REDIS_PORT:=6380}" "${M2D_MLFLOW_PORT:=5001}" "${M2D_SMTP_PORT:=8025}"
   : "${M2D_MLFLOW_PROXY_PORTS:=15100-15199}"
   : "${SLURM_CLUSTER_NAME:=testbed}" "${SLURMCTLD_PORT:=6817}" "${SLURMD_PORT:=6818}"
@@ -77,6 +80,7 @@ testbed_settings() {
   : "${M2D_SLURM_WRAPPER:=/usr/local/libexec/m2d/m2d-slurm}" "${M2D_SUDOERS_FILE:=/etc/sudoers.d/m2d}"
   for name in "${TESTBED_SETTINGS[@]}"; do export "${name?}"; done
   case "$M2D_TESTBED_NODES" in [1-9]|[1-9][0-9]) ;; *) die "M2D_TESTBED_NODES must be 1 to 99, not '$M2D_TESTBED_NODES'" ;; esac
+  case "$M2D_TESTBED_GPUS" in [1-8]) ;; *) die "M2D_TESTBED_GPUS must be 1 to 8, not '$M2D_TESTBED_GPUS'" ;; esac
   GATEWAY_ADDR=$M2D_TESTBED_SUBNET.1   # this host on the nodes' bridge
 }
 # save_testbed_settings: what this run used, for the next script on this folder

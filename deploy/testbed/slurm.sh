@@ -4,7 +4,7 @@
 # 12 machine without systemd.  M2D_TESTBED_NODES (lib.sh) compute nodes,
 # node1..nodeN, each a slurmd in network and UTS namespaces of its own
 # (nodes.sh makes the network), or with M2D_TESTBED_NODES=1 this host as the
-# one node; each node has one fake GPU; partition `debug` has them all;
+# one node; each node has M2D_TESTBED_GPUS fake GPUs; partition `debug` has them all;
 # `sacct` works.  State, configs and logs live in TESTBED_DIR/slurm.
 #
 # start is idempotent: daemons that are already running (by our PID files)
@@ -121,18 +121,20 @@ write_configs() {
   # first cores) and a share of its memory, so the nodes' jobs together stay
   # within it.  Single-node mode: all of it, as before.
   local nodes_n=1 node_lines="" gres_lines="" node_partitions="" node ctld_name=$HOST per_node="" slurmd_timeout=300
+  local gpu_files=0
+  [ "$M2D_TESTBED_GPUS" -eq 1 ] || gpu_files="[0-$((M2D_TESTBED_GPUS - 1))]"   # nvidia0, or nvidia[0-N]
   if multi_node; then
     nodes_n=$M2D_TESTBED_NODES per_node=-%n slurmd_timeout=30
     mem=$((mem / nodes_n))
     for node in $NODES; do
-      node_lines+="NodeName=$node NodeAddr=$(node_addr "$node") CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:1 State=UNKNOWN"$'\n'
-      gres_lines+="NodeName=$node Name=gpu Type=fake File=$DIR/dev/nvidia0"$'\n'
+      node_lines+="NodeName=$node NodeAddr=$(node_addr "$node") CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:$M2D_TESTBED_GPUS State=UNKNOWN"$'\n'
+      gres_lines+="NodeName=$node Name=gpu Type=fake File=$DIR/dev/nvidia$gpu_files"$'\n'
       # a partition per node too, so a test can send its jobs to one node (M2D_SLURM_PARTITION)
       node_partitions+="PartitionName=$node Nodes=$node MaxTime=INFINITE State=UP"$'\n'
     done
   else
-    node_lines="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:1 State=UNKNOWN"$'\n'
-    gres_lines="NodeName=$HOST Name=gpu Type=fake File=$DIR/dev/nvidia0"$'\n'
+    node_lines="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:$M2D_TESTBED_GPUS State=UNKNOWN"$'\n'
+    gres_lines="NodeName=$HOST Name=gpu Type=fake File=$DIR/dev/nvidia$gpu_files"$'\n'
   fi
 
   install_event_hook
@@ -233,11 +235,14 @@ ${node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 ${node_partitions%$'\n'}
 EOF
 
-  # The fake GPU.  Slurm 22.05 drops a GPU without File= ("Removing file-less
-  # GPU") and the node goes INVAL, so File= names a symlink to /dev/null whose
-  # name ends in the device index; jobs then get CUDA_VISIBLE_DEVICES=0.
+  # The fake GPUs.  Slurm 22.05 drops a GPU without File= ("Removing file-less
+  # GPU") and the node goes INVAL, so File= names symlinks to /dev/null whose
+  # names end in the device index; a job then gets CUDA_VISIBLE_DEVICES=0 (or 1...).
   mkdir -p "$DIR/dev"
-  [ "$(readlink "$DIR/dev/nvidia0")" = /dev/null ] || ln -sfn /dev/null "$DIR/dev/nvidia0"
+  local i
+  for ((i = 0; i < M2D_TESTBED_GPUS; i++)); do
+    [ "$(readlink "$DIR/dev/nvidia$i")" = /dev/null ] || ln -sfn /dev/null "$DIR/dev/nvidia$i"
+  done
   put_file "$DIR/etc/gres.conf" <<EOF
 AutoDetect=off
 ${gres_lines%$'\n'}

@@ -28,6 +28,7 @@ Slurm 22.05 facts this module is built around:
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,6 +39,8 @@ from .cli_scheduler import Batch
 from .limits import GPU, AccountLimits
 
 NOTHING_NEW = "Nothing new added"
+NO_SUCH_ACCOUNT = "doesn't exist"
+ACCOUNT_VISIBLE_WAITS = (0.5, 1, 2, 4, None)  # seconds before each retry; None: give up
 SSHARE_FIELDS = ("Account", "User", "RawShares", "NormShares", "RawUsage", "EffectvUsage", "FairShare",
                  "GrpTRESMins", "GrpTRESRaw")
 ASSOC_FIELDS = ("Account", "User", "ParentName", "MaxJobs", "MaxSubmit", "GrpTRESMins", "MaxWall", "QOS")
@@ -259,9 +262,22 @@ class SlurmAccounts:
             args = ["add", "user", self.job_user, f"account={account}"]
             if self.cluster:
                 args.append(f"cluster={self.cluster}")
-            self._add(*args)
+            self._add_to_new_account(args)
             added = True
         return added
+
+    def _add_to_new_account(self, args: list[str]) -> None:
+        """``sacctmgr add user`` to an account just added. Under concurrent
+        sacctmgr calls slurmdbd (22.05) retries deadlocked transactions, and the
+        account it has just said it added can be missing for a moment ("This
+        account ... doesn't exist"; seen with four test stacks approving at once)."""
+        for wait in ACCOUNT_VISIBLE_WAITS:
+            try:
+                return self._add(*args)
+            except SlurmError as e:
+                if NO_SUCH_ACCOUNT not in (e.stderr + str(e)) or wait is None:
+                    raise
+            time.sleep(wait)
 
     def _add(self, *args: str) -> None:
         try:
