@@ -14,6 +14,7 @@ session with its own stack; the tests of a module that share a module-scoped
 fixture (a stack, a submission followed to its end) form one group, so that
 fixture is made once, and the rest are spread one by one. The longest
 (tests/durations.json) are handed out first, so none starts last."""
+import functools
 import json
 import os
 import shutil
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import pytest
 from requests.auth import HTTPBasicAuth
+from werkzeug import security
 
 from gateway import create_app
 from gateway.config import from_environment
+from gateway.core import models
 from gateway.extensions import db
 
 from .helpers.stack import Stack, require_testbed
@@ -215,9 +218,14 @@ def tmp_zip(tmp_path):
 
 
 @pytest.fixture
-def local_app(tmp_path, migrated_database_url):
+def local_app(tmp_path, migrated_database_url, monkeypatch):
     """An app on its own fresh database (migrated), for tests of the
-    database logic and the pages that need no other service."""
+    database logic and the pages that need no other service. Its web passwords
+    are hashed with one round, not scrypt: werkzeug's hash (0.1 s a call here) was a
+    fifth of `make unit`; check_password_hash reads the method from each hash, and
+    the stacks (tests of logins) keep the real one."""
+    monkeypatch.setattr(models, "generate_password_hash", functools.partial(
+        security.generate_password_hash, method="pbkdf2:sha256:1"))
     application = create_app(_local_settings(migrated_database_url, tmp_path))
     with application.app_context():
         yield application

@@ -251,8 +251,8 @@ def test_a_predict_that_crashes_or_answers_wrongly_is_review(tmp_path, plan, sou
 
 
 def test_a_predict_that_hangs_is_stopped_and_review(tmp_path, plan):
-    _result, (status, reason) = _predict_step(tmp_path, plan, HANGING, timeout=3)
-    assert status == "review" and "time limit of 3 s" in reason, reason
+    _result, (status, reason) = _predict_step(tmp_path, plan, HANGING, timeout=1)
+    assert status == "review" and "time limit of 1 s" in reason, reason
 
 
 # --- the report: which files get the check -------------------------------------------------
