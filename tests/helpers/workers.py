@@ -19,8 +19,9 @@ import subprocess
 
 WORKERS_PER_SLOT = 2
 # 3 per core thrashed 2 cores (6 stacks, load 15, a fifth of the suite in 17 min); at 1 per
-# core the 2 cores idled a third of the time (the stacks wait on Slurm and poll cycles); 2 per
-# core: the parallel part 21.7 -> 18.7 min
+# core the 2 cores idled a third of the time (the stacks wait on Slurm and poll cycles). 2 per
+# core, parallel part: 1136 s on a warm testbed (2 per machine: 1366 s); after a fresh testbed
+# 1321 s, as 2 did (1301 s): cold image builds keep the cores busy either way
 WORKERS_PER_CORE = 2
 MEMORY_PER_WORKER = 2 * 1024**3  # a stack's processes, a chromium, an image build's squashfs
 JOB_CPUS = 1  # the stacks' SLURM_CPUS (gateway/config.py's default)
