@@ -28,8 +28,12 @@ Slurm 22.05 facts this module is built around:
 """
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -38,9 +42,13 @@ from . import SACCT_TIME_FORMAT, ErrorCounter, SlurmError, check_account
 from .cli_scheduler import Batch
 from .limits import GPU, AccountLimits
 
+log = logging.getLogger(__name__)
+
 NOTHING_NEW = "Nothing new added"
+# Every gateway process of a host (and every test stack of a machine) takes it.
+WRITE_LOCK = "/run/lock/m2d-sacctmgr.lock"
 NO_SUCH_ACCOUNT = "doesn't exist"
-ACCOUNT_VISIBLE_WAITS = (0.5, 1, 2, 4, None)  # seconds before each retry; None: give up
+ACCOUNT_VISIBLE_WAITS = (0.5, 1, 2, 4, 8, None)  # seconds before each retry; None: give up
 SSHARE_FIELDS = ("Account", "User", "RawShares", "NormShares", "RawUsage", "EffectvUsage", "FairShare",
                  "GrpTRESMins", "GrpTRESRaw")
 ASSOC_FIELDS = ("Account", "User", "ParentName", "MaxJobs", "MaxSubmit", "GrpTRESMins", "MaxWall", "QOS")
@@ -149,6 +157,18 @@ def parse_associations(text: str) -> list[Association]:
     return rows
 
 
+def _open_lock(path: str) -> int:
+    """Read-only (flock needs no more), so a lock file another account made
+    stays usable; made only if missing (protected_regular refuses O_CREAT on
+    another user's file in a sticky directory such as /run/lock)."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        os.fchmod(fd, 0o644)
+        return fd
+
+
 def parse_sshare(text: str, job_user: str | None = None) -> dict[str, Share]:
     """``sshare -n -P -a -o SSHARE_FIELDS``, one Share per account: usage
     and limits from the account's own line, the fair-share factor from the
@@ -202,8 +222,9 @@ class SlurmAccounts:
 
     def __init__(self, batch: Batch | None = None, *, parent: str = "m2d", prefix: str = "m2d-",
                  qos: str = "", job_user: str | None = None, limits: AccountLimits = AccountLimits(),
-                 cluster: str = "") -> None:
+                 cluster: str = "", lock_path: str = WRITE_LOCK) -> None:
         self.batch = batch or Batch()
+        self.lock_path = lock_path
         self.parent, self.prefix, self.qos = check_account(parent), prefix, qos
         self.job_user, self.limits, self.cluster = job_user or None, limits, cluster
 
@@ -247,6 +268,25 @@ class SlurmAccounts:
         """The account under the parent, with the job user in it; True if
         anything was added.  One query when both exist (before every sbatch)."""
         check_account(account)
+        if self._complete(self.associations(account)):
+            return False
+        with self._one_writer():
+            # Another process may have lost it half made, so look again: the
+            # account missing for a moment or for good (see NO_SUCH_ACCOUNT)
+            # is looked for and added anew.
+            for wait in ACCOUNT_VISIBLE_WAITS:
+                try:
+                    return self._add_missing(account)
+                except SlurmError as e:
+                    if NO_SUCH_ACCOUNT not in (e.stderr + str(e)) or wait is None:
+                        raise
+                time.sleep(wait)
+        raise AssertionError("unreachable: the last wait is None")
+
+    def _complete(self, have: list[Association]) -> bool:
+        return any(not a.user for a in have) and (not self.job_user or any(a.user == self.job_user for a in have))
+
+    def _add_missing(self, account: str) -> bool:
         have = self.associations(account)
         added = False
         if not any(not a.user for a in have):
@@ -262,22 +302,9 @@ class SlurmAccounts:
             args = ["add", "user", self.job_user, f"account={account}"]
             if self.cluster:
                 args.append(f"cluster={self.cluster}")
-            self._add_to_new_account(args)
+            self._add(*args)
             added = True
         return added
-
-    def _add_to_new_account(self, args: list[str]) -> None:
-        """``sacctmgr add user`` to an account just added. Under concurrent
-        sacctmgr calls slurmdbd (22.05) retries deadlocked transactions, and the
-        account it has just said it added can be missing for a moment ("This
-        account ... doesn't exist"; seen with four test stacks approving at once)."""
-        for wait in ACCOUNT_VISIBLE_WAITS:
-            try:
-                return self._add(*args)
-            except SlurmError as e:
-                if NO_SUCH_ACCOUNT not in (e.stderr + str(e)) or wait is None:
-                    raise
-            time.sleep(wait)
 
     def _add(self, *args: str) -> None:
         try:
@@ -285,6 +312,26 @@ class SlurmAccounts:
         except SlurmError as e:
             if NOTHING_NEW not in (e.stderr + str(e)):  # made meanwhile by another worker
                 raise
+
+    @contextmanager
+    def _one_writer(self) -> Iterator[None]:
+        """One sacctmgr write at a time from this host. slurmdbd 22.05 retries
+        only the statement that hit a MariaDB deadlock, not the transaction
+        the database rolled back, so concurrent ``add account`` calls under
+        one parent each say "Adding Account(s)" and lose the account (or keep
+        its association without the account, which sacctmgr cannot add or
+        delete after; 3 of 4 concurrent adds on the testbed)."""
+        try:
+            fd = _open_lock(self.lock_path)
+        except OSError as e:
+            log.warning("sacctmgr writes unserialised: cannot open %s (%s)", self.lock_path, e)
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def set_limits(self, account: str, limits: AccountLimits | None = None) -> None:
         """The account's (and its job user's) limits: the configured ones,
@@ -299,7 +346,8 @@ class SlurmAccounts:
         check_account(account)
         where = [f"name={account}"] + ([f"cluster={self.cluster}"] if self.cluster else [])
         try:
-            self._sacctmgr("modify", "account", "where", *where, "set", *settings)
+            with self._one_writer():
+                self._sacctmgr("modify", "account", "where", *where, "set", *settings)
         except SlurmError as e:
             if "Nothing modified" not in (e.stderr + str(e)):  # already so
                 raise
