@@ -64,7 +64,7 @@ start() {
     || { tail -n 20 "$RUN/logs/migrate.log" >&2; die "database migration failed"; }
 
   local password; password=$(secret_file "$TESTBED_DIR/secrets/gateway-admin-password")
-  if ! "${AS_GATEWAY[@]}" "$PY" -m flask --app gateway users list 2>/dev/null | cut -f2 | grep -qx "$ADMIN_EMAIL"; then
+  if ! "${AS_GATEWAY[@]}" "$PY" -m flask --app gateway users list 2>/dev/null | cut -f2 | grep -x "$ADMIN_EMAIL" >/dev/null; then
     "${AS_GATEWAY[@]}" "$PY" -m flask --app gateway users create "$ADMIN_EMAIL" --name Admin --password "$password" \
       --admin --approve >/dev/null
   fi

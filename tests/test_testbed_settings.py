@@ -33,3 +33,15 @@ def test_a_testbed_made_before_the_setting_stays_single_node(tmp_path):
     assert settings(tmp_path)["M2D_TESTBED_NODES"] == "1"
     assert settings(tmp_path, M2D_TESTBED_NODES="2")["M2D_TESTBED_NODES"] == "2"
     assert settings(tmp_path)["M2D_TESTBED_NODES"] == "2"  # kept once remade with nodes
+
+
+def test_no_deploy_script_stops_reading_a_pipe_early_under_pipefail():
+    """`long listing | grep -q x` fails under pipefail once the listing outgrows
+    a pipe buffer (grep exits at the match, the writer dies of SIGPIPE): a
+    testbed with a few hundred Slurm accounts failed `make testbed` so."""
+    early = subprocess.run(["bash", "-c", "set -o pipefail; seq 1 100000 | grep -qx 1"])
+    assert early.returncode != 0  # the trap itself
+    scripts = sorted((LIB.parents[1]).rglob("*.sh"))
+    offenders = [f"{path.name}:{n}" for path in scripts
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if "| grep -q" in line]
+    assert scripts and not offenders

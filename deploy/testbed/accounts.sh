@@ -57,8 +57,8 @@ make_user() {
 make_user "$JOB_USER" "/home/$JOB_USER"
 make_user "$GW_USER" "/home/$GW_USER"
 # the gateway reads what jobs write (group m2d-job); never the other way round
-id -nG "$GW_USER" | tr ' ' '\n' | grep -qx "$JOB_USER" || usermod -aG "$JOB_USER" "$GW_USER"
-if id -nG "$JOB_USER" | tr ' ' '\n' | grep -qx "$GW_USER"; then
+id -nG "$GW_USER" | tr ' ' '\n' | grep -x "$JOB_USER" >/dev/null || usermod -aG "$JOB_USER" "$GW_USER"
+if id -nG "$JOB_USER" | tr ' ' '\n' | grep -x "$GW_USER" >/dev/null; then
   die "$JOB_USER is a member of group $GW_USER: remove it (gpasswd -d $JOB_USER $GW_USER)"
 fi
 

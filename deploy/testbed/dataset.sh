@@ -20,8 +20,8 @@ DATASET=$TESTBED_DIR/clam
 require_root
 
 getent group "$DATA_GROUP" >/dev/null || { groupadd --system "$DATA_GROUP"; log "created group $DATA_GROUP"; }
-id -nG "$JOB_USER" | tr ' ' '\n' | grep -qx "$DATA_GROUP" || gpasswd -a "$JOB_USER" "$DATA_GROUP" >/dev/null
-if id -nG "$GW_USER" | tr ' ' '\n' | grep -qx "$DATA_GROUP"; then
+id -nG "$JOB_USER" | tr ' ' '\n' | grep -x "$DATA_GROUP" >/dev/null || gpasswd -a "$JOB_USER" "$DATA_GROUP" >/dev/null
+if id -nG "$GW_USER" | tr ' ' '\n' | grep -x "$DATA_GROUP" >/dev/null; then
   die "$GW_USER is a member of group $DATA_GROUP: remove it (gpasswd -d $GW_USER $DATA_GROUP)"
 fi
 

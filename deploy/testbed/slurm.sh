@@ -358,13 +358,13 @@ EOF
   fi
 
   # accounting objects: the cluster must exist before slurmctld registers
-  timeout 30 sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER" \
+  timeout 30 sacctmgr -n -P show cluster format=cluster | grep -x "$CLUSTER" >/dev/null \
     || timeout 30 sacctmgr -i add cluster "$CLUSTER" >/dev/null
-  timeout 30 sacctmgr -n -P show account format=account | grep -qx testacct \
+  timeout 30 sacctmgr -n -P show account format=account | grep -x testacct >/dev/null \
     || timeout 30 sacctmgr -i add account testacct Cluster="$CLUSTER" \
          Description=testbed Organization=testbed >/dev/null
   timeout 30 sacctmgr -n -P show assoc where cluster="$CLUSTER" user=root account=testacct \
-      format=user | grep -qx root \
+      format=user | grep -x root >/dev/null \
     || timeout 30 sacctmgr -i add user root Account=testacct Cluster="$CLUSTER" \
          DefaultAccount=testacct >/dev/null
 
@@ -372,7 +372,7 @@ EOF
   # when no --account is given (AccountingStorageEnforce needs one).
   if id "$JOB_USER" >/dev/null 2>&1; then
     timeout 30 sacctmgr -n -P show assoc where cluster="$CLUSTER" user="$JOB_USER" \
-        account=testacct format=user | grep -qx "$JOB_USER" \
+        account=testacct format=user | grep -x "$JOB_USER" >/dev/null \
       || timeout 30 sacctmgr -i add user "$JOB_USER" Account=testacct \
            Cluster="$CLUSTER" DefaultAccount=testacct >/dev/null
   fi
@@ -380,18 +380,18 @@ EOF
   # the researchers' accounts' parent and QOS.  The gateway's account
   # coordinates the parent: it may add and limit the accounts under it
   # (m2d-<user>) and nothing else.
-  timeout 30 sacctmgr -n -P show qos format=name | grep -qx "$QOS" \
+  timeout 30 sacctmgr -n -P show qos format=name | grep -x "$QOS" >/dev/null \
     || timeout 30 sacctmgr -i add qos "$QOS" Description="gateway researchers" >/dev/null
-  timeout 30 sacctmgr -n -P show account format=account | grep -qx "$PARENT_ACCOUNT" \
+  timeout 30 sacctmgr -n -P show account format=account | grep -x "$PARENT_ACCOUNT" >/dev/null \
     || timeout 30 sacctmgr -i add account "$PARENT_ACCOUNT" Cluster="$CLUSTER" \
          Description="gateway researchers" Organization=m2d QOS="normal,$QOS" DefaultQOS="$QOS" >/dev/null
   if id "$GW_USER" >/dev/null 2>&1; then
     timeout 30 sacctmgr -n -P show assoc where cluster="$CLUSTER" user="$GW_USER" \
-        account="$PARENT_ACCOUNT" format=user | grep -qx "$GW_USER" \
+        account="$PARENT_ACCOUNT" format=user | grep -x "$GW_USER" >/dev/null \
       || timeout 30 sacctmgr -i add user "$GW_USER" Account="$PARENT_ACCOUNT" \
            Cluster="$CLUSTER" DefaultAccount="$PARENT_ACCOUNT" >/dev/null
     timeout 30 sacctmgr -n -P show user "$GW_USER" withcoord format=coordinators \
-        | tr ',' '\n' | grep -qx "$PARENT_ACCOUNT" \
+        | tr ',' '\n' | grep -x "$PARENT_ACCOUNT" >/dev/null \
       || timeout 30 sacctmgr -i add coordinator account="$PARENT_ACCOUNT" names="$GW_USER" >/dev/null
   fi
 
