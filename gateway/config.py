@@ -35,13 +35,15 @@ class Setting:
     default: Any
     meaning: str
     choices: tuple[str, ...] = ()
+    item: type = str  # a list's items
 
     @property
     def expected(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
         return {str: "text", int: "a whole number", float: "a number", bool: "1/0, true/false, yes/no or on/off",
-                tuple: "a list separated by commas or spaces", dict: "KEY=VALUE pairs separated by commas"}[self.type]
+                tuple: f"a list of {'whole numbers' if self.item is int else 'words'} separated by commas or spaces",
+                dict: "KEY=VALUE pairs separated by commas"}[self.type]
 
     def parse(self, raw: Any) -> Any:
         """``raw`` as this setting's type (text from the environment becomes an
@@ -60,7 +62,10 @@ class Setting:
                 return False
             raise self.refuse(raw)
         if self.type is tuple:
-            return tuple(item for item in re.split(r"[,\s]+", raw) if item)
+            try:
+                return tuple(self.item(item) for item in re.split(r"[,\s]+", raw) if item)
+            except ValueError:
+                raise self.refuse(raw) from None
         if self.type is dict:
             pairs = [item.split("=", 1) for item in re.split(r"[,\s]+", raw) if item]
             if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
@@ -225,6 +230,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("SMTP_TIMEOUT", int, 30, "Seconds the SMTP relay may take to answer."),
     S("MAIL_CLAIM_SECONDS", int, 600, "Seconds after which an email claimed by a sender that never marked it sent "
       "(it died) may be claimed again; keep it well above SMTP_TIMEOUT, or a slow send is sent twice."),
+    S("MAIL_RETRY_SECONDS", tuple, (5, 15, 60, 300, 900), "Seconds before each new try of a send that failed (SMTP "
+      "down); after the last, the poller's sweep queues it again.", item=int),
     S("MAIL_FROM", str, "Model-to-Data Gateway <noreply@localhost>", "From: of every email."),
     S("PUBLIC_URL", str, "http://127.0.0.1:5000", "The portal's address, used in links in emails."),
     # Web portal
@@ -383,7 +390,7 @@ def reference() -> str:
         if isinstance(value, bool):
             return "1" if value else "0"
         if isinstance(value, tuple):
-            value = ",".join(value)
+            value = ",".join(map(str, value))
         if isinstance(value, dict):
             value = ",".join(f"{k}={v}" for k, v in value.items())
         return f"`{value}`"

@@ -93,7 +93,11 @@ def enqueue_disclosure(submission_id: int) -> None:
 def enqueue_mail(submission_id: int) -> None:
     # a running sender may have listed the owed emails before this one: queue anyway
     _enqueue("mail", "jobs.tasks.send_mail", submission_id,
-             retry=Retry(max=5, interval=[5, 15, 60, 300, 900]), skip_if=PENDING)
+             retry=_retry(current_app.config["MAIL_RETRY_SECONDS"]), skip_if=PENDING)
+
+
+def _retry(intervals: tuple[int, ...]) -> Retry | None:
+    return Retry(max=len(intervals), interval=list(intervals)) if intervals else None
 
 
 def enqueue_cancel(submission_id: int) -> None:

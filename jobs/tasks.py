@@ -26,9 +26,9 @@ T = TypeVar("T")
 def in_app(task: Callable[..., T]) -> Callable[..., T]:
     """Run the task inside the gateway app.
 
-    The worker pushed its app's context once, before forking (its session
-    ends with each forked child); a task called elsewhere (a shell) gets an
-    app of its own."""
+    The worker pushed its app's context once (jobs/worker.py ends the
+    session with each task or forked child); a task called elsewhere (a
+    shell) gets an app of its own."""
     @wraps(task)
     def wrapped(*args, **kwargs):
         if has_app_context():

@@ -1,10 +1,15 @@
 """Run rq workers for the gateway: ``python -m jobs.worker [build mail poll]``.
 
-The app is built once, before the worker starts (not once per task): rq forks
-a child for every task, and the child inherits the app and its pushed context.
-It must not inherit the parent's database connections, though: two processes
-on one socket corrupt each other's conversation, so the child drops its
-inherited pool (without closing the parent's connections) and opens its own.
+The app is built once, before the worker starts (not once per task). The poll
+and mail queues' tasks (one poll a POLL_INTERVAL, short and the gateway's own)
+run in the worker's process: rq's fork per task cost more than the task (0.16
+CPU s a fork: the copied pages of a 100 MB process and a new database
+connection; five stacks' polls took 60 % of two cores in the test suite). Each
+task's database session ends with it. The build queue's tasks (builds, sbatch,
+long and memory-hungry) keep rq's forked child, which inherits the app and its
+pushed context but not the parent's database connections: two processes on
+one socket corrupt each other's conversation, so the child drops its inherited
+pool (without closing the parent's connections) and opens its own.
 
 rq (2.12) rides out a Redis outage only while it waits for work: one that
 comes while a task runs makes it log "found an unhandled exception, quitting"
@@ -17,25 +22,45 @@ import sys
 import time
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from rq import Worker
+from rq import SimpleWorker, Worker
 
 from gateway import create_app, queue
 from gateway.extensions import db
 
 log = logging.getLogger(__name__)
 RESTART_AFTER = 5  # seconds
+IN_PROCESS_QUEUES = frozenset({"poll", "mail"})
 
 
-class GatewayWorker(Worker):
+class Stoppable:
+    """Remembers that a stop was asked for (a quit without one is restarted)."""
     stopping = False
+
+    def request_stop(self, signum, frame):
+        self.stopping = True
+        return super().request_stop(signum, frame)
+
+
+class GatewayWorker(Stoppable, Worker):
+    """A forked child per task."""
 
     def main_work_horse(self, *args, **kwargs):
         db.engine.dispose(close=False)
         return super().main_work_horse(*args, **kwargs)
 
-    def request_stop(self, signum, frame):
-        self.stopping = True
-        return super().request_stop(signum, frame)
+
+class InProcessWorker(Stoppable, SimpleWorker):
+    """Each task in the worker's own process."""
+
+    def perform_job(self, job, queue):
+        try:
+            return super().perform_job(job, queue)
+        finally:
+            db.session.remove()  # the next task reads the database afresh
+
+
+def worker_class(names: list[str]) -> type:
+    return InProcessWorker if names and IN_PROCESS_QUEUES.issuperset(names) else GatewayWorker
 
 
 def main(names: list[str]) -> None:
@@ -46,7 +71,7 @@ def main(names: list[str]) -> None:
             try:
                 redis = queue.connection()
                 queues = [queue.queue(name, redis) for name in names or queue.NAMES]
-                worker = GatewayWorker(queues, connection=redis, serializer=queue.SERIALIZER)
+                worker = worker_class(names)(queues, connection=redis, serializer=queue.SERIALIZER)
                 worker.work(with_scheduler=True)
             except RedisConnectionError:  # its teardown could not reach Redis either
                 log.exception("the worker lost Redis")

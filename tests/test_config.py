@@ -20,10 +20,11 @@ def test_every_setting_is_in_the_reference_with_its_default():
 def test_environment_values_become_the_settings_types():
     cfg = from_environment({"M2D_SLURM_GPUS": "2", "M2D_APPTAINER_NV": "yes", "M2D_DRY_RUN": "0",
                             "M2D_MAX_COMPRESSION_RATIO": "50", "M2D_PYTHONS": "3.11, 3.13",
-                            "M2D_BASE_IMAGES": "3.9=/i/a.sif", "M2D_MLFLOW_ADMIN_PASSWORD": "12e45"})
+                            "M2D_BASE_IMAGES": "3.9=/i/a.sif", "M2D_MLFLOW_ADMIN_PASSWORD": "12e45",
+                            "M2D_MAIL_RETRY_SECONDS": "2, 5,10"})
     assert cfg == {"SLURM_GPUS": 2, "APPTAINER_NV": True, "DRY_RUN": False, "MAX_COMPRESSION_RATIO": 50.0,
                    "PYTHONS": ("3.11", "3.13"), "BASE_IMAGES": {"3.9": "/i/a.sif"},
-                   "MLFLOW_ADMIN_PASSWORD": "12e45"}
+                   "MLFLOW_ADMIN_PASSWORD": "12e45", "MAIL_RETRY_SECONDS": (2, 5, 10)}
 
 
 @pytest.mark.parametrize("name, value, expected", [
@@ -32,6 +33,7 @@ def test_environment_values_become_the_settings_types():
     ("MAX_COMPRESSION_RATIO", "lots", "a number"),
     ("SLURM_ADAPTER", "pbs", "one of cli, pyslurm"),
     ("BASE_IMAGES", "3.9", "KEY=VALUE"),
+    ("MAIL_RETRY_SECONDS", "5,15m", "a list of whole numbers"),
 ])
 def test_a_bad_value_is_refused_naming_the_setting_the_value_and_what_is_expected(name, value, expected):
     with pytest.raises(ConfigError) as refused:

@@ -252,11 +252,18 @@ class Stack:
         return None
 
     def horse_running(self, name, task, timeout=60):
-        """The pid of worker ``name``'s horse while it runs ``task`` (``poll``, ``send_mail``...)."""
+        """The pid of worker ``name``'s horse while it runs ``task`` (a forking worker's)."""
         def found():
             horses = self.running_horses(name)
             return horses[0] if horses and self.task_of(name) == f"jobs.tasks.{task}" else None
         return wait_for(found, timeout, f"{name} to run a {task} task", interval=0.02)
+
+    def running(self, name, task, timeout=60):
+        """Wait until worker ``name`` runs ``task`` (``poll``, ``send_mail``...) in its
+        own process (the poll and mail workers: jobs/worker.py); its pid."""
+        wait_for(lambda: self.task_of(name) == f"jobs.tasks.{task}", timeout, f"{name} to run a {task} task",
+                 interval=0.02)
+        return self.procs[name].pid
 
     def any_horse(self, names, timeout=60):
         """(name, pid) of the first of the workers ``names`` seen running a task."""
@@ -484,7 +491,10 @@ class PrivateStack(Stack):
         defaults = {"M2D_REDIS_URL": f"redis://:{password}@127.0.0.1:{redis_port}/0",
                     "M2D_SMTP_HOST": "127.0.0.1", "M2D_SMTP_PORT": str(smtp_port), "M2D_MAIL_DIR": str(mail_dir),
                     "M2D_MLFLOW_JOB_URL": f"http://{job_host}:{mlflow_port}",
-                    "M2D_SWEEP_AFTER": "5", "M2D_SMTP_TIMEOUT": "10", "M2D_MAIL_CLAIM_SECONDS": "20"}
+                    "M2D_SWEEP_AFTER": "5", "M2D_SMTP_TIMEOUT": "10", "M2D_MAIL_CLAIM_SECONDS": "20",
+                    # SMTP back, the owed sends go out within seconds (on a loaded machine the
+                    # default's 300 and 900 s waits outlasted the tests' 600 s)
+                    "M2D_MAIL_RETRY_SECONDS": "2,5,10,20,30"}
         super().__init__(**(defaults | settings))
 
     def start(self):
