@@ -1,15 +1,17 @@
 """Run rq workers for the gateway: ``python -m jobs.worker [build mail poll]``.
 
 The app is built once, before the worker starts (not once per task). The poll
-and mail queues' tasks (one poll a POLL_INTERVAL, short and the gateway's own)
-run in the worker's process: rq's fork per task cost more than the task (0.16
-CPU s a fork: the copied pages of a 100 MB process and a new database
-connection; five stacks' polls took 60 % of two cores in the test suite). Each
-task's database session ends with it. The build queue's tasks (builds, sbatch,
-long and memory-hungry) keep rq's forked child, which inherits the app and its
-pushed context but not the parent's database connections: two processes on
-one socket corrupt each other's conversation, so the child drops its inherited
-pool (without closing the parent's connections) and opens its own.
+queue's tasks (one poll every POLL_INTERVAL, short, the gateway's own) run in
+the worker's process: rq's fork per task cost more than the poll (0.16 CPU s a
+fork: the copied pages of a 100 MB process and a new database connection; the
+test stacks' polls took 60 % of two cores). Each task's database session ends
+with it. The other queues' tasks keep rq's forked child: a build is long and
+memory-hungry, and a send survives its worker killed mid-way (in the worker's
+process its e-mail would stay claimed for MAIL_CLAIM_SECONDS). The child
+inherits the app and its pushed context but not the parent's database
+connections: two processes on one socket corrupt each other's conversation, so
+the child drops its inherited pool (without closing the parent's connections)
+and opens its own.
 
 rq (2.12) rides out a Redis outage only while it waits for work: one that
 comes while a task runs makes it log "found an unhandled exception, quitting"
@@ -29,7 +31,7 @@ from gateway.extensions import db
 
 log = logging.getLogger(__name__)
 RESTART_AFTER = 5  # seconds
-IN_PROCESS_QUEUES = frozenset({"poll", "mail"})
+IN_PROCESS_QUEUES = frozenset({"poll"})
 
 
 class Stoppable:
