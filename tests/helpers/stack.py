@@ -259,11 +259,10 @@ class Stack:
         return wait_for(found, timeout, f"{name} to run a {task} task", interval=0.02)
 
     def running(self, name, task, timeout=60):
-        """Wait until worker ``name`` runs ``task`` (``poll``, ``send_mail``...) in its
-        own process (the poll and mail workers: jobs/worker.py); its pid."""
+        """Wait until worker ``name`` runs ``task`` in its own process (the poll
+        worker: jobs/worker.py)."""
         wait_for(lambda: self.task_of(name) == f"jobs.tasks.{task}", timeout, f"{name} to run a {task} task",
                  interval=0.02)
-        return self.procs[name].pid
 
     def any_horse(self, names, timeout=60):
         """(name, pid) of the first of the workers ``names`` seen running a task."""

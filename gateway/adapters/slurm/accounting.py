@@ -268,7 +268,7 @@ class SlurmAccounts:
         """The account under the parent, with the job user in it; True if
         anything was added.  One query when both exist (before every sbatch)."""
         check_account(account)
-        if self._complete(self.associations(account)):
+        if not any(self._missing(self.associations(account))):
             return False
         with self._one_writer():
             # Another process may have lost it half made, so look again: the
@@ -283,13 +283,14 @@ class SlurmAccounts:
                 time.sleep(wait)
         raise AssertionError("unreachable: the last wait is None")
 
-    def _complete(self, have: list[Association]) -> bool:
-        return any(not a.user for a in have) and (not self.job_user or any(a.user == self.job_user for a in have))
+    def _missing(self, have: list[Association]) -> tuple[bool, bool]:
+        """Whether the account's own association, and its job user's, are missing."""
+        return (not any(not a.user for a in have),
+                bool(self.job_user) and not any(a.user == self.job_user for a in have))
 
     def _add_missing(self, account: str) -> bool:
-        have = self.associations(account)
-        added = False
-        if not any(not a.user for a in have):
+        account_missing, user_missing = self._missing(self.associations(account))
+        if account_missing:
             args = ["add", "account", account, f"parent={self.parent}", f"Description=m2d {account}",
                     "Organization=m2d", *self.limits.settings_for_add()]
             if self.cluster:
@@ -297,14 +298,12 @@ class SlurmAccounts:
             if self.qos:
                 args += [f"QOS={self.qos}", f"DefaultQOS={self.qos}"]
             self._add(*args)
-            added = True
-        if self.job_user and not any(a.user == self.job_user for a in have):
+        if user_missing:
             args = ["add", "user", self.job_user, f"account={account}"]
             if self.cluster:
                 args.append(f"cluster={self.cluster}")
             self._add(*args)
-            added = True
-        return added
+        return account_missing or user_missing
 
     def _add(self, *args: str) -> None:
         try:
