@@ -9,12 +9,15 @@ connections that each of the server's workers (4) answers some of them.
 """
 
 import json
+import os
 import threading
 import time
 import uuid
 
 import pytest
 import requests
+import sqlalchemy
+from sqlalchemy.engine import make_url
 
 from gateway.adapters.mlflow import REVOKE_PERMISSION, MlflowAdmin
 
@@ -69,6 +72,34 @@ def test_a_cached_login_does_not_let_a_wrong_password_or_another_users_password_
     assert set(on_every_worker(mlflow_url, (alice.username, ""), params=params)) == {401}
     assert set(on_every_worker(mlflow_url, ("m2d-nobody-" + uuid.uuid4().hex[:6], alice.password),
                                params=params)) == {401}
+
+
+def verified_at(username):
+    """When MLflow last hashed this login's password, as the plug-in's shared record in
+    the auth database says (the tracking store's server and role, its `_auth` database:
+    deploy/testbed/mlflow.sh); None if never."""
+    store = make_url(os.environ["M2D_TEST_MLFLOW_STORE_URL"])
+    engine = sqlalchemy.create_engine(store.set(database=f"{store.database}_auth"), poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as auth_database:
+        return auth_database.execute(sqlalchemy.text("SELECT verified_at FROM m2d_verified_logins WHERE username = :u"),
+                                     {"u": username}).scalar_one_or_none()
+
+
+def test_a_login_is_hashed_once_for_every_worker_not_once_per_worker(mlflow_url, researchers):
+    """200 jobs starting on 4 workers were 800 password hashes (a third of MLflow's CPU
+    while they logged): one worker's check serves the others."""
+    ivan = researchers("ivan")
+    assert verified_at(ivan.username) is None
+    with requests.Session() as one:
+        assert one.get(f"{mlflow_url}{API}/experiments/get-by-name", auth=(ivan.username, ivan.password),
+                       params={"experiment_name": ivan.experiment_name}, timeout=60).status_code == 200
+    first = verified_at(ivan.username)
+    assert first is not None
+    assert set(read_own_experiment(mlflow_url, ivan)) == {200}
+    assert verified_at(ivan.username) == first  # no worker hashed it again
+    assert set(on_every_worker(mlflow_url, (ivan.username, ivan.password + "x"),
+                               params={"experiment_name": ivan.experiment_name})) == {401}
+    assert verified_at(ivan.username) == first  # a refusal leaves the record alone
 
 
 def test_a_changed_password_is_refused_at_once_on_every_worker(mlflow_url, admin, researchers):

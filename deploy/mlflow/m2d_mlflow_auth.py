@@ -12,18 +12,24 @@ request whose (user, password) MLflow's own check has accepted before, against t
 password hash the user has NOW, is accepted without hashing again; anything else
 goes to MLflow's own check (authenticate_request_basic_auth) unchanged. So:
 
-- the stored hash is read on every request (one indexed SELECT), and is part of the
-  cache key: a password changed or a user deleted, by any worker or straight in the
-  database, refuses the old password at once on every worker. (MLflow's own cache,
-  auth_cache_ttl_seconds, keys on the password alone and keeps an old password
-  valid on the other workers until its TTL ends; its TTL also re-hashes every
-  user's password on every worker each period.)
+- what was verified is kept in the auth database (table m2d_verified_logins, one row
+  per user), so every worker of every server on that database shares it: a login is
+  hashed once, not once per worker (a cluster's 200 jobs starting on 4 workers were
+  800 hashes, a third of MLflow's CPU while they logged), and not again after a
+  restart.
+- the user's stored password hash is read with it on every request (one indexed
+  SELECT) and is part of what was verified: a password changed or a user deleted, by
+  any worker or straight in the database, refuses the old password at once on every
+  worker. (MLflow's own cache, auth_cache_ttl_seconds, keys on the password alone and
+  keeps an old password valid on the other workers until its TTL ends; its TTL also
+  re-hashes every user's password on every worker each period.)
 - a wrong password, another user's password or an unknown user is a miss, and MLflow
-  refuses it as before; nothing is cached for a refusal.
-- the key is an HMAC under a key made at process start: the cache holds nothing a
-  password could be guessed from offline. It is bounded (M2D_MLFLOW_AUTH_CACHE_SIZE
-  entries, least recently used out) and an entry lives M2D_MLFLOW_AUTH_CACHE_SECONDS
-  (default 3600) at most.
+  refuses it as before; nothing is kept for a refusal.
+- a row is an HMAC of (user, password, stored hash) under a key derived from
+  MLFLOW_FLASK_SERVER_SECRET_KEY, which every worker and server of the site shares:
+  the database holds nothing a password could be guessed from without that key. A
+  verification counts M2D_MLFLOW_AUTH_CACHE_SECONDS (default 3600), then MLflow
+  hashes once more.
 
 The same module keeps each worker's requests within its database pool
 (``requests_within_pool``): MLflow's tracking store opens a second session while
@@ -56,7 +62,6 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -64,28 +69,50 @@ from collections import OrderedDict
 from flask import g, request
 from mlflow.server import app, auth
 from mlflow.server.auth.db.models import SqlUser
-from sqlalchemy import select
+from sqlalchemy import Column, Float, MetaData, String, Table, delete, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import Authorization
 
-CACHE_SIZE = int(os.environ.get("M2D_MLFLOW_AUTH_CACHE_SIZE", "10000"))
 RUNS_REMEMBERED = int(os.environ.get("M2D_MLFLOW_RUNS_REMEMBERED", "100000"))
 CACHE_SECONDS = float(os.environ.get("M2D_MLFLOW_AUTH_CACHE_SECONDS", "3600"))
 REQUESTS_AT_ONCE = int(os.environ.get("M2D_MLFLOW_REQUESTS_AT_ONCE", "4"))
 
-_hmac_key = secrets.token_bytes(32)
-_verified: OrderedDict[bytes, float] = OrderedDict()  # key -> when MLflow accepted it (monotonic)
-_lock = threading.Lock()
+# Ours, beside MLflow's tables in the auth database (MLflow's migrations leave tables
+# they do not know alone).
+verified_logins = Table(
+    "m2d_verified_logins", MetaData(),
+    Column("username", String(255), primary_key=True),
+    Column("digest", String(64), nullable=False),  # hex HMAC of (user, password, stored hash)
+    Column("verified_at", Float, nullable=False),  # time.time() when MLflow accepted it
+)
 
 
-def stored_password_hash(username: str) -> str | None:
+# the key of the digests: the same in every worker and server of the site, secret as the site's
+_key = hmac.new(auth.get_flask_server_secret_key().encode(), b"m2d verified logins", hashlib.sha256).digest()
+
+
+def login_digest(username: str, password: str, password_hash: str) -> str:
+    message = json.dumps([username, password, password_hash]).encode("utf-8", "surrogatepass")
+    return hmac.new(_key, message, hashlib.sha256).hexdigest()
+
+
+def stored_login(username: str):
+    """(the user's password hash, the digest verified for it or None, when) or None."""
     with auth.store.ManagedSessionMaker(read_only=True) as session:
         return session.execute(
-            select(SqlUser.password_hash).where(SqlUser.username == username)).scalar_one_or_none()
+            select(SqlUser.password_hash, verified_logins.c.digest, verified_logins.c.verified_at)
+            .outerjoin(verified_logins, verified_logins.c.username == SqlUser.username)
+            .where(SqlUser.username == username)).one_or_none()
 
 
-def cache_key(username: str, password: str, password_hash: str) -> bytes:
-    message = json.dumps([username, password, password_hash]).encode("utf-8", "surrogatepass")
-    return hmac.new(_hmac_key, message, hashlib.sha256).digest()
+def remember(username: str, digest: str) -> None:
+    try:
+        with auth.store.ManagedSessionMaker(read_only=False) as session:
+            session.execute(delete(verified_logins).where(verified_logins.c.username == username))
+            session.execute(insert(verified_logins).values(username=username, digest=digest,
+                                                           verified_at=time.time()))
+    except SQLAlchemyError:
+        pass  # another worker verified the same login at the same moment: its row serves
 
 
 def authenticate_request() -> Authorization | object:
@@ -102,25 +129,16 @@ def check_credentials() -> Authorization | object:
     credentials = request.authorization
     if credentials is None or credentials.type != "basic" or not credentials.username:
         return auth.authenticate_request_basic_auth()
-    password_hash = stored_password_hash(credentials.username)
-    if password_hash is None:
+    login = stored_login(credentials.username)
+    if login is None:
         return auth.authenticate_request_basic_auth()  # an unknown user: MLflow refuses
-    key = cache_key(credentials.username, credentials.password or "", password_hash)
-    now = time.monotonic()
-    with _lock:
-        accepted_at = _verified.get(key)
-        if accepted_at is not None and now - accepted_at < CACHE_SECONDS:
-            _verified.move_to_end(key)
-            return credentials
-    # MLflow's own check, the password hash and all; outside the lock, so that other
-    # credentials are checked meanwhile.
-    answer = auth.authenticate_request_basic_auth()
+    digest = login_digest(credentials.username, credentials.password or "", login.password_hash)
+    if (login.digest is not None and hmac.compare_digest(login.digest, digest)
+            and time.time() - login.verified_at < CACHE_SECONDS):
+        return credentials
+    answer = auth.authenticate_request_basic_auth()  # MLflow's own check, the password hash and all
     if isinstance(answer, Authorization):
-        with _lock:
-            _verified[key] = now
-            _verified.move_to_end(key)
-            while len(_verified) > CACHE_SIZE:
-                _verified.popitem(last=False)
+        remember(credentials.username, digest)
     return answer
 
 
@@ -162,6 +180,13 @@ def remembering_run_requirement(run_requirement, size: int):
     remembering.m2d_remembers = True
     return remembering
 
+
+# Every worker imports this module: the first makes the table, the others find it (or
+# lose the race to make it, which changes nothing).
+try:
+    verified_logins.create(auth.store.engine, checkfirst=True)
+except SQLAlchemyError:
+    pass
 
 # MLflow imports this module on a worker's first authenticated request (it resolves
 # `authorization_function` lazily): the requests already running then are not held
