@@ -423,15 +423,17 @@ def test_the_check_goes_on_files_that_leave_as_their_copy_and_only_for_the_bytes
     assert names[names.index("sanitise") + 1] == "sanitised-metric"
 
 
+# A researcher's predict would torch.load the model; this one reads the same PyTorch zip
+# with the checker's own reader (importing torch is 2.5 s of a CPU, twice a test).
 ROUNDING_SENSITIVE = """\
 import json, os
-import torch
+from m2d.disclosure import sanitise
 
 def predict(export_dir, images):
-    saved = torch.load(os.path.join(export_dir, "model.pt"), weights_only=True)
+    saved = sanitise.load(os.path.join(export_dir, "model.pt")).tensors
     classes = json.load(open(os.path.join(export_dir, "meta", "classes.json")))
     assert classes == ["benign", "malignant"], classes
-    scores = saved["scores"].tolist()
+    scores = sanitise.as_float64(saved["scores"]).tolist()
     if BREAKS_WHEN_ROUNDED and len(set(scores)) == 1:
         raise ValueError("the model lost its weights")
     return [scores[i] for i in range(len(images))]
@@ -441,14 +443,16 @@ def predict(export_dir, images):
 def _job_as_the_report_job_runs_it(tmp_path, dataset, index_dir, scores, breaks=False) -> dict:
     """The report job's steps without apptainer: plan, predict, rounded-view,
     predict on the view, report; the model file's entry."""
-    import torch
+    import numpy as np
+
+    from tests.helpers import checkpoints
     the_plan = membership.plan(str(dataset), 100, mount=str(dataset))
     export, code = tmp_path / "export", tmp_path / "code"
     (export / "meta").mkdir(parents=True)
     code.mkdir()
     (export / "meta" / "classes.json").write_text('["benign", "malignant"]')
-    torch.save({"scores": torch.tensor([scores(item) for item in the_plan["images"]], dtype=torch.float32)},
-               export / "model.pt")
+    checkpoints.torch_zip({"scores": np.array([scores(item) for item in the_plan["images"]], np.float32)},
+                          export / "model.pt")
     (code / "main.py").write_text(ROUNDING_SENSITIVE.replace("BREAKS_WHEN_ROUNDED", str(breaks)))
     (tmp_path / "plan.json").write_text(json.dumps(the_plan))
 
