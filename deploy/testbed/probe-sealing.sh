@@ -182,8 +182,17 @@ for p in /proc/[0-9]*; do
   case "$cmd" in "sleep 1000.$PROBE_ID "*|"sleep 2000.$PROBE_ID "*) left="$left ${p#/proc/}:$cmd" ;; esac
 done
 verdict "no_process_outlives_job" "$([ -z "$left" ] && echo 1)" "${left:-no setsid sleeper of the job is left}"
-left_uid=$(ps -o pid=,cmd= -u "$JOB_USER" 2>/dev/null | head -5 | tr "\n" ";" || true)
-verdict "no_process_of_$JOB_USER" "$([ -z "$left_uid" ] && echo 1)" "${left_uid:-none}"
+# ... nor any other process of these two jobs, in their cgroups or out of them (its
+# environment names the job). Not every process of the job account: other jobs
+# and sealed runs of other tests run as it meanwhile.
+left_uid=""
+for pid in $(pgrep -u "$JOB_USER" || true); do
+  if grep -E "/job_($PROBE_ID|$HOG_ID)(/|$)" "/proc/$pid/cgroup" >/dev/null 2>&1 \
+     || tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -Ex "SLURM_JOB_ID=($PROBE_ID|$HOG_ID)" >/dev/null; then
+    left_uid="$left_uid $pid:$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null);"
+  fi
+done
+verdict "no_process_of_the_jobs_as_$JOB_USER" "$([ -z "$left_uid" ] && echo 1)" "${left_uid:-none}"
 
 # ---- timings
 t_start=$(awk '/^TIME batch_start/{print $3}' "$OUT")
