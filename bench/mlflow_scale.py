@@ -19,8 +19,8 @@ the shim in the container forwards). Meanwhile:
 At the end the relays are stopped (they send what they hold) and every run's history is
 read back: every value must have arrived, once. Then, unless --capacity-seconds 0, 32
 clients (each another researcher) call runs/get as fast as MLflow answers, and then
-runs/log-batch, each counted after as long again: the calls a second MLflow serves (issue 24 measured 2.2 runs/get a second
-before the credential cache).
+runs/log-batch, each counted after as long again: the calls a second MLflow serves
+(issue 24 measured 2.2 runs/get a second before the credential cache).
 
 The relays' share of MLflow is --upstream-rate calls a second each (the gateway gives
 MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE; default: the relay's own, 2).
@@ -116,7 +116,7 @@ def watch_store(store_url, jobs: list[Job], stop: threading.Event, reads: list[f
             if len(by_run) < len(jobs):
                 by_run = {job.run_id: job for job in jobs if job.run_id}
             started = time.time()
-            rows = store.execute(query, {"key": METRIC, "ids": list(by_run) or [""]}).all() if by_run else []
+            rows = store.execute(query, {"key": METRIC, "ids": list(by_run)}).all() if by_run else []
             store.rollback()  # the next read sees what was committed since
             now = time.time()
             reads.append(now - started)

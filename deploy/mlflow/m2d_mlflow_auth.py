@@ -112,7 +112,9 @@ def remember(username: str, digest: str) -> None:
             session.execute(insert(verified_logins).values(username=username, digest=digest,
                                                            verified_at=time.time()))
     except SQLAlchemyError:
-        pass  # another worker verified the same login at the same moment: its row serves
+        # Another worker verified the same login at the same moment (its row serves), or
+        # the write failed: then the next request is MLflow's own check again.
+        pass
 
 
 def authenticate_request() -> Authorization | object:
