@@ -31,7 +31,8 @@ MLflow's basic-auth server hashes the password on every request (about 300 ms on
 testbed), so a per-step `log_metric` would cost a training loop that much each time.
 Log calls (metrics, params, tags, batches) are therefore validated here, answered at
 once and buffered per run; a background thread sends them as `runs/log-batch` every
---flush-interval seconds, and a run's buffer is also sent before any other call on
+--flush-interval seconds (every 1 / --upstream-rate seconds when the job's share of
+MLflow is under one call a second), and a run's buffer is also sent before any other call on
 that run (get, update, delete-tag) and at SIGTERM/SIGINT. Since every run this relay
 may touch was created through it, it knows every param of that run and can give the
 "param already has another value" refusal that MLflow would have given.
@@ -70,6 +71,7 @@ import json
 import math
 import os
 import posixpath
+import random
 import re
 import signal
 import socket
@@ -883,7 +885,10 @@ class Relay:
     def send_pending(self, run: Run) -> bool:
         """Send all of `run`'s buffer (caller holds run.sending). False when MLflow
         could not be reached: the rest stays buffered for the next try."""
-        while True:
+        while run.pending:
+            # This job's turn first, then the batch: what the job logs while it waits
+            # for its share of MLflow goes out in this call, not one turn later.
+            self.wait_for_share()
             batch = self.take_batch(run)
             if not batch:
                 return True
@@ -894,13 +899,16 @@ class Relay:
                 self.upstream_down(e)
                 return False
             self.upstream_up()
+        return True
+
+    def wait_for_share(self) -> None:
+        while not self.closing and not self.upstream_rate.wait(1):
+            pass  # this job's share of MLflow's calls; what waits stays in the buffer
 
     def send_batch(self, run: Run, batch: list) -> None:
         body = {"run_id": run.run_id, "metrics": [], "params": [], "tags": []}
         for kind, item, _ in batch:
             body[kind].append(item)
-        while not self.closing and not self.upstream_rate.wait(1):
-            pass  # this job's share of MLflow's calls; what waits stays in the buffer
         status, _, content = self.upstream.call("POST", f"{API}/runs/log-batch", body=json.dumps(body).encode())
         if status == 200:
             return
@@ -918,8 +926,9 @@ class Relay:
             return
         # One bad value must not lose the others: halve until the culprit is alone.
         middle = len(batch) // 2
-        self.send_batch(run, batch[:middle])
-        self.send_batch(run, batch[middle:])
+        for half in (batch[:middle], batch[middle:]):
+            self.wait_for_share()
+            self.send_batch(run, half)
 
     # An outage is one line when it starts and one when it ends: the buffer is
     # retried every second, and a line each time would push the job's own
@@ -1128,6 +1137,13 @@ def load_identifiers(path: str | None) -> Identifiers | None:
         return None
 
 
+def batch_interval(args) -> float:
+    """Seconds between two sends of what the job logged. A share of MLflow under one
+    call a second sends fewer, larger batches at the share's own pace, so that the
+    share's burst stays for the job's other calls (a run's creation, a read)."""
+    return max(args.flush_interval, 1 / args.upstream_rate)
+
+
 def serve(args) -> int:
     not_dumpable()
     username, password = read_credentials(args.password_file)
@@ -1148,9 +1164,15 @@ def serve(args) -> int:
         signal.signal(signum, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
 
+    # The first batch waits a random part of the interval: jobs that start together
+    # (an array job, a cluster after maintenance) do not call MLflow in step.
+    interval = batch_interval(args)
+
     def send_periodically():
-        while not stop.wait(args.flush_interval):
+        wait = random.uniform(0, interval)
+        while not stop.wait(wait):
             relay.send_all()
+            wait = interval
 
     sender = threading.Thread(target=send_periodically, name="sender", daemon=True)
     sender.start()
@@ -1304,7 +1326,8 @@ def parse_args(argv=None):
                    help=f"calls to MLflow at once (default {DEFAULT_UPSTREAM_BURST:g})")
     s.add_argument("--upstream-wait", type=float, default=10,
                    help="seconds a call other than logging waits for its turn before a refusal (default 10)")
-    s.add_argument("--flush-interval", type=float, default=1.0, help="seconds between batches (default 1)")
+    s.add_argument("--flush-interval", type=float, default=1.0,
+                   help="seconds between batches (default 1; 1 / --upstream-rate when that is longer)")
     s.add_argument("--upstream-timeout", type=float, default=30, help="seconds per MLflow call (default 30)")
     s.add_argument("--shutdown-timeout", type=float, default=20,
                    help="seconds to keep trying to send the buffer at SIGTERM (default 20)")

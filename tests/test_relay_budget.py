@@ -1,6 +1,8 @@
 """The MLflow relay's budget and number checks as units (singularity/relay.py); the
 budget on the real stack, with the real mlflow client, is in tests/test_relay.py."""
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,45 @@ def test_the_runs_a_relay_flagged_reach_the_submissions_provenance_for_its_revie
     db.session.commit()
     assert provenance.latest(submission.id, "mlflow_flagged")["runs"] == {
         "abc123": "more than 100 metric keys that differ only in a number"}
+
+
+def test_a_share_under_one_call_a_second_sends_fewer_larger_batches_at_its_own_pace():
+    def interval(*options):
+        return relay_module.batch_interval(relay_module.parse_args(
+            ["serve", "--socket", "s", "--upstream", "http://x", "--password-file", "p",
+             "--experiment-id", "1", "--experiment-name", "e", *options]))
+    assert interval() == 1  # the default share, 2 calls a second: a batch a second
+    assert interval("--upstream-rate", "0.25") == 4  # 200 jobs sharing 50 calls a second
+    assert interval("--upstream-rate", "0.25", "--flush-interval", "10") == 10
+
+
+def test_what_the_job_logs_while_its_batch_waits_for_its_share_goes_out_in_that_batch():
+    class Upstream:
+        def __init__(self):
+            self.batches = []
+
+        def call(self, method, path, query="", body=None):
+            if path.endswith("/runs/create"):
+                return 200, "application/json", json.dumps({"run": {"info": {"run_id": "r1"}, "data": {}}}).encode()
+            self.batches.append([metric["key"] for metric in json.loads(body)["metrics"]])
+            return 200, "application/json", b"{}"
+
+    args = relay_module.parse_args(["serve", "--socket", "s", "--upstream", "http://m", "--password-file", "p",
+                                    "--experiment-id", "7", "--experiment-name", "alice"])
+    upstream, share = Upstream(), relay_module.TokenBucket(2, 1)  # a turn every 0.5 s
+    relay = relay_module.Relay(upstream, "7", "alice", relay_module.RelayLimits(args),
+                               relay_module.TokenBucket(1000, 1000), upstream_rate=share)
+
+    def log(key):
+        body = {"run_id": "r1", "key": key, "value": 1.0, "timestamp": 1, "step": 0}
+        assert relay.handle("POST", f"{relay_module.API}/runs/log-metric", json.dumps(body).encode())[0] == 200
+
+    relay.handle("POST", f"{relay_module.API}/runs/create", json.dumps({"experiment_id": "7"}).encode())
+    assert not share.take()  # the creation took the turn there was
+    log("first")
+    sender = threading.Thread(target=relay.send_all)
+    sender.start()
+    time.sleep(0.2)  # the sender waits for the job's next turn
+    log("second")
+    sender.join()
+    assert upstream.batches == [["first", "second"]]

@@ -42,13 +42,15 @@ At most M2D_MLFLOW_REQUESTS_AT_ONCE requests (default 4) run in a worker at once
 deploy/testbed/mlflow.sh sizes each store's pool to twice that, so an outer and an
 inner session always find their connections. The rest wait in line, holding none.
 
-It also remembers each run's experiment for the permission check of a call on the run
-(``remembering_run_requirement``): MLflow's check loads the whole run (its params, tags
-and latest metrics: more with every value logged) on every `log-batch` only to learn
-the experiment, about a fifth of a relay's call. A run never moves to another
-experiment, so the answer for a run found once stays right; the grants themselves are
-read on every request as before, so a permission taken away holds at once. A run not
-found is not remembered (MLflow refuses it, and asks again next time).
+It also spares MLflow's permission check of a call on a run what it loads each time
+only to learn one fact: the run's experiment (``remembering_run_requirement``: MLflow
+loads the whole run, its params, tags and latest metrics, more with every value logged;
+here one narrow SELECT the first time a worker meets the run, then remembered, as a run
+never moves to another experiment) and the user's row (``answering_get_user_from_the_login``:
+MLflow reads it twice more per request, here it is the row the login was just checked
+against). The grants themselves are read on every request as before, so a permission
+taken away holds at once. A run not found is not remembered (MLflow refuses it, and
+asks again next time).
 
 MLflow's UI hides its "change password" and "log out" items when the function is
 not its own; on this platform the gateway holds each researcher's MLflow password
@@ -66,9 +68,12 @@ import threading
 import time
 from collections import OrderedDict
 
-from flask import g, request
+from flask import g, has_request_context, request
+from mlflow.environment_variables import MLFLOW_ENABLE_WORKSPACES
 from mlflow.server import app, auth
 from mlflow.server.auth.db.models import SqlUser
+from mlflow.server.auth.entities import User
+from mlflow.store.tracking.dbmodels.models import SqlRun
 from sqlalchemy import Column, Float, MetaData, String, Table, delete, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import Authorization
@@ -97,10 +102,12 @@ def login_digest(username: str, password: str, password_hash: str) -> str:
 
 
 def stored_login(username: str):
-    """(the user's password hash, the digest verified for it or None, when) or None."""
+    """The user's row (id, password hash, is_admin) with the digest verified for that
+    hash and when (None, None if none), or None."""
     with auth.store.ManagedSessionMaker(read_only=True) as session:
         return session.execute(
-            select(SqlUser.password_hash, verified_logins.c.digest, verified_logins.c.verified_at)
+            select(SqlUser.id, SqlUser.password_hash, SqlUser.is_admin, verified_logins.c.digest,
+                   verified_logins.c.verified_at)
             .outerjoin(verified_logins, verified_logins.c.username == SqlUser.username)
             .where(SqlUser.username == username)).one_or_none()
 
@@ -137,10 +144,13 @@ def check_credentials() -> Authorization | object:
     digest = login_digest(credentials.username, credentials.password or "", login.password_hash)
     if (login.digest is not None and hmac.compare_digest(login.digest, digest)
             and time.time() - login.verified_at < CACHE_SECONDS):
-        return credentials
-    answer = auth.authenticate_request_basic_auth()  # MLflow's own check, the password hash and all
+        answer = credentials
+    else:
+        answer = auth.authenticate_request_basic_auth()  # MLflow's own check, the password hash and all
+        if isinstance(answer, Authorization):
+            remember(credentials.username, digest)
     if isinstance(answer, Authorization):
-        remember(credentials.username, digest)
+        g.m2d_user = User(login.id, credentials.username, login.password_hash, login.is_admin)
     return answer
 
 
@@ -156,31 +166,94 @@ def requests_within_pool(wsgi_app, at_once: int):
     return limited
 
 
-def remembering_run_requirement(run_requirement, size: int):
+def remembering_run_requirement(run_requirement, experiment_of_run, size: int):
     """MLflow's ``_run_requirement(run_id, action)`` (the experiment a call on the run
-    is checked against, and what it needs there), asked once per run and action."""
-    remembered: OrderedDict[tuple, tuple] = OrderedDict()
+    is checked against, and what it needs there), answered from two memories: each
+    run's experiment (``size`` runs; a run never moves to another experiment), and
+    MLflow's answer per experiment and action. A run met for the first time costs one
+    narrow SELECT (``experiment_of_run``: its experiment, or None), not MLflow's load
+    of the whole run on each worker (a cluster's 200 jobs starting to log at once were
+    200 x 4 workers such loads, a sixth of MLflow's CPU). MLflow's answer is shared
+    by the runs of an experiment only when it names the experiment and not the run
+    (so a later MLflow whose rules look at the run itself is asked for each run);
+    anything unusual (a run not found, no narrow lookup) goes to MLflow's own."""
+    runs: OrderedDict[str, str] = OrderedDict()
+    answers: dict[tuple, tuple] = {}
     lock = threading.Lock()
 
     def remembering(run_id, action):
-        key = (run_id, action)
         with lock:
-            answer = remembered.get(key)
-            if answer is not None:
-                remembered.move_to_end(key)
+            experiment_id = runs.get(run_id)
+            if experiment_id is not None:
+                runs.move_to_end(run_id)
+        if experiment_id is None and experiment_of_run is not None:
+            experiment_id = experiment_of_run(run_id)
+            if experiment_id is not None:
+                with lock:
+                    runs[run_id] = experiment_id
+                    while len(runs) > size:
+                        runs.popitem(last=False)
+        answer = answers.get((experiment_id, action)) if experiment_id is not None else None
         if answer is None:
             answer = run_requirement(run_id, action)
             if answer is None:
                 return None
-            with lock:
-                remembered[key] = answer
-                while len(remembered) > size:
-                    remembered.popitem(last=False)
+            if experiment_id is not None and shareable(answer, run_id, experiment_id):
+                answers[(experiment_id, action)] = answer
         anchor, requirements = answer
         return anchor, list(requirements)  # a copy: MLflow's caller may change its list
 
     remembering.m2d_remembers = True
     return remembering
+
+
+def shareable(answer, run_id: str, experiment_id: str) -> bool:
+    """Whether MLflow's answer for one run holds for every run of its experiment."""
+    anchor, _ = answer
+    return tuple(anchor) == (auth.RESOURCE_TYPE_EXPERIMENT, experiment_id) and run_id not in repr(answer)
+
+
+def narrow_run_lookup():
+    """``experiment_of_run(run_id)``: the run's experiment id by one indexed SELECT on
+    MLflow's tracking store, or None where that is not MLflow's own notion of the run:
+    with workspaces on (MLflow finds a run only within the request's workspace) or on
+    a store that is not SQL."""
+    tracking = auth._get_tracking_store()
+    if MLFLOW_ENABLE_WORKSPACES.get() or not hasattr(tracking, "ManagedSessionMaker"):
+        return None
+
+    def experiment_of_run(run_id) -> str | None:
+        if not isinstance(run_id, str) or not run_id:
+            return None
+        with tracking.ManagedSessionMaker(read_only=True) as session:
+            rows = session.execute(select(SqlRun.experiment_id).where(SqlRun.run_uuid == run_id)).all()
+        return str(rows[0].experiment_id) if len(rows) == 1 else None  # none or several: MLflow decides
+
+    return experiment_of_run
+
+
+def answering_get_user_from_the_login(get_user):
+    """The auth store's ``get_user(username)``, answered from the row the login was
+    checked against in this request (MLflow asks for the same user twice more on
+    every request: whether it is an admin, whose grants to load). A request that
+    changes or deletes a user drops that row first (``dropping_the_login_user``)."""
+    def get_user_of_request(username):
+        user = g.get("m2d_user") if has_request_context() else None
+        if user is not None and user.username == username:
+            return user
+        return get_user(username)
+
+    get_user_of_request.m2d_answers_from_login = True
+    return get_user_of_request
+
+
+def dropping_the_login_user(write):
+    def write_then_forget(*args, **kwargs):
+        if has_request_context():
+            g.pop("m2d_user", None)
+        return write(*args, **kwargs)
+
+    return write_then_forget
 
 
 # Every worker imports this module: the first makes the table, the others find it (or
@@ -197,4 +270,9 @@ if not hasattr(app.wsgi_app, "m2d_requests_at_once"):
     app.wsgi_app = requests_within_pool(app.wsgi_app, REQUESTS_AT_ONCE)
 # MLflow versions without this helper keep their own check (slower, as right).
 if hasattr(auth, "_run_requirement") and not getattr(auth._run_requirement, "m2d_remembers", False):
-    auth._run_requirement = remembering_run_requirement(auth._run_requirement, RUNS_REMEMBERED)
+    auth._run_requirement = remembering_run_requirement(auth._run_requirement, narrow_run_lookup(),
+                                                        RUNS_REMEMBERED)
+if not getattr(auth.store.get_user, "m2d_answers_from_login", False):
+    auth.store.get_user = answering_get_user_from_the_login(auth.store.get_user)
+    for name in ("update_user", "delete_user"):
+        setattr(auth.store, name, dropping_the_login_user(getattr(auth.store, name)))
