@@ -149,6 +149,49 @@ def test_a_runs_remembered_experiment_is_no_remembered_permission(mlflow_url, ad
     assert set(on_every_worker(mlflow_url, grace, "POST", "/runs/log-batch", json=batch)) == {403}
 
 
+def new_run(url, account) -> str:
+    return requests.post(f"{url}{API}/runs/create", auth=(account.username, account.password), timeout=60,
+                         json={"experiment_id": account.experiment_id}).json()["run"]["info"]["run_id"]
+
+
+def test_a_run_met_first_by_another_login_is_refused_and_its_experiments_answer_grants_nothing(
+        mlflow_url, researchers):
+    """A worker learns a run's experiment by one narrow lookup the first time it meets
+    the run, whoever asks, and keeps MLflow's answer (what a call needs, in which
+    experiment) for every run of that experiment: neither is a grant. A stranger who
+    is the first on every worker to name a run, or the first to name a second run of
+    an experiment whose answer is kept, is refused; the owner is let in; a run that
+    does not exist is refused."""
+    kate, leo = researchers("kate"), researchers("leo")
+    first, second = new_run(mlflow_url, kate), new_run(mlflow_url, kate)
+
+    def batch(run_id):
+        return {"run_id": run_id, "metrics": [{"key": "m", "value": 1, "timestamp": 0, "step": 0}]}
+    assert set(on_every_worker(mlflow_url, leo, "POST", "/runs/log-batch", json=batch(first))) == {403}
+    assert set(on_every_worker(mlflow_url, kate, "POST", "/runs/log-batch", json=batch(first))) == {200}
+    assert set(on_every_worker(mlflow_url, leo, "POST", "/runs/log-batch", json=batch(second))) == {403}
+    assert set(on_every_worker(mlflow_url, leo, params={"run_id": second}, path="/runs/get")) == {403}
+    assert set(on_every_worker(mlflow_url, kate, "POST", "/runs/log-batch", json=batch(second))) == {200}
+    assert set(on_every_worker(mlflow_url, kate, "POST", "/runs/log-batch",
+                               json=batch(uuid.uuid4().hex))) == {403}
+
+
+def test_an_admin_made_or_unmade_holds_at_once_on_every_worker(mlflow_url, admin_auth, researchers):
+    """The user's row (is it an admin?) is the one read with the login in the same
+    request, never one kept from an earlier request."""
+    mia, noah = researchers("mia"), researchers("noah")
+    batch = {"run_id": new_run(mlflow_url, mia), "metrics": [{"key": "m", "value": 1, "timestamp": 0, "step": 0}]}
+
+    def make_admin(is_admin):
+        requests.patch(f"{mlflow_url}{API}/users/update-admin", auth=admin_auth, timeout=30,
+                       json={"username": noah.username, "is_admin": is_admin}).raise_for_status()
+    assert set(on_every_worker(mlflow_url, noah, "POST", "/runs/log-batch", json=batch)) == {403}
+    make_admin(True)
+    assert set(on_every_worker(mlflow_url, noah, "POST", "/runs/log-batch", json=batch)) == {200}
+    make_admin(False)
+    assert set(on_every_worker(mlflow_url, noah, "POST", "/runs/log-batch", json=batch)) == {403}
+
+
 def test_jobs_logging_at_once_through_their_relays_get_every_value_into_their_own_runs(
         mlflow_url, admin_auth, researchers, tmp_path):
     jobs, values = 8, 15
