@@ -32,10 +32,10 @@ testbed), so a per-step `log_metric` would cost a training loop that much each t
 Log calls (metrics, params, tags, batches) are therefore validated here, answered at
 once and buffered per run; a background thread sends them as `runs/log-batch` every
 --flush-interval seconds (every 1 / --upstream-rate seconds when the job's share of
-MLflow is under one call a second), and a run's buffer is also sent before any other call on
-that run (get, update, delete-tag) and at SIGTERM/SIGINT. Since every run this relay
-may touch was created through it, it knows every param of that run and can give the
-"param already has another value" refusal that MLflow would have given.
+MLflow is under one call a second), and a run's buffer is also sent before any other
+call on that run (get, update, delete-tag) and at SIGTERM/SIGINT. Since every run this
+relay may touch was created through it, it knows every param of that run and can give
+the "param already has another value" refusal that MLflow would have given.
 
 What the job stores in MLflow is bounded, as every way out of a job: a per-job budget
 of bytes of text and of metric points (every write counted, overwrites included),
