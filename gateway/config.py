@@ -217,7 +217,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("MLFLOW_FLAG_NUMBERED_KEYS", int, 100, "... a run with more metric keys than this that differ only in a "
       "number (loss_case_1, loss_case_2...): a key per training case."),
     S("MLFLOW_CALLS_PER_SECOND", float, 20.0, "Calls a second the site's MLflow serves for jobs' relays; each "
-      "job gets MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE of them (log calls are batched, once a second)."),
+      "job gets MLFLOW_CALLS_PER_SECOND / MLFLOW_JOBS_AT_ONCE of them (log calls are batched: once a second, or "
+      "once a turn when a job's share is under one call a second)."),
     S("MLFLOW_JOBS_AT_ONCE", int, 10, "The most jobs running at once on the cluster (its GPU or job slots), "
       "which share MLFLOW_CALLS_PER_SECOND equally."),
     S("MLFLOW_PAGE_TIMEOUT", float, 5.0, "Seconds each MLflow call may take when a submission's page shows its "
