@@ -119,15 +119,22 @@ def test_a_deleted_user_is_refused_at_once_on_every_worker(mlflow_url, admin_aut
     assert set(read_own_experiment(mlflow_url, dave)) == {401}
 
 
+def new_run(url, account) -> str:
+    return requests.post(f"{url}{API}/runs/create", auth=(account.username, account.password), timeout=60,
+                         json={"experiment_id": account.experiment_id}).json()["run"]["info"]["run_id"]
+
+
+def one_value(run_id) -> dict:
+    """A runs/log-batch body: one metric value for the run."""
+    return {"run_id": run_id, "metrics": [{"key": "m", "value": 1, "timestamp": 0, "step": 0}]}
+
+
 def test_a_cached_login_reads_and_writes_only_its_own_experiment(mlflow_url, researchers):
     erin, frank = researchers("erin"), researchers("frank")
-    created = requests.post(f"{mlflow_url}{API}/runs/create", auth=(frank.username, frank.password), timeout=60,
-                            json={"experiment_id": frank.experiment_id}).json()
-    franks_run = created["run"]["info"]["run_id"]
+    franks_run = new_run(mlflow_url, frank)
     assert set(read_own_experiment(mlflow_url, erin)) == {200}
     assert set(on_every_worker(mlflow_url, erin, params={"run_id": franks_run}, path="/runs/get")) == {403}
-    batch = {"run_id": franks_run, "metrics": [{"key": "m", "value": 1, "timestamp": 0, "step": 0}]}
-    assert set(on_every_worker(mlflow_url, erin, "POST", "/runs/log-batch", json=batch)) == {403}
+    assert set(on_every_worker(mlflow_url, erin, "POST", "/runs/log-batch", json=one_value(franks_run))) == {403}
     assert set(on_every_worker(mlflow_url, erin, "POST", "/runs/create",
                                json={"experiment_id": frank.experiment_id})) == {403}
 
@@ -138,20 +145,13 @@ def test_a_runs_remembered_experiment_is_no_remembered_permission(mlflow_url, ad
     login is refused on the remembered run, and a grant taken away refuses its owner
     at once, on every worker."""
     grace, heidi = researchers("grace"), researchers("heidi")
-    run_id = requests.post(f"{mlflow_url}{API}/runs/create", auth=(grace.username, grace.password), timeout=60,
-                           json={"experiment_id": grace.experiment_id}).json()["run"]["info"]["run_id"]
-    batch = {"run_id": run_id, "metrics": [{"key": "m", "value": 1, "timestamp": 0, "step": 0}]}
+    batch = one_value(new_run(mlflow_url, grace))
     assert set(on_every_worker(mlflow_url, grace, "POST", "/runs/log-batch", json=batch)) == {200}  # remembered
     assert set(on_every_worker(mlflow_url, heidi, "POST", "/runs/log-batch", json=batch)) == {403}
     requests.post(f"{mlflow_url}{REVOKE_PERMISSION}", auth=admin_auth, timeout=30,
                   json={"username": grace.username, "resource_type": "experiment",
                         "resource_id": grace.experiment_id}).raise_for_status()
     assert set(on_every_worker(mlflow_url, grace, "POST", "/runs/log-batch", json=batch)) == {403}
-
-
-def new_run(url, account) -> str:
-    return requests.post(f"{url}{API}/runs/create", auth=(account.username, account.password), timeout=60,
-                         json={"experiment_id": account.experiment_id}).json()["run"]["info"]["run_id"]
 
 
 def test_a_run_met_first_by_another_login_is_refused_and_its_experiments_answer_grants_nothing(
@@ -164,23 +164,20 @@ def test_a_run_met_first_by_another_login_is_refused_and_its_experiments_answer_
     does not exist is refused."""
     kate, leo = researchers("kate"), researchers("leo")
     first, second = new_run(mlflow_url, kate), new_run(mlflow_url, kate)
-
-    def batch(run_id):
-        return {"run_id": run_id, "metrics": [{"key": "m", "value": 1, "timestamp": 0, "step": 0}]}
-    assert set(on_every_worker(mlflow_url, leo, "POST", "/runs/log-batch", json=batch(first))) == {403}
-    assert set(on_every_worker(mlflow_url, kate, "POST", "/runs/log-batch", json=batch(first))) == {200}
-    assert set(on_every_worker(mlflow_url, leo, "POST", "/runs/log-batch", json=batch(second))) == {403}
+    assert set(on_every_worker(mlflow_url, leo, "POST", "/runs/log-batch", json=one_value(first))) == {403}
+    assert set(on_every_worker(mlflow_url, kate, "POST", "/runs/log-batch", json=one_value(first))) == {200}
+    assert set(on_every_worker(mlflow_url, leo, "POST", "/runs/log-batch", json=one_value(second))) == {403}
     assert set(on_every_worker(mlflow_url, leo, params={"run_id": second}, path="/runs/get")) == {403}
-    assert set(on_every_worker(mlflow_url, kate, "POST", "/runs/log-batch", json=batch(second))) == {200}
+    assert set(on_every_worker(mlflow_url, kate, "POST", "/runs/log-batch", json=one_value(second))) == {200}
     assert set(on_every_worker(mlflow_url, kate, "POST", "/runs/log-batch",
-                               json=batch(uuid.uuid4().hex))) == {403}
+                               json=one_value(uuid.uuid4().hex))) == {403}
 
 
 def test_an_admin_made_or_unmade_holds_at_once_on_every_worker(mlflow_url, admin_auth, researchers):
     """The user's row (is it an admin?) is the one read with the login in the same
     request, never one kept from an earlier request."""
     mia, noah = researchers("mia"), researchers("noah")
-    batch = {"run_id": new_run(mlflow_url, mia), "metrics": [{"key": "m", "value": 1, "timestamp": 0, "step": 0}]}
+    batch = one_value(new_run(mlflow_url, mia))
 
     def make_admin(is_admin):
         requests.patch(f"{mlflow_url}{API}/users/update-admin", auth=admin_auth, timeout=30,
@@ -245,9 +242,7 @@ def test_many_log_batches_at_once_are_all_answered(mlflow_url, researchers):
     grace = researchers("grace")
     assert set(read_own_experiment(mlflow_url, grace)) == {200}  # every worker knows the login
     login = (grace.username, grace.password)
-    runs = [requests.post(f"{mlflow_url}{API}/runs/create", auth=login, timeout=60,
-                          json={"experiment_id": grace.experiment_id}).json()["run"]["info"]["run_id"]
-            for _ in range(8)]
+    runs = [new_run(mlflow_url, grace) for _ in range(8)]
     at_once = 96
     start = threading.Barrier(at_once)
     codes = [None] * at_once

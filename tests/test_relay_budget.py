@@ -10,6 +10,7 @@ import pytest
 from gateway.config import DEFAULTS
 from gateway.core.jobscript import JobSpec, render_job_script
 
+from .helpers.relay import RecordingUpstream
 from .helpers.relay import relay as relay_module
 
 
@@ -103,19 +104,9 @@ def test_a_share_under_one_call_a_second_sends_fewer_larger_batches_at_its_own_p
 
 
 def test_what_the_job_logs_while_its_batch_waits_for_its_share_goes_out_in_that_batch():
-    class Upstream:
-        def __init__(self):
-            self.batches = []
-
-        def call(self, method, path, query="", body=None):
-            if path.endswith("/runs/create"):
-                return 200, "application/json", json.dumps({"run": {"info": {"run_id": "r1"}, "data": {}}}).encode()
-            self.batches.append([metric["key"] for metric in json.loads(body)["metrics"]])
-            return 200, "application/json", b"{}"
-
     args = relay_module.parse_args(["serve", "--socket", "s", "--upstream", "http://m", "--password-file", "p",
                                     "--experiment-id", "7", "--experiment-name", "alice"])
-    upstream, share = Upstream(), relay_module.TokenBucket(2, 1)  # a turn every 0.5 s
+    upstream, share = RecordingUpstream(), relay_module.TokenBucket(2, 1)  # a turn every 0.5 s
     relay = relay_module.Relay(upstream, "7", "alice", relay_module.RelayLimits(args),
                                relay_module.TokenBucket(1000, 1000), upstream_rate=share)
 
@@ -131,4 +122,6 @@ def test_what_the_job_logs_while_its_batch_waits_for_its_share_goes_out_in_that_
     time.sleep(0.2)  # the sender waits for the job's next turn
     log("second")
     sender.join()
-    assert upstream.batches == [["first", "second"]]
+    batches = [[metric["key"] for metric in body["metrics"]] for _, path, _, body in upstream.calls
+               if path.endswith("/runs/log-batch")]
+    assert batches == [["first", "second"]]

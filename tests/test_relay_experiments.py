@@ -8,26 +8,13 @@ import urllib.parse
 
 import pytest
 
-from .helpers.relay import relay
+from .helpers.relay import RecordingUpstream, relay
 
 RelayLimits, Refused, Relay, TokenBucket, parse_args = relay.RelayLimits, relay.Refused, relay.Relay, relay.TokenBucket, relay.parse_args
 
 API = relay.API
 REAL, REAL_ID = "alice", "7"
 DRY, DRY_ID = "alice-dryrun", "8"
-
-
-class RecordingUpstream:
-    """MLflow as seen by the relay: records each call, answers 200."""
-
-    def __init__(self):
-        self.calls = []
-
-    def call(self, method, path, query="", body=None):
-        self.calls.append((method, path, urllib.parse.parse_qs(query), json.loads(body) if body else None))
-        if path.endswith("/runs/create"):
-            return 200, "application/json", json.dumps({"run": {"info": {"run_id": "r1"}, "data": {}}}).encode()
-        return 200, "application/json", b"{}"
 
 
 def make_relay(dry_run: bool):

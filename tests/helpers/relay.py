@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,20 @@ relay = _load(RELAY)  # the module a job runs by path, for tests of its parts
 # The shim runs on the container's python3 and the relay on the host's: any 3.9 or later.
 RELAY_PYTHON = os.environ.get("M2D_RELAY_PYTHON", sys.executable)
 API = "/api/2.0/mlflow"
+
+
+class RecordingUpstream:
+    """MLflow as the relay's unit tests see it: records each call (method, path, parsed
+    query, parsed body), answers 200; a created run is "r1"."""
+
+    def __init__(self):
+        self.calls = []
+
+    def call(self, method, path, query="", body=None):
+        self.calls.append((method, path, urllib.parse.parse_qs(query), json.loads(body) if body else None))
+        if path.endswith("/runs/create"):
+            return 200, "application/json", json.dumps({"run": {"info": {"run_id": "r1"}, "data": {}}}).encode()
+        return 200, "application/json", b"{}"
 
 
 def identifier_index(path: Path, values: dict[str, str]) -> Path:
