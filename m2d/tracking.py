@@ -139,7 +139,10 @@ def _wait_until_up(url: str, process: subprocess.Popen, log) -> None:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    # its own session: the server's workers are its children, stopped with it
+    # its own session: the server's workers are its children, stopped with it.
+    # Not once it is reaped: its group's number may be another's by then.
+    if process.returncode is not None:
+        return
     try:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=20)

@@ -207,9 +207,11 @@ stop_pid() {
     kill -KILL -- "$target" 2>/dev/null || true
     sleep 0.2
   elif [ "$target" != "$pid" ]; then
-    # leader gone; give its workers the rest of a moment, then make sure
+    # leader gone; give its workers the rest of a moment, then make sure.
+    # Only while the group has members: an empty group's number is free, and
+    # pids wrap (a Slurm job's batch shell may lead a group of that number now).
     for ((i = 0; i < 20; i++)); do kill -0 -- "$target" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "$target" 2>/dev/null || true
+    if kill -0 -- "$target" 2>/dev/null; then kill -KILL -- "$target" 2>/dev/null || true; fi
   fi
   rm -f "$f"
   log "$name (pid $pid) stopped"

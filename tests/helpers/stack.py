@@ -33,6 +33,39 @@ TESTBED_KEYS = ("M2D_TESTBED_DIR", "SLURM_CONF", "M2D_APPTAINER", "M2D_BASE_IMAG
                 "M2D_SMTP_PORT", "M2D_MAIL_DIR")
 
 
+def _processes_in_group(group):
+    """The processes in process group ``group`` now, each as (pid, its start
+    time in clock ticks since boot): the pair names one process for good."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ", which may hold spaces
+        if int(fields[2]) == group:  # pgrp; fields[19] is starttime
+            found.append((int(entry.name), fields[19]))
+    return found
+
+
+def kill_processes(processes):
+    """SIGKILL each (pid, start time) that is still that same process.
+
+    Not killpg of the group a killed process left: once its last member is
+    gone the number is free, and pids wrap within minutes in the parallel
+    suite (pid_max 32768); a Slurm job's batch shell leads a session of its
+    own and got such a number, and the whole job died FAILED 0:9."""
+    for pid, started in processes:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat[stat.rfind(")") + 2:].split()[19] == started:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, IndexError):  # ended by itself
+            pass
+
+
 def require_testbed():
     """The testbed's settings, or an error that says how to get them."""
     missing = [k for k in TESTBED_KEYS if not os.environ.get(k)]
@@ -137,7 +170,7 @@ class Stack:
         self.logs.mkdir()
         self.procs = {}
         self.argv = {}
-        self.killed = []  # processes ended by kill(): their groups may hold orphans (rq's scheduler)
+        self.orphans = []  # what processes ended by kill() left in their groups (rq's scheduler)
 
     def start(self):
         self.flask("db", "upgrade")
@@ -195,11 +228,7 @@ class Stack:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self.killed:  # what the killed processes left in their groups
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_processes(self.orphans)
 
     def _spawn(self, name, argv):
         log = open(self.logs / f"{name}.log", "ab")
@@ -211,9 +240,9 @@ class Stack:
     def kill(self, name):
         """``kill -9`` of the one process (not its group), as the OOM killer does."""
         proc = self.procs[name]
+        self.orphans += [p for p in _processes_in_group(proc.pid) if p[0] != proc.pid]  # (its own session)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        self.killed.append(proc)
 
     def respawn(self, name):
         """Start a process again, as systemd's Restart=on-failure would."""
@@ -555,7 +584,7 @@ class DocumentedStack(Stack):
         self.events_conf = events_dir() / f"{ours['M2D_SLURM_JOB_PREFIX']}.curl"
         self.env = {}
         self.mail_since = mail_cutoff()
-        self.killed_groups = []
+        self.orphans = []  # what processes ended by kill() left in their groups (rq's scheduler child)
 
     def start(self):
         self._gateway_sh("start")
@@ -570,18 +599,15 @@ class DocumentedStack(Stack):
 
     def stop(self):
         self._gateway_sh("stop")
-        for group in self.killed_groups:  # what the killed processes left (rq's scheduler child)
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_processes(self.orphans)
         if os.environ.get("M2D_KEEP_TEST_DATA") != "1":
             shutil.rmtree(self.root, ignore_errors=True)
 
     def kill(self, name):
         """``kill -9`` of one of gateway.sh's processes (web, worker-build, worker-mail, worker-poll, poller)."""
         pid = int((self.run_dir / "pids" / f"{name}.pid").read_text())
-        self.killed_groups.append(os.getpgid(pid))  # gateway.sh starts each in a session of its own
+        # gateway.sh starts each in a session of its own
+        self.orphans += [p for p in _processes_in_group(os.getpgid(pid)) if p[0] != pid]
         os.kill(pid, signal.SIGKILL)
 
     def _gateway_sh(self, action):
