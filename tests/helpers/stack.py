@@ -26,6 +26,8 @@ from pathlib import Path
 
 import requests
 
+from .admin import AdminShell
+
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "tests" / "samples"
 TESTBED_KEYS = ("M2D_TESTBED_DIR", "SLURM_CONF", "M2D_APPTAINER", "M2D_BASE_IMAGE", "M2D_IMAGE_DIR",
@@ -133,6 +135,9 @@ def mail_cutoff() -> str:
 
 
 class Stack:
+    admin_in_one_process = True  # (tests/helpers/admin.py)
+    admin = None
+
     def __init__(self, events=False, **settings):
         """``settings``: extra M2D_* values (``M2D_SQLALCHEMY_DATABASE_URI``...);
         ``events``: Slurm pushes this stack's job events (the testbed's hook)."""
@@ -220,6 +225,9 @@ class Stack:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def _stop_processes(self):
+        if self.admin is not None:
+            self.admin.close()
+            self.admin = None
         for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -338,7 +346,16 @@ class Stack:
         return result.stdout
 
     def flask_result(self, *args, env=None):
-        """The admin command's finished process (``env``: settings for this run only)."""
+        """The admin command's finished process (``env``: settings for this run
+        only, in a `flask` process of its own; else the stack's admin process,
+        which is made again when the stack's settings changed)."""
+        if env is None and self.admin_in_one_process:
+            if self.admin is not None and self.admin.env != self.env:
+                self.admin.close()
+                self.admin = None
+            if self.admin is None:
+                self.admin = AdminShell(AS_GATEWAY, self.env, REPO, self.logs / "admin.log")
+            return self.admin.run(args)
         return subprocess.run([*AS_GATEWAY, sys.executable, "-m", "flask", "--app", "gateway", *args],
                               cwd=REPO, env=self.env | (env or {}), capture_output=True, text=True, timeout=120)
 
@@ -563,7 +580,9 @@ class DocumentedStack(Stack):
     testbed folder of its own, whose gateway.env is the testbed's with a queue
     namespace, a job prefix and a web port of its own; Slurm pushes its job
     events (the testbed's hook). ``restart()`` is `make run` again: what still
-    runs is kept, what died is started."""
+    runs is kept, what died is started. Its admin commands are `flask` processes,
+    as the docs run them."""
+    admin_in_one_process = False
 
     def __init__(self, **settings):
         require_testbed()
