@@ -3,9 +3,9 @@ process of the gateway's account that stays up, instead of a new Python per
 command: each command is the same click command the `flask` CLI runs, on an
 app made for it alone, but the ~0.8 s of CPU a `flask` process spends importing
 Flask, SQLAlchemy and Alembic is paid once per stack, not ~280 times a suite
-(14 % of the whole suite's CPU on a 2-core machine, where the suite is bound by
-its CPU). Tests of the CLI itself run the real `flask` (Stack.flask with
-``env``, test_admin_as_root, DocumentedStack).
+(241 s, 14 % of the whole suite's CPU, on a 2-core machine). Tests of the CLI
+itself run the real `flask` (Stack.flask with ``env``, test_admin_as_root,
+DocumentedStack).
 
     python -m tests.helpers.admin     # one JSON line in: ["users", "list"];
                                       # one out: {"code": 0, "stdout": ..., "stderr": ...}
