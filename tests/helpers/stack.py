@@ -35,19 +35,23 @@ TESTBED_KEYS = ("M2D_TESTBED_DIR", "SLURM_CONF", "M2D_APPTAINER", "M2D_BASE_IMAG
                 "M2D_SMTP_PORT", "M2D_MAIL_DIR")
 
 
+def _stat_of(pid):
+    """/proc/PID/stat's fields after "pid (comm) " (comm may hold spaces):
+    [2] is the process group, [19] the start time in clock ticks since boot."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2:].split()
+
+
 def _processes_in_group(group):
-    """The processes in process group ``group`` now, each as (pid, its start
-    time in clock ticks since boot): the pair names one process for good."""
+    """The processes in process group ``group`` now, each as (pid, start
+    time): the pair names one process for good."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
         try:
-            stat = (entry / "stat").read_text()
+            fields = _stat_of(entry.name) if entry.name.isdigit() else None
         except OSError:  # gone meanwhile
             continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ", which may hold spaces
-        if int(fields[2]) == group:  # pgrp; fields[19] is starttime
+        if fields and int(fields[2]) == group:
             found.append((int(entry.name), fields[19]))
     return found
 
@@ -57,12 +61,12 @@ def kill_processes(processes):
 
     Not killpg of the group a killed process left: once its last member is
     gone the number is free, and pids wrap within minutes in the parallel
-    suite (pid_max 32768); a Slurm job's batch shell leads a session of its
-    own and got such a number, and the whole job died FAILED 0:9."""
+    suite (pid_max 32768). A Slurm job's batch shell leads a group of its own
+    and can get such a number (CI's dry run that died FAILED 0:9, its log cut
+    short, fits that)."""
     for pid, started in processes:
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if stat[stat.rfind(")") + 2:].split()[19] == started:
+            if _stat_of(pid)[19] == started:
                 os.kill(pid, signal.SIGKILL)
         except (OSError, IndexError):  # ended by itself
             pass
