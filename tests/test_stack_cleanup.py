@@ -4,7 +4,7 @@ process left in its group is killed, and nothing that took its numbers since
 shell, the leader of a group of its own, once got such a number and died)."""
 import subprocess
 
-from .helpers.stack import _processes_in_group, kill_processes
+from .helpers.stack import _processes_in_group, kill_processes, left_in_group
 
 
 def test_the_processes_left_in_a_group_are_killed_and_a_new_process_with_a_reused_pid_is_not():
@@ -16,7 +16,8 @@ def test_the_processes_left_in_a_group_are_killed_and_a_new_process_with_a_reuse
                 break
             subprocess.run(["sleep", "0.05"], check=True)
         assert {pid for pid, _ in members} >= {leader.pid} and len(members) == 3, members
-        left = [m for m in members if m[0] != leader.pid]
+        left = left_in_group(leader.pid)
+        assert sorted(left) == sorted(m for m in members if m[0] != leader.pid)
 
         # the same pids, started at another time: other processes now; untouched
         kill_processes([(pid, str(int(started) + 1)) for pid, started in left])

@@ -56,6 +56,12 @@ def _processes_in_group(group):
     return found
 
 
+def left_in_group(pid):
+    """The other processes of ``pid``'s group, as (pid, start time): what a
+    ``kill -9`` of ``pid`` alone leaves behind."""
+    return [member for member in _processes_in_group(os.getpgid(pid)) if member[0] != pid]
+
+
 def kill_processes(processes):
     """SIGKILL each (pid, start time) that is still that same process.
 
@@ -252,7 +258,7 @@ class Stack:
     def kill(self, name):
         """``kill -9`` of the one process (not its group), as the OOM killer does."""
         proc = self.procs[name]
-        self.orphans += [p for p in _processes_in_group(proc.pid) if p[0] != proc.pid]  # (its own session)
+        self.orphans += left_in_group(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
@@ -629,8 +635,7 @@ class DocumentedStack(Stack):
     def kill(self, name):
         """``kill -9`` of one of gateway.sh's processes (web, worker-build, worker-mail, worker-poll, poller)."""
         pid = int((self.run_dir / "pids" / f"{name}.pid").read_text())
-        # gateway.sh starts each in a session of its own
-        self.orphans += [p for p in _processes_in_group(os.getpgid(pid)) if p[0] != pid]
+        self.orphans += left_in_group(pid)  # (gateway.sh starts each in a session of its own)
         os.kill(pid, signal.SIGKILL)
 
     def _gateway_sh(self, action):
