@@ -107,6 +107,9 @@ SETTINGS: tuple[Setting, ...] = (
       "worker died) is queued again by the poller's sweep."),
     S("PREPARE_ATTEMPTS", int, 5, "Times a prepare (build, sbatch) that fails for a reason other than Slurm (an "
       "unreadable file, a full disk) is tried before its submission fails."),
+    S("PREPARE_RETRY_SECONDS", tuple, (30, 120, 600), "Seconds before each new try of a prepare or a disclosure "
+      "report that Slurm or MLflow refused (down, restarting); after the last, a prepare fails its submission "
+      "saying which, and the poller's sweep hands a report on again.", item=int),
     S("PREPARE_BACKOFF", int, 60, "Seconds before a failed prepare is tried again; doubled after each failure, at "
       "most an hour."),
     S("STUCK_AFTER", dict, {"received": "900", "building": "3600", "dry_run_queued": "86400",

@@ -80,14 +80,14 @@ PENDING = ("queued", "scheduled", "deferred")
 def enqueue_prepare(submission_id: int) -> None:
     _enqueue("build", "jobs.tasks.prepare", submission_id,
              timeout=current_app.config["BUILD_TIMEOUT"] + 600,
-             retry=Retry(max=3, interval=[30, 120, 600]), skip_if=PENDING + ("started",))
+             retry=_retry(current_app.config["PREPARE_RETRY_SECONDS"]), skip_if=PENDING + ("started",))
 
 
 def enqueue_disclosure(submission_id: int) -> None:
     """The report job of an ended submission's export (its image may be built first)."""
     _enqueue("build", "jobs.tasks.disclosure_report", submission_id,
              timeout=current_app.config["BUILD_TIMEOUT"] + 600,
-             retry=Retry(max=3, interval=[30, 120, 600]), skip_if=PENDING + ("started",))
+             retry=_retry(current_app.config["PREPARE_RETRY_SECONDS"]), skip_if=PENDING + ("started",))
 
 
 def enqueue_mail(submission_id: int) -> None:

@@ -34,7 +34,7 @@ def test_slurmctld_down_at_submit_is_retried_with_backoff_and_submitted_once_bac
     slurm_daemon("stop", "slurmctld", testbed)
     try:
         sid = researcher.submit(job_zip(tmp_path, 2))
-        # rq's first retry is 30 s away: Slurm's refusal was taken for a passing outage
+        # Slurm's refusal was taken for a passing outage: rq tries again (PREPARE_RETRY_SECONDS)
         wait_for(lambda: any("scheduled for retry" in (private.logs / f"{w}.log").read_text()
                              for w in ("worker-build-1", "worker-build-2")), 120, "the prepare to be retried later")
         assert researcher.submission(sid)["status"] == "building"

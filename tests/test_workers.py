@@ -1,13 +1,15 @@
-"""make test's worker count (tests/helpers/workers.py): from Slurm's nodes, each
-counted once whatever partitions it is in, bounded by cores and memory."""
+"""make test's worker count (tests/helpers/workers.py): from the nodes of
+Slurm's default partition, each counted once whatever other partitions it is
+in, bounded by cores and memory."""
 from .helpers.workers import parse_sinfo, workers
 
 GIB = 1024**3
 
 
-def test_each_node_counts_once_with_its_cpus_and_gpus():
-    listing = ("node1|2|gpu:fake:1\nnode2|2|gpu:fake:1\nnode1|2|gpu:fake:1\nnode2|2|gpu:fake:1\n"
-               "big|8|gpu:a100:2(S:0),gpu:v100:1\ncpu|4|(null)\n")
+def test_each_node_of_the_default_partition_counts_once_with_its_cpus_and_gpus():
+    listing = ("node1|2|gpu:fake:1|debug*\nnode2|2|gpu:fake:1|debug*\nnode1|2|gpu:fake:1|node1\n"
+               "node2|2|gpu:fake:1|node2\nnode3|2|gpu:fake:1|node3\n"
+               "big|8|gpu:a100:2(S:0),gpu:v100:1|debug*\ncpu|4|(null)|debug*\n")
     assert parse_sinfo(listing) == [("node1", 2, 1), ("node2", 2, 1), ("big", 8, 3), ("cpu", 4, 0)]
 
 

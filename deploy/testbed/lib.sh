@@ -91,8 +91,14 @@ save_testbed_settings() {
 }
 # multi_node: is this testbed a cluster of namespaced nodes?
 multi_node() { [ "$M2D_TESTBED_NODES" -ge 2 ]; }
-# node_names: node1 node2 ...; node_netns NODE; node_addr NODE
-node_names() { local i; for ((i = 1; i <= M2D_TESTBED_NODES; i++)); do echo "node$i"; done; }
+# cluster_node_names: node1 node2 ... (M2D_TESTBED_NODES), the default partition's
+cluster_node_names() { local i; for ((i = 1; i <= M2D_TESTBED_NODES; i++)); do echo "node$i"; done; }
+# fault_node_name: one more namespaced node, in no partition but its own, that
+# tests/test_node_failure.py cuts the power of mid-job while the other tests'
+# jobs keep running on the cluster's nodes
+fault_node_name() { echo "node$((M2D_TESTBED_NODES + 1))"; }
+# node_names: every namespaced node, the fault node last; node_netns NODE; node_addr NODE
+node_names() { cluster_node_names; fault_node_name; }
 node_netns() { echo "$M2D_TESTBED_BRIDGE-$1"; }
 node_addr() { echo "$M2D_TESTBED_SUBNET.$((10 + ${1#node}))"; }
 

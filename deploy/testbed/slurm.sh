@@ -3,8 +3,9 @@
 # accounting (munged + MariaDB + slurmdbd + slurmctld + slurmds) on a Debian
 # 12 machine without systemd.  M2D_TESTBED_NODES (lib.sh) compute nodes,
 # node1..nodeN, each a slurmd in network and UTS namespaces of its own
-# (nodes.sh makes the network), or with M2D_TESTBED_NODES=1 this host as the
-# one node; each node has M2D_TESTBED_GPUS fake GPUs; partition `debug` has them all;
+# (nodes.sh makes the network), and the fault node node(N+1), in no partition
+# but its own (lib.sh); or with M2D_TESTBED_NODES=1 this host as the one node;
+# each node has M2D_TESTBED_GPUS fake GPUs; partition `debug` has node1..nodeN;
 # `sacct` works.  State, configs and logs live in TESTBED_DIR/slurm.
 #
 # start is idempotent: daemons that are already running (by our PID files)
@@ -121,6 +122,7 @@ write_configs() {
   # first cores) and a share of its memory, so the nodes' jobs together stay
   # within it.  Single-node mode: all of it, as before.
   local nodes_n=1 node_lines="" gres_lines="" node_partitions="" node ctld_name=$HOST per_node="" slurmd_timeout=300
+  local cluster_nodes=ALL
   local gpu_files=0
   [ "$M2D_TESTBED_GPUS" -eq 1 ] || gpu_files="[0-$((M2D_TESTBED_GPUS - 1))]"   # nvidia0, or nvidia[0-N]
   if multi_node; then
@@ -132,6 +134,9 @@ write_configs() {
       # a partition per node too, so a test can send its jobs to one node (M2D_SLURM_PARTITION)
       node_partitions+="PartitionName=$node Nodes=$node MaxTime=INFINITE State=UP"$'\n'
     done
+    # the default partition: the cluster's nodes, not the fault node (its memory share
+    # is counted twice: only the node failure test's one sleeping job runs there)
+    cluster_nodes=$(cluster_node_names | paste -sd,)
   else
     node_lines="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$spb CoresPerSocket=$cps ThreadsPerCore=$tpc RealMemory=$mem Gres=gpu:fake:$M2D_TESTBED_GPUS State=UNKNOWN"$'\n'
     gres_lines="NodeName=$HOST Name=gpu Type=fake File=$DIR/dev/nvidia$gpu_files"$'\n'
@@ -205,7 +210,7 @@ PriorityCalcPeriod=1
 # hook always exits 0 at once, so it never delays or fails a job. Ends come
 # from jobcomp/script, not EpilogSlurmctld: the next job would wait for a
 # periodic scheduling pass. A restart of slurmctld reads these (start() does it
-# when this file changes): 22.05 shows them after `scontrol reconfigure` but
+# when this file changes): 22.05 shows them after 'scontrol reconfigure' but
 # does not run them.
 PrologSlurmctld=$EVENT_HOOK
 JobCompType=jobcomp/script
@@ -231,7 +236,7 @@ JobRequeue=0
 Waittime=0
 # start queued batch jobs as soon as resources free up (default delay 3 s)
 SchedulerParameters=batch_sched_delay=0
-${node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+${node_lines}PartitionName=debug Nodes=$cluster_nodes Default=YES MaxTime=INFINITE State=UP
 ${node_partitions%$'\n'}
 EOF
 

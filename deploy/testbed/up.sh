@@ -141,7 +141,9 @@ $(multi_node && printf '%s\n' \
   "# the compute nodes reach MLflow by this host's address on their bridge" \
   "export M2D_MLFLOW_JOB_URL=http://$GATEWAY_ADDR:$M2D_MLFLOW_PORT" \
   "# node=network namespace, for the tests that look at a node from inside" \
-  "export M2D_TESTBED_NODE_NAMESPACES=$(for n in $(node_names); do printf '%s=%s,' "$n" "$(node_netns "$n")"; done | sed 's/,$//')" \
+  "export M2D_TESTBED_NODE_NAMESPACES=$(for n in $(cluster_node_names); do printf '%s=%s,' "$n" "$(node_netns "$n")"; done | sed 's/,$//')" \
+  "# the node a test may cut the power of (slurm.sh power-off), in no partition but its own" \
+  "export M2D_TESTBED_FAULT_NODE=$(fault_node_name)=$(node_netns "$(fault_node_name)")" \
   "# the ports the nodes may reach beside MLflow's: the fault tests' MLflow proxies" \
   "export M2D_TESTBED_MLFLOW_PROXY_PORTS=$M2D_MLFLOW_PROXY_PORTS")
 export M2D_SLURM_WRAPPER=$M2D_SLURM_WRAPPER

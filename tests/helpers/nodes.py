@@ -35,6 +35,17 @@ def namespaces():
     return dict(pair.split("=", 1) for pair in spec.split(","))
 
 
+def fault_node():
+    """(node, network namespace) of the testbed's node outside the default
+    partition, which a test may cut the power of while other tests' jobs run."""
+    spec = os.environ.get("M2D_TESTBED_FAULT_NODE")
+    if not spec:
+        raise RuntimeError("the testbed has no fault node (M2D_TESTBED_FAULT_NODE is not set): remake it with "
+                           "deploy/testbed/up.sh (M2D_TESTBED_NODES=2, the default) and source its gateway.env")
+    node, namespace = spec.split("=", 1)
+    return node, namespace
+
+
 def in_node(namespace, argv, **kwargs):
     """``argv`` run in the node's network namespace (as root, this host's files)."""
     return subprocess.run(["nsenter", f"--net=/run/netns/{namespace}", *argv], capture_output=True, text=True,

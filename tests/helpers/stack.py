@@ -549,7 +549,9 @@ class PrivateStack(Stack):
                     "M2D_SWEEP_AFTER": "5", "M2D_SMTP_TIMEOUT": "10", "M2D_MAIL_CLAIM_SECONDS": "20",
                     # SMTP back, the owed sends go out within seconds (on a loaded machine the
                     # default's 300 and 900 s waits outlasted the tests' 600 s)
-                    "M2D_MAIL_RETRY_SECONDS": "2,5,10,20,30"}
+                    "M2D_MAIL_RETRY_SECONDS": "2,5,10,20,30",
+                    # Slurm or MLflow back, a refused prepare is tried again within seconds
+                    "M2D_PREPARE_RETRY_SECONDS": "2,5,10,20,30"}
         super().__init__(**(defaults | settings))
 
     def start(self):

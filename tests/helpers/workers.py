@@ -29,16 +29,18 @@ JOB_CPUS = 1  # the stacks' SLURM_CPUS (gateway/config.py's default)
 
 def slurm_nodes():
     """[(node, CPUs, GPUs)] of the default partition's nodes, each once."""
-    return parse_sinfo(subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%G"], capture_output=True, text=True,
+    return parse_sinfo(subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%G|%P"], capture_output=True, text=True,
                                       timeout=60, check=True).stdout)
 
 
 def parse_sinfo(listing):
-    """``sinfo -h -N -o %N|%c|%G``: a node shows once per partition it is in."""
+    """``sinfo -h -N -o %N|%c|%G|%P``: a node shows once per partition it is in;
+    the default partition ends in ``*`` (the testbed's fault node is not in it)."""
     nodes = {}
     for line in listing.split():
-        name, cpus, gres = line.split("|")
-        nodes[name] = (name, int(cpus), _gpus(gres))
+        name, cpus, gres, partition = line.split("|")
+        if partition.endswith("*"):
+            nodes[name] = (name, int(cpus), _gpus(gres))
     return list(nodes.values())
 
 
