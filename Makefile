@@ -29,8 +29,15 @@ $(VENV)/.installed: requirements.txt
 	done; echo "pip install -r requirements.txt failed for good (3 tries)" >&2; exit 1
 	touch $@
 
-testbed: packages venv
-	deploy/testbed/up.sh $(TESTBED_DIR)
+# The venv builds beside up.sh's first minutes (apt, Slurm, the base images'
+# debootstraps, MLflow), which need none of it; up.sh waits for its exit status
+# in $(VENV_STATUS) before the first step that runs it.
+VENV_STATUS := $(VENV).status
+testbed: packages
+	@rm -f $(VENV_STATUS)
+	@{ $(MAKE) --no-print-directory venv; echo $$? > $(VENV_STATUS); } & \
+	M2D_PYTHON_STATUS=$(CURDIR)/$(VENV_STATUS) deploy/testbed/up.sh $(TESTBED_DIR); up=$$?; wait; \
+	[ "$$(cat $(VENV_STATUS))" = 0 ] || { echo "make venv failed (its lines above)" >&2; exit 1; }; exit $$up
 
 run: testbed
 	deploy/gateway.sh start $(TESTBED_DIR)

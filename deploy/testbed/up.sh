@@ -9,7 +9,9 @@
 #
 # env: M2D_TESTBED_DIR (default /opt/testbed; the argument wins),
 #      M2D_PYTHON (python3; needs aiosmtpd, numpy and pillow: the project's
-#      .venv/bin/python), M2D_TESTBED_NODES (2: two compute nodes, each a
+#      .venv/bin/python; M2D_PYTHON_STATUS: a file that holds the exit status of
+#      its build once it ends, waited for before the first step that runs it),
+#      M2D_TESTBED_NODES (2: two compute nodes, each a
 #      slurmd in namespaces of its own; 1: this host is the one node) and the
 #      other settings in lib.sh's testbed_settings, kept in
 #      TESTBED_DIR/testbed.env for the next run.  Stop it all with down.sh.
@@ -69,17 +71,30 @@ step accounts   "$here/accounts.sh" "$TESTBED_DIR"
 # may ask for: bullseye's 3.9, trixie's 3.13), beside Slurm's install
 step_bg images  "$here/images.sh" "$TESTBED_DIR"
 step slurm      "$here/slurm.sh" start "$TESTBED_DIR"   # (and nodes.sh: the nodes' network)
-# uv, which builds install with (bound into the base images, not in them)
-step uv         "$here/uv.sh" "$TESTBED_DIR"
 # pip's and uv's cache, shared by every build of every test stack
 step pip-cache  install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/pip-cache"
 step redis      "$here/redis.sh" start "$TESTBED_DIR"
 wait_bg mlflow-venv
 step mlflow     "$here/mlflow.sh" start "$TESTBED_DIR"
-step smtp       "$here/smtp.sh" start "$TESTBED_DIR"
 step postgres   "$here/postgres.sh" "$TESTBED_DIR"
 # a CA and a localhost certificate for the tests through nginx with TLS
 step tls        "$here/tls.sh" "$TESTBED_DIR"
+# The steps below run $PYTHON. `make testbed` builds the project's venv (the usual
+# M2D_PYTHON) beside the steps above and names a file its exit status goes to
+# (M2D_PYTHON_STATUS): wait for it here.
+python_ready() {
+  [ -n "${M2D_PYTHON_STATUS:-}" ] || return 0
+  local waited=0
+  while [ ! -s "$M2D_PYTHON_STATUS" ]; do
+    ((waited++ < 3600)) || die "no word from the venv's build after an hour ($M2D_PYTHON_STATUS)"
+    sleep 1
+  done
+  [ "$(cat "$M2D_PYTHON_STATUS")" = 0 ] || die "the venv of $PYTHON failed to build (make venv: its lines above)"
+}
+step python     python_ready
+# uv, which builds install with (bound into the base images, not in them)
+step uv         "$here/uv.sh" "$TESTBED_DIR"
+step smtp       "$here/smtp.sh" start "$TESTBED_DIR"
 # readable by the job account alone (group m2d-data): the gateway never reads the data
 step dataset    "$here/dataset.sh" "$TESTBED_DIR"
 # the dataset's fingerprint index (disclosure reports), one folder per version, built by
