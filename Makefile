@@ -31,12 +31,11 @@ $(VENV)/.installed: requirements.txt
 
 # The venv builds beside up.sh's first minutes (apt, Slurm, the base images'
 # debootstraps, MLflow), which need none of it; up.sh waits for its exit status
-# in $(VENV_STATUS) before the first step that runs it. Niced: the debootstraps
-# are the testbed's longest path, and the venv is ready long before it is needed.
+# in $(VENV_STATUS) before the first step that runs it.
 VENV_STATUS := $(VENV).status
 testbed: packages
 	@rm -f $(VENV_STATUS)
-	@{ nice -n 10 $(MAKE) --no-print-directory venv; echo $$? > $(VENV_STATUS); } & \
+	@{ $(MAKE) --no-print-directory venv; echo $$? > $(VENV_STATUS); } & \
 	M2D_PYTHON_STATUS=$(CURDIR)/$(VENV_STATUS) deploy/testbed/up.sh $(TESTBED_DIR); up=$$?; wait; \
 	[ "$$(cat $(VENV_STATUS))" = 0 ] || { echo "make venv failed (its lines above)" >&2; exit 1; }; exit $$up
 

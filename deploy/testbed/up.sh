@@ -65,8 +65,7 @@ stop_bg() { local pid; for pid in "${BG_PID[@]}"; do kill -TERM -- "-$pid" 2>/de
 trap stop_bg EXIT
 
 here=$M2D_TESTBED_SRC
-# (niced, as make's venv build beside this: the images' debootstraps are the longest path)
-step_bg mlflow-venv nice -n 10 "$here/mlflow.sh" install "$TESTBED_DIR"
+step_bg mlflow-venv "$here/mlflow.sh" install "$TESTBED_DIR"
 step accounts   "$here/accounts.sh" "$TESTBED_DIR"
 # Apptainer, then the base images (3.11, and the other Pythons a .python-version
 # may ask for: bullseye's 3.9, trixie's 3.13), beside Slurm's install
