@@ -47,11 +47,13 @@ def _processes_in_group(group):
     time): the pair names one process for good."""
     found = []
     for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            fields = _stat_of(entry.name) if entry.name.isdigit() else None
+            fields = _stat_of(entry.name)
         except OSError:  # gone meanwhile
             continue
-        if fields and int(fields[2]) == group:
+        if int(fields[2]) == group:
             found.append((int(entry.name), fields[19]))
     return found
 

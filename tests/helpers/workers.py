@@ -36,12 +36,8 @@ def slurm_nodes():
 def parse_sinfo(listing):
     """``sinfo -h -N -o %N|%c|%G|%P``: a node shows once per partition it is in;
     the default partition ends in ``*`` (the testbed's fault node is not in it)."""
-    nodes = {}
-    for line in listing.split():
-        name, cpus, gres, partition = line.split("|")
-        if partition.endswith("*"):
-            nodes[name] = (name, int(cpus), _gpus(gres))
-    return list(nodes.values())
+    rows = (line.split("|") for line in listing.split())
+    return [(name, int(cpus), _gpus(gres)) for name, cpus, gres, partition in rows if partition.endswith("*")]
 
 
 def _gpus(gres):
