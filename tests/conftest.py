@@ -13,7 +13,8 @@ In parallel (`make test`: pytest-xdist, ``--dist loadgroup``): each worker is a
 session with its own stack; the tests of a module that share a module-scoped
 fixture (a stack, a submission followed to its end) form one group, so that
 fixture is made once, and the rest are spread one by one. The longest
-(tests/durations.json) are handed out first, so none starts last."""
+(tests/durations.json) are handed out first, so none starts last, each to the
+first worker free (tests/helpers/scheduling.py)."""
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ from gateway.config import from_environment
 from gateway.core import models
 from gateway.extensions import db
 
+from .helpers.scheduling import LongestFirst
 from .helpers.stack import Stack, require_testbed
 
 INTEGRATION_FIXTURES = {"testbed", "venv_cache"}
@@ -58,6 +60,12 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     items[:] = _longest_first(items)
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadgroup":
+        return LongestFirst(config, log)
+    return None
 
 
 def _shares_a_fixture(item):
