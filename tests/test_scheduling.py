@@ -26,18 +26,24 @@ class Worker:
         return len(self.held) >= 2 or (self.held and self.shutting_down)
 
 
-def simulate(scheduler_class, seconds):
-    """Run tests of ``seconds`` (node id -> s, in the queue's order) on WORKERS
-    simulated workers; (when the last ends, which worker ran which ids)."""
+def started(scheduler_class, collection):
+    """A scheduler of WORKERS workers that collected ``collection``, after its first hand-out."""
     config = SimpleNamespace(option=SimpleNamespace(loadscopereorder=True),
                              getvalue=lambda name: [f"{WORKERS}*popen"] if name == "tx" else None)
     scheduler = scheduler_class(config)
-    collection = list(seconds)
     workers = [Worker(f"gw{i}") for i in range(WORKERS)]
     for worker in workers:
         scheduler.add_node(worker)
         scheduler.add_node_collection(worker, collection)
     scheduler.schedule()
+    return scheduler, workers
+
+
+def simulate(scheduler_class, seconds):
+    """Run tests of ``seconds`` (node id -> s, in the queue's order) on WORKERS
+    simulated workers; (when the last ends, which worker ran which ids)."""
+    collection = list(seconds)
+    scheduler, workers = started(scheduler_class, collection)
     now, ran, running = 0.0, {w.gateway.id: [] for w in workers}, {}
     while True:
         for worker in workers:
@@ -63,16 +69,9 @@ def suite():
 
 
 def test_each_worker_holds_one_long_test_and_a_short_one_to_follow_it():
-    config = SimpleNamespace(option=SimpleNamespace(loadscopereorder=True),
-                             getvalue=lambda name: [f"{WORKERS}*popen"] if name == "tx" else None)
-    scheduler = LongestFirst(config)
-    assert config.option.loadscopereorder is False  # conftest's order, not xdist's
     collection = list(suite())
-    workers = [Worker(f"gw{i}") for i in range(WORKERS)]
-    for worker in workers:
-        scheduler.add_node(worker)
-        scheduler.add_node_collection(worker, collection)
-    scheduler.schedule()
+    scheduler, workers = started(LongestFirst, collection)
+    assert scheduler.config.option.loadscopereorder is False  # conftest's order, not xdist's
     held = [[collection[i].split("::")[0] for i in worker.held] for worker in workers]
     assert held == [["tests/test_long.py", "tests/test_short.py"]] * WORKERS
 
