@@ -203,15 +203,6 @@ def stack(testbed):
 
 
 @pytest.fixture(scope="session")
-def postgres_stack(testbed, postgres):
-    """A second stack, on PostgreSQL (the production database), on a database
-    of its own."""
-    running = Stack(M2D_SQLALCHEMY_DATABASE_URI=postgres.url(postgres.create())).start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="session")
 def app(stack):
     """The stack's app, in-process, to look at its database."""
     application = create_app(from_environment(stack.env))

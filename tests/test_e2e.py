@@ -12,7 +12,7 @@ from gateway.extensions import db
 from m2d.contract import twin
 
 from .helpers.invariants import STATUS_MAILS
-from .helpers.stack import SAMPLES, zip_folder
+from .helpers.stack import SAMPLES, Stack, zip_folder
 
 # built, and its dry run (or job) went to Slurm
 BUILT = {"dry_run_queued", "dry_run_running", "dry_run_passed", "dry_run_failed",
@@ -34,6 +34,16 @@ def runs_of(account):
                              auth=(account["username"], account["password"]), timeout=30)
     response.raise_for_status()
     return response.json().get("runs", [])
+
+
+@pytest.fixture(scope="module")
+def postgres_stack(testbed, postgres):
+    """A second stack, on PostgreSQL (the production database), on a database
+    of its own; for this module's tests alone (idle, it would poll for the rest
+    of the session)."""
+    running = Stack(M2D_SQLALCHEMY_DATABASE_URI=postgres.url(postgres.create())).start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="module")
