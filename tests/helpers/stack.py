@@ -166,10 +166,9 @@ class Stack:
                         M2D_SECRET_KEY=uuid.uuid4().hex,
                         M2D_QUEUE_NAMESPACE=f"m2d-test-{uuid.uuid4().hex[:8]}",
                         M2D_SLURM_JOB_PREFIX=f"m2dtest{uuid.uuid4().hex[:6]}",
-                        # every 2 s: a poll costs ~25 ms of CPU with nothing active (rq's round
-                        # trip, the sweep), and `make test` is CPU-bound: at 1 s the stacks' poll
-                        # workers and pollers took 107 s of a whole run's CPU (7 %)
-                        M2D_POLL_INTERVAL="2",
+                        # each second: every 2 s gave back less CPU than the tests spent waiting
+                        # longer (a warm run's parallel part 843 s against 783 s at 1 s)
+                        M2D_POLL_INTERVAL="1",
                         M2D_PUBLIC_URL=self.url,
                         M2D_SLURM_MEM="2G",  # the CLaM sample (torch, ResNet-18) came within 1G and was killed
                         M2D_MAX_ZIP_BYTES=str(8 * 1024**2),  # small, so the 413 test is quick
