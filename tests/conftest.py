@@ -62,6 +62,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest -p no:xdist still runs
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") == "loadgroup":
         return LongestFirst(config, log)

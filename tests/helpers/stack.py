@@ -166,8 +166,8 @@ class Stack:
                         M2D_SECRET_KEY=uuid.uuid4().hex,
                         M2D_QUEUE_NAMESPACE=f"m2d-test-{uuid.uuid4().hex[:8]}",
                         M2D_SLURM_JOB_PREFIX=f"m2dtest{uuid.uuid4().hex[:6]}",
-                        # each second: every 2 s gave back less CPU than the tests spent waiting
-                        # longer (a warm run's parallel part 843 s against 783 s at 1 s)
+                        # each second: at 2 s the tests waited on polls longer than the CPU
+                        # it saved gave back (a warm run's parallel part 843 s, 783 s at 1 s)
                         M2D_POLL_INTERVAL="1",
                         M2D_PUBLIC_URL=self.url,
                         M2D_SLURM_MEM="2G",  # the CLaM sample (torch, ResNet-18) came within 1G and was killed
