@@ -34,12 +34,12 @@ class LongestFirst(LoadGroupScheduling):
             self._assign_work_unit(node)
 
     def _assign_work_unit(self, node):
+        """xdist's own hand-out of the queue's first unit, the last one brought to the front first."""
         front = take_front(self._pending_of(self.assigned_work.get(node, {})), self.took_front.get(node, False))
         self.took_front[node] = front
-        scope, work_unit = self.workqueue.popitem(last=not front)
-        self.assigned_work.setdefault(node, {})[scope] = work_unit
-        collection = self.registered_collections[node]
-        node.send_runtest_some([collection.index(nodeid) for nodeid, done in work_unit.items() if not done])
+        if not front:
+            self.workqueue.move_to_end(next(reversed(self.workqueue)), last=False)
+        super()._assign_work_unit(node)
 
 
 def take_front(pending: int, last_from_front: bool) -> bool:
