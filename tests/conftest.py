@@ -4,8 +4,6 @@ starts, and tests that use ``venv_cache`` install packages from the index: both
 are marked ``integration``. The rest is `make unit`: no root, no services,
 seconds.
 
-Order: a module marked ``last`` (``pytestmark = pytest.mark.last``: it stops
-the testbed's shared daemons) runs after every other test, whatever its name.
 Helpers shared by tests and benches live in tests/helpers/; test modules never
 import each other (tests/test_imports.py).
 
@@ -59,7 +57,6 @@ def pytest_collection_modifyitems(items):
         if _shares_a_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     items[:] = _longest_first(items)
-    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable
 
 
 @pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest -p no:xdist still runs

@@ -294,14 +294,27 @@ def test_a_dry_run_cancelled_while_pending_cancels_the_submission(local_app):
     assert _kinds(submission.id) == ["received", "cancelled"]
 
 
-def test_cancel_between_the_dry_run_and_the_real_job_ends_it_at_once(local_app):
+def test_cancel_between_the_dry_run_and_the_real_job_ends_it_at_once(local_app, monkeypatch):
     submission = _dry_run_queued_submission()
     lifecycle.advance(submission.id, Status.DRY_RUN_QUEUED, Status.DRY_RUN_RUNNING)
     lifecycle.advance(submission.id, Status.DRY_RUN_RUNNING, Status.DRY_RUN_PASSED)
-    tasks.cancel(submission.id)  # no Slurm job to cancel: nothing asks Slurm
+    asked = []
+
+    class Slurm:  # (a unit test: no Slurm here; make unit once ran squeue on the testbed's)
+        def find(self, name, since):
+            asked.append(name)
+            return None
+
+        def cancel(self, job_id):
+            raise AssertionError(f"there was no job to cancel, yet {job_id} was")
+
+    monkeypatch.setattr(scheduling, "scheduler", lambda: Slurm())
+    tasks.cancel(submission.id)
     db.session.expire_all()
     assert submission.status == "cancelled"
     assert _kinds(submission.id) == ["received", "cancelled"]
+    # no real job was ever recorded: Slurm is asked for one under its name, in case a prepare died after sbatch
+    assert asked == [f"m2d-{submission.id}"]
 
 
 def test_the_poller_asks_slurm_about_the_dry_run_then_the_real_job(local_app):

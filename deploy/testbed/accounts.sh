@@ -34,7 +34,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 set_testbed_dir "${1:-}"
 GW_USER=${M2D_USER:-m2d}
 JOB_USER=${M2D_JOB_USER:-m2d-job}
-WRAPPER=$TESTBED_DIR/apptainer/apptainer-wrapper
+# (fault-cluster.sh: the testbed's, for a second cluster's folder)
+WRAPPER=${M2D_APPTAINER_WRAPPER:-$TESTBED_DIR/apptainer/apptainer-wrapper}
 require_root
 
 apt_install sudo

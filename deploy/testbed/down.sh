@@ -9,7 +9,7 @@ set_testbed_dir "${1:-}"
 here=$M2D_TESTBED_SRC
 rc=0
 # keep going past a failure, so one stuck service does not keep others up
-for part in smtp mlflow redis slurm nodes; do
+for part in smtp mlflow redis fault-cluster slurm nodes; do
   log "---- $part"
   "$here/$part.sh" stop "$TESTBED_DIR" || { log "WARNING: stopping $part failed"; rc=1; }
 done

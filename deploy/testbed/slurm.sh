@@ -93,8 +93,10 @@ wait_daemon() {
 
 # install_event_hook: deploy/libexec/m2d-slurm-event, root's, posting to the
 # gateways whose curl configs are in $EVENTS_DIR (gateway.sh and the tests'
-# stacks put theirs there)
-EVENT_HOOK=/usr/local/libexec/m2d/m2d-slurm-event
+# stacks put theirs there). Named after the cluster's Slurm wrapper
+# (/usr/local/libexec/m2d/m2d-slurm-event), so another cluster on this machine
+# (fault-cluster.sh, second.env) has a hook of its own.
+EVENT_HOOK=$M2D_SLURM_WRAPPER-event
 EVENTS_DIR=$DIR/events.d
 install_event_hook() {
   install -d -o root -g root -m 755 "$(dirname "$EVENT_HOOK")"

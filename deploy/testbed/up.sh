@@ -11,6 +11,8 @@
 #      M2D_PYTHON (python3; needs aiosmtpd, numpy and pillow: the project's
 #      .venv/bin/python; M2D_PYTHON_STATUS: a file that holds the exit status of
 #      its build once it ends, waited for before the first step that runs it),
+#      M2D_TESTBED_FAULTS (1: also the fault tests' Slurm cluster,
+#      fault-cluster.sh; `make test` sets it),
 #      M2D_TESTBED_NODES (2: two compute nodes, each a
 #      slurmd in namespaces of its own; 1: this host is the one node) and the
 #      other settings in lib.sh's testbed_settings, kept in
@@ -71,6 +73,9 @@ step accounts   "$here/accounts.sh" "$TESTBED_DIR"
 # may ask for: bullseye's 3.9, trixie's 3.13), beside Slurm's install
 step_bg images  "$here/images.sh" "$TESTBED_DIR"
 step slurm      "$here/slurm.sh" start "$TESTBED_DIR"   # (and nodes.sh: the nodes' network)
+# a second Slurm cluster, for the tests that stop slurmctld and slurmdbd (`make test` asks)
+FAULTS=${M2D_TESTBED_FAULTS:-0}
+[ "$FAULTS" != 1 ] || step_bg fault-cluster "$here/fault-cluster.sh" start "$TESTBED_DIR"
 # pip's and uv's cache, shared by every build of every test stack
 step pip-cache  install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/pip-cache"
 step redis      "$here/redis.sh" start "$TESTBED_DIR"
@@ -110,6 +115,7 @@ step twin       "$PYTHON" "$here/make_dataset.py" "$TESTBED_DIR/twins" --twin
 # writes it, every job reads it
 step models     install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/models"
 wait_bg images
+[ "$FAULTS" != 1 ] || wait_bg fault-cluster
 # the gateway's account builds environment images (unprivileged, --fakeroot)
 step images-owner chown -R "${M2D_USER:-m2d}:${M2D_USER:-m2d}" "$TESTBED_DIR/images"
 
@@ -162,6 +168,9 @@ $(multi_node && printf '%s\n' \
   "# the ports the nodes may reach beside MLflow's: the fault tests' MLflow proxies" \
   "export M2D_TESTBED_MLFLOW_PROXY_PORTS=$M2D_MLFLOW_PROXY_PORTS")
 export M2D_SLURM_WRAPPER=$M2D_SLURM_WRAPPER
+$([ "$FAULTS" != 1 ] || printf '%s\n' \
+  "# the fault tests' own Slurm cluster (fault-cluster.sh): its SLURM_CONF and wrapper in testbed.env there" \
+  "export M2D_TESTBED_FAULT_CLUSTER=$TESTBED_DIR/faults")
 export M2D_MLFLOW_ADMIN_USERNAME=admin
 export M2D_MLFLOW_ADMIN_PASSWORD=$(cat "$TESTBED_DIR/secrets/mlflow-admin-password")
 export M2D_SMTP_HOST=127.0.0.1

@@ -10,7 +10,7 @@ fault and the recovery,
 - every submission is in the final state the test expects.
 
 It reads the stack's database in-process, the sink's .eml files and Slurm's
-own records (sacct and squeue, through the adapter).
+own records (sacct and squeue, through the CLI adapter).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from gateway import create_app
-from gateway.adapters import slurm
+from gateway.adapters.slurm.cli_scheduler import CliScheduler
 from gateway.config import from_environment
 from gateway.core.models import AccountEmail, Email, Submission
 from gateway.extensions import db
@@ -109,7 +109,8 @@ def judge(stack, expected: dict[int, str]) -> Verdict:
 
 def _judge_slurm(stack, app, rows, problems):
     prefix = f"{app.config['SLURM_JOB_PREFIX']}-"
-    scheduler = slurm.from_config(app.config)
+    # the stack's Slurm, which need not be this process's (the fault tests' cluster)
+    scheduler = CliScheduler(env={"SLURM_CONF": stack.env["SLURM_CONF"]})
     jobs = {r.job_id: r.name for r in scheduler.recent(prefix)}
     jobs.update({e.job_id: e.name for e in scheduler.queue(prefix)})
     per_name = Counter(jobs.values())

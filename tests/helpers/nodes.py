@@ -46,6 +46,18 @@ def fault_node():
     return node, namespace
 
 
+def fault_cluster():
+    """The settings of a stack on the testbed's fault cluster
+    (deploy/testbed/fault-cluster.sh): its SLURM_CONF and Slurm wrapper."""
+    folder = os.environ.get("M2D_TESTBED_FAULT_CLUSTER")
+    if not folder:
+        raise RuntimeError("the testbed has no fault cluster (M2D_TESTBED_FAULT_CLUSTER is not set): start it with "
+                           "M2D_TESTBED_FAULTS=1 deploy/testbed/up.sh (make test does) and source its gateway.env")
+    saved = dict(line.split("=", 1) for line in (Path(folder) / "testbed.env").read_text().splitlines()
+                 if "=" in line and not line.startswith("#"))
+    return {"SLURM_CONF": f"{folder}/slurm/etc/slurm.conf", "M2D_SLURM_WRAPPER": saved["M2D_SLURM_WRAPPER"]}
+
+
 def in_node(namespace, argv, **kwargs):
     """``argv`` run in the node's network namespace (as root, this host's files)."""
     return subprocess.run(["nsenter", f"--net=/run/netns/{namespace}", *argv], capture_output=True, text=True,
