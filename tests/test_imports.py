@@ -14,6 +14,7 @@ standard library only (sample_data also numpy and Pillow, the sample-data
 extra), so the client installs without the server. The relay runs by path on a
 compute node's python: the standard library only."""
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
+@functools.cache  # each rule reads every file: parse each once
+def imports(path: Path) -> frozenset[str]:
     """The absolute names of the modules ``path`` imports, relative imports resolved."""
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found = set()
@@ -44,7 +46,7 @@ def imports(path: Path) -> set[str]:
             found.update(f"{name}.{alias.name}" for alias in node.names if (REPO / name.replace(".", "/") / f"{alias.name}.py").exists()
                          or (REPO / name.replace(".", "/") / alias.name).is_dir())
             found.add(name)
-    return found
+    return frozenset(found)
 
 
 def sources(*folders: str) -> list[Path]:
