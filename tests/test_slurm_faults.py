@@ -2,7 +2,7 @@
 
 The stack is on the testbed's fault cluster (deploy/testbed/fault-cluster.sh),
 a Slurm of its own whose slurmctld and slurmdbd these stop and start again
-(slurm.sh stop-daemon / start-daemon): the rest of the suite, on the testbed's
+(fault-cluster.sh stop-daemon / start-daemon): the rest of the suite, on the testbed's
 cluster, runs on meanwhile. Judged by tests/helpers/invariants.py like the others.
 """
 import os

@@ -73,8 +73,13 @@ step accounts   "$here/accounts.sh" "$TESTBED_DIR"
 # may ask for: bullseye's 3.9, trixie's 3.13), beside Slurm's install
 step_bg images  "$here/images.sh" "$TESTBED_DIR"
 step slurm      "$here/slurm.sh" start "$TESTBED_DIR"   # (and nodes.sh: the nodes' network)
-# a second Slurm cluster, for the tests that stop slurmctld and slurmdbd (`make test` asks)
+# a second Slurm cluster, for the tests that stop slurmctld and slurmdbd (`make test` asks);
+# its node is this host, so a single-node testbed (whose node this host is) has none
 FAULTS=${M2D_TESTBED_FAULTS:-0}
+if [ "$FAULTS" = 1 ] && ! multi_node; then
+  log "single-node testbed: no fault cluster (tests/test_slurm_faults.py needs M2D_TESTBED_NODES >= 2)"
+  FAULTS=0
+fi
 [ "$FAULTS" != 1 ] || step_bg fault-cluster "$here/fault-cluster.sh" start "$TESTBED_DIR"
 # pip's and uv's cache, shared by every build of every test stack
 step pip-cache  install -d -m 755 -o "${M2D_USER:-m2d}" -g "${M2D_USER:-m2d}" "$TESTBED_DIR/pip-cache"

@@ -52,7 +52,8 @@ def fault_cluster():
     folder = os.environ.get("M2D_TESTBED_FAULT_CLUSTER")
     if not folder:
         raise RuntimeError("the testbed has no fault cluster (M2D_TESTBED_FAULT_CLUSTER is not set): start it with "
-                           "M2D_TESTBED_FAULTS=1 deploy/testbed/up.sh (make test does) and source its gateway.env")
+                           "M2D_TESTBED_FAULTS=1 deploy/testbed/up.sh (make test does) on a multi-node testbed (the default) "
+                           "and source its gateway.env")
     saved = dict(line.split("=", 1) for line in (Path(folder) / "testbed.env").read_text().splitlines()
                  if "=" in line and not line.startswith("#"))
     return {"SLURM_CONF": f"{folder}/slurm/etc/slurm.conf", "M2D_SLURM_WRAPPER": saved["M2D_SLURM_WRAPPER"]}
