@@ -295,26 +295,13 @@ def test_a_dry_run_cancelled_while_pending_cancels_the_submission(local_app):
 
 
 def test_cancel_between_the_dry_run_and_the_real_job_ends_it_at_once(local_app, monkeypatch):
-    submission = _dry_run_queued_submission()
-    lifecycle.advance(submission.id, Status.DRY_RUN_QUEUED, Status.DRY_RUN_RUNNING)
-    lifecycle.advance(submission.id, Status.DRY_RUN_RUNNING, Status.DRY_RUN_PASSED)
-    asked = []
-
-    class Slurm:  # (a unit test: no Slurm here; make unit once ran squeue on the testbed's)
-        def find(self, name, since):
-            asked.append(name)
-            return None
-
-        def cancel(self, job_id):
-            raise AssertionError(f"there was no job to cancel, yet {job_id} was")
-
-    monkeypatch.setattr(scheduling, "scheduler", lambda: Slurm())
-    tasks.cancel(submission.id)
+    sid, slurm = _passed_dry_run(monkeypatch)  # (its Slurm: make unit once ran the testbed's squeue here)
+    tasks.cancel(sid)
     db.session.expire_all()
-    assert submission.status == "cancelled"
-    assert _kinds(submission.id) == ["received", "cancelled"]
+    assert db.session.get(Submission, sid).status == "cancelled"
+    assert _kinds(sid) == ["received", "cancelled"]
     # no real job was ever recorded: Slurm is asked for one under its name, in case a prepare died after sbatch
-    assert asked == [f"m2d-{submission.id}"]
+    assert slurm.looked_up == [f"m2d-{sid}"] and slurm.cancelled == []
 
 
 def test_the_poller_asks_slurm_about_the_dry_run_then_the_real_job(local_app):
@@ -371,12 +358,13 @@ def _passed_dry_run(monkeypatch):
 
     class Slurm:
         def __init__(self):
-            self.submitted, self.cancelled, self.named = [], [], {}
+            self.submitted, self.cancelled, self.named, self.looked_up = [], [], {}, []
 
         def cancel(self, job_id):
             self.cancelled.append(job_id)
 
         def find(self, name, since):
+            self.looked_up.append(name)
             return self.named.get(name)
 
     slurm = Slurm()

@@ -23,7 +23,7 @@ DAEMON=
 case "$ACTION" in *-daemon) DAEMON=${1:-}; shift || true ;; esac
 set_testbed_dir "${1:-}"
 here=$M2D_TESTBED_SRC
-MAIN=$TESTBED_DIR
+MAIN=$TESTBED_DIR FAULTS=$TESTBED_DIR/faults
 
 # the settings, from the testbed's (lib.sh's testbed_settings) each time, so
 # start and stop agree whatever ran before
@@ -39,7 +39,7 @@ settings() {
   M2D_SLURM_WRAPPER=$M2D_SLURM_WRAPPER-faults M2D_SUDOERS_FILE=$M2D_SUDOERS_FILE-faults
   # the jobs' builds run the testbed's Apptainer (accounts.sh's sudo rule for it)
   export M2D_APPTAINER_WRAPPER=$MAIN/apptainer/apptainer-wrapper
-  TESTBED_DIR=$MAIN/faults
+  TESTBED_DIR=$FAULTS
 }
 
 start() {
@@ -52,7 +52,7 @@ start() {
 }
 
 stop() {
-  [ -e "$MAIN/faults/testbed.env" ] || { log "no fault cluster in $MAIN/faults"; return 0; }
+  [ -e "$FAULTS/testbed.env" ] || { log "no fault cluster in $FAULTS"; return 0; }
   settings
   "$here/slurm.sh" stop "$TESTBED_DIR"
 }
