@@ -17,6 +17,7 @@ from gateway import metrics, queue
 from gateway.adapters.mlflow import MlflowAdmin, MlflowError
 from gateway.adapters.slurm import JobInfo, Scheduler, SlurmError
 from gateway.adapters.slurm.reasons import explain
+from gateway.config import ConfigError
 from gateway.core import accounts, airlock, alerts, disclosure, disclosure_job, jobfiles, provenance, scheduling
 from gateway.core.jobscript import EXPORT_FULL_EXIT, TIME_UP_EXIT, log_name, size_text
 from gateway.core.lifecycle import advance
@@ -404,4 +405,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as error:  # a bad setting: one line naming it, not a traceback
+        sys.exit(f"jobs.poller: {error}")

@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import SimpleWorker, Worker
 
 from gateway import create_app, queue
+from gateway.config import ConfigError
 from gateway.extensions import db
 
 log = logging.getLogger(__name__)
@@ -85,4 +86,7 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ConfigError as error:  # a bad setting: one line naming it, not a traceback
+        sys.exit(f"jobs.worker: {error}")
