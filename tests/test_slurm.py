@@ -83,11 +83,33 @@ def test_pending_job_has_no_start():
 
 
 def test_other_terminal_states():
-    text = "\n".join(f"{i}|{s}|0:0|None|None|gpu01" for i, s in enumerate(
+    text = "\n".join(f"{i}|{s}|0:0|None|2026-11-27T03:10:04|gpu01" for i, s in enumerate(
         ["NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"], start=30))
     assert all(j.finished for j in parse_sacct(text, tz=UTC).values())
     for state in ["REQUEUED", "SUSPENDED", "RESIZING"]:
         assert not parse_sacct(f"40|{state}|0:0|None|None|gpu01", tz=UTC)["40"].finished
+
+
+@pytest.mark.parametrize("state", ["FAILED", "TIMEOUT", "OUT_OF_MEMORY", "COMPLETED"])
+def test_a_final_state_without_an_end_is_a_completion_not_yet_written_not_an_exit_code_0(state):
+    # slurmdbd's start record already holds the state of a job that ended meanwhile, with
+    # exit code 0 and no End; the completion's update brings End and the exit code together
+    # (a failed dry run once read as exit code 0, then FAILED 1:0 a moment later)
+    starting = parse_sacct(f"41|{state}|0:0|2026-11-27T03:10:01|Unknown|gpu01", tz=UTC)["41"]
+    assert starting.state == "COMPLETING" and not starting.finished and starting.exit_code is None
+    ended = parse_sacct(f"41|{state}|1:0|2026-11-27T03:10:01|2026-11-27T03:10:04|gpu01", tz=UTC)["41"]
+    assert ended.state == state and ended.finished and ended.exit_code == 1
+
+
+def test_pyslurm_reads_a_final_state_without_an_end_as_not_finished_either():
+    from types import SimpleNamespace
+
+    from gateway.adapters.slurm.pyslurm_scheduler import job_info_from_pyslurm
+    record = dict(id=42, state="FAILED", exit_code=0, exit_code_signal=0, start_time=1_795_000_000, nodelist="gpu01")
+    starting = job_info_from_pyslurm(SimpleNamespace(**record, end_time=0))
+    assert starting.state == "COMPLETING" and not starting.finished and starting.exit_code is None
+    ended = job_info_from_pyslurm(SimpleNamespace(**record | {"exit_code": 1}, end_time=1_795_000_004))
+    assert ended.state == "FAILED" and ended.finished and ended.exit_code == 1
 
 
 def test_blank_lines_whitespace_and_job_steps_are_tolerated():

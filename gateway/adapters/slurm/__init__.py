@@ -186,6 +186,15 @@ def _parse_exit_code(raw: str) -> tuple[int | None, int | None]:
         raise ValueError(f"unexpected sacct ExitCode {raw!r}") from None
 
 
+def settled_state(state: str, end: datetime | None) -> str:
+    """The state of a job's accounting record, COMPLETING while its end is still
+    being written. slurmdbd writes a job's start record (its state when sent,
+    already the final one for a job that ended meanwhile; no End; exit code 0)
+    apart from the completion's update (End and ExitCode together): a final
+    state without End would pass a failed job's exit code as 0."""
+    return "COMPLETING" if state in TERMINAL_STATES and end is None else state
+
+
 def parse_sacct(text: str, tz: tzinfo | None = None) -> dict[str, JobInfo]:
     """Parse ``sacct -X -n -P -o JobIDRaw,State,ExitCode,Start,End,NodeList`` output.
 
@@ -208,13 +217,14 @@ def parse_sacct(text: str, tz: tzinfo | None = None) -> dict[str, JobInfo]:
         job_id, raw_state, raw_exit, raw_start, raw_end, raw_node = fields
         if not JOB_ID.fullmatch(job_id):
             continue  # a job step, or a heterogeneous-job component
-        state = base_state(raw_state)
+        end = parse_time(raw_end, tz)
+        state = settled_state(base_state(raw_state), end)
         exit_code, signal = _parse_exit_code(raw_exit)
         if state not in TERMINAL_STATES:
             exit_code = signal = None
         jobs[job_id] = JobInfo(
             job_id=job_id, state=state, exit_code=exit_code, signal=signal,
-            start=parse_time(raw_start, tz), end=parse_time(raw_end, tz),
+            start=parse_time(raw_start, tz), end=end,
             node=None if raw_node.lower() in _NO_NODE else raw_node)
     return jobs
 

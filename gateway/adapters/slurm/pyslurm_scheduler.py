@@ -29,6 +29,7 @@ from . import (
     check_account,
     check_ids,
     check_name,
+    settled_state,
     utc,
 )
 from .cli_scheduler import PASSED_ENV
@@ -84,13 +85,14 @@ def _when(epoch) -> str:
 
 def job_info_from_pyslurm(job) -> JobInfo:
     """Map a ``pyslurm.db.Job`` to a JobInfo (its times are epoch seconds)."""
-    state = base_state(str(job.state or ""))
+    end = _from_epoch(job.end_time)
+    state = settled_state(base_state(str(job.state or "")), end)
     finished = state in TERMINAL_STATES
     return JobInfo(
         job_id=str(job.id), state=state,
         exit_code=job.exit_code if finished else None,
         signal=(job.exit_code_signal or 0) if finished else None,
-        start=_from_epoch(job.start_time), end=_from_epoch(job.end_time),
+        start=_from_epoch(job.start_time), end=end,
         node=getattr(job, "nodelist", None) or None)
 
 
