@@ -154,7 +154,7 @@ def test_a_fifo_a_socket_and_a_hard_link_are_listed_as_skipped_never_read(ended,
     started = time.monotonic()
     listing = jobfiles.scan(ended.id, jobfiles.EXPORT, _bounds())
     assert jobfiles.read_tail(ended.id, jobfiles.LOGS, "slurm-1.err", 100) is None  # would hang if opened blocking
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30
     assert listing.files == []
     assert dict(listing.skipped) == {"pipe": "a FIFO: never read", "data.txt": "a file with 2 hard links: never read",
                                      "twin.txt": "a file with 2 hard links: never read"}

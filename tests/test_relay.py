@@ -287,7 +287,7 @@ def test_an_oversized_param_is_refused_at_once_without_client_retries(job_env, m
         started = time.monotonic()
         # (the fluent API's active run is per thread; raises_within calls from another)
         error = raises_within(20, MlflowClient().log_param, run.info.run_id, "notes", "x" * 6001)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 10  # the client's retries back off 2, 4, 8... s
         assert error.get_http_status_code() in (400, 413)
         assert "6000" in error.message
         mlflow.log_param("notes", "x" * 6000)  # the limit itself is fine
@@ -606,7 +606,7 @@ def test_a_tag_overwritten_in_a_loop_stops_at_the_budget(start_relay, owner, mlf
         try:
             within_seconds = time.monotonic()
             client.set_tag(run_id, "blob", f"{writes:08}" + "x" * 7992)
-            assert time.monotonic() - within_seconds < 5
+            assert time.monotonic() - within_seconds < 30  # answered, not held (a loaded machine is slow)
             writes += 1
         except Exception as e:  # noqa: BLE001
             refused_over_budget(e)
@@ -715,12 +715,15 @@ def test_calls_to_mlflow_are_held_to_the_jobs_share_of_the_server(start_relay, o
     for _ in range(8):  # 2 at once, then 2 a second: 3 s at least
         client.get_experiment(owner.experiment_id)
     assert time.monotonic() - started >= 2.9
-    # log calls are answered by the relay and batched: not held
+    # log calls are answered by the relay and batched: not held. At a share of one call
+    # in 10 s, held ones would take 1,000 s; a loaded machine's few seconds are far from it
+    batching = start_relay(owner, "--upstream-rate", "0.1", "--upstream-burst", "1")
+    client = MlflowClient(batching.url)
     run_id = client.create_run(owner.experiment_id).info.run_id
     started = time.monotonic()
     for step in range(100):
         client.log_metric(run_id, "loss", 1 / (step + 1), step=step)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 100
 
     slow = start_relay(owner, "--upstream-rate", "0.01", "--upstream-burst", "1", "--upstream-wait", "1")
     client = MlflowClient(slow.url)

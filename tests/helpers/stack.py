@@ -25,6 +25,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import requests
+from requests.adapters import HTTPAdapter
+
+from m2d.client import READ_RETRIES
 
 from .admin import AdminShell
 
@@ -406,6 +409,9 @@ class Researcher:
         self.url = stack.url  # or a proxy in front of it (tests/helpers/nginx.py)
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+        # a read that meets a kept-alive connection gunicorn closed meanwhile is asked
+        # again, as the m2d client asks it (a loaded run lost a module's setup to one)
+        self.session.mount("http", HTTPAdapter(max_retries=READ_RETRIES))
 
     def api(self, method, path, **kwargs):
         return self.session.request(method, f"{self.url}/api/v1{path}", timeout=60, **kwargs)
