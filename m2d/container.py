@@ -60,6 +60,12 @@ RELAY_START_TIMEOUT = 30  # seconds
 # mlflow 2.x imports GitPython, which prints a 15-line "Bad git executable" warning
 # into every log of an image without git; as in singularity/job.sbatch.j2.
 GIT_PYTHON_REFRESH = "quiet"
+# mlflow 3's client telemetry, which cannot reach its server from a sealed job: its
+# thread then deletes a variable from os.environ while the job's own MLflow call reads
+# the environment (requests' proxy lookup), and that call fails with a KeyError
+# ('_MLFLOW_TELEMETRY_SESSION_ID'). Off before mlflow is imported, it never starts.
+# As in singularity/job.sbatch.j2.
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 # As in singularity/job.sbatch.j2: the shim first, then main.py in its place.
 _SHIM_THEN_MAIN = (f"python3 {RUN_MOUNT}/relay.py shim --listen 127.0.0.1:{JOB_MLFLOW_URL.rsplit(':', 1)[1]} "
@@ -144,7 +150,7 @@ def run(image: Path, code: Path, dataset: Path, export: Path, server, extra_env:
 
 def _environment(experiment_name: str, extra_env: dict[str, str]) -> list[str]:
     env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "GIT_PYTHON_REFRESH": GIT_PYTHON_REFRESH,
-           "MLFLOW_TRACKING_URI": JOB_MLFLOW_URL, "MLFLOW_EXPERIMENT_NAME": experiment_name}
+           "MLFLOW_TRACKING_URI": JOB_MLFLOW_URL, "MLFLOW_EXPERIMENT_NAME": experiment_name, **TELEMETRY_OFF}
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # --cleanenv would drop it
         env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
     env.update(extra_env)

@@ -264,6 +264,7 @@ def _job_environment(python: Path, mlruns: str | os.PathLike, extra: dict[str, s
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # as on the platform, where /code is read-only
     env["PYTHONUNBUFFERED"] = "1"
     env["GIT_PYTHON_REFRESH"] = container.GIT_PYTHON_REFRESH
+    env.update(container.TELEMETRY_OFF)
     env.setdefault("MLFLOW_EXPERIMENT_NAME", tracking.DEFAULT_EXPERIMENT)
     if "MLFLOW_TRACKING_URI" not in env:
         env["MLFLOW_TRACKING_URI"] = Path(mlruns).resolve().as_uri()

@@ -111,6 +111,9 @@ def test_container_is_sealed_with_read_only_dataset_and_code_and_a_writable_expo
     assert "MLFLOW_TRACKING_URI=http://mlflow.hospital.example:5000" in envs
     assert "MLFLOW_EXPERIMENT_NAME=alice-3" in envs
     assert "GIT_PYTHON_REFRESH=quiet" in envs  # mlflow 2.x's GitPython, silent without git
+    # mlflow 3's telemetry thread, failing to reach its server, once broke a job's log_metric
+    # (KeyError '_MLFLOW_TELEMETRY_SESSION_ID' from os.environ changing under requests)
+    assert {"MLFLOW_DISABLE_TELEMETRY=true", "DO_NOT_TRACK=true"} <= set(envs)
     assert argv[argv.index("--pwd") + 1] == "/code"
     image = argv.index("/srv/m2d/images/env-0123abcd.sif")
     assert argv[image + 1:image + 3] == ["/bin/sh", "-c"]

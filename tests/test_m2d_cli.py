@@ -143,12 +143,14 @@ def test_zip_of_a_folder_without_main_py_says_what_the_gateway_would_say(tmp_pat
     assert "no main.py at its root" in done.stderr
 
 
-def test_run_quiets_gitpython_in_both_modes_as_the_platforms_jobs_do():
+def test_run_quiets_gitpython_and_mlflows_telemetry_in_both_modes_as_the_platforms_jobs_do():
     from m2d import container, local
 
     env, _ = local._job_environment(Path("/venv/bin/python"), "mlruns", {})
     assert env["GIT_PYTHON_REFRESH"] == "quiet"
     assert "GIT_PYTHON_REFRESH=quiet" in container._environment("alice", {})
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == env["DO_NOT_TRACK"] == "true"
+    assert {"MLFLOW_DISABLE_TELEMETRY=true", "DO_NOT_TRACK=true"} <= set(container._environment("alice", {}))
 
 
 def test_run_exits_with_main_pys_code_and_binds_the_dataset_read_only(tmp_path, dataset, venv_cache):

@@ -411,7 +411,8 @@ class Researcher:
         self.session.headers["Authorization"] = f"Bearer {token}"
         # a read that meets a kept-alive connection gunicorn closed meanwhile is asked
         # again, as the m2d client asks it (a loaded run lost a module's setup to one)
-        self.session.mount("http", HTTPAdapter(max_retries=READ_RETRIES))
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, HTTPAdapter(max_retries=READ_RETRIES))
 
     def api(self, method, path, **kwargs):
         return self.session.request(method, f"{self.url}/api/v1{path}", timeout=60, **kwargs)
